@@ -1,0 +1,103 @@
+"""Alert rules, the alerts they fire, and the per-term cooldown claims."""
+
+from __future__ import annotations
+
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from dashboard.models import Team
+from ingest.models import Source
+from mlengine.models import Trend
+
+
+class Severity(models.TextChoices):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertRule(models.Model):
+    """When a team wants to be told: today, a new trend passing these thresholds.
+
+    ``cooldown_s`` is in event time: a term that alerted does not alert again for the
+    same rule until its trend bucket starts at least this long after the last one, so
+    a replayed archive alerts exactly as the live stream would have.
+    """
+
+    class Kind(models.TextChoices):
+        NEW_TREND = "new_trend", "New trend"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="alert_rules")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.NEW_TREND)
+    enabled = models.BooleanField(default=True)
+    severity = models.CharField(
+        max_length=10, choices=Severity.choices, default=Severity.INFO
+    )
+    source = models.ForeignKey(
+        Source, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    terms = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    min_score = models.FloatField(default=0.0)
+    min_events = models.IntegerField(default=0)
+    min_authors = models.IntegerField(default=0)
+    cooldown_s = models.IntegerField(default=6 * 3600)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="rule_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RuleTermClaim(models.Model):
+    """The last trend bucket a rule alerted on for a term: the cooldown's claim row.
+
+    Firing is claimed with a conditional UPDATE on this row; only the worker whose
+    UPDATE changed exactly one row creates the alert.
+    """
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="+")
+    term = models.CharField(max_length=200)
+    last_bucket_start = models.DateTimeField(null=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "term"], name="ruletermclaim_unique")
+        ]
+
+
+class Alert(models.Model):
+    """A fired rule, persisted before it is pushed.
+
+    Latency fields: ``event_received_at`` (processing time of the event that completed
+    the evidence), ``created_at`` (row written), ``pushed_at`` (sent to the channel
+    layer). ``seq`` is the team's alert sequence number.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="alerts")
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    trend = models.ForeignKey(
+        Trend, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts"
+    )
+    seq = models.BigIntegerField()
+    title = models.CharField(max_length=300)
+    severity = models.CharField(max_length=10, choices=Severity.choices)
+    evidence = models.JSONField(default=dict)
+    event_received_at = models.DateTimeField()
+    event_created_at = models.DateTimeField()
+    created_at = models.DateTimeField()
+    pushed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "trend"], name="alert_unique_trend"),
+            models.UniqueConstraint(fields=["team", "seq"], name="alert_unique_seq"),
+        ]
+        indexes = [models.Index(fields=["team", "-id"], name="alert_team_recent")]
+
+    def __str__(self) -> str:
+        return self.title

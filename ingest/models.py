@@ -1,0 +1,135 @@
+"""Sources, the events they deliver (the envelope of DESIGN.md), and the dead letters.
+
+Event time (``Event.created_at``: when it was posted at the source) and processing
+time (``Event.received_at``: when Twiscope accepted it) are separate fields and are
+never mixed.
+"""
+
+from __future__ import annotations
+
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from dashboard.models import Team
+
+
+class Source(models.Model):
+    """One stream of posts: an X query, a Telegram channel, a feed, a webhook, a replay.
+
+    ``watermark`` is the event time up to which this source's stream is complete: the
+    largest event time seen minus the allowed lateness. Trend buckets that end at or
+    before it are closed; an event older than it is late and not counted in trends.
+    """
+
+    class Kind(models.TextChoices):
+        X = "x"
+        TELEGRAM = "telegram"
+        RSS = "rss"
+        WEBHOOK = "webhook"
+        REPLAY = "replay"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="sources")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(max_length=100)
+    config = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    disabled_reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    watermark = models.DateTimeField(null=True, blank=True)
+    last_received_at = models.DateTimeField(null=True, blank=True)
+    events_total = models.BigIntegerField(default=0)
+    late_events = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+class Event(models.Model):
+    """One post, in the canonical envelope, plus its enrichment.
+
+    Unique on ``(source, external_id)``: inserts are conflict-ignore, so a redelivered
+    batch stores nothing twice. ``enriched_at`` and ``trends_at`` are the claims of the
+    enrich and trend stages (set by a conditional UPDATE, once).
+    """
+
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="events")
+    external_id = models.CharField(max_length=128)
+    created_at = models.DateTimeField(help_text="Event time: when it was posted, UTC.")
+    received_at = models.DateTimeField(help_text="Processing time: when accepted, UTC.")
+    author_id = models.CharField(max_length=128, blank=True, default="")
+    author_handle = models.CharField(max_length=128, blank=True, default="")
+    author_name = models.CharField(max_length=256, blank=True, default="")
+    author_followers = models.IntegerField(null=True, blank=True)
+    text = models.TextField(blank=True, default="")
+    lang = models.CharField(max_length=16, blank=True, default="")
+    url = models.TextField(blank=True, default="")
+    reply_to = models.CharField(max_length=128, blank=True, default="")
+    repost_of = models.CharField(max_length=128, blank=True, default="")
+    quote_of = models.CharField(max_length=128, blank=True, default="")
+    metrics = models.JSONField(default=dict, blank=True)
+    raw = models.JSONField(default=dict, blank=True)
+    # Enrichment (enrich stage).
+    hashtags = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    mentions = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    cashtags = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    urls = ArrayField(models.TextField(), default=list, blank=True)
+    keywords = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    sentiment = models.FloatField(null=True, blank=True, help_text="VADER compound, -1..1")
+    enriched_at = models.DateTimeField(null=True, blank=True)
+    trends_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["source", "external_id"], name="event_unique_external_id"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["source", "-created_at"], name="event_source_time"),
+            models.Index(fields=["-created_at"], name="event_time"),
+            models.Index(fields=["received_at"], name="event_received"),
+            models.Index(
+                fields=["received_at"],
+                name="event_pending_enrich",
+                condition=models.Q(enriched_at__isnull=True),
+            ),
+            models.Index(
+                fields=["received_at"],
+                name="event_pending_trends",
+                condition=models.Q(trends_at__isnull=True, enriched_at__isnull=False),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source_id}/{self.external_id}"
+
+
+class DeadLetter(models.Model):
+    """Input the pipeline could not take, kept with its reason and raw payload.
+
+    A dead letter never stops the rest of its batch; an operator can inspect and
+    re-drive it.
+    """
+
+    class Stage(models.TextChoices):
+        REPLAY = "replay"
+        INGEST = "ingest"
+        ENRICH = "enrich"
+        ML = "ml"
+        ALERTS = "alerts"
+
+    stage = models.CharField(max_length=16, choices=Stage.choices)
+    source = models.ForeignKey(
+        Source, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.TextField()
+    payload = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["-created_at"], name="deadletter_time")]

@@ -1,0 +1,75 @@
+"""Trend state: per-bucket term counts and the trends detected from them."""
+
+from __future__ import annotations
+
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from ingest.models import Source
+
+TOTAL_TERM = "*"
+"""The reserved term under which a bucket's total event count is kept."""
+
+
+class TermCount(models.Model):
+    """Events and distinct authors of one term in one event-time bucket of a source.
+
+    ``authors`` keeps at most ``AUTHORS_CAP`` distinct author keys (enough to decide
+    the distinct-author threshold); ``authors_count`` is its length. The row whose
+    ``term`` is ``TOTAL_TERM`` holds the bucket's totals.
+    """
+
+    AUTHORS_CAP = 200
+
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
+    bucket_start = models.DateTimeField()
+    term = models.CharField(max_length=200)
+    events = models.IntegerField(default=0)
+    authors = ArrayField(models.CharField(max_length=128), default=list)
+    authors_count = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["source", "term", "bucket_start"], name="termcount_unique"
+            )
+        ]
+
+
+class Trend(models.Model):
+    """A term whose count in an event-time bucket rose well above its baseline.
+
+    ``score`` is the deviation from the expected count in units of its Poisson
+    standard deviation (see ``mlengine/trends.py``); ``velocity`` is the change in
+    events per minute from the previous bucket. ``evidence_received_at`` is the
+    processing time of the event that completed the evidence (for alert latency).
+    """
+
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="trends")
+    term = models.CharField(max_length=200)
+    bucket_start = models.DateTimeField()
+    bucket_s = models.IntegerField()
+    events = models.IntegerField()
+    expected = models.FloatField()
+    score = models.FloatField()
+    authors_count = models.IntegerField()
+    velocity = models.FloatField()
+    detected_at = models.DateTimeField(help_text="Processing time of first detection.")
+    updated_at = models.DateTimeField()
+    evidence_received_at = models.DateTimeField()
+    evidence_created_at = models.DateTimeField()
+    sample_event_ids = ArrayField(models.BigIntegerField(), default=list)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["source", "term", "bucket_start"], name="trend_unique"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["source", "-bucket_start"], name="trend_source_bucket"),
+            models.Index(fields=["-detected_at"], name="trend_detected"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.term}@{self.bucket_start:%Y-%m-%d %H:%M}"

@@ -1,0 +1,24 @@
+"""The REST API's routes, one router for every app's viewsets."""
+
+from __future__ import annotations
+
+from django.urls import path
+from rest_framework.routers import DefaultRouter
+
+from alerts.api.views import AlertRuleViewSet, AlertViewSet
+from dashboard.api.views import StatsView
+from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet
+from mlengine.api.views import TrendViewSet
+
+router = DefaultRouter()
+router.register("sources", SourceViewSet, basename="source")
+router.register("events", EventViewSet, basename="event")
+router.register("dead-letters", DeadLetterViewSet, basename="deadletter")
+router.register("trends", TrendViewSet, basename="trend")
+router.register("rules", AlertRuleViewSet, basename="alertrule")
+router.register("alerts", AlertViewSet, basename="alert")
+
+urlpatterns = [
+    path("stats/", StatsView.as_view(), name="stats"),
+    *router.urls,
+]

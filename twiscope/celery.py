@@ -1,0 +1,61 @@
+"""The Celery application: queues by kind of work, routes, delivery semantics.
+
+Queues (DESIGN.md): ``ingest`` (persist raw batches), ``enrich`` (language, entities,
+sentiment), ``ml`` (trend detection, model inference; the pool that may own a GPU),
+``alerts`` (rule evaluation, persistence and push), ``notify`` (outbound integrations).
+Pool sizes live in the Procfile and docker-compose.yml, not here.
+
+Delivery: ``acks_late`` + ``reject_on_worker_lost`` give at-least-once delivery; every
+task is idempotent at the database, so a redelivery changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
+
+QUEUES = ("ingest", "enrich", "ml", "alerts", "notify")
+
+app = Celery("twiscope")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.update(
+    task_queues=[Queue(name) for name in QUEUES],
+    task_default_queue="ingest",
+    task_routes={
+        "ingest.*": {"queue": "ingest"},
+        "enrich.*": {"queue": "enrich"},
+        "ml.*": {"queue": "ml"},
+        "alerts.*": {"queue": "alerts"},
+        "notify.*": {"queue": "notify"},
+    },
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_soft_time_limit=60,
+    task_time_limit=120,
+    worker_prefetch_multiplier=4,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    # A task not acknowledged within this many seconds is redelivered (Redis transport).
+    broker_transport_options={"visibility_timeout": 3600},
+    timezone="UTC",
+    enable_utc=True,
+)
+app.autodiscover_tasks()
+
+
+def configure_beat() -> None:
+    """Install the periodic schedule from ``twiscope.schedules`` (imported lazily)."""
+    from twiscope.schedules import BEAT_SCHEDULE
+
+    app.conf.beat_schedule = BEAT_SCHEDULE
+
+
+configure_beat()

@@ -1,0 +1,29 @@
+"""Test settings: the real PostgreSQL, Redis and channel layer, on their own databases.
+
+``make test`` sets ``DATABASE_URL`` / ``REDIS_URL`` (see ``twiscope/localservices.py``);
+the defaults below are the local services' default ports.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TWISCOPE_ENV", "test")
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/twiscope")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+from twiscope.settings import *  # noqa: E402,F403
+from twiscope.settings import CHANNEL_LAYERS, REDIS_URL  # noqa: E402
+
+# Test runs use their own key prefixes so a dev platform on the same Redis is untouched.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "twiscope-test",
+    }
+}
+CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "twiscope-test:ws"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+TRENDS_MIN_HISTORY_BUCKETS = 3
