@@ -39,6 +39,9 @@ class Source(models.Model):
     last_received_at = models.DateTimeField(null=True, blank=True)
     events_total = models.BigIntegerField(default=0)
     late_events = models.BigIntegerField(default=0)
+    trend_bucket_s = models.IntegerField(
+        null=True, blank=True, help_text="Trend bucket in seconds; empty: TRENDS_BUCKET_S."
+    )
 
     class Meta:
         constraints = [

@@ -15,7 +15,7 @@ class TermCount(models.Model):
     """Events and distinct authors of one term in one event-time bucket of a source.
 
     ``authors`` keeps at most ``AUTHORS_CAP`` distinct author keys (enough to decide
-    the distinct-author threshold); ``authors_count`` is its length. The row whose
+    the distinct-author threshold; its length is the distinct-author count). The row whose
     ``term`` is ``TOTAL_TERM`` holds the bucket's totals.
     """
 
@@ -26,7 +26,6 @@ class TermCount(models.Model):
     term = models.CharField(max_length=200)
     events = models.IntegerField(default=0)
     authors = ArrayField(models.CharField(max_length=128), default=list)
-    authors_count = models.IntegerField(default=0)
 
     class Meta:
         constraints = [

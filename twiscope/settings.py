@@ -172,10 +172,20 @@ INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=250)
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
+# --- Enrichment ------------------------------------------------------------------------
+# ISO 639-1 codes the language detector chooses among (more cost time and memory).
+ENRICH_LANGUAGES: list[str] = env.list(
+    "ENRICH_LANGUAGES",
+    default="en,es,pt,fr,de,it,nl,ru,uk,ar,tr,ja,ko,zh,hi,id,tl,pl,sv,fa,he,el,ca".split(","),
+)
+
 # --- Trend detection (event time; see mlengine/trends.py) ------------------------------
-TRENDS_BUCKET_S: int = env.int("TRENDS_BUCKET_S", default=3600)
+TRENDS_BUCKET_S: int = env.int("TRENDS_BUCKET_S", default=900)
 TRENDS_BASELINE_BUCKETS: int = env.int("TRENDS_BASELINE_BUCKETS", default=24)
 TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=3)
+TRENDS_MIN_SCORE: float = env.float("TRENDS_MIN_SCORE", default=4.0)
+TRENDS_MIN_EVENTS: int = env.int("TRENDS_MIN_EVENTS", default=5)
+TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
 TRENDS_ALLOWED_LATENESS_S: int = env.int("TRENDS_ALLOWED_LATENESS_S", default=300)
 # A live source with no new events has its watermark advanced on processing time
 # after this many seconds, so its last bucket closes.
@@ -194,3 +204,7 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
     },
 }
+
+from twiscope import logconf  # noqa: E402
+
+logconf.configure()

@@ -1,0 +1,69 @@
+"""Endpoints of alerts (read) and alert rules (members read, owners write)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db.models import QuerySet
+from rest_framework import permissions, viewsets
+
+from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
+from alerts.models import Alert, AlertRule
+from dashboard.models import Team
+from dashboard.selectors import team_ids_for
+from dashboard.api.base import IsTeamOwnerOrReadOnly, TeamScopedMixin, TeamScopedReadOnlyViewSet
+from ingest.api.views import NewestFirstCursorPagination
+
+
+def _scoped_rules(request: Any) -> QuerySet[AlertRule]:
+    if request is None:
+        return AlertRule.objects.none()
+    return AlertRule.objects.filter(team_id__in=team_ids_for(request.user))
+
+
+def _scoped_teams(request: Any) -> QuerySet[Team]:
+    if request is None:
+        return Team.objects.none()
+    return Team.objects.filter(id__in=team_ids_for(request.user))
+
+
+class AlertFilter(django_filters.FilterSet):
+    """``severity``, ``rule`` and ``team`` (ids, in scope), ``since``/``until``
+    (created_at), ``after_seq`` (alerts after a sequence number)."""
+
+    rule = django_filters.ModelChoiceFilter(queryset=_scoped_rules)
+    team = django_filters.ModelChoiceFilter(queryset=_scoped_teams)
+    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    after_seq = django_filters.NumberFilter(field_name="seq", lookup_expr="gt")
+
+    class Meta:
+        model = Alert
+        fields = ["severity", "rule", "team", "since", "until", "after_seq"]
+
+
+class AlertViewSet(TeamScopedReadOnlyViewSet):
+    """Alerts of the caller's teams, newest first (cursor pagination)."""
+
+    queryset = Alert.objects.select_related("rule")
+    serializer_class = AlertSerializer
+    filterset_class = AlertFilter
+    pagination_class = NewestFirstCursorPagination
+
+
+class AlertRuleFilter(django_filters.FilterSet):
+    team = django_filters.ModelChoiceFilter(queryset=_scoped_teams)
+
+    class Meta:
+        model = AlertRule
+        fields = ["team", "enabled", "kind"]
+
+
+class AlertRuleViewSet(TeamScopedMixin, viewsets.ModelViewSet):  # type: ignore[type-arg]
+    """Alert rules of the caller's teams: members read, owners create and change."""
+
+    queryset = AlertRule.objects.order_by("id")
+    serializer_class = AlertRuleSerializer
+    permission_classes = [permissions.IsAuthenticated, IsTeamOwnerOrReadOnly]
+    filterset_class = AlertRuleFilter

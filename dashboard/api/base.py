@@ -1,0 +1,41 @@
+"""The API's base classes: every queryset is scoped to the caller's teams (no IDOR)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.db.models import Model, QuerySet
+from rest_framework import permissions, viewsets
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from dashboard.selectors import owned_team_ids_for, team_ids_for
+
+
+class TeamScopedMixin:
+    """Scopes ``queryset`` to rows whose ``team_field`` is one of the caller's teams.
+
+    Lookups by an id the client sent (``/api/x/<id>/``, filter values) go through this
+    scope, so another team's id answers 404, never its data.
+    """
+
+    team_field: ClassVar[str] = "team"
+    queryset: QuerySet[Any]
+    request: Request
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return self.queryset.filter(**{f"{self.team_field}__in": team_ids_for(self.request.user)})
+
+
+class TeamScopedReadOnlyViewSet(TeamScopedMixin, viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
+    """A read-only viewset over the caller's teams' rows."""
+
+
+class IsTeamOwnerOrReadOnly(permissions.BasePermission):
+    """Members read; only owners of the object's team write."""
+
+    def has_object_permission(self, request: Request, view: APIView, obj: Model) -> bool:
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        team_id = getattr(obj, "team_id", None)
+        return owned_team_ids_for(request.user).filter(team_id=team_id).exists()

@@ -1,0 +1,63 @@
+"""``manage.py bootstrap_demo``: the demo team, user, API token and default rule.
+
+Idempotent. The password is generated once and kept in ``.run/demo-password`` (mode
+0600) so a restart keeps the login; the token is written to ``.run/api-token``. The
+last line of stdout is JSON: ``{"username", "password", "token", "team"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandParser
+from django.db import transaction
+from rest_framework.authtoken.models import Token
+
+from alerts.services import ensure_default_rule
+from dashboard.models import Membership, Team
+
+
+def _secret_file(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(12)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+class Command(BaseCommand):
+    help = "Create (or refresh) the demo team, user, API token and default alert rule."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--username", default="demo")
+        parser.add_argument("--run-dir", default=str(settings.BASE_DIR / ".run"))
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        run_dir = Path(options["run_dir"])
+        password = _secret_file(run_dir / "demo-password")
+        with transaction.atomic():
+            team, _ = Team.objects.get_or_create(slug="demo", defaults={"name": "Demo"})
+            user, _ = get_user_model().objects.get_or_create(username=options["username"])
+            user.set_password(password)
+            user.save(update_fields=["password"])
+            Membership.objects.update_or_create(
+                user=user, team=team, defaults={"role": Membership.Role.OWNER}
+            )
+            token, _ = Token.objects.get_or_create(user=user)
+            ensure_default_rule(team)
+        token_file = run_dir / "api-token"
+        token_file.write_text(token.key + "\n")
+        token_file.chmod(0o600)
+        self.stdout.write(
+            json.dumps(
+                {"username": user.username, "password": password, "token": token.key,
+                 "team": team.slug}
+            )
+        )

@@ -1,0 +1,72 @@
+"""Celery entry points of the ``ingest`` and ``enrich`` queues: thin shells.
+
+Each re-reads its rows and quietly does nothing if they are gone or already done
+(see ``ingest.services``), so ``acks_late`` redelivery is safe.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from celery import shared_task
+from django.utils import timezone
+
+from ingest import services
+from ingest.models import Event
+
+log = structlog.get_logger(__name__)
+
+SWEEP_AFTER_S = 120
+SWEEP_LIMIT = 5000
+SWEEP_CHUNK = 250
+
+
+@shared_task(name="ingest.persist_batch", soft_time_limit=60, time_limit=90)
+def persist_batch(*, batch_key: str, source_id: int) -> int:
+    """Persist a staged raw batch; returns how many new events were stored."""
+    return len(services.persist_batch(batch_key=batch_key, source_id=source_id).inserted_ids)
+
+
+@shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)
+def enrich_events(*, event_ids: list[int]) -> int:
+    """Enrich events (language, entities, sentiment); returns how many it enriched."""
+    return len(services.enrich_events(event_ids=event_ids))
+
+
+@shared_task(name="ingest.sweep_stuck_events", soft_time_limit=25, time_limit=30)
+def sweep_stuck_events() -> dict[str, int]:
+    """Periodic: re-send work stuck between a commit and its dispatch.
+
+    Batches staged but never persisted, events never enriched, and enriched events
+    never counted for trends, older than ``SWEEP_AFTER_S``, are queued again (the
+    stages are idempotent, so work that was merely slow is not done twice).
+    """
+    from mlengine import tasks as ml_tasks
+
+    cutoff = timezone.now() - timedelta(seconds=SWEEP_AFTER_S)
+    batches = services.pending_batch_keys(older_than_s=SWEEP_AFTER_S)
+    for key in batches:
+        raw_source = services.batch_source_id(key)
+        if raw_source is not None:
+            persist_batch.apply_async(kwargs={"batch_key": key, "source_id": raw_source})
+    unenriched = list(
+        Event.objects.filter(enriched_at__isnull=True, received_at__lt=cutoff)
+        .order_by("received_at")
+        .values_list("id", flat=True)[:SWEEP_LIMIT]
+    )
+    for i in range(0, len(unenriched), SWEEP_CHUNK):
+        enrich_events.apply_async(kwargs={"event_ids": unenriched[i : i + SWEEP_CHUNK]})
+    uncounted = list(
+        Event.objects.filter(
+            trends_at__isnull=True, enriched_at__isnull=False, enriched_at__lt=cutoff
+        )
+        .order_by("received_at")
+        .values_list("id", flat=True)[:SWEEP_LIMIT]
+    )
+    for i in range(0, len(uncounted), SWEEP_CHUNK):
+        ml_tasks.update_trends.apply_async(kwargs={"event_ids": uncounted[i : i + SWEEP_CHUNK]})
+    swept = {"batches": len(batches), "enrich": len(unenriched), "trends": len(uncounted)}
+    if any(swept.values()):
+        log.warning("ingest.swept", **swept)
+    return swept

@@ -1,0 +1,28 @@
+"""Serializers of trends."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from ingest.models import Source
+from mlengine.models import Trend
+
+
+class SourceRefSerializer(serializers.ModelSerializer[Source]):
+    class Meta:
+        model = Source
+        fields = ["id", "name", "kind"]
+        read_only_fields = fields
+
+
+class TrendSerializer(serializers.ModelSerializer[Trend]):
+    source = SourceRefSerializer(read_only=True)
+
+    class Meta:
+        model = Trend
+        fields = [
+            "id", "source", "term", "bucket_start", "bucket_s", "events", "expected", "score",
+            "authors_count", "velocity", "detected_at", "updated_at", "evidence_received_at",
+            "evidence_created_at", "sample_event_ids",
+        ]
+        read_only_fields = fields

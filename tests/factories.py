@@ -1,0 +1,99 @@
+"""Factory helpers for tests: teams with the three personas, sources, envelopes.
+
+Times are relative to a fixed event-time origin, ``ORIGIN``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from rest_framework.authtoken.models import Token
+
+from alerts.models import AlertRule
+from dashboard.models import Membership, Team
+from ingest.envelope import Author, Envelope
+from ingest.models import Source
+
+ORIGIN = datetime(2015, 2, 20, 12, 0, tzinfo=UTC)
+_ids = itertools.count(1)
+
+
+@dataclass
+class Personas:
+    """A team with its owner and member, and an outsider with a team of their own."""
+
+    team: Team
+    owner: AbstractBaseUser
+    member: AbstractBaseUser
+    outsider: AbstractBaseUser
+    other_team: Team
+
+
+def make_user(username: str) -> AbstractBaseUser:
+    user = get_user_model().objects.create_user(username=username, password="pw-" + username)
+    Token.objects.create(user=user)
+    return user
+
+
+def make_team(slug: str) -> Team:
+    return Team.objects.create(name=slug.title(), slug=slug)
+
+
+def make_personas() -> Personas:
+    team = make_team("newsroom")
+    other = make_team("rivals")
+    owner, member, outsider = make_user("olga"), make_user("mika"), make_user("otto")
+    Membership.objects.create(user=owner, team=team, role=Membership.Role.OWNER)
+    Membership.objects.create(user=member, team=team, role=Membership.Role.MEMBER)
+    Membership.objects.create(user=outsider, team=other, role=Membership.Role.OWNER)
+    return Personas(team=team, owner=owner, member=member, outsider=outsider, other_team=other)
+
+
+def make_source(team: Team, name: str = "archive", bucket_s: int = 900) -> Source:
+    return Source.objects.create(team=team, kind=Source.Kind.REPLAY, name=name, trend_bucket_s=bucket_s)
+
+
+def make_rule(team: Team, **fields: object) -> AlertRule:
+    defaults: dict[str, object] = {"name": f"rule-{next(_ids)}", "cooldown_s": 3600}
+    defaults.update(fields)
+    return AlertRule.objects.create(team=team, **defaults)
+
+
+def envelope(
+    text: str,
+    *,
+    minutes: float = 0,
+    author: str | None = None,
+    external_id: str | None = None,
+) -> Envelope:
+    """An envelope posted ``minutes`` after ``ORIGIN``; author and id unique by default."""
+    n = next(_ids)
+    return Envelope(
+        external_id=external_id or f"ev{n}",
+        created_at=ORIGIN + timedelta(minutes=minutes),
+        text=text,
+        author=Author(id=author or f"user{n}", handle=author or f"user{n}"),
+    )
+
+
+def quiet_history(buckets: int, *, per_bucket: int = 10, bucket_min: int = 15) -> list[Envelope]:
+    """Background chatter: ``per_bucket`` posts by distinct authors in each bucket."""
+    return [
+        envelope(f"just another ordinary day at the airport number {i}", minutes=b * bucket_min + i)
+        for b in range(buckets)
+        for i in range(per_bucket)
+    ]
+
+
+def burst(term: str, *, count: int, minutes: float, authors: int | None = None) -> list[Envelope]:
+    """``count`` posts about ``term`` at ``minutes``, by ``authors`` distinct authors."""
+    n_authors = authors or count
+    return [
+        envelope(f"wow look at {term} right now", minutes=minutes + i * 0.01,
+                 author=f"fan{i % n_authors}")
+        for i in range(count)
+    ]

@@ -1,0 +1,236 @@
+"""The pipeline's stages as plain functions: persist → enrich → trends → alerts → push.
+
+Real PostgreSQL, Redis and channel layer; the Celery hand-offs between stages are
+captured on-commit callbacks, and the tests run each stage in order themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+
+from alerts import push
+from alerts import services as alert_services
+from alerts.models import Alert
+from ingest import services
+from ingest.models import DeadLetter, Event, Source
+from mlengine import services as ml_services
+from mlengine.models import TOTAL_TERM, TermCount, Trend
+from tests.factories import ORIGIN, burst, envelope, make_personas, make_rule, make_source, quiet_history
+from twiscope.redis import get_redis
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _clean_redis() -> None:
+    get_redis().flushdb()
+
+
+def run_through(source: Source, envelopes: list, batch_size: int = 100) -> list[int]:
+    """Run envelopes through persist, enrich and trends; return new trend ids."""
+    trend_ids: list[int] = []
+    for i in range(0, len(envelopes), batch_size):
+        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + batch_size])
+        inserted = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+        enriched = services.enrich_events(event_ids=inserted)
+        trend_ids += ml_services.update_trends(event_ids=enriched)
+    return trend_ids
+
+
+def test_a_redelivered_batch_stores_nothing_twice() -> None:
+    source = make_source(make_personas().team)
+    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a"), envelope("b")])
+    raw = get_redis().get(key)
+
+    first = services.persist_batch(batch_key=key, source_id=source.id)
+    get_redis().set(key, raw)  # the same message delivered again
+    second = services.persist_batch(batch_key=key, source_id=source.id)
+
+    assert len(first.inserted_ids) == 2
+    assert second.inserted_ids == [] and second.duplicates == 2
+    assert Event.objects.filter(source=source).count() == 2
+    assert Source.objects.get(id=source.id).events_total == 2
+
+
+def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> None:
+    source = make_source(make_personas().team)
+    good = envelope("fine post").to_json()
+    no_time = {**envelope("x").to_json(), "created_at": "yesterday"}
+    naive = {**envelope("y").to_json(), "created_at": "2015-02-20T12:00:00"}
+    nul = {**envelope("nul \x00 byte").to_json()}
+    key = services.stage_batch(source_id=source.id, envelopes=[])
+    get_redis().set(
+        key,
+        json.dumps({"source_id": source.id, "received_at": ORIGIN.isoformat(),
+                    "items": [good, no_time, "not an object", naive, nul]}),
+    )
+
+    result = services.persist_batch(batch_key=key, source_id=source.id)
+
+    assert len(result.inserted_ids) == 2
+    reasons = sorted(DeadLetter.objects.values_list("reason", flat=True))
+    assert len(reasons) == 3
+    assert any("created_at: not ISO 8601" in r for r in reasons)
+    assert any("must carry a UTC offset" in r for r in reasons)
+    assert any("envelope must be an object" in r for r in reasons)
+    assert Event.objects.get(id__in=result.inserted_ids, text__startswith="nul").text == "nul  byte"
+
+
+def test_a_missing_batch_key_is_counted_and_stores_nothing() -> None:
+    source = make_source(make_personas().team)
+
+    result = services.persist_batch(batch_key="twiscope:batch:gone", source_id=source.id)
+
+    assert result.inserted_ids == []
+    assert int(get_redis().get("twiscope:metric:batch_missing")) == 1
+
+
+def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_callbacks) -> None:
+    source = make_source(make_personas().team)
+    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        services.persist_batch(batch_key=key, source_id=source.id)
+
+    assert len(callbacks) == 1
+    assert get_redis().exists(key) == 1  # deleted only once the commit went through
+
+
+def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
+    source = make_source(make_personas().team)
+    key = services.stage_batch(
+        source_id=source.id,
+        envelopes=[envelope("@JetBlue our fleet is on fleek!! #Fleek love it http://t.co/x")],
+    )
+    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+
+    first = services.enrich_events(event_ids=ids)
+    second = services.enrich_events(event_ids=ids)
+
+    event = Event.objects.get(id=ids[0])
+    assert first == ids and second == []
+    assert event.mentions == ["@jetblue"] and event.hashtags == ["#fleek"]
+    assert event.urls == ["http://t.co/x"]
+    assert "fleet" in event.keywords and event.lang == "en"
+    assert event.sentiment is not None and event.sentiment > 0.5
+
+
+def test_trend_counting_is_exactly_once() -> None:
+    source = make_source(make_personas().team)
+    key = services.stage_batch(source_id=source.id, envelopes=[envelope("#storm now")] * 1)
+    ids = services.enrich_events(
+        event_ids=services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    )
+
+    ml_services.update_trends(event_ids=ids)
+    ml_services.update_trends(event_ids=ids)
+
+    assert TermCount.objects.get(source=source, term="#storm").events == 1
+    assert TermCount.objects.get(source=source, term=TOTAL_TERM).events == 1
+
+
+def test_a_burst_of_many_authors_becomes_a_trend_and_fires_the_rule_once() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    rule = make_rule(personas.team)
+
+    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=6 * 15 + 1))
+    first = alert_services.evaluate_trends(trend_ids=trend_ids)
+    again = alert_services.evaluate_trends(trend_ids=trend_ids)
+
+    trend = Trend.objects.get(term="#blizzard")
+    assert trend.events == 12 and trend.authors_count == 12
+    assert trend.bucket_start == ORIGIN + timedelta(minutes=90)
+    alert = Alert.objects.get(id__in=first, trend=trend)
+    assert alert.rule == rule and alert.seq >= 1
+    assert "#blizzard" in alert.title
+    assert again == []
+
+
+def test_one_account_repeating_a_hashtag_is_not_a_trend() -> None:
+    source = make_source(make_personas().team)
+
+    run_through(source, quiet_history(6) + burst("#buynow", count=30, minutes=6 * 15 + 1, authors=1))
+
+    assert not Trend.objects.filter(term="#buynow").exists()
+
+
+def test_a_new_source_without_history_has_no_trends() -> None:
+    source = make_source(make_personas().team)
+
+    run_through(source, burst("#blizzard", count=30, minutes=0))
+
+    assert Trend.objects.count() == 0
+
+
+def test_events_behind_the_watermark_are_late_and_not_counted() -> None:
+    source = make_source(make_personas().team)
+    run_through(source, [envelope("first #a", minutes=0), envelope("much later #b", minutes=600)])
+
+    run_through(source, [envelope("straggler #a", minutes=1)])
+
+    source.refresh_from_db()
+    assert source.late_events == 1
+    assert TermCount.objects.get(source=source, term="#a").events == 1
+
+
+def test_the_cooldown_keeps_a_term_from_alerting_again_within_it() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team, cooldown_s=6 * 3600)
+    history = quiet_history(12)
+    first = burst("#blizzard", count=12, minutes=6 * 15 + 1)
+    second = burst("#blizzard", count=40, minutes=11 * 15 + 1)
+
+    alerts = alert_services.evaluate_trends(trend_ids=run_through(source, history[:60] + first))
+    alerts += alert_services.evaluate_trends(trend_ids=run_through(source, history[60:] + second))
+
+    assert Trend.objects.filter(term="#blizzard").count() == 2
+    assert Alert.objects.filter(id__in=alerts, trend__term="#blizzard").count() == 1
+
+
+def test_rules_of_other_teams_never_fire_on_a_teams_trend() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.other_team)
+
+    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
+
+    assert trend_ids
+    assert alert_services.evaluate_trends(trend_ids=trend_ids) == []
+
+
+def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    alert_ids = alert_services.evaluate_trends(
+        trend_ids=run_through(
+            source,
+            quiet_history(6)
+            + burst("#blizzard", count=12, minutes=91)
+            + burst("#flood", count=12, minutes=92),
+        )
+    )
+
+    async def push_and_listen() -> tuple[int, list[dict]]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(push.alerts_group(personas.team.id), channel)
+        pushed = await sync_to_async(push.push_alerts)(alert_ids=alert_ids)
+        return pushed, [(await layer.receive(channel))["message"] for _ in range(pushed)]
+
+    pushed, messages = async_to_sync(push_and_listen)()
+
+    assert pushed == len(alert_ids) >= 2
+    assert [m["seq"] for m in messages] == list(range(1, len(alert_ids) + 1))
+    assert {"#blizzard", "#flood"} <= {m["alert"]["evidence"]["term"] for m in messages}
+    assert all(m["type"] == "alert.created" and m["v"] == 1 for m in messages)
+    assert all(m["alert"]["pushed_at"] is not None for m in messages)
+    assert Alert.objects.filter(pushed_at__isnull=True).count() == 0
+    assert push.push_alerts(alert_ids=alert_ids) == 0
