@@ -102,6 +102,11 @@ class Event(models.Model):
                 condition=models.Q(enriched_at__isnull=True),
             ),
             models.Index(
+                fields=["source"],
+                name="event_uncounted",
+                condition=models.Q(trends_at__isnull=True),
+            ),
+            models.Index(
                 fields=["received_at"],
                 name="event_pending_trends",
                 condition=models.Q(trends_at__isnull=True, enriched_at__isnull=False),

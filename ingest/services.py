@@ -254,6 +254,42 @@ def _forget_batch(batch_key: str) -> None:
     pipe.execute()
 
 
+def in_flight_events(source_id: int) -> int:
+    """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
+
+    Staged batches are counted at ``INGEST_BATCH_SIZE`` each, whatever their source
+    (an upper bound that costs one Redis call); stored events exactly.
+    """
+    from django.conf import settings
+
+    staged = int(get_redis().zcard(PENDING_BATCHES_KEY)) * settings.INGEST_BATCH_SIZE
+    return staged + Event.objects.filter(source_id=source_id, trends_at__isnull=True).count()
+
+
+def wait_for_capacity(
+    *, source: Source, max_in_flight: int, poll_s: float = 0.02, timeout_s: float = 600.0
+) -> float:
+    """Block until fewer than ``max_in_flight`` events of ``source`` are in flight.
+
+    This is the back-pressure of a replay at full speed: it keeps the queues short so
+    that an event's latency is the pipeline's, not the backlog's. Returns the seconds
+    waited.
+
+    Raises:
+        TimeoutError: the pipeline did not drain within ``timeout_s`` (no workers?).
+    """
+    start = time.monotonic()
+    while in_flight_events(source.id) >= max_in_flight:
+        waited = time.monotonic() - start
+        if waited > timeout_s:
+            raise TimeoutError(
+                f"{in_flight_events(source.id)} events still in flight after {waited:.0f} s:"
+                " are the worker pools running?"
+            )
+        time.sleep(poll_s)
+    return time.monotonic() - start
+
+
 def pending_batch_keys(*, older_than_s: float) -> list[str]:
     """Staged batch keys older than ``older_than_s`` seconds that still exist."""
     redis = get_redis()

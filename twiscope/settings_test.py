@@ -27,3 +27,6 @@ CACHES = {
 CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "twiscope-test:ws"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 TRENDS_MIN_HISTORY_BUCKETS = 3
+# Threads of async tests (database_sync_to_async, Celery test workers) must not keep
+# connections open, or the test database cannot be dropped at the end of the run.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405

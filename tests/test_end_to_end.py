@@ -1,0 +1,87 @@
+"""The whole path through real Celery workers, PostgreSQL, Redis and the channel layer.
+
+A replayed batch of events becomes stored events, a trend, an alert row and a
+WebSocket message received by a connected client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from rest_framework.authtoken.models import Token
+
+from alerts.models import Alert
+from ingest import services
+from ingest.models import Event
+from mlengine.models import Trend
+from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
+from twiscope.asgi import application
+from twiscope.celery import QUEUES, app
+from twiscope.redis import get_redis
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def celery_worker() -> Iterator[None]:
+    """A real Celery worker (solo pool, in a thread) consuming every pipeline queue."""
+    get_redis().flushdb()
+    with start_worker(
+        app, pool="solo", concurrency=1, perform_ping_check=False, queues=list(QUEUES),
+        loglevel="WARNING", shutdown_timeout=30,
+    ):
+        yield
+
+
+def _setup():
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team, name="new trends")
+    return personas, source, Token.objects.get(user=personas.member).key
+
+
+def _enqueue(source, envelopes) -> None:
+    for i in range(0, len(envelopes), 50):
+        services.enqueue_envelopes(source=source, envelopes=envelopes[i : i + 50])
+
+
+async def test_a_replayed_burst_reaches_a_connected_dashboard(celery_worker) -> None:
+    personas, source, token = await database_sync_to_async(_setup)()
+    client = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    connected, _ = await client.connect()
+    assert connected
+    assert (await client.receive_json_from())["type"] == "hello"
+    envelopes = quiet_history(6) + burst("#blizzard", count=12, minutes=91)
+
+    await database_sync_to_async(_enqueue)(source, envelopes)
+    message = await client.receive_json_from(timeout=30)
+    messages = [message]
+    while not await client.receive_nothing(timeout=1):
+        messages.append(await client.receive_json_from())
+
+    blizzard = [m for m in messages if m["alert"]["evidence"]["term"] == "#blizzard"]
+    assert len(blizzard) == 1
+    assert blizzard[0]["type"] == "alert.created" and blizzard[0]["team"] == personas.team.id
+    assert blizzard[0]["alert"]["latency_ms"] is not None
+    assert await database_sync_to_async(Event.objects.filter(source=source).count)() == 72
+    trend = await database_sync_to_async(Trend.objects.get)(term="#blizzard")
+    assert trend.events == 12
+    alert = await database_sync_to_async(Alert.objects.get)(id=blizzard[0]["alert"]["id"])
+    assert alert.trend_id == trend.id and alert.pushed_at is not None
+    await client.disconnect()
+
+
+def test_a_redelivered_replay_stores_each_event_once(celery_worker) -> None:
+    personas, source, _ = _setup()
+    envelopes = quiet_history(4)
+
+    _enqueue(source, envelopes)
+    _enqueue(source, envelopes)
+    services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
+
+    assert Event.objects.filter(source=source).count() == 40
+    assert Event.objects.filter(source=source, trends_at__isnull=True).count() == 0

@@ -1,0 +1,112 @@
+"""The alert stream over WebSockets: who may connect, and what they receive."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from rest_framework.authtoken.models import Token
+
+from alerts import push
+from alerts import services as alert_services
+from ingest import services
+from mlengine import services as ml_services
+from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
+from twiscope.asgi import application
+from twiscope.redis import get_redis
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _token(user) -> str:
+    return Token.objects.get(user=user).key
+
+
+def _fire_alerts(team) -> list[int]:
+    source = make_source(team)
+    make_rule(team)
+    envelopes = quiet_history(6) + burst("#blizzard", count=12, minutes=91)
+    trend_ids: list[int] = []
+    for i in range(0, len(envelopes), 100):
+        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 100])
+        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
+    return alert_services.evaluate_trends(trend_ids=trend_ids)
+
+
+@pytest.fixture
+def personas():
+    get_redis().flushdb()
+    return make_personas()
+
+
+async def test_it_refuses_a_socket_without_credentials(personas) -> None:
+    communicator = WebsocketCommunicator(application, "/ws/alerts/")
+
+    connected, code = await communicator.connect()
+
+    assert connected is False and code == 4401
+
+
+async def test_it_refuses_a_bad_token(personas) -> None:
+    communicator = WebsocketCommunicator(application, "/ws/alerts/?token=nope")
+
+    connected, _ = await communicator.connect()
+
+    assert connected is False
+
+
+async def test_a_session_socket_from_a_foreign_origin_is_refused(personas) -> None:
+    client = await sync_to_async(_logged_in_cookie)(personas.member)
+    communicator = WebsocketCommunicator(
+        application, "/ws/alerts/",
+        headers=[(b"cookie", client.encode()), (b"origin", b"https://evil.example")],
+    )
+
+    connected, _ = await communicator.connect()
+
+    assert connected is False
+
+
+async def test_a_session_socket_from_the_dashboards_origin_is_accepted(personas) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+    communicator = WebsocketCommunicator(
+        application, "/ws/alerts/",
+        headers=[(b"cookie", cookie.encode()), (b"origin", b"http://127.0.0.1:8000")],
+    )
+
+    connected, _ = await communicator.connect()
+    hello = await communicator.receive_json_from()
+    await communicator.disconnect()
+
+    assert connected is True
+    assert hello == {"type": "hello", "v": 1, "teams": {str(personas.team.id): 0}}
+
+
+def _logged_in_cookie(user) -> str:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+async def test_members_receive_their_teams_alerts_and_outsiders_do_not(personas) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    outsider_token = await database_sync_to_async(_token)(personas.outsider)
+    member = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    outsider = WebsocketCommunicator(application, f"/ws/alerts/?token={outsider_token}")
+    assert (await member.connect())[0] and (await outsider.connect())[0]
+    await member.receive_json_from()
+    await outsider.receive_json_from()
+
+    alert_ids = await database_sync_to_async(_fire_alerts)(personas.team)
+    await database_sync_to_async(push.push_alerts)(alert_ids=alert_ids)
+    messages = [await member.receive_json_from(timeout=5) for _ in alert_ids]
+
+    assert [m["seq"] for m in messages] == list(range(1, len(alert_ids) + 1))
+    assert any(m["alert"]["evidence"]["term"] == "#blizzard" for m in messages)
+    assert await outsider.receive_nothing(timeout=0.5) is True
+    await member.disconnect()
+    await outsider.disconnect()
