@@ -90,7 +90,7 @@ class Envelope:
         text = data.get("text", "")
         if not isinstance(text, str):
             raise EnvelopeError("text: must be a string")
-        author_raw = data.get("author") or {}
+        author_raw = _or_empty(data.get("author"))
         if not isinstance(author_raw, dict):
             raise EnvelopeError("author: must be an object")
         followers = author_raw.get("followers")
@@ -98,7 +98,7 @@ class Envelope:
             isinstance(followers, bool) or not isinstance(followers, int) or followers < 0
         ):
             raise EnvelopeError("author.followers: must be a non-negative integer")
-        metrics_raw = data.get("metrics") or {}
+        metrics_raw = _or_empty(data.get("metrics"))
         if not isinstance(metrics_raw, dict):
             raise EnvelopeError("metrics: must be an object")
         metrics: dict[str, int] = {}
@@ -106,7 +106,7 @@ class Envelope:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise EnvelopeError(f"metrics.{name}: must be a non-negative integer")
             metrics[str(name)] = value
-        raw = data.get("raw") or {}
+        raw = _or_empty(data.get("raw"))
         if not isinstance(raw, dict):
             raise EnvelopeError("raw: must be an object")
         return cls(
@@ -127,6 +127,10 @@ class Envelope:
             metrics=metrics,
             raw=raw,
         )
+
+
+def _or_empty(value: Any) -> Any:
+    return {} if value is None else value
 
 
 def _str(value: Any, name: str, max_chars: int) -> str:

@@ -1,0 +1,86 @@
+"""The trend detector's verdicts on hand-built count windows (no database)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from mlengine.facade import suggest_trend_bucket_s
+from mlengine.trends import TermWindow, TrendParams, bucket_start, score_term
+
+PARAMS = TrendParams(bucket_s=900, min_history_buckets=3, min_score=4.0, min_events=5, min_authors=3)
+
+
+def window(**fields) -> TermWindow:
+    base = dict(
+        term="#x", events=10, authors=10, bucket_total=100, source_authors=80,
+        hist_events=0, hist_total=2400, hist_buckets=24, mean_bucket_total=100.0, prev_events=0,
+    )
+    base.update(fields)
+    return TermWindow(**base)
+
+
+def test_a_new_term_used_by_many_authors_trends() -> None:
+    verdict = score_term(window(), PARAMS)
+
+    assert verdict.is_trend and verdict.score > 8 and verdict.expected < 0.1
+
+
+def test_a_common_word_growing_with_the_whole_stream_does_not_trend() -> None:
+    # 20% of all posts in the baseline, 20% of a bucket three times busier.
+    verdict = score_term(
+        window(events=60, authors=60, bucket_total=300, hist_events=480), PARAMS
+    )
+
+    assert not verdict.is_trend and abs(verdict.score) < 1
+
+
+def test_one_author_in_a_many_author_stream_is_not_a_trend() -> None:
+    assert not score_term(window(events=50, authors=1), PARAMS).is_trend
+
+
+def test_a_single_account_stream_can_trend_on_its_own() -> None:
+    verdict = score_term(window(events=8, authors=1, source_authors=1), PARAMS)
+
+    assert verdict.is_trend
+
+
+def test_too_few_events_never_trend_whatever_the_score() -> None:
+    assert not score_term(window(events=4, authors=4), PARAMS).is_trend
+
+
+def test_a_source_without_enough_history_has_no_trends() -> None:
+    assert not score_term(window(hist_buckets=2), PARAMS).is_trend
+
+
+def test_a_bucket_still_filling_is_judged_against_a_whole_buckets_volume() -> None:
+    early = score_term(window(events=6, bucket_total=10, hist_events=24), PARAMS)
+    full = score_term(window(events=6, bucket_total=100, hist_events=24), PARAMS)
+
+    assert early.expected == full.expected
+
+
+def test_velocity_is_the_change_in_events_per_minute() -> None:
+    assert score_term(window(events=30, prev_events=0), PARAMS).velocity == pytest.approx(2.0)
+
+
+def test_buckets_are_aligned_tumbling_windows() -> None:
+    moment = datetime(2015, 2, 23, 18, 29, 59, tzinfo=UTC)
+
+    assert bucket_start(moment, 900) == datetime(2015, 2, 23, 18, 15, tzinfo=UTC)
+    assert bucket_start(moment, 86400) == datetime(2015, 2, 23, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("per_day", "bucket_s"), [(1400, 900), (123, 3600), (36, 6 * 3600), (7, 86400), (1, 7 * 86400)]
+)
+def test_bucket_size_follows_the_streams_median_daily_volume(per_day: int, bucket_s: int) -> None:
+    times = [datetime(2015, 1, d, 12, tzinfo=UTC) for d in (1, 2, 3) for _ in range(per_day)]
+
+    assert suggest_trend_bucket_s(times) == bucket_s
+
+
+def test_sizing_buckets_from_no_events_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no event times"):
+        suggest_trend_bucket_s([])
