@@ -58,6 +58,12 @@ def get_or_create_source(*, team: Team, kind: str, name: str, config: dict[str, 
     return source
 
 
+def set_trend_bucket(*, source: Source, bucket_s: int) -> None:
+    """Set the trend bucket size (seconds) of ``source``; updates the instance too."""
+    Source.objects.filter(id=source.id).update(trend_bucket_s=bucket_s)
+    source.trend_bucket_s = bucket_s
+
+
 def stage_batch(*, source_id: int, envelopes: Sequence[Envelope]) -> str:
     """Store a raw batch in Redis (with ``INGEST_BATCH_TTL_S`` expiry); return its key.
 

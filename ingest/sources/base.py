@@ -1,0 +1,59 @@
+"""What every source adapter shares: the base class and the one error type it raises.
+
+An adapter turns one ``Source`` row into a stream of canonical ``Envelope`` objects
+(``ingest/envelope.py``). Adapters live in ``ingest/sources/<kind>/`` and are found by
+kind through ``ingest.sources.registry``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ingest.envelope import Envelope
+    from ingest.models import Source
+
+
+class SourceError(Exception):
+    """A source could not deliver.
+
+    ``permanent`` says whether trying again can help: True for bad credentials, a
+    channel or file that is gone, a payload we can never read (the caller records the
+    reason on the source and may disable it); False for a rate limit, a timeout, a
+    network blip (the caller retries with backoff).
+    """
+
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+    def __repr__(self) -> str:
+        return f"SourceError({self.reason!r}, permanent={self.permanent})"
+
+
+class SourceAdapter(ABC):
+    """Base of every adapter: built with its ``Source`` row, identified by ``kind``.
+
+    Subclasses set ``kind`` (one of ``Source.Kind``) and register themselves with
+    ``ingest.sources.registry.register``.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    @abstractmethod
+    def fetch(self) -> Iterator[Envelope]:
+        """Pull what the source has now, as envelopes (event time in UTC).
+
+        Lazy: nothing is read before the first ``next``. Items the adapter cannot turn
+        into an envelope are skipped and logged by the adapter, never raised.
+
+        Raises:
+            SourceError: the source as a whole cannot deliver; ``permanent`` says
+                whether a later attempt could succeed.
+        """

@@ -1,0 +1,331 @@
+"""``manage.py replay``: batches, event-time order, pacing, dead letters, the summary.
+
+The hand-off to the queue (``enqueue_envelopes``) and the end-of-stream signal are
+captured; sources, teams and dead letters are real rows.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+from pytest_django.fixtures import Settings
+
+from dashboard.models import Team
+from ingest import services
+from ingest.envelope import Envelope
+from ingest.management.commands.replay import FLUSH_WINDOW_S, paced_batches
+from ingest.models import DeadLetter, Source
+from tests.factories import make_team
+
+pytestmark = pytest.mark.django_db
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+ORIGIN = datetime(2024, 10, 17, 14, 0, tzinfo=UTC)
+
+
+@dataclass
+class Captured:
+    """What the command handed to the pipeline."""
+
+    batches: list[list[Envelope]] = field(default_factory=list)
+    ends: list[tuple[int, datetime]] = field(default_factory=list)
+
+    @property
+    def envelopes(self) -> list[Envelope]:
+        return [envelope for batch in self.batches for envelope in batch]
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
+    sink = Captured()
+
+    def enqueue(*, source: Source, envelopes: list[Envelope]) -> str:
+        sink.batches.append(list(envelopes))
+        return f"batch-{len(sink.batches)}"
+
+    def end_of_stream(*, source: Source, event_time: datetime) -> None:
+        sink.ends.append((source.id, event_time))
+
+    monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
+    monkeypatch.setattr(services, "end_of_stream", end_of_stream)
+    return sink
+
+
+@pytest.fixture
+def team() -> Team:
+    return make_team("newsroom")
+
+
+def replay(*args: str) -> str:
+    """Run the command; return its stdout."""
+    out = io.StringIO()
+    call_command("replay", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def broken_airline_file(tmp_path: Path) -> Path:
+    path = tmp_path / "airline.csv"
+    lines = (SAMPLES / "airline.csv").read_text().splitlines(keepends=True)
+    path.write_text(
+        "".join(lines)
+        + "569587242672390004,neutral,1.0,,,United,,a,,0,hi,,last Tuesday,,\n"
+        + ",neutral,1.0,,,United,,b,,0,no id,,2015-02-22 11:00:00 -0800,,\n"
+        + "569587242672390006,neutral,1.0,,,United,,c,,0,bad when,,2015-02-30 11:00:00 -0800,,\n"
+    )
+    return path
+
+
+def test_it_enqueues_the_archive_in_batches_of_the_configured_size(
+    team: Team, captured: Captured, settings: Settings
+) -> None:
+    settings.INGEST_BATCH_SIZE = 2
+
+    replay(str(SAMPLES / "x_v2.jsonl"))
+
+    assert [len(batch) for batch in captured.batches] == [2, 2, 1]
+
+
+def test_it_replays_in_event_time_order_whatever_the_file_order(
+    team: Team, captured: Captured, settings: Settings
+) -> None:
+    settings.INGEST_BATCH_SIZE = 2
+
+    replay(str(SAMPLES / "telegram.json"))  # newest first in the file
+
+    assert [e.external_id for e in captured.envelopes] == [
+        "-1001234567890/5010",
+        "-1001234567890/5011",
+        "-1001234567890/5012",
+    ]
+
+
+def test_it_tells_the_trend_stage_the_stream_ended_at_the_last_event(
+    team: Team, captured: Captured
+) -> None:
+    replay(str(SAMPLES / "x_v1.jsonl"))
+    source = Source.objects.get(team=team, name="x_v1")
+
+    assert captured.ends == [(source.id, datetime(2018, 10, 10, 20, 25, 47, tzinfo=UTC))]
+
+
+def test_it_creates_a_replay_source_named_after_the_file(team: Team, captured: Captured) -> None:
+    replay(str(SAMPLES / "trump.csv"))
+    source = Source.objects.get(team=team, name="trump")
+
+    assert source.kind == Source.Kind.REPLAY
+    assert source.config == {"path": str((SAMPLES / "trump.csv").resolve()), "format": "trump_csv"}
+
+
+def test_it_reuses_the_source_on_a_second_replay(team: Team, captured: Captured) -> None:
+    replay(str(SAMPLES / "trump.csv"), "--source", "archive")
+    replay(str(SAMPLES / "airline.csv"), "--source", "archive")
+
+    assert Source.objects.filter(team=team).count() == 1
+    assert Source.objects.get().name == "archive"
+    assert len(captured.envelopes) == 6
+
+
+def test_it_prints_a_one_line_summary(team: Team, captured: Captured) -> None:
+    out = replay(str(SAMPLES / "x_v2.jsonl"))
+    source = Source.objects.get(name="x_v2")
+
+    assert out.count("\n") == 1
+    assert out.startswith(
+        f'replay x_v2.jsonl (x_v2_jsonl) into source "x_v2" (id {source.id}): '
+        "read 5, enqueued 5 in 1 batches, skipped 0, "
+    )
+    assert out.rstrip().endswith(" s")
+
+
+def test_it_dead_letters_each_bad_row_and_summarises_the_reasons(
+    team: Team, captured: Captured, tmp_path: Path
+) -> None:
+    path = broken_airline_file(tmp_path)
+
+    out = replay(str(path))
+    source = Source.objects.get(name="airline")
+    letters = list(DeadLetter.objects.order_by("id"))
+
+    assert [e.external_id for e in captured.envelopes] == [
+        "569587242672398003",
+        "570301130888120002",
+        "570306133677760001",
+    ]
+    assert "read 6, enqueued 3 in 1 batches, skipped 3 (bad time 2, missing id 1)" in out
+    assert [(d.stage, d.source_id, d.payload["line"]) for d in letters] == [
+        ("replay", source.id, 6),
+        ("replay", source.id, 7),
+        ("replay", source.id, 8),
+    ]
+    assert letters[1].reason == "missing id: tweet_id is empty"
+    assert letters[1].payload["raw"].startswith(",neutral,1.0")
+    assert letters[1].payload["format"] == "airline_csv"
+
+
+def test_it_stops_after_limit_rows_read(team: Team, captured: Captured, tmp_path: Path) -> None:
+    out = replay(str(broken_airline_file(tmp_path)), "--limit", "4")
+
+    assert "read 4, enqueued 3 in 1 batches, skipped 1 (bad time 1)" in out
+    assert DeadLetter.objects.count() == 1
+
+
+def test_a_paced_replay_enqueues_in_event_time_order_and_ends_the_stream(
+    team: Team, captured: Captured, settings: Settings
+) -> None:
+    settings.INGEST_BATCH_SIZE = 2
+
+    replay(str(SAMPLES / "x_v2.jsonl"), "--speed", "100000")
+
+    times = [e.created_at for e in captured.envelopes]
+    assert times == sorted(times)
+    assert len(times) == 5
+    assert max(len(batch) for batch in captured.batches) <= 2
+    assert captured.ends[0][1] == times[-1]
+
+
+def test_it_replays_an_undetectable_file_when_told_its_format(
+    team: Team, captured: Captured, tmp_path: Path
+) -> None:
+    path = tmp_path / "empty_messages.json"
+    path.write_text("[]")
+
+    out = replay(str(path), "--format", "telegram_json")
+
+    assert "read 0, enqueued 0 in 0 batches, skipped 0" in out
+    assert captured.ends == []
+
+
+def test_it_refuses_a_missing_file(team: Team, captured: Captured, tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="no such file"):
+        replay(str(tmp_path / "nothing.csv"))
+
+
+def test_it_refuses_a_file_whose_format_it_cannot_tell(
+    team: Team, captured: Captured, tmp_path: Path
+) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("shopping,list\nmilk,eggs\n")
+
+    with pytest.raises(CommandError, match="pass --format"):
+        replay(str(path))
+
+
+@pytest.mark.parametrize("speed", ["0", "-2", "fast", "inf"])
+def test_it_refuses_a_speed_that_is_not_positive_or_max(
+    team: Team, captured: Captured, speed: str
+) -> None:
+    with pytest.raises(CommandError, match="--speed"):
+        replay(str(SAMPLES / "x_v1.jsonl"), "--speed", speed)
+
+
+def test_it_uses_the_team_named_by_slug(captured: Captured) -> None:
+    make_team("alpha")
+    beta = make_team("beta")
+
+    replay(str(SAMPLES / "x_v1.jsonl"), "--team", "beta")
+
+    assert Source.objects.get().team == beta
+
+
+def test_it_asks_which_team_when_there_are_several(captured: Captured) -> None:
+    make_team("alpha")
+    make_team("beta")
+
+    with pytest.raises(CommandError, match="pass --team with one of: alpha, beta"):
+        replay(str(SAMPLES / "x_v1.jsonl"))
+
+
+def test_it_names_the_teams_when_the_slug_is_unknown(team: Team, captured: Captured) -> None:
+    with pytest.raises(CommandError, match=r"no team with slug 'ghost' \(teams: newsroom\)"):
+        replay(str(SAMPLES / "x_v1.jsonl"), "--team", "ghost")
+
+
+def test_it_refuses_a_source_name_held_by_another_kind(team: Team, captured: Captured) -> None:
+    Source.objects.create(team=team, kind=Source.Kind.RSS, name="x_v1")
+
+    with pytest.raises(CommandError, match="exists with kind 'rss'"):
+        replay(str(SAMPLES / "x_v1.jsonl"))
+
+
+# --- Pacing, on a fake clock ------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def posts_at(*seconds: float) -> list[Envelope]:
+    return [
+        Envelope(external_id=str(i), created_at=ORIGIN + timedelta(seconds=s), text="")
+        for i, s in enumerate(seconds)
+    ]
+
+
+def paced(
+    envelopes: list[Envelope], *, speed: float, batch_size: int = 250
+) -> list[tuple[float, list[str]]]:
+    """``(clock time after start, ids)`` for each batch as it is yielded."""
+    fake = FakeClock()
+    return [
+        (round(fake.now - 100.0, 6), [e.external_id for e in batch])
+        for batch in paced_batches(
+            envelopes, speed=speed, batch_size=batch_size, clock=fake.clock, sleep=fake.sleep
+        )
+    ]
+
+
+def test_pacing_divides_event_time_gaps_by_the_speed() -> None:
+    batches = paced(posts_at(0, 60, 120), speed=60)
+
+    assert batches == [(0.0, ["0"]), (1.0, ["1"]), (2.0, ["2"])]
+
+
+def test_pacing_flushes_a_partial_batch_when_the_next_event_is_far_off() -> None:
+    batches = paced(posts_at(0, 0.05, 0.1, 30, 30.1), speed=1)
+
+    assert batches == [(0.1, ["0", "1", "2"]), (30.1, ["3", "4"])]
+
+
+def test_pacing_holds_no_event_longer_than_the_flush_window_nor_sends_it_early() -> None:
+    steady = posts_at(*[i * 0.1 for i in range(20)])  # post i is due at i * 0.1 s
+
+    batches = paced(steady, speed=1)
+    held = [sent_at - int(i) * 0.1 for sent_at, ids in batches for i in ids]
+
+    assert [i for _, ids in batches for i in ids] == [str(i) for i in range(20)]
+    assert len(batches) > 1
+    assert min(held) >= -1e-9
+    assert max(held) <= FLUSH_WINDOW_S + 1e-9
+
+
+def test_pacing_still_cuts_full_batches() -> None:
+    batches = paced(posts_at(0, 0, 0, 0, 0), speed=1, batch_size=2)
+
+    assert [ids for _, ids in batches] == [["0", "1"], ["2", "3"], ["4"]]
+
+
+def test_without_a_speed_batches_come_at_once() -> None:
+    fake = FakeClock()
+
+    batches = list(
+        paced_batches(
+            posts_at(0, 3600, 7200), speed=None, batch_size=2, clock=fake.clock, sleep=fake.sleep
+        )
+    )
+
+    assert [len(batch) for batch in batches] == [2, 1]
+    assert fake.now == 100.0
