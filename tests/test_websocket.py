@@ -110,3 +110,18 @@ async def test_members_receive_their_teams_alerts_and_outsiders_do_not(personas)
     assert await outsider.receive_nothing(timeout=0.5) is True
     await member.disconnect()
     await outsider.disconnect()
+
+
+async def test_a_socket_quiet_for_longer_than_a_redis_timeout_still_receives(personas) -> None:
+    # Regression: a client library's 5 s read timeout once killed idle consumers.
+    token = await database_sync_to_async(_token)(personas.member)
+    member = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    assert (await member.connect())[0]
+    await member.receive_json_from()
+
+    assert await member.receive_nothing(timeout=6.5) is True
+    alert_ids = await database_sync_to_async(_fire_alerts)(personas.team)
+    await database_sync_to_async(push.push_alerts)(alert_ids=alert_ids)
+
+    assert (await member.receive_json_from(timeout=5))["type"] == "alert.created"
+    await member.disconnect()

@@ -1,0 +1,727 @@
+/*
+ * Twiscope live dashboard (vanilla ES2020, no build step).
+ *
+ * Reads, never writes:
+ *   GET /api/stats/                                   every 2 s  -> rate chart + tiles
+ *   GET /api/trends/?current=true&ordering=-score     every 5 s  -> trends table
+ *   GET /api/events/?trend=<id>                       on click   -> posts behind a trend
+ *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
+ *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
+ *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
+ *
+ * The channel layer is at most once, so the feed is a REST snapshot plus pushed alerts:
+ * every (re)connect reloads the snapshot, and a per-team sequence number that is not
+ * last + 1 means a message was dropped, which also reloads it.
+ *
+ * User content (post text, handles, terms, titles) is only ever written with
+ * textContent / text nodes, never parsed as HTML.
+ */
+(() => {
+  'use strict';
+
+  const root = document.getElementById('dashboard');
+  if (!root) return;
+
+  const API = {
+    stats: '/api/stats/',
+    trends: '/api/trends/?current=true&ordering=-score',
+    events: (trendId) => `/api/events/?trend=${encodeURIComponent(trendId)}`,
+    alerts: '/api/alerts/',
+  };
+  const WS_PATH = '/ws/alerts/';
+  const STATS_EVERY_MS = 2000;
+  const TRENDS_EVERY_MS = 5000;
+  const RATE_WINDOW_MS = 5 * 60 * 1000;
+  const MAX_ALERTS = 200;
+  const BACKOFF_MIN_MS = 1000;
+  const BACKOFF_MAX_MS = 30000;
+  const HIGHLIGHT_MS = 4000;
+  const QUEUE_ORDER = ['ingest', 'enrich', 'ml', 'alerts'];
+  const SEVERITIES = new Set(['info', 'warning', 'critical']);
+  const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
+
+  const $ = (id) => document.getElementById(id);
+
+  // ---------------------------------------------------------------- helpers
+
+  /** Build an element. Strings among children become text nodes (never HTML). */
+  function h(tag, props, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === 'class') el.className = value;
+      else if (key === 'dataset') Object.assign(el.dataset, value);
+      else if (key.startsWith('on') && typeof value === 'function') {
+        el.addEventListener(key.slice(2), value);
+      } else el.setAttribute(key, value === true ? '' : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : String(child));
+    }
+    return el;
+  }
+
+  function setText(id, value) {
+    const el = $(id);
+    if (el) el.textContent = value;
+  }
+
+  function cookie(name) {
+    for (const part of document.cookie.split(';')) {
+      const [k, ...v] = part.trim().split('=');
+      if (k === name) return decodeURIComponent(v.join('='));
+    }
+    return '';
+  }
+
+  const nf0 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  const nf1 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+  const nf2 = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+
+  const isNum = (v) => typeof v === 'number' && Number.isFinite(v);
+  const fmtInt = (v) => (isNum(v) ? nf0.format(v) : '—');
+  const fmt1 = (v) => (isNum(v) ? nf1.format(v) : '—');
+  const fmt2 = (v) => (isNum(v) ? nf2.format(v) : '—');
+
+  /** ISO 8601 -> epoch ms; tolerates microseconds, which Date.parse need not. */
+  function parseTime(iso) {
+    if (typeof iso !== 'string' || iso === '') return NaN;
+    return Date.parse(iso.replace(/(\.\d{3})\d+/, '$1'));
+  }
+
+  const utcTime = new Intl.DateTimeFormat(undefined, {
+    hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false, timeZone: 'UTC',
+  });
+  const utcDateTime = new Intl.DateTimeFormat(undefined, {
+    month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit', hour12: false,
+    timeZone: 'UTC',
+  });
+
+  /** Short UTC label: time of day when today (UTC), else date and minute. */
+  function fmtWhen(iso) {
+    const t = parseTime(iso);
+    if (!Number.isFinite(t)) return '—';
+    const sameDay = new Date(t).toISOString().slice(0, 10) === new Date().toISOString().slice(0, 10);
+    return sameDay ? utcTime.format(t) : utcDateTime.format(t);
+  }
+
+  function timeEl(iso, cls) {
+    const t = parseTime(iso);
+    return h('time', {
+      class: cls,
+      datetime: Number.isFinite(t) ? new Date(t).toISOString() : null,
+      title: Number.isFinite(t) ? new Date(t).toISOString().replace('T', ' ').replace('Z', ' UTC') : null,
+    }, fmtWhen(iso));
+  }
+
+  function fmtDuration(seconds) {
+    if (!isNum(seconds)) return '';
+    if (seconds % 3600 === 0) return `${seconds / 3600} h`;
+    if (seconds % 60 === 0) return `${seconds / 60} min`;
+    return `${seconds} s`;
+  }
+
+  // ------------------------------------------------------------------- API
+
+  class ApiError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  /** fetch() JSON from our own API with the session cookie. */
+  async function api(url, { method = 'GET', body } = {}) {
+    const headers = { Accept: 'application/json' };
+    if (!SAFE_METHODS.has(method)) {
+      headers['X-CSRFToken'] = cookie('csrftoken');
+      if (body !== undefined) headers['Content-Type'] = 'application/json';
+    }
+    let res;
+    try {
+      res = await fetch(url, {
+        method,
+        headers,
+        credentials: 'same-origin',
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new ApiError(0, 'cannot reach the server');
+    }
+    if (!res.ok) {
+      let detail = '';
+      try {
+        const data = await res.json();
+        if (data && typeof data.detail === 'string') detail = data.detail;
+      } catch (err) {
+        // Not JSON (a proxy's error page): the status line says enough.
+      }
+      throw new ApiError(res.status, detail || `${res.status} ${res.statusText}`.trim());
+    }
+    return res.json();
+  }
+
+  /** Same-origin path+query of a pagination link, or null for anything else. */
+  function sameOriginPath(link) {
+    if (!link) return null;
+    try {
+      const u = new URL(link, window.location.href);
+      return u.origin === window.location.origin ? u.pathname + u.search : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
+  const isAuthError = (err) => err instanceof ApiError && (err.status === 401 || err.status === 403);
+
+  /** Show (or clear, with err = null) a section's error line; auth errors also raise the banner. */
+  function showError(id, what, err, retry) {
+    const el = $(id);
+    if (!el) return;
+    if (!err) {
+      el.hidden = true;
+      el.textContent = '';
+      return;
+    }
+    el.hidden = false;
+    el.replaceChildren();
+    if (isAuthError(err)) {
+      $('auth-notice').hidden = false;
+      el.append(`Not authorised to load ${what}. `,
+        h('a', { href: root.dataset.loginUrl || '/accounts/login/' }, 'Log in again'), '.');
+      return;
+    }
+    el.append(`Couldn't load ${what}: ${err.message}.${retry ? ` ${retry}` : ''}`);
+  }
+
+  function markUpdated(id) {
+    setText(id, `updated ${utcTime.format(Date.now())} UTC`);
+  }
+
+  /** Run fn now and again `every` ms after each run finishes (no overlapping requests). */
+  function poll(fn, every) {
+    const tick = async () => {
+      try {
+        await fn();
+      } finally {
+        window.setTimeout(tick, every);
+      }
+    };
+    tick();
+  }
+
+  // ------------------------------------------------- events per second + tiles
+
+  const samples = [];
+  let chart = null;
+
+  function makeChart() {
+    const canvas = $('rate-chart');
+    const unavailable = (why) => {
+      canvas?.replaceWith(h('p', { class: 'empty' }, `The rate chart is unavailable: ${why}. The tiles still update.`));
+      return null;
+    };
+    if (!canvas) return null;
+    if (typeof window.Chart !== 'function') return unavailable('chart.umd.min.js did not load');
+    const made = new window.Chart(canvas, {
+      type: 'line',
+      data: {
+        datasets: [{
+          label: 'events / s',
+          data: samples,
+          borderColor: '#2456c7',
+          backgroundColor: 'rgba(36, 86, 199, 0.12)',
+          borderWidth: 2,
+          fill: true,
+          pointRadius: 0,
+          tension: 0.25,
+        }],
+      },
+      options: {
+        animation: false,
+        maintainAspectRatio: false,
+        parsing: false,
+        normalized: true,
+        interaction: { mode: 'nearest', axis: 'x', intersect: false },
+        scales: {
+          x: {
+            type: 'linear',
+            ticks: {
+              maxTicksLimit: 6,
+              callback: (value) => utcTime.format(value),
+              color: '#5b6472',
+            },
+            grid: { color: '#eef0f4' },
+          },
+          y: {
+            beginAtZero: true,
+            ticks: { color: '#5b6472', precision: 0 },
+            grid: { color: '#eef0f4' },
+          },
+        },
+        plugins: {
+          legend: { display: false },
+          tooltip: {
+            callbacks: {
+              title: (items) => (items.length ? `${utcTime.format(items[0].parsed.x)} UTC` : ''),
+              label: (item) => `${fmt1(item.parsed.y)} events/s`,
+            },
+          },
+        },
+      },
+    });
+    // Chart.js logs and leaves ctx null when the canvas gives no 2D context.
+    if (!made.ctx) return unavailable('this browser gave no canvas to draw on');
+    return made;
+  }
+
+  function renderQueueLag(lag) {
+    const list = $('tile-queue-lag');
+    const entries = Object.entries(lag || {});
+    entries.sort(([a], [b]) => {
+      const ia = QUEUE_ORDER.indexOf(a);
+      const ib = QUEUE_ORDER.indexOf(b);
+      return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+    });
+    if (!entries.length) {
+      list.replaceChildren(h('li', { class: 'muted' }, '—'));
+      return;
+    }
+    list.replaceChildren(...entries.map(([queue, n]) => h('li', {
+      class: isNum(n) && n > 0 ? 'lag lag-busy' : 'lag',
+    }, h('span', { class: 'lag-name' }, queue), h('span', { class: 'lag-n' }, fmtInt(n)))));
+  }
+
+  function renderStats(s) {
+    const now = Date.now();
+    const rate = isNum(s.events_per_s) ? s.events_per_s : 0;
+    samples.push({ x: now, y: rate });
+    while (samples.length && samples[0].x < now - RATE_WINDOW_MS) samples.shift();
+    if (chart) {
+      chart.options.scales.x.min = now - RATE_WINDOW_MS;
+      chart.options.scales.x.max = now;
+      chart.update('none');
+    }
+
+    setText('tile-events-total', fmtInt(s.events_total));
+    setText('tile-events-per-s', fmt1(s.events_per_s));
+    const lat = s.alert_latency_ms || {};
+    setText('tile-latency-p50', fmtInt(lat.p50));
+    setText('tile-latency-p95', fmtInt(lat.p95));
+    setText('tile-latency-n', isNum(lat.n) && lat.n > 0
+      ? `over ${fmtInt(lat.n)} alerts${isNum(lat.p99) ? ` · p99 ${fmtInt(lat.p99)} ms` : ''}`
+      : 'no alerts measured yet');
+    renderQueueLag(s.queue_lag);
+    setText('tile-dead-letters', fmtInt(s.dead_letters_total));
+    const dead = $('tile-dead-letters');
+    dead.classList.toggle('warn', isNum(s.dead_letters_total) && s.dead_letters_total > 0);
+
+    $('rate-empty').hidden = !(s.events_total === 0);
+  }
+
+  async function refreshStats() {
+    try {
+      renderStats(await api(API.stats));
+      showError('stats-error', null, null);
+      markUpdated('stats-updated');
+    } catch (err) {
+      showError('stats-error', 'pipeline statistics', err, 'Retrying every 2 s.');
+    }
+  }
+
+  // --------------------------------------------------------------- trends
+
+  let selectedTrendId = null;
+
+  function selectRow(id) {
+    for (const tr of $('trends-body').children) {
+      tr.setAttribute('aria-selected', String(tr.dataset.id === String(id)));
+    }
+  }
+
+  function trendRow(t) {
+    const open = () => showPosts({ id: t.id, term: t.term, source: t.source?.name });
+    return h('tr', {
+      tabindex: 0,
+      dataset: { id: String(t.id) },
+      'aria-selected': String(String(t.id) === String(selectedTrendId)),
+      onclick: open,
+      onkeydown: (ev) => {
+        if (ev.key === 'Enter' || ev.key === ' ') {
+          ev.preventDefault();
+          open();
+        }
+      },
+    },
+    h('td', { class: 'term' }, t.term ?? ''),
+    h('td', { class: 'source' }, t.source?.name ?? '—'),
+    h('td', null, timeEl(t.bucket_start), t.bucket_s ? h('small', { class: 'muted' }, ` · ${fmtDuration(t.bucket_s)}`) : null),
+    h('td', { class: 'num' }, fmtInt(t.events)),
+    h('td', { class: 'num' }, fmt1(t.expected)),
+    h('td', { class: 'num score' }, fmt2(t.score)),
+    h('td', { class: 'num' }, fmtInt(t.authors_count)),
+    h('td', { class: 'num' }, fmt2(t.velocity)));
+  }
+
+  async function refreshTrends() {
+    try {
+      const page = await api(API.trends);
+      const rows = Array.isArray(page.results) ? page.results : [];
+      $('trends-body').replaceChildren(...rows.map(trendRow));
+      $('trends-empty').hidden = rows.length > 0;
+      showError('trends-error', null, null);
+      markUpdated('trends-updated');
+    } catch (err) {
+      showError('trends-error', 'trends', err, 'Retrying every 5 s.');
+    }
+  }
+
+  // ---------------------------------------------------- posts behind a trend
+
+  let postsRequest = 0;
+  let postsNext = null;
+
+  /** VADER's thresholds: compound >= 0.05 positive, <= -0.05 negative. */
+  function sentimentBadge(s) {
+    if (s === null || s === undefined) return null;
+    let score = null;
+    let label = null;
+    if (isNum(s)) score = s;
+    else if (typeof s === 'string') label = s;
+    else if (typeof s === 'object') {
+      const v = s.compound ?? s.score ?? s.value;
+      if (isNum(v)) score = v;
+      if (typeof s.label === 'string') label = s.label;
+    }
+    if (label === null && score !== null) {
+      label = score >= 0.05 ? 'positive' : score <= -0.05 ? 'negative' : 'neutral';
+    }
+    if (label === null) return null;
+    const known = ['positive', 'negative', 'neutral'].includes(label.toLowerCase());
+    return h('span', {
+      class: `sentiment ${known ? `sentiment-${label.toLowerCase()}` : ''}`,
+      title: score !== null ? `sentiment ${fmt2(score)}` : null,
+    }, score !== null ? `${label} ${score > 0 ? '+' : ''}${fmt2(score)}` : label);
+  }
+
+  function safeHttpUrl(link) {
+    if (typeof link !== 'string' || link === '') return null;
+    try {
+      const u = new URL(link);
+      return u.protocol === 'https:' || u.protocol === 'http:' ? u.href : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function postItem(e) {
+    const author = e.author || {};
+    const link = safeHttpUrl(e.url);
+    return h('li', { class: 'post' },
+      h('div', { class: 'post-meta' },
+        h('span', { class: 'handle', title: author.name || null },
+          author.handle ? `@${author.handle}` : (author.name || 'unknown author')),
+        timeEl(e.created_at),
+        sentimentBadge(e.sentiment),
+        link ? h('a', { href: link, target: '_blank', rel: 'noopener noreferrer' }, 'original') : null),
+      h('p', { class: 'post-text', lang: e.lang || null }, e.text ?? ''));
+  }
+
+  async function loadPosts(url, token, append) {
+    try {
+      const page = await api(url);
+      if (token !== postsRequest) return;
+      const rows = Array.isArray(page.results) ? page.results : [];
+      const items = rows.map(postItem);
+      if (append) $('posts-list').append(...items);
+      else $('posts-list').replaceChildren(...items);
+      $('posts-empty').hidden = append || rows.length > 0;
+      postsNext = sameOriginPath(page.next);
+      $('posts-more').hidden = !postsNext;
+      showError('posts-error', null, null);
+    } catch (err) {
+      if (token !== postsRequest) return;
+      if (!append) $('posts-list').replaceChildren();
+      showError('posts-error', 'posts', err);
+    }
+  }
+
+  /** Open the posts panel for a trend ({id, term, source}); from the table or an alert. */
+  function showPosts(trend) {
+    selectedTrendId = trend.id;
+    selectRow(trend.id);
+    postsRequest += 1;
+    postsNext = null;
+    const panel = $('posts');
+    panel.hidden = false;
+    const title = $('posts-title');
+    title.replaceChildren('Posts behind ', h('q', null, trend.term || `trend ${trend.id}`),
+      trend.source ? h('small', { class: 'muted' }, ` · ${trend.source}`) : null);
+    $('posts-list').replaceChildren(h('li', { class: 'muted loading' }, 'Loading…'));
+    $('posts-empty').hidden = true;
+    $('posts-more').hidden = true;
+    showError('posts-error', null, null);
+    loadPosts(API.events(trend.id), postsRequest, false);
+    panel.scrollIntoView({ block: 'nearest', behavior: 'smooth' });
+  }
+
+  $('posts-close').addEventListener('click', () => {
+    postsRequest += 1;
+    selectedTrendId = null;
+    selectRow(null);
+    $('posts').hidden = true;
+  });
+  $('posts-more').addEventListener('click', () => {
+    if (postsNext) loadPosts(postsNext, postsRequest, true);
+  });
+
+  // ------------------------------------------------------------ alerts feed
+
+  const alerts = new Map(); // alert id -> alert
+  const alertEls = new Map(); // alert id -> <li>
+  const lastSeq = new Map(); // team id (string) -> last seq seen on the socket
+
+  /** Processing-time latency: pushed_at − event_received_at, in ms. */
+  function alertLatencyMs(a) {
+    const pushed = parseTime(a.pushed_at);
+    const received = parseTime(a.event_received_at);
+    if (Number.isFinite(pushed) && Number.isFinite(received)) return pushed - received;
+    return isNum(a.latency_ms) ? a.latency_ms : null;
+  }
+
+  function alertItem(a, fresh) {
+    const sev = SEVERITIES.has(a.severity) ? a.severity : 'info';
+    const ev = a.evidence || {};
+    const latency = alertLatencyMs(a);
+    const evidenceTime = a.event_created_at || ev.bucket_start;
+    const li = h('li', { class: `alert sev-${sev}${fresh ? ' is-new' : ''}`, dataset: { id: String(a.id) } },
+      h('div', { class: 'alert-head' },
+        h('span', { class: `badge badge-${sev}` }, sev),
+        h('span', { class: 'alert-title' }, a.title ?? '')),
+      h('div', { class: 'alert-meta' },
+        h('span', null, 'rule ', h('strong', null, a.rule?.name ?? '—')),
+        h('span', null, 'evidence ', timeEl(evidenceTime), h('small', { class: 'muted' }, ' UTC')),
+        h('span', { class: latency !== null && latency > 2000 ? 'latency slow' : 'latency' },
+          'latency ', h('strong', null, latency === null ? '—' : `${fmtInt(latency)} ms`))),
+      ev.term ? h('div', { class: 'alert-evidence' },
+        h('q', null, ev.term), ' ',
+        `${fmtInt(ev.events)} events vs ${fmt1(ev.expected)} expected · score ${fmt2(ev.score)}`,
+        isNum(ev.authors_count) ? ` · ${fmtInt(ev.authors_count)} authors` : '',
+        ev.source?.name ? ` · ${ev.source.name}` : '') : null,
+      a.trend !== null && a.trend !== undefined
+        ? h('button', {
+          type: 'button',
+          class: 'btn btn-link',
+          onclick: () => showPosts({ id: a.trend, term: ev.term, source: ev.source?.name }),
+        }, 'Show posts')
+        : null);
+    return li;
+  }
+
+  function alertOrder(a, b) {
+    const ta = parseTime(a.created_at);
+    const tb = parseTime(b.created_at);
+    if (Number.isFinite(ta) && Number.isFinite(tb) && ta !== tb) return tb - ta;
+    return Number(b.id) - Number(a.id);
+  }
+
+  const highlightUntil = new Map(); // alert id -> epoch ms when its "new" highlight ends
+
+  /** Add or replace an alert; `fresh` (pushed on the socket) highlights a first sighting. */
+  function upsertAlert(a, fresh) {
+    if (!a || a.id === undefined || a.id === null) return;
+    const key = String(a.id);
+    const now = Date.now();
+    if (fresh && !alerts.has(key)) highlightUntil.set(key, now + HIGHLIGHT_MS);
+    alerts.set(key, a);
+    // A snapshot may re-send an alert that is still highlighted: the new element keeps
+    // the highlight until the same moment.
+    const until = highlightUntil.get(key) ?? 0;
+    const el = alertItem(a, until > now);
+    if (until > now) {
+      window.setTimeout(() => {
+        el.classList.remove('is-new');
+        if (highlightUntil.get(key) === until) highlightUntil.delete(key);
+      }, until - now);
+    }
+    const old = alertEls.get(key);
+    if (old) old.replaceWith(el);
+    alertEls.set(key, el);
+  }
+
+  /** Put the list in order (newest first) with the fewest DOM moves, so highlights keep running. */
+  function renderAlerts() {
+    const ordered = [...alerts.values()].sort(alertOrder);
+    for (const a of ordered.slice(MAX_ALERTS)) {
+      const key = String(a.id);
+      alertEls.get(key)?.remove();
+      alertEls.delete(key);
+      alerts.delete(key);
+      highlightUntil.delete(key);
+    }
+    const list = $('alerts-list');
+    ordered.slice(0, MAX_ALERTS).forEach((a, i) => {
+      const el = alertEls.get(String(a.id));
+      if (list.children[i] !== el) list.insertBefore(el, list.children[i] || null);
+    });
+    $('alerts-empty').hidden = alerts.size > 0;
+  }
+
+  function knownMaxSeq(team) {
+    let max = 0;
+    for (const a of alerts.values()) {
+      if (String(a.team) === team && isNum(a.seq) && a.seq > max) max = a.seq;
+    }
+    return max;
+  }
+
+  let snapshotLoading = null;
+  let snapshotAgain = false;
+  let snapshotsLoaded = 0;
+
+  /** Load the REST snapshot (newest first) and merge it; coalesces overlapping calls. */
+  function loadAlertSnapshot() {
+    if (snapshotLoading) {
+      snapshotAgain = true;
+      return snapshotLoading;
+    }
+    snapshotLoading = (async () => {
+      try {
+        do {
+          snapshotAgain = false;
+          const page = await api(API.alerts);
+          // After the first snapshot, an alert seen for the first time is news (its push
+          // was dropped), so it is highlighted like a pushed one.
+          const fresh = snapshotsLoaded > 0;
+          for (const a of Array.isArray(page.results) ? page.results : []) upsertAlert(a, fresh);
+          snapshotsLoaded += 1;
+          renderAlerts();
+          showError('alerts-error', null, null);
+          markUpdated('alerts-updated');
+        } while (snapshotAgain);
+      } catch (err) {
+        showError('alerts-error', 'alerts', err, 'The feed reloads on the next reconnect.');
+        $('alerts-empty').hidden = true;
+      } finally {
+        snapshotLoading = null;
+      }
+    })();
+    return snapshotLoading;
+  }
+
+  // ------------------------------------------------------------- WebSocket
+
+  const conn = $('conn');
+  let socket = null;
+  let attempt = 0;
+  let reconnectTimer = null;
+  let hellos = 0;
+
+  function setConn(state, label) {
+    conn.className = `conn conn-${state}`;
+    conn.querySelector('.conn-label').textContent = label;
+  }
+
+  function onHello(msg) {
+    attempt = 0;
+    setConn('live', 'live');
+    const teams = msg.teams && typeof msg.teams === 'object' ? msg.teams : {};
+    // After a reconnect anything may have been missed; on the first connect only what
+    // arrived between the page's snapshot and the subscription.
+    let stale = hellos > 0;
+    lastSeq.clear();
+    for (const [team, seq] of Object.entries(teams)) {
+      const n = Number(seq);
+      if (!Number.isFinite(n)) continue;
+      lastSeq.set(String(team), n);
+      if (n > knownMaxSeq(String(team))) stale = true;
+    }
+    hellos += 1;
+    if (stale) loadAlertSnapshot();
+  }
+
+  function onAlertCreated(msg) {
+    const team = String(msg.team);
+    const seq = Number(msg.seq);
+    if (!msg.alert || !Number.isFinite(seq)) return;
+    const last = lastSeq.get(team);
+    let gap = false;
+    if (last === undefined || seq > last) {
+      gap = last !== undefined && seq !== last + 1;
+      lastSeq.set(team, seq);
+    }
+    upsertAlert(msg.alert, true);
+    renderAlerts();
+    $('alerts-empty').hidden = true;
+    if (gap) loadAlertSnapshot();
+  }
+
+  function onSocketMessage(raw) {
+    let msg;
+    try {
+      msg = JSON.parse(raw);
+    } catch (err) {
+      console.warn('twiscope.ws.bad_json', err);
+      return;
+    }
+    if (!msg || msg.v !== 1) {
+      console.warn('twiscope.ws.unknown_version', msg && msg.v);
+      return;
+    }
+    if (msg.type === 'hello') onHello(msg);
+    else if (msg.type === 'alert.created') onAlertCreated(msg);
+  }
+
+  function scheduleReconnect() {
+    if (reconnectTimer !== null) return;
+    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
+    const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+    attempt += 1;
+    setConn('reconnecting', `reconnecting in ${Math.max(1, Math.round(delay / 1000))} s`);
+    reconnectTimer = window.setTimeout(() => {
+      reconnectTimer = null;
+      connect();
+    }, delay);
+  }
+
+  function connect() {
+    if (socket) return;
+    const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+    setConn(hellos > 0 ? 'reconnecting' : 'connecting', hellos > 0 ? 'reconnecting…' : 'connecting…');
+    let sock;
+    try {
+      sock = new WebSocket(`${scheme}//${window.location.host}${WS_PATH}`);
+    } catch (err) {
+      console.warn('twiscope.ws.open_failed', err);
+      scheduleReconnect();
+      return;
+    }
+    socket = sock;
+    sock.addEventListener('message', (ev) => {
+      if (socket === sock) onSocketMessage(ev.data);
+    });
+    sock.addEventListener('close', () => {
+      if (socket !== sock) return;
+      socket = null;
+      scheduleReconnect();
+    });
+  }
+
+  window.addEventListener('online', () => {
+    // The network is back: skip the rest of the backoff.
+    if (reconnectTimer !== null) {
+      window.clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+      connect();
+    }
+  });
+  window.addEventListener('offline', () => setConn('reconnecting', 'offline'));
+
+  // ----------------------------------------------------------------- start
+
+  chart = makeChart();
+  poll(refreshStats, STATS_EVERY_MS);
+  poll(refreshTrends, TRENDS_EVERY_MS);
+  loadAlertSnapshot().finally(connect);
+})();
