@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import structlog
-from celery import shared_task
+from celery import current_app, shared_task
+from celery.signals import worker_process_init
 from django.utils import timezone
 
 from ingest import services
@@ -20,6 +21,19 @@ log = structlog.get_logger(__name__)
 SWEEP_AFTER_S = 120
 SWEEP_LIMIT = 5000
 SWEEP_CHUNK = 250
+
+
+@worker_process_init.connect
+def _warm_up_enrichment(**_: object) -> None:
+    """Load the enrichment models when a worker process of the enrich queue starts.
+
+    Without it the first batch after a start pays several seconds of model loading.
+    """
+    from mlengine import facade
+
+    if "enrich" in current_app.amqp.queues.consume_from:
+        facade.warm_up()
+        log.info("enrich.models_loaded")
 
 
 @shared_task(name="ingest.persist_batch", soft_time_limit=60, time_limit=90)

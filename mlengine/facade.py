@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from mlengine.text import Enrichment, enrich_text
+from mlengine.text import Enrichment, enrich_text, warm_up
 from mlengine.trends import TrendParams, suggest_bucket_s
 
-__all__ = ["Enrichment", "TrendParams", "enrich_texts", "suggest_trend_bucket_s"]
+__all__ = ["Enrichment", "TrendParams", "enrich_texts", "suggest_trend_bucket_s", "warm_up"]
 
 
 def enrich_texts(texts: Sequence[str]) -> list[Enrichment]:

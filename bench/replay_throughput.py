@@ -1,0 +1,458 @@
+"""Benchmark: a real archive replayed at full speed through the whole platform.
+
+Starts the Procfile's processes (web, one Celery worker per queue, beat: what
+``make run`` starts) with honcho against the PostgreSQL and Redis that ``make bench``
+provides, connects a WebSocket client to ``/ws/alerts/``, and replays the archive with
+``manage.py replay --speed max`` several times, each run into a new source. It
+measures, per run:
+
+- drain time and end-to-end throughput: from the replay's start until every event of
+  the source has been through the trend stage (events/s = distinct events / drain s);
+- alert latency, ``pushed_at − event_received_at`` of the run's alerts (p50/p95/p99,
+  from the database) and as the WebSocket client saw it (receive time − event
+  received time, same clock);
+- memory: the summed RSS of the platform's processes at rest and its peak during the
+  replay, and of the PostgreSQL/Redis processes ``make bench`` started;
+- where the time goes: CPU seconds of each process during the run, and the queue
+  depths sampled every 0.25 s (the queue that backs up is the bottleneck).
+
+The baseline, measured in the same session so that ratios survive a noisy machine:
+the same stages called as plain functions in this one process (persist, enrich,
+trends, no broker and no workers) on the same archive.
+
+Then, with ``--coverage``, each other real archive the replay reads is replayed once
+and checked: stored events, trends, alerts, alerts received on the WebSocket.
+
+Results: ``bench/results/replay_throughput.json`` and ``replay_throughput.png``.
+Usage: ``make bench`` (``BENCH_ARGS="--runs 5 --coverage"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
+os.environ.setdefault("TWISCOPE_ENV", "development")
+
+import django  # noqa: E402
+
+django.setup()
+
+import websockets  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from alerts.models import Alert  # noqa: E402
+from dashboard.models import Team  # noqa: E402
+from ingest import services  # noqa: E402
+from ingest.models import Event, Source  # noqa: E402
+from ingest.envelope import Envelope  # noqa: E402
+from ingest.sources.replay.formats import read_archive  # noqa: E402
+from mlengine import services as ml_services  # noqa: E402
+from mlengine.facade import suggest_trend_bucket_s  # noqa: E402
+from mlengine.models import Trend  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by linear interpolation, None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low, high = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return round(ordered[low] + (ordered[high] - ordered[low]) * (pos - low), 1)
+
+
+def latency_summary(values_ms: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values_ms),
+        "p50": percentile(values_ms, 0.5),
+        "p95": percentile(values_ms, 0.95),
+        "p99": percentile(values_ms, 0.99),
+        "max": round(max(values_ms), 1) if values_ms else None,
+    }
+
+
+class WsListener:
+    """A WebSocket client on ``/ws/alerts/`` in a thread, recording each message."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list[tuple[float, dict[str, Any]]] = []
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self.connected.wait(30):
+            raise RuntimeError("WebSocket client could not connect within 30 s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _run(self) -> None:
+        async with websockets.connect(self.url, max_size=2**22) as ws:
+            self.connected.set()
+            while not self._stop.is_set():
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), timeout=0.2)
+                except TimeoutError:
+                    continue
+                self.messages.append((time.time(), json.loads(raw)))
+
+
+class Platform:
+    """The Procfile's processes under honcho, in their own session (stopped as one)."""
+
+    def __init__(self, port: int, log_path: Path) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, token: str) -> None:
+        env = dict(os.environ, PORT=str(self.port))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile")],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                self.api("/api/stats/", token)
+                if len(self.processes()) >= 6:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"platform did not come up in 90 s; see {self.log_path}")
+
+    def api(self, path: str, token: str) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Token {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def processes(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.log.close()
+
+
+def process_label(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    for queue in PIPELINE_QUEUES:
+        if f"-Q {queue}" in cmd:
+            return f"worker-{queue}"
+    if "daphne" in cmd:
+        return "web"
+    if " beat" in cmd:
+        return "beat"
+    if "honcho" in cmd:
+        return "honcho"
+    if "replay" in cmd:
+        return "replay"
+    return proc.name()
+
+
+def rss_mb(procs: list[psutil.Process]) -> float:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return round(total / 2**20, 1)
+
+
+def service_processes() -> list[psutil.Process]:
+    """PostgreSQL and Redis processes (those ``make bench`` started, or the local ones)."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info["name"] or ""
+        if name.startswith(("postgres", "redis-server")):
+            found.append(proc)
+    return found
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        totals[process_label(proc)] += times.user + times.system
+    return totals
+
+
+def replay_once(
+    platform: Platform, token: str, path: Path, source_name: str, expected: int, timeout_s: float
+) -> dict[str, Any]:
+    """One replay into a new source; returns the run's measurements."""
+    listener = WsListener(f"ws://127.0.0.1:{platform.port}/ws/alerts/?token={token}")
+    listener.start()
+    procs = platform.processes() + service_processes()
+    cpu_before = cpu_seconds(procs)
+    started = time.time()
+    replay = subprocess.Popen(
+        [sys.executable, "manage.py", "replay", str(path), "--speed", "max",
+         "--source", source_name],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ),
+    )
+    samples: list[dict[str, Any]] = []
+    peak_rss = 0.0
+    counted = 0
+    while time.time() - started < timeout_s:
+        time.sleep(0.25)
+        source = Source.objects.filter(name=source_name).first()
+        counted = (
+            Event.objects.filter(source=source, trends_at__isnull=False).count() if source else 0
+        )
+        live = platform.processes()
+        peak_rss = max(peak_rss, rss_mb(live))
+        try:
+            lag = platform.api("/api/stats/", token)["queue_lag"]
+        except OSError:
+            lag = {}
+        samples.append({"t": round(time.time() - started, 2), "counted": counted, "queues": lag})
+        if counted >= expected and replay.poll() is not None:
+            break
+    drained = time.time() - started
+    summary_line = (replay.communicate(timeout=30)[0] or b"").decode().strip().splitlines()
+    time.sleep(2)  # let the last alerts be pushed
+    listener.stop()
+    cpu_after = cpu_seconds(platform.processes() + service_processes())
+    source = Source.objects.get(name=source_name)
+    alerts = list(
+        Alert.objects.filter(trend__source=source, pushed_at__isnull=False).values_list(
+            "id", "pushed_at", "event_received_at"
+        )
+    )
+    db_latency = [(p - r).total_seconds() * 1000 for _, p, r in alerts]
+    alert_ids = {a[0] for a in alerts}
+    ws_latency = []
+    for received, message in listener.messages:
+        alert = message.get("alert") or {}
+        if message.get("type") == "alert.created" and alert.get("id") in alert_ids:
+            event_received = datetime.fromisoformat(alert["event_received_at"])
+            ws_latency.append((received - event_received.timestamp()) * 1000)
+    cpu = {k: round(cpu_after.get(k, 0) - cpu_before.get(k, 0), 2) for k in cpu_after}
+    stored = Event.objects.filter(source=source).count()
+    return {
+        "source": source_name,
+        "replay_summary": summary_line[-1] if summary_line else "",
+        "expected_events": expected,
+        "stored_events": stored,
+        "counted_events": counted,
+        "drain_s": round(drained, 2),
+        "events_per_s": round(stored / drained, 1),
+        "trends": Trend.objects.filter(source=source).count(),
+        "alerts": len(alerts),
+        "ws_alerts_received": len(ws_latency),
+        "alert_latency_ms": latency_summary(db_latency),
+        "ws_alert_latency_ms": latency_summary(ws_latency),
+        "peak_rss_mb": peak_rss,
+        "cpu_s": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "samples": samples,
+    }
+
+
+def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
+    """The same stages as plain function calls in this process (no broker, no workers)."""
+    envelopes = sorted(
+        (item for item in read_archive(path) if isinstance(item, Envelope)),
+        key=lambda e: e.created_at,
+    )
+    source = services.get_or_create_source(team=team, kind="replay", name=name, config={})
+    services.set_trend_bucket(
+        source=source, bucket_s=suggest_trend_bucket_s(e.created_at for e in envelopes)
+    )
+    started = time.time()
+    for i in range(0, len(envelopes), 250):
+        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 250])
+        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+        ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
+    elapsed = time.time() - started
+    stored = Event.objects.filter(source=source).count()
+    return {"stored_events": stored, "seconds": round(elapsed, 2),
+            "events_per_s": round(stored / elapsed, 1)}
+
+
+def distinct_events(path: Path) -> int:
+    return len({i.external_id for i in read_archive(path) if isinstance(i, Envelope)})
+
+
+def coverage_files() -> list[Path]:
+    files = [DATA / "trump_tweets" / "trump_tweets_2009_2016.csv"]
+    files += sorted((DATA / "crisislex_t26").glob("*/*-tweets_labeled.csv"))
+    files += sorted((DATA / "telegram_news").glob("*_messages.json"))
+    return files
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run in runs:
+        t = [s["t"] for s in run["samples"]]
+        axes[0].plot(t, [s["counted"] for s in run["samples"]], label=run["source"][-6:])
+    axes[0].set(title="Events through the trend stage", xlabel="s since replay start",
+                ylabel="events")
+    axes[0].legend(fontsize=7)
+    run = runs[len(runs) // 2]
+    t = [s["t"] for s in run["samples"]]
+    for queue in PIPELINE_QUEUES:
+        axes[1].plot(t, [s["queues"].get(queue, 0) for s in run["samples"]], label=queue)
+    axes[1].set(title="Queue depth (median run)", xlabel="s", ylabel="messages")
+    axes[1].legend(fontsize=7)
+    cpu = run["cpu_s"]
+    names = list(cpu)[:10]
+    axes[2].barh(names[::-1], [cpu[n] for n in names][::-1])
+    axes[2].set(title="CPU seconds during the run (median run)", xlabel="s")
+    fig.suptitle(
+        f"Replay of {result['archive']} at --speed max: median "
+        f"{result['median']['events_per_s']} events/s, alert p95 "
+        f"{result['median']['alert_latency_p95_ms']} ms"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archive", type=Path,
+                        default=DATA / "airline_tweets" / "Tweets.csv")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--coverage", action="store_true",
+                        help="also replay every other real archive once and check it")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_dir = ROOT / ".run" / "bench"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    call_command("migrate", "--noinput", verbosity=0)
+    call_command("bootstrap_demo", "--run-dir", str(run_dir), stdout=open(os.devnull, "w"))
+    token = (run_dir / "api-token").read_text().strip()
+    team = Team.objects.get(slug="demo")
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    expected = distinct_events(args.archive)
+
+    base = baseline(args.archive, team, f"bench-{stamp}-baseline")
+    print(f"baseline (plain functions, one process): {base['events_per_s']} events/s")
+
+    platform = Platform(args.port, run_dir / "platform.log")
+    platform.start(token)
+    runs: list[dict[str, Any]] = []
+    coverage: list[dict[str, Any]] = []
+    try:
+        time.sleep(10)
+        rest_rss = rss_mb(platform.processes())
+        services_rss = rss_mb(service_processes())
+        per_process = {process_label(p): rss_mb([p]) for p in platform.processes()}
+        for i in range(args.runs):
+            run = replay_once(platform, token, args.archive, f"bench-{stamp}-{i}", expected,
+                              args.timeout)
+            runs.append(run)
+            print(
+                f"run {i}: {run['stored_events']} events in {run['drain_s']} s = "
+                f"{run['events_per_s']} events/s; alerts {run['alerts']} "
+                f"(ws {run['ws_alerts_received']}); latency ms {run['alert_latency_ms']}; "
+                f"peak RSS {run['peak_rss_mb']} MB"
+            )
+        if args.coverage:
+            for path in coverage_files():
+                run = replay_once(platform, token, path, f"cov-{stamp}-{path.stem}"[:100],
+                                  distinct_events(path), args.timeout)
+                run.pop("samples")
+                coverage.append({"archive": path.name, **run})
+                print(
+                    f"{path.name}: stored {run['stored_events']}/{run['expected_events']}, "
+                    f"trends {run['trends']}, alerts {run['alerts']}, "
+                    f"ws {run['ws_alerts_received']}"
+                )
+        stats = platform.api("/api/stats/", token)
+    finally:
+        platform.stop()
+
+    def med(key: str, sub: str | None = None) -> Any:
+        values = [r[key][sub] if sub else r[key] for r in runs]
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 1) if values else None
+
+    result = {
+        "archive": args.archive.name,
+        "measured_at": datetime.now(UTC).isoformat(),
+        "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)},
+        "baseline": base,
+        "median": {
+            "events_per_s": med("events_per_s"),
+            "drain_s": med("drain_s"),
+            "alert_latency_p50_ms": med("alert_latency_ms", "p50"),
+            "alert_latency_p95_ms": med("alert_latency_ms", "p95"),
+            "alert_latency_p99_ms": med("alert_latency_ms", "p99"),
+            "ws_alert_latency_p95_ms": med("ws_alert_latency_ms", "p95"),
+            "peak_rss_mb": med("peak_rss_mb"),
+            "ratio_to_baseline": round(med("events_per_s") / base["events_per_s"], 2),
+        },
+        "rss_at_rest_mb": {"platform": rest_rss, "postgres_and_redis": services_rss,
+                           "per_process": per_process},
+        "stats_endpoint": stats,
+        "runs": runs,
+        "coverage": coverage,
+    }
+    (args.out / "replay_throughput.json").write_text(json.dumps(result, indent=2, default=str))
+    plot(result, args.out / "replay_throughput.png")
+    print(json.dumps(result["median"], indent=2))
+    print(f"results: {args.out / 'replay_throughput.json'} and replay_throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

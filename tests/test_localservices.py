@@ -1,0 +1,353 @@
+"""twiscope.localservices: where PostgreSQL and Redis come from, and the embedded ones
+really starting and stopping.
+
+The choice logic is tested with fake probes. The embedded servers are real (a few
+seconds): they run from a data dir under the repository's ``.run/pytest/``, never the
+developer's ``.run/pgdata``, so a ``make run`` on the same checkout is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg2
+import pytest
+import redis
+
+from twiscope.localservices import (
+    LOCAL_DATABASE_URL,
+    LOCAL_REDIS_URL,
+    Choice,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    child_environment,
+    choose,
+    development_secret_key,
+    free_port,
+    postgres_answers,
+    redact,
+    redis_answers,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "SECRET_KEY_FILE")
+ENV_DATABASE_URL = "postgres://app:s3cret@db.internal:5432/twiscope"
+ENV_REDIS_URL = "redis://cache.internal:6379/2"
+
+
+def _must_not_probe() -> bool:
+    raise AssertionError("a service named by the environment must not be probed")
+
+
+def _answers() -> bool:
+    return True
+
+
+def _silent() -> bool:
+    return False
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A private run dir inside the repository (the embedded PostgreSQL runs as a
+    system user when the tests run as root; it must be able to reach its data dir,
+    which pytest's own 0700 temporary root would not allow)."""
+    path = BASE_DIR / ".run" / "pytest" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _clean_environment() -> dict[str, str]:
+    return {
+        key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES
+    }
+
+
+# --- choosing ---------------------------------------------------------------------------
+
+
+def test_run_mode_uses_the_urls_from_the_environment() -> None:
+    environ = {"DATABASE_URL": ENV_DATABASE_URL, "REDIS_URL": ENV_REDIS_URL}
+    chosen = choose(
+        "run", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
+    )
+    assert chosen == (
+        Choice("postgres", "environment", ENV_DATABASE_URL),
+        Choice("redis", "environment", ENV_REDIS_URL),
+    )
+
+
+def test_test_mode_uses_the_urls_from_the_environment_without_probing() -> None:
+    environ = {"DATABASE_URL": ENV_DATABASE_URL, "REDIS_URL": ENV_REDIS_URL}
+    chosen = choose(
+        "test", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
+    )
+    assert [choice.origin for choice in chosen] == ["environment", "environment"]
+
+
+def test_run_mode_starts_embedded_servers_when_none_is_configured() -> None:
+    chosen = choose(
+        "run", {}, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
+    )
+    assert chosen == (
+        Choice("postgres", "embedded", None),
+        Choice("redis", "embedded", None),
+    )
+
+
+def test_test_mode_prefers_servers_answering_on_their_default_ports() -> None:
+    chosen = choose("test", {}, postgres_probe=_answers, redis_probe=_answers)
+    assert chosen == (
+        Choice("postgres", "local", LOCAL_DATABASE_URL),
+        Choice("redis", "local", LOCAL_REDIS_URL),
+    )
+
+
+def test_test_mode_falls_back_to_embedded_servers_when_the_default_ports_are_silent() -> (
+    None
+):
+    chosen = choose("test", {}, postgres_probe=_silent, redis_probe=_silent)
+    assert [choice.origin for choice in chosen] == ["embedded", "embedded"]
+
+
+def test_test_mode_can_be_told_to_ignore_servers_on_the_default_ports() -> None:
+    chosen = choose(
+        "test",
+        {},
+        postgres_probe=_must_not_probe,
+        redis_probe=_must_not_probe,
+        use_local=False,
+    )
+    assert [choice.origin for choice in chosen] == ["embedded", "embedded"]
+
+
+def test_each_service_is_chosen_on_its_own() -> None:
+    chosen = choose(
+        "test",
+        {"DATABASE_URL": ENV_DATABASE_URL},
+        postgres_probe=_must_not_probe,
+        redis_probe=_silent,
+    )
+    assert chosen == (
+        Choice("postgres", "environment", ENV_DATABASE_URL),
+        Choice("redis", "embedded", None),
+    )
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    chosen = choose("run", {"DATABASE_URL": "", "REDIS_URL": ""})
+    assert [choice.origin for choice in chosen] == ["embedded", "embedded"]
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        choose("prod", {})  # type: ignore[arg-type]
+
+
+def test_logged_urls_hide_the_password() -> None:
+    assert redact(ENV_DATABASE_URL) == "postgres://app:***@db.internal:5432/twiscope"
+    assert redact(LOCAL_DATABASE_URL) == LOCAL_DATABASE_URL
+
+
+def test_the_settings_module_set_by_importing_twiscope_is_not_handed_on() -> None:
+    env = child_environment(
+        {"DJANGO_SETTINGS_MODULE": "twiscope.settings", "PATH": "/bin"}
+    )
+    assert env == {"PATH": "/bin"}
+
+
+def test_a_settings_module_chosen_by_the_user_is_handed_on() -> None:
+    env = child_environment({"DJANGO_SETTINGS_MODULE": "mysite.settings"})
+    assert env == {"DJANGO_SETTINGS_MODULE": "mysite.settings"}
+
+
+def test_probes_report_a_port_nothing_listens_on_as_silent() -> None:
+    port = free_port()
+    assert postgres_answers(port=port) is False
+    assert redis_answers(port=port) is False
+
+
+def test_the_development_secret_key_is_generated_once_and_kept_private(
+    tmp_path: Path,
+) -> None:
+    first = development_secret_key(tmp_path)
+    second = development_secret_key(tmp_path)
+    mode = stat.S_IMODE((tmp_path / "secret-key").stat().st_mode)
+    assert first == second
+    assert len(first) >= 50
+    assert mode == 0o600
+
+
+# --- embedded servers ---------------------------------------------------------------------
+
+
+def test_embedded_postgres_starts_serves_the_twiscope_database_and_stops(
+    run_dir: Path,
+) -> None:
+    server = EmbeddedPostgres(run_dir / "pgdata", durable=False)
+    try:
+        url = server.start()
+        port = server.port
+        with psycopg2.connect(url, connect_timeout=5) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT current_database(), inet_server_addr()::text")
+            database, address = cursor.fetchone()
+        conn.close()
+    finally:
+        server.stop()
+    assert url == f"postgres://postgres@127.0.0.1:{port}/twiscope"
+    assert (database, address) == ("twiscope", "127.0.0.1/32")
+    assert port is not None and _port_closed(port)
+
+
+def test_embedded_redis_starts_answers_on_tcp_and_stops(run_dir: Path) -> None:
+    server = EmbeddedRedis(run_dir / "redis", durable=False, db=15)
+    try:
+        url = server.start()
+        port, pid = server.port, server.pid
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        answered = client.ping()
+        client.close()
+    finally:
+        server.stop()
+    assert url == f"redis://127.0.0.1:{port}/15"
+    assert answered is True
+    assert port is not None and _port_closed(port)
+    assert pid is not None and not _alive(pid)
+
+
+def test_servers_left_running_by_a_killed_supervisor_are_replaced(
+    run_dir: Path,
+) -> None:
+    # The first pair is abandoned, as when the supervisor is SIGKILLed.
+    abandoned_postgres = EmbeddedPostgres(run_dir / "pgdata", durable=False)
+    abandoned_redis = EmbeddedRedis(run_dir / "redis", durable=False)
+    abandoned_postgres.start()
+    abandoned_redis.start()
+    old_ports = (abandoned_postgres.port, abandoned_redis.port)
+    postgres = EmbeddedPostgres(run_dir / "pgdata", durable=False)
+    redis_server = EmbeddedRedis(run_dir / "redis", durable=False)
+    try:
+        postgres.start()
+        redis_server.start()
+        new_ports = (postgres.port, redis_server.port)
+    finally:
+        redis_server.stop()
+        postgres.stop()
+    assert all(
+        port is not None and _port_closed(port) for port in old_ports + new_ports
+    )
+
+
+def test_stopping_a_server_that_never_started_does_nothing(run_dir: Path) -> None:
+    EmbeddedPostgres(run_dir / "pgdata").stop()
+    EmbeddedRedis(run_dir / "redis").stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status: str = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return False
+    return bool(status != psutil.STATUS_ZOMBIE)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+CHILD = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+print(os.environ["DATABASE_URL"], os.environ["REDIS_URL"], bool(os.environ.get("SECRET_KEY")), flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_cli_gives_the_command_embedded_services_and_stops_them_on_sigterm(
+    run_dir: Path,
+) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twiscope.localservices",
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--",
+            sys.executable,
+            "-c",
+            CHILD,
+        ],
+        cwd=BASE_DIR,
+        env=_clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    database_url, redis_url, has_secret = process.stdout.readline().split()
+    process.send_signal(signal.SIGTERM)
+    _, log = process.communicate(timeout=60)
+    postgres_port = int(database_url.rsplit(":", 1)[1].split("/")[0])
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert process.returncode == 7, log
+    assert database_url.startswith("postgres://postgres@127.0.0.1:")
+    assert redis_url.startswith("redis://127.0.0.1:")
+    assert has_secret == "True"
+    assert "services: postgres=embedded" in log and "services: redis=embedded" in log
+    assert _port_closed(postgres_port) and _port_closed(redis_port)
+    assert stat.S_IMODE((run_dir / "secret-key").stat().st_mode) == 0o600
+
+
+def test_the_cli_passes_configured_urls_through_and_returns_the_command_status(
+    run_dir: Path,
+) -> None:
+    env = {
+        **_clean_environment(),
+        "DATABASE_URL": ENV_DATABASE_URL,
+        "REDIS_URL": ENV_REDIS_URL,
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twiscope.localservices",
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--",
+            sys.executable,
+            "-c",
+            "import os, sys; print(os.environ['DATABASE_URL']); sys.exit(3)",
+        ],
+        check=False,
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert result.stdout.strip() == ENV_DATABASE_URL
+    assert (
+        "postgres=environment (postgres://app:***@db.internal:5432/twiscope)"
+        in result.stderr
+    )
+    assert "s3cret" not in result.stderr
+    assert not (run_dir / "pgdata").exists()
