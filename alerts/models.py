@@ -54,19 +54,23 @@ class AlertRule(models.Model):
 
 
 class RuleTermClaim(models.Model):
-    """The last trend bucket a rule alerted on for a term: the cooldown's claim row.
+    """The last trend bucket a rule alerted on for a term of a source: the cooldown's
+    claim row (trends are per source, so is their cooldown).
 
     Firing is claimed with a conditional UPDATE on this row; only the worker whose
     UPDATE changed exactly one row creates the alert.
     """
 
     rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="+")
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
     term = models.CharField(max_length=200)
     last_bucket_start = models.DateTimeField(null=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["rule", "term"], name="ruletermclaim_unique")
+            models.UniqueConstraint(
+                fields=["rule", "source", "term"], name="ruletermclaim_unique"
+            )
         ]
 
 

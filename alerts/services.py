@@ -48,24 +48,29 @@ def rule_matches(rule: AlertRule, trend: Trend) -> bool:
 
 
 def _claim(rule: AlertRule, trend: Trend) -> bool:
-    """Claim the right to alert on ``trend.term`` for ``rule`` (cooldown in event time)."""
+    """Claim the right to alert on ``trend.term`` of its source for ``rule``.
+
+    The cooldown is in event time: the claim succeeds when the rule never alerted on
+    this term of this source, or last did for a bucket at least ``cooldown_s`` earlier.
+    """
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            INSERT INTO alerts_ruletermclaim (rule_id, term, last_bucket_start)
-            VALUES (%s, %s, NULL) ON CONFLICT (rule_id, term) DO NOTHING
+            INSERT INTO alerts_ruletermclaim (rule_id, source_id, term, last_bucket_start)
+            VALUES (%s, %s, %s, NULL) ON CONFLICT (rule_id, source_id, term) DO NOTHING
             """,
-            [rule.id, trend.term],
+            [rule.id, trend.source_id, trend.term],
         )
         cursor.execute(
             """
             UPDATE alerts_ruletermclaim SET last_bucket_start = %s
-            WHERE rule_id = %s AND term = %s
+            WHERE rule_id = %s AND source_id = %s AND term = %s
               AND (last_bucket_start IS NULL OR last_bucket_start <= %s)
             """,
             [
                 trend.bucket_start,
                 rule.id,
+                trend.source_id,
                 trend.term,
                 trend.bucket_start - timedelta(seconds=rule.cooldown_s),
             ],
