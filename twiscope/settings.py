@@ -170,7 +170,7 @@ CELERY_TASK_ALWAYS_EAGER: bool = False
 # Events per task on the ingest queue (DESIGN.md: micro-batches, never one per event).
 INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=250)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
-REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=1500)
+REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
