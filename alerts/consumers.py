@@ -15,9 +15,7 @@ CLOSE_UNAUTHENTICATED = 4401
 
 @database_sync_to_async
 def _team_seqs(user_id: int) -> dict[int, int]:
-    return dict(
-        Team.objects.filter(memberships__user_id=user_id).values_list("id", "alert_seq")
-    )
+    return dict(Team.objects.filter(memberships__user_id=user_id).values_list("id", "alert_seq"))
 
 
 class AlertsConsumer(AsyncJsonWebsocketConsumer):

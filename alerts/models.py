@@ -31,9 +31,7 @@ class AlertRule(models.Model):
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.NEW_TREND)
     enabled = models.BooleanField(default=True)
-    severity = models.CharField(
-        max_length=10, choices=Severity.choices, default=Severity.INFO
-    )
+    severity = models.CharField(max_length=10, choices=Severity.choices, default=Severity.INFO)
     source = models.ForeignKey(
         Source, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
     )
@@ -45,9 +43,7 @@ class AlertRule(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["team", "name"], name="rule_unique_name")
-        ]
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="rule_unique_name")]
 
     def __str__(self) -> str:
         return self.name
@@ -68,9 +64,7 @@ class RuleTermClaim(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["rule", "source", "term"], name="ruletermclaim_unique"
-            )
+            models.UniqueConstraint(fields=["rule", "source", "term"], name="ruletermclaim_unique")
         ]
 
 

@@ -91,17 +91,16 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
     Trends that are gone are skipped. Side effect after commit: the new alerts are
     pushed to their team's WebSocket group (``alerts.push``).
     """
-    trends = list(
-        Trend.objects.filter(id__in=trend_ids).select_related("source").order_by("id")
-    )
+    trends = list(Trend.objects.filter(id__in=trend_ids).select_related("source").order_by("id"))
     created: list[int] = []
     with transaction.atomic():
         for trend in trends:
             rules = AlertRule.objects.filter(team_id=trend.source.team_id, enabled=True)
             for rule in rules.order_by("id"):
-                if not rule_matches(rule, trend) or Alert.objects.filter(
-                    rule=rule, trend=trend
-                ).exists():
+                if (
+                    not rule_matches(rule, trend)
+                    or Alert.objects.filter(rule=rule, trend=trend).exists()
+                ):
                     continue
                 if not _claim(rule, trend):
                     continue

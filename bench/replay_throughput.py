@@ -62,8 +62,8 @@ from django.core.management import call_command  # noqa: E402
 from alerts.models import Alert, AlertRule  # noqa: E402
 from dashboard.models import Team  # noqa: E402
 from ingest import services  # noqa: E402
-from ingest.models import Event, Source  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
+from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
 from mlengine.facade import suggest_trend_bucket_s  # noqa: E402
@@ -137,7 +137,10 @@ class Platform:
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile")],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.time() + 90
@@ -235,9 +238,20 @@ def replay_once(
     cpu_before = cpu_seconds(procs)
     started = time.time()
     replay = subprocess.Popen(
-        [sys.executable, "manage.py", "replay", str(path), "--speed", "max",
-         "--source", source_name],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ),
+        [
+            sys.executable,
+            "manage.py",
+            "replay",
+            str(path),
+            "--speed",
+            "max",
+            "--source",
+            source_name,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ),
     )
     samples: list[dict[str, Any]] = []
     peak_rss = 0.0
@@ -317,8 +331,11 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
         ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
     elapsed = time.time() - started
     stored = Event.objects.filter(source=source).count()
-    return {"stored_events": stored, "seconds": round(elapsed, 2),
-            "events_per_s": round(stored / elapsed, 1)}
+    return {
+        "stored_events": stored,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(stored / elapsed, 1),
+    }
 
 
 def distinct_events(path: Path) -> int:
@@ -343,8 +360,9 @@ def plot(result: dict[str, Any], out: Path) -> None:
     for run in runs:
         t = [s["t"] for s in run["samples"]]
         axes[0].plot(t, [s["counted"] for s in run["samples"]], label=run["source"][-6:])
-    axes[0].set(title="Events through the trend stage", xlabel="s since replay start",
-                ylabel="events")
+    axes[0].set(
+        title="Events through the trend stage", xlabel="s since replay start", ylabel="events"
+    )
     axes[0].legend(fontsize=7)
     run = runs[len(runs) // 2]
     t = [s["t"] for s in run["samples"]]
@@ -367,15 +385,21 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archive", type=Path,
-                        default=DATA / "airline_tweets" / "Tweets.csv")
+    parser.add_argument("--archive", type=Path, default=DATA / "airline_tweets" / "Tweets.csv")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--max-in-flight", type=int, default=None,
-                        help="REPLAY_MAX_IN_FLIGHT for the replays (default: settings)")
-    parser.add_argument("--coverage", action="store_true",
-                        help="also replay every other real archive once and check it")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="REPLAY_MAX_IN_FLIGHT for the replays (default: settings)",
+    )
+    parser.add_argument(
+        "--coverage",
+        action="store_true",
+        help="also replay every other real archive once and check it",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.max_in_flight:
@@ -385,13 +409,15 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     call_command("migrate", "--noinput", verbosity=0)
-    call_command("bootstrap_demo", "--run-dir", str(run_dir), stdout=open(os.devnull, "w"))
+    with open(os.devnull, "w") as devnull:
+        call_command("bootstrap_demo", "--run-dir", str(run_dir), stdout=devnull)
     token = (run_dir / "api-token").read_text().strip()
     team = Team.objects.get(slug="demo")
     # Beside the default rule (one alert per term a day), a rule that alerts on every
     # trend, so the latency percentiles rest on more than a handful of alerts.
-    AlertRule.objects.get_or_create(team=team, name="Every trend (bench)",
-                                    defaults={"cooldown_s": 0})
+    AlertRule.objects.get_or_create(
+        team=team, name="Every trend (bench)", defaults={"cooldown_s": 0}
+    )
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     expected = distinct_events(args.archive)
 
@@ -408,8 +434,9 @@ def main() -> int:
         services_rss = rss_mb(service_processes())
         per_process = {process_label(p): rss_mb([p]) for p in platform.processes()}
         for i in range(args.runs):
-            run = replay_once(platform, token, args.archive, f"bench-{stamp}-{i}", expected,
-                              args.timeout)
+            run = replay_once(
+                platform, token, args.archive, f"bench-{stamp}-{i}", expected, args.timeout
+            )
             runs.append(run)
             print(
                 f"run {i}: {run['stored_events']} events in {run['drain_s']} s = "
@@ -419,8 +446,14 @@ def main() -> int:
             )
         if args.coverage:
             for path in coverage_files():
-                run = replay_once(platform, token, path, f"cov-{stamp}-{path.stem}"[:100],
-                                  distinct_events(path), args.timeout)
+                run = replay_once(
+                    platform,
+                    token,
+                    path,
+                    f"cov-{stamp}-{path.stem}"[:100],
+                    distinct_events(path),
+                    args.timeout,
+                )
                 run.pop("samples")
                 coverage.append({"archive": path.name, **run})
                 print(
@@ -441,7 +474,10 @@ def main() -> int:
         "archive": args.archive.name,
         "max_in_flight": int(os.environ.get("REPLAY_MAX_IN_FLIGHT", "750")),
         "measured_at": datetime.now(UTC).isoformat(),
-        "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)},
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30),
+        },
         "baseline": base,
         "median": {
             "events_per_s": med("events_per_s"),
@@ -454,14 +490,19 @@ def main() -> int:
             "peak_rss_mb": med("peak_rss_mb"),
             "ratio_to_baseline": round(med("events_per_s") / base["events_per_s"], 2),
         },
-        "rss_at_rest_mb": {"platform": rest_rss, "postgres_and_redis": services_rss,
-                           "per_process": per_process},
+        "rss_at_rest_mb": {
+            "platform": rest_rss,
+            "postgres_and_redis": services_rss,
+            "per_process": per_process,
+        },
         "stats_endpoint": stats,
         "runs": runs,
         "coverage": coverage,
     }
     suffix = f"-{args.max_in_flight}" if args.max_in_flight else ""
-    (args.out / f"replay_throughput{suffix}.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / f"replay_throughput{suffix}.json").write_text(
+        json.dumps(result, indent=2, default=str)
+    )
     plot(result, args.out / f"replay_throughput{suffix}.png")
     print(json.dumps(result["median"], indent=2))
     print(f"results: {args.out / 'replay_throughput.json'} and replay_throughput.png")

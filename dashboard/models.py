@@ -40,6 +40,4 @@ class Membership(models.Model):
     role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["user", "team"], name="membership_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["user", "team"], name="membership_unique")]

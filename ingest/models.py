@@ -44,9 +44,7 @@ class Source(models.Model):
     )
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")
-        ]
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")]
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"

@@ -138,8 +138,7 @@ ON CONFLICT (source_id, external_id) DO NOTHING
 RETURNING id
 """
 _INSERT_TEMPLATE = (
-    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-    " '{}', '{}', '{}', '{}', '{}')"
+    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '{}', '{}', '{}', '{}', '{}')"
 )
 
 
@@ -206,7 +205,9 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
         try:
             env = Envelope.from_json(item)
         except EnvelopeError as exc:
-            dead.append((f"invalid envelope: {exc}", item if isinstance(item, dict) else {"item": item}))
+            dead.append(
+                (f"invalid envelope: {exc}", item if isinstance(item, dict) else {"item": item})
+            )
             continue
         if env.external_id in seen:
             continue

@@ -61,9 +61,7 @@ class Trend(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["source", "term", "bucket_start"], name="trend_unique"
-            )
+            models.UniqueConstraint(fields=["source", "term", "bucket_start"], name="trend_unique")
         ]
         indexes = [
             models.Index(fields=["source", "-bucket_start"], name="trend_source_bucket"),

@@ -231,9 +231,20 @@ def _detect(
             cell = cells[(start, term)]
             trend_rows.append(
                 (
-                    source.id, term, start, params.bucket_s, events, verdict.expected,
-                    verdict.score, authors, verdict.velocity, now, now,
-                    cell.last_received_at, cell.last_created_at, cell.sample_ids,
+                    source.id,
+                    term,
+                    start,
+                    params.bucket_s,
+                    events,
+                    verdict.expected,
+                    verdict.score,
+                    authors,
+                    verdict.velocity,
+                    now,
+                    now,
+                    cell.last_received_at,
+                    cell.last_created_at,
+                    cell.sample_ids,
                 )
             )
     if not trend_rows:
@@ -280,7 +291,11 @@ def _history(
         )
         rows = cursor.fetchall()
     result: dict[str, Any] = {
-        "terms": {}, "total": 0, "buckets": 0, "mean_total": 0.0, "max_authors": 0
+        "terms": {},
+        "total": 0,
+        "buckets": 0,
+        "mean_total": 0.0,
+        "max_authors": 0,
     }
     for term, hist, prev_events, buckets, max_authors in rows:
         if term == TOTAL_TERM:
@@ -305,9 +320,10 @@ def close_stream(*, source_id: int, event_time: datetime) -> bool:
     source = Source.objects.filter(id=source_id).first()
     if source is None:
         return True
-    if source_has_pending_batches(source_id) or Event.objects.filter(
-        source_id=source_id, trends_at__isnull=True
-    ).exists():
+    if (
+        source_has_pending_batches(source_id)
+        or Event.objects.filter(source_id=source_id, trends_at__isnull=True).exists()
+    ):
         return False
     end = bucket_start(event_time, params_for(source).bucket_s) + timedelta(
         seconds=params_for(source).bucket_s

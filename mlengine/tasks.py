@@ -18,12 +18,17 @@ def update_trends(*, event_ids: list[int]) -> int:
 
 
 @shared_task(
-    name="ml.close_stream", bind=True, max_retries=CLOSE_STREAM_MAX_WAIT_S, soft_time_limit=30,
+    name="ml.close_stream",
+    bind=True,
+    max_retries=CLOSE_STREAM_MAX_WAIT_S,
+    soft_time_limit=30,
     time_limit=60,
 )
 def close_stream(self, *, source_id: int, event_time: str) -> None:  # type: ignore[no-untyped-def]
     """Close a finished stream's buckets once its events are counted (polls each 1 s)."""
-    if not services.close_stream(source_id=source_id, event_time=datetime.fromisoformat(event_time)):
+    if not services.close_stream(
+        source_id=source_id, event_time=datetime.fromisoformat(event_time)
+    ):
         raise self.retry(countdown=1)
 
 

@@ -97,7 +97,9 @@ def _unique(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def extract_entities(text: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def extract_entities(
+    text: str,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """``(hashtags, mentions, cashtags, urls)`` of ``text``, normalised as in ``Enrichment``."""
     urls = [u.rstrip(_TRAILING_PUNCT) for u in URL_RE.findall(text)]
     bare = URL_RE.sub(" ", text)

@@ -105,7 +105,9 @@ def score_term(window: TermWindow, params: TrendParams) -> TrendScore:
         and score >= params.min_score
     )
     return TrendScore(
-        expected=round(expected, 4), score=round(score, 4), velocity=round(velocity, 4),
+        expected=round(expected, 4),
+        score=round(score, 4),
+        velocity=round(velocity, 4),
         is_trend=is_trend,
     )
 

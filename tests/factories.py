@@ -54,7 +54,9 @@ def make_personas() -> Personas:
 
 
 def make_source(team: Team, name: str = "archive", bucket_s: int = 900) -> Source:
-    return Source.objects.create(team=team, kind=Source.Kind.REPLAY, name=name, trend_bucket_s=bucket_s)
+    return Source.objects.create(
+        team=team, kind=Source.Kind.REPLAY, name=name, trend_bucket_s=bucket_s
+    )
 
 
 def make_rule(team: Team, **fields: object) -> AlertRule:
@@ -93,7 +95,10 @@ def burst(term: str, *, count: int, minutes: float, authors: int | None = None) 
     """``count`` posts about ``term`` at ``minutes``, by ``authors`` distinct authors."""
     n_authors = authors or count
     return [
-        envelope(f"wow look at {term} right now", minutes=minutes + i * 0.01,
-                 author=f"fan{i % n_authors}")
+        envelope(
+            f"wow look at {term} right now",
+            minutes=minutes + i * 0.01,
+            author=f"fan{i % n_authors}",
+        )
         for i in range(count)
     ]

@@ -13,7 +13,15 @@ from alerts.models import Alert, AlertRule
 from ingest import services
 from mlengine import services as ml_services
 from mlengine.models import Trend
-from tests.factories import ORIGIN, burst, envelope, make_personas, make_rule, make_source, quiet_history
+from tests.factories import (
+    ORIGIN,
+    burst,
+    envelope,
+    make_personas,
+    make_rule,
+    make_source,
+    quiet_history,
+)
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -48,8 +56,16 @@ def world():
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/events/", "/api/trends/", "/api/alerts/", "/api/stats/", "/api/sources/",
-             "/api/rules/", "/api/dead-letters/"]
+    "path",
+    [
+        "/api/events/",
+        "/api/trends/",
+        "/api/alerts/",
+        "/api/stats/",
+        "/api/sources/",
+        "/api/rules/",
+        "/api/dead-letters/",
+    ],
 )
 def test_every_endpoint_refuses_an_anonymous_caller(path: str) -> None:
     assert APIClient().get(path).status_code == 401
@@ -62,7 +78,7 @@ def test_a_bad_token_is_refused() -> None:
 
 
 def test_events_are_scoped_to_the_callers_teams(world) -> None:
-    personas, source, other_source = world
+    personas, source, _other_source = world
 
     mine = client_for(personas.member).get("/api/events/?page_size=500").json()["results"]
     theirs = client_for(personas.outsider).get("/api/events/").json()["results"]
@@ -72,7 +88,7 @@ def test_events_are_scoped_to_the_callers_teams(world) -> None:
 
 
 def test_another_teams_object_answers_404_not_its_data(world) -> None:
-    personas, source, other_source = world
+    personas, _source, other_source = world
     their_event = other_source.events.get()
     client = client_for(personas.member)
 
@@ -82,7 +98,7 @@ def test_another_teams_object_answers_404_not_its_data(world) -> None:
 
 
 def test_events_filter_by_event_time_text_and_trend(world) -> None:
-    personas, source, _ = world
+    personas, _source, _ = world
     client = client_for(personas.member)
     trend = Trend.objects.get(term="#blizzard")
     since = (ORIGIN + timedelta(minutes=90)).isoformat().replace("+00:00", "Z")
@@ -135,8 +151,18 @@ def test_alerts_carry_their_latency_fields(world) -> None:
 
     alert = client_for(personas.member).get("/api/alerts/").json()["results"][0]
 
-    assert {"id", "rule", "title", "severity", "event_received_at", "created_at",
-            "pushed_at", "seq", "evidence", "latency_ms"} <= alert.keys()
+    assert {
+        "id",
+        "rule",
+        "title",
+        "severity",
+        "event_received_at",
+        "created_at",
+        "pushed_at",
+        "seq",
+        "evidence",
+        "latency_ms",
+    } <= alert.keys()
     assert alert["rule"]["name"] == "everything"
 
 
@@ -146,8 +172,9 @@ def test_the_outsider_sees_no_alerts_of_the_team(world) -> None:
     assert client_for(personas.outsider).get("/api/alerts/").json()["results"] == []
 
 
-@pytest.mark.parametrize("path", ["/api/events/", "/api/trends/", "/api/alerts/", "/api/rules/",
-                                  "/api/sources/"])
+@pytest.mark.parametrize(
+    "path", ["/api/events/", "/api/trends/", "/api/alerts/", "/api/rules/", "/api/sources/"]
+)
 def test_list_endpoints_keep_their_query_budget(world, path, django_assert_max_num_queries) -> None:
     personas, _, _ = world
     client = client_for(personas.member)
@@ -173,8 +200,14 @@ def test_stats_report_volume_queues_and_alert_latency(world) -> None:
 
 def test_an_owner_creates_a_rule_and_a_member_cannot(world) -> None:
     personas, source, _ = world
-    body = {"team": personas.team.id, "name": "storms", "terms": ["#blizzard"], "min_score": 5,
-            "severity": "critical", "source": source.id}
+    body = {
+        "team": personas.team.id,
+        "name": "storms",
+        "terms": ["#blizzard"],
+        "min_score": 5,
+        "severity": "critical",
+        "source": source.id,
+    }
 
     created = client_for(personas.owner).post("/api/rules/", body, format="json")
     refused = client_for(personas.member).post("/api/rules/", {**body, "name": "x"}, format="json")
@@ -188,8 +221,12 @@ def test_a_member_cannot_change_a_rule_but_the_owner_can(world) -> None:
     personas, _, _ = world
     rule = AlertRule.objects.get(name="everything")
 
-    member = client_for(personas.member).patch(f"/api/rules/{rule.id}/", {"enabled": False}, format="json")
-    owner = client_for(personas.owner).patch(f"/api/rules/{rule.id}/", {"enabled": False}, format="json")
+    member = client_for(personas.member).patch(
+        f"/api/rules/{rule.id}/", {"enabled": False}, format="json"
+    )
+    owner = client_for(personas.owner).patch(
+        f"/api/rules/{rule.id}/", {"enabled": False}, format="json"
+    )
 
     assert member.status_code == 403
     assert owner.status_code == 200
@@ -201,7 +238,8 @@ def test_a_rule_cannot_point_at_another_teams_source(world) -> None:
     personas, _, other_source = world
 
     response = client_for(personas.owner).post(
-        "/api/rules/", {"team": personas.team.id, "name": "spy", "source": other_source.id},
+        "/api/rules/",
+        {"team": personas.team.id, "name": "spy", "source": other_source.id},
         format="json",
     )
 
@@ -224,7 +262,9 @@ def test_the_outsider_cannot_see_or_edit_the_teams_rules(world) -> None:
     client = client_for(personas.outsider)
 
     assert client.get(f"/api/rules/{rule.id}/").status_code == 404
-    assert client.patch(f"/api/rules/{rule.id}/", {"enabled": False}, format="json").status_code == 404
+    assert (
+        client.patch(f"/api/rules/{rule.id}/", {"enabled": False}, format="json").status_code == 404
+    )
 
 
 def test_the_openapi_schema_is_generated() -> None:

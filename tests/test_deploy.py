@@ -69,9 +69,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def procfile() -> dict[str, str]:
-    processes: dict[str, str] = dict(
-        parse_procfile((BASE_DIR / "Procfile").read_text()).processes
-    )
+    processes: dict[str, str] = dict(parse_procfile((BASE_DIR / "Procfile").read_text()).processes)
     return processes
 
 
@@ -82,9 +80,7 @@ def _argv(command: str | list[str]) -> list[str]:
 def _queues(command: str | list[str]) -> list[str]:
     """The queues a ``celery worker`` command line consumes (``-Q a,b`` / ``--queues=a,b``)."""
     argv = _argv(command)
-    values = [
-        argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-Q", "--queues")
-    ]
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-Q", "--queues")]
     values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--queues=")]
     return [queue for value in values for queue in value.split(",")]
 
@@ -121,9 +117,7 @@ def test_every_application_service_runs_in_production_mode_with_the_secret_key(
     environments = {name: services[name]["environment"] for name in app_services}
     assert {env["TWISCOPE_ENV"] for env in environments.values()} == {"production"}
     assert {env["SECRET_KEY"] for env in environments.values()} == {COMPOSE_SECRET_KEY}
-    assert all(
-        env["DATABASE_URL"] and env["REDIS_URL"] for env in environments.values()
-    )
+    assert all(env["DATABASE_URL"] and env["REDIS_URL"] for env in environments.values())
 
 
 def test_worker_services_have_no_container_name_and_no_ports(
@@ -136,15 +130,11 @@ def test_worker_services_have_no_container_name_and_no_ports(
 
 
 def test_no_service_pins_a_container_name(services: dict[str, dict[str, Any]]) -> None:
-    assert {
-        name for name, service in services.items() if "container_name" in service
-    } == set()
+    assert {name for name, service in services.items() if "container_name" in service} == set()
 
 
 def test_only_web_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
-    assert {name for name, service in services.items() if service.get("ports")} == {
-        "web"
-    }
+    assert {name for name, service in services.items() if service.get("ports")} == {"web"}
 
 
 def test_every_compose_worker_consumes_the_queue_it_is_named_after(
@@ -158,9 +148,7 @@ def test_compose_has_a_worker_pool_for_every_queue_but_notify(
     services: dict[str, dict[str, Any]],
 ) -> None:
     consumed = {
-        queue
-        for name in _worker_names(services)
-        for queue in _queues(services[name]["command"])
+        queue for name in _worker_names(services) for queue in _queues(services[name]["command"])
     }
     assert consumed == POOL_QUEUES
 
@@ -179,10 +167,7 @@ def test_web_and_workers_wait_for_migrations(
     services: dict[str, dict[str, Any]],
 ) -> None:
     dependants = {"web", "beat"} | _worker_names(services)
-    conditions = {
-        name: services[name]["depends_on"]["migrate"]["condition"]
-        for name in dependants
-    }
+    conditions = {name: services[name]["depends_on"]["migrate"]["condition"] for name in dependants}
     assert set(conditions.values()) == {"service_completed_successfully"}
 
 
@@ -215,9 +200,7 @@ def test_procfile_and_compose_run_the_same_worker_pools(
         queue for name in _worker_names(procfile) for queue in _queues(procfile[name])
     }
     compose_queues = {
-        queue
-        for name in _worker_names(services)
-        for queue in _queues(services[name]["command"])
+        queue for name in _worker_names(services) for queue in _queues(services[name]["command"])
     }
     assert procfile_queues == compose_queues == POOL_QUEUES
 
@@ -236,8 +219,6 @@ def test_procfile_web_serves_the_asgi_app_on_port_from_the_environment(
 
 
 def test_the_image_runs_as_a_non_root_user() -> None:
-    instructions = [
-        line.split() for line in (BASE_DIR / "Dockerfile").read_text().splitlines()
-    ]
+    instructions = [line.split() for line in (BASE_DIR / "Dockerfile").read_text().splitlines()]
     users = [words[1] for words in instructions if words[:1] == ["USER"]]
     assert users[-1:] == ["twiscope"]

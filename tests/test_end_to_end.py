@@ -31,8 +31,13 @@ def celery_worker() -> Iterator[None]:
     """A real Celery worker (solo pool, in a thread) consuming every pipeline queue."""
     get_redis().flushdb()
     with start_worker(
-        app, pool="solo", concurrency=1, perform_ping_check=False, queues=list(QUEUES),
-        loglevel="WARNING", shutdown_timeout=30,
+        app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        queues=list(QUEUES),
+        loglevel="WARNING",
+        shutdown_timeout=30,
     ):
         yield
 
@@ -76,7 +81,7 @@ async def test_a_replayed_burst_reaches_a_connected_dashboard(celery_worker) -> 
 
 
 def test_a_redelivered_replay_stores_each_event_once(celery_worker) -> None:
-    personas, source, _ = _setup()
+    _personas, source, _ = _setup()
     envelopes = quiet_history(4)
 
     _enqueue(source, envelopes)

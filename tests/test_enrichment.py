@@ -24,7 +24,9 @@ def test_email_addresses_prices_and_anchors_are_not_entities() -> None:
 
 def test_language_keywords_and_sentiment() -> None:
     english = enrich_text("Our flight was cancelled again, the worst airline ever #fail")
-    russian = enrich_text("Почти три миллиарда лет назад на обратной стороне Луны извергались вулканы")
+    russian = enrich_text(
+        "Почти три миллиарда лет назад на обратной стороне Луны извергались вулканы"
+    )
 
     assert english.lang == "en" and english.sentiment < -0.5
     assert "flight" in english.keywords and "the" not in english.keywords

@@ -75,9 +75,7 @@ def _port_closed(port: int) -> bool:
 
 
 def _clean_environment() -> dict[str, str]:
-    return {
-        key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES
-    }
+    return {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
 
 
 # --- choosing ---------------------------------------------------------------------------
@@ -85,9 +83,7 @@ def _clean_environment() -> dict[str, str]:
 
 def test_run_mode_uses_the_urls_from_the_environment() -> None:
     environ = {"DATABASE_URL": ENV_DATABASE_URL, "REDIS_URL": ENV_REDIS_URL}
-    chosen = choose(
-        "run", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
-    )
+    chosen = choose("run", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe)
     assert chosen == (
         Choice("postgres", "environment", ENV_DATABASE_URL),
         Choice("redis", "environment", ENV_REDIS_URL),
@@ -96,16 +92,12 @@ def test_run_mode_uses_the_urls_from_the_environment() -> None:
 
 def test_test_mode_uses_the_urls_from_the_environment_without_probing() -> None:
     environ = {"DATABASE_URL": ENV_DATABASE_URL, "REDIS_URL": ENV_REDIS_URL}
-    chosen = choose(
-        "test", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
-    )
+    chosen = choose("test", environ, postgres_probe=_must_not_probe, redis_probe=_must_not_probe)
     assert [choice.origin for choice in chosen] == ["environment", "environment"]
 
 
 def test_run_mode_starts_embedded_servers_when_none_is_configured() -> None:
-    chosen = choose(
-        "run", {}, postgres_probe=_must_not_probe, redis_probe=_must_not_probe
-    )
+    chosen = choose("run", {}, postgres_probe=_must_not_probe, redis_probe=_must_not_probe)
     assert chosen == (
         Choice("postgres", "embedded", None),
         Choice("redis", "embedded", None),
@@ -120,9 +112,7 @@ def test_test_mode_prefers_servers_answering_on_their_default_ports() -> None:
     )
 
 
-def test_test_mode_falls_back_to_embedded_servers_when_the_default_ports_are_silent() -> (
-    None
-):
+def test_test_mode_falls_back_to_embedded_servers_when_the_default_ports_are_silent() -> None:
     chosen = choose("test", {}, postgres_probe=_silent, redis_probe=_silent)
     assert [choice.origin for choice in chosen] == ["embedded", "embedded"]
 
@@ -167,9 +157,7 @@ def test_logged_urls_hide_the_password() -> None:
 
 
 def test_the_settings_module_set_by_importing_twiscope_is_not_handed_on() -> None:
-    env = child_environment(
-        {"DJANGO_SETTINGS_MODULE": "twiscope.settings", "PATH": "/bin"}
-    )
+    env = child_environment({"DJANGO_SETTINGS_MODULE": "twiscope.settings", "PATH": "/bin"})
     assert env == {"PATH": "/bin"}
 
 
@@ -250,9 +238,7 @@ def test_servers_left_running_by_a_killed_supervisor_are_replaced(
     finally:
         redis_server.stop()
         postgres.stop()
-    assert all(
-        port is not None and _port_closed(port) for port in old_ports + new_ports
-    )
+    assert all(port is not None and _port_closed(port) for port in old_ports + new_ports)
 
 
 def test_stopping_a_server_that_never_started_does_nothing(run_dir: Path) -> None:
@@ -273,7 +259,8 @@ def _alive(pid: int) -> bool:
 CHILD = """
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
-print(os.environ["DATABASE_URL"], os.environ["REDIS_URL"], bool(os.environ.get("SECRET_KEY")), flush=True)
+env = os.environ
+print(env["DATABASE_URL"], env["REDIS_URL"], bool(env.get("SECRET_KEY")), flush=True)
 time.sleep(60)
 """
 
@@ -345,9 +332,6 @@ def test_the_cli_passes_configured_urls_through_and_returns_the_command_status(
     )
     assert result.returncode == 3
     assert result.stdout.strip() == ENV_DATABASE_URL
-    assert (
-        "postgres=environment (postgres://app:***@db.internal:5432/twiscope)"
-        in result.stderr
-    )
+    assert "postgres=environment (postgres://app:***@db.internal:5432/twiscope)" in result.stderr
     assert "s3cret" not in result.stderr
     assert not (run_dir / "pgdata").exists()

@@ -20,7 +20,15 @@ from ingest import services
 from ingest.models import DeadLetter, Event, Source
 from mlengine import services as ml_services
 from mlengine.models import TOTAL_TERM, TermCount, Trend
-from tests.factories import ORIGIN, burst, envelope, make_personas, make_rule, make_source, quiet_history
+from tests.factories import (
+    ORIGIN,
+    burst,
+    envelope,
+    make_personas,
+    make_rule,
+    make_source,
+    quiet_history,
+)
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -66,8 +74,13 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
     key = services.stage_batch(source_id=source.id, envelopes=[])
     get_redis().set(
         key,
-        json.dumps({"source_id": source.id, "received_at": ORIGIN.isoformat(),
-                    "items": [good, no_time, "not an object", naive, nul]}),
+        json.dumps(
+            {
+                "source_id": source.id,
+                "received_at": ORIGIN.isoformat(),
+                "items": [good, no_time, "not an object", naive, nul],
+            }
+        ),
     )
 
     result = services.persist_batch(batch_key=key, source_id=source.id)
@@ -139,7 +152,9 @@ def test_a_burst_of_many_authors_becomes_a_trend_and_fires_the_rule_once() -> No
     source = make_source(personas.team)
     rule = make_rule(personas.team)
 
-    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=6 * 15 + 1))
+    trend_ids = run_through(
+        source, quiet_history(6) + burst("#blizzard", count=12, minutes=6 * 15 + 1)
+    )
     first = alert_services.evaluate_trends(trend_ids=trend_ids)
     again = alert_services.evaluate_trends(trend_ids=trend_ids)
 
@@ -155,7 +170,9 @@ def test_a_burst_of_many_authors_becomes_a_trend_and_fires_the_rule_once() -> No
 def test_one_account_repeating_a_hashtag_is_not_a_trend() -> None:
     source = make_source(make_personas().team)
 
-    run_through(source, quiet_history(6) + burst("#buynow", count=30, minutes=6 * 15 + 1, authors=1))
+    run_through(
+        source, quiet_history(6) + burst("#buynow", count=30, minutes=6 * 15 + 1, authors=1)
+    )
 
     assert not Trend.objects.filter(term="#buynow").exists()
 

@@ -9,14 +9,24 @@ import pytest
 from mlengine.facade import suggest_trend_bucket_s
 from mlengine.trends import TermWindow, TrendParams, bucket_start, score_term
 
-PARAMS = TrendParams(bucket_s=900, min_history_buckets=3, min_score=4.0, min_events=5, min_authors=3)
+PARAMS = TrendParams(
+    bucket_s=900, min_history_buckets=3, min_score=4.0, min_events=5, min_authors=3
+)
 
 
 def window(**fields) -> TermWindow:
-    base = dict(
-        term="#x", events=10, authors=10, bucket_total=100, source_authors=80,
-        hist_events=0, hist_total=2400, hist_buckets=24, mean_bucket_total=100.0, prev_events=0,
-    )
+    base = {
+        "term": "#x",
+        "events": 10,
+        "authors": 10,
+        "bucket_total": 100,
+        "source_authors": 80,
+        "hist_events": 0,
+        "hist_total": 2400,
+        "hist_buckets": 24,
+        "mean_bucket_total": 100.0,
+        "prev_events": 0,
+    }
     base.update(fields)
     return TermWindow(**base)
 
@@ -29,9 +39,7 @@ def test_a_new_term_used_by_many_authors_trends() -> None:
 
 def test_a_common_word_growing_with_the_whole_stream_does_not_trend() -> None:
     # 20% of all posts in the baseline, 20% of a bucket three times busier.
-    verdict = score_term(
-        window(events=60, authors=60, bucket_total=300, hist_events=480), PARAMS
-    )
+    verdict = score_term(window(events=60, authors=60, bucket_total=300, hist_events=480), PARAMS)
 
     assert not verdict.is_trend and abs(verdict.score) < 1
 

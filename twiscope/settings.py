@@ -178,7 +178,31 @@ INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 # ISO 639-1 codes the language detector chooses among (more cost time and memory).
 ENRICH_LANGUAGES: list[str] = env.list(
     "ENRICH_LANGUAGES",
-    default="en,es,pt,fr,de,it,nl,ru,uk,ar,tr,ja,ko,zh,hi,id,tl,pl,sv,fa,he,el,ca".split(","),
+    default=[
+        "en",
+        "es",
+        "pt",
+        "fr",
+        "de",
+        "it",
+        "nl",
+        "ru",
+        "uk",
+        "ar",
+        "tr",
+        "ja",
+        "ko",
+        "zh",
+        "hi",
+        "id",
+        "tl",
+        "pl",
+        "sv",
+        "fa",
+        "he",
+        "el",
+        "ca",
+    ],
 )
 
 # --- Trend detection (event time; see mlengine/trends.py) ------------------------------

@@ -13,8 +13,8 @@ os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/twiscope")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 
-from twiscope.settings import *  # noqa: E402,F403
-from twiscope.settings import CHANNEL_LAYERS, REDIS_URL  # noqa: E402
+from twiscope.settings import *  # noqa: F403
+from twiscope.settings import CHANNEL_LAYERS, REDIS_URL
 
 # Test runs use their own key prefixes so a dev platform on the same Redis is untouched.
 CACHES = {

@@ -8,8 +8,8 @@ from rest_framework import serializers
 
 from alerts import services
 from alerts.models import Alert, AlertRule
-from dashboard.selectors import owned_team_ids_for
 from dashboard.models import Team
+from dashboard.selectors import owned_team_ids_for
 from ingest.models import Source
 
 
@@ -27,8 +27,19 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
     class Meta:
         model = Alert
         fields = [
-            "id", "team", "seq", "rule", "title", "severity", "trend", "evidence",
-            "event_received_at", "event_created_at", "created_at", "pushed_at", "latency_ms",
+            "id",
+            "team",
+            "seq",
+            "rule",
+            "title",
+            "severity",
+            "trend",
+            "evidence",
+            "event_received_at",
+            "event_created_at",
+            "created_at",
+            "pushed_at",
+            "latency_ms",
         ]
         read_only_fields = fields
 
@@ -50,8 +61,19 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
     class Meta:
         model = AlertRule
         fields = [
-            "id", "team", "name", "kind", "enabled", "severity", "source", "terms",
-            "min_score", "min_events", "min_authors", "cooldown_s", "created_at",
+            "id",
+            "team",
+            "name",
+            "kind",
+            "enabled",
+            "severity",
+            "source",
+            "terms",
+            "min_score",
+            "min_events",
+            "min_authors",
+            "cooldown_s",
+            "created_at",
         ]
         read_only_fields = ["id", "created_at"]
 

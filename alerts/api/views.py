@@ -10,9 +10,9 @@ from rest_framework import permissions, viewsets
 
 from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
 from alerts.models import Alert, AlertRule
+from dashboard.api.base import IsTeamOwnerOrReadOnly, TeamScopedMixin, TeamScopedReadOnlyViewSet
 from dashboard.models import Team
 from dashboard.selectors import team_ids_for
-from dashboard.api.base import IsTeamOwnerOrReadOnly, TeamScopedMixin, TeamScopedReadOnlyViewSet
 from ingest.api.views import NewestFirstCursorPagination
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rest_framework import serializers
 
 from ingest.models import DeadLetter, Event, Source
@@ -13,8 +11,18 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
     class Meta:
         model = Source
         fields = [
-            "id", "team", "kind", "name", "enabled", "disabled_reason", "created_at",
-            "watermark", "last_received_at", "events_total", "late_events", "trend_bucket_s",
+            "id",
+            "team",
+            "kind",
+            "name",
+            "enabled",
+            "disabled_reason",
+            "created_at",
+            "watermark",
+            "last_received_at",
+            "events_total",
+            "late_events",
+            "trend_bucket_s",
         ]
         read_only_fields = fields
 
@@ -32,9 +40,26 @@ class EventSerializer(serializers.ModelSerializer[Event]):
     class Meta:
         model = Event
         fields = [
-            "id", "source", "external_id", "created_at", "received_at", "author", "text",
-            "lang", "url", "reply_to", "repost_of", "quote_of", "metrics", "hashtags",
-            "mentions", "cashtags", "urls", "keywords", "sentiment", "enriched_at",
+            "id",
+            "source",
+            "external_id",
+            "created_at",
+            "received_at",
+            "author",
+            "text",
+            "lang",
+            "url",
+            "reply_to",
+            "repost_of",
+            "quote_of",
+            "metrics",
+            "hashtags",
+            "mentions",
+            "cashtags",
+            "urls",
+            "keywords",
+            "sentiment",
+            "enriched_at",
         ]
         read_only_fields = fields
 
@@ -44,4 +69,3 @@ class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):
         model = DeadLetter
         fields = ["id", "stage", "source", "reason", "payload", "created_at"]
         read_only_fields = fields
-

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import django_filters
-from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, QuerySet, Subquery, Value
+from django.db.models import (
+    DurationField,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Value,
+)
 
 from ingest.api.filters import _scoped_sources
 from mlengine.models import Trend

@@ -21,8 +21,20 @@ class TrendSerializer(serializers.ModelSerializer[Trend]):
     class Meta:
         model = Trend
         fields = [
-            "id", "source", "term", "bucket_start", "bucket_s", "events", "expected", "score",
-            "authors_count", "velocity", "detected_at", "updated_at", "evidence_received_at",
-            "evidence_created_at", "sample_event_ids",
+            "id",
+            "source",
+            "term",
+            "bucket_start",
+            "bucket_s",
+            "events",
+            "expected",
+            "score",
+            "authors_count",
+            "velocity",
+            "detected_at",
+            "updated_at",
+            "evidence_received_at",
+            "evidence_created_at",
+            "sample_event_ids",
         ]
         read_only_fields = fields

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rest_framework.filters import OrderingFilter
 from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import PageNumberPagination
 
 from dashboard.api.base import TeamScopedReadOnlyViewSet

@@ -57,7 +57,11 @@ class Command(BaseCommand):
         token_file.chmod(0o600)
         self.stdout.write(
             json.dumps(
-                {"username": user.username, "password": password, "token": token.key,
-                 "team": team.slug}
+                {
+                    "username": user.username,
+                    "password": password,
+                    "token": token.key,
+                    "team": team.slug,
+                }
             )
         )

@@ -28,7 +28,6 @@ from ingest import services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
 from ingest.sources.replay.adapter import ReplayAdapter
-from mlengine.facade import suggest_trend_bucket_s
 from ingest.sources.replay.formats import (
     FORMATS,
     ArchiveFormatError,
@@ -36,6 +35,7 @@ from ingest.sources.replay.formats import (
     detect_format,
     read_archive,
 )
+from mlengine.facade import suggest_trend_bucket_s
 
 log = structlog.get_logger(__name__)
 
