@@ -5,7 +5,7 @@
 #                      beat; embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
 #   make test [PYTEST_ARGS="tests/test_x.py -k y"] [SERVICES_ARGS=--embedded]
 #   make bench         bench/replay_throughput.py against the local services
-#   make lint          ruff
+#   make lint          ruff and mypy
 #   make venv          .venv with requirements.txt (re-installed when it changes)
 #
 # Where PostgreSQL and Redis come from: twiscope/localservices.py.
@@ -17,7 +17,6 @@ PYTHON_BOOTSTRAP ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUFF_VERSION ?= 0.17.5
 PYTEST_ARGS ?=
 # --embedded: private PostgreSQL/Redis even when servers answer on the default ports.
 SERVICES_ARGS ?=
@@ -61,8 +60,10 @@ test: venv
 bench: venv
 	$(PY) -m twiscope.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
 
-# ruff is a development tool, not a dependency of the platform: installed on demand.
+# ruff and mypy are development tools, not dependencies of the platform: installed on
+# demand from requirements-dev.txt.
 lint: venv
-	@$(VENV)/bin/ruff --version 2>/dev/null | grep -q "$(RUFF_VERSION)" \
-	  || $(PY) -m pip install --quiet "ruff==$(RUFF_VERSION)"
+	@$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from django.db import DataError, connection, transaction
@@ -24,7 +24,7 @@ from psycopg2.extras import Json, execute_values
 from dashboard.models import Team
 from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import DeadLetter, Event, Source
-from twiscope.redis import get_redis, incr_metric
+from twiscope.redis import get_bytes, get_redis, incr_metric
 
 log = structlog.get_logger(__name__)
 
@@ -184,7 +184,7 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
     deletes the batch key.
     """
     redis = get_redis()
-    raw = redis.get(batch_key)
+    raw = get_bytes(batch_key)
     if raw is None:
         log.warning("ingest.batch_missing", batch_key=batch_key, source_id=source_id)
         incr_metric("batch_missing")
@@ -269,7 +269,7 @@ def in_flight_events(source_id: int) -> int:
     """
     from django.conf import settings
 
-    staged = int(get_redis().zcard(PENDING_BATCHES_KEY)) * settings.INGEST_BATCH_SIZE
+    staged = cast(int, get_redis().zcard(PENDING_BATCHES_KEY)) * settings.INGEST_BATCH_SIZE
     return staged + Event.objects.filter(source_id=source_id, trends_at__isnull=True).count()
 
 
@@ -302,7 +302,10 @@ def pending_batch_keys(*, older_than_s: float) -> list[str]:
     redis = get_redis()
     keys = [
         k.decode()
-        for k in redis.zrangebyscore(PENDING_BATCHES_KEY, "-inf", time.time() - older_than_s)
+        for k in cast(
+            "list[bytes]",
+            redis.zrangebyscore(PENDING_BATCHES_KEY, "-inf", time.time() - older_than_s),
+        )
     ]
     alive = []
     for key in keys:
@@ -316,8 +319,8 @@ def pending_batch_keys(*, older_than_s: float) -> list[str]:
 def source_has_pending_batches(source_id: int) -> bool:
     """Whether any staged batch of ``source_id`` still waits for its persist task."""
     redis = get_redis()
-    for key in redis.zrange(PENDING_BATCHES_KEY, 0, -1):
-        raw = redis.get(key)
+    for key in cast("list[bytes]", redis.zrange(PENDING_BATCHES_KEY, 0, -1)):
+        raw = get_bytes(key.decode())
         if raw is None:
             redis.zrem(PENDING_BATCHES_KEY, key)
             continue
@@ -391,7 +394,7 @@ def _after_enrich(event_ids: list[int]) -> None:
 
 def batch_source_id(batch_key: str) -> int | None:
     """The source id a staged batch belongs to, or None if the batch is gone."""
-    raw = get_redis().get(batch_key)
+    raw = get_bytes(batch_key)
     if raw is None:
         return None
     source_id = json.loads(raw).get("source_id")

@@ -12,6 +12,7 @@ Required: ``SECRET_KEY``, ``DATABASE_URL``, ``REDIS_URL``. ``make run`` and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -101,7 +102,7 @@ CACHES = {
     }
 }
 
-CHANNEL_LAYERS = {
+CHANNEL_LAYERS: dict[str, Any] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
@@ -134,7 +135,7 @@ SESSION_COOKIE_SECURE = TWISCOPE_ENV == "production"
 CSRF_COOKIE_SECURE = TWISCOPE_ENV == "production"
 X_FRAME_OPTIONS = "DENY"
 
-REST_FRAMEWORK = {
+REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",

@@ -24,7 +24,12 @@ CACHES = {
         "KEY_PREFIX": "twiscope-test",
     }
 }
-CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "twiscope-test:ws"
+CHANNEL_LAYERS = {
+    "default": {
+        **CHANNEL_LAYERS["default"],
+        "CONFIG": {**CHANNEL_LAYERS["default"]["CONFIG"], "prefix": "twiscope-test:ws"},
+    }
+}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 TRENDS_MIN_HISTORY_BUCKETS = 3
 # Threads of async tests (database_sync_to_async, Celery test workers) must not keep

@@ -54,7 +54,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
     """A rule; ``team`` and ``source`` must belong to a team the caller owns."""
 
     team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
-    source = serializers.PrimaryKeyRelatedField(
+    source = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
         queryset=Source.objects.none(), allow_null=True, required=False
     )
 
@@ -82,8 +82,9 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
         request = self.context.get("request")
         if request is not None:
             owned = owned_team_ids_for(request.user)
-            self.fields["team"].queryset = Team.objects.filter(id__in=owned)
-            self.fields["source"].queryset = Source.objects.filter(team_id__in=owned)
+            # Only the caller's own teams (and their sources) are valid choices.
+            self.fields["team"].queryset = Team.objects.filter(id__in=owned)  # type: ignore[attr-defined]
+            self.fields["source"].queryset = Source.objects.filter(team_id__in=owned)  # type: ignore[attr-defined]
 
     def validate_min_score(self, value: float) -> float:
         if value < 0:

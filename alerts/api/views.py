@@ -60,7 +60,7 @@ class AlertRuleFilter(django_filters.FilterSet):
         fields = ["team", "enabled", "kind"]
 
 
-class AlertRuleViewSet(TeamScopedMixin, viewsets.ModelViewSet):  # type: ignore[type-arg]
+class AlertRuleViewSet(TeamScopedMixin, viewsets.ModelViewSet[AlertRule]):
     """Alert rules of the caller's teams: members read, owners create and change."""
 
     queryset = AlertRule.objects.order_by("id")

@@ -20,14 +20,13 @@ class TeamScopedMixin:
     """
 
     team_field: ClassVar[str] = "team"
-    queryset: QuerySet[Any]
-    request: Request
 
     def get_queryset(self) -> QuerySet[Any]:
-        return self.queryset.filter(**{f"{self.team_field}__in": team_ids_for(self.request.user)})
+        queryset = super().get_queryset()  # type: ignore[misc]
+        return queryset.filter(**{f"{self.team_field}__in": team_ids_for(self.request.user)})  # type: ignore[attr-defined]
 
 
-class TeamScopedReadOnlyViewSet(TeamScopedMixin, viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
+class TeamScopedReadOnlyViewSet(TeamScopedMixin, viewsets.ReadOnlyModelViewSet[Any]):
     """A read-only viewset over the caller's teams' rows."""
 
 
@@ -38,4 +37,6 @@ class IsTeamOwnerOrReadOnly(permissions.BasePermission):
         if request.method in permissions.SAFE_METHODS:
             return True
         team_id = getattr(obj, "team_id", None)
+        if not isinstance(team_id, int):
+            return False
         return owned_team_ids_for(request.user).filter(team_id=team_id).exists()

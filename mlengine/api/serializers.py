@@ -16,7 +16,8 @@ class SourceRefSerializer(serializers.ModelSerializer[Source]):
 
 
 class TrendSerializer(serializers.ModelSerializer[Trend]):
-    source = SourceRefSerializer(read_only=True)
+    # A field named "source" shadows Field.source in the stubs only; DRF takes it.
+    source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
 
     class Meta:
         model = Trend
