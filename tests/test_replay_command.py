@@ -21,6 +21,7 @@ from ingest.envelope import Envelope
 from ingest.management.commands.replay import FLUSH_WINDOW_S, paced_batches
 from ingest.models import DeadLetter, Source
 from tests.factories import make_team
+from twiscope import celery
 
 pytestmark = pytest.mark.django_db
 
@@ -51,6 +52,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
     def end_of_stream(*, source: Source, event_time: datetime) -> None:
         sink.ends.append((source.id, event_time))
 
+    monkeypatch.setattr(celery, "missing_consumers", lambda *a, **k: set())
     monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
     monkeypatch.setattr(services, "end_of_stream", end_of_stream)
     return sink
@@ -329,3 +331,30 @@ def test_without_a_speed_batches_come_at_once() -> None:
 
     assert [len(batch) for batch in batches] == [2, 1]
     assert fake.now == 100.0
+
+
+def test_it_waits_for_missing_worker_pools_then_replays_anyway(
+    captured: Captured, team: Team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[int] = []
+
+    def nobody_consumes(*args: object, **kwargs: object) -> set[str]:
+        asked.append(1)
+        return {"enrich", "ml"}
+
+    monkeypatch.setattr(celery, "missing_consumers", nobody_consumes)
+    err = io.StringIO()
+
+    call_command(
+        "replay",
+        str(SAMPLES / "airline.csv"),
+        "--wait-workers",
+        "1.5",
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+
+    assert len(asked) >= 2
+    assert "waiting for worker pools: enrich, ml" in err.getvalue()
+    assert "replaying anyway" in err.getvalue()
+    assert captured.envelopes

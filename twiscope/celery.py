@@ -51,6 +51,18 @@ app.conf.update(
 app.autodiscover_tasks()
 
 
+PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
+
+
+def missing_consumers(
+    queues: tuple[str, ...] = PIPELINE_QUEUES, timeout_s: float = 1.0
+) -> set[str]:
+    """The ``queues`` no running worker consumes (asks every worker, waits ``timeout_s``)."""
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    consumed = {queue["name"] for worker in replies.values() for queue in worker}
+    return set(queues) - consumed
+
+
 def configure_beat() -> None:
     """Install the periodic schedule from ``twiscope.schedules`` (imported lazily)."""
     from twiscope.schedules import BEAT_SCHEDULE

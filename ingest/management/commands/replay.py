@@ -36,6 +36,7 @@ from ingest.sources.replay.formats import (
     read_archive,
 )
 from mlengine.facade import suggest_trend_bucket_s
+from twiscope import celery
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +140,14 @@ class Command(BaseCommand):
             "--team", default=None, help="team slug (default: the only team, if one)"
         )
         parser.add_argument(
+            "--wait-workers",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="wait up to this long for a worker on every pipeline queue before "
+            "replaying (0: do not wait); default 60",
+        )
+        parser.add_argument(
             "--bucket-s",
             type=_positive_int,
             default=None,
@@ -168,6 +177,7 @@ class Command(BaseCommand):
         team = _team(options["team"])
         name = (options["source_name"] or path.stem)[:SOURCE_NAME_MAX]
         envelopes, errors = _read(path, fmt, options["limit"])
+        self._wait_for_workers(options["wait_workers"])
         try:
             source = services.get_or_create_source(
                 team=team,
@@ -230,6 +240,25 @@ class Command(BaseCommand):
             f"batches, skipped {len(errors)}{_reasons_text(reasons)}, "
             f"trend bucket {source.trend_bucket_s} s, {elapsed:.1f} s"
         )
+
+    def _wait_for_workers(self, timeout_s: float) -> None:
+        """Wait until every pipeline queue has a consumer, so a replay started together
+        with the platform does not measure the workers' start as pipeline latency.
+        Proceeds (with a warning) when they do not come: the tasks wait in the broker."""
+        if timeout_s <= 0:
+            return
+        deadline = time.monotonic() + timeout_s
+        missing = celery.missing_consumers()
+        if missing:
+            self.stderr.write(f"waiting for worker pools: {', '.join(sorted(missing))}")
+        while missing and time.monotonic() < deadline:
+            time.sleep(1)
+            missing = celery.missing_consumers()
+        if missing:
+            self.stderr.write(
+                f"no worker consumes {', '.join(sorted(missing))} after {timeout_s:.0f} s; "
+                "replaying anyway (the tasks wait in the broker)"
+            )
 
 
 def _team(slug: str | None) -> Team:
