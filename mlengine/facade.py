@@ -25,8 +25,8 @@ def enrich_texts(texts: Sequence[str]) -> list[Enrichment]:
 def suggest_trend_bucket_s(event_times: Iterable[datetime]) -> int:
     """A trend bucket size (seconds) for a stream with these event times.
 
-    Uses the median number of events per UTC day over the days that have any, so a
-    single burst day does not shrink the buckets of an otherwise slow stream.
+    Uses the mean number of events per UTC day over the days that have any, and the
+    detector's ``TRENDS_MIN_EVENTS`` (see ``mlengine.trends.suggest_bucket_s``).
 
     Raises:
         ValueError: no event times.
@@ -34,4 +34,7 @@ def suggest_trend_bucket_s(event_times: Iterable[datetime]) -> int:
     per_day = Counter(moment.date() for moment in event_times)
     if not per_day:
         raise ValueError("no event times to size trend buckets from")
-    return suggest_bucket_s(float(statistics.median(per_day.values())))
+    from django.conf import settings
+
+    mean = statistics.fmean(per_day.values())
+    return suggest_bucket_s(mean, min_events=settings.TRENDS_MIN_EVENTS)

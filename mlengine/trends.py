@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 BUCKET_LADDER_S = (60, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600)
-TARGET_EVENTS_PER_BUCKET = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +111,18 @@ def score_term(window: TermWindow, params: TrendParams) -> TrendScore:
     )
 
 
-def suggest_bucket_s(events_per_active_day: float) -> int:
-    """The smallest bucket on the ladder holding ``TARGET_EVENTS_PER_BUCKET`` events.
+def suggest_bucket_s(events_per_active_day: float, *, min_events: int) -> int:
+    """The smallest bucket on the ladder that holds ``2 × min_events`` events on average.
 
-    ``events_per_active_day`` is the stream's typical (median) daily volume over days
-    with any event. A stream of 1,400 posts a day gets 15-minute buckets, one of 7
-    posts a day gets daily buckets. Returns seconds.
+    ``events_per_active_day`` is the stream's mean daily volume over the days that have
+    any event (the mean, not the median, so that a sample built around one burst gets
+    buckets fine enough to see it). A trend needs ``min_events`` posts of one term in a
+    bucket, so a bucket should hold at least twice that many posts in all. A stream of
+    1,800 posts a day gets 15-minute buckets, one of 80 (a crisis sample) 6 hours, one of
+    7 (one channel) a week. Returns seconds.
     """
+    target = 2 * min_events
     for size in BUCKET_LADDER_S:
-        if events_per_active_day * size / 86400 >= TARGET_EVENTS_PER_BUCKET:
+        if events_per_active_day * size / 86400 >= target:
             return size
     return BUCKET_LADDER_S[-1]

@@ -81,9 +81,12 @@ def test_buckets_are_aligned_tumbling_windows() -> None:
 
 
 @pytest.mark.parametrize(
-    ("per_day", "bucket_s"), [(1400, 900), (123, 3600), (36, 6 * 3600), (7, 86400), (1, 7 * 86400)]
+    ("per_day", "bucket_s"),
+    [(1800, 900), (400, 3600), (80, 6 * 3600), (36, 86400), (7, 7 * 86400), (1, 7 * 86400)],
 )
-def test_bucket_size_follows_the_streams_median_daily_volume(per_day: int, bucket_s: int) -> None:
+def test_bucket_size_holds_twice_a_trends_minimum_on_an_average_day(
+    per_day: int, bucket_s: int
+) -> None:
     times = [datetime(2015, 1, d, 12, tzinfo=UTC) for d in (1, 2, 3) for _ in range(per_day)]
 
     assert suggest_trend_bucket_s(times) == bucket_s
@@ -92,3 +95,11 @@ def test_bucket_size_follows_the_streams_median_daily_volume(per_day: int, bucke
 def test_sizing_buckets_from_no_events_is_an_error() -> None:
     with pytest.raises(ValueError, match="no event times"):
         suggest_trend_bucket_s([])
+
+
+def test_one_burst_day_makes_the_buckets_finer() -> None:
+    quiet = [datetime(2015, 1, d, 12, tzinfo=UTC) for d in range(1, 11) for _ in range(10)]
+    burst = [datetime(2015, 1, 11, 12, tzinfo=UTC)] * 700
+
+    assert suggest_trend_bucket_s(quiet) == 86400
+    assert suggest_trend_bucket_s(quiet + burst) == 6 * 3600
