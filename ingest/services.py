@@ -24,7 +24,7 @@ from psycopg2.extras import Json, execute_values
 from dashboard.models import Team
 from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import DeadLetter, Event, Source
-from twiscope.redis import get_bytes, get_redis, incr_metric
+from twiscope.redis import add_to_rate, get_bytes, get_redis, incr_metric
 
 log = structlog.get_logger(__name__)
 
@@ -231,7 +231,7 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
             Source.objects.filter(id=source.id).update(
                 events_total=F("events_total") + len(inserted), last_received_at=received_at
             )
-        transaction.on_commit(lambda: _after_persist(batch_key, inserted))
+        transaction.on_commit(lambda: _after_persist(batch_key, inserted, source.team_id))
 
     result = PersistResult(
         inserted_ids=inserted, duplicates=len(rows) - len(inserted), dead_letters=len(dead)
@@ -246,11 +246,17 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
     return result
 
 
-def _after_persist(batch_key: str, event_ids: list[int]) -> None:
+def events_rate_name(team_id: int) -> str:
+    """The rolling counter of events stored for a team (see ``twiscope.redis``)."""
+    return f"events:team:{team_id}"
+
+
+def _after_persist(batch_key: str, event_ids: list[int], team_id: int) -> None:
     from ingest import tasks
 
     if event_ids:
         tasks.enrich_events.apply_async(kwargs={"event_ids": event_ids})
+        add_to_rate(events_rate_name(team_id), len(event_ids))
     _forget_batch(batch_key)
 
 

@@ -52,10 +52,13 @@ def enrich_events(*, event_ids: list[int]) -> int:
 def sweep_stuck_events() -> dict[str, int]:
     """Periodic: re-send work stuck between a commit and its dispatch.
 
-    Batches staged but never persisted, events never enriched, and enriched events
-    never counted for trends, older than ``SWEEP_AFTER_S``, are queued again (the
-    stages are idempotent, so work that was merely slow is not done twice).
+    Batches staged but never persisted, events never enriched, enriched events never
+    counted for trends, and alerts never pushed, older than ``SWEEP_AFTER_S``, are sent
+    again (every stage is idempotent, so work that was merely slow is not done twice;
+    a late push may reach a client twice, and clients drop a ``seq`` they have seen).
     """
+    from alerts import push
+    from alerts.models import Alert
     from mlengine import tasks as ml_tasks
 
     cutoff = timezone.now() - timedelta(seconds=SWEEP_AFTER_S)
@@ -80,7 +83,19 @@ def sweep_stuck_events() -> dict[str, int]:
     )
     for i in range(0, len(uncounted), SWEEP_CHUNK):
         ml_tasks.update_trends.apply_async(kwargs={"event_ids": uncounted[i : i + SWEEP_CHUNK]})
-    swept = {"batches": len(batches), "enrich": len(unenriched), "trends": len(uncounted)}
+    unpushed = list(
+        Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff).values_list(
+            "id", flat=True
+        )[:SWEEP_LIMIT]
+    )
+    if unpushed:
+        push.push_alerts(alert_ids=unpushed)
+    swept = {
+        "batches": len(batches),
+        "enrich": len(unenriched),
+        "trends": len(uncounted),
+        "alerts_pushed": len(unpushed),
+    }
     if any(swept.values()):
         log.warning("ingest.swept", **swept)
     return swept
