@@ -6,22 +6,28 @@ WebSocket message received by a connected client.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.management import call_command
 from rest_framework.authtoken.models import Token
 
 from alerts.models import Alert
 from ingest import services
-from ingest.models import Event
+from ingest.models import DeadLetter, Event, Source
 from mlengine.models import Trend
 from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
 from twiscope.asgi import application
 from twiscope.celery import QUEUES, app
 from twiscope.redis import get_redis
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -89,4 +95,42 @@ def test_a_redelivered_replay_stores_each_event_once(celery_worker) -> None:
     services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
 
     assert Event.objects.filter(source=source).count() == 40
+    assert Event.objects.filter(source=source, trends_at__isnull=True).count() == 0
+
+
+def test_a_broken_archive_loses_none_of_its_good_rows(celery_worker, tmp_path) -> None:
+    personas, _, _ = _setup()
+    good = (SAMPLES / "telegram.json").read_text(encoding="utf-8")
+    items = json.loads(good)
+    broken = tmp_path / "channel.json"
+    # Every good message, then a message with a bad date, one with invalid UTF-8, and a
+    # truncated last object.
+    body = json.dumps(items, ensure_ascii=False)[:-1]
+    broken.write_bytes(
+        body.encode()
+        + b', {"message_id": 900, "sender_id": -5, "text": "x", "date": "yesterday"}'
+        + b', {"message_id": 901, "sender_id": -5, "text": "caf\xff",'
+        + b' "date": "2024-12-04T09:00:28+00:00"}'
+        + b', {"message_id": 902, "sender_id": -5, "te'
+    )
+    out = io.StringIO()
+
+    call_command(
+        "replay",
+        str(broken),
+        "--team",
+        personas.team.slug,
+        "--wait-workers",
+        "0",
+        stdout=out,
+        stderr=io.StringIO(),
+    )
+    source = Source.objects.get(name="channel")
+    services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
+
+    stored = set(Event.objects.filter(source=source).values_list("external_id", flat=True))
+    assert {f"{m['sender_id']}/{m['message_id']}" for m in items} <= stored
+    assert "-5/901" in stored  # one bad byte costs the byte, not the message
+    assert DeadLetter.objects.filter(source=source, stage="replay").count() == 2
+    assert "skipped 2" in out.getvalue()
     assert Event.objects.filter(source=source, trends_at__isnull=True).count() == 0
