@@ -23,3 +23,11 @@ def shared_data() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(f"real data sets missing at {SHARED_DATA} (required when CI=true)")
     pytest.skip(f"real data sets not found at {SHARED_DATA}; run beside ../shared/data")
+
+
+@pytest.fixture
+def clean_redis() -> None:
+    """An empty test Redis database (broker queues, staged batches, counters)."""
+    from twiscope.redis import get_redis
+
+    get_redis().flushdb()

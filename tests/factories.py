@@ -102,3 +102,28 @@ def burst(term: str, *, count: int, minutes: float, authors: int | None = None) 
         )
         for i in range(count)
     ]
+
+
+def run_through(source: Source, envelopes: list[Envelope], batch_size: int = 100) -> list[int]:
+    """Run ``envelopes`` through persist, enrich and trends as plain calls, in order;
+    return the ids of the new trends."""
+    from ingest import services
+    from mlengine import services as ml_services
+
+    trend_ids: list[int] = []
+    for i in range(0, len(envelopes), batch_size):
+        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + batch_size])
+        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
+    return trend_ids
+
+
+def fire_blizzard_alerts(team: Team) -> list[int]:
+    """A source, a rule and a "#blizzard" burst after six quiet buckets, run through
+    every stage up to the alerts; returns the new alert ids (not yet pushed)."""
+    from alerts import services as alert_services
+
+    source = make_source(team)
+    make_rule(team)
+    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
+    return alert_services.evaluate_trends(trend_ids=trend_ids)

@@ -10,8 +10,6 @@ from rest_framework.test import APIClient
 
 from alerts import services as alert_services
 from alerts.models import Alert, AlertRule
-from ingest import services
-from mlengine import services as ml_services
 from mlengine.models import Trend
 from tests.factories import (
     ORIGIN,
@@ -21,6 +19,7 @@ from tests.factories import (
     make_rule,
     make_source,
     quiet_history,
+    run_through,
 )
 from twiscope.redis import get_redis
 
@@ -33,25 +32,16 @@ def client_for(user) -> APIClient:
     return client
 
 
-def ingest(source, envelopes) -> list[int]:
-    trend_ids: list[int] = []
-    for i in range(0, len(envelopes), 100):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 100])
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
-    return trend_ids
-
-
 @pytest.fixture
 def world():
     get_redis().flushdb()
     personas = make_personas()
     source = make_source(personas.team)
     make_rule(personas.team, name="everything")
-    trend_ids = ingest(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
+    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
     alert_services.evaluate_trends(trend_ids=trend_ids)
     other_source = make_source(personas.other_team, name="theirs")
-    ingest(other_source, [envelope("secret of the rivals #hidden")])
+    run_through(other_source, [envelope("secret of the rivals #hidden")])
     return personas, source, other_source
 
 

@@ -28,26 +28,11 @@ from tests.factories import (
     make_rule,
     make_source,
     quiet_history,
+    run_through,
 )
 from twiscope.redis import get_redis
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _clean_redis() -> None:
-    get_redis().flushdb()
-
-
-def run_through(source: Source, envelopes: list, batch_size: int = 100) -> list[int]:
-    """Run envelopes through persist, enrich and trends; return new trend ids."""
-    trend_ids: list[int] = []
-    for i in range(0, len(envelopes), batch_size):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + batch_size])
-        inserted = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        enriched = services.enrich_events(event_ids=inserted)
-        trend_ids += ml_services.update_trends(event_ids=enriched)
-    return trend_ids
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 
 def test_a_redelivered_batch_stores_nothing_twice() -> None:

@@ -7,28 +7,20 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from alerts import services as alert_services
 from alerts.models import Alert
 from ingest import services, tasks
 from ingest.models import Event, Source
 from mlengine import services as ml_services
 from tests.factories import (
     ORIGIN,
-    burst,
     envelope,
+    fire_blizzard_alerts,
     make_personas,
-    make_rule,
     make_source,
-    quiet_history,
 )
 from twiscope.redis import get_redis
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _clean_redis() -> None:
-    get_redis().flushdb()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 
 def queued(queue: str) -> int:
@@ -72,16 +64,7 @@ def test_a_staged_batch_whose_task_was_lost_is_persisted_later(monkeypatch) -> N
 
 
 def test_an_alert_whose_push_was_lost_is_pushed() -> None:
-    personas = make_personas()
-    source = make_source(personas.team)
-    make_rule(personas.team)
-    envelopes = quiet_history(6) + burst("#blizzard", count=12, minutes=91)
-    trend_ids: list[int] = []
-    for i in range(0, len(envelopes), 100):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 100])
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
-    alert_services.evaluate_trends(trend_ids=trend_ids)
+    fire_blizzard_alerts(make_personas().team)
     Alert.objects.update(created_at=timezone.now() - timedelta(minutes=10))
 
     swept = tasks.sweep_stuck_events()

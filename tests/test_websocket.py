@@ -9,10 +9,7 @@ from channels.testing import WebsocketCommunicator
 from rest_framework.authtoken.models import Token
 
 from alerts import push
-from alerts import services as alert_services
-from ingest import services
-from mlengine import services as ml_services
-from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
+from tests.factories import fire_blizzard_alerts, make_personas
 from twiscope.asgi import application
 from twiscope.redis import get_redis
 
@@ -21,18 +18,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _token(user) -> str:
     return Token.objects.get(user=user).key
-
-
-def _fire_alerts(team) -> list[int]:
-    source = make_source(team)
-    make_rule(team)
-    envelopes = quiet_history(6) + burst("#blizzard", count=12, minutes=91)
-    trend_ids: list[int] = []
-    for i in range(0, len(envelopes), 100):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 100])
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
-    return alert_services.evaluate_trends(trend_ids=trend_ids)
 
 
 @pytest.fixture
@@ -103,7 +88,7 @@ async def test_members_receive_their_teams_alerts_and_outsiders_do_not(personas)
     await member.receive_json_from()
     await outsider.receive_json_from()
 
-    alert_ids = await database_sync_to_async(_fire_alerts)(personas.team)
+    alert_ids = await database_sync_to_async(fire_blizzard_alerts)(personas.team)
     await database_sync_to_async(push.push_alerts)(alert_ids=alert_ids)
     messages = [await member.receive_json_from(timeout=5) for _ in alert_ids]
 
@@ -122,7 +107,7 @@ async def test_a_socket_quiet_for_longer_than_a_redis_timeout_still_receives(per
     await member.receive_json_from()
 
     assert await member.receive_nothing(timeout=6.5) is True
-    alert_ids = await database_sync_to_async(_fire_alerts)(personas.team)
+    alert_ids = await database_sync_to_async(fire_blizzard_alerts)(personas.team)
     await database_sync_to_async(push.push_alerts)(alert_ids=alert_ids)
 
     assert (await member.receive_json_from(timeout=5))["type"] == "alert.created"

@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import django_filters
-from django.db.models import QuerySet
 from rest_framework import permissions, viewsets
 
 from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
 from alerts.models import Alert, AlertRule
-from dashboard.api.base import IsTeamOwnerOrReadOnly, TeamScopedMixin, TeamScopedReadOnlyViewSet
+from dashboard.api.base import (
+    IsTeamOwnerOrReadOnly,
+    TeamScopedMixin,
+    TeamScopedReadOnlyViewSet,
+    in_callers_teams,
+)
 from dashboard.models import Team
-from dashboard.selectors import team_ids_for
 from ingest.api.views import NewestFirstCursorPagination
 
-
-def _scoped_rules(request: Any) -> QuerySet[AlertRule]:
-    if request is None:
-        return AlertRule.objects.none()
-    return AlertRule.objects.filter(team_id__in=team_ids_for(request.user))
-
-
-def _scoped_teams(request: Any) -> QuerySet[Team]:
-    if request is None:
-        return Team.objects.none()
-    return Team.objects.filter(id__in=team_ids_for(request.user))
+scoped_rules = in_callers_teams(AlertRule.objects.all(), "team")
+scoped_teams = in_callers_teams(Team.objects.all(), "id")
 
 
 class AlertFilter(django_filters.FilterSet):
     """``severity``, ``rule`` and ``team`` (ids, in scope), ``since``/``until``
     (created_at), ``after_seq`` (alerts after a sequence number)."""
 
-    rule = django_filters.ModelChoiceFilter(queryset=_scoped_rules)
-    team = django_filters.ModelChoiceFilter(queryset=_scoped_teams)
+    rule = django_filters.ModelChoiceFilter(queryset=scoped_rules)
+    team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     after_seq = django_filters.NumberFilter(field_name="seq", lookup_expr="gt")
@@ -53,7 +45,7 @@ class AlertViewSet(TeamScopedReadOnlyViewSet):
 
 
 class AlertRuleFilter(django_filters.FilterSet):
-    team = django_filters.ModelChoiceFilter(queryset=_scoped_teams)
+    team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
 
     class Meta:
         model = AlertRule

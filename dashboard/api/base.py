@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from django.db.models import Model, QuerySet
 from rest_framework import permissions, viewsets
@@ -10,6 +11,23 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from dashboard.selectors import owned_team_ids_for, team_ids_for
+
+ModelT = TypeVar("ModelT", bound=Model)
+
+
+def in_callers_teams(
+    queryset: QuerySet[ModelT], team_field: str
+) -> Callable[[Request | None], QuerySet[ModelT]]:
+    """A ``queryset=`` callable for django-filter choice filters: only rows of the
+    caller's teams are valid choices, so an id from another team is a 400 "not a valid
+    choice" exactly like an id that does not exist."""
+
+    def choices(request: Request | None) -> QuerySet[ModelT]:
+        if request is None:
+            return queryset.none()
+        return queryset.filter(**{f"{team_field}__in": team_ids_for(request.user)})
+
+    return choices
 
 
 class TeamScopedMixin:

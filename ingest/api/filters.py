@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import django_filters
 from django.db.models import Q, QuerySet
 
-from dashboard.selectors import team_ids_for
+from dashboard.api.base import in_callers_teams
 from ingest.models import DeadLetter, Event, Source
 from mlengine.models import Trend
 
@@ -19,16 +18,8 @@ def term_q(term: str) -> Q:
     return Q(**{f"{field}__contains": [term]})
 
 
-def _scoped_sources(request: Any) -> QuerySet[Source]:
-    if request is None:
-        return Source.objects.none()
-    return Source.objects.filter(team_id__in=team_ids_for(request.user))
-
-
-def _scoped_trends(request: Any) -> QuerySet[Trend]:
-    if request is None:
-        return Trend.objects.none()
-    return Trend.objects.filter(source__team_id__in=team_ids_for(request.user))
+scoped_sources = in_callers_teams(Source.objects.all(), "team")
+scoped_trends = in_callers_teams(Trend.objects.all(), "source__team")
 
 
 class EventFilter(django_filters.FilterSet):
@@ -36,13 +27,13 @@ class EventFilter(django_filters.FilterSet):
     case-insensitive), ``lang``, ``term`` (a hashtag, mention, cashtag or keyword) and
     ``trend`` (id: the posts behind that trend)."""
 
-    source = django_filters.ModelChoiceFilter(queryset=_scoped_sources)
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     q = django_filters.CharFilter(field_name="text", lookup_expr="icontains")
     lang = django_filters.CharFilter()
     term = django_filters.CharFilter(method="filter_term")
-    trend = django_filters.ModelChoiceFilter(queryset=_scoped_trends, method="filter_trend")
+    trend = django_filters.ModelChoiceFilter(queryset=scoped_trends, method="filter_trend")
 
     class Meta:
         model = Event
@@ -63,7 +54,7 @@ class EventFilter(django_filters.FilterSet):
 class DeadLetterFilter(django_filters.FilterSet):
     """``stage`` and ``source`` (id, in scope)."""
 
-    source = django_filters.ModelChoiceFilter(queryset=_scoped_sources)
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
 
     class Meta:
         model = DeadLetter

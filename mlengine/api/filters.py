@@ -15,7 +15,7 @@ from django.db.models import (
     Value,
 )
 
-from ingest.api.filters import _scoped_sources
+from ingest.api.filters import scoped_sources
 from mlengine.models import Trend
 
 
@@ -24,7 +24,7 @@ class TrendFilter(django_filters.FilterSet):
     ``min_score``, and ``current=true``: only trends of each source's two latest
     trend buckets (what is trending now)."""
 
-    source = django_filters.ModelChoiceFilter(queryset=_scoped_sources)
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     term = django_filters.CharFilter()
     since = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="lt")
