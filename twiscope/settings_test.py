@@ -35,3 +35,7 @@ TRENDS_MIN_HISTORY_BUCKETS = 3
 # Threads of async tests (database_sync_to_async, Celery test workers) must not keep
 # connections open, or the test database cannot be dropped at the end of the run.
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
+# Serve static files from the apps' folders, as runserver would: tests never run
+# collectstatic, so there is no STATIC_ROOT to scan.
+WHITENOISE_AUTOREFRESH = True
+WHITENOISE_USE_FINDERS = True
