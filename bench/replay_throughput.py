@@ -20,6 +20,10 @@ The baseline, measured in the same session so that ratios survive a noisy machin
 the same stages called as plain functions in this one process (persist, enrich,
 trends, no broker and no workers) on the same archive.
 
+Last, the read endpoints' latency over the loaded database: 200 sequential requests
+each (``/api/events/``, with and without a text filter, ``/api/trends/?current=true``,
+``/api/alerts/``, ``/api/stats/``), p50/p95.
+
 Then, with ``--coverage``, each other real archive the replay reads is replayed once
 and checked: stored events, trends, alerts, alerts received on the WebSocket.
 
@@ -314,6 +318,28 @@ def replay_once(
     }
 
 
+API_PATHS = (
+    "/api/events/?page_size=50",
+    "/api/events/?q=flight&page_size=50",
+    "/api/trends/?current=true&ordering=-score",
+    "/api/alerts/",
+    "/api/stats/",
+)
+
+
+def api_latency(platform: Platform, token: str, requests: int) -> dict[str, Any]:
+    """Sequential GETs of each read endpoint against the loaded database: p50/p95 ms."""
+    result: dict[str, Any] = {}
+    for path in API_PATHS:
+        timings = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            platform.api(path, token)
+            timings.append((time.perf_counter() - start) * 1000)
+        result[path] = latency_summary(timings[5:])  # the first few warm caches up
+    return result
+
+
 def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
     """The same stages as plain function calls in this process (no broker, no workers)."""
     envelopes = sorted(
@@ -395,6 +421,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument(
+        "--api-requests",
+        type=int,
+        default=200,
+        help="sequential requests per read endpoint for the API latency",
+    )
+    parser.add_argument(
         "--max-in-flight",
         type=int,
         default=None,
@@ -467,6 +499,9 @@ def main() -> int:
                     f"ws {run['ws_alerts_received']}"
                 )
         stats = platform.api("/api/stats/", token)
+        api = api_latency(platform, token, args.api_requests)
+        for path, summary in api.items():
+            print(f"GET {path}: p50 {summary['p50']} ms, p95 {summary['p95']} ms")
     finally:
         platform.stop()
 
@@ -501,6 +536,7 @@ def main() -> int:
             "per_process": per_process,
         },
         "stats_endpoint": stats,
+        "api_latency_ms": api,
         "runs": runs,
         "coverage": coverage,
     }
