@@ -99,3 +99,9 @@ def sweep_stuck_events() -> dict[str, int]:
     if any(swept.values()):
         log.warning("ingest.swept", **swept)
     return swept
+
+
+@shared_task(name="ingest.analyze_growing_tables", soft_time_limit=50, time_limit=60)
+def analyze_growing_tables() -> list[str]:
+    """Periodic: refresh planner statistics of tables the pipeline fills fast."""
+    return services.analyze_growing_tables()

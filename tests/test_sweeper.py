@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from alerts.models import Alert
@@ -17,6 +18,8 @@ from tests.factories import (
     fire_blizzard_alerts,
     make_personas,
     make_source,
+    quiet_history,
+    run_through,
 )
 from twiscope.redis import get_redis
 
@@ -103,3 +106,17 @@ def test_a_quiet_live_source_has_its_watermark_advanced_but_a_replay_not() -> No
     assert moved == 1
     assert Source.objects.get(id=live.id).watermark > long_ago
     assert Source.objects.get(id=replay.id).watermark is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tables_the_pipeline_filled_get_fresh_planner_statistics() -> None:
+    source = make_source(make_personas().team)
+    run_through(source, quiet_history(3))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+
+    first = services.analyze_growing_tables(min_rows=10, fraction=0.0)
+    again = services.analyze_growing_tables(min_rows=10, fraction=0.0)
+
+    assert "ingest_event" in first and "mlengine_termcount" in first
+    assert again == []

@@ -10,6 +10,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 30.0,
         "options": {"expires": 25},
     },
+    "ingest.analyze_growing_tables": {
+        "task": "ingest.analyze_growing_tables",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
     "ml.advance_idle_watermarks": {
         "task": "ml.advance_idle_watermarks",
         "schedule": 15.0,
