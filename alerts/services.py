@@ -13,7 +13,6 @@ from datetime import timedelta
 
 import structlog
 from django.db import connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from alerts.models import Alert, AlertRule
@@ -114,8 +113,13 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
 
 def _create_alert(rule: AlertRule, trend: Trend) -> Alert:
     team_id = trend.source.team_id
-    Team.objects.filter(id=team_id).update(alert_seq=F("alert_seq") + 1)
-    seq = Team.objects.values_list("alert_seq", flat=True).get(id=team_id)
+    # One statement: the row lock it takes orders concurrent alerts of the team.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE dashboard_team SET alert_seq = alert_seq + 1 WHERE id = %s RETURNING alert_seq",
+            [team_id],
+        )
+        (seq,) = cursor.fetchone()
     return Alert.objects.create(
         team_id=team_id,
         rule=rule,

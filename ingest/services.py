@@ -29,6 +29,8 @@ from twiscope.redis import add_to_rate, get_bytes, get_redis, incr_metric
 log = structlog.get_logger(__name__)
 
 BATCH_KEY_PREFIX = "twiscope:batch:"
+"""Staged batch keys are ``twiscope:batch:<source id>:<uuid>``: the source is readable
+from the key alone, without fetching the batch."""
 PENDING_BATCHES_KEY = "twiscope:pending-batches"
 """Sorted set of staged batch keys (score: staging time, epoch seconds) not yet persisted."""
 
@@ -72,7 +74,7 @@ def stage_batch(*, source_id: int, envelopes: Sequence[Envelope]) -> str:
     """
     from django.conf import settings
 
-    key = f"{BATCH_KEY_PREFIX}{uuid.uuid4().hex}"
+    key = f"{BATCH_KEY_PREFIX}{source_id}:{uuid.uuid4().hex}"
     payload = {
         "source_id": source_id,
         "received_at": timezone.now().isoformat(),
@@ -324,14 +326,14 @@ def pending_batch_keys(*, older_than_s: float) -> list[str]:
 
 def source_has_pending_batches(source_id: int) -> bool:
     """Whether any staged batch of ``source_id`` still waits for its persist task."""
+    prefix = f"{BATCH_KEY_PREFIX}{source_id}:".encode()
     redis = get_redis()
     for key in cast("list[bytes]", redis.zrange(PENDING_BATCHES_KEY, 0, -1)):
-        raw = get_bytes(key.decode())
-        if raw is None:
-            redis.zrem(PENDING_BATCHES_KEY, key)
+        if not key.startswith(prefix):
             continue
-        if json.loads(raw).get("source_id") == source_id:
+        if redis.exists(key):
             return True
+        redis.zrem(PENDING_BATCHES_KEY, key)
     return False
 
 
@@ -399,12 +401,10 @@ def _after_enrich(event_ids: list[int]) -> None:
 
 
 def batch_source_id(batch_key: str) -> int | None:
-    """The source id a staged batch belongs to, or None if the batch is gone."""
-    raw = get_bytes(batch_key)
-    if raw is None:
-        return None
-    source_id = json.loads(raw).get("source_id")
-    return source_id if isinstance(source_id, int) else None
+    """The source id in a staged batch's key, or None for a key of another shape."""
+    _, _, rest = batch_key.partition(BATCH_KEY_PREFIX)
+    source_id, _, _ = rest.partition(":")
+    return int(source_id) if source_id.isdigit() else None
 
 
 GROWING_TABLES = ("ingest_event", "mlengine_termcount", "mlengine_trend", "alerts_alert")

@@ -64,9 +64,9 @@ def sweep_stuck_events() -> dict[str, int]:
     cutoff = timezone.now() - timedelta(seconds=SWEEP_AFTER_S)
     batches = services.pending_batch_keys(older_than_s=SWEEP_AFTER_S)
     for key in batches:
-        raw_source = services.batch_source_id(key)
-        if raw_source is not None:
-            persist_batch.apply_async(kwargs={"batch_key": key, "source_id": raw_source})
+        source_id = services.batch_source_id(key)
+        if source_id is not None:
+            persist_batch.apply_async(kwargs={"batch_key": key, "source_id": source_id})
     unenriched = list(
         Event.objects.filter(enriched_at__isnull=True, received_at__lt=cutoff)
         .order_by("received_at")

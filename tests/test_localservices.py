@@ -242,8 +242,13 @@ def test_servers_left_running_by_a_killed_supervisor_are_replaced(
 
 
 def test_stopping_a_server_that_never_started_does_nothing(run_dir: Path) -> None:
-    EmbeddedPostgres(run_dir / "pgdata").stop()
-    EmbeddedRedis(run_dir / "redis").stop()
+    postgres, redis_server = EmbeddedPostgres(run_dir / "pgdata"), EmbeddedRedis(run_dir / "redis")
+
+    postgres.stop()
+    redis_server.stop()
+
+    assert postgres.port is None and redis_server.port is None
+    assert not (run_dir / "pgdata").exists()
 
 
 def _alive(pid: int) -> bool:

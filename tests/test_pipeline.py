@@ -236,3 +236,14 @@ def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
     assert all(m["alert"]["pushed_at"] is not None for m in messages)
     assert Alert.objects.filter(pushed_at__isnull=True).count() == 0
     assert push.push_alerts(alert_ids=alert_ids) == 0
+
+
+def test_a_staged_batch_names_its_source_in_its_key() -> None:
+    source = make_source(make_personas().team)
+
+    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+
+    assert services.batch_source_id(key) == source.id
+    assert services.source_has_pending_batches(source.id) is True
+    assert services.source_has_pending_batches(source.id + 1) is False
+    assert services.batch_source_id("twiscope:batch:not-a-source") is None
