@@ -72,9 +72,9 @@ from ingest.sources.replay.formats import read_archive  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
 from mlengine.facade import suggest_trend_bucket_s  # noqa: E402
 from mlengine.models import Trend  # noqa: E402
+from twiscope.celery import PIPELINE_QUEUES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
 
 
 def percentile(values: list[float], q: float) -> float | None:

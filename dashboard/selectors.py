@@ -13,7 +13,6 @@ from dashboard.models import Membership, Team
 from twiscope.redis import rate_total
 
 LATENCY_WINDOW = 1000
-PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
 
 
 def team_ids_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Membership, Any]:
@@ -35,7 +34,7 @@ def teams_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Team]:
 
 def queue_depths() -> dict[str, int]:
     """Messages waiting in each pipeline queue of the broker (0 if it has none)."""
-    from twiscope.celery import app
+    from twiscope.celery import PIPELINE_QUEUES, app
 
     depths: dict[str, int] = {}
     with app.connection_for_read() as conn:

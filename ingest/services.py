@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import structlog
+from django.conf import settings
 from django.db import DataError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -72,8 +73,6 @@ def stage_batch(*, source_id: int, envelopes: Sequence[Envelope]) -> str:
     The batch's processing time (``received_at``) is now: the moment Twiscope accepted
     it. Side effect: the key joins the pending set that the sweeper watches.
     """
-    from django.conf import settings
-
     key = f"{BATCH_KEY_PREFIX}{source_id}:{uuid.uuid4().hex}"
     payload = {
         "source_id": source_id,
@@ -275,8 +274,6 @@ def in_flight_events(source_id: int) -> int:
     Staged batches are counted at ``INGEST_BATCH_SIZE`` each, whatever their source
     (an upper bound that costs one Redis call); stored events exactly.
     """
-    from django.conf import settings
-
     staged = cast(int, get_redis().zcard(PENDING_BATCHES_KEY)) * settings.INGEST_BATCH_SIZE
     return staged + Event.objects.filter(source_id=source_id, trends_at__isnull=True).count()
 

@@ -21,6 +21,8 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Value
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from psycopg2.extras import execute_values
 
@@ -325,26 +327,19 @@ def close_stream(*, source_id: int, event_time: datetime) -> bool:
         or Event.objects.filter(source_id=source_id, trends_at__isnull=True).exists()
     ):
         return False
-    end = bucket_start(event_time, params_for(source).bucket_s) + timedelta(
-        seconds=params_for(source).bucket_s
-    )
-    advance_watermark(source_id=source_id, to=end)
+    bucket_s = params_for(source).bucket_s
+    end = bucket_start(event_time, bucket_s) + timedelta(seconds=bucket_s)
+    advance_watermarks(source_ids=[source_id], to=end)
     log.info("ml.stream_closed", source_id=source_id, watermark=end.isoformat())
     return True
 
 
-def advance_watermark(*, source_id: int, to: datetime) -> None:
-    """Move the watermark of ``source_id`` forward to ``to`` (never backwards)."""
-    Source.objects.filter(id=source_id).update(
-        watermark=_greatest_sql(to),
+def advance_watermarks(*, source_ids: Sequence[int], to: datetime) -> int:
+    """Move the watermarks of ``source_ids`` forward to ``to`` (never backwards), in one
+    UPDATE; returns how many sources it touched."""
+    return Source.objects.filter(id__in=source_ids).update(
+        watermark=Greatest(Coalesce("watermark", Value(to)), Value(to))
     )
-
-
-def _greatest_sql(to: datetime) -> Any:
-    from django.db.models import Value
-    from django.db.models.functions import Coalesce, Greatest
-
-    return Greatest(Coalesce("watermark", Value(to)), Value(to))
 
 
 def advance_idle_watermarks() -> int:
@@ -363,6 +358,4 @@ def advance_idle_watermarks() -> int:
         .exclude(kind=Source.Kind.REPLAY)
         .values_list("id", flat=True)
     )
-    for source_id in ids:
-        advance_watermark(source_id=source_id, to=target)
-    return len(ids)
+    return advance_watermarks(source_ids=ids, to=target)

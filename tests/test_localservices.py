@@ -270,22 +270,19 @@ time.sleep(60)
 """
 
 
+def _run_python(run_dir: Path, code: str) -> list[str]:
+    """``python -m twiscope.localservices run`` around ``python -c code``."""
+    return [
+        *(sys.executable, "-m", "twiscope.localservices", "run", "--run-dir", str(run_dir)),
+        *("--", sys.executable, "-c", code),
+    ]
+
+
 def test_the_cli_gives_the_command_embedded_services_and_stops_them_on_sigterm(
     run_dir: Path,
 ) -> None:
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "twiscope.localservices",
-            "run",
-            "--run-dir",
-            str(run_dir),
-            "--",
-            sys.executable,
-            "-c",
-            CHILD,
-        ],
+        _run_python(run_dir, CHILD),
         cwd=BASE_DIR,
         env=_clean_environment(),
         stdout=subprocess.PIPE,
@@ -316,18 +313,7 @@ def test_the_cli_passes_configured_urls_through_and_returns_the_command_status(
         "REDIS_URL": ENV_REDIS_URL,
     }
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "twiscope.localservices",
-            "run",
-            "--run-dir",
-            str(run_dir),
-            "--",
-            sys.executable,
-            "-c",
-            "import os, sys; print(os.environ['DATABASE_URL']); sys.exit(3)",
-        ],
+        _run_python(run_dir, "import os, sys; print(os.environ['DATABASE_URL']); sys.exit(3)"),
         check=False,
         cwd=BASE_DIR,
         env=env,
