@@ -8,22 +8,27 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from alerts.push import PROTOCOL_VERSION, alerts_group
-from dashboard.models import Team
-
-CLOSE_UNAUTHENTICATED = 4401
+from alerts.services import team_sequences
+from teams.models import Team
+from teams.ws_auth import CLOSE_ORIGIN_REFUSED, CLOSE_UNAUTHENTICATED
 
 
 @database_sync_to_async
 def _team_seqs(user_id: int) -> dict[int, int]:
-    return dict(Team.objects.filter(memberships__user_id=user_id).values_list("id", "alert_seq"))
+    return team_sequences(
+        list(Team.objects.filter(memberships__user_id=user_id).values_list("id", flat=True))
+    )
 
 
 class AlertsConsumer(AsyncJsonWebsocketConsumer):
     """``/ws/alerts/``: pushes ``alert.created`` for every team the user belongs to.
 
     On connect it sends ``{"type": "hello", "v": 1, "teams": {"<team id>": last_seq}}``
-    so the client knows where each sequence stands. Unauthenticated sockets are
-    closed with code 4401. Messages from the client are ignored.
+    so the client knows where each sequence stands. A socket without valid credentials
+    is accepted, then closed with code 4401; one offering a session cookie from an
+    origin that is not allowed (see ``teams.ws_auth``) with 4403. (Closing before the
+    accept would reach the client as a bare HTTP 403, its code lost.) Messages from the
+    client are ignored.
     """
 
     groups: list[str]
@@ -31,7 +36,9 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.accept()
+            refused = self.scope.get("auth") == "origin-refused"
+            await self.close(code=CLOSE_ORIGIN_REFUSED if refused else CLOSE_UNAUTHENTICATED)
             return
         seqs = await _team_seqs(user.id)
         self.groups = [alerts_group(team_id) for team_id in seqs]
@@ -56,3 +63,9 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
     async def alert_created(self, event: dict[str, Any]) -> None:
         """Forward an ``alert.created`` group message to the socket."""
         await self.send_json(event["message"])
+
+    async def alerts_batch(self, event: dict[str, Any]) -> None:
+        """Forward each ``alert.created`` of a team's batch, in ``seq`` order, as its own
+        WebSocket message (the push sends one channel-layer message per team and batch)."""
+        for message in event["messages"]:
+            await self.send_json(message)

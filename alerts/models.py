@@ -1,13 +1,13 @@
-"""Alert rules, the alerts they fire, and the per-term cooldown claims."""
+"""Alert rules, the alerts they fire, the per-term cooldown claims, each team's alert
+sequence, and the record of which trends were evaluated."""
 
 from __future__ import annotations
 
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
-from dashboard.models import Team
 from ingest.models import Source
-from mlengine.models import Trend
+from teams.models import Team
 
 
 class Severity(models.TextChoices):
@@ -37,8 +37,8 @@ class AlertRule(models.Model):
     )
     terms = ArrayField(models.CharField(max_length=200), default=list, blank=True)
     min_score = models.FloatField(default=0.0)
-    min_events = models.IntegerField(default=0)
-    min_authors = models.IntegerField(default=0)
+    min_events = models.IntegerField(default=1)
+    min_authors = models.IntegerField(default=1)
     cooldown_s = models.IntegerField(default=6 * 3600)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -78,8 +78,9 @@ class Alert(models.Model):
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="alerts")
     rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    # By name, not by import: apps reach mlengine's code only through its facade.
     trend = models.ForeignKey(
-        Trend, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts"
+        "mlengine.Trend", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     seq = models.BigIntegerField()
     title = models.CharField(max_length=300)
@@ -99,3 +100,22 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+class AlertSequence(models.Model):
+    """The last sequence number given to an alert of a team: the per-team counter that
+    lets a dashboard notice a dropped WebSocket message (``alert.created`` ``seq``)."""
+
+    team = models.OneToOneField(Team, on_delete=models.CASCADE, primary_key=True, related_name="+")
+    last_seq = models.BigIntegerField(default=0)
+
+
+class TrendCheck(models.Model):
+    """A trend the alert rules were evaluated on, once: its row is the evaluation's
+    claim (a redelivered task finds it and does nothing), and a trend without one after
+    a while is swept."""
+
+    trend = models.OneToOneField(
+        "mlengine.Trend", on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    checked_at = models.DateTimeField()

@@ -3,7 +3,7 @@
 Contract, version 1 (``"v": 1``), on the group ``ws.<team id>.alerts``:
 
 - ``{"type": "alert.created", "v": 1, "team": int, "seq": int, "alert": {...}}``: the
-  alert as ``GET /api/alerts/`` returns it, with ``pushed_at`` set.
+  alert as ``GET /api/alerts/`` returns it (``alerts.payload``), with ``pushed_at`` set.
 
 ``seq`` is the team's alert sequence number, consecutive per team. The channel layer
 is at most once: a client that sees a gap reloads ``GET /api/alerts/``.
@@ -11,6 +11,7 @@ is at most once: a client that sees a gap reloads ``GET /api/alerts/``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from alerts.models import Alert
+from alerts.payload import alert_payload
 
 log = structlog.get_logger(__name__)
 
@@ -34,39 +36,44 @@ def alerts_group(team_id: int) -> str:
 def push_alerts(*, alert_ids: Sequence[int]) -> int:
     """Send each alert to its team's group and record ``pushed_at``; returns how many.
 
-    Alerts already pushed are skipped (a redelivered push sends nothing twice).
-    """
-    from alerts.api.serializers import AlertSerializer
+    Alerts already pushed are skipped (a redelivered push sends nothing twice, unless two
+    pushes race, when a client may get one twice and drops the ``seq`` it has seen).
+    Reads the alerts in one query, sends one channel-layer message per team holding its
+    alerts in ``seq`` order (the consumer forwards each as its own ``alert.created``),
+    and marks them pushed in one UPDATE.
 
+    Raises:
+        RuntimeError: ``CHANNEL_LAYERS`` is not configured.
+    """
     alerts = list(
-        Alert.objects.filter(id__in=alert_ids, pushed_at__isnull=True)
+        Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=True)
         .select_related("rule")
         .order_by("team_id", "seq")
     )
     if not alerts:
         return 0
-    messages: list[tuple[str, dict[str, Any]]] = []
+    pushed_at = timezone.now()
+    by_team: dict[int, list[dict[str, Any]]] = {}
     for alert in alerts:
-        alert.pushed_at = timezone.now()
-        payload = AlertSerializer(alert).data
-        messages.append(
-            (
-                alerts_group(alert.team_id),
-                {
-                    "type": "alert.created",
-                    "message": {
-                        "type": "alert.created",
-                        "v": PROTOCOL_VERSION,
-                        "team": alert.team_id,
-                        "seq": alert.seq,
-                        "alert": payload,
-                    },
-                },
-            )
+        alert.pushed_at = pushed_at
+        by_team.setdefault(alert.team_id, []).append(
+            {
+                "type": "alert.created",
+                "v": PROTOCOL_VERSION,
+                "team": alert.team_id,
+                "seq": alert.seq,
+                "alert": alert_payload(alert),
+            }
         )
-    async_to_sync(_send_all)(messages)
-    for alert in alerts:
-        Alert.objects.filter(id=alert.id, pushed_at__isnull=True).update(pushed_at=alert.pushed_at)
+    async_to_sync(_send_all)(
+        [
+            (alerts_group(team_id), {"type": "alerts.batch", "messages": messages})
+            for team_id, messages in by_team.items()
+        ]
+    )
+    Alert.objects.filter(id__in=[a.id for a in alerts], pushed_at__isnull=True).update(
+        pushed_at=pushed_at
+    )
     log.info("alerts.pushed", count=len(alerts))
     return len(alerts)
 
@@ -75,5 +82,4 @@ async def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("CHANNEL_LAYERS is not configured")
-    for group, message in messages:
-        await layer.group_send(group, message)
+    await asyncio.gather(*(layer.group_send(group, message) for group, message in messages))

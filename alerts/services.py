@@ -1,27 +1,54 @@
 """Writes of the alerts stage: rules fire on new trends, alerts are persisted, then pushed.
 
-An alert is created only by the worker whose conditional UPDATE of the rule's claim
-row for the term changed exactly one row (the cooldown claim), and the alert row is
-unique per (rule, trend): a redelivered task fires nothing twice. Alerts are pushed
-to the dashboard only after the transaction that wrote them commits.
+``evaluate_trends`` works on a whole batch of trends with a fixed number of statements,
+whatever the batch's size:
+
+1. claim the evaluation of each trend (``TrendCheck``: insert, conflict-ignore), so a
+   redelivered or racing task evaluates nothing twice;
+2. match the teams' enabled rules to the trends (one query for the rules);
+3. claim the cooldowns (``RuleTermClaim``: one conditional upsert), in event time: a
+   rule alerts on a term of a source once per bucket, and again only ``cooldown_s``
+   after the bucket it last alerted on;
+4. take each team's next sequence numbers (``AlertSequence``: one UPDATE);
+5. insert the alerts (one conflict-ignore insert) and push them after commit.
+
+Locks are always taken in one global order (trend checks by trend id, then claims by
+rule, source, term, then sequences by team), so concurrent alert workers cannot
+deadlock each other; a deadlock or serialization failure with anything else is retried
+with backoff, never dropped.
 """
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
+from psycopg2 import errorcodes
+from psycopg2.extras import execute_values
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
-from alerts.models import Alert, AlertRule
-from dashboard.models import Team
-from mlengine.models import Trend
+from alerts import push
+from alerts.models import Alert, AlertRule, AlertSequence, TrendCheck
+from mlengine import facade
+from teams.models import Team
+from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_RULE_NAME = "New trend"
+RETRY_ATTEMPTS = 8
+SWEEP_LIMIT = 5000
 
 
 def ensure_default_rule(team: Team) -> AlertRule:
@@ -34,7 +61,7 @@ def ensure_default_rule(team: Team) -> AlertRule:
     return rule
 
 
-def rule_matches(rule: AlertRule, trend: Trend) -> bool:
+def rule_matches(rule: AlertRule, trend: facade.TrendView) -> bool:
     """Whether ``trend`` passes ``rule``'s filters (source, terms, thresholds)."""
     return (
         rule.enabled
@@ -46,88 +73,219 @@ def rule_matches(rule: AlertRule, trend: Trend) -> bool:
     )
 
 
-def _claim(rule: AlertRule, trend: Trend) -> bool:
-    """Claim the right to alert on ``trend.term`` of its source for ``rule``.
-
-    The cooldown is in event time: the claim succeeds when the rule never alerted on
-    this term of this source, or last did for a bucket at least ``cooldown_s`` earlier.
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            INSERT INTO alerts_ruletermclaim (rule_id, source_id, term, last_bucket_start)
-            VALUES (%s, %s, %s, NULL) ON CONFLICT (rule_id, source_id, term) DO NOTHING
-            """,
-            [rule.id, trend.source_id, trend.term],
-        )
-        cursor.execute(
-            """
-            UPDATE alerts_ruletermclaim SET last_bucket_start = %s
-            WHERE rule_id = %s AND source_id = %s AND term = %s
-              AND (last_bucket_start IS NULL OR last_bucket_start <= %s)
-            """,
-            [
-                trend.bucket_start,
-                rule.id,
-                trend.source_id,
-                trend.term,
-                trend.bucket_start - timedelta(seconds=rule.cooldown_s),
-            ],
-        )
-        return cursor.rowcount == 1
+def _is_lock_conflict(exc: BaseException) -> bool:
+    cause = getattr(exc, "__cause__", None)
+    return isinstance(exc, OperationalError) and getattr(cause, "pgcode", None) in {
+        errorcodes.DEADLOCK_DETECTED,
+        errorcodes.SERIALIZATION_FAILURE,
+    }
 
 
-def _title(trend: Trend) -> str:
-    return (
-        f"Trending: {trend.term} in {trend.source.name}: {trend.events} posts, "
-        f"{trend.score:.1f}σ above baseline"
-    )[:300]
+def _log_retry(state: Any) -> None:
+    log.warning("alerts.evaluate_retried", attempt=state.attempt_number)
 
 
+@retry(
+    retry=retry_if_exception(_is_lock_conflict),
+    wait=wait_random_exponential(multiplier=0.05, max=2.0),
+    stop=stop_after_attempt(RETRY_ATTEMPTS),
+    before_sleep=_log_retry,
+    reraise=True,
+)
 def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
     """Fire the matching rules of each trend's team; return the new alert ids.
 
-    Trends that are gone are skipped. Side effect after commit: the new alerts are
-    pushed to their team's WebSocket group (``alerts.push``).
+    Trends that are gone, or already evaluated, are skipped. A deadlock or
+    serialization failure rolls back and retries the whole batch (exponential backoff
+    with jitter, at most ``RETRY_ATTEMPTS`` tries; then the error propagates and the
+    task is redelivered). Side effects after commit: the new alerts are pushed to their
+    teams' WebSocket groups (``alerts.push``), and the trends are marked done for the
+    sweeper.
     """
-    trends = list(Trend.objects.filter(id__in=trend_ids).select_related("source").order_by("id"))
-    created: list[int] = []
+    trends = facade.trends(trend_ids)
     with transaction.atomic():
-        for trend in trends:
-            rules = AlertRule.objects.filter(team_id=trend.source.team_id, enabled=True)
-            for rule in rules.order_by("id"):
-                if (
-                    not rule_matches(rule, trend)
-                    or Alert.objects.filter(rule=rule, trend=trend).exists()
-                ):
-                    continue
-                if not _claim(rule, trend):
-                    continue
-                created.append(_create_alert(rule, trend).id)
+        fresh = _claim_checks([t.id for t in trends])
+        transaction.on_commit(lambda: pipeline.mark_done("alerts", trend_ids))
+        trends = [t for t in trends if t.id in fresh]
+        if not trends:
+            return []
+        rules_by_team: dict[int, list[AlertRule]] = defaultdict(list)
+        for rule in AlertRule.objects.filter(
+            team_id__in={t.team_id for t in trends}, enabled=True
+        ).order_by("id"):
+            rules_by_team[rule.team_id].append(rule)
+        pairs = [
+            (rule, trend)
+            for trend in sorted(trends, key=lambda t: (t.bucket_start, t.id))
+            for rule in rules_by_team[trend.team_id]
+            if rule_matches(rule, trend)
+        ]
+        won = _claim_cooldowns(pairs)
+        firing = [(rule, trend) for rule, trend in pairs if (rule.id, trend.id) in won]
+        created = _create_alerts(firing)
         if created:
-            transaction.on_commit(lambda: _after_alerts(created))
+            transaction.on_commit(lambda: _push(created))
     if created:
         log.info("alerts.fired", alerts=len(created))
     return created
 
 
-def _create_alert(rule: AlertRule, trend: Trend) -> Alert:
-    team_id = trend.source.team_id
-    # One statement: the row lock it takes orders concurrent alerts of the team.
+def _push(alert_ids: list[int]) -> None:
+    push.push_alerts(alert_ids=alert_ids)
+
+
+def _claim_checks(trend_ids: list[int]) -> set[int]:
+    """Insert a ``TrendCheck`` for each trend (sorted: the lock order); return the ids
+    this transaction claimed (the others were evaluated, or are being, elsewhere)."""
+    if not trend_ids:
+        return set()
     with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE dashboard_team SET alert_seq = alert_seq + 1 WHERE id = %s RETURNING alert_seq",
-            [team_id],
+        returned = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO alerts_trendcheck (trend_id, checked_at) VALUES %s
+            ON CONFLICT (trend_id) DO NOTHING RETURNING trend_id
+            """,
+            [(trend_id, timezone.now()) for trend_id in sorted(set(trend_ids))],
+            fetch=True,
         )
-        (seq,) = cursor.fetchone()
-    return Alert.objects.create(
-        team_id=team_id,
-        rule=rule,
-        trend=trend,
-        seq=seq,
-        title=_title(trend),
-        severity=rule.severity,
-        evidence={
+    return {row[0] for row in returned}
+
+
+_CLAIM_SQL = """
+INSERT INTO alerts_ruletermclaim AS c (rule_id, source_id, term, last_bucket_start)
+SELECT v.rule_id, v.source_id, v.term, v.bucket
+FROM (VALUES %s) AS v(rule_id, source_id, term, bucket, cooldown_s)
+ORDER BY v.rule_id, v.source_id, v.term
+ON CONFLICT (rule_id, source_id, term) DO UPDATE
+    SET last_bucket_start = excluded.last_bucket_start
+    WHERE c.last_bucket_start IS NULL
+       OR (c.last_bucket_start < excluded.last_bucket_start
+           AND c.last_bucket_start <= excluded.last_bucket_start - (
+               SELECT r.cooldown_s FROM alerts_alertrule r WHERE r.id = c.rule_id
+           ) * interval '1 second')
+RETURNING rule_id, source_id, term, last_bucket_start
+"""
+
+
+def _claim_cooldowns(
+    pairs: list[tuple[AlertRule, facade.TrendView]],
+) -> set[tuple[int, int]]:
+    """Claim the cooldown of each ``(rule, trend)``; return the ``(rule id, trend id)``
+    pairs that won.
+
+    One upsert per round; a batch holding several buckets of one rule's term takes one
+    round per bucket, earliest first (an upsert may touch a row once).
+    """
+    won: set[tuple[int, int]] = set()
+    pending = list(pairs)
+    while pending:
+        round_: dict[tuple[int, int, str], tuple[AlertRule, facade.TrendView]] = {}
+        rest = []
+        for rule, trend in pending:
+            key = (rule.id, trend.source_id, trend.term)
+            if key in round_:
+                rest.append((rule, trend))
+            else:
+                round_[key] = (rule, trend)
+        with connection.cursor() as cursor:
+            returned = execute_values(
+                cursor.cursor,
+                _CLAIM_SQL,
+                [
+                    (rule.id, trend.source_id, trend.term, trend.bucket_start, rule.cooldown_s)
+                    for (rule, trend) in (round_[k] for k in sorted(round_))
+                ],
+                template="(%s::bigint, %s::bigint, %s::varchar, %s::timestamptz, %s::int)",
+                fetch=True,
+            )
+        claimed = {
+            (rule_id, source_id, term, bucket) for rule_id, source_id, term, bucket in returned
+        }
+        for key, (rule, trend) in round_.items():
+            if (*key, trend.bucket_start) in claimed:
+                won.add((rule.id, trend.id))
+        pending = rest
+    return won
+
+
+def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
+    """Reserve ``counts[team]`` sequence numbers for each team; return the first of each.
+
+    Teams are locked in id order (one upsert), the global lock order's last step.
+    """
+    with connection.cursor() as cursor:
+        returned = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO alerts_alertsequence AS s (team_id, last_seq)
+            SELECT v.team_id, v.n FROM (VALUES %s) AS v(team_id, n) ORDER BY v.team_id
+            ON CONFLICT (team_id) DO UPDATE SET last_seq = s.last_seq + excluded.last_seq
+            RETURNING team_id, last_seq
+            """,
+            sorted(counts.items()),
+            template="(%s::bigint, %s::bigint)",
+            fetch=True,
+        )
+    return {team_id: last - counts[team_id] + 1 for team_id, last in returned}
+
+
+def _title(trend: facade.TrendView) -> str:
+    return (
+        f"Trending: {trend.term} in {trend.source_name}: {trend.events} posts, "
+        f"{trend.score:.1f}σ above baseline"
+    )[:300]
+
+
+def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
+    """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``; return
+    their ids (one statement; a pair already alerted is skipped)."""
+    if not firing:
+        return []
+    counts: dict[int, int] = defaultdict(int)
+    for rule, _ in firing:
+        counts[rule.team_id] += 1
+    next_seq = _next_seqs(counts)
+    now = timezone.now()
+    rows = []
+    for rule, trend in firing:
+        seq = next_seq[rule.team_id]
+        next_seq[rule.team_id] += 1
+        rows.append(
+            (
+                rule.team_id,
+                rule.id,
+                trend.id,
+                seq,
+                _title(trend),
+                rule.severity,
+                _evidence(trend),
+                trend.evidence_received_at,
+                trend.evidence_created_at,
+                now,
+            )
+        )
+    with connection.cursor() as cursor:
+        returned = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO alerts_alert (
+                team_id, rule_id, trend_id, seq, title, severity, evidence,
+                event_received_at, event_created_at, created_at
+            ) VALUES %s
+            ON CONFLICT (rule_id, trend_id) DO NOTHING
+            RETURNING id
+            """,
+            rows,
+            template="(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+            fetch=True,
+        )
+    return [row[0] for row in returned]
+
+
+def _evidence(trend: facade.TrendView) -> str:
+    return json.dumps(
+        {
             "term": trend.term,
             "events": trend.events,
             "expected": trend.expected,
@@ -136,19 +294,44 @@ def _create_alert(rule: AlertRule, trend: Trend) -> Alert:
             "velocity": trend.velocity,
             "bucket_start": trend.bucket_start.isoformat(),
             "bucket_s": trend.bucket_s,
-            "source": {"id": trend.source_id, "name": trend.source.name},
-            "sample_event_ids": trend.sample_event_ids,
+            "detected_event_time": trend.evidence_created_at.isoformat(),
+            "source": {"id": trend.source_id, "name": trend.source_name},
+            "sample_event_ids": list(trend.sample_event_ids),
         },
-        event_received_at=trend.evidence_received_at,
-        event_created_at=trend.evidence_created_at,
-        created_at=timezone.now(),
+        ensure_ascii=False,
     )
 
 
-def _after_alerts(alert_ids: list[int]) -> None:
-    from alerts import push
-
-    push.push_alerts(alert_ids=alert_ids)
+def sweep(*, older_than_s: float) -> dict[str, int]:
+    """Re-send trends detected over ``older_than_s`` ago (within a day) that no rule
+    evaluation claimed and that are really stuck (``twiscope.pipeline.stuck``), and push
+    alerts persisted that long ago but never pushed. Returns the counts."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=older_than_s)
+    detected = facade.trend_ids_detected_before(
+        cutoff, since=now - timedelta(days=1), limit=SWEEP_LIMIT
+    )
+    checked = set(
+        TrendCheck.objects.filter(trend_id__in=detected).values_list("trend_id", flat=True)
+    )
+    unchecked = [trend_id for trend_id in detected if trend_id not in checked]
+    resend = [int(m) for m in pipeline.stuck("alerts", unchecked, older_than_s=older_than_s)]
+    with transaction.atomic():
+        for i in range(0, len(resend), 250):
+            chunk = resend[i : i + 250]
+            pipeline.send("alerts", items=chunk, trend_ids=chunk)
+    pipeline.mark_done("alerts", [t for t in detected if t in checked])
+    unpushed = list(
+        Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff).values_list(
+            "id", flat=True
+        )[:SWEEP_LIMIT]
+    )
+    if unpushed:
+        _push(unpushed)
+    swept = {"trends": len(resend), "alerts_pushed": len(unpushed)}
+    if any(swept.values()):
+        log.warning("alerts.swept", **swept)
+    return swept
 
 
 def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:
@@ -162,3 +345,11 @@ def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:
     rule.save(update_fields=list(data))
     log.info("alerts.rule_updated", rule_id=rule.id, fields=sorted(data))
     return rule
+
+
+def team_sequences(team_ids: Sequence[int]) -> dict[int, int]:
+    """The last alert sequence number of each of ``team_ids`` (0 when none yet)."""
+    seqs = dict(
+        AlertSequence.objects.filter(team_id__in=list(team_ids)).values_list("team_id", "last_seq")
+    )
+    return {team_id: seqs.get(team_id, 0) for team_id in team_ids}

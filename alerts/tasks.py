@@ -6,8 +6,16 @@ from celery import shared_task
 
 from alerts import services
 
+SWEEP_AFTER_S = 120
+
 
 @shared_task(name="alerts.evaluate_trends", soft_time_limit=30, time_limit=60)
 def evaluate_trends(*, trend_ids: list[int]) -> int:
     """Fire alert rules on new trends; returns how many alerts were created."""
     return len(services.evaluate_trends(trend_ids=trend_ids))
+
+
+@shared_task(name="alerts.sweep", soft_time_limit=25, time_limit=30)
+def sweep() -> dict[str, int]:
+    """Periodic: re-send trends never evaluated and push alerts never pushed."""
+    return services.sweep(older_than_s=SWEEP_AFTER_S)

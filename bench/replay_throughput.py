@@ -45,9 +45,10 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import psutil
 
@@ -63,16 +64,17 @@ django.setup()
 import websockets  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
+from alerts import services as alert_services  # noqa: E402
 from alerts.models import Alert, AlertRule  # noqa: E402
-from dashboard.models import Team  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
+from mlengine import enrichment  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
-from mlengine.facade import suggest_trend_bucket_s  # noqa: E402
-from mlengine.models import Trend  # noqa: E402
-from twiscope.celery import PIPELINE_QUEUES  # noqa: E402
+from mlengine.models import StreamClock, Trend  # noqa: E402
+from teams.models import Team  # noqa: E402
+from twiscope.pipeline import STAGES as PIPELINE_QUEUES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -263,9 +265,8 @@ def replay_once(
     while time.time() - started < timeout_s:
         time.sleep(0.25)
         source = Source.objects.filter(name=source_name).first()
-        counted = (
-            Event.objects.filter(source=source, trends_at__isnull=False).count() if source else 0
-        )
+        clock = StreamClock.objects.filter(source=source).first() if source else None
+        counted = clock.counted_events if clock else 0
         live = platform.processes()
         peak_rss = max(peak_rss, rss_mb(live))
         try:
@@ -347,14 +348,19 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
         key=lambda e: e.created_at,
     )
     source = services.get_or_create_source(team=team, kind="replay", name=name, config={})
-    services.set_trend_bucket(
-        source=source, bucket_s=suggest_trend_bucket_s(e.created_at for e in envelopes)
-    )
+    services.describe_stream(source=source, event_times=[e.created_at for e in envelopes])
     started = time.time()
-    for i in range(0, len(envelopes), 250):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + 250])
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
+    batches = [envelopes[i : i + 250] for i in range(0, len(envelopes), 250)]
+    for n, batch in enumerate(batches):
+        last = n == len(batches) - 1
+        watermark = batch[-1].created_at + (timedelta(microseconds=1) if last else timedelta())
+        key = services.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
+        # The stages' on-commit hand-offs are not sent: this process runs each stage.
+        with mock.patch("twiscope.pipeline.app.send_task"):
+            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            enrichment.enrich_events(event_ids=ids, source_id=source.id)
+            trend_ids = ml_services.advance_stream(source_id=source.id)
+            alert_services.evaluate_trends(trend_ids=trend_ids)
     elapsed = time.time() - started
     stored = Event.objects.filter(source=source).count()
     return {

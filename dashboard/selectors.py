@@ -1,51 +1,20 @@
-"""Reads about who may see what, and the pipeline statistics of /api/stats/."""
+"""The pipeline statistics of ``/api/stats/``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from amqp.exceptions import ChannelError
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
-from django.db.models import QuerySet, Sum
+from django.db.models import Sum
 
-from dashboard.models import Membership, Team
+from ingest.models import DeadLetter, Source
+from ingest.services import events_rate_name
+from teams.selectors import team_ids_for
+from twiscope.pipeline import queue_depths
 from twiscope.redis import rate_total
 
 LATENCY_WINDOW = 1000
-
-
-def team_ids_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Membership, Any]:
-    """A subquery of the ids of the teams ``user`` is a member of (empty if anonymous)."""
-    if not user.is_authenticated:
-        return Membership.objects.none().values("team_id")
-    return Membership.objects.filter(user_id=user.pk).values("team_id")
-
-
-def owned_team_ids_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Membership, Any]:
-    """A subquery of the ids of the teams ``user`` owns."""
-    return team_ids_for(user).filter(role=Membership.Role.OWNER)
-
-
-def teams_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Team]:
-    """The teams ``user`` is a member of."""
-    return Team.objects.filter(id__in=team_ids_for(user))
-
-
-def queue_depths() -> dict[str, int]:
-    """Messages waiting in each pipeline queue of the broker (0 if it has none)."""
-    from twiscope.celery import PIPELINE_QUEUES, app
-
-    depths: dict[str, int] = {}
-    with app.connection_for_read() as conn:
-        channel = conn.default_channel
-        for name in PIPELINE_QUEUES:
-            try:
-                depths[name] = int(channel.queue_declare(name, passive=True).message_count)
-            except ChannelError:
-                # The broker has not created the queue: nothing was ever sent to it.
-                depths[name] = 0
-    return depths
 
 
 def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
@@ -58,9 +27,6 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
     ``p99`` of ``pushed_at − event_received_at`` over the team's last 1,000 pushed
     alerts, and ``n``), ``dead_letters_total`` and ``sources_total``.
     """
-    from ingest.models import DeadLetter, Source
-    from ingest.services import events_rate_name
-
     teams = team_ids_for(user)
     sources = Source.objects.filter(team_id__in=teams)
     events_total = sources.aggregate(total=Sum("events_total"))["total"] or 0

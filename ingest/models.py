@@ -10,15 +10,18 @@ from __future__ import annotations
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
-from dashboard.models import Team
+from teams.models import Team
 
 
 class Source(models.Model):
     """One stream of posts: an X query, a Telegram channel, a feed, a webhook, a replay.
 
-    ``watermark`` is the event time up to which this source's stream is complete: the
-    largest event time seen minus the allowed lateness. Trend buckets that end at or
-    before it are closed; an event older than it is late and not counted in trends.
+    ``input_watermark`` is the source's own promise about event time: every event it
+    will deliver from now on has ``created_at >= input_watermark``. A replay (sorted by
+    event time) declares the last event time it staged; a live source declares
+    processing time minus its allowed lateness. The trend stage combines it with the
+    work still in the pipeline into the stream's watermark (``mlengine``).
+    ``last_received_at`` only moves forward.
     """
 
     class Kind(models.TextChoices):
@@ -35,13 +38,9 @@ class Source(models.Model):
     enabled = models.BooleanField(default=True)
     disabled_reason = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
-    watermark = models.DateTimeField(null=True, blank=True)
+    input_watermark = models.DateTimeField(null=True, blank=True)
     last_received_at = models.DateTimeField(null=True, blank=True)
     events_total = models.BigIntegerField(default=0)
-    late_events = models.BigIntegerField(default=0)
-    trend_bucket_s = models.IntegerField(
-        null=True, blank=True, help_text="Trend bucket in seconds; empty: TRENDS_BUCKET_S."
-    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")]
@@ -54,8 +53,8 @@ class Event(models.Model):
     """One post, in the canonical envelope, plus its enrichment.
 
     Unique on ``(source, external_id)``: inserts are conflict-ignore, so a redelivered
-    batch stores nothing twice. ``enriched_at`` and ``trends_at`` are the claims of the
-    enrich and trend stages (set by a conditional UPDATE, once).
+    batch stores nothing twice. ``enriched_at`` is set once, by the enrich stage's
+    conditional UPDATE (through ``ingest.services.save_enrichments``).
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="events")
@@ -82,7 +81,6 @@ class Event(models.Model):
     keywords = ArrayField(models.CharField(max_length=200), default=list, blank=True)
     sentiment = models.FloatField(null=True, blank=True, help_text="VADER compound, -1..1")
     enriched_at = models.DateTimeField(null=True, blank=True)
-    trends_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -93,21 +91,13 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["source", "-created_at"], name="event_source_time"),
             models.Index(fields=["-created_at"], name="event_time"),
-            models.Index(fields=["received_at"], name="event_received"),
+            # Events waiting for the enrich stage: the stream's low watermark reads its
+            # earliest event time, the sweeper its oldest. Few rows, and the only index
+            # the enrich UPDATE must leave (every index costs each insert and update).
             models.Index(
-                fields=["received_at"],
-                name="event_pending_enrich",
+                fields=["source", "created_at"],
+                name="event_unenriched_time",
                 condition=models.Q(enriched_at__isnull=True),
-            ),
-            models.Index(
-                fields=["source"],
-                name="event_uncounted",
-                condition=models.Q(trends_at__isnull=True),
-            ),
-            models.Index(
-                fields=["received_at"],
-                name="event_pending_trends",
-                condition=models.Q(trends_at__isnull=True, enriched_at__isnull=False),
             ),
         ]
 
@@ -119,7 +109,7 @@ class DeadLetter(models.Model):
     """Input the pipeline could not take, kept with its reason and raw payload.
 
     A dead letter never stops the rest of its batch; an operator can inspect and
-    re-drive it.
+    re-drive it. ``key`` makes parking idempotent.
     """
 
     class Stage(models.TextChoices):
@@ -135,7 +125,15 @@ class DeadLetter(models.Model):
     )
     reason = models.TextField()
     payload = models.JSONField(default=dict, blank=True)
+    key = models.CharField(
+        max_length=200,
+        null=True,
+        blank=True,
+        help_text="Where the item came from (a staged batch key and index): a redelivered"
+        " batch adds no second dead letter.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        constraints = [models.UniqueConstraint(fields=["key"], name="deadletter_unique_key")]
         indexes = [models.Index(fields=["-created_at"], name="deadletter_time")]

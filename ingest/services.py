@@ -1,39 +1,51 @@
-"""Writes of the ingest app: sources, raw batches, events, dead letters.
+"""Writes of the ingest app: sources, staged batches, events, enrichments, dead letters.
 
 The persist stage (``persist_batch``) is the pipeline's edge into PostgreSQL: it turns
 a staged raw batch into ``Event`` rows with one conflict-ignore insert, dead-letters
-what cannot be stored, and after commit hands the new ids to the enrich stage.
+what cannot be stored, and after commit hands the new ids on (``twiscope.pipeline``).
+The enrich stage writes its results through ``save_enrichments``: the events table is
+this app's, so every write to it is here.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from django.conf import settings
 from django.db import DataError, connection, transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from psycopg2.extras import Json, execute_values
 
-from dashboard.models import Team
 from ingest.envelope import Envelope, EnvelopeError
-from ingest.models import DeadLetter, Event, Source
+from ingest.models import DeadLetter, Source
+from ingest.selectors import (
+    BATCH_KEY_PREFIX,
+    PENDING_BATCHES_KEY,
+    STAGED_EVENT_TIME_KEY,
+    batch_source_id,
+    in_flight_events,
+)
+from teams.models import Team
+from twiscope import pipeline
 from twiscope.redis import add_to_rate, get_bytes, get_redis, incr_metric
 
 log = structlog.get_logger(__name__)
 
-BATCH_KEY_PREFIX = "twiscope:batch:"
-"""Staged batch keys are ``twiscope:batch:<source id>:<uuid>``: the source is readable
-from the key alone, without fetching the batch."""
-PENDING_BATCHES_KEY = "twiscope:pending-batches"
-"""Sorted set of staged batch keys (score: staging time, epoch seconds) not yet persisted."""
+# Staged batch keys are ``twiscope:batch:<source id>:<uuid>`` (the source is readable
+# from the key alone); PENDING_BATCHES_KEY is the sorted set of staged keys by staging
+# time (epoch s); STAGED_EVENT_TIME_KEY, per source, the same keys by their batch's
+# earliest event time, whose minimum holds the stream's watermark back.
 
 
 @dataclass(frozen=True)
@@ -61,72 +73,140 @@ def get_or_create_source(*, team: Team, kind: str, name: str, config: dict[str, 
     return source
 
 
-def set_trend_bucket(*, source: Source, bucket_s: int) -> None:
-    """Set the trend bucket size (seconds) of ``source``; updates the instance too."""
-    Source.objects.filter(id=source.id).update(trend_bucket_s=bucket_s)
-    source.trend_bucket_s = bucket_s
+def describe_stream(
+    *, source: Source, event_times: Sequence[datetime], trend_bucket_s: int | None = None
+) -> None:
+    """Record in ``source.config`` what the trend stage needs to size its buckets:
+    ``events_per_active_day`` (mean events per UTC day over the days with any, from
+    ``event_times``) and, when given, an explicit ``trend_bucket_s`` (seconds). The
+    trend stage reads them when the stream's clock starts. Updates the instance too."""
+    config = dict(source.config) if isinstance(source.config, dict) else {}
+    if event_times:
+        config["events_per_active_day"] = events_per_active_day(event_times)
+    if trend_bucket_s:
+        config["trend_bucket_s"] = trend_bucket_s
+    Source.objects.filter(id=source.id).update(config=config)
+    source.config = config
 
 
-def stage_batch(*, source_id: int, envelopes: Sequence[Envelope]) -> str:
+def events_per_active_day(event_times: Sequence[datetime]) -> float:
+    """The mean number of events per UTC day, over the days that have any (the mean,
+    not the median, so that a sample built around one burst counts it).
+
+    Raises:
+        ValueError: no event times.
+    """
+    per_day = Counter(moment.date() for moment in event_times)
+    if not per_day:
+        raise ValueError("no event times to size trend buckets from")
+    return round(statistics.fmean(per_day.values()), 3)
+
+
+def stage_batch(
+    *, source_id: int, envelopes: Sequence[Envelope], watermark: datetime | None = None
+) -> str:
     """Store a raw batch in Redis (with ``INGEST_BATCH_TTL_S`` expiry); return its key.
 
     The batch's processing time (``received_at``) is now: the moment Twiscope accepted
-    it. Side effect: the key joins the pending set that the sweeper watches.
+    it. ``watermark``, when given, is the source's promise that every later event has an
+    event time at or after it (applied when the batch is persisted). Side effects: the
+    key joins the pending set the sweeper watches and the source's staged set (scored
+    by the batch's earliest event time, which holds the stream's watermark back until
+    the batch is stored).
     """
     key = f"{BATCH_KEY_PREFIX}{source_id}:{uuid.uuid4().hex}"
     payload = {
         "source_id": source_id,
         "received_at": timezone.now().isoformat(),
+        "watermark": watermark.isoformat() if watermark is not None else None,
         "items": [envelope.to_json() for envelope in envelopes],
     }
+    earliest = min((e.created_at.timestamp() for e in envelopes), default=None)
     pipe = get_redis().pipeline()
     pipe.set(key, json.dumps(payload, ensure_ascii=False), ex=settings.INGEST_BATCH_TTL_S)
     pipe.zadd(PENDING_BATCHES_KEY, {key: time.time()})
+    if earliest is not None:
+        pipe.zadd(STAGED_EVENT_TIME_KEY.format(source_id=source_id), {key: earliest})
     pipe.execute()
     return key
 
 
-def enqueue_envelopes(*, source: Source, envelopes: Sequence[Envelope]) -> str:
-    """Stage ``envelopes`` and queue their persist task (after commit); return the key."""
-    from ingest import tasks
+def enqueue_envelopes(
+    *, source: Source, envelopes: Sequence[Envelope], watermark: datetime | None = None
+) -> str:
+    """Stage ``envelopes`` and queue their persist task (after commit); return the key.
 
-    key = stage_batch(source_id=source.id, envelopes=envelopes)
-    transaction.on_commit(
-        lambda: tasks.persist_batch.apply_async(kwargs={"batch_key": key, "source_id": source.id})
-    )
+    ``watermark``: see ``stage_batch``. A replay, sorted by event time, passes the last
+    event time it staged; ``end_of_stream`` passes one past the last event.
+    """
+    key = stage_batch(source_id=source.id, envelopes=envelopes, watermark=watermark)
+    pipeline.send("ingest", items=[key], batch_key=key, source_id=source.id)
     return key
 
 
-def record_dead_letters(
-    *, stage: str, source: Source | None, items: list[tuple[str, dict[str, Any]]]
-) -> None:
-    """Park ``(reason, payload)`` items in the dead-letter table."""
-    if not items:
-        return
-    DeadLetter.objects.bulk_create(
-        [
-            DeadLetter(stage=stage, source=source, reason=reason[:2000], payload=payload)
-            for reason, payload in items
-        ]
-    )
-    log.warning("ingest.dead_lettered", stage=stage, count=len(items))
+def end_of_stream(*, source: Source, event_time: datetime) -> str:
+    """Declare that ``source`` delivered every event up to and including ``event_time``.
 
-
-def end_of_stream(*, source: Source, event_time: datetime) -> None:
-    """Tell the trend stage that ``source`` delivered everything up to ``event_time``.
-
-    Side effect: queues ``ml.close_stream``, which waits for the source's staged and
-    in-flight events to be counted, then advances its watermark past ``event_time`` so
-    its last buckets close.
+    Stages an empty batch whose watermark is just past ``event_time``; once it is
+    persisted, the trend stage may finalise every event of the stream. Returns its key.
     """
-    from mlengine import tasks as ml_tasks
-
-    transaction.on_commit(
-        lambda: ml_tasks.close_stream.apply_async(
-            kwargs={"source_id": source.id, "event_time": event_time.isoformat()},
-            countdown=1,
-        )
+    return enqueue_envelopes(
+        source=source, envelopes=[], watermark=event_time + timedelta(microseconds=1)
     )
+
+
+def declare_live_progress() -> int:
+    """Move the declared watermark of every enabled live source (not a replay) to now
+    minus ``TRENDS_LIVE_LATENESS_S``, and let the stream advance, so a quiet live
+    source's last events are judged without waiting for more. Returns how many sources.
+
+    A live source's event time follows processing time: an event arriving more than the
+    allowed lateness after its event time is late (stored, not counted in trends).
+    """
+    moment = timezone.now() - timedelta(seconds=settings.TRENDS_LIVE_LATENESS_S)
+    sources = Source.objects.filter(enabled=True).exclude(kind=Source.Kind.REPLAY)
+    ids = list(sources.values_list("id", flat=True))
+    with transaction.atomic():
+        Source.objects.filter(id__in=ids).update(
+            input_watermark=Greatest(Coalesce("input_watermark", moment), moment)
+        )
+        for source_id in ids:
+            pipeline.hand_off("ingest", event_ids=[], source_id=source_id)
+    return len(ids)
+
+
+def record_dead_letters(
+    *,
+    stage: str,
+    source: Source | None,
+    items: Sequence[tuple[str, dict[str, Any]]],
+    keys: Sequence[str | None] | None = None,
+) -> int:
+    """Park ``(reason, payload)`` items in the dead-letter table; return how many are new.
+
+    ``keys`` (one per item, or None) name where each item came from; an item whose key
+    is already parked is not parked twice, so a redelivered batch adds nothing.
+    """
+    if not items:
+        return 0
+    item_keys = list(keys) if keys is not None else [None] * len(items)
+    source_id = source.id if source is not None else None
+    with connection.cursor() as cursor:
+        created = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO ingest_deadletter (stage, source_id, reason, payload, key, created_at)
+            VALUES %s ON CONFLICT (key) DO NOTHING RETURNING id
+            """,
+            [
+                (stage, source_id, reason[:2000], Json(payload), key, timezone.now())
+                for (reason, payload), key in zip(items, item_keys, strict=True)
+            ],
+            fetch=True,
+        )
+    if created:
+        log.warning("ingest.dead_lettered", stage=stage, count=len(created))
+    return len(created)
 
 
 _INSERT_SQL = """
@@ -177,38 +257,45 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
 
     Re-reads everything: a missing batch key (expired or already persisted) is logged
     and counted; a missing or disabled source drops the batch quietly. Items that fail
-    validation, and rows PostgreSQL refuses, become dead letters; the rest of the batch
-    is stored. Inserts are conflict-ignore on ``(source, external_id)``, so a
-    redelivered batch stores nothing twice.
+    validation, and rows PostgreSQL refuses, become dead letters keyed by the batch key
+    and item index (a redelivered batch parks nothing twice); the rest of the batch is
+    stored. Inserts are conflict-ignore on ``(source, external_id)``, so a redelivered
+    batch stores nothing twice. ``Source.last_received_at`` and ``input_watermark``
+    only move forward.
 
-    Side effects after commit: queues ``enrich.enrich_events`` with the new ids and
-    deletes the batch key.
+    Side effects after commit: hands the new ids to the enrich stage (also when there
+    are none: the batch may carry a watermark the trend stage must see), counts them
+    in the team's rate, and forgets the batch key.
     """
-    redis = get_redis()
     raw = get_bytes(batch_key)
     if raw is None:
         log.warning("ingest.batch_missing", batch_key=batch_key, source_id=source_id)
         incr_metric("batch_missing")
-        redis.zrem(PENDING_BATCHES_KEY, batch_key)
+        _forget_batch(batch_key, source_id)
         return PersistResult()
     source = Source.objects.filter(id=source_id, enabled=True).first()
     if source is None:
         log.info("ingest.batch_dropped_source_gone", batch_key=batch_key, source_id=source_id)
-        _forget_batch(batch_key)
+        _forget_batch(batch_key, source_id)
         return PersistResult()
 
     batch = json.loads(raw)
     received_at = datetime.fromisoformat(batch["received_at"])
+    watermark = datetime.fromisoformat(batch["watermark"]) if batch.get("watermark") else None
+    if watermark is None and source.kind != Source.Kind.REPLAY:
+        watermark = received_at - timedelta(seconds=settings.TRENDS_LIVE_LATENESS_S)
     dead: list[tuple[str, dict[str, Any]]] = []
+    dead_keys: list[str | None] = []
     rows: list[tuple[Any, ...]] = []
     seen: set[str] = set()
-    for item in batch["items"]:
+    for index, item in enumerate(batch["items"]):
         try:
             env = Envelope.from_json(item)
         except EnvelopeError as exc:
             dead.append(
                 (f"invalid envelope: {exc}", item if isinstance(item, dict) else {"item": item})
             )
+            dead_keys.append(f"{batch_key}:{index}")
             continue
         if env.external_id in seen:
             continue
@@ -227,22 +314,33 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
                         inserted.extend(_insert([row]))
                 except DataError as exc:
                     dead.append((f"refused by database: {exc}".strip(), {"external_id": row[1]}))
-        record_dead_letters(stage=DeadLetter.Stage.INGEST, source=source, items=dead)
+                    dead_keys.append(f"{batch_key}:id:{row[1]}"[:200])
+        new_dead = record_dead_letters(
+            stage=DeadLetter.Stage.INGEST, source=source, items=dead, keys=dead_keys
+        )
+        changes: dict[str, Any] = {}
         if inserted:
-            Source.objects.filter(id=source.id).update(
-                events_total=F("events_total") + len(inserted), last_received_at=received_at
+            changes["events_total"] = F("events_total") + len(inserted)
+            changes["last_received_at"] = Greatest(
+                Coalesce("last_received_at", received_at), received_at
             )
-        transaction.on_commit(lambda: _after_persist(batch_key, inserted, source.team_id))
+        if watermark is not None:
+            changes["input_watermark"] = Greatest(Coalesce("input_watermark", watermark), watermark)
+        if changes:
+            Source.objects.filter(id=source.id).update(**changes)
+        pipeline.hand_off("ingest", items=inserted, event_ids=inserted, source_id=source.id)
+        team_id = source.team_id
+        transaction.on_commit(lambda: _after_persist(batch_key, source_id, inserted, team_id))
 
     result = PersistResult(
-        inserted_ids=inserted, duplicates=len(rows) - len(inserted), dead_letters=len(dead)
+        inserted_ids=inserted, duplicates=len(rows) - len(inserted), dead_letters=new_dead
     )
     log.info(
         "ingest.batch_persisted",
         source_id=source.id,
         inserted=len(inserted),
         duplicates=result.duplicates,
-        dead_letters=len(dead),
+        dead_letters=new_dead,
     )
     return result
 
@@ -252,30 +350,53 @@ def events_rate_name(team_id: int) -> str:
     return f"events:team:{team_id}"
 
 
-def _after_persist(batch_key: str, event_ids: list[int], team_id: int) -> None:
-    from ingest import tasks
-
+def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id: int) -> None:
     if event_ids:
-        tasks.enrich_events.apply_async(kwargs={"event_ids": event_ids})
         add_to_rate(events_rate_name(team_id), len(event_ids))
-    _forget_batch(batch_key)
+    _forget_batch(batch_key, source_id)
 
 
-def _forget_batch(batch_key: str) -> None:
+def _forget_batch(batch_key: str, source_id: int) -> None:
     pipe = get_redis().pipeline()
     pipe.delete(batch_key)
     pipe.zrem(PENDING_BATCHES_KEY, batch_key)
+    pipe.zrem(STAGED_EVENT_TIME_KEY.format(source_id=source_id), batch_key)
     pipe.execute()
+    pipeline.mark_done("ingest", [batch_key])
 
 
-def in_flight_events(source_id: int) -> int:
-    """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
+def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[int]:
+    """Write the enrich stage's results; return the ids written.
 
-    Staged batches are counted at ``INGEST_BATCH_SIZE`` each, whatever their source
-    (an upper bound that costs one Redis call); stored events exactly.
+    ``rows`` are ``(event_id, lang, hashtags, mentions, cashtags, urls, keywords,
+    sentiment)``: lists of strings and a float in [-1, 1]. Only events not enriched yet
+    are written (the claim is in the UPDATE), so a redelivered task changes nothing.
+    Must run inside the caller's transaction.
     """
-    staged = cast(int, get_redis().zcard(PENDING_BATCHES_KEY)) * settings.INGEST_BATCH_SIZE
-    return staged + Event.objects.filter(source_id=source_id, trends_at__isnull=True).count()
+    if not rows:
+        return []
+    with connection.cursor() as cursor:
+        updated = execute_values(
+            cursor.cursor,
+            _ENRICH_SQL,
+            rows,
+            template="(%s, %s, %s::varchar[], %s::varchar[], %s::varchar[], %s::text[],"
+            " %s::varchar[], %s::float8)",
+            page_size=1000,
+            fetch=True,
+        )
+    return [r[0] for r in updated]
+
+
+_ENRICH_SQL = """
+UPDATE ingest_event AS e SET
+    lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,
+    urls = v.urls, keywords = v.keywords, sentiment = v.sentiment,
+    enriched_at = statement_timestamp()
+FROM (VALUES %s) AS v(id, lang, hashtags, mentions, cashtags, urls, keywords, sentiment)
+WHERE e.id = v.id AND e.enriched_at IS NULL
+RETURNING e.id
+"""
 
 
 def wait_for_capacity(
@@ -302,109 +423,29 @@ def wait_for_capacity(
     return time.monotonic() - start
 
 
-def pending_batch_keys(*, older_than_s: float) -> list[str]:
-    """Staged batch keys older than ``older_than_s`` seconds that still exist."""
+def sweep_staged_batches(*, older_than_s: float) -> int:
+    """Re-send the persist task of staged batches that are really stuck (see
+    ``twiscope.pipeline.stuck``); forget keys whose batch expired. Returns how many."""
     redis = get_redis()
     keys = [
         k.decode()
-        for k in cast(
-            "list[bytes]",
-            redis.zrangebyscore(PENDING_BATCHES_KEY, "-inf", time.time() - older_than_s),
-        )
+        for k in redis.zrangebyscore(PENDING_BATCHES_KEY, "-inf", time.time() - older_than_s)  # type: ignore[union-attr]
     ]
     alive = []
     for key in keys:
-        if redis.exists(key):
+        source_id = batch_source_id(key)
+        if source_id is not None and redis.exists(key):
             alive.append(key)
         else:
-            redis.zrem(PENDING_BATCHES_KEY, key)
-    return alive
-
-
-def source_has_pending_batches(source_id: int) -> bool:
-    """Whether any staged batch of ``source_id`` still waits for its persist task."""
-    prefix = f"{BATCH_KEY_PREFIX}{source_id}:".encode()
-    redis = get_redis()
-    for key in cast("list[bytes]", redis.zrange(PENDING_BATCHES_KEY, 0, -1)):
-        if not key.startswith(prefix):
-            continue
-        if redis.exists(key):
-            return True
-        redis.zrem(PENDING_BATCHES_KEY, key)
-    return False
-
-
-def enrich_events(*, event_ids: Sequence[int]) -> list[int]:
-    """Enrich events not yet enriched: language, entities, keywords, VADER sentiment.
-
-    Claims each row by ``enriched_at IS NULL`` in the UPDATE itself, so a redelivered
-    task enriches nothing twice. Returns the ids it enriched. Side effect after commit:
-    queues ``ml.update_trends`` with them.
-    """
-    from mlengine import facade
-
-    rows = list(
-        Event.objects.filter(id__in=event_ids, enriched_at__isnull=True).values_list(
-            "id", "text", "lang"
-        )
-    )
-    if not rows:
-        return []
-    results = facade.enrich_texts([text for _, text, _ in rows])
-    values = [
-        (
-            event_id,
-            lang or enrichment.lang,
-            list(enrichment.hashtags),
-            list(enrichment.mentions),
-            list(enrichment.cashtags),
-            list(enrichment.urls),
-            list(enrichment.keywords),
-            enrichment.sentiment,
-        )
-        for (event_id, _, lang), enrichment in zip(rows, results, strict=True)
-    ]
-    with transaction.atomic(), connection.cursor() as cursor:
-        updated = execute_values(
-            cursor.cursor,
-            _ENRICH_SQL,
-            values,
-            template="(%s, %s, %s::varchar[], %s::varchar[], %s::varchar[], %s::text[],"
-            " %s::varchar[], %s::float8)",
-            page_size=1000,
-            fetch=True,
-        )
-        enriched = [r[0] for r in updated]
-        transaction.on_commit(lambda: _after_enrich(enriched))
-    return enriched
-
-
-_ENRICH_SQL = """
-UPDATE ingest_event AS e SET
-    lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,
-    urls = v.urls, keywords = v.keywords, sentiment = v.sentiment,
-    enriched_at = statement_timestamp()
-FROM (VALUES %s) AS v(id, lang, hashtags, mentions, cashtags, urls, keywords, sentiment)
-WHERE e.id = v.id AND e.enriched_at IS NULL
-RETURNING e.id
-"""
-
-
-def _after_enrich(event_ids: list[int]) -> None:
-    from mlengine import tasks as ml_tasks
-
-    if event_ids:
-        ml_tasks.update_trends.apply_async(kwargs={"event_ids": event_ids})
-
-
-def batch_source_id(batch_key: str) -> int | None:
-    """The source id in a staged batch's key, or None for a key of another shape."""
-    _, _, rest = batch_key.partition(BATCH_KEY_PREFIX)
-    source_id, _, _ = rest.partition(":")
-    return int(source_id) if source_id.isdigit() else None
+            _forget_batch(key, source_id or 0)
+    resend = pipeline.stuck("ingest", alive, older_than_s=older_than_s)
+    for key in resend:
+        pipeline.send("ingest", items=[key], batch_key=key, source_id=batch_source_id(key))
+    return len(resend)
 
 
 GROWING_TABLES = ("ingest_event", "mlengine_termcount", "mlengine_trend", "alerts_alert")
+"""Tables of every app the pipeline fills fast (``ANALYZE`` reads, it writes no row)."""
 
 
 def analyze_growing_tables(*, min_rows: int = 1000, fraction: float = 0.02) -> list[str]:

@@ -6,35 +6,113 @@ their parameters stay internal.
 
 from __future__ import annotations
 
-import statistics
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
+from mlengine.models import StreamClock, Trend
 from mlengine.text import Enrichment, enrich_text, warm_up
-from mlengine.trends import TrendParams, suggest_bucket_s
 
-__all__ = ["Enrichment", "TrendParams", "enrich_texts", "suggest_trend_bucket_s", "warm_up"]
+__all__ = [
+    "Enrichment",
+    "StreamState",
+    "TrendView",
+    "enrich_texts",
+    "stream_states",
+    "trend_ids_detected_before",
+    "trends",
+    "warm_up",
+]
 
 
 def enrich_texts(texts: Sequence[str]) -> list[Enrichment]:
-    """Fast-path enrichment of each text, in order (see ``mlengine.text``)."""
+    """Fast-path enrichment of each text, in order (see ``mlengine.text``); CPU only."""
     return [enrich_text(text) for text in texts]
 
 
-def suggest_trend_bucket_s(event_times: Iterable[datetime]) -> int:
-    """A trend bucket size (seconds) for a stream with these event times.
+@dataclass(frozen=True, slots=True)
+class TrendView:
+    """A detected trend, as other stages see it.
 
-    Uses the mean number of events per UTC day over the days that have any, and the
-    detector's ``TRENDS_MIN_EVENTS`` (see ``mlengine.trends.suggest_bucket_s``).
-
-    Raises:
-        ValueError: no event times.
+    ``score`` in Poisson σ above the baseline; ``velocity`` in events per minute;
+    ``bucket_s`` in seconds; ``evidence_created_at`` is the event time of detection and
+    ``evidence_received_at`` the processing time of that event.
     """
-    per_day = Counter(moment.date() for moment in event_times)
-    if not per_day:
-        raise ValueError("no event times to size trend buckets from")
-    from django.conf import settings
 
-    mean = statistics.fmean(per_day.values())
-    return suggest_bucket_s(mean, min_events=settings.TRENDS_MIN_EVENTS)
+    id: int
+    source_id: int
+    source_name: str
+    team_id: int
+    term: str
+    bucket_start: datetime
+    bucket_s: int
+    events: int
+    expected: float
+    score: float
+    authors_count: int
+    velocity: float
+    evidence_received_at: datetime
+    evidence_created_at: datetime
+    sample_event_ids: tuple[int, ...]
+
+
+def trends(trend_ids: Sequence[int]) -> list[TrendView]:
+    """The trends among ``trend_ids`` that still exist, ordered by id (one query)."""
+    rows = Trend.objects.filter(id__in=list(trend_ids)).select_related("source").order_by("id")
+    return [
+        TrendView(
+            id=t.id,
+            source_id=t.source_id,
+            source_name=t.source.name,
+            team_id=t.source.team_id,
+            term=t.term,
+            bucket_start=t.bucket_start,
+            bucket_s=t.bucket_s,
+            events=t.events,
+            expected=t.expected,
+            score=t.score,
+            authors_count=t.authors_count,
+            velocity=t.velocity,
+            evidence_received_at=t.evidence_received_at,
+            evidence_created_at=t.evidence_created_at,
+            sample_event_ids=tuple(t.sample_event_ids),
+        )
+        for t in rows
+    ]
+
+
+def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) -> list[int]:
+    """Ids of trends first detected (processing time) in ``[since, moment)``, oldest
+    first, at most ``limit``."""
+    return list(
+        Trend.objects.filter(detected_at__gte=since, detected_at__lt=moment)
+        .order_by("detected_at")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A stream's event-time clock: ``watermark`` (every earlier event is counted; None
+    before the first), ``bucket_s`` (trend bucket, seconds), ``late_events`` and
+    ``counted_events`` (events)."""
+
+    source_id: int
+    watermark: datetime | None
+    bucket_s: int
+    late_events: int
+    counted_events: int
+
+
+def stream_states(source_ids: Sequence[int]) -> dict[int, StreamState]:
+    """The clocks of those of ``source_ids`` whose stream has started, by source id."""
+    return {
+        clock.source_id: StreamState(
+            source_id=clock.source_id,
+            watermark=clock.watermark,
+            bucket_s=clock.bucket_s,
+            late_events=clock.late_events,
+            counted_events=clock.counted_events,
+        )
+        for clock in StreamClock.objects.filter(source_id__in=list(source_ids))
+    }

@@ -1,4 +1,5 @@
-"""Trend state: per-bucket term counts and the trends detected from them."""
+"""Trend state: each stream's event-time clock, per-bucket term counts, and the trends
+detected from them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,29 @@ from ingest.models import Source
 
 TOTAL_TERM = "*"
 """The reserved term under which a bucket's total event count is kept."""
+
+
+class StreamClock(models.Model):
+    """The trend stage's event-time clock of one source's stream.
+
+    ``watermark``: every event of the source with an earlier event time has been
+    counted, in event-time order; it only moves forward, and only the worker holding
+    this row's lock moves it. ``bucket_s`` is the stream's trend bucket (seconds),
+    fixed when the clock is created. ``late_events`` counts stored events that came
+    after the watermark had passed their event time (left out of the counts).
+    """
+
+    source = models.OneToOneField(
+        Source, on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    watermark = models.DateTimeField(null=True, blank=True)
+    bucket_s = models.IntegerField()
+    late_events = models.BigIntegerField(default=0)
+    counted_events = models.BigIntegerField(default=0)
+    advanced_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"clock of source {self.source_id} at {self.watermark}"
 
 
 class TermCount(models.Model):
@@ -40,8 +64,11 @@ class Trend(models.Model):
 
     ``score`` is the deviation from the expected count in units of its Poisson
     standard deviation (see ``mlengine/trends.py``); ``velocity`` is the change in
-    events per minute from the previous bucket. ``evidence_received_at`` is the
-    processing time of the event that completed the evidence (for alert latency).
+    events per minute from the previous bucket. The evidence fields name the event whose
+    arrival, in event-time order, first made the bucket-so-far cross the thresholds:
+    ``evidence_created_at`` is the event time of the detection (the same at any replay
+    speed), ``evidence_received_at`` its processing time (for alert latency). ``events``,
+    ``authors_count`` and ``score`` grow as the bucket fills (score: the highest seen).
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="trends")

@@ -1,13 +1,25 @@
-"""Writes of the ml stage: term counts per event-time bucket, watermarks, trends.
+"""Writes of the trend stage: each stream's event-time clock, term counts, trends.
 
-``update_trends`` is the stage's one entry point for new events. It claims them (a
-conditional UPDATE on ``Event.trends_at``, so a redelivered task counts nothing
-twice), adds them to their buckets' term counts, advances the source's watermark,
-scores every term the batch touched (``mlengine.trends``) and upserts the trends it
-finds. New trends go to the alerts stage after commit.
+``advance_stream`` is the stage's one entry point. It moves a source's watermark up to
+the stream's low watermark (``ingest.selectors.input_low_watermark``: everything
+earlier is stored and enriched) and counts the events in between **in event-time
+order** (ties by external id), as if it lived through them one by one:
 
-Locks are always taken in one order (events, term counts sorted by term and bucket,
-source, trends sorted by term and bucket) so parallel ml workers cannot deadlock.
+- each event adds one to its bucket's total and to each of its terms, with its author;
+- at each of a term's events the term is scored on the bucket-so-far
+  (``mlengine.trends.score_term``); the first event at which it passes every threshold
+  is the trend's detection, and that event is its evidence.
+
+So a verdict is a function of the events alone: the earliest event time at which the
+bucket-so-far crosses the threshold, whatever the batch boundaries, arrival order,
+worker count or replay speed. It is final when it is made, because the watermark has
+passed the evidence and no earlier event can still come (an event that comes anyway is
+late: stored, counted in ``StreamClock.late_events``, left out of the counts).
+
+One worker advances a stream at a time (it holds the clock's row lock); different
+streams advance in parallel. Term counts and trends are written with absolute values,
+so the result does not depend on which worker did it. New trends go to the alerts
+stage after commit. Event time and allowed lateness: DESIGN.md, "Time".
 """
 
 from __future__ import annotations
@@ -21,25 +33,29 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Value
-from django.db.models.functions import Coalesce, Greatest
+from django.db.models import F
 from django.utils import timezone
 from psycopg2.extras import execute_values
 
-from ingest.envelope import Author
+from ingest import selectors as ingest_selectors
 from ingest.models import Source
-from mlengine.models import TOTAL_TERM, TermCount
+from ingest.selectors import TrendInput
+from mlengine.models import TOTAL_TERM, StreamClock, TermCount
 from mlengine.trends import TermWindow, TrendParams, baseline_range, bucket_start, score_term
+from mlengine.trends import suggest_bucket_s as ladder_bucket_s
+from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
 
 SAMPLE_EVENTS = 10
+MAX_EVENTS_PER_ADVANCE = 5000
+"""At most this many events are counted in one transaction; the rest in the next task."""
 
 
-def params_for(source: Source) -> TrendParams:
-    """The detector parameters of ``source`` (its bucket size, the rest from settings)."""
+def params_for(bucket_s: int) -> TrendParams:
+    """The detector parameters for a stream with ``bucket_s`` buckets (rest: settings)."""
     return TrendParams(
-        bucket_s=source.trend_bucket_s or settings.TRENDS_BUCKET_S,
+        bucket_s=bucket_s,
         baseline_buckets=settings.TRENDS_BASELINE_BUCKETS,
         min_history_buckets=settings.TRENDS_MIN_HISTORY_BUCKETS,
         min_score=settings.TRENDS_MIN_SCORE,
@@ -48,314 +64,455 @@ def params_for(source: Source) -> TrendParams:
     )
 
 
+def bucket_s_for(source: Source) -> int:
+    """The trend bucket (seconds) a new stream of ``source`` gets.
+
+    ``config["trend_bucket_s"]`` when the source sets one; else, when the source tells
+    its mean events per active day (``config["events_per_active_day"]``, as a replay
+    does), the smallest bucket that holds twice ``TRENDS_MIN_EVENTS`` on average
+    (``mlengine.trends.suggest_bucket_s``); else ``settings.TRENDS_BUCKET_S``.
+    """
+    config = source.config if isinstance(source.config, dict) else {}
+    explicit = config.get("trend_bucket_s")
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    per_day = config.get("events_per_active_day")
+    if isinstance(per_day, int | float) and per_day > 0:
+        return ladder_bucket_s(float(per_day), min_events=settings.TRENDS_MIN_EVENTS)
+    return int(settings.TRENDS_BUCKET_S)
+
+
+def _lock_clock(source: Source) -> StreamClock:
+    """The source's clock, created if new, locked ``FOR UPDATE`` (inside a transaction)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO mlengine_streamclock
+                (source_id, bucket_s, late_events, counted_events)
+            VALUES (%s, %s, 0, 0) ON CONFLICT (source_id) DO NOTHING
+            """,
+            [source.id, bucket_s_for(source)],
+        )
+    return StreamClock.objects.select_for_update().get(source_id=source.id)
+
+
+def advance_stream(*, source_id: int) -> list[int]:
+    """Count ``source_id``'s events up to its low watermark; return ids of new trends.
+
+    Does nothing when the source is gone, declared no progress, or its watermark cannot
+    move. Counts at most ``MAX_EVENTS_PER_ADVANCE`` events (never splitting one event
+    time) and queues itself again for the rest. Side effects after commit: the new
+    trends go to the alerts stage.
+    """
+    source = Source.objects.filter(id=source_id).first()
+    if source is None:
+        return []
+    with transaction.atomic():
+        clock = _lock_clock(source)
+        target = ingest_selectors.input_low_watermark(source_id)
+        if target is None or (clock.watermark is not None and target <= clock.watermark):
+            return []
+        events = ingest_selectors.events_for_trends(
+            source_id, since=clock.watermark, until=target, limit=MAX_EVENTS_PER_ADVANCE + 1
+        )
+        more = len(events) > MAX_EVENTS_PER_ADVANCE
+        if more:
+            # Stop before the first event not taken, and before every event sharing its
+            # time, so the next advance starts on a whole event time.
+            target = events[MAX_EVENTS_PER_ADVANCE].created_at
+            events = [e for e in events[:MAX_EVENTS_PER_ADVANCE] if e.created_at < target]
+        new_trends = _count(source, clock, events) if events else []
+        StreamClock.objects.filter(source_id=source_id).update(
+            watermark=target,
+            counted_events=F("counted_events") + len(events),
+            advanced_at=timezone.now(),
+        )
+        if new_trends:
+            pipeline.hand_off("ml", items=new_trends, trend_ids=new_trends)
+        if more:
+            pipeline.send("ml", source_id=source_id)
+    if new_trends:
+        log.info("ml.trends_detected", source_id=source_id, new=len(new_trends))
+    return new_trends
+
+
 @dataclass
 class _Cell:
-    """One (bucket, term) of a batch being counted."""
+    """A term's counts in the bucket-so-far, and what the scan learned about it."""
 
     events: int = 0
     authors: set[str] = field(default_factory=set)
-    last_received_at: datetime | None = None
-    last_created_at: datetime | None = None
-    sample_ids: list[int] = field(default_factory=list)
+    changed: bool = False
+    trend: dict[str, Any] | None = None
 
 
-_CLAIM_SQL = """
-UPDATE ingest_event SET trends_at = statement_timestamp()
-WHERE id = ANY(%s) AND trends_at IS NULL AND enriched_at IS NOT NULL
-RETURNING id, source_id, external_id, created_at, received_at, author_id, author_handle,
-          hashtags, mentions, cashtags, keywords
-"""
+Key = tuple[datetime, str]
+"""``(bucket start, term)``."""
 
-_UPSERT_COUNTS_SQL = f"""
+
+def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> list[int]:
+    """Count ``events`` (event-time order), bucket after bucket; return ids of new trends.
+
+    A fixed number of queries whatever the number of buckets and terms: the buckets'
+    counts and trends so far, the baselines of the terms that may trend, one upsert of
+    the counts, one insert of new trends and one update of grown ones.
+    """
+    params = params_for(clock.bucket_s)
+    bucket = timedelta(seconds=params.bucket_s)
+    by_bucket: dict[datetime, list[TrendInput]] = defaultdict(list)
+    for event in events:
+        by_bucket[bucket_start(event.created_at, params.bucket_s)].append(event)
+    starts = sorted(by_bucket)
+    terms = sorted({term[:200] for event in events for term in event.terms})
+    cells = _load_cells(source.id, starts, [TOTAL_TERM, *terms])
+    # Only a term that reaches min_events in a bucket can trend there: load the baseline
+    # of those alone (and of the totals).
+    arriving: dict[Key, int] = defaultdict(int)
+    for start, bucket_events in by_bucket.items():
+        for event in bucket_events:
+            for term in {t[:200] for t in event.terms}:
+                arriving[(start, term)] += 1
+    candidates = {
+        key
+        for key, count in arriving.items()
+        if cells[key].trend is None and cells[key].events + count >= params.min_events
+    }
+    history = _History.load(
+        source.id,
+        since=starts[0] - bucket * params.baseline_buckets,
+        until=starts[-1],
+        terms=sorted({term for _, term in candidates}),
+    )
+    now = timezone.now()
+    for start in starts:
+        _scan_bucket(params, start, by_bucket[start], cells, candidates, history, now)
+        history.add_bucket(start, cells)
+    _save_counts(source.id, cells)
+    return _save_trends(source.id, params, cells, now)
+
+
+def _scan_bucket(
+    params: TrendParams,
+    start: datetime,
+    events: list[TrendInput],
+    cells: dict[Key, _Cell],
+    candidates: set[Key],
+    history: _History,
+    now: datetime,
+) -> None:
+    """Live through one bucket's new events in order, scoring candidates as they grow."""
+    baseline = history.baseline(start, params)
+    total = cells[(start, TOTAL_TERM)]
+    for event in events:
+        total.events += 1
+        if len(total.authors) < TermCount.AUTHORS_CAP:
+            total.authors.add(event.author)
+        total.changed = True
+        for term in dict.fromkeys(t[:200] for t in event.terms):
+            cell = cells[(start, term)]
+            cell.events += 1
+            if len(cell.authors) < TermCount.AUTHORS_CAP:
+                cell.authors.add(event.author)
+            cell.changed = True
+            if cell.trend is not None:
+                _grow(cell, event)
+                continue
+            if cell.events < params.min_events or (start, term) not in candidates:
+                continue
+            hist_events, prev_events = baseline.terms.get(term, (0, 0))
+            verdict = score_term(
+                TermWindow(
+                    term=term,
+                    events=cell.events,
+                    authors=len(cell.authors),
+                    bucket_total=total.events,
+                    source_authors=max(len(total.authors), baseline.max_authors),
+                    hist_events=hist_events,
+                    hist_total=baseline.total,
+                    hist_buckets=baseline.buckets,
+                    mean_bucket_total=baseline.mean_total,
+                    prev_events=prev_events,
+                ),
+                params,
+            )
+            if verdict.is_trend:
+                cell.trend = {
+                    "new": True,
+                    "expected": verdict.expected,
+                    "score": verdict.score,
+                    "velocity": verdict.velocity,
+                    "evidence_received_at": event.received_at,
+                    "evidence_created_at": event.created_at,
+                    "sample_event_ids": [event.id],
+                    "detected_at": now,
+                }
+
+
+def _grow(cell: _Cell, event: TrendInput) -> None:
+    """A detected trend's bucket keeps filling: keep a few more sample posts."""
+    assert cell.trend is not None
+    samples = cell.trend["sample_event_ids"]
+    if len(samples) < SAMPLE_EVENTS and event.id not in samples:
+        samples.append(event.id)
+    cell.trend["grown"] = True
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """Sums over the baseline buckets before one bucket: ``terms`` maps a term to
+    ``(events in the baseline, events in the previous bucket)``; ``total`` events,
+    ``buckets`` with any event, their mean total, and the most authors of any."""
+
+    terms: dict[str, tuple[int, int]]
+    total: int
+    buckets: int
+    mean_total: float
+    max_authors: int
+
+
+@dataclass
+class _History:
+    """Per-bucket counts of some terms (and the totals) before the scanned buckets,
+    extended with each bucket the scan completes. Every bucket in it is complete: the
+    scan has passed it, so the watermark has."""
+
+    events: dict[Key, int]
+    total_authors: dict[datetime, int]
+    terms: list[str]
+
+    @classmethod
+    def load(
+        cls, source_id: int, *, since: datetime, until: datetime, terms: list[str]
+    ) -> _History:
+        """Counts of ``terms`` and of the totals in buckets ``[since, until)`` (one query)."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                SELECT bucket_start, term, events, cardinality(authors)
+                FROM mlengine_termcount
+                WHERE source_id = %s AND bucket_start >= %s AND bucket_start < %s
+                  AND term = ANY(%s)
+                """,
+                [source_id, since, until, [TOTAL_TERM, *terms]],
+            )
+            rows = cursor.fetchall()
+        history = cls(events={}, total_authors={}, terms=terms)
+        for start, term, events, authors in rows:
+            history.events[(start, term)] = events
+            if term == TOTAL_TERM:
+                history.total_authors[start] = authors or 0
+        return history
+
+    def add_bucket(self, start: datetime, cells: dict[Key, _Cell]) -> None:
+        """Record the scanned bucket at ``start`` for the buckets after it."""
+        total = cells.get((start, TOTAL_TERM))
+        if total is None or not total.events:
+            return
+        self.events[(start, TOTAL_TERM)] = total.events
+        self.total_authors[start] = len(total.authors)
+        for term in self.terms:
+            cell = cells.get((start, term))
+            if cell is not None and cell.events:
+                self.events[(start, term)] = cell.events
+
+    def baseline(self, start: datetime, params: TrendParams) -> _Baseline:
+        """The baseline of the bucket at ``start`` (``baseline_range``)."""
+        since, until = baseline_range(start, params)
+        prev = start - timedelta(seconds=params.bucket_s)
+        terms: dict[str, list[int]] = {}
+        total = buckets = 0
+        max_authors = 0
+        for (moment, term), events in self.events.items():
+            if not since <= moment < until:
+                continue
+            if term == TOTAL_TERM:
+                total += events
+                buckets += 1
+                max_authors = max(max_authors, self.total_authors.get(moment, 0))
+                continue
+            sums = terms.setdefault(term, [0, 0])
+            sums[0] += events
+            if moment == prev:
+                sums[1] += events
+        return _Baseline(
+            terms={term: (v[0], v[1]) for term, v in terms.items()},
+            total=total,
+            buckets=buckets,
+            mean_total=total / max(buckets, 1),
+            max_authors=max_authors,
+        )
+
+
+def _load_cells(source_id: int, starts: list[datetime], terms: list[str]) -> dict[Key, _Cell]:
+    """The buckets-so-far of ``terms`` in the buckets at ``starts`` (counts, authors, and
+    any trend already detected): two queries."""
+    cells: dict[Key, _Cell] = defaultdict(_Cell)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT bucket_start, term, events, authors FROM mlengine_termcount
+            WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
+            """,
+            [source_id, starts, terms],
+        )
+        for start, term, events, authors in cursor.fetchall():
+            cells[(start, term)] = _Cell(events=events, authors=set(authors))
+        cursor.execute(
+            """
+            SELECT bucket_start, term, expected, score, velocity, sample_event_ids
+            FROM mlengine_trend
+            WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
+            """,
+            [source_id, starts, terms],
+        )
+        for start, term, expected, score, velocity, samples in cursor.fetchall():
+            cells[(start, term)].trend = {
+                "new": False,
+                "expected": expected,
+                "score": score,
+                "velocity": velocity,
+                "sample_event_ids": list(samples),
+            }
+    return cells
+
+
+_UPSERT_COUNTS_SQL = """
 INSERT INTO mlengine_termcount AS t (source_id, bucket_start, term, events, authors)
 VALUES %s
 ON CONFLICT (source_id, term, bucket_start) DO UPDATE SET
-    events = t.events + excluded.events,
-    authors = (
-        SELECT coalesce(array_agg(a), '{{}}') FROM (
-            SELECT DISTINCT unnest(t.authors || excluded.authors) AS a
-            LIMIT {TermCount.AUTHORS_CAP}
-        ) merged
-    )
-RETURNING term, bucket_start, events, cardinality(authors)
+    events = excluded.events, authors = excluded.authors
 """
 
-_UPSERT_TREND_SQL = """
-INSERT INTO mlengine_trend AS tr (
+
+def _save_counts(source_id: int, cells: dict[Key, _Cell]) -> None:
+    values = [
+        (source_id, start, term, cell.events, sorted(cell.authors)[: TermCount.AUTHORS_CAP])
+        for (start, term), cell in sorted(cells.items())
+        if cell.changed
+    ]
+    if not values:
+        return
+    with connection.cursor() as cursor:
+        execute_values(
+            cursor.cursor,
+            _UPSERT_COUNTS_SQL,
+            values,
+            template="(%s, %s, %s, %s, %s::varchar[])",
+            page_size=5000,
+        )
+
+
+_INSERT_TRENDS_SQL = """
+INSERT INTO mlengine_trend (
     source_id, term, bucket_start, bucket_s, events, expected, score, authors_count,
     velocity, detected_at, updated_at, evidence_received_at, evidence_created_at,
     sample_event_ids
 ) VALUES %s
-ON CONFLICT (source_id, term, bucket_start) DO UPDATE SET
-    events = GREATEST(tr.events, excluded.events),
-    expected = excluded.expected,
-    score = GREATEST(tr.score, excluded.score),
-    authors_count = GREATEST(tr.authors_count, excluded.authors_count),
-    velocity = excluded.velocity,
-    updated_at = excluded.updated_at
-RETURNING id, (xmax = 0) AS inserted
+ON CONFLICT (source_id, term, bucket_start) DO NOTHING
+RETURNING id
+"""
+
+_UPDATE_TRENDS_SQL = """
+UPDATE mlengine_trend AS tr SET
+    events = v.events, authors_count = v.authors_count,
+    sample_event_ids = v.samples, updated_at = v.updated_at
+FROM (VALUES %%s) AS v(bucket_start, term, events, authors_count, samples, updated_at)
+WHERE tr.source_id = %s AND tr.bucket_start = v.bucket_start AND tr.term = v.term
 """
 
 
-def update_trends(*, event_ids: Sequence[int]) -> list[int]:
-    """Count enriched events into their trend buckets; return ids of new trends.
-
-    Events already counted, not yet enriched, or gone are skipped. An event whose
-    bucket ended at or before its source's watermark is late: it is marked counted,
-    added to ``Source.late_events`` and left out of the counts.
-
-    Side effect after commit: ``alerts.evaluate_trends`` with the new trend ids.
-    """
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(_CLAIM_SQL, [list(event_ids)])
-            claimed = cursor.fetchall()
-        by_source: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
-        for row in claimed:
-            by_source[row[1]].append(row)
-        new_trends: list[int] = []
-        for source_id in sorted(by_source):
-            source = Source.objects.filter(id=source_id).first()
-            if source is None:
-                continue
-            new_trends.extend(_count_source_batch(source, by_source[source_id]))
-        if new_trends:
-            transaction.on_commit(lambda: _after_trends(new_trends))
-    return new_trends
-
-
-def _after_trends(trend_ids: list[int]) -> None:
-    from alerts import tasks as alert_tasks
-
-    alert_tasks.evaluate_trends.apply_async(kwargs={"trend_ids": trend_ids})
-
-
-def _terms(row: tuple[Any, ...]) -> list[str]:
-    hashtags, mentions, cashtags, keywords = row[7], row[8], row[9], row[10]
-    return [*hashtags, *mentions, *cashtags, *keywords]
-
-
-def _count_source_batch(source: Source, rows: list[tuple[Any, ...]]) -> list[int]:
-    params = params_for(source)
-    lateness = timedelta(seconds=settings.TRENDS_ALLOWED_LATENESS_S)
-    bucket = timedelta(seconds=params.bucket_s)
-    old_watermark = source.watermark
-    cells: dict[tuple[datetime, str], _Cell] = defaultdict(_Cell)
-    late = 0
-    for row in rows:
-        event_id, _, external_id, created_at, received_at, author_id, handle = row[:7]
-        start = bucket_start(created_at, params.bucket_s)
-        if old_watermark is not None and start + bucket <= old_watermark:
-            late += 1
-            continue
-        author = Author(id=author_id, handle=handle).key(external_id)
-        for term in [TOTAL_TERM, *_terms(row)]:
-            cell = cells[(start, term[:200])]
-            cell.events += 1
-            cell.authors.add(author[:128])
-            if cell.last_received_at is None or received_at >= cell.last_received_at:
-                cell.last_received_at = received_at
-                cell.last_created_at = created_at
-            if len(cell.sample_ids) < SAMPLE_EVENTS:
-                cell.sample_ids.append(event_id)
-
-    counts: dict[tuple[datetime, str], tuple[int, int]] = {}
-    if cells:
-        values = [
-            (source.id, start, term, cell.events, sorted(cell.authors)[: TermCount.AUTHORS_CAP])
-            for (start, term), cell in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-        ]
-        with connection.cursor() as cursor:
-            returned = execute_values(
-                cursor.cursor,
-                _UPSERT_COUNTS_SQL,
-                values,
-                template="(%s, %s, %s, %s, %s::varchar[])",
-                page_size=2000,
-                fetch=True,
-            )
-        counts = {(start, term): (events, authors) for term, start, events, authors in returned}
-
-    max_created = max(row[3] for row in rows)
-    last_received = max(row[4] for row in rows)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            UPDATE ingest_source SET
-                watermark = GREATEST(coalesce(watermark, '-infinity'::timestamptz), %s),
-                late_events = late_events + %s,
-                last_received_at = GREATEST(coalesce(last_received_at, %s), %s)
-            WHERE id = %s
-            """,
-            [max_created - lateness, late, last_received, last_received, source.id],
-        )
-    if late:
-        log.info("ml.late_events", source_id=source.id, late=late)
-    return _detect(source, params, cells, counts)
-
-
-def _detect(
-    source: Source,
-    params: TrendParams,
-    cells: dict[tuple[datetime, str], _Cell],
-    counts: dict[tuple[datetime, str], tuple[int, int]],
+def _save_trends(
+    source_id: int, params: TrendParams, cells: dict[Key, _Cell], now: datetime
 ) -> list[int]:
-    """Score the terms the batch touched; upsert trends; return ids of new ones."""
-    candidates: dict[datetime, list[str]] = defaultdict(list)
-    for (start, term), (events, _) in counts.items():
-        if term != TOTAL_TERM and events >= params.min_events:
-            candidates[start].append(term)
-    if not candidates:
-        return []
-    now = timezone.now()
-    trend_rows = []
-    for start, terms in sorted(candidates.items()):
-        history = _history(source.id, start, terms, params)
-        total_events, total_authors = counts[(start, TOTAL_TERM)]
-        for term in terms:
-            events, authors = counts[(start, term)]
-            hist_events, prev_events = history["terms"].get(term, (0, 0))
-            window = TermWindow(
-                term=term,
-                events=events,
-                authors=authors,
-                bucket_total=total_events,
-                source_authors=max(total_authors, history["max_authors"]),
-                hist_events=hist_events,
-                hist_total=history["total"],
-                hist_buckets=history["buckets"],
-                mean_bucket_total=history["mean_total"],
-                prev_events=prev_events,
-            )
-            verdict = score_term(window, params)
-            if not verdict.is_trend:
-                continue
-            cell = cells[(start, term)]
-            trend_rows.append(
+    """Insert the trends detected in this scan; update the counts of those that grew."""
+    new_rows = []
+    grown = []
+    for (start, term), cell in sorted(cells.items()):
+        trend = cell.trend
+        if trend is None:
+            continue
+        if trend["new"]:
+            new_rows.append(
                 (
-                    source.id,
+                    source_id,
                     term,
                     start,
                     params.bucket_s,
-                    events,
-                    verdict.expected,
-                    verdict.score,
-                    authors,
-                    verdict.velocity,
+                    cell.events,
+                    trend["expected"],
+                    trend["score"],
+                    len(cell.authors),
+                    trend["velocity"],
                     now,
                     now,
-                    cell.last_received_at,
-                    cell.last_created_at,
-                    cell.sample_ids,
+                    trend["evidence_received_at"],
+                    trend["evidence_created_at"],
+                    trend["sample_event_ids"],
                 )
             )
-    if not trend_rows:
-        return []
-    trend_rows.sort(key=lambda r: (r[1], r[2]))
+        elif trend.get("grown"):
+            grown.append(
+                (start, term, cell.events, len(cell.authors), trend["sample_event_ids"], now)
+            )
+    new_ids: list[int] = []
     with connection.cursor() as cursor:
-        returned = execute_values(
-            cursor.cursor,
-            _UPSERT_TREND_SQL,
-            trend_rows,
-            template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bigint[])",
-            fetch=True,
-        )
-    new_ids = [trend_id for trend_id, inserted in returned if inserted]
-    if new_ids:
-        log.info("ml.trends_detected", source_id=source.id, new=len(new_ids))
+        if new_rows:
+            returned = execute_values(
+                cursor.cursor,
+                _INSERT_TRENDS_SQL,
+                new_rows,
+                template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bigint[])",
+                fetch=True,
+            )
+            new_ids = [row[0] for row in returned]
+        if grown:
+            # execute_values fills the one %s left after mogrify; source_id is bound here.
+            update_sql = cursor.mogrify(_UPDATE_TRENDS_SQL, [source_id]).decode()
+            execute_values(
+                cursor.cursor,
+                update_sql,
+                grown,
+                template="(%s::timestamptz, %s::varchar, %s::int, %s::int, %s::bigint[],"
+                " %s::timestamptz)",
+            )
     return new_ids
 
 
-def _history(
-    source_id: int, start: datetime, terms: list[str], params: TrendParams
-) -> dict[str, Any]:
-    """Baseline sums of ``terms`` and of the totals before the bucket at ``start``.
+def count_late_events(*, source_ids: Sequence[int]) -> int:
+    """Recount ``StreamClock.late_events`` of ``source_ids``: events stored with an event
+    time before the watermark that the counts do not hold (they came after the watermark
+    passed them). Returns how many clocks changed."""
+    changed = 0
+    for clock in StreamClock.objects.filter(source_id__in=source_ids, watermark__isnull=False):
+        if clock.watermark is None:
+            continue
+        stored = ingest_selectors.events_before(clock.source_id, clock.watermark)
+        late = max(0, stored - clock.counted_events)
+        if late != clock.late_events:
+            changed += StreamClock.objects.filter(source_id=clock.source_id).update(
+                late_events=late
+            )
+    return changed
 
-    Returns ``{"terms": {term: (hist_events, prev_bucket_events)}, "total": int,
-    "buckets": int, "mean_total": float, "max_authors": int}``.
+
+def sweep_streams(*, active_within_s: float) -> int:
+    """Queue an advance of every stream whose source received events in the last
+    ``active_within_s`` seconds and whose low watermark is ahead of its clock (work a
+    lost message left behind); recount their late events. Returns how many were queued.
     """
-    since, until = baseline_range(start, params)
-    prev = start - timedelta(seconds=params.bucket_s)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT term,
-                   sum(events),
-                   sum(events) FILTER (WHERE bucket_start = %s),
-                   count(*),
-                   max(cardinality(authors))
-            FROM mlengine_termcount
-            WHERE source_id = %s AND bucket_start >= %s AND bucket_start < %s
-              AND term = ANY(%s)
-            GROUP BY term
-            """,
-            [prev, source_id, since, until, [TOTAL_TERM, *terms]],
-        )
-        rows = cursor.fetchall()
-    result: dict[str, Any] = {
-        "terms": {},
-        "total": 0,
-        "buckets": 0,
-        "mean_total": 0.0,
-        "max_authors": 0,
-    }
-    for term, hist, prev_events, buckets, max_authors in rows:
-        if term == TOTAL_TERM:
-            result["total"] = int(hist)
-            result["buckets"] = int(buckets)
-            result["mean_total"] = int(hist) / max(int(buckets), 1)
-            result["max_authors"] = int(max_authors or 0)
-        else:
-            result["terms"][term] = (int(hist), int(prev_events or 0))
-    return result
-
-
-def close_stream(*, source_id: int, event_time: datetime) -> bool:
-    """Advance ``source_id``'s watermark past ``event_time`` once its events are counted.
-
-    Returns False (the caller retries later) while any staged batch or uncounted event
-    of the source remains; True when the watermark moved (or the source is gone).
-    """
-    from ingest.models import Event
-    from ingest.services import source_has_pending_batches
-
-    source = Source.objects.filter(id=source_id).first()
-    if source is None:
-        return True
-    if (
-        source_has_pending_batches(source_id)
-        or Event.objects.filter(source_id=source_id, trends_at__isnull=True).exists()
-    ):
-        return False
-    bucket_s = params_for(source).bucket_s
-    end = bucket_start(event_time, bucket_s) + timedelta(seconds=bucket_s)
-    advance_watermarks(source_ids=[source_id], to=end)
-    log.info("ml.stream_closed", source_id=source_id, watermark=end.isoformat())
-    return True
-
-
-def advance_watermarks(*, source_ids: Sequence[int], to: datetime) -> int:
-    """Move the watermarks of ``source_ids`` forward to ``to`` (never backwards), in one
-    UPDATE; returns how many sources it touched."""
-    return Source.objects.filter(id__in=source_ids).update(
-        watermark=Greatest(Coalesce("watermark", Value(to)), Value(to))
+    since = timezone.now() - timedelta(seconds=active_within_s)
+    ids = list(Source.objects.filter(last_received_at__gte=since).values_list("id", flat=True))
+    clocks = dict(
+        StreamClock.objects.filter(source_id__in=ids).values_list("source_id", "watermark")
     )
-
-
-def advance_idle_watermarks() -> int:
-    """Close the buckets of live sources that went quiet (processing-time timeout).
-
-    A live source whose last event arrived more than ``TRENDS_IDLE_ADVANCE_S`` ago has
-    its watermark moved to now minus the allowed lateness: for live sources event time
-    tracks processing time. Replay sources are closed by ``close_stream`` instead.
-    Returns how many sources moved.
-    """
-    now = timezone.now()
-    idle_since = now - timedelta(seconds=settings.TRENDS_IDLE_ADVANCE_S)
-    target = now - timedelta(seconds=settings.TRENDS_ALLOWED_LATENESS_S)
-    ids = list(
-        Source.objects.filter(enabled=True, last_received_at__lt=idle_since)
-        .exclude(kind=Source.Kind.REPLAY)
-        .values_list("id", flat=True)
-    )
-    return advance_watermarks(source_ids=ids, to=target)
+    behind = []
+    for source_id in ids:
+        target = ingest_selectors.input_low_watermark(source_id)
+        current = clocks.get(source_id)
+        if target is not None and (current is None or target > current):
+            behind.append(source_id)
+    with transaction.atomic():
+        for source_id in behind:
+            pipeline.send("ml", source_id=source_id)
+    count_late_events(source_ids=ids)
+    return len(behind)

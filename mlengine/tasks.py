@@ -1,38 +1,54 @@
-"""Celery entry points of the ``ml`` queue: thin shells around ``mlengine.services``."""
+"""Celery entry points of the ``enrich`` and ``ml`` queues: thin shells.
+
+Each re-reads its rows and quietly does nothing if they are gone or already done (see
+``mlengine.enrichment`` and ``mlengine.services``), so ``acks_late`` redelivery is safe.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import structlog
+from celery import current_app, shared_task
+from celery.signals import worker_process_init
 
-from celery import shared_task
+from mlengine import enrichment, services
+from mlengine.text import warm_up
 
-from mlengine import services
+log = structlog.get_logger(__name__)
 
-CLOSE_STREAM_MAX_WAIT_S = 3600
-
-
-@shared_task(name="ml.update_trends", soft_time_limit=60, time_limit=90)
-def update_trends(*, event_ids: list[int]) -> int:
-    """Count events into trend buckets and detect trends; returns new trend count."""
-    return len(services.update_trends(event_ids=event_ids))
+SWEEP_AFTER_S = 120
+ACTIVE_WITHIN_S = 3600
 
 
-@shared_task(
-    name="ml.close_stream",
-    bind=True,
-    max_retries=CLOSE_STREAM_MAX_WAIT_S,
-    soft_time_limit=30,
-    time_limit=60,
-)
-def close_stream(self, *, source_id: int, event_time: str) -> None:  # type: ignore[no-untyped-def]
-    """Close a finished stream's buckets once its events are counted (polls each 1 s)."""
-    if not services.close_stream(
-        source_id=source_id, event_time=datetime.fromisoformat(event_time)
-    ):
-        raise self.retry(countdown=1)
+@worker_process_init.connect
+def _warm_up_enrichment(**_: object) -> None:
+    """Load the enrichment models when a worker process of the enrich queue starts.
+
+    Without it the first batch after a start pays seconds of model loading.
+    """
+    if "enrich" in current_app.amqp.queues.consume_from:
+        warm_up()
+        log.info("enrich.models_loaded")
 
 
-@shared_task(name="ml.advance_idle_watermarks", soft_time_limit=30, time_limit=60)
-def advance_idle_watermarks() -> int:
-    """Periodic: close the last buckets of quiet live sources."""
-    return services.advance_idle_watermarks()
+@shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)
+def enrich_events(*, event_ids: list[int], source_id: int | None = None) -> int:
+    """Enrich events (language, entities, sentiment); returns how many it enriched."""
+    return len(enrichment.enrich_events(event_ids=event_ids, source_id=source_id))
+
+
+@shared_task(name="enrich.sweep", soft_time_limit=25, time_limit=30)
+def sweep_enrich() -> int:
+    """Periodic: re-send unenriched events that are really stuck; returns how many."""
+    return enrichment.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
+
+
+@shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
+def advance_stream(*, source_id: int) -> int:
+    """Count a stream's events up to its low watermark; returns how many new trends."""
+    return len(services.advance_stream(source_id=source_id))
+
+
+@shared_task(name="ml.sweep", soft_time_limit=25, time_limit=30)
+def sweep_streams() -> int:
+    """Periodic: advance active streams a lost message left behind; recount late events."""
+    return services.sweep_streams(active_within_s=ACTIVE_WITHIN_S)

@@ -6,17 +6,20 @@ Times are relative to a fixed event-time origin, ``ORIGIN``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from unittest import mock
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from rest_framework.authtoken.models import Token
 
 from alerts.models import AlertRule
-from dashboard.models import Membership, Team
 from ingest.envelope import Author, Envelope
 from ingest.models import Source
+from teams.models import Membership, Team
 
 ORIGIN = datetime(2015, 2, 20, 12, 0, tzinfo=UTC)
 _ids = itertools.count(1)
@@ -55,7 +58,7 @@ def make_personas() -> Personas:
 
 def make_source(team: Team, name: str = "archive", bucket_s: int = 900) -> Source:
     return Source.objects.create(
-        team=team, kind=Source.Kind.REPLAY, name=name, trend_bucket_s=bucket_s
+        team=team, kind=Source.Kind.REPLAY, name=name, config={"trend_bucket_s": bucket_s}
     )
 
 
@@ -104,17 +107,46 @@ def burst(term: str, *, count: int, minutes: float, authors: int | None = None) 
     ]
 
 
-def run_through(source: Source, envelopes: list[Envelope], batch_size: int = 100) -> list[int]:
-    """Run ``envelopes`` through persist, enrich and trends as plain calls, in order;
-    return the ids of the new trends."""
+@contextmanager
+def commits_without_broker() -> Iterator[mock.MagicMock]:
+    """Run on-commit side effects inside a test transaction when the block ends, as a
+    real commit would, except that tasks are not sent to the broker: the mock of
+    ``send_task`` is yielded, to see what would have been queued."""
+    from django.test import TestCase
+
+    with (
+        mock.patch("twiscope.pipeline.app.send_task") as send_task,
+        TestCase.captureOnCommitCallbacks(execute=True),
+    ):
+        yield send_task
+
+
+def run_through(
+    source: Source, envelopes: list[Envelope], batch_size: int = 100, *, close: bool = True
+) -> list[int]:
+    """Run ``envelopes`` (sorted by event time) through persist, enrich and trends as
+    plain calls, batch by batch, each batch declaring its last event time as the
+    source's watermark, as a replay does; with ``close`` the stream is then declared
+    complete. On-commit side effects run as the stages' commits would run them, except
+    that nothing is sent to the broker (the test runs each stage itself). Returns the
+    ids of the new trends."""
     from ingest import services
+    from mlengine import enrichment
     from mlengine import services as ml_services
+
+    def one(batch: list[Envelope], watermark: datetime | None) -> list[int]:
+        with commits_without_broker():
+            key = services.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
+            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            enrichment.enrich_events(event_ids=ids, source_id=source.id)
+            return ml_services.advance_stream(source_id=source.id)
 
     trend_ids: list[int] = []
     for i in range(0, len(envelopes), batch_size):
-        key = services.stage_batch(source_id=source.id, envelopes=envelopes[i : i + batch_size])
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-        trend_ids += ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
+        batch = envelopes[i : i + batch_size]
+        trend_ids += one(batch, batch[-1].created_at)
+    if close and envelopes:
+        trend_ids += one([], max(e.created_at for e in envelopes) + timedelta(microseconds=1))
     return trend_ids
 
 

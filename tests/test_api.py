@@ -10,6 +10,7 @@ from rest_framework.test import APIClient
 
 from alerts import services as alert_services
 from alerts.models import Alert, AlertRule
+from ingest import services as ingest_services
 from mlengine.models import Trend
 from tests.factories import (
     ORIGIN,
@@ -40,6 +41,9 @@ def world():
     make_rule(personas.team, name="everything")
     trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
     alert_services.evaluate_trends(trend_ids=trend_ids)
+    ingest_services.record_dead_letters(
+        stage="replay", source=source, items=[(f"bad row {i}", {"line": i}) for i in range(3)]
+    )
     other_source = make_source(personas.other_team, name="theirs")
     run_through(other_source, [envelope("secret of the rivals #hidden")])
     return personas, source, other_source
@@ -55,6 +59,8 @@ def world():
         "/api/sources/",
         "/api/rules/",
         "/api/dead-letters/",
+        "/api/streams/",
+        "/api/trends/1/events/",
     ],
 )
 def test_every_endpoint_refuses_an_anonymous_caller(path: str) -> None:
@@ -87,19 +93,72 @@ def test_another_teams_object_answers_404_not_its_data(world) -> None:
     assert client.get(f"/api/events/?source={other_source.id}").status_code == 400
 
 
-def test_events_filter_by_event_time_text_and_trend(world) -> None:
+def test_events_filter_by_event_time_text_and_term(world) -> None:
     personas, _source, _ = world
     client = client_for(personas.member)
-    trend = Trend.objects.get(term="#blizzard")
     since = (ORIGIN + timedelta(minutes=90)).isoformat().replace("+00:00", "Z")
 
     by_time = client.get("/api/events/", {"since": since, "page_size": 500}).json()["results"]
     by_text = client.get("/api/events/", {"q": "ORDINARY DAY", "page_size": 500}).json()["results"]
-    by_trend = client.get("/api/events/", {"trend": trend.id, "page_size": 500}).json()["results"]
+    by_term = client.get("/api/events/", {"term": "#Blizzard", "page_size": 500}).json()["results"]
 
     assert len(by_time) == 12
     assert len(by_text) == 60
-    assert len(by_trend) == 12 and all("#blizzard" in e["hashtags"] for e in by_trend)
+    assert len(by_term) == 12 and all("#blizzard" in e["hashtags"] for e in by_term)
+
+
+def test_a_trends_events_are_the_posts_behind_it(world) -> None:
+    personas, source, _ = world
+    trend = Trend.objects.get(term="#blizzard", source=source)
+
+    response = client_for(personas.member).get(f"/api/trends/{trend.id}/events/?page_size=500")
+
+    posts = response.json()["results"]
+    assert response.status_code == 200
+    assert len(posts) == 12 and all("#blizzard" in e["hashtags"] for e in posts)
+    times = [datetime.fromisoformat(e["created_at"]) for e in posts]
+    assert times == sorted(times, reverse=True)
+
+
+def test_the_events_filter_by_trend_is_gone_and_says_so(world) -> None:
+    personas, source, _ = world
+    trend = Trend.objects.get(term="#blizzard", source=source)
+
+    response = client_for(personas.member).get("/api/events/", {"trend": trend.id})
+
+    assert response.status_code == 400 and "trend" in response.json()
+
+
+def test_another_teams_trend_has_no_events_for_you(world) -> None:
+    personas, source, _ = world
+    trend = Trend.objects.get(term="#blizzard", source=source)
+
+    response = client_for(personas.outsider).get(f"/api/trends/{trend.id}/events/")
+
+    assert response.status_code == 404
+
+
+def test_streams_show_each_sources_event_time_clock(world) -> None:
+    personas, source, _ = world
+
+    streams = client_for(personas.member).get("/api/streams/").json()["results"]
+
+    assert [s["source"] for s in streams] == [
+        {"id": source.id, "name": source.name, "kind": "replay"}
+    ]
+    assert streams[0]["counted_events"] == 72 and streams[0]["late_events"] == 0
+    assert streams[0]["bucket_s"] == 900
+    assert datetime.fromisoformat(streams[0]["watermark"]) > ORIGIN + timedelta(minutes=91)
+
+
+def test_sources_show_their_declared_input_watermark(world) -> None:
+    personas, source, _ = world
+
+    listed = client_for(personas.member).get("/api/sources/").json()["results"]
+
+    assert [s["id"] for s in listed] == [source.id]
+    assert {"input_watermark", "events_total", "last_received_at"} <= listed[0].keys()
+    assert not {"watermark", "late_events", "trend_bucket_s"} & listed[0].keys()
 
 
 def test_events_are_cursor_paginated_newest_event_time_first(world) -> None:
@@ -163,16 +222,28 @@ def test_the_outsider_sees_no_alerts_of_the_team(world) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/events/", "/api/trends/", "/api/alerts/", "/api/rules/", "/api/sources/"]
+    "path",
+    [
+        "/api/events/",
+        "/api/trends/",
+        "/api/alerts/",
+        "/api/rules/",
+        "/api/sources/",
+        "/api/dead-letters/",
+        "/api/streams/",
+        "/api/trends/{blizzard}/events/",
+    ],
 )
 def test_list_endpoints_keep_their_query_budget(world, path, django_assert_max_num_queries) -> None:
-    personas, _, _ = world
+    personas, source, _ = world
+    blizzard = Trend.objects.get(term="#blizzard", source=source)
     client = client_for(personas.member)
 
     with django_assert_max_num_queries(4):
-        response = client.get(path, {"page_size": 100})
+        response = client.get(path.format(blizzard=blizzard.id), {"page_size": 100})
 
     assert response.status_code == 200
+    assert len(response.json()["results"]) >= 1
 
 
 def test_stats_report_volume_queues_and_alert_latency(world) -> None:
@@ -236,14 +307,53 @@ def test_a_rule_cannot_point_at_another_teams_source(world) -> None:
     assert response.status_code == 400 and "source" in response.json()
 
 
-def test_a_rule_with_a_negative_cooldown_is_refused_with_a_field_error(world) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cooldown_s", -5),
+        ("min_events", -3),
+        ("min_events", 0),
+        ("min_authors", -2),
+        ("min_authors", 0),
+        ("min_score", -0.5),
+        ("min_score", "nan"),
+        ("terms", [""]),
+        ("terms", ["#ok", "   "]),
+        ("terms", "#blizzard"),
+        ("severity", "apocalypse"),
+    ],
+)
+def test_a_rule_with_an_impossible_threshold_is_refused_with_a_field_error(
+    world, field: str, value: object
+) -> None:
     personas, _, _ = world
 
     response = client_for(personas.owner).post(
-        "/api/rules/", {"team": personas.team.id, "name": "bad", "cooldown_s": -5}, format="json"
+        "/api/rules/", {"team": personas.team.id, "name": "bad", field: value}, format="json"
     )
 
-    assert response.status_code == 400 and "cooldown_s" in response.json()
+    assert response.status_code == 400
+    assert set(response.json()) == {field}
+    assert not AlertRule.objects.filter(name="bad").exists()
+
+
+def test_a_rule_takes_the_smallest_sensible_thresholds(world) -> None:
+    personas, _, _ = world
+    body = {
+        "team": personas.team.id,
+        "name": "eager",
+        "terms": ["#blizzard", "snow"],
+        "min_score": 0,
+        "min_events": 1,
+        "min_authors": 1,
+        "cooldown_s": 0,
+        "severity": "warning",
+    }
+
+    response = client_for(personas.owner).post("/api/rules/", body, format="json")
+
+    assert response.status_code == 201, response.json()
+    assert {k: response.json()[k] for k in body} == body
 
 
 def test_the_outsider_cannot_see_or_edit_the_teams_rules(world) -> None:

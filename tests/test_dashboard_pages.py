@@ -91,6 +91,23 @@ def test_the_dashboard_renders_for_a_logged_in_analyst(client: Client, analyst: 
     assert "csrftoken" in response.cookies
 
 
+def test_the_dashboard_has_a_streams_panel_polling_the_streams_api(
+    client: Client, analyst: User
+) -> None:
+    client.force_login(analyst)
+
+    html = client.get(reverse("dashboard:home")).content.decode()
+    script = Path(str(finders.find("dashboard/app.js"))).read_text()
+
+    assert 'id="streams"' in html
+    assert f'data-api="{reverse("stream-list")}"' in html
+    assert 'id="streams-body"' in html
+    assert "Event-time clock" in html
+    assert "No stream has started yet." in html
+    assert "streams-body" in script
+    assert "poll(refreshStreams" in script
+
+
 def test_the_vendored_chart_loads_before_the_page_script(client: Client, analyst: User) -> None:
     client.force_login(analyst)
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
@@ -21,31 +20,13 @@ from rest_framework.authtoken.models import Token
 from alerts.models import Alert
 from ingest import services
 from ingest.models import DeadLetter, Event, Source
-from mlengine.models import Trend
+from mlengine.models import StreamClock, Trend
 from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
 from twiscope.asgi import application
-from twiscope.celery import QUEUES, app
-from twiscope.redis import get_redis
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def celery_worker() -> Iterator[None]:
-    """A real Celery worker (solo pool, in a thread) consuming every pipeline queue."""
-    get_redis().flushdb()
-    with start_worker(
-        app,
-        pool="solo",
-        concurrency=1,
-        perform_ping_check=False,
-        queues=list(QUEUES),
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ):
-        yield
 
 
 def _setup():
@@ -56,8 +37,23 @@ def _setup():
 
 
 def _enqueue(source, envelopes) -> None:
+    """As a replay does: batches in event-time order, each declaring its last event time
+    as the source's watermark, then the end of the stream."""
     for i in range(0, len(envelopes), 50):
-        services.enqueue_envelopes(source=source, envelopes=envelopes[i : i + 50])
+        batch = envelopes[i : i + 50]
+        services.enqueue_envelopes(source=source, envelopes=batch, watermark=batch[-1].created_at)
+    services.end_of_stream(source=source, event_time=envelopes[-1].created_at)
+
+
+def _wait_until_counted(source, count: int, timeout_s: float = 30) -> None:
+    """Wait until ``count`` events of ``source`` are counted by the trend stage."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        clock = StreamClock.objects.filter(source=source).first()
+        if clock is not None and clock.counted_events >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} events counted after {timeout_s} s")
 
 
 async def test_a_replayed_burst_reaches_a_connected_dashboard(celery_worker) -> None:
@@ -93,9 +89,10 @@ def test_a_redelivered_replay_stores_each_event_once(celery_worker) -> None:
     _enqueue(source, envelopes)
     _enqueue(source, envelopes)
     services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
+    _wait_until_counted(source, 40)
 
     assert Event.objects.filter(source=source).count() == 40
-    assert Event.objects.filter(source=source, trends_at__isnull=True).count() == 0
+    assert StreamClock.objects.get(source=source).counted_events == 40
 
 
 def test_a_broken_archive_loses_none_of_its_good_rows(celery_worker, tmp_path) -> None:
@@ -133,4 +130,4 @@ def test_a_broken_archive_loses_none_of_its_good_rows(celery_worker, tmp_path) -
     assert "-5/901" in stored  # one bad byte costs the byte, not the message
     assert DeadLetter.objects.filter(source=source, stage="replay").count() == 2
     assert "skipped 2" in out.getvalue()
-    assert Event.objects.filter(source=source, trends_at__isnull=True).count() == 0
+    _wait_until_counted(source, len(stored))

@@ -52,3 +52,19 @@ def test_integer_ids_are_accepted_as_strings() -> None:
 def test_an_unknown_author_counts_as_its_own_author() -> None:
     assert Author().key("99") == "?99"
     assert Author(handle="Jo").key("99") == "@jo"
+
+
+def test_to_json_holds_every_field_of_the_envelope() -> None:
+    import dataclasses
+
+    from tests.factories import envelope as make
+
+    env = dataclasses.replace(
+        make("hi", author="ann"), metrics={"likes": 2}, raw={"a": [1, {"b": 2}]}, lang="en"
+    )
+
+    data = env.to_json()
+
+    assert set(data) == {f.name for f in dataclasses.fields(env)}
+    assert set(data["author"]) == {f.name for f in dataclasses.fields(env.author)}
+    assert Envelope.from_json(data) == env

@@ -16,13 +16,15 @@ from channels.layers import get_channel_layer
 from alerts import push
 from alerts import services as alert_services
 from alerts.models import Alert
-from ingest import services
+from ingest import selectors, services
 from ingest.models import DeadLetter, Event, Source
+from mlengine import enrichment
 from mlengine import services as ml_services
-from mlengine.models import TOTAL_TERM, TermCount, Trend
+from mlengine.models import TOTAL_TERM, StreamClock, TermCount, Trend
 from tests.factories import (
     ORIGIN,
     burst,
+    commits_without_broker,
     envelope,
     make_personas,
     make_rule,
@@ -79,6 +81,41 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
     assert Event.objects.get(id__in=result.inserted_ids, text__startswith="nul").text == "nul  byte"
 
 
+def test_a_redelivered_batch_parks_no_second_dead_letter() -> None:
+    source = make_source(make_personas().team)
+    key = services.stage_batch(source_id=source.id, envelopes=[])
+    raw = json.dumps(
+        {
+            "source_id": source.id,
+            "received_at": ORIGIN.isoformat(),
+            "items": [envelope("fine").to_json(), "not an object", {"external_id": "x"}],
+        }
+    )
+    get_redis().set(key, raw)
+    first = services.persist_batch(batch_key=key, source_id=source.id)
+    get_redis().set(key, raw)  # the same message delivered again
+
+    second = services.persist_batch(batch_key=key, source_id=source.id)
+
+    assert first.dead_letters == 2 and second.dead_letters == 0
+    assert DeadLetter.objects.count() == 2
+    assert Event.objects.count() == 1
+
+
+def test_last_received_at_only_moves_forward() -> None:
+    source = make_source(make_personas().team)
+    new_key = services.stage_batch(source_id=source.id, envelopes=[envelope("new")])
+    old_key = services.stage_batch(source_id=source.id, envelopes=[envelope("old")])
+    old_raw = json.loads(get_redis().get(old_key))
+    get_redis().set(old_key, json.dumps({**old_raw, "received_at": ORIGIN.isoformat()}))
+
+    services.persist_batch(batch_key=new_key, source_id=source.id)
+    newest = Source.objects.get(id=source.id).last_received_at
+    services.persist_batch(batch_key=old_key, source_id=source.id)  # an old batch, swept late
+
+    assert Source.objects.get(id=source.id).last_received_at == newest > ORIGIN
+
+
 def test_a_missing_batch_key_is_counted_and_stores_nothing() -> None:
     source = make_source(make_personas().team)
 
@@ -95,7 +132,7 @@ def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_ca
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         services.persist_batch(batch_key=key, source_id=source.id)
 
-    assert len(callbacks) == 1
+    assert len(callbacks) == 2  # hand the ids to the enrich stage; forget the batch
     assert get_redis().exists(key) == 1  # deleted only once the commit went through
 
 
@@ -107,8 +144,8 @@ def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
     )
     ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
 
-    first = services.enrich_events(event_ids=ids)
-    second = services.enrich_events(event_ids=ids)
+    first = enrichment.enrich_events(event_ids=ids)
+    second = enrichment.enrich_events(event_ids=ids)
 
     event = Event.objects.get(id=ids[0])
     assert first == ids and second == []
@@ -120,16 +157,40 @@ def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
 
 def test_trend_counting_is_exactly_once() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("#storm now")] * 1)
-    ids = services.enrich_events(
-        event_ids=services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-    )
+    run_through(source, [envelope("#storm now")])
 
-    ml_services.update_trends(event_ids=ids)
-    ml_services.update_trends(event_ids=ids)
+    ml_services.advance_stream(source_id=source.id)  # a redelivered task
 
     assert TermCount.objects.get(source=source, term="#storm").events == 1
     assert TermCount.objects.get(source=source, term=TOTAL_TERM).events == 1
+
+
+def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
+    source = make_source(make_personas().team)
+    early = services.stage_batch(
+        source_id=source.id, envelopes=[envelope("#a", minutes=1)], watermark=ORIGIN
+    )
+    late = services.stage_batch(
+        source_id=source.id,
+        envelopes=[envelope("#a", minutes=5)],
+        watermark=ORIGIN + timedelta(minutes=5),
+    )
+    with commits_without_broker():
+        services.persist_batch(batch_key=late, source_id=source.id)  # overtakes the early one
+
+    assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
+    ml_services.advance_stream(source_id=source.id)
+    assert TermCount.objects.filter(source=source).count() == 0  # nothing final yet
+
+    with commits_without_broker():
+        ids = services.persist_batch(batch_key=early, source_id=source.id).inserted_ids
+    assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
+    enrichment.enrich_events(event_ids=ids)
+    ml_services.advance_stream(source_id=source.id)
+
+    # The minute-5 event waits: the source promised only "nothing before minute 5".
+    assert TermCount.objects.get(source=source, term="#a").events == 1
+    assert StreamClock.objects.get(source=source).watermark == ORIGIN + timedelta(minutes=5)
 
 
 def test_a_burst_of_many_authors_becomes_a_trend_and_fires_the_rule_once() -> None:
@@ -176,8 +237,9 @@ def test_events_behind_the_watermark_are_late_and_not_counted() -> None:
 
     run_through(source, [envelope("straggler #a", minutes=1)])
 
-    source.refresh_from_db()
-    assert source.late_events == 1
+    ml_services.count_late_events(source_ids=[source.id])
+
+    assert StreamClock.objects.get(source=source).late_events == 1
     assert TermCount.objects.get(source=source, term="#a").events == 1
 
 
@@ -225,7 +287,9 @@ def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
         channel = await layer.new_channel()
         await layer.group_add(push.alerts_group(personas.team.id), channel)
         pushed = await sync_to_async(push.push_alerts)(alert_ids=alert_ids)
-        return pushed, [(await layer.receive(channel))["message"] for _ in range(pushed)]
+        batch = await layer.receive(channel)  # one channel-layer message per team
+        assert batch["type"] == "alerts.batch"
+        return pushed, batch["messages"]
 
     pushed, messages = async_to_sync(push_and_listen)()
 
@@ -243,7 +307,7 @@ def test_a_staged_batch_names_its_source_in_its_key() -> None:
 
     key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
 
-    assert services.batch_source_id(key) == source.id
-    assert services.source_has_pending_batches(source.id) is True
-    assert services.source_has_pending_batches(source.id + 1) is False
-    assert services.batch_source_id("twiscope:batch:not-a-source") is None
+    assert selectors.batch_source_id(key) == source.id
+    assert selectors.staged_batches(source.id) == 1
+    assert selectors.staged_batches(source.id + 1) == 0
+    assert selectors.batch_source_id("twiscope:batch:not-a-source") is None

@@ -1,7 +1,10 @@
-"""``manage.py replay``: batches, event-time order, pacing, dead letters, the summary.
+"""``manage.py replay``: batches, watermarks, event-time order, pacing, dead letters,
+the progress bar, the summary and ``--wait``.
 
 The hand-off to the queue (``enqueue_envelopes``) and the end-of-stream signal are
-captured; sources, teams and dead letters are real rows.
+captured; sources, teams and dead letters are real rows. ``--wait`` is tested with the
+persist stage run synchronously on each batch (``synchronous_ingest``) and, at the end,
+through a real Celery worker.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import pytest
 from django.core.management import CommandError, call_command
 from pytest_django.fixtures import Settings
 
-from dashboard.models import Team
-from ingest import services
+from ingest import selectors, services
 from ingest.envelope import Envelope
-from ingest.management.commands.replay import FLUSH_WINDOW_S, paced_batches
-from ingest.models import DeadLetter, Source
-from tests.factories import make_team
-from twiscope import celery
+from ingest.management.commands.replay import FLUSH_WINDOW_S, Outcome, paced_batches
+from ingest.models import DeadLetter, Event, Source
+from teams.models import Team
+from tests.factories import commits_without_broker, make_team
+from twiscope import celery, pipeline
 
 pytestmark = pytest.mark.django_db
 
@@ -34,6 +37,7 @@ class Captured:
     """What the command handed to the pipeline."""
 
     batches: list[list[Envelope]] = field(default_factory=list)
+    watermarks: list[datetime | None] = field(default_factory=list)
     ends: list[tuple[int, datetime]] = field(default_factory=list)
 
     @property
@@ -45,8 +49,11 @@ class Captured:
 def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
     sink = Captured()
 
-    def enqueue(*, source: Source, envelopes: list[Envelope]) -> str:
+    def enqueue(
+        *, source: Source, envelopes: list[Envelope], watermark: datetime | None = None
+    ) -> str:
         sink.batches.append(list(envelopes))
+        sink.watermarks.append(watermark)
         return f"batch-{len(sink.batches)}"
 
     def end_of_stream(*, source: Source, event_time: datetime) -> None:
@@ -63,10 +70,50 @@ def team() -> Team:
     return make_team("newsroom")
 
 
+@pytest.fixture
+def synchronous_ingest(
+    captured: Captured, monkeypatch: pytest.MonkeyPatch, clean_redis: None
+) -> Captured:
+    """The persist stage run on each batch as it is sent (real staging in Redis, real
+    conflict-ignore inserts and dead letters, its on-commit effects run without a
+    broker); the drain's predicates report an empty pipeline."""
+
+    def enqueue(
+        *, source: Source, envelopes: list[Envelope], watermark: datetime | None = None
+    ) -> str:
+        captured.batches.append(list(envelopes))
+        captured.watermarks.append(watermark)
+        with commits_without_broker():
+            key = services.stage_batch(
+                source_id=source.id, envelopes=envelopes, watermark=watermark
+            )
+            services.persist_batch(batch_key=key, source_id=source.id)
+        return key
+
+    monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
+    monkeypatch.setattr(selectors, "in_flight_events", lambda source_id: 0)
+    monkeypatch.setattr(pipeline, "is_idle", lambda: True)
+    return captured
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as an interactive stderr does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def replay(*args: str) -> str:
     """Run the command; return its stdout."""
     out = io.StringIO()
     call_command("replay", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def replay_err(*args: str, stderr: io.StringIO) -> str:
+    """Run the command with ``stderr``; return its stdout."""
+    out = io.StringIO()
+    call_command("replay", *args, stdout=out, stderr=stderr)
     return out.getvalue()
 
 
@@ -106,6 +153,18 @@ def test_it_replays_in_event_time_order_whatever_the_file_order(
     ]
 
 
+def test_each_batch_declares_its_last_event_time_as_the_watermark(
+    team: Team, captured: Captured, settings: Settings
+) -> None:
+    settings.INGEST_BATCH_SIZE = 2
+
+    replay(str(SAMPLES / "x_v2.jsonl"))
+
+    assert captured.watermarks == [batch[-1].created_at for batch in captured.batches]
+    assert captured.watermarks == sorted(captured.watermarks)
+    assert len(set(captured.watermarks)) == 3
+
+
 def test_it_tells_the_trend_stage_the_stream_ended_at_the_last_event(
     team: Team, captured: Captured
 ) -> None:
@@ -120,7 +179,8 @@ def test_it_creates_a_replay_source_named_after_the_file(team: Team, captured: C
     source = Source.objects.get(team=team, name="trump")
 
     assert source.kind == Source.Kind.REPLAY
-    assert source.config == {"path": str((SAMPLES / "trump.csv").resolve()), "format": "trump_csv"}
+    assert source.config["path"] == str((SAMPLES / "trump.csv").resolve())
+    assert source.config["format"] == "trump_csv"
 
 
 def test_it_reuses_the_source_on_a_second_replay(team: Team, captured: Captured) -> None:
@@ -132,16 +192,20 @@ def test_it_reuses_the_source_on_a_second_replay(team: Team, captured: Captured)
     assert len(captured.envelopes) == 6
 
 
-def test_it_prints_a_one_line_summary(team: Team, captured: Captured) -> None:
+def test_it_summarises_what_it_sent_and_says_the_pipeline_is_still_working(
+    team: Team, captured: Captured
+) -> None:
     out = replay(str(SAMPLES / "x_v2.jsonl"))
     source = Source.objects.get(name="x_v2")
+    sent, pending = out.splitlines()
 
-    assert out.count("\n") == 1
-    assert out.startswith(
+    assert sent.startswith(
         f'replay x_v2.jsonl (x_v2_jsonl) into source "x_v2" (id {source.id}): '
         "read 5, enqueued 5 in 1 batches, skipped 0, "
     )
-    assert out.rstrip().endswith(" s")
+    assert sent.endswith(" s")
+    assert pending.startswith("sent 5 events (not yet stored: the pipeline is still working")
+    assert "pass --wait" in pending
 
 
 def test_it_dead_letters_each_bad_row_and_summarises_the_reasons(
@@ -245,6 +309,23 @@ def test_it_asks_which_team_when_there_are_several(captured: Captured) -> None:
 def test_it_names_the_teams_when_the_slug_is_unknown(team: Team, captured: Captured) -> None:
     with pytest.raises(CommandError, match=r"no team with slug 'ghost' \(teams: newsroom\)"):
         replay(str(SAMPLES / "x_v1.jsonl"), "--team", "ghost")
+
+
+def test_it_refuses_a_disabled_source_rather_than_send_batches_that_would_be_dropped(
+    team: Team, captured: Captured
+) -> None:
+    Source.objects.create(
+        team=team,
+        kind=Source.Kind.REPLAY,
+        name="x_v1",
+        enabled=False,
+        disabled_reason="paused by ops",
+    )
+
+    with pytest.raises(CommandError, match=r'"x_v1" \(id \d+\) is disabled: paused by ops'):
+        replay(str(SAMPLES / "x_v1.jsonl"))
+
+    assert captured.batches == []
 
 
 def test_it_refuses_a_source_name_held_by_another_kind(team: Team, captured: Captured) -> None:
@@ -358,3 +439,126 @@ def test_it_waits_for_missing_worker_pools_then_replays_anyway(
     assert "waiting for worker pools: enrich, ml" in err.getvalue()
     assert "replaying anyway" in err.getvalue()
     assert captured.envelopes
+
+
+# --- The progress bar --------------------------------------------------------------------
+
+
+def test_on_a_terminal_the_bar_shows_the_event_time_reached_and_the_events_sent(
+    team: Team, captured: Captured
+) -> None:
+    err = Terminal()
+
+    out = replay_err(str(SAMPLES / "x_v2.jsonl"), stderr=err)
+
+    assert "event time 2024-10-17 14:10:41 UTC" in err.getvalue()
+    assert "5/5 events sent" in err.getvalue()
+    assert "100% of event time" in err.getvalue()
+    assert "event time" not in out
+
+
+def test_off_a_terminal_the_bar_stays_quiet(team: Team, captured: Captured) -> None:
+    err = io.StringIO()
+
+    replay_err(str(SAMPLES / "x_v2.jsonl"), stderr=err)
+
+    assert err.getvalue() == ""
+
+
+# --- What the pipeline did (--wait) -----------------------------------------------------
+
+
+def test_with_wait_it_reports_what_the_pipeline_stored(
+    team: Team, synchronous_ingest: Captured
+) -> None:
+    out = replay(str(SAMPLES / "airline.csv"), "--wait", "5")
+    last = out.splitlines()[-1]
+
+    assert last.startswith("stored 3 new, 0 duplicates, 0 dead letters (ingest 0, replay 0);")
+    assert "the pipeline drained in" in last
+    assert Event.objects.count() == 3
+
+
+def test_a_repeated_replay_reads_as_a_repeat(team: Team, synchronous_ingest: Captured) -> None:
+    replay(str(SAMPLES / "airline.csv"), "--wait")
+
+    out = replay(str(SAMPLES / "airline.csv"), "--wait")
+
+    assert "stored 0 new, 3 duplicates, 0 dead letters (ingest 0, replay 0)" in out
+    assert Event.objects.count() == 3
+
+
+def test_with_wait_bad_rows_count_as_replay_dead_letters(
+    team: Team, synchronous_ingest: Captured, tmp_path: Path
+) -> None:
+    out = replay(str(broken_airline_file(tmp_path)), "--wait", "5")
+
+    assert "stored 3 new, 0 duplicates, 3 dead letters (ingest 0, replay 3)" in out
+
+
+def test_with_wait_a_pipeline_that_does_not_drain_fails_with_what_is_left(
+    team: Team, synchronous_ingest: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "is_idle", lambda: False)
+    out = io.StringIO()
+
+    with pytest.raises(CommandError, match=r"did not drain within 0.2 s: 0 batches"):
+        call_command(
+            "replay",
+            str(SAMPLES / "airline.csv"),
+            "--wait",
+            "0.2",
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+
+    assert "so far stored 3 new, 0 duplicates" in out.getvalue()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "soon", "inf"])
+def test_it_refuses_a_wait_that_is_not_a_positive_number(
+    team: Team, captured: Captured, seconds: str
+) -> None:
+    with pytest.raises(CommandError, match="--wait"):
+        replay(str(SAMPLES / "x_v1.jsonl"), "--wait", seconds)
+
+
+def test_with_wait_rows_repeated_within_the_archive_are_named_as_such(
+    team: Team, synchronous_ingest: Captured, tmp_path: Path
+) -> None:
+    path = tmp_path / "airline.csv"
+    lines = (SAMPLES / "airline.csv").read_text().splitlines(keepends=True)
+    path.write_text("".join(lines) + lines[1])
+
+    first = replay(str(path), "--wait")
+    second = replay(str(path), "--wait")
+
+    assert "stored 3 new, 1 duplicates (1 repeated within the archive), 0 dead letters" in first
+    assert "stored 0 new, 4 duplicates (1 repeated within the archive), 0 dead letters" in second
+
+
+def test_duplicates_are_what_was_sent_and_neither_stored_nor_dead_lettered_at_ingest() -> None:
+    outcome = Outcome.between(
+        {"events": 10, "dead_letters": 1},
+        {"events": 12, "dead_letters": 5},
+        sent=6,
+        replay_dead=3,
+    )
+
+    assert outcome == Outcome(stored=2, duplicates=3, ingest_dead_letters=1, replay_dead_letters=3)
+    assert outcome.text() == "stored 2 new, 3 duplicates, 4 dead letters (ingest 1, replay 3)"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_through_real_workers_a_second_replay_stores_nothing_new(celery_worker: None) -> None:
+    make_team("newsroom")
+    args = (str(SAMPLES / "x_v2.jsonl"), "--wait", "120", "--wait-workers", "0")
+
+    first = replay(*args)
+    second = replay(*args)
+
+    assert "stored 5 new, 0 duplicates, 0 dead letters (ingest 0, replay 0)" in first
+    assert "stored 0 new, 5 duplicates, 0 dead letters (ingest 0, replay 0)" in second
+    assert Event.objects.filter(enriched_at__isnull=False).count() == 5
+    assert pipeline.is_idle()

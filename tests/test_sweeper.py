@@ -1,19 +1,29 @@
-"""The periodic jobs: work stuck between a commit and its dispatch is sent again."""
+"""Each stage's sweeper: work stuck between a commit and its dispatch is sent again, and
+work merely waiting behind a backlog is not (``twiscope.pipeline.stuck``).
+
+The broker is the real Redis; a queue is a Redis list named after it.
+"""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
+from unittest import mock
 
 import pytest
-from django.db import connection
+from celery.contrib.testing.worker import start_worker
+from django.test import TestCase
 from django.utils import timezone
 
+from alerts import services as alert_services
 from alerts.models import Alert
-from ingest import services, tasks
+from ingest import services
 from ingest.models import Event, Source
+from mlengine import enrichment, text
 from mlengine import services as ml_services
+from mlengine.models import StreamClock, Trend
 from tests.factories import (
-    ORIGIN,
+    burst,
     envelope,
     fire_blizzard_alerts,
     make_personas,
@@ -21,102 +31,195 @@ from tests.factories import (
     quiet_history,
     run_through,
 )
+from twiscope import pipeline
+from twiscope.celery import app
 from twiscope.redis import get_redis
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 
 def queued(queue: str) -> int:
-    """Messages waiting in a queue of the real broker (Redis lists named as queues)."""
+    """Messages waiting in a queue of the real broker."""
     return int(get_redis().llen(queue))
 
 
-def test_events_never_enriched_or_counted_are_sent_again() -> None:
+def age_dispatch_records(stage: str, seconds: float) -> None:
+    """Make every dispatch record of ``stage`` ``seconds`` older."""
+    key = pipeline.DISPATCH_KEY.format(stage=stage)
+    redis = get_redis()
+    for member, score in redis.zrange(key, 0, -1, withscores=True):
+        redis.zadd(key, {member: score - seconds})
+
+
+def persisted_long_ago(source: Source, count: int, *, dispatched: bool) -> list[int]:
+    """``count`` events stored 10 minutes ago; their enrich task queued (for real, on
+    the broker) when ``dispatched``, else lost between commit and dispatch."""
+    key = services.stage_batch(
+        source_id=source.id, envelopes=[envelope(f"post {i}") for i in range(count)]
+    )
+    with TestCase.captureOnCommitCallbacks(execute=dispatched):
+        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    Event.objects.filter(id__in=ids).update(received_at=timezone.now() - timedelta(minutes=10))
+    age_dispatch_records("enrich", 600)
+    return ids
+
+
+def test_events_whose_enrich_task_was_never_sent_are_sent_again() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a"), envelope("b")])
-    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-    services.enrich_events(event_ids=ids[:1])
-    Event.objects.update(received_at=timezone.now() - timedelta(minutes=10))
-    Event.objects.filter(id=ids[0]).update(enriched_at=timezone.now() - timedelta(minutes=10))
+    persisted_long_ago(source, 2, dispatched=False)
 
-    swept = tasks.sweep_stuck_events()
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = enrichment.sweep_unenriched(older_than_s=120)
 
-    assert swept["enrich"] == 1 and swept["trends"] == 1
-    assert queued("enrich") == 1 and queued("ml") == 1
+    assert swept == 2
+    assert queued("enrich") == 1
+
+
+def test_events_queued_behind_a_backlog_are_not_sent_again() -> None:
+    source = make_source(make_personas().team)
+    persisted_long_ago(source, 3, dispatched=True)
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = enrichment.sweep_unenriched(older_than_s=120)
+
+    assert swept == 0
+    assert queued("enrich") == 1  # the original message, still waiting
+
+
+def test_events_whose_message_was_lost_are_sent_again_once_the_queue_is_empty() -> None:
+    source = make_source(make_personas().team)
+    persisted_long_ago(source, 3, dispatched=True)
+    get_redis().delete("enrich")  # the broker lost the message
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = enrichment.sweep_unenriched(older_than_s=120)
+
+    assert swept == 3
+    assert queued("enrich") == 1
 
 
 def test_fresh_work_is_left_alone() -> None:
     source = make_source(make_personas().team)
     key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
-    services.persist_batch(batch_key=key, source_id=source.id)
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        services.persist_batch(batch_key=key, source_id=source.id)
 
-    swept = tasks.sweep_stuck_events()
-
-    assert swept == {"batches": 0, "enrich": 0, "trends": 0, "alerts_pushed": 0}
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        assert enrichment.sweep_unenriched(older_than_s=120) == 0
+        assert services.sweep_staged_batches(older_than_s=120) == 0
     assert queued("enrich") == 0
 
 
-def test_a_staged_batch_whose_task_was_lost_is_persisted_later(monkeypatch) -> None:
+def test_a_staged_batch_whose_task_was_lost_is_persisted_later() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
-    get_redis().zadd(services.PENDING_BATCHES_KEY, {key: 0})  # staged long ago
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        key = services.enqueue_envelopes(source=source, envelopes=[envelope("a")])
+    get_redis().delete("ingest")  # lost
+    get_redis().zadd(services.PENDING_BATCHES_KEY, {key: time.time() - 600})
+    age_dispatch_records("ingest", 600)
 
-    swept = tasks.sweep_stuck_events()
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = services.sweep_staged_batches(older_than_s=120)
 
-    assert swept["batches"] == 1 and queued("ingest") == 1
+    assert swept == 1
+    assert queued("ingest") == 1
 
 
 def test_an_alert_whose_push_was_lost_is_pushed() -> None:
-    fire_blizzard_alerts(make_personas().team)
+    alert_ids = fire_blizzard_alerts(make_personas().team)
     Alert.objects.update(created_at=timezone.now() - timedelta(minutes=10))
 
-    swept = tasks.sweep_stuck_events()
+    swept = alert_services.sweep(older_than_s=120)
 
-    assert swept["alerts_pushed"] == Alert.objects.count() > 0
+    assert swept["alerts_pushed"] == len(alert_ids) >= 1
     assert not Alert.objects.filter(pushed_at__isnull=True).exists()
 
 
-def test_a_closed_stream_moves_its_watermark_past_its_last_bucket(
-    django_capture_on_commit_callbacks,
-) -> None:
-    source = make_source(make_personas().team, bucket_s=900)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a", minutes=5)])
-    staged_only = ml_services.close_stream(source_id=source.id, event_time=ORIGIN)
-    with django_capture_on_commit_callbacks(execute=True):
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
-    last = Event.objects.get(id=ids[0]).created_at
+def test_a_trend_never_evaluated_is_sent_to_the_alert_stage_again() -> None:
+    source = make_source(make_personas().team)
+    run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
+    Trend.objects.update(detected_at=timezone.now() - timedelta(minutes=10))
+    age_dispatch_records("alerts", 600)  # sent ten minutes ago, and the queue is empty
 
-    waiting = ml_services.close_stream(source_id=source.id, event_time=last)
-    ml_services.update_trends(event_ids=services.enrich_events(event_ids=ids))
-    closed = ml_services.close_stream(source_id=source.id, event_time=last)
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = alert_services.sweep(older_than_s=120)
+    assert swept["trends"] == Trend.objects.count() >= 1
+    assert queued("alerts") == 1
 
-    assert staged_only is False and waiting is False and closed is True
-    assert Source.objects.get(id=source.id).watermark == last.replace(minute=15)
+    alert_services.evaluate_trends(trend_ids=list(Trend.objects.values_list("id", flat=True)))
+    get_redis().delete("alerts")
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        assert alert_services.sweep(older_than_s=120)["trends"] == 0  # evaluated now
 
 
-def test_a_quiet_live_source_has_its_watermark_advanced_but_a_replay_not() -> None:
+def test_a_stream_left_behind_by_a_lost_message_is_advanced() -> None:
+    source = make_source(make_personas().team)
+    run_through(source, [envelope("a", minutes=0), envelope("b", minutes=30)], close=False)
+    StreamClock.objects.filter(source=source).update(watermark=None)
+    Source.objects.filter(id=source.id).update(last_received_at=timezone.now())
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = ml_services.sweep_streams(active_within_s=3600)
+
+    assert swept == 1
+    assert queued("ml") == 1
+
+
+def test_a_quiet_live_source_declares_progress_but_a_replay_does_not() -> None:
     personas = make_personas()
     replay = make_source(personas.team, name="archive")
     live = Source.objects.create(team=personas.team, kind=Source.Kind.RSS, name="feed")
-    long_ago = timezone.now() - timedelta(hours=1)
-    Source.objects.update(last_received_at=long_ago)
 
-    moved = ml_services.advance_idle_watermarks()
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        moved = services.declare_live_progress()
 
     assert moved == 1
-    assert Source.objects.get(id=live.id).watermark > long_ago
-    assert Source.objects.get(id=replay.id).watermark is None
+    assert Source.objects.get(id=replay.id).input_watermark is None
+    declared = Source.objects.get(id=live.id).input_watermark
+    assert timezone.now() - timedelta(seconds=5) < declared < timezone.now()
+    assert queued("enrich") == 1  # handed on, so the stream advances
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_tables_the_pipeline_filled_get_fresh_planner_statistics() -> None:
+def test_a_backlog_behind_a_stopped_enrich_pool_is_enriched_exactly_once() -> None:
+    """20,000 events wait ten minutes behind a stopped enrich pool while the sweeper
+    runs; then the pool starts, and the sweeper keeps running while it drains. Every
+    text is enriched once: the sweeper re-sent nothing."""
     source = make_source(make_personas().team)
-    run_through(source, quiet_history(3))
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_stat_force_next_flush()")
+    for start in range(0, 20_000, 250):
+        key = services.stage_batch(
+            source_id=source.id,
+            envelopes=[envelope(f"backlog post {i}") for i in range(start, start + 250)],
+        )
+        services.persist_batch(batch_key=key, source_id=source.id)
+    assert queued("enrich") == 80
+    # The backlog has waited ten minutes: far past the sweeper's 120 s.
+    Event.objects.update(received_at=timezone.now() - timedelta(minutes=10))
+    age_dispatch_records("enrich", 600)
 
-    first = services.analyze_growing_tables(min_rows=10, fraction=0.0)
-    again = services.analyze_growing_tables(min_rows=10, fraction=0.0)
+    swept = [enrichment.sweep_unenriched(older_than_s=120) for _ in range(3)]
+    assert swept == [0, 0, 0]
+    assert queued("enrich") == 80
 
-    assert "ingest_event" in first and "mlengine_termcount" in first
-    assert again == []
+    calls = mock.Mock(wraps=text.enrich_text)
+    with (
+        mock.patch("mlengine.enrichment.enrich_text", calls),
+        start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            perform_ping_check=False,
+            queues=["enrich"],
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ),
+    ):
+        deadline = time.monotonic() + 240
+        while Event.objects.filter(enriched_at__isnull=True).exists():
+            assert time.monotonic() < deadline, "the enrich pool did not drain the backlog"
+            enrichment.sweep_unenriched(older_than_s=120)  # the sweeper keeps running
+            time.sleep(0.5)
+
+    assert calls.call_count == 20_000
+    assert Event.objects.filter(enriched_at__isnull=False).count() == 20_000

@@ -6,8 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mlengine.facade import suggest_trend_bucket_s
-from mlengine.trends import TermWindow, TrendParams, bucket_start, score_term
+from ingest.services import events_per_active_day
+from mlengine.trends import TermWindow, TrendParams, bucket_start, score_term, suggest_bucket_s
+
+
+def suggest_trend_bucket_s(times: list[datetime]) -> int:
+    return suggest_bucket_s(events_per_active_day(times), min_events=5)
+
 
 PARAMS = TrendParams(
     bucket_s=900, min_history_buckets=3, min_score=4.0, min_events=5, min_authors=3

@@ -6,6 +6,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
 from alerts import push
@@ -26,42 +27,73 @@ def personas():
     return make_personas()
 
 
-async def test_it_refuses_a_socket_without_credentials(personas) -> None:
+async def _close_code(communicator: WebsocketCommunicator) -> int | None:
+    """The code the server closed with, after accepting: a close before the accept
+    reaches a real client as a bare HTTP 403, its code lost."""
+    connected, _ = await communicator.connect()
+    assert connected is True
+    message = await communicator.receive_output(timeout=1)
+    assert message["type"] == "websocket.close"
+    return message.get("code")
+
+
+async def test_it_closes_a_socket_without_credentials_with_4401(personas) -> None:
     communicator = WebsocketCommunicator(application, "/ws/alerts/")
 
-    connected, code = await communicator.connect()
-
-    assert connected is False and code == 4401
+    assert await _close_code(communicator) == 4401
 
 
-async def test_it_refuses_a_bad_token(personas) -> None:
+async def test_it_closes_a_socket_with_a_bad_token_with_4401(personas) -> None:
     communicator = WebsocketCommunicator(application, "/ws/alerts/?token=nope")
 
-    connected, _ = await communicator.connect()
-
-    assert connected is False
+    assert await _close_code(communicator) == 4401
 
 
-async def test_a_session_socket_from_a_foreign_origin_is_refused(personas) -> None:
-    client = await sync_to_async(_logged_in_cookie)(personas.member)
-    communicator = WebsocketCommunicator(
+def _session_socket(cookie: str, *, origin: bytes, host: bytes) -> WebsocketCommunicator:
+    return WebsocketCommunicator(
         application,
         "/ws/alerts/",
-        headers=[(b"cookie", client.encode()), (b"origin", b"https://evil.example")],
+        headers=[(b"cookie", cookie.encode()), (b"origin", origin), (b"host", host)],
     )
 
-    connected, _ = await communicator.connect()
 
-    assert connected is False
+async def test_a_session_socket_from_a_foreign_origin_is_closed_with_4403(personas) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+    communicator = _session_socket(cookie, origin=b"https://evil.example", host=b"127.0.0.1:8000")
+
+    assert await _close_code(communicator) == 4403
 
 
-async def test_a_session_socket_from_the_dashboards_origin_is_accepted(personas) -> None:
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        (b"http://127.0.0.1:9999", b"127.0.0.1:8000"),  # same host, another port
+        (b"https://127.0.0.1:8000", b"127.0.0.1:8000"),  # another scheme
+        (b"http://localhost:8000", b"127.0.0.1:8000"),  # another allowed host
+        (b"http://evil.example:8000", b"evil.example:8000"),  # a host not allowed
+        (b"null", b"127.0.0.1:8000"),  # a sandboxed page
+    ],
+)
+async def test_a_session_socket_from_another_origin_than_its_own_is_closed_with_4403(
+    personas, origin: bytes, host: bytes
+) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+
+    assert await _close_code(_session_socket(cookie, origin=origin, host=host)) == 4403
+
+
+async def test_a_session_socket_without_an_origin_is_closed_with_4403(personas) -> None:
     cookie = await sync_to_async(_logged_in_cookie)(personas.member)
     communicator = WebsocketCommunicator(
-        application,
-        "/ws/alerts/",
-        headers=[(b"cookie", cookie.encode()), (b"origin", b"http://127.0.0.1:8000")],
+        application, "/ws/alerts/", headers=[(b"cookie", cookie.encode())]
     )
+
+    assert await _close_code(communicator) == 4403
+
+
+async def test_a_session_socket_from_its_own_origin_is_accepted(personas) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+    communicator = _session_socket(cookie, origin=b"http://127.0.0.1:8000", host=b"127.0.0.1:8000")
 
     connected, _ = await communicator.connect()
     hello = await communicator.receive_json_from()
@@ -69,6 +101,35 @@ async def test_a_session_socket_from_the_dashboards_origin_is_accepted(personas)
 
     assert connected is True
     assert hello == {"type": "hello", "v": 1, "teams": {str(personas.team.id): 0}}
+
+
+@override_settings(CSRF_TRUSTED_ORIGINS=["https://*.newsroom.example"])
+async def test_a_session_socket_from_a_trusted_origin_is_accepted(personas) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+    communicator = _session_socket(
+        cookie, origin=b"https://desk.newsroom.example", host=b"127.0.0.1:8000"
+    )
+
+    connected, _ = await communicator.connect()
+    hello = await communicator.receive_json_from()
+    await communicator.disconnect()
+
+    assert connected is True and hello["type"] == "hello"
+
+
+async def test_a_token_socket_is_accepted_from_any_origin(personas) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    communicator = WebsocketCommunicator(
+        application,
+        f"/ws/alerts/?token={token}",
+        headers=[(b"origin", b"https://evil.example"), (b"host", b"127.0.0.1:8000")],
+    )
+
+    connected, _ = await communicator.connect()
+    hello = await communicator.receive_json_from()
+    await communicator.disconnect()
+
+    assert connected is True and hello["type"] == "hello"
 
 
 def _logged_in_cookie(user) -> str:

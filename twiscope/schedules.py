@@ -1,23 +1,25 @@
-"""Periodic jobs (Celery beat). Each selects ids and fans out; each has an expiry."""
+"""Periodic jobs (Celery beat). Each selects ids and fans out; each has an expiry.
+
+Each stage sweeps its own stuck work (``<stage>.sweep``); see ``twiscope.pipeline``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
-    "ingest.sweep_stuck_events": {
-        "task": "ingest.sweep_stuck_events",
-        "schedule": 30.0,
-        "options": {"expires": 25},
+    "ingest.sweep": {"task": "ingest.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "ingest.declare_live_progress": {
+        "task": "ingest.declare_live_progress",
+        "schedule": 5.0,
+        "options": {"expires": 4},
     },
     "ingest.analyze_growing_tables": {
         "task": "ingest.analyze_growing_tables",
         "schedule": 60.0,
         "options": {"expires": 55},
     },
-    "ml.advance_idle_watermarks": {
-        "task": "ml.advance_idle_watermarks",
-        "schedule": 15.0,
-        "options": {"expires": 14},
-    },
+    "enrich.sweep": {"task": "enrich.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "ml.sweep": {"task": "ml.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "alerts.sweep": {"task": "alerts.sweep", "schedule": 30.0, "options": {"expires": 25}},
 }

@@ -6,7 +6,11 @@ is refused, and any secret may instead be given as ``<KEY>_FILE`` (a path whose
 contents are the value, as with Docker secrets).
 
 Required: ``SECRET_KEY``, ``DATABASE_URL``, ``REDIS_URL``. ``make run`` and
-``make test`` provide all three (see ``twiscope/localservices.py``).
+``make test`` provide all three (see ``twiscope/localservices.py``). In development
+(``TWISCOPE_ENV`` unset or ``development``), any of them left unset is taken from the
+running ``make run``'s env file (``.run/env``, or ``$TWISCOPE_RUN_DIR/env``), so commands
+typed in a second terminal reach that platform; never in production or test settings,
+and never over a variable that is set.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ if TWISCOPE_ENV not in {"development", "production", "test"}:
     raise ImproperlyConfigured(
         f"TWISCOPE_ENV must be development, production or test, not {TWISCOPE_ENV!r}"
     )
+if TWISCOPE_ENV == "development":
+    from twiscope.localservices import load_platform_env
+
+    load_platform_env()
 DEBUG: bool = env.bool("DJANGO_DEBUG", default=False)
 if DEBUG and TWISCOPE_ENV == "production":
     raise ImproperlyConfigured("DJANGO_DEBUG must be off when TWISCOPE_ENV=production")
@@ -51,10 +59,11 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
-    "dashboard",
+    "teams",
     "ingest",
     "mlengine",
     "alerts",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -141,10 +150,12 @@ REST_FRAMEWORK: dict[str, Any] = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # Unknown or bad query parameters answer 400 (teams/api/filters.py, pagination.py).
+    "DEFAULT_FILTER_BACKENDS": ["teams.api.filters.StrictFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "teams.api.pagination.NumberedPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's, documenting 400/401/403/404 in DRF's error shapes.
+    "DEFAULT_SCHEMA_CLASS": "teams.api.schema.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
 }
 if DEBUG:
@@ -161,6 +172,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Two models have a "kind": name each choice set after its model.
+    "ENUM_NAME_OVERRIDES": {
+        "SourceKindEnum": "ingest.models.Source.Kind",
+        "AlertRuleKindEnum": "alerts.models.AlertRule.Kind",
+    },
 }
 
 # --- Celery -----------------------------------------------------------------------
@@ -213,10 +229,11 @@ TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=
 TRENDS_MIN_SCORE: float = env.float("TRENDS_MIN_SCORE", default=4.0)
 TRENDS_MIN_EVENTS: int = env.int("TRENDS_MIN_EVENTS", default=5)
 TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
-TRENDS_ALLOWED_LATENESS_S: int = env.int("TRENDS_ALLOWED_LATENESS_S", default=300)
-# A live source with no new events has its watermark advanced on processing time
-# after this many seconds, so its last bucket closes.
-TRENDS_IDLE_ADVANCE_S: int = env.int("TRENDS_IDLE_ADVANCE_S", default=60)
+# Allowed lateness of live sources: their declared watermark is processing time minus
+# this; an event arriving later than this after its event time is late (stored, left out
+# of trends). It is also the floor of a live alert's latency. Replays declare their own
+# watermark (the last event time staged) and have no late events.
+TRENDS_LIVE_LATENESS_S: float = env.float("TRENDS_LIVE_LATENESS_S", default=1.0)
 
 LOGGING = {
     "version": 1,

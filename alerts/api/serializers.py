@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rest_framework import serializers
 
 from alerts import services
 from alerts.models import Alert, AlertRule
-from dashboard.models import Team
-from dashboard.selectors import owned_team_ids_for
+from alerts.payload import alert_payload, latency_ms
 from ingest.models import Source
+from teams.models import Team
+from teams.selectors import owned_team_ids_for
 
 
 class RuleRefSerializer(serializers.ModelSerializer[AlertRule]):
@@ -45,18 +47,32 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
 
     def get_latency_ms(self, alert: Alert) -> float | None:
         """``pushed_at − event_received_at`` in milliseconds (None until pushed)."""
-        if alert.pushed_at is None:
-            return None
-        return round((alert.pushed_at - alert.event_received_at).total_seconds() * 1000, 1)
+        return latency_ms(alert)
+
+    def to_representation(self, instance: Alert) -> dict[str, Any]:
+        """The shared alert shape (``alerts.payload``): the WebSocket sends the same."""
+        return alert_payload(instance)
 
 
 class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
-    """A rule; ``team`` and ``source`` must belong to a team the caller owns."""
+    """A rule; ``team`` and ``source`` must belong to a team the caller owns.
+
+    ``min_events`` and ``min_authors`` are whole numbers ≥ 1, ``min_score`` a finite
+    number ≥ 0, ``cooldown_s`` whole seconds ≥ 0, ``terms`` a list (empty: every term)
+    of non-blank strings, ``severity`` one of the model's choices. A refused value is a
+    400 with DRF's field errors."""
 
     team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
     source = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
         queryset=Source.objects.none(), allow_null=True, required=False
     )
+    terms = serializers.ListField(
+        child=serializers.CharField(max_length=200, allow_blank=False), required=False
+    )
+    min_score = serializers.FloatField(min_value=0, required=False)
+    min_events = serializers.IntegerField(min_value=1, required=False)
+    min_authors = serializers.IntegerField(min_value=1, required=False)
+    cooldown_s = serializers.IntegerField(min_value=0, required=False)
 
     class Meta:
         model = AlertRule
@@ -87,13 +103,8 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
             self.fields["source"].queryset = Source.objects.filter(team_id__in=owned)  # type: ignore[attr-defined]
 
     def validate_min_score(self, value: float) -> float:
-        if value < 0:
-            raise serializers.ValidationError("must be zero or more")
-        return value
-
-    def validate_cooldown_s(self, value: int) -> int:
-        if value < 0:
-            raise serializers.ValidationError("must be zero or more seconds")
+        if not math.isfinite(value):
+            raise serializers.ValidationError("A valid number is required.")
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

@@ -7,28 +7,30 @@ from rest_framework import permissions, viewsets
 
 from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
 from alerts.models import Alert, AlertRule
-from dashboard.api.base import (
+from teams.api.base import (
+    IntegerFilter,
     IsTeamOwnerOrReadOnly,
+    NewestFirstCursorPagination,
+    StrictFilterSet,
     TeamScopedMixin,
     TeamScopedReadOnlyViewSet,
     in_callers_teams,
 )
-from dashboard.models import Team
-from ingest.api.views import NewestFirstCursorPagination
+from teams.models import Team
 
 scoped_rules = in_callers_teams(AlertRule.objects.all(), "team")
 scoped_teams = in_callers_teams(Team.objects.all(), "id")
 
 
-class AlertFilter(django_filters.FilterSet):
+class AlertFilter(StrictFilterSet):
     """``severity``, ``rule`` and ``team`` (ids, in scope), ``since``/``until``
-    (created_at), ``after_seq`` (alerts after a sequence number)."""
+    (created_at), ``after_seq`` (alerts after a sequence number: a whole number ≥ 0)."""
 
     rule = django_filters.ModelChoiceFilter(queryset=scoped_rules)
     team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
-    after_seq = django_filters.NumberFilter(field_name="seq", lookup_expr="gt")
+    after_seq = IntegerFilter(field_name="seq", lookup_expr="gt", min_value=0)
 
     class Meta:
         model = Alert
@@ -44,7 +46,9 @@ class AlertViewSet(TeamScopedReadOnlyViewSet):
     pagination_class = NewestFirstCursorPagination
 
 
-class AlertRuleFilter(django_filters.FilterSet):
+class AlertRuleFilter(StrictFilterSet):
+    """``team`` (id, in scope), ``enabled`` (``true``/``false``), ``kind``."""
+
     team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
 
     class Meta:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import django_filters
 from django.db.models import Q, QuerySet
 
-from dashboard.api.base import in_callers_teams
 from ingest.models import DeadLetter, Event, Source
-from mlengine.models import Trend
+from teams.api.base import StrictFilterSet, in_callers_teams
 
 
 def term_q(term: str) -> Q:
@@ -19,13 +16,12 @@ def term_q(term: str) -> Q:
 
 
 scoped_sources = in_callers_teams(Source.objects.all(), "team")
-scoped_trends = in_callers_teams(Trend.objects.all(), "source__team")
 
 
-class EventFilter(django_filters.FilterSet):
+class EventFilter(StrictFilterSet):
     """``source`` (id), ``since``/``until`` (event time, ISO 8601), ``q`` (text contains,
-    case-insensitive), ``lang``, ``term`` (a hashtag, mention, cashtag or keyword) and
-    ``trend`` (id: the posts behind that trend)."""
+    case-insensitive), ``lang`` and ``term`` (a hashtag, mention, cashtag or keyword).
+    The posts behind a trend: ``GET /api/trends/<id>/events/``."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
@@ -33,26 +29,17 @@ class EventFilter(django_filters.FilterSet):
     q = django_filters.CharFilter(field_name="text", lookup_expr="icontains")
     lang = django_filters.CharFilter()
     term = django_filters.CharFilter(method="filter_term")
-    trend = django_filters.ModelChoiceFilter(queryset=scoped_trends, method="filter_trend")
 
     class Meta:
         model = Event
-        fields = ["source", "since", "until", "q", "lang", "term", "trend"]
+        fields = ["source", "since", "until", "q", "lang", "term"]
 
     def filter_term(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
         return queryset.filter(term_q(value.lower() if value[:1] in "#@" else value))
 
-    def filter_trend(self, queryset: QuerySet[Event], name: str, value: Trend) -> QuerySet[Event]:
-        return queryset.filter(
-            term_q(value.term),
-            source_id=value.source_id,
-            created_at__gte=value.bucket_start,
-            created_at__lt=value.bucket_start + timedelta(seconds=value.bucket_s),
-        )
 
-
-class DeadLetterFilter(django_filters.FilterSet):
-    """``stage`` and ``source`` (id, in scope)."""
+class DeadLetterFilter(StrictFilterSet):
+    """``stage`` (a pipeline stage) and ``source`` (id, in scope)."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
 

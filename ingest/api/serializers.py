@@ -18,11 +18,9 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             "enabled",
             "disabled_reason",
             "created_at",
-            "watermark",
+            "input_watermark",
             "last_received_at",
             "events_total",
-            "late_events",
-            "trend_bucket_s",
         ]
         read_only_fields = fields
 

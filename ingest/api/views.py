@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-from rest_framework.pagination import CursorPagination
-
-from dashboard.api.base import TeamScopedReadOnlyViewSet
 from ingest.api.filters import DeadLetterFilter, EventFilter
 from ingest.api.serializers import DeadLetterSerializer, EventSerializer, SourceSerializer
 from ingest.models import DeadLetter, Event, Source
+from teams.api.base import (
+    NewestFirstCursorPagination,
+    StrictCursorPagination,
+    TeamScopedReadOnlyViewSet,
+)
 
 
-class EventCursorPagination(CursorPagination):
-    """Newest event time first; stable under concurrent inserts."""
+class EventCursorPagination(StrictCursorPagination):
+    """Newest event time first, 50 a page (``page_size`` 1 to 500); stable under
+    concurrent inserts."""
 
     ordering = ("-created_at", "-id")
-    page_size = 50
-    page_size_query_param = "page_size"
-    max_page_size = 500
-
-
-class NewestFirstCursorPagination(CursorPagination):
-    ordering = "-id"
-    page_size = 50
-    page_size_query_param = "page_size"
-    max_page_size = 500
 
 
 class SourceViewSet(TeamScopedReadOnlyViewSet):
-    """The caller's teams' sources, with their counters and watermark."""
+    """The caller's teams' sources, with their counters and declared input watermark."""
 
     queryset = Source.objects.order_by("id")
     serializer_class = SourceSerializer

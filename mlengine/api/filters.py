@@ -1,4 +1,4 @@
-"""Filters of the trends endpoint."""
+"""Filters of the trends and streams endpoints."""
 
 from __future__ import annotations
 
@@ -16,20 +16,21 @@ from django.db.models import (
 )
 
 from ingest.api.filters import scoped_sources
-from mlengine.models import Trend
+from mlengine.models import StreamClock, Trend
+from teams.api.base import BooleanFilter, StrictFilterSet
 
 
-class TrendFilter(django_filters.FilterSet):
+class TrendFilter(StrictFilterSet):
     """``source`` (id), ``term``, ``since``/``until`` (bucket start, event time),
-    ``min_score``, and ``current=true``: only trends of each source's two latest
-    trend buckets (what is trending now)."""
+    ``min_score``, and ``current=true`` (``false``, the default, is no filter): only
+    trends of each source's two latest trend buckets (what is trending now)."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     term = django_filters.CharFilter()
     since = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="lt")
     min_score = django_filters.NumberFilter(field_name="score", lookup_expr="gte")
-    current = django_filters.BooleanFilter(method="filter_current")
+    current = BooleanFilter(method="filter_current")
 
     class Meta:
         model = Trend
@@ -49,3 +50,13 @@ class TrendFilter(django_filters.FilterSet):
                 F("bucket_s") * Value(timedelta(seconds=1)), output_field=DurationField()
             )
         )
+
+
+class StreamFilter(StrictFilterSet):
+    """``source`` (id, in scope)."""
+
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
+
+    class Meta:
+        model = StreamClock
+        fields = ["source"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from ingest.models import Source
-from mlengine.models import Trend
+from mlengine.models import StreamClock, Trend
 
 
 class SourceRefSerializer(serializers.ModelSerializer[Source]):
@@ -38,4 +38,13 @@ class TrendSerializer(serializers.ModelSerializer[Trend]):
             "evidence_created_at",
             "sample_event_ids",
         ]
+        read_only_fields = fields
+
+
+class StreamSerializer(serializers.ModelSerializer[StreamClock]):
+    source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
+
+    class Meta:
+        model = StreamClock
+        fields = ["source", "watermark", "bucket_s", "counted_events", "late_events", "advanced_at"]
         read_only_fields = fields

@@ -19,7 +19,7 @@ from django.db import transaction
 from rest_framework.authtoken.models import Token
 
 from alerts.services import ensure_default_rule
-from dashboard.models import Membership, Team
+from teams.models import Membership, Team
 
 
 def _secret_file(path: Path) -> str:

@@ -4,7 +4,8 @@
  * Reads, never writes:
  *   GET /api/stats/                                   every 2 s  -> rate chart + tiles
  *   GET /api/trends/?current=true&ordering=-score     every 5 s  -> trends table
- *   GET /api/events/?trend=<id>                       on click   -> posts behind a trend
+ *   GET /api/trends/<id>/events/                      on click   -> posts behind a trend
+ *   GET /api/streams/?page_size=100                   every 3 s  -> streams' event-time clocks
  *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
  *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
  *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
@@ -22,15 +23,20 @@
   const root = document.getElementById('dashboard');
   if (!root) return;
 
+  const $ = (id) => document.getElementById(id);
+  const STREAMS_PAGE = 100;
+
   const API = {
     stats: '/api/stats/',
     trends: '/api/trends/?current=true&ordering=-score',
-    events: (trendId) => `/api/events/?trend=${encodeURIComponent(trendId)}`,
+    events: (trendId) => `/api/trends/${encodeURIComponent(trendId)}/events/`,
     alerts: '/api/alerts/',
+    streams: `${$('streams')?.dataset.api || '/api/streams/'}?page_size=${STREAMS_PAGE}`,
   };
   const WS_PATH = '/ws/alerts/';
   const STATS_EVERY_MS = 2000;
   const TRENDS_EVERY_MS = 5000;
+  const STREAMS_EVERY_MS = 3000;
   const RATE_WINDOW_MS = 5 * 60 * 1000;
   const MAX_ALERTS = 200;
   const BACKOFF_MIN_MS = 1000;
@@ -39,8 +45,6 @@
   const QUEUE_ORDER = ['ingest', 'enrich', 'ml', 'alerts'];
   const SEVERITIES = new Set(['info', 'warning', 'critical']);
   const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
-
-  const $ = (id) => document.getElementById(id);
 
   // ---------------------------------------------------------------- helpers
 
@@ -113,6 +117,24 @@
       datetime: Number.isFinite(t) ? new Date(t).toISOString() : null,
       title: Number.isFinite(t) ? new Date(t).toISOString().replace('T', ' ').replace('Z', ' UTC') : null,
     }, fmtWhen(iso));
+  }
+
+  /** Full UTC date-time, "2015-02-20 14:30:00": an event-time clock needs its date. */
+  function fmtUtcDateTime(iso) {
+    const t = parseTime(iso);
+    if (!Number.isFinite(t)) return null;
+    return new Date(t).toISOString().slice(0, 19).replace('T', ' ');
+  }
+
+  /** "12 s ago", "3 min ago", "2 h ago" (processing time, from this browser's clock). */
+  function fmtAgo(iso) {
+    const t = parseTime(iso);
+    if (!Number.isFinite(t)) return '—';
+    const s = Math.max(0, Math.round((Date.now() - t) / 1000));
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return `${Math.floor(s / 86400)} d ago`;
   }
 
   function fmtDuration(seconds) {
@@ -374,6 +396,39 @@
       markUpdated('trends-updated');
     } catch (err) {
       showError('trends-error', 'trends', err, 'Retrying every 5 s.');
+    }
+  }
+
+  // ------------------------------------------------- streams' event-time clocks
+
+  function streamRow(c) {
+    const src = c.source || {};
+    const clock = fmtUtcDateTime(c.watermark);
+    const late = isNum(c.late_events) && c.late_events > 0;
+    return h('tr', { dataset: { source: String(src.id ?? '') } },
+      h('td', { class: 'source' }, src.name ?? '—',
+        src.kind ? h('small', { class: 'muted' }, ` · ${src.kind}`) : null),
+      h('td', { class: 'clock' }, clock
+        ? h('time', { datetime: new Date(parseTime(c.watermark)).toISOString() }, clock,
+          h('small', { class: 'muted' }, ' UTC'))
+        : h('span', { class: 'muted' }, 'not started')),
+      h('td', { class: 'num' }, fmtInt(c.counted_events)),
+      h('td', { class: late ? 'num late' : 'num' }, fmtInt(c.late_events)),
+      h('td', { class: 'num' }, fmtDuration(c.bucket_s) || '—'),
+      h('td', { class: 'muted', title: c.advanced_at || null }, fmtAgo(c.advanced_at)));
+  }
+
+  async function refreshStreams() {
+    try {
+      const page = await api(API.streams);
+      const rows = Array.isArray(page.results) ? page.results : [];
+      $('streams-body').replaceChildren(...rows.map(streamRow));
+      $('streams-empty').hidden = rows.length > 0;
+      showError('streams-error', null, null);
+      markUpdated('streams-updated');
+      if (page.next) setText('streams-updated', `first ${STREAMS_PAGE} of ${fmtInt(page.count)} · ${$('streams-updated').textContent}`);
+    } catch (err) {
+      showError('streams-error', 'streams', err, 'Retrying every 3 s.');
     }
   }
 
@@ -723,5 +778,6 @@
   chart = makeChart();
   poll(refreshStats, STATS_EVERY_MS);
   poll(refreshTrends, TRENDS_EVERY_MS);
+  poll(refreshStreams, STREAMS_EVERY_MS);
   loadAlertSnapshot().finally(connect);
 })();

@@ -4,27 +4,32 @@ Reads the whole archive (these files hold at most tens of thousands of rows), so
 posts by event time, and hands them to the ingest queue in batches of
 ``settings.INGEST_BATCH_SIZE``; with ``--speed N`` the gaps between events are replayed
 N times faster than they happened. Unusable rows become dead letters (stage
-``replay``). At the end the trend stage is told the stream is complete, so its last
-buckets close.
+``replay``). Each batch declares its last event time as the source's watermark; at the
+end the trend stage is told the stream is complete, so its last buckets close.
+
+On a terminal, a progress bar on stderr shows the event time reached (its length is the
+archive's event-time span) and the events sent; it is silent when stderr is not a TTY.
+stdout gets the summary: what was read, sent and skipped, then, with ``--wait``, what
+the pipeline did with it (events stored new, duplicates, dead letters), once it drained.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 from tqdm import tqdm
 
-from dashboard.models import Team
-from ingest import services
+from ingest import selectors, services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
 from ingest.sources.replay.adapter import ReplayAdapter
@@ -35,8 +40,8 @@ from ingest.sources.replay.formats import (
     detect_format,
     read_archive,
 )
-from mlengine.facade import suggest_trend_bucket_s
-from twiscope import celery
+from teams.models import Team
+from twiscope import celery, pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +50,123 @@ FLUSH_WINDOW_S = 0.2
 so no event waits longer than about this for its batch to fill."""
 DEAD_LETTER_CHUNK = 1_000
 SOURCE_NAME_MAX = 100
+DEFAULT_WAIT_S = 600.0
+"""``--wait`` with no value: how long to wait for the pipeline to drain, in seconds."""
+DRAIN_POLL_S = 0.5
+DRAIN_QUIET_POLLS = 4
+"""The pipeline counts as drained after this many consecutive polls found it idle: a
+task a worker is running holds no queued message, so one idle look is not proof."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the pipeline did with a replay, from the source's counts before and after.
+
+    ``duplicates`` are the events sent that were neither stored new nor dead-lettered at
+    ingest: already stored (an earlier replay) or repeated within the archive
+    (``repeated_in_archive`` of them share an external id with an earlier row).
+    """
+
+    stored: int
+    duplicates: int
+    ingest_dead_letters: int
+    replay_dead_letters: int
+    repeated_in_archive: int = 0
+
+    @classmethod
+    def between(
+        cls,
+        before: dict[str, int],
+        after: dict[str, int],
+        *,
+        sent: int,
+        replay_dead: int,
+        repeated_in_archive: int = 0,
+    ) -> Outcome:
+        """``before``/``after``: ``ingest.selectors.source_counts`` of the source."""
+        stored = after["events"] - before["events"]
+        ingest_dead = max(0, after["dead_letters"] - before["dead_letters"] - replay_dead)
+        return cls(
+            stored=stored,
+            duplicates=max(0, sent - stored - ingest_dead),
+            ingest_dead_letters=ingest_dead,
+            replay_dead_letters=replay_dead,
+            repeated_in_archive=repeated_in_archive,
+        )
+
+    def text(self) -> str:
+        dead = self.ingest_dead_letters + self.replay_dead_letters
+        repeated = (
+            f" ({self.repeated_in_archive} repeated within the archive)"
+            if self.repeated_in_archive
+            else ""
+        )
+        return (
+            f"stored {self.stored} new, {self.duplicates} duplicates{repeated}, "
+            f"{dead} dead letters "
+            f"(ingest {self.ingest_dead_letters}, replay {self.replay_dead_letters})"
+        )
+
+
+class _BarStream:
+    """A command's stderr as tqdm's file: no added newline, no error colour; a TTY
+    exactly when the command's stderr is one (so tqdm's ``disable=None`` applies)."""
+
+    def __init__(self, wrapper: OutputWrapper) -> None:
+        self._wrapper = wrapper
+        self.encoding = getattr(wrapper, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> None:
+        self._wrapper.write(text, style_func=lambda s: s, ending="")
+
+    def flush(self) -> None:
+        self._wrapper.flush()
+
+    def isatty(self) -> bool:
+        return self._wrapper.isatty()
+
+
+class EventTimeBar:
+    """A progress bar whose position is the event time reached, in seconds since the
+    archive's first event (its length: the archive's event-time span)."""
+
+    def __init__(self, stream: _BarStream, *, first: datetime, last: datetime, total: int) -> None:
+        self._first = first
+        self._span = (last - first).total_seconds()
+        self._total = total
+        self._sent = 0
+        self._bar = tqdm(
+            total=self._span or 1.0,
+            file=stream,
+            disable=None,
+            leave=False,
+            dynamic_ncols=True,
+            desc=self._when(first),
+            postfix=self._sent_text(),
+            bar_format="{desc} |{bar}| {percentage:3.0f}% of event time{postfix} "
+            "[{elapsed}<{remaining}]",
+        )
+
+    def advance(self, event_time: datetime, sent: int) -> None:
+        """The replay has sent ``sent`` more events, up to ``event_time``."""
+        self._sent += sent
+        reached = (event_time - self._first).total_seconds() if self._span else 1.0
+        self._bar.set_description_str(self._when(event_time), refresh=False)
+        self._bar.set_postfix_str(self._sent_text(), refresh=False)
+        self._bar.update(reached - self._bar.n)
+        if self._sent >= self._total:
+            # The last batch: show it even within tqdm's refresh interval.
+            self._bar.refresh()
+
+    @staticmethod
+    def _when(event_time: datetime) -> str:
+        return f"event time {event_time:%Y-%m-%d %H:%M:%S} UTC"
+
+    def _sent_text(self) -> str:
+        return f"{self._sent}/{self._total} events sent"
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def paced_batches(
@@ -105,6 +227,18 @@ def _speed(value: str) -> float | None:
     return speed
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, not {value!r} (put --wait after PATH)"
+        ) from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -148,11 +282,22 @@ class Command(BaseCommand):
             "replaying (0: do not wait); default 60",
         )
         parser.add_argument(
+            "--wait",
+            type=_seconds,
+            nargs="?",
+            const=DEFAULT_WAIT_S,
+            default=None,
+            metavar="SECONDS",
+            help="after sending, wait (up to SECONDS, default "
+            f"{DEFAULT_WAIT_S:.0f}) for the pipeline to drain, then report what it stored: "
+            "new events, duplicates, dead letters; exits 1 if it does not drain in time",
+        )
+        parser.add_argument(
             "--bucket-s",
             type=_positive_int,
             default=None,
             help="trend bucket in seconds for a new source (default: sized from the "
-            "archive's median daily volume)",
+            "archive's mean daily volume by the trend stage)",
         )
         parser.add_argument(
             "--format",
@@ -166,6 +311,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         path: Path = options["path"]
         speed: float | None = options["speed"]
+        wait_s: float | None = options["wait"]
         if not path.is_file():
             raise CommandError(f"no such file: {path}")
         try:
@@ -187,12 +333,21 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        if source.trend_bucket_s is None and (envelopes or options["bucket_s"]):
-            bucket_s = options["bucket_s"] or suggest_trend_bucket_s(
-                envelope.created_at for envelope in envelopes
+        if not source.enabled:
+            # Its batches would be dropped at ingest: say so rather than send them.
+            raise CommandError(
+                f'source "{source.name}" (id {source.id}) is disabled'
+                f"{': ' + source.disabled_reason if source.disabled_reason else ''}; "
+                "enable it (admin) or replay into another with --source"
             )
-            services.set_trend_bucket(source=source, bucket_s=bucket_s)
-        _dead_letter(source, path, fmt, errors)
+        before = selectors.source_counts(source.id) if wait_s is not None else None
+        if envelopes or options["bucket_s"]:
+            services.describe_stream(
+                source=source,
+                event_times=[envelope.created_at for envelope in envelopes],
+                trend_bucket_s=options["bucket_s"],
+            )
+        replay_dead = _dead_letter(source, path, fmt, errors)
         envelopes.sort(key=lambda envelope: envelope.created_at)
         log.info(
             "replay.started",
@@ -202,25 +357,9 @@ class Command(BaseCommand):
             events=len(envelopes),
             skipped=len(errors),
             speed=speed or "max",
-            trend_bucket_s=source.trend_bucket_s,
         )
 
-        batches = 0
-        with tqdm(
-            total=len(envelopes), unit="event", file=sys.stderr, disable=None, leave=False
-        ) as bar:
-            for batch in paced_batches(
-                envelopes, speed=speed, batch_size=settings.INGEST_BATCH_SIZE
-            ):
-                # Back-pressure: never more than REPLAY_MAX_IN_FLIGHT events in the
-                # pipeline, so "max" means as fast as the pipeline takes them and an
-                # event's latency is the pipeline's, not a backlog's.
-                services.wait_for_capacity(
-                    source=source, max_in_flight=settings.REPLAY_MAX_IN_FLIGHT
-                )
-                services.enqueue_envelopes(source=source, envelopes=batch)
-                batches += 1
-                bar.update(len(batch))
+        batches = self._send(source, envelopes, speed)
         if envelopes:
             services.end_of_stream(source=source, event_time=envelopes[-1].created_at)
 
@@ -237,8 +376,113 @@ class Command(BaseCommand):
         self.stdout.write(
             f'replay {path.name} ({fmt}) into source "{source.name}" (id {source.id}): '
             f"read {len(envelopes) + len(errors)}, enqueued {len(envelopes)} in {batches} "
-            f"batches, skipped {len(errors)}{_reasons_text(reasons)}, "
-            f"trend bucket {source.trend_bucket_s} s, {elapsed:.1f} s"
+            f"batches, skipped {len(errors)}{_reasons_text(reasons)}, {elapsed:.1f} s"
+        )
+        if before is None or wait_s is None:
+            self.stdout.write(
+                f"sent {len(envelopes)} events (not yet stored: the pipeline is still "
+                "working on them); pass --wait to wait for it and report what it stored "
+                "(new, duplicates, dead letters)"
+            )
+            return
+        drained, waited = self._drain(source, wait_s)
+        outcome = Outcome.between(
+            before,
+            selectors.source_counts(source.id),
+            sent=len(envelopes),
+            replay_dead=replay_dead,
+            repeated_in_archive=len(envelopes) - len({e.external_id for e in envelopes}),
+        )
+        log.info(
+            "replay.drained" if drained else "replay.drain_timeout",
+            source_id=source.id,
+            stored=outcome.stored,
+            duplicates=outcome.duplicates,
+            ingest_dead_letters=outcome.ingest_dead_letters,
+            replay_dead_letters=outcome.replay_dead_letters,
+            seconds=round(waited, 3),
+        )
+        if drained:
+            self.stdout.write(f"{outcome.text()}; the pipeline drained in {waited:.1f} s")
+            return
+        self.stdout.write(f"so far {outcome.text()}")
+        raise CommandError(
+            f"the pipeline did not drain within {wait_s:g} s: {self._backlog(source)}; "
+            "are the worker pools running? (the numbers above are not final)"
+        )
+
+    def _send(self, source: Source, envelopes: list[Envelope], speed: float | None) -> int:
+        """Hand ``envelopes`` (sorted by event time) to the ingest queue, paced by
+        ``speed``, each batch declaring its last event time as the source's watermark.
+        Returns how many batches."""
+        if not envelopes:
+            return 0
+        bar = EventTimeBar(
+            _BarStream(self.stderr),
+            first=envelopes[0].created_at,
+            last=envelopes[-1].created_at,
+            total=len(envelopes),
+        )
+        batches = 0
+        try:
+            for batch in paced_batches(
+                envelopes, speed=speed, batch_size=settings.INGEST_BATCH_SIZE
+            ):
+                # Back-pressure: never more than REPLAY_MAX_IN_FLIGHT events in the
+                # pipeline, so "max" means as fast as the pipeline takes them and an
+                # event's latency is the pipeline's, not a backlog's.
+                try:
+                    services.wait_for_capacity(
+                        source=source, max_in_flight=settings.REPLAY_MAX_IN_FLIGHT
+                    )
+                except TimeoutError as exc:
+                    raise CommandError(f"replay stalled after {batches} batches: {exc}") from exc
+                # Sorted by event time: every later event is at or after this batch's
+                # last, which is the source's watermark.
+                services.enqueue_envelopes(
+                    source=source, envelopes=batch, watermark=batch[-1].created_at
+                )
+                batches += 1
+                bar.advance(batch[-1].created_at, len(batch))
+        finally:
+            bar.close()
+        return batches
+
+    def _drain(self, source: Source, timeout_s: float) -> tuple[bool, float]:
+        """Wait until no batch of ``source`` is staged, none of its events is waiting for
+        enrichment, and ``twiscope.pipeline.is_idle()`` held for ``DRAIN_QUIET_POLLS``
+        polls in a row. Returns ``(drained, seconds waited)``."""
+        started = time.monotonic()
+        quiet = 0
+        with tqdm(
+            file=_BarStream(self.stderr),
+            disable=None,
+            leave=False,
+            bar_format="waiting for the pipeline to drain{postfix} [{elapsed}]",
+        ) as bar:
+            while True:
+                in_flight = selectors.in_flight_events(source.id)
+                quiet = quiet + 1 if in_flight == 0 and pipeline.is_idle() else 0
+                waited = time.monotonic() - started
+                if quiet >= DRAIN_QUIET_POLLS:
+                    return True, waited
+                if waited >= timeout_s:
+                    return False, waited
+                bar.set_postfix_str(f"~{in_flight} events of this source in flight")
+                time.sleep(min(DRAIN_POLL_S, max(timeout_s - waited, 0.0)))
+
+    def _backlog(self, source: Source) -> str:
+        """What is still in the pipeline, in words (for the timeout message)."""
+        staged = selectors.staged_batches(source.id)
+        in_flight = selectors.in_flight_events(source.id)
+        depths = pipeline.queue_depths()
+        dispatched = {stage: pipeline.dispatched_count(stage) for stage in pipeline.STAGES}
+        return (
+            f"{staged} batches of this source staged, ~{in_flight} of its events in flight; "
+            "queued messages "
+            + ", ".join(f"{stage} {n}" for stage, n in depths.items())
+            + "; unfinished dispatches "
+            + ", ".join(f"{stage} {n}" for stage, n in dispatched.items())
         )
 
     def _wait_for_workers(self, timeout_s: float) -> None:
@@ -298,11 +542,13 @@ def _read(path: Path, fmt: str, limit: int | None) -> tuple[list[Envelope], list
     return envelopes, errors
 
 
-def _dead_letter(source: Source, path: Path, fmt: str, errors: list[RowError]) -> None:
-    """One dead letter per unusable row: its reason, and where and what it was."""
+def _dead_letter(source: Source, path: Path, fmt: str, errors: list[RowError]) -> int:
+    """One dead letter per unusable row: its reason, and where and what it was. Returns
+    how many were parked."""
+    parked = 0
     for start in range(0, len(errors), DEAD_LETTER_CHUNK):
         chunk = errors[start : start + DEAD_LETTER_CHUNK]
-        services.record_dead_letters(
+        parked += services.record_dead_letters(
             stage=DeadLetter.Stage.REPLAY,
             source=source,
             items=[
@@ -313,6 +559,7 @@ def _dead_letter(source: Source, path: Path, fmt: str, errors: list[RowError]) -
                 for error in chunk
             ],
         )
+    return parked
 
 
 def _reasons_text(reasons: Counter[str]) -> str:

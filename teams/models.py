@@ -1,7 +1,8 @@
 """Who may see what: teams and their members.
 
 Every source, rule and alert belongs to one team; API querysets and WebSocket groups
-are scoped to the teams the caller is a member of.
+are scoped to the teams the caller is a member of. This app imports no other project
+app: every other app builds on it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,10 @@ from django.db import models
 
 
 class Team(models.Model):
-    """A group of analysts sharing sources, alert rules and alerts.
-
-    ``alert_seq`` is the last sequence number given to an alert of this team: the
-    per-stream counter that lets a dashboard notice a dropped WebSocket message.
-    """
+    """A group of analysts sharing sources, alert rules and alerts."""
 
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=50, unique=True)
-    alert_seq = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -41,3 +37,6 @@ class Membership(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "team"], name="membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"

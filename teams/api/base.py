@@ -1,33 +1,48 @@
-"""The API's base classes: every queryset is scoped to the caller's teams (no IDOR)."""
+"""The API's base classes: every queryset is scoped to the caller's teams (no IDOR).
+
+Also the one import point of the API's shared pieces: the strict filters
+(``teams/api/filters.py``: unknown or bad query parameters answer 400) and the
+pagination classes (``teams/api/pagination.py``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from django.db.models import Model, QuerySet
 from rest_framework import permissions, viewsets
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from dashboard.selectors import owned_team_ids_for, team_ids_for
+from teams.api.filters import (
+    BooleanFilter,
+    IntegerFilter,
+    StrictFilterBackend,
+    StrictFilterSet,
+    StrictOrderingFilter,
+    in_callers_teams,
+)
+from teams.api.pagination import (
+    NewestFirstCursorPagination,
+    NumberedPagination,
+    StrictCursorPagination,
+)
+from teams.selectors import owned_team_ids_for, team_ids_for
 
-ModelT = TypeVar("ModelT", bound=Model)
-
-
-def in_callers_teams(
-    queryset: QuerySet[ModelT], team_field: str
-) -> Callable[[Request | None], QuerySet[ModelT]]:
-    """A ``queryset=`` callable for django-filter choice filters: only rows of the
-    caller's teams are valid choices, so an id from another team is a 400 "not a valid
-    choice" exactly like an id that does not exist."""
-
-    def choices(request: Request | None) -> QuerySet[ModelT]:
-        if request is None:
-            return queryset.none()
-        return queryset.filter(**{f"{team_field}__in": team_ids_for(request.user)})
-
-    return choices
+__all__ = [
+    "BooleanFilter",
+    "IntegerFilter",
+    "IsTeamOwnerOrReadOnly",
+    "NewestFirstCursorPagination",
+    "NumberedPagination",
+    "StrictCursorPagination",
+    "StrictFilterBackend",
+    "StrictFilterSet",
+    "StrictOrderingFilter",
+    "TeamScopedMixin",
+    "TeamScopedReadOnlyViewSet",
+    "in_callers_teams",
+]
 
 
 class TeamScopedMixin:

@@ -1,0 +1,157 @@
+"""Reads of the ingest app: staged work, the stream's input progress, events by time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import cast
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Min
+
+from ingest.models import DeadLetter, Event, Source
+from twiscope.redis import get_redis
+
+BATCH_KEY_PREFIX = "twiscope:batch:"
+"""Staged batch keys: ``twiscope:batch:<source id>:<uuid>``."""
+PENDING_BATCHES_KEY = "twiscope:pending-batches"
+STAGED_EVENT_TIME_KEY = "twiscope:staged-event-time:{source_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrendInput:
+    """One enriched event as the trend stage reads it.
+
+    ``terms`` are its hashtags, mentions, cashtags and keywords, in that order;
+    ``author`` is the distinct-author key (``Author.key``).
+    """
+
+    id: int
+    external_id: str
+    created_at: datetime
+    received_at: datetime
+    author: str
+    terms: tuple[str, ...]
+
+
+def batch_source_id(batch_key: str) -> int | None:
+    """The source id in a staged batch's key, or None for a key of another shape."""
+    _, _, rest = batch_key.partition(BATCH_KEY_PREFIX)
+    source_id, _, _ = rest.partition(":")
+    return int(source_id) if source_id.isdigit() else None
+
+
+def staged_batches(source_id: int) -> int:
+    """How many batches of ``source_id`` are staged and not yet persisted."""
+    return cast(int, get_redis().zcard(STAGED_EVENT_TIME_KEY.format(source_id=source_id)))
+
+
+def input_low_watermark(source_id: int) -> datetime | None:
+    """The event time before which every event of ``source_id`` is stored and enriched.
+
+    The minimum of the source's declared ``input_watermark``, the earliest event time of
+    its staged batches, and the earliest event time of its stored but unenriched events
+    (a low watermark, as in MillWheel: Akidau et al., VLDB 2013). None until the source
+    declared any progress. Read in this order (declared, staged, stored) so that a batch
+    moving from Redis to PostgreSQL between the reads is seen in one of them.
+    """
+    declared = Source.objects.filter(id=source_id).values_list("input_watermark", flat=True).first()
+    if declared is None:
+        return None
+    low = declared
+    staged = cast(
+        "list[tuple[bytes, float]]",
+        get_redis().zrange(
+            STAGED_EVENT_TIME_KEY.format(source_id=source_id), 0, 0, withscores=True
+        ),
+    )
+    if staged:
+        low = min(low, datetime.fromtimestamp(staged[0][1], tz=UTC))
+    unenriched = Event.objects.filter(source_id=source_id, enriched_at__isnull=True).aggregate(
+        first=Min("created_at")
+    )["first"]
+    if unenriched is not None:
+        low = min(low, unenriched)
+    return low
+
+
+_RANGE_SQL = """
+SELECT id, external_id, created_at, received_at, author_id, author_handle,
+       hashtags, mentions, cashtags, keywords
+FROM ingest_event
+WHERE source_id = %s AND created_at >= %s AND created_at < %s
+ORDER BY created_at, external_id
+LIMIT %s
+"""
+
+
+def events_for_trends(
+    source_id: int, *, since: datetime | None, until: datetime, limit: int
+) -> list[TrendInput]:
+    """Events of ``source_id`` with ``since <= created_at < until`` (all before ``until``
+    when ``since`` is None), in event-time order (ties by external id), at most
+    ``limit``. Callers pass ``until`` at or below ``input_low_watermark`` so every event
+    returned is enriched and no earlier one can still arrive."""
+    from ingest.envelope import Author
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _RANGE_SQL,
+            [source_id, since or datetime.min.replace(tzinfo=UTC), until, limit],
+        )
+        rows = cursor.fetchall()
+    return [
+        TrendInput(
+            id=row[0],
+            external_id=row[1],
+            created_at=row[2],
+            received_at=row[3],
+            author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
+            terms=(*row[6], *row[7], *row[8], *row[9]),
+        )
+        for row in rows
+    ]
+
+
+def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:
+    """``(id, text, lang)`` of the events among ``event_ids`` not enriched yet."""
+    return list(
+        Event.objects.filter(id__in=event_ids, enriched_at__isnull=True).values_list(
+            "id", "text", "lang"
+        )
+    )
+
+
+def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
+    """``(id, source_id)`` of events received before ``received_before`` and still not
+    enriched, oldest first, at most ``limit``."""
+    return list(
+        Event.objects.filter(enriched_at__isnull=True, received_at__lt=received_before)
+        .order_by("received_at")
+        .values_list("id", "source_id")[:limit]
+    )
+
+
+def in_flight_events(source_id: int) -> int:
+    """Events of ``source_id`` accepted but not yet enriched (approx.).
+
+    Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
+    Redis call); stored, unenriched events exactly.
+    """
+    staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
+    return staged + Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count()
+
+
+def source_counts(source_id: int) -> dict[str, int]:
+    """``{"events", "dead_letters"}`` stored for ``source_id`` so far."""
+    return {
+        "events": Event.objects.filter(source_id=source_id).count(),
+        "dead_letters": DeadLetter.objects.filter(source_id=source_id).count(),
+    }
+
+
+def events_before(source_id: int, moment: datetime) -> int:
+    """How many events of ``source_id`` are stored with an event time before ``moment``."""
+    return Event.objects.filter(source_id=source_id, created_at__lt=moment).count()

@@ -1,0 +1,14 @@
+"""Keep planner statistics of this app's fast-growing tables fresh (see
+twiscope.dbops.analyze_often)."""
+
+from __future__ import annotations
+
+from django.db import migrations
+
+from twiscope.dbops import analyze_often
+
+
+class Migration(migrations.Migration):
+    dependencies = [("mlengine", "0001_initial")]
+
+    operations = [analyze_often("mlengine_termcount", "mlengine_trend")]

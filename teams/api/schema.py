@@ -1,0 +1,91 @@
+"""The OpenAPI schema class (``REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"]``): drf-spectacular's,
+plus the error responses every operation can answer, in DRF's shapes.
+
+- 400 ``ValidationError`` (field errors, ``{"<field or param>": ["<message>"]}``): on
+  every operation of a generic view (bad or unknown query parameters, see
+  ``teams.api.base``; bad body fields on writes);
+- 401 ``Error`` (``{"detail": "<message>"}``): unless the view allows anonymous callers;
+- 403 ``Error``: on writes (a member writing an owner's object, a session without CSRF);
+- 404 ``Error``: on a path with an id (outside the caller's teams, or gone) and on
+  page-numbered lists (a page past the last).
+
+An operation that declares a code itself (``extend_schema(responses=…)``) keeps its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
+from drf_spectacular.plumbing import ResolvedComponent
+from rest_framework import permissions
+from rest_framework.generics import GenericAPIView
+from rest_framework.pagination import PageNumberPagination
+
+_ERROR = {
+    "type": "object",
+    "description": "DRF's error shape: one message.",
+    "properties": {"detail": {"type": "string"}},
+    "required": ["detail"],
+}
+_VALIDATION_ERROR = {
+    "type": "object",
+    "description": (
+        "DRF's field errors: each refused field, body or query parameter, with its "
+        'messages; errors of no one field under "non_field_errors".'
+    ),
+    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+    "example": {"since": ["Enter a valid date/time."]},
+}
+_DESCRIPTIONS = {
+    "400": "Bad or unknown query parameters, or bad body fields.",
+    "401": "No credentials, or bad ones.",
+    "403": "Authenticated, but not allowed to do this.",
+    "404": "Not found in the caller's teams (or a page past the last).",
+}
+
+
+class AutoSchema(SpectacularAutoSchema):
+    """drf-spectacular's ``AutoSchema`` documenting the error responses (module docstring)."""
+
+    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
+        # drf-spectacular has no public hook for responses common to every operation, so
+        # this extends the (private) method that builds an operation's responses.
+        responses: dict[str, Any] = super()._get_response_bodies(direction)
+        for code in self._error_codes():
+            if code not in responses:
+                component = self._error_component(code)
+                responses[code] = {
+                    "description": _DESCRIPTIONS[code],
+                    "content": {"application/json": {"schema": component.ref}},
+                }
+        return responses
+
+    def _error_codes(self) -> list[str]:
+        codes = []
+        view = self.view
+        if isinstance(view, GenericAPIView) and (
+            view.filter_backends or self.method in ("POST", "PUT", "PATCH")
+        ):
+            codes.append("400")
+        if not all(
+            issubclass(permission, permissions.AllowAny)
+            for permission in getattr(view, "permission_classes", [])
+        ):
+            codes.append("401")
+        if self.method not in permissions.SAFE_METHODS:
+            codes.append("403")
+        numbered = isinstance(self._get_paginator(), PageNumberPagination)
+        if "{" in self.path or (numbered and self._is_list_view()):
+            codes.append("404")
+        return codes
+
+    def _error_component(self, code: str) -> ResolvedComponent:
+        name, schema = (
+            ("ValidationError", _VALIDATION_ERROR) if code == "400" else ("Error", _ERROR)
+        )
+        component = ResolvedComponent(
+            name=name, type=ResolvedComponent.SCHEMA, object=name, schema=schema
+        )
+        self.registry.register_on_missing(component)
+        return component

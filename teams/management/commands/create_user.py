@@ -1,0 +1,82 @@
+"""``manage.py create_user USERNAME --team SLUG``: onboard a user without a shell.
+
+Creates (or reuses) the user, puts them in the team with a role, makes sure they have
+an API token, and prints it. What it did goes to stdout first, one line each; the
+**last line of stdout is the token alone**, so a script can take it with
+``| tail -n 1``. Idempotent: running it again changes nothing and prints the same
+token. A new user has no password (the API works with the token); set one for the
+dashboard with ``manage.py changepassword USERNAME``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from teams import services
+
+
+class Command(BaseCommand):
+    help = (
+        "Create (or reuse) a user, put them in a team and print their API token "
+        "(the last line of output)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("username")
+        parser.add_argument("--team", required=True, metavar="SLUG", help="the team's slug")
+        parser.add_argument(
+            "--role",
+            choices=services.ROLES,
+            default=None,
+            help="owner (manages sources and rules) or member (reads); default: member "
+            "for a new membership, unchanged for an existing one",
+        )
+        parser.add_argument("--email", default=None, help="set the user's email address")
+        parser.add_argument(
+            "--create-team",
+            metavar="NAME",
+            default=None,
+            help="create the team SLUG with this display name if it does not exist",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            done = services.onboard_user(
+                username=options["username"],
+                team_slug=options["team"],
+                role=options["role"],
+                email=options["email"],
+                create_team_name=options["create_team"],
+            )
+        except services.OnboardingError as exc:
+            raise CommandError(str(exc)) from exc
+        name = done.user.get_username()
+        team = f'team "{done.team.name}" ({done.team.slug})'
+        if done.team_created:
+            self.stdout.write(
+                f"created {team}; it has no alert rules yet: add them in the admin "
+                "(/admin/alerts/alertrule/) or through /api/rules/"
+            )
+        self.stdout.write(f"{'created' if done.user_created else 'found'} user {name}")
+        if done.email_changed:
+            self.stdout.write(f"set the email of {name}")
+        if done.membership == "created":
+            self.stdout.write(f"added {name} to {team} as {done.role}")
+        elif done.membership == "updated":
+            self.stdout.write(
+                f"changed the role of {name} in {team} from {done.previous_role} to {done.role}"
+            )
+        else:
+            self.stdout.write(f"{name} is already {done.role} in {team}")
+        if not done.has_password:
+            self.stdout.write(
+                f"{name} has no password: set one to log in to the dashboard with "
+                f"`python manage.py changepassword {name}`"
+            )
+        self.stdout.write(
+            f"{'created' if done.token_created else 'existing'} API token "
+            "(send it as 'Authorization: Token <key>'):"
+        )
+        self.stdout.write(done.token)

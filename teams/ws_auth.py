@@ -1,0 +1,112 @@
+"""WebSocket authentication: an API token in the query string, or the session cookie.
+
+- ``?token=<key>``: a DRF token; allowed from any origin (a token is not ambient
+  authority, so cross-site WebSocket hijacking does not apply).
+- Otherwise the Django session cookie, but only when the handshake's ``Origin`` is the
+  socket's own origin (scheme, host and port of its ``Host`` header, the host one of
+  ``ALLOWED_HOSTS``) or one of ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF
+  origin check. Browsers send cookies cross-site, so a session socket from any other
+  page must be refused.
+
+The middleware sets ``scope["user"]`` and ``scope["auth"]``: ``"token"``, ``"session"``,
+``"none"`` (anonymous) or ``"origin-refused"`` (a session cookie from a foreign or
+missing ``Origin``; the user is anonymous). The consumer accepts the handshake and
+then closes the socket with ``CLOSE_ORIGIN_REFUSED`` (4403) or
+``CLOSE_UNAUTHENTICATED`` (4401): a close before the accept reaches the client as a
+bare HTTP 403, whatever the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.http.request import split_domain_port, validate_host
+from django.utils.http import is_same_domain
+from rest_framework.authtoken.models import Token
+
+CLOSE_UNAUTHENTICATED = 4401
+"""Close code of a socket with no valid credentials (no token, a bad token, no session)."""
+CLOSE_ORIGIN_REFUSED = 4403
+"""Close code of a socket offering a session cookie from an origin that is not allowed."""
+
+
+@database_sync_to_async
+def _user_for_token(key: str) -> Any:
+    token = Token.objects.select_related("user").filter(key=key).first()
+    if token is None or not token.user.is_active:
+        return AnonymousUser()
+    return token.user
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _own_origin(scope: dict[str, Any]) -> str | None:
+    """``<http|https>://<Host header>`` of the socket, or None when its host is not one
+    of ``ALLOWED_HOSTS`` (what ``HttpRequest.get_host`` would refuse)."""
+    host = _header(scope, b"host")
+    if host is None:
+        server = scope.get("server")
+        if not server or server[1] is None:
+            return None
+        host = f"{server[0]}:{server[1]}"
+    domain, _port = split_domain_port(host)
+    if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+        return None
+    scheme = "https" if scope.get("scheme") == "wss" else "http"
+    return f"{scheme}://{host}"
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """Whether the handshake's ``Origin`` may carry the session cookie.
+
+    As Django's ``CsrfViewMiddleware._origin_verified``: the ``Origin`` must equal the
+    socket's own origin (same scheme, host and port, the host allowed), or one of
+    ``CSRF_TRUSTED_ORIGINS`` (``https://*.example.com`` entries match subdomains). A
+    missing or ``null`` ``Origin`` is refused.
+    """
+    origin = _header(scope, b"origin")
+    if not origin or origin == "null":
+        return False
+    if origin == _own_origin(scope) or origin in settings.CSRF_TRUSTED_ORIGINS:
+        return True
+    parsed = urlsplit(origin)
+    return any(
+        is_same_domain(parsed.netloc, urlsplit(trusted).netloc.lstrip("*"))
+        for trusted in settings.CSRF_TRUSTED_ORIGINS
+        if "*" in trusted and urlsplit(trusted).scheme == parsed.scheme
+    )
+
+
+def _has_session_cookie(scope: dict[str, Any]) -> bool:
+    cookies = _header(scope, b"cookie") or ""
+    name = settings.SESSION_COOKIE_NAME
+    return any(part.strip().startswith(f"{name}=") for part in cookies.split(";"))
+
+
+class TokenOrSessionAuthMiddleware:
+    """ASGI middleware setting ``scope["user"]`` and ``scope["auth"]`` for sockets."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.session_stack = AuthMiddlewareStack(inner)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        token = (query.get("token") or [""])[0]
+        if token:
+            user = await _user_for_token(token)
+            return await self.inner(dict(scope, user=user, auth="token"), receive, send)
+        if origin_allowed(scope):
+            return await self.session_stack(dict(scope, auth="session"), receive, send)
+        auth = "origin-refused" if _has_session_cookie(scope) else "none"
+        return await self.inner(dict(scope, user=AnonymousUser(), auth=auth), receive, send)

@@ -1,0 +1,177 @@
+"""The chain of stages, and the only way work moves from one stage to the next.
+
+::
+
+    ingest ──► enrich ──► ml ──► alerts
+    (persist)  (language,  (trends)  (rules, push)
+               entities,
+               sentiment)
+
+A stage never imports the next stage's tasks: it calls ``hand_off(from_stage, ...)``,
+which sends the next stage's task **by name**, after the current transaction commits
+(``transaction.on_commit``). This module imports no project app, so every app may use
+it without an import running back up the flow.
+
+Every dispatch records when it was sent, per item (an event id, a trend id, a batch
+key), in a Redis sorted set of its stage (``twiscope:dispatched:<stage>``, score: epoch
+seconds); a stage marks its items done when it has handled them. A stage's sweeper
+asks ``stuck()`` which of its unfinished items really are stuck: never dispatched
+(the process died between commit and send), or dispatched long ago while the stage's
+queue is empty (the message was lost). A worker that takes a message refreshes its
+items' records (``task_received``), so work a worker holds is not taken for lost
+either. Items merely waiting behind a backlog are not re-sent, so a slow pool is never
+handed the same work twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+import structlog
+from amqp.exceptions import ChannelError
+from celery.signals import task_received
+from django.db import transaction
+
+from twiscope.celery import app
+from twiscope.redis import get_redis
+
+log = structlog.get_logger(__name__)
+
+STAGES = ("ingest", "enrich", "ml", "alerts")
+"""The pipeline's stages in flow order; each is also the name of its Celery queue."""
+
+ENTRY_TASKS = {
+    "ingest": "ingest.persist_batch",
+    "enrich": "enrich.enrich_events",
+    "ml": "ml.advance_stream",
+    "alerts": "alerts.evaluate_trends",
+}
+"""The task that takes a stage's input, by stage. Task kwargs, by stage:
+``ingest``: ``batch_key``, ``source_id``; ``enrich``: ``event_ids``, ``source_id``;
+``ml``: ``source_id``; ``alerts``: ``trend_ids``."""
+
+NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
+
+ITEM_KWARGS = {"ingest": "batch_key", "enrich": "event_ids", "alerts": "trend_ids"}
+"""The task kwarg naming a stage's items (dispatch records), by stage."""
+STAGE_OF_TASK = {task: stage for stage, task in ENTRY_TASKS.items()}
+
+DISPATCH_KEY = "twiscope:dispatched:{stage}"
+
+
+def hand_off(from_stage: str, *, items: Sequence[int | str] = (), **kwargs: Any) -> None:
+    """Queue the stage after ``from_stage`` with ``kwargs``, once the current transaction
+    commits (at once outside a transaction).
+
+    ``items`` are the ids the next stage will work on (recorded with their dispatch
+    time, see ``stuck``). Raises ``KeyError`` for a stage with no successor.
+    """
+    send(NEXT_STAGE[from_stage], items=items, **kwargs)
+
+
+def send(
+    stage: str, *, items: Sequence[int | str] = (), countdown: float | None = None, **kwargs: Any
+) -> None:
+    """Queue ``stage``'s entry task with ``kwargs`` after commit (see ``hand_off``); a
+    stage uses it for its own input (an adapter staging a batch, a sweeper re-sending).
+
+    ``countdown`` delays the task by that many seconds.
+    """
+    task_name = ENTRY_TASKS[stage]
+    members = [str(item) for item in items]
+
+    def dispatch() -> None:
+        app.send_task(task_name, kwargs=kwargs, countdown=countdown)
+        if members:
+            get_redis().zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()))
+
+    transaction.on_commit(dispatch)
+
+
+@task_received.connect
+def _touch_on_receipt(request: Any = None, **_: Any) -> None:
+    """A worker took a message (to run now, or prefetched to run next): refresh its items'
+    dispatch records, so they are not taken for lost while a worker holds them."""
+    stage = STAGE_OF_TASK.get(getattr(request, "name", ""))
+    if stage is None or stage not in ITEM_KWARGS:
+        return
+    value = (getattr(request, "kwargs", None) or {}).get(ITEM_KWARGS[stage])
+    members = [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if members:
+        get_redis().zadd(
+            DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()), xx=True
+        )
+
+
+def mark_done(stage: str, items: Iterable[int | str]) -> None:
+    """Forget the dispatch records of ``items``: ``stage`` has handled them (or found
+    them already handled). Safe to call for items never recorded."""
+    members = [str(item) for item in items]
+    if members:
+        get_redis().zrem(DISPATCH_KEY.format(stage=stage), *members)
+
+
+def stuck(stage: str, items: Sequence[int | str], *, older_than_s: float) -> list[str]:
+    """Which of ``items`` (unfinished work of ``stage``) to send again.
+
+    An item is stuck when it has no dispatch record (never sent), or its record is older
+    than ``older_than_s`` seconds while ``stage``'s queue holds no message (nothing
+    queued could still deliver it). Returns the stuck items as strings, in input order.
+    """
+    if not items:
+        return []
+    members = [str(item) for item in items]
+    scores = cast(
+        "list[float | None]", get_redis().zmscore(DISPATCH_KEY.format(stage=stage), members)
+    )
+    never_sent = [m for m, score in zip(members, scores, strict=True) if score is None]
+    cutoff = time.time() - older_than_s
+    old = [
+        m for m, score in zip(members, scores, strict=True) if score is not None and score < cutoff
+    ]
+    if old and queue_depth(stage) == 0:
+        resend = set(old) | set(never_sent)
+        return [m for m in members if m in resend]
+    return never_sent
+
+
+def forget_stale_records(stage: str, *, older_than_s: float) -> int:
+    """Drop dispatch records of ``stage`` older than ``older_than_s`` (whose items were
+    finished by a path that did not mark them); returns how many."""
+    return cast(
+        int,
+        get_redis().zremrangebyscore(
+            DISPATCH_KEY.format(stage=stage), "-inf", time.time() - older_than_s
+        ),
+    )
+
+
+def dispatched_count(stage: str) -> int:
+    """How many items of ``stage`` are dispatched and not yet marked done."""
+    return cast(int, get_redis().zcard(DISPATCH_KEY.format(stage=stage)))
+
+
+def queue_depth(stage: str) -> int:
+    """Messages waiting in ``stage``'s queue (0 when the broker never created it)."""
+    return queue_depths((stage,))[stage]
+
+
+def queue_depths(stages: Sequence[str] = STAGES) -> dict[str, int]:
+    """Messages waiting in each queue of ``stages`` (not counting those a worker holds)."""
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for name in stages:
+            try:
+                depths[name] = int(channel.queue_declare(name, passive=True).message_count)
+            except ChannelError:
+                # The broker has not created the queue: nothing was ever sent to it.
+                depths[name] = 0
+    return depths
+
+
+def is_idle() -> bool:
+    """Whether no pipeline queue holds a message and no dispatched item is unfinished."""
+    return not any(queue_depths().values()) and not any(dispatched_count(stage) for stage in STAGES)
