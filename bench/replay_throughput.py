@@ -288,6 +288,11 @@ def replay_once(
             "id", "pushed_at", "event_received_at"
         )
     )
+    # The alert stage's rate while it was busy: alerts over the span from the first
+    # alert's evidence arriving to the last push.
+    span_s = (
+        (max(a[1] for a in alerts) - min(a[2] for a in alerts)).total_seconds() if alerts else 0
+    )
     db_latency = [(p - r).total_seconds() * 1000 for _, p, r in alerts]
     alert_ids = {a[0] for a in alerts}
     ws_latency = []
@@ -310,6 +315,7 @@ def replay_once(
         "steady_events_per_s": round(stored / max(drained - first, 1e-9), 1),
         "trends": Trend.objects.filter(source=source).count(),
         "alerts": len(alerts),
+        "alerts_per_s": round(len(alerts) / span_s, 1) if span_s else None,
         "ws_alerts_received": len(ws_latency),
         "alert_latency_ms": latency_summary(db_latency),
         "ws_alert_latency_ms": latency_summary(ws_latency),
@@ -533,6 +539,8 @@ def main() -> int:
             "alert_latency_p95_ms": med("alert_latency_ms", "p95"),
             "alert_latency_p99_ms": med("alert_latency_ms", "p99"),
             "ws_alert_latency_p95_ms": med("ws_alert_latency_ms", "p95"),
+            "alerts": med("alerts"),
+            "alerts_per_s": med("alerts_per_s"),
             "peak_rss_mb": med("peak_rss_mb"),
             "ratio_to_baseline": round(med("events_per_s") / base["events_per_s"], 2),
         },

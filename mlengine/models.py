@@ -53,8 +53,10 @@ class TermCount(models.Model):
 
     class Meta:
         constraints = [
+            # Bucket before term: new buckets append to the index instead of landing
+            # all over it, and a baseline is a range of buckets.
             models.UniqueConstraint(
-                fields=["source", "term", "bucket_start"], name="termcount_unique"
+                fields=["source", "bucket_start", "term"], name="termcount_unique"
             )
         ]
 

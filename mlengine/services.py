@@ -379,14 +379,14 @@ def _load_cells(source_id: int, starts: list[datetime], terms: list[str]) -> dic
 _UPSERT_COUNTS_SQL = """
 INSERT INTO mlengine_termcount AS t (source_id, bucket_start, term, events, authors)
 VALUES %s
-ON CONFLICT (source_id, term, bucket_start) DO UPDATE SET
+ON CONFLICT (source_id, bucket_start, term) DO UPDATE SET
     events = excluded.events, authors = excluded.authors
 """
 
 
 def _save_counts(source_id: int, cells: dict[Key, _Cell]) -> None:
     values = [
-        (source_id, start, term, cell.events, sorted(cell.authors)[: TermCount.AUTHORS_CAP])
+        (source_id, start, term, cell.events, list(cell.authors))
         for (start, term), cell in sorted(cells.items())
         if cell.changed
     ]

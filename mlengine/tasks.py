@@ -12,6 +12,7 @@ from celery.signals import worker_process_init
 
 from mlengine import enrichment, services
 from mlengine.text import warm_up
+from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,7 @@ def sweep_enrich() -> int:
 @shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
 def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark; returns how many new trends."""
+    pipeline.started("ml", f"source:{source_id}")
     return len(services.advance_stream(source_id=source_id))
 
 

@@ -28,6 +28,7 @@ from tests.factories import (
     fire_blizzard_alerts,
     make_personas,
     make_source,
+    make_team,
     quiet_history,
     run_through,
 )
@@ -223,3 +224,20 @@ def test_a_backlog_behind_a_stopped_enrich_pool_is_enriched_exactly_once() -> No
 
     assert calls.call_count == 20_000
     assert Event.objects.filter(enriched_at__isnull=False).count() == 20_000
+
+
+def test_hand_offs_to_the_trend_stage_are_coalesced_per_stream() -> None:
+    """Many enriched batches of one stream while its trend task waits: one task."""
+    source = make_source(make_personas().team)
+    other = make_source(make_team("desk"), name="other")
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        for _ in range(5):
+            pipeline.hand_off("enrich", source_id=source.id)
+        pipeline.hand_off("enrich", source_id=other.id)
+    assert queued("ml") == 2
+
+    pipeline.started("ml", f"source:{source.id}")  # the worker took it
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        pipeline.hand_off("enrich", source_id=source.id)
+    assert queued("ml") == 3

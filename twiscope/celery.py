@@ -55,9 +55,10 @@ PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
 
 
 def missing_consumers(
-    queues: tuple[str, ...] = PIPELINE_QUEUES, timeout_s: float = 1.0
+    queues: tuple[str, ...] = PIPELINE_QUEUES, timeout_s: float = 0.3
 ) -> set[str]:
-    """The ``queues`` no running worker consumes (asks every worker, waits ``timeout_s``)."""
+    """The ``queues`` no running worker consumes (asks every worker, waits ``timeout_s``:
+    a worker's main process answers within milliseconds even while its pool is busy)."""
     replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
     consumed = {queue["name"] for worker in replies.values() for queue in worker}
     return set(queues) - consumed

@@ -59,6 +59,9 @@ ITEM_KWARGS = {"ingest": "batch_key", "enrich": "event_ids", "alerts": "trend_id
 STAGE_OF_TASK = {task: stage for stage, task in ENTRY_TASKS.items()}
 
 DISPATCH_KEY = "twiscope:dispatched:{stage}"
+PENDING_KEY = "twiscope:pending:{stage}:{key}"
+COALESCE_EXPIRY_S = 60
+"""A coalesced task lost before it started holds its key back for at most this long."""
 
 
 def hand_off(from_stage: str, *, items: Sequence[int | str] = (), **kwargs: Any) -> None:
@@ -68,21 +71,36 @@ def hand_off(from_stage: str, *, items: Sequence[int | str] = (), **kwargs: Any)
     ``items`` are the ids the next stage will work on (recorded with their dispatch
     time, see ``stuck``). Raises ``KeyError`` for a stage with no successor.
     """
-    send(NEXT_STAGE[from_stage], items=items, **kwargs)
+    stage = NEXT_STAGE[from_stage]
+    if stage == "ml" and "source_id" in kwargs:
+        # One waiting trend task per stream does the work of every hand-off before it.
+        kwargs.setdefault("coalesce", f"source:{kwargs['source_id']}")
+    send(stage, items=items, **kwargs)
 
 
 def send(
-    stage: str, *, items: Sequence[int | str] = (), countdown: float | None = None, **kwargs: Any
+    stage: str,
+    *,
+    items: Sequence[int | str] = (),
+    countdown: float | None = None,
+    coalesce: str | None = None,
+    **kwargs: Any,
 ) -> None:
     """Queue ``stage``'s entry task with ``kwargs`` after commit (see ``hand_off``); a
     stage uses it for its own input (an adapter staging a batch, a sweeper re-sending).
 
-    ``countdown`` delays the task by that many seconds.
+    ``countdown`` delays the task by that many seconds. With ``coalesce``, the task is
+    not sent while one sent with the same key is still waiting (not yet ``started``):
+    a burst of hand-offs for one stream becomes one task that does all their work.
     """
     task_name = ENTRY_TASKS[stage]
     members = [str(item) for item in items]
 
     def dispatch() -> None:
+        if coalesce is not None and not get_redis().set(
+            PENDING_KEY.format(stage=stage, key=coalesce), 1, nx=True, ex=COALESCE_EXPIRY_S
+        ):
+            return
         app.send_task(task_name, kwargs=kwargs, countdown=countdown)
         if members:
             get_redis().zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()))
@@ -103,6 +121,12 @@ def _touch_on_receipt(request: Any = None, **_: Any) -> None:
         get_redis().zadd(
             DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()), xx=True
         )
+
+
+def started(stage: str, coalesce: str) -> None:
+    """A coalesced task of ``stage`` has started: later hand-offs send a new one (the
+    work they announce may come after what this task reads)."""
+    get_redis().delete(PENDING_KEY.format(stage=stage, key=coalesce))
 
 
 def mark_done(stage: str, items: Iterable[int | str]) -> None:

@@ -36,7 +36,7 @@ class Migration(migrations.Migration):
                 ('source', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='ingest.source')),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('source', 'term', 'bucket_start'), name='termcount_unique')],
+                'constraints': [models.UniqueConstraint(fields=('source', 'bucket_start', 'term'), name='termcount_unique')],
             },
         ),
         migrations.CreateModel(
