@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Min
 
 from ingest.models import DeadLetter, Event, Source
+from twiscope import pipeline
 from twiscope.redis import get_redis
 
 BATCH_KEY_PREFIX = "twiscope:batch:"
@@ -135,13 +136,19 @@ def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[in
 
 
 def in_flight_events(source_id: int) -> int:
-    """Events of ``source_id`` accepted but not yet enriched (approx.).
+    """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
 
     Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
-    Redis call); stored, unenriched events exactly.
+    Redis call); stored events not yet counted by the trend stage come from the
+    pipeline's progress counters (``twiscope.pipeline.in_flight``), and are at least
+    the stored, unenriched ones.
     """
     staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
-    return staged + Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count()
+    stored = max(
+        pipeline.in_flight(source_id),
+        Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count(),
+    )
+    return staged + stored
 
 
 def source_counts(source_id: int) -> dict[str, int]:

@@ -353,6 +353,7 @@ def events_rate_name(team_id: int) -> str:
 def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id: int) -> None:
     if event_ids:
         add_to_rate(events_rate_name(team_id), len(event_ids))
+        pipeline.add_progress("ingest", source_id, len(event_ids))
     _forget_batch(batch_key, source_id)
 
 

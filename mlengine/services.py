@@ -127,6 +127,8 @@ def advance_stream(*, source_id: int) -> list[int]:
             counted_events=F("counted_events") + len(events),
             advanced_at=timezone.now(),
         )
+        counted = len(events)
+        transaction.on_commit(lambda: pipeline.add_progress("ml", source_id, counted))
         if new_trends:
             pipeline.hand_off("ml", items=new_trends, trend_ids=new_trends)
         if more:
@@ -515,4 +517,16 @@ def sweep_streams(*, active_within_s: float) -> int:
         for source_id in behind:
             pipeline.send("ml", source_id=source_id)
     count_late_events(source_ids=ids)
+    _reconcile_progress(ids)
     return len(behind)
+
+
+def _reconcile_progress(source_ids: Sequence[int]) -> None:
+    """Correct the pipeline's in-flight count of each stream from the tables: events
+    stored, minus those counted, minus the late ones (never counted)."""
+    stored = dict(Source.objects.filter(id__in=source_ids).values_list("id", "events_total"))
+    for clock in StreamClock.objects.filter(source_id__in=source_ids):
+        pipeline.reconcile_progress(
+            clock.source_id,
+            stored.get(clock.source_id, 0) - clock.counted_events - clock.late_events,
+        )

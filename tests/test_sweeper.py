@@ -241,3 +241,18 @@ def test_hand_offs_to_the_trend_stage_are_coalesced_per_stream() -> None:
     with TestCase.captureOnCommitCallbacks(execute=True):
         pipeline.hand_off("enrich", source_id=source.id)
     assert queued("ml") == 3
+
+
+def test_the_stream_sweep_corrects_a_skewed_in_flight_count() -> None:
+    from ingest import selectors
+
+    source = make_source(make_personas().team)
+    run_through(source, [envelope("a", minutes=0), envelope("b", minutes=1)])
+    Source.objects.filter(id=source.id).update(last_received_at=timezone.now())
+    pipeline.add_progress("ingest", source.id, 500)  # as if counts were lost in a crash
+    assert selectors.in_flight_events(source.id) == 500
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        ml_services.sweep_streams(active_within_s=3600)
+
+    assert selectors.in_flight_events(source.id) == 0

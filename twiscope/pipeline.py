@@ -123,6 +123,47 @@ def _touch_on_receipt(request: Any = None, **_: Any) -> None:
         )
 
 
+PROGRESS_KEY = "twiscope:progress:{stage}:{source_id}"
+
+
+def add_progress(stage: str, source_id: int, events: int) -> None:
+    """Count ``events`` of ``source_id`` through ``stage`` (call after its commit).
+
+    The ingest stage counts the events it stored, the trend stage those it counted; the
+    difference is the stream's work in flight (``in_flight``), whatever stage holds it.
+    """
+    if events:
+        get_redis().incrby(PROGRESS_KEY.format(stage=stage, source_id=source_id), events)
+
+
+def in_flight(source_id: int, *, first: str = "ingest", last: str = "ml") -> int:
+    """Events of ``source_id`` that ``first`` reported and ``last`` has not yet (never
+    below 0: the counters live in Redis and start again from 0 if Redis loses them)."""
+    done_first, done_last = cast(
+        "list[bytes | None]",
+        get_redis().mget(
+            PROGRESS_KEY.format(stage=first, source_id=source_id),
+            PROGRESS_KEY.format(stage=last, source_id=source_id),
+        ),
+    )
+    return max(0, int(done_first or 0) - int(done_last or 0))
+
+
+def reconcile_progress(
+    source_id: int, true_in_flight: int, *, first: str = "ingest", last: str = "ml"
+) -> None:
+    """Set ``last``'s counter so that ``in_flight`` says ``true_in_flight`` (the stage
+    that knows it, from its tables, corrects counts a crash or a lost Redis skewed)."""
+    redis = get_redis()
+    done_first = int(
+        cast("bytes | None", redis.get(PROGRESS_KEY.format(stage=first, source_id=source_id))) or 0
+    )
+    redis.set(
+        PROGRESS_KEY.format(stage=last, source_id=source_id),
+        done_first - max(0, true_in_flight),
+    )
+
+
 def started(stage: str, coalesce: str) -> None:
     """A coalesced task of ``stage`` has started: later hand-offs send a new one (the
     work they announce may come after what this task reads)."""
