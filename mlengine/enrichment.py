@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from mlengine.text import enrich_text
+from mlengine.text import Enrichment, enrich_text
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -37,8 +37,13 @@ def enrich_events(*, event_ids: Sequence[int], source_id: int | None = None) -> 
     """
     rows = ingest_selectors.unenriched_texts(event_ids)
     values = []
+    # Copies and reposts repeat a text verbatim, and a burst is mostly copies: each
+    # distinct text of the batch is enriched once (enrich_text is pure).
+    done: dict[str, Enrichment] = {}
     for event_id, text, lang in rows:
-        enrichment = enrich_text(text)
+        enrichment = done.get(text)
+        if enrichment is None:
+            enrichment = done[text] = enrich_text(text)
         values.append(
             (
                 event_id,

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from importlib.resources import files
 from typing import Any
 
@@ -346,16 +346,9 @@ def detect_language(text: str) -> str:
     return code.name.lower()
 
 
-ENRICH_CACHE_SIZE = 16384
-"""Texts whose enrichment each process remembers: reposts and copies repeat a text
-verbatim, and a burst is mostly copies. The result is a frozen value, safe to share."""
-
-
-@lru_cache(maxsize=ENRICH_CACHE_SIZE)
 def enrich_text(text: str) -> Enrichment:
     """Enrich one text (see the module docstring for each field's method). Pure: the
-    same text always gives the same ``Enrichment`` (the last ``ENRICH_CACHE_SIZE``
-    distinct texts are remembered per process)."""
+    same text always gives the same (frozen) ``Enrichment``."""
     hashtags, mentions, cashtags, urls, bare = _entities(text)
     plain = MENTION_RE.sub(" ", HASHTAG_RE.sub(" ", CASHTAG_RE.sub(" ", bare)))
     lang = detect_language(plain)

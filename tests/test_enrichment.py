@@ -208,14 +208,3 @@ def test_languages_agree_with_lingua_high_accuracy_on_real_tweets(shared_data: P
     agreement = sum(a == b for a, b in zip(ours, lingua, strict=True)) / len(plain)
     assert len(plain) == REAL_SAMPLE_SIZE
     assert agreement >= MIN_AGREEMENT
-
-
-def test_a_repeated_text_is_enriched_once_and_gets_the_same_result() -> None:
-    text = "Our flight to #Boston is delayed again @united, unbelievable"
-    enrich_text.cache_clear()
-
-    first = enrich_text(text)
-    second = enrich_text(text)
-
-    assert second == first
-    assert enrich_text.cache_info().hits == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
@@ -311,3 +312,22 @@ def test_a_staged_batch_names_its_source_in_its_key() -> None:
     assert selectors.staged_batches(source.id) == 1
     assert selectors.staged_batches(source.id + 1) == 0
     assert selectors.batch_source_id("twiscope:batch:not-a-source") is None
+
+
+def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:
+    source = make_source(make_personas().team)
+    text = "Our flight to #Boston is delayed again @united"
+    key = services.stage_batch(
+        source_id=source.id,
+        envelopes=[envelope(text), envelope(text), envelope(text), envelope("other #x")],
+    )
+    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    calls = mock.Mock(wraps=enrichment.enrich_text)
+
+    with mock.patch("mlengine.enrichment.enrich_text", calls):
+        enriched = enrichment.enrich_events(event_ids=ids)
+
+    assert calls.call_count == 2
+    assert len(enriched) == 4
+    hashtags = list(Event.objects.filter(text=text).values_list("hashtags", flat=True))
+    assert hashtags == [["#boston"]] * 3
