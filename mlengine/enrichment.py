@@ -58,8 +58,8 @@ def enrich_events(*, event_ids: Sequence[int], source_id: int | None = None) -> 
         )
     with transaction.atomic():
         enriched = ingest_services.save_enrichments(values)
-        done = list(event_ids)
-        transaction.on_commit(lambda: pipeline.mark_done("enrich", done))
+        handled = list(event_ids)
+        transaction.on_commit(lambda: pipeline.mark_done("enrich", handled))
         if source_id is not None:
             pipeline.hand_off("enrich", source_id=source_id)
     return enriched

@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from teams.models import Membership, Team
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin):
     """The base of the admin of a stage's record (events, dead letters, trends, clocks,
     alerts): viewable, never added, changed or deleted here; only its stage writes it."""
 
