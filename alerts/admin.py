@@ -13,19 +13,7 @@ from alerts import services
 from alerts.models import Alert, AlertRule
 from teams.admin import ReadOnlyAdmin
 
-RULE_FIELDS = [
-    "team",
-    "name",
-    "kind",
-    "enabled",
-    "severity",
-    "source",
-    "terms",
-    "min_score",
-    "min_events",
-    "min_authors",
-    "cooldown_s",
-]
+RULE_FIELDS = AlertRule.EDITABLE_FIELDS
 
 
 class AlertRuleForm(forms.ModelForm):

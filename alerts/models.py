@@ -3,6 +3,8 @@ sequence, and the record of which trends were evaluated."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
@@ -26,6 +28,21 @@ class AlertRule(models.Model):
 
     class Kind(models.TextChoices):
         NEW_TREND = "new_trend", "New trend"
+
+    EDITABLE_FIELDS: ClassVar[list[str]] = [
+        "team",
+        "name",
+        "kind",
+        "enabled",
+        "severity",
+        "source",
+        "terms",
+        "min_score",
+        "min_events",
+        "min_authors",
+        "cooldown_s",
+    ]
+    """What a team's owner sets (the API and the admin)."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="alert_rules")
     name = models.CharField(max_length=100)

@@ -62,6 +62,7 @@ import django  # noqa: E402
 django.setup()
 
 import websockets  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from alerts import services as alert_services  # noqa: E402
@@ -356,7 +357,8 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
     source = services.get_or_create_source(team=team, kind="replay", name=name, config={})
     services.describe_stream(source=source, event_times=[e.created_at for e in envelopes])
     started = time.time()
-    batches = [envelopes[i : i + 250] for i in range(0, len(envelopes), 250)]
+    size = settings.INGEST_BATCH_SIZE
+    batches = [envelopes[i : i + size] for i in range(0, len(envelopes), size)]
     for n, batch in enumerate(batches):
         last = n == len(batches) - 1
         watermark = batch[-1].created_at + (timedelta(microseconds=1) if last else timedelta())

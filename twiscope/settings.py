@@ -185,7 +185,7 @@ CELERY_TASK_ALWAYS_EAGER: bool = False
 
 # --- Pipeline -----------------------------------------------------------------------
 # Events per task on the ingest queue (DESIGN.md: micro-batches, never one per event).
-INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=250)
+INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=500)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
 REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
 # Seconds a raw batch waits in Redis for its persist task before it expires.

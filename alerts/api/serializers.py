@@ -76,21 +76,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
 
     class Meta:
         model = AlertRule
-        fields = [
-            "id",
-            "team",
-            "name",
-            "kind",
-            "enabled",
-            "severity",
-            "source",
-            "terms",
-            "min_score",
-            "min_events",
-            "min_authors",
-            "cooldown_s",
-            "created_at",
-        ]
+        fields = ["id", *AlertRule.EDITABLE_FIELDS, "created_at"]
         read_only_fields = ["id", "created_at"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
