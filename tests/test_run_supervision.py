@@ -456,12 +456,18 @@ def test_a_killed_worker_is_restarted_and_the_replay_stores_every_event_once(
     finally:
         if replay.poll() is None:
             replay.kill()
+    # supervisord calls a restarted process RUNNING once it has stayed up for its
+    # startsecs; the replay may finish before that.
+    _wait_for(
+        lambda: platform.states()["worker-ingest"]["statename"] == "RUNNING",
+        30,
+        "worker-ingest RUNNING",
+    )
     states = platform.states()
 
     assert restarted
     assert replay.returncode == 0, output[-4000:]
     assert platform.stored("Tweets") == expected
-    assert states["worker-ingest"]["statename"] == "RUNNING"
     assert {name: states[name]["pid"] for name in others} == others
     assert "exited: worker-ingest (terminated by SIGKILL; not expected)" in platform.log()
     assert platform.process.poll() is None
