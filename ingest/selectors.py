@@ -25,8 +25,9 @@ STAGED_EVENT_TIME_KEY = "twiscope:staged-event-time:{source_id}"
 class TrendInput:
     """One enriched event as the trend stage reads it.
 
-    ``terms`` are its hashtags, mentions, cashtags and keywords, in that order;
-    ``author`` is the distinct-author key (``Author.key``).
+    ``terms`` are its distinct hashtags, mentions, cashtags and keywords, in that order,
+    each cut to ``TERM_MAX_CHARS`` (the term-count key); ``author`` is the
+    distinct-author key (``Author.key``).
     """
 
     id: int
@@ -35,6 +36,10 @@ class TrendInput:
     received_at: datetime
     author: str
     terms: tuple[str, ...]
+
+
+TERM_MAX_CHARS = 200
+"""The longest term the trend stage counts (``mlengine.TermCount.term``)."""
 
 
 def batch_source_id(batch_key: str) -> int | None:
@@ -110,7 +115,9 @@ def events_for_trends(
             created_at=row[2],
             received_at=row[3],
             author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
-            terms=(*row[6], *row[7], *row[8], *row[9]),
+            terms=tuple(
+                dict.fromkeys(t[:TERM_MAX_CHARS] for t in (*row[6], *row[7], *row[8], *row[9]))
+            ),
         )
         for row in rows
     ]

@@ -10,24 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from mlengine.models import StreamClock, Trend
-from mlengine.text import Enrichment, enrich_text, warm_up
+from mlengine.models import Trend
 
-__all__ = [
-    "Enrichment",
-    "StreamState",
-    "TrendView",
-    "enrich_texts",
-    "stream_states",
-    "trend_ids_detected_before",
-    "trends",
-    "warm_up",
-]
-
-
-def enrich_texts(texts: Sequence[str]) -> list[Enrichment]:
-    """Fast-path enrichment of each text, in order (see ``mlengine.text``); CPU only."""
-    return [enrich_text(text) for text in texts]
+__all__ = ["TrendView", "trend_ids_detected_before", "trends"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,30 +74,3 @@ def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) 
         .order_by("detected_at")
         .values_list("id", flat=True)[:limit]
     )
-
-
-@dataclass(frozen=True, slots=True)
-class StreamState:
-    """A stream's event-time clock: ``watermark`` (every earlier event is counted; None
-    before the first), ``bucket_s`` (trend bucket, seconds), ``late_events`` and
-    ``counted_events`` (events)."""
-
-    source_id: int
-    watermark: datetime | None
-    bucket_s: int
-    late_events: int
-    counted_events: int
-
-
-def stream_states(source_ids: Sequence[int]) -> dict[int, StreamState]:
-    """The clocks of those of ``source_ids`` whose stream has started, by source id."""
-    return {
-        clock.source_id: StreamState(
-            source_id=clock.source_id,
-            watermark=clock.watermark,
-            bucket_s=clock.bucket_s,
-            late_events=clock.late_events,
-            counted_events=clock.counted_events,
-        )
-        for clock in StreamClock.objects.filter(source_id__in=list(source_ids))
-    }

@@ -165,14 +165,14 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
     for event in events:
         by_bucket[bucket_start(event.created_at, params.bucket_s)].append(event)
     starts = sorted(by_bucket)
-    terms = sorted({term[:200] for event in events for term in event.terms})
+    terms = sorted({term for event in events for term in event.terms})
     cells = _load_cells(source.id, starts, [TOTAL_TERM, *terms])
     # Only a term that reaches min_events in a bucket can trend there: load the baseline
     # of those alone (and of the totals).
     arriving: dict[Key, int] = defaultdict(int)
     for start, bucket_events in by_bucket.items():
         for event in bucket_events:
-            for term in {t[:200] for t in event.terms}:
+            for term in event.terms:
                 arriving[(start, term)] += 1
     candidates = {
         key
@@ -187,7 +187,7 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
     )
     now = timezone.now()
     for start in starts:
-        _scan_bucket(params, start, by_bucket[start], cells, candidates, history, now)
+        _scan_bucket(params, start, by_bucket[start], cells, candidates, history)
         history.add_bucket(start, cells)
     _save_counts(source.id, cells)
     return _save_trends(source.id, params, cells, now)
@@ -200,7 +200,6 @@ def _scan_bucket(
     cells: dict[Key, _Cell],
     candidates: set[Key],
     history: _History,
-    now: datetime,
 ) -> None:
     """Live through one bucket's new events in order, scoring candidates as they grow."""
     baseline = history.baseline(start, params)
@@ -210,7 +209,7 @@ def _scan_bucket(
         if len(total.authors) < TermCount.AUTHORS_CAP:
             total.authors.add(event.author)
         total.changed = True
-        for term in dict.fromkeys(t[:200] for t in event.terms):
+        for term in event.terms:
             cell = cells[(start, term)]
             cell.events += 1
             if len(cell.authors) < TermCount.AUTHORS_CAP:
@@ -246,7 +245,6 @@ def _scan_bucket(
                     "evidence_received_at": event.received_at,
                     "evidence_created_at": event.created_at,
                     "sample_event_ids": [event.id],
-                    "detected_at": now,
                 }
 
 

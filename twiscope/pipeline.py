@@ -202,17 +202,6 @@ def stuck(stage: str, items: Sequence[int | str], *, older_than_s: float) -> lis
     return never_sent
 
 
-def forget_stale_records(stage: str, *, older_than_s: float) -> int:
-    """Drop dispatch records of ``stage`` older than ``older_than_s`` (whose items were
-    finished by a path that did not mark them); returns how many."""
-    return cast(
-        int,
-        get_redis().zremrangebyscore(
-            DISPATCH_KEY.format(stage=stage), "-inf", time.time() - older_than_s
-        ),
-    )
-
-
 def dispatched_count(stage: str) -> int:
     """How many items of ``stage`` are dispatched and not yet marked done."""
     return cast(int, get_redis().zcard(DISPATCH_KEY.format(stage=stage)))
