@@ -39,7 +39,7 @@ class TrendInput:
 
 
 TERM_MAX_CHARS = 200
-"""The longest term the trend stage counts (``mlengine.TermCount.term``)."""
+"""The longest term the trend stage counts (a key of ``mlengine.BucketCount.terms``)."""
 
 
 def batch_source_id(batch_key: str) -> int | None:

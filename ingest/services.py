@@ -445,7 +445,7 @@ def sweep_staged_batches(*, older_than_s: float) -> int:
     return len(resend)
 
 
-GROWING_TABLES = ("ingest_event", "mlengine_termcount", "mlengine_trend", "alerts_alert")
+GROWING_TABLES = ("ingest_event", "mlengine_bucketcount", "mlengine_trend", "alerts_alert")
 """Tables of every app the pipeline fills fast (``ANALYZE`` reads, it writes no row)."""
 
 

@@ -9,7 +9,7 @@ from django.db import models
 from ingest.models import Source
 
 TOTAL_TERM = "*"
-"""The reserved term under which a bucket's total event count is kept."""
+"""The reserved term that names a bucket's totals (``BucketCount.events``/``authors``)."""
 
 
 class StreamClock(models.Model):
@@ -35,30 +35,42 @@ class StreamClock(models.Model):
         return f"clock of source {self.source_id} at {self.watermark}"
 
 
-class TermCount(models.Model):
-    """Events and distinct authors of one term in one event-time bucket of a source.
+class BucketCount(models.Model):
+    """The counts of one event-time bucket of a source's stream: one row per bucket.
 
-    ``authors`` keeps at most ``AUTHORS_CAP`` distinct author keys (enough to decide
-    the distinct-author threshold; its length is the distinct-author count). The row whose
-    ``term`` is ``TOTAL_TERM`` holds the bucket's totals.
+    ``events`` and ``authors`` are the bucket's totals (``authors``: at most
+    ``AUTHORS_CAP`` distinct author keys, enough to decide the distinct-author
+    threshold; its length is the distinct-author count). ``terms`` maps each term seen in
+    the bucket to ``[events, [author keys]]``, the authors capped the same way.
+
+    One row per bucket rather than per term and bucket: most terms occur once in a
+    bucket, so a row per term cost about five index upserts an event, the trend stage's
+    largest cost (docs/benchmarks.md). A bucket's row is rewritten whole by the worker
+    that holds the stream's clock lock.
     """
 
     AUTHORS_CAP = 200
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
     bucket_start = models.DateTimeField()
-    term = models.CharField(max_length=200)
     events = models.IntegerField(default=0)
     authors = ArrayField(models.CharField(max_length=128), default=list)
+    terms = models.JSONField(default=dict)
 
     class Meta:
         constraints = [
-            # Bucket before term: new buckets append to the index instead of landing
-            # all over it, and a baseline is a range of buckets.
-            models.UniqueConstraint(
-                fields=["source", "bucket_start", "term"], name="termcount_unique"
-            )
+            models.UniqueConstraint(fields=["source", "bucket_start"], name="bucketcount_unique")
         ]
+
+    def term_events(self, term: str) -> int:
+        """Events of ``term`` in this bucket (0 when it has none)."""
+        if term == TOTAL_TERM:
+            return self.events
+        counts = self.terms.get(term)
+        return int(counts[0]) if counts else 0
+
+    def __str__(self) -> str:
+        return f"counts of source {self.source_id} at {self.bucket_start:%Y-%m-%d %H:%M}"
 
 
 class Trend(models.Model):

@@ -24,6 +24,7 @@ stage after commit. Event time and allowed lateness: DESIGN.md, "Time".
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from psycopg2.extras import execute_values
 from ingest import selectors as ingest_selectors
 from ingest.models import Source
 from ingest.selectors import TrendInput
-from mlengine.models import TOTAL_TERM, StreamClock, TermCount
+from mlengine.models import TOTAL_TERM, BucketCount, StreamClock
 from mlengine.trends import TermWindow, TrendParams, baseline_range, bucket_start, score_term
 from mlengine.trends import suggest_bucket_s as ladder_bucket_s
 from twiscope import pipeline
@@ -157,7 +158,7 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
 
     A fixed number of queries whatever the number of buckets and terms: the buckets'
     counts and trends so far, the baselines of the terms that may trend, one upsert of
-    the counts, one insert of new trends and one update of grown ones.
+    the buckets' counts, one insert of new trends and one update of grown ones.
     """
     params = params_for(clock.bucket_s)
     bucket = timedelta(seconds=params.bucket_s)
@@ -166,7 +167,7 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
         by_bucket[bucket_start(event.created_at, params.bucket_s)].append(event)
     starts = sorted(by_bucket)
     terms = sorted({term for event in events for term in event.terms})
-    cells = _load_cells(source.id, starts, [TOTAL_TERM, *terms])
+    cells = _Cells.load(source.id, starts, terms)
     # Only a term that reaches min_events in a bucket can trend there: load the baseline
     # of those alone (and of the totals).
     arriving: dict[Key, int] = defaultdict(int)
@@ -189,7 +190,7 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
     for start in starts:
         _scan_bucket(params, start, by_bucket[start], cells, candidates, history)
         history.add_bucket(start, cells)
-    _save_counts(source.id, cells)
+    cells.save(source.id)
     return _save_trends(source.id, params, cells, now)
 
 
@@ -197,7 +198,7 @@ def _scan_bucket(
     params: TrendParams,
     start: datetime,
     events: list[TrendInput],
-    cells: dict[Key, _Cell],
+    cells: _Cells,
     candidates: set[Key],
     history: _History,
 ) -> None:
@@ -206,13 +207,13 @@ def _scan_bucket(
     total = cells[(start, TOTAL_TERM)]
     for event in events:
         total.events += 1
-        if len(total.authors) < TermCount.AUTHORS_CAP:
+        if len(total.authors) < BucketCount.AUTHORS_CAP:
             total.authors.add(event.author)
         total.changed = True
         for term in event.terms:
             cell = cells[(start, term)]
             cell.events += 1
-            if len(cell.authors) < TermCount.AUTHORS_CAP:
+            if len(cell.authors) < BucketCount.AUTHORS_CAP:
                 cell.authors.add(event.author)
             cell.changed = True
             if cell.trend is not None:
@@ -284,26 +285,29 @@ class _History:
     def load(
         cls, source_id: int, *, since: datetime, until: datetime, terms: list[str]
     ) -> _History:
-        """Counts of ``terms`` and of the totals in buckets ``[since, until)`` (one query)."""
+        """Counts of ``terms`` and of the totals in buckets ``[since, until)`` (one query:
+        each bucket's totals and the events of those of ``terms`` it holds)."""
         with connection.cursor() as cursor:
             cursor.execute(
                 """
-                SELECT bucket_start, term, events, cardinality(authors)
-                FROM mlengine_termcount
-                WHERE source_id = %s AND bucket_start >= %s AND bucket_start < %s
-                  AND term = ANY(%s)
+                SELECT b.bucket_start, b.events, cardinality(b.authors),
+                       (SELECT jsonb_object_agg(k, b.terms -> k -> 0)
+                        FROM unnest(%s::text[]) AS k WHERE b.terms ? k)
+                FROM mlengine_bucketcount b
+                WHERE b.source_id = %s AND b.bucket_start >= %s AND b.bucket_start < %s
                 """,
-                [source_id, since, until, [TOTAL_TERM, *terms]],
+                [terms, source_id, since, until],
             )
             rows = cursor.fetchall()
         history = cls(events={}, total_authors={}, terms=terms)
-        for start, term, events, authors in rows:
-            history.events[(start, term)] = events
-            if term == TOTAL_TERM:
-                history.total_authors[start] = authors or 0
+        for start, events, authors, term_events in rows:
+            history.events[(start, TOTAL_TERM)] = events
+            history.total_authors[start] = authors or 0
+            for term, count in (json.loads(term_events) if term_events else {}).items():
+                history.events[(start, term)] = int(count)
         return history
 
-    def add_bucket(self, start: datetime, cells: dict[Key, _Cell]) -> None:
+    def add_bucket(self, start: datetime, cells: _Cells) -> None:
         """Record the scanned bucket at ``start`` for the buckets after it."""
         total = cells.get((start, TOTAL_TERM))
         if total is None or not total.events:
@@ -343,63 +347,97 @@ class _History:
         )
 
 
-def _load_cells(source_id: int, starts: list[datetime], terms: list[str]) -> dict[Key, _Cell]:
-    """The buckets-so-far of ``terms`` in the buckets at ``starts`` (counts, authors, and
-    any trend already detected): two queries."""
-    cells: dict[Key, _Cell] = defaultdict(_Cell)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT bucket_start, term, events, authors FROM mlengine_termcount
-            WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
-            """,
-            [source_id, starts, terms],
-        )
-        for start, term, events, authors in cursor.fetchall():
-            cells[(start, term)] = _Cell(events=events, authors=set(authors))
-        cursor.execute(
-            """
-            SELECT bucket_start, term, expected, score, velocity, sample_event_ids
-            FROM mlengine_trend
-            WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
-            """,
-            [source_id, starts, terms],
-        )
-        for start, term, expected, score, velocity, samples in cursor.fetchall():
-            cells[(start, term)].trend = {
-                "new": False,
-                "expected": expected,
-                "score": score,
-                "velocity": velocity,
-                "sample_event_ids": list(samples),
-            }
-    return cells
+class _Cells(dict[Key, _Cell]):
+    """The buckets-so-far of the scanned buckets, by ``(bucket start, term)``: each
+    bucket's stored counts (``BucketCount``), any trend already detected, and what the
+    scan adds. A term's cell is built from its bucket's row when first asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: dict[datetime, dict[str, list[Any]]] = {}
+
+    def __missing__(self, key: Key) -> _Cell:
+        start, term = key
+        counts = self.stored.get(start, {}).get(term)
+        cell = _Cell(events=counts[0], authors=set(counts[1])) if counts else _Cell()
+        self[key] = cell
+        return cell
+
+    @classmethod
+    def load(cls, source_id: int, starts: list[datetime], terms: list[str]) -> _Cells:
+        """The stored counts of the buckets at ``starts``, and the trends of ``terms``
+        already detected in them: two queries."""
+        cells = cls()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                SELECT bucket_start, events, authors, terms FROM mlengine_bucketcount
+                WHERE source_id = %s AND bucket_start = ANY(%s)
+                """,
+                [source_id, starts],
+            )
+            # Django's PostgreSQL backend hands jsonb over as text.
+            for start, events, authors, term_counts in cursor.fetchall():
+                cells.stored[start] = json.loads(term_counts)
+                cells[(start, TOTAL_TERM)] = _Cell(events=events, authors=set(authors))
+            cursor.execute(
+                """
+                SELECT bucket_start, term, expected, score, velocity, sample_event_ids
+                FROM mlengine_trend
+                WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
+                """,
+                [source_id, starts, terms],
+            )
+            for start, term, expected, score, velocity, samples in cursor.fetchall():
+                cells[(start, term)].trend = {
+                    "new": False,
+                    "expected": expected,
+                    "score": score,
+                    "velocity": velocity,
+                    "sample_event_ids": list(samples),
+                }
+        return cells
+
+    def save(self, source_id: int) -> None:
+        """Write every bucket with a changed cell, whole (one statement)."""
+        changed: dict[datetime, dict[str, list[Any]]] = {}
+        for (start, term), cell in self.items():
+            if not cell.changed:
+                continue
+            counts = changed.get(start)
+            if counts is None:
+                counts = changed[start] = dict(self.stored.get(start, {}))
+            if term != TOTAL_TERM:
+                counts[term] = [cell.events, sorted(cell.authors)]
+        values = []
+        for start in sorted(changed):
+            total = self[(start, TOTAL_TERM)]
+            values.append(
+                (
+                    source_id,
+                    start,
+                    total.events,
+                    sorted(total.authors),
+                    json.dumps(changed[start], ensure_ascii=False),
+                )
+            )
+        if not values:
+            return
+        with connection.cursor() as cursor:
+            execute_values(
+                cursor.cursor,
+                _UPSERT_COUNTS_SQL,
+                values,
+                template="(%s, %s, %s, %s::varchar[], %s::jsonb)",
+            )
 
 
 _UPSERT_COUNTS_SQL = """
-INSERT INTO mlengine_termcount AS t (source_id, bucket_start, term, events, authors)
+INSERT INTO mlengine_bucketcount AS b (source_id, bucket_start, events, authors, terms)
 VALUES %s
-ON CONFLICT (source_id, bucket_start, term) DO UPDATE SET
-    events = excluded.events, authors = excluded.authors
+ON CONFLICT (source_id, bucket_start) DO UPDATE SET
+    events = excluded.events, authors = excluded.authors, terms = excluded.terms
 """
-
-
-def _save_counts(source_id: int, cells: dict[Key, _Cell]) -> None:
-    values = [
-        (source_id, start, term, cell.events, list(cell.authors))
-        for (start, term), cell in sorted(cells.items())
-        if cell.changed
-    ]
-    if not values:
-        return
-    with connection.cursor() as cursor:
-        execute_values(
-            cursor.cursor,
-            _UPSERT_COUNTS_SQL,
-            values,
-            template="(%s, %s, %s, %s, %s::varchar[])",
-            page_size=5000,
-        )
 
 
 _INSERT_TRENDS_SQL = """
@@ -422,7 +460,7 @@ WHERE tr.source_id = %s AND tr.bucket_start = v.bucket_start AND tr.term = v.ter
 
 
 def _save_trends(
-    source_id: int, params: TrendParams, cells: dict[Key, _Cell], now: datetime
+    source_id: int, params: TrendParams, cells: _Cells, now: datetime
 ) -> list[int]:
     """Insert the trends detected in this scan; update the counts of those that grew."""
     new_rows = []

@@ -21,7 +21,7 @@ from ingest import selectors, services
 from ingest.models import DeadLetter, Event, Source
 from mlengine import enrichment
 from mlengine import services as ml_services
-from mlengine.models import TOTAL_TERM, StreamClock, TermCount, Trend
+from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from tests.factories import (
     ORIGIN,
     burst,
@@ -162,8 +162,10 @@ def test_trend_counting_is_exactly_once() -> None:
 
     ml_services.advance_stream(source_id=source.id)  # a redelivered task
 
-    assert TermCount.objects.get(source=source, term="#storm").events == 1
-    assert TermCount.objects.get(source=source, term=TOTAL_TERM).events == 1
+    bucket = BucketCount.objects.get(source=source)
+    assert bucket.term_events("#storm") == 1
+    assert bucket.term_events(TOTAL_TERM) == 1
+    assert bucket.terms["#storm"][1] == [bucket.authors[0]]
 
 
 def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
@@ -181,7 +183,7 @@ def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
 
     assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
     ml_services.advance_stream(source_id=source.id)
-    assert TermCount.objects.filter(source=source).count() == 0  # nothing final yet
+    assert BucketCount.objects.filter(source=source).count() == 0  # nothing final yet
 
     with commits_without_broker():
         ids = services.persist_batch(batch_key=early, source_id=source.id).inserted_ids
@@ -190,7 +192,7 @@ def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
     ml_services.advance_stream(source_id=source.id)
 
     # The minute-5 event waits: the source promised only "nothing before minute 5".
-    assert TermCount.objects.get(source=source, term="#a").events == 1
+    assert BucketCount.objects.get(source=source).term_events("#a") == 1
     assert StreamClock.objects.get(source=source).watermark == ORIGIN + timedelta(minutes=5)
 
 
@@ -241,7 +243,8 @@ def test_events_behind_the_watermark_are_late_and_not_counted() -> None:
     ml_services.count_late_events(source_ids=[source.id])
 
     assert StreamClock.objects.get(source=source).late_events == 1
-    assert TermCount.objects.get(source=source, term="#a").events == 1
+    first = BucketCount.objects.filter(source=source).earliest("bucket_start")
+    assert first.term_events("#a") == 1
 
 
 def test_the_cooldown_keeps_a_term_from_alerting_again_within_it() -> None:
