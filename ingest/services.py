@@ -214,42 +214,53 @@ INSERT INTO ingest_event (
     source_id, external_id, created_at, received_at, author_id, author_handle,
     author_name, author_followers, text, lang, url, reply_to, repost_of, quote_of,
     metrics, raw, hashtags, mentions, cashtags, urls, keywords
-) VALUES %s
+)
+SELECT %(source_id)s, r.external_id, r.created_at, %(received_at)s, r.author_id,
+       r.author_handle, r.author_name, r.author_followers, r.text, r.lang, r.url,
+       r.reply_to, r.repost_of, r.quote_of, r.metrics, r.raw, '{}', '{}', '{}', '{}', '{}'
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
+    external_id text, created_at timestamptz, author_id text, author_handle text,
+    author_name text, author_followers int, text text, lang text, url text,
+    reply_to text, repost_of text, quote_of text, metrics jsonb, raw jsonb
+)
 ON CONFLICT (source_id, external_id) DO NOTHING
 RETURNING id
 """
-_INSERT_TEMPLATE = (
-    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '{}', '{}', '{}', '{}', '{}')"
-)
 
 
-def _row(source_id: int, received_at: datetime, env: Envelope) -> tuple[Any, ...]:
-    return (
-        source_id,
-        env.external_id,
-        env.created_at,
-        received_at,
-        env.author.id,
-        env.author.handle,
-        env.author.name,
-        env.author.followers,
-        env.text,
-        env.lang,
-        env.url,
-        env.reply_to,
-        env.repost_of,
-        env.quote_of,
-        Json(env.metrics),
-        Json(env.raw),
-    )
+def _row(env: Envelope) -> dict[str, Any]:
+    """One event's columns, as ``_INSERT_SQL`` reads them from its JSON parameter."""
+    return {
+        "external_id": env.external_id,
+        "created_at": env.created_at.isoformat(),
+        "author_id": env.author.id,
+        "author_handle": env.author.handle,
+        "author_name": env.author.name,
+        "author_followers": env.author.followers,
+        "text": env.text,
+        "lang": env.lang,
+        "url": env.url,
+        "reply_to": env.reply_to,
+        "repost_of": env.repost_of,
+        "quote_of": env.quote_of,
+        "metrics": env.metrics,
+        "raw": env.raw,
+    }
 
 
-def _insert(rows: list[tuple[Any, ...]]) -> list[int]:
+def _insert(source_id: int, received_at: datetime, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert ``rows`` (``_row``) with one statement whose rows travel as one JSON
+    document (PostgreSQL expands it: no per-row quoting in Python); return the new ids.
+
+    Raises:
+        DataError: PostgreSQL refused a row (the whole statement is refused).
+    """
     with connection.cursor() as cursor:
-        result = execute_values(
-            cursor.cursor, _INSERT_SQL, rows, template=_INSERT_TEMPLATE, page_size=1000, fetch=True
+        cursor.execute(
+            _INSERT_SQL,
+            {"source_id": source_id, "received_at": received_at, "rows": json.dumps(rows)},
         )
-    return [r[0] for r in result]
+        return [r[0] for r in cursor.fetchall()]
 
 
 def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
@@ -286,7 +297,7 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
         watermark = received_at - timedelta(seconds=settings.TRENDS_LIVE_LATENESS_S)
     dead: list[tuple[str, dict[str, Any]]] = []
     dead_keys: list[str | None] = []
-    rows: list[tuple[Any, ...]] = []
+    rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for index, item in enumerate(batch["items"]):
         try:
@@ -300,21 +311,24 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
         if env.external_id in seen:
             continue
         seen.add(env.external_id)
-        rows.append(_row(source.id, received_at, env))
+        rows.append(_row(env))
 
     with transaction.atomic():
         try:
             with transaction.atomic():
-                inserted = _insert(rows)
+                inserted = _insert(source.id, received_at, rows) if rows else []
         except DataError:
             inserted = []
             for row in rows:
                 try:
                     with transaction.atomic():
-                        inserted.extend(_insert([row]))
+                        inserted.extend(_insert(source.id, received_at, [row]))
                 except DataError as exc:
-                    dead.append((f"refused by database: {exc}".strip(), {"external_id": row[1]}))
-                    dead_keys.append(f"{batch_key}:id:{row[1]}"[:200])
+                    external_id = row["external_id"]
+                    dead.append(
+                        (f"refused by database: {exc}".strip(), {"external_id": external_id})
+                    )
+                    dead_keys.append(f"{batch_key}:id:{external_id}"[:200])
         new_dead = record_dead_letters(
             stage=DeadLetter.Stage.INGEST, source=source, items=dead, keys=dead_keys
         )
@@ -372,29 +386,27 @@ def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[int]:
     ``rows`` are ``(event_id, lang, hashtags, mentions, cashtags, urls, keywords,
     sentiment)``: lists of strings and a float in [-1, 1]. Only events not enriched yet
     are written (the claim is in the UPDATE), so a redelivered task changes nothing.
-    Must run inside the caller's transaction.
+    One statement; the rows travel as one JSON document. Must run inside the caller's
+    transaction.
     """
     if not rows:
         return []
+    document = json.dumps([dict(zip(_ENRICH_FIELDS, row, strict=True)) for row in rows])
     with connection.cursor() as cursor:
-        updated = execute_values(
-            cursor.cursor,
-            _ENRICH_SQL,
-            rows,
-            template="(%s, %s, %s::varchar[], %s::varchar[], %s::varchar[], %s::text[],"
-            " %s::varchar[], %s::float8)",
-            page_size=1000,
-            fetch=True,
-        )
-    return [r[0] for r in updated]
+        cursor.execute(_ENRICH_SQL, [document])
+        return [r[0] for r in cursor.fetchall()]
 
 
+_ENRICH_FIELDS = ("id", "lang", "hashtags", "mentions", "cashtags", "urls", "keywords", "sentiment")
 _ENRICH_SQL = """
 UPDATE ingest_event AS e SET
     lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,
     urls = v.urls, keywords = v.keywords, sentiment = v.sentiment,
     enriched_at = statement_timestamp()
-FROM (VALUES %s) AS v(id, lang, hashtags, mentions, cashtags, urls, keywords, sentiment)
+FROM jsonb_to_recordset(%s::jsonb) AS v(
+    id bigint, lang varchar, hashtags varchar[], mentions varchar[], cashtags varchar[],
+    urls text[], keywords varchar[], sentiment float8
+)
 WHERE e.id = v.id AND e.enriched_at IS NULL
 RETURNING e.id
 """

@@ -375,7 +375,7 @@ def _airline_envelope(row: dict[str, str]) -> Envelope:
     handle = row["name"].strip()
     return Envelope(
         external_id=tweet_id,
-        created_at=_parse_time(row["tweet_created"], "tweet_created", "%Y-%m-%d %H:%M:%S %z"),
+        created_at=_parse_time(row["tweet_created"], "tweet_created", _SPACED_OFFSET),
         text=row["text"],
         author=Author(handle=handle),
         url=_status_url(handle, tweet_id),
@@ -686,11 +686,19 @@ def _optional_str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+_SPACED_OFFSET = "%Y-%m-%d %H:%M:%S %z"
+
+
 def _parse_time(value: Any, field: str, fmt: str | None = None) -> datetime:
     """A UTC datetime from ISO 8601 (``fmt`` None) or ``strptime`` format ``fmt``."""
     if not isinstance(value, str) or not value.strip():
         raise _RowProblem(f"missing time: {field} is empty")
     value = value.strip()
+    if fmt == _SPACED_OFFSET and len(value) == 25 and value[19] == " ":
+        # "2015-02-24 11:35:52 -0800" is ISO 8601 but for the space before the offset;
+        # fromisoformat reads it without the space ten times faster than strptime.
+        value = value[:19] + value[20:]
+        fmt = None
     try:
         parsed = datetime.strptime(value, fmt) if fmt else datetime.fromisoformat(value)
     except ValueError as exc:
@@ -750,6 +758,11 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, dict):
+        if all(type(k) is str and type(v) is str for k, v in value.items()):
+            # A CSV row: one pass with no call per cell (a replay reads tens of thousands).
+            return {
+                k.replace("\x00", ""): v.replace("\x00", "") for k, v in value.items()
+            }
         return {clean_text(str(k)): _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
