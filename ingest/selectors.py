@@ -142,19 +142,21 @@ def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[in
     )
 
 
-def in_flight_events(source_id: int) -> int:
+def in_flight_events(source_id: int, *, redis_only: bool = False) -> int:
     """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
 
     Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
     Redis call); stored events not yet counted by the trend stage come from the
     pipeline's progress counters (``twiscope.pipeline.in_flight``), and are at least
-    the stored, unenriched ones.
+    the stored, unenriched ones (a PostgreSQL count, skipped with ``redis_only``: a
+    cheaper estimate that may be low when Redis lost its counters).
     """
     staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
-    stored = max(
-        pipeline.in_flight(source_id),
-        Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count(),
-    )
+    stored = pipeline.in_flight(source_id)
+    if not redis_only:
+        stored = max(
+            stored, Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count()
+        )
     return staged + stored
 
 

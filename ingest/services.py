@@ -425,7 +425,12 @@ def wait_for_capacity(
         TimeoutError: the pipeline did not drain within ``timeout_s`` (no workers?).
     """
     start = time.monotonic()
-    while in_flight_events(source.id) >= max_in_flight:
+    # Poll the Redis counters alone while over the cap; confirm with the full estimate
+    # (which also counts unenriched events in PostgreSQL) once they say there is room.
+    while (
+        in_flight_events(source.id, redis_only=True) >= max_in_flight
+        or in_flight_events(source.id) >= max_in_flight
+    ):
         waited = time.monotonic() - start
         if waited > timeout_s:
             raise TimeoutError(

@@ -91,7 +91,7 @@ def synchronous_ingest(
         return key
 
     monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
-    monkeypatch.setattr(selectors, "in_flight_events", lambda source_id: 0)
+    monkeypatch.setattr(selectors, "in_flight_events", lambda source_id, **_: 0)
     monkeypatch.setattr(pipeline, "is_idle", lambda: True)
     return captured
 

@@ -11,7 +11,9 @@ task is idempotent at the database, so a redelivery changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -54,14 +56,31 @@ app.autodiscover_tasks()
 PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
 
 
+class _AllConsumed(Exception):
+    """Raised from a reply callback to stop collecting replies early."""
+
+
 def missing_consumers(
     queues: tuple[str, ...] = PIPELINE_QUEUES, timeout_s: float = 0.3
 ) -> set[str]:
-    """The ``queues`` no running worker consumes (asks every worker, waits ``timeout_s``:
-    a worker's main process answers within milliseconds even while its pool is busy)."""
-    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
-    consumed = {queue["name"] for worker in replies.values() for queue in worker}
-    return set(queues) - consumed
+    """The ``queues`` no running worker consumes.
+
+    Asks every worker (``inspect().active_queues()``) and returns as soon as the replies
+    cover every queue; otherwise waits until no reply came for ``timeout_s`` (a worker's
+    main process answers within milliseconds even while its pool is busy).
+    """
+    wanted = set(queues)
+    consumed: set[str] = set()
+
+    def on_reply(reply: dict[str, Any]) -> None:
+        for worker_queues in reply.values():
+            consumed.update(queue["name"] for queue in worker_queues or ())
+        if wanted <= consumed:
+            raise _AllConsumed
+
+    with contextlib.suppress(_AllConsumed):
+        app.control.inspect(timeout=timeout_s, callback=on_reply).active_queues()
+    return wanted - consumed
 
 
 def configure_beat() -> None:
