@@ -124,12 +124,18 @@ def events_for_trends(
 
 
 def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:
-    """``(id, text, lang)`` of the events among ``event_ids`` not enriched yet."""
-    return list(
-        Event.objects.filter(id__in=event_ids, enriched_at__isnull=True).values_list(
-            "id", "text", "lang"
+    """``(id, text, lang)`` of the events among ``event_ids`` not enriched yet.
+
+    One query with the ids as one array parameter (the ORM's ``id__in`` prepares each of
+    a batch's hundreds of ids in Python: a tenth of the enrich stage's time).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id, text, lang FROM ingest_event"
+            " WHERE id = ANY(%s::bigint[]) AND enriched_at IS NULL",
+            [[int(event_id) for event_id in event_ids]],
         )
-    )
+        return cursor.fetchall()
 
 
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
@@ -50,7 +51,23 @@ app.conf.update(
     timezone="UTC",
     enable_utc=True,
 )
+# Celery's Django fix-up closes the database connection before and after every task
+# unless CELERY_DB_REUSE_MAX is set, so each task paid a new PostgreSQL connection (a
+# server process forked, its catalogue caches cold). Connections are kept instead and
+# recycled the way Django does between requests (``_recycle_db_connections``).
+app.conf.update({"CELERY_DB_REUSE_MAX": 1_000_000})
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _recycle_db_connections(**_: Any) -> None:
+    """Close a connection that is broken or older than ``CONN_MAX_AGE`` (Django's
+    ``close_old_connections``, as at each request's start and end); keep the others,
+    health-checked on their next use (``CONN_HEALTH_CHECKS``)."""
+    from django.db import close_old_connections
+
+    close_old_connections()
 
 
 PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
