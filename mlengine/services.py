@@ -459,9 +459,7 @@ WHERE tr.source_id = %s AND tr.bucket_start = v.bucket_start AND tr.term = v.ter
 """
 
 
-def _save_trends(
-    source_id: int, params: TrendParams, cells: _Cells, now: datetime
-) -> list[int]:
+def _save_trends(source_id: int, params: TrendParams, cells: _Cells, now: datetime) -> list[int]:
     """Insert the trends detected in this scan; update the counts of those that grew."""
     new_rows = []
     grown = []

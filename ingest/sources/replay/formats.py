@@ -760,9 +760,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
         if all(type(k) is str and type(v) is str for k, v in value.items()):
             # A CSV row: one pass with no call per cell (a replay reads tens of thousands).
-            return {
-                k.replace("\x00", ""): v.replace("\x00", "") for k, v in value.items()
-            }
+            return {k.replace("\x00", ""): v.replace("\x00", "") for k, v in value.items()}
         return {clean_text(str(k)): _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
