@@ -10,9 +10,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+
+from mlengine import encoder
 from mlengine.models import Trend
 
-__all__ = ["TrendView", "trend_ids_detected_before", "trends"]
+__all__ = ["TrendView", "embed", "trend_ids_detected_before", "trends"]
+
+
+def embed(texts: Sequence[str]) -> np.ndarray:
+    """Sentence vectors of ``texts`` from all-MiniLM-L6-v2 (``mlengine.encoder``).
+
+    Returns a float32 array of shape ``(len(texts), 384)``, each row L2-normalised (so a
+    dot product is a cosine), in input order; ``(0, 384)`` for no texts. Texts longer than
+    256 tokens are truncated. Runs on this process's encoder, created on first use
+    (about a second): CUDA in fp16 when torch sees a GPU, else the CPU in bfloat16 where
+    it computes bf16 natively, fp32 otherwise (``TWISCOPE_ML_DEVICE`` overrides).
+    Blocking; call it from a worker, never in a request.
+
+    Raises:
+        FileNotFoundError: the packaged model files are missing.
+    """
+    return encoder.get_encoder().embed(texts)
 
 
 @dataclass(frozen=True, slots=True)
