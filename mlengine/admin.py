@@ -1,11 +1,11 @@
-"""Admin of the trend stage's state, read-only: each stream's event-time clock and the
-trends detected. Only the trend stage writes them."""
+"""Admin of the trend stage's state and the trained heads, read-only: each stream's
+event-time clock, the trends detected, the model versions. Only their stages write them."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 
-from mlengine.models import StreamClock, Trend
+from mlengine.models import ModelVersion, StreamClock, Trend
 from teams.admin import ReadOnlyAdmin
 
 
@@ -39,3 +39,12 @@ class TrendAdmin(ReadOnlyAdmin):
     list_select_related = ["source"]
     search_fields = ["term"]
     ordering = ["-detected_at", "-id"]
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(ReadOnlyAdmin):
+    """Trained heads; ``manage.py train`` registers and promotes them."""
+
+    list_display = ["name", "task", "version", "active", "created_at"]
+    list_filter = ["task", "active"]
+    ordering = ["task", "-version"]

@@ -92,13 +92,15 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
 
 
-def _load_model(device: str, dtype: Any) -> Any:
+def _load_model(device: str, dtype: Any, path: Path | None = None) -> Any:
+    """The encoder's weights from ``path`` (a fine-tuned copy) or the package, on
+    ``device`` in ``dtype``, in eval mode."""
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     torch = _torch()
-    model = AutoModel.from_pretrained(model_dir(), local_files_only=True)
+    model = AutoModel.from_pretrained(path or model_dir(), local_files_only=True)
     model.eval()
     return model.to(device=torch.device(device), dtype=dtype)
 
@@ -154,7 +156,9 @@ class Encoder:
     """The production encoder (see the module docstring). One per process: loading
     takes about a second and 90 MB; ``get_encoder()`` keeps it.
 
-    ``device``: "cpu" or "cuda" (default: ``pick_device()``). ``dtype``: "bfloat16",
+    ``model_path``: a fine-tuned copy of the weights (``mlengine.finetune``; default:
+    the packaged model). ``device``: "cpu" or "cuda" (default: ``pick_device()``).
+    ``dtype``: "bfloat16",
     "float16" or "float32" (default: fp16 on CUDA, bf16 on a CPU with native bf16,
     else fp32). ``batch_size``: texts per forward pass (default 32 on the CPU, 256 on
     CUDA).
@@ -165,7 +169,12 @@ class Encoder:
     """
 
     def __init__(
-        self, *, device: str | None = None, dtype: str | None = None, batch_size: int | None = None
+        self,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | None = None,
+        model_path: Path | None = None,
     ) -> None:
         torch = _torch()
         self.device = device or pick_device()
@@ -180,7 +189,7 @@ class Encoder:
             raise ValueError(f"unknown dtype {dtype!r}: bfloat16, float16 or float32")
         self.dtype = dtype
         self.batch_size = batch_size or (256 if self.device == "cuda" else 32)
-        self._model = _load_model(self.device, getattr(torch, dtype))
+        self._model = _load_model(self.device, getattr(torch, dtype), model_path)
         self._lock = threading.Lock()
 
     def info(self) -> EncoderInfo:

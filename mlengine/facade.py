@@ -12,10 +12,60 @@ from datetime import datetime
 
 import numpy as np
 
-from mlengine import encoder
+from mlengine import encoder, heads, training
 from mlengine.models import Trend
 
-__all__ = ["TrendView", "embed", "trend_ids_detected_before", "trends"]
+__all__ = [
+    "NoTrainedModel",
+    "Prediction",
+    "TrendView",
+    "UnknownTask",
+    "classify",
+    "embed",
+    "trend_ids_detected_before",
+    "trends",
+]
+
+NoTrainedModel = training.NoTrainedModel
+UnknownTask = heads.UnknownTask
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One text's verdict: ``label`` (the most probable), ``probabilities`` by label
+    (summing to 1), and ``model_version`` ("name vN" of the head that gave it)."""
+
+    label: str
+    probabilities: dict[str, float]
+    model_version: str
+
+
+def classify(task: str, texts: Sequence[str]) -> list[Prediction]:
+    """Predictions of the task's active head for ``texts``, in input order.
+
+    ``task``: "sentiment" (negative / neutral / positive), "emotion" (anger / joy /
+    optimism / sadness) or "offensive" (not-offensive / offensive). Embeds the texts with
+    the version's encoder (the shared one, or its fine-tuned copy: same device and cost
+    as ``embed``) and applies its head, a softmax over the labels.
+    Blocking; call it from a worker, never in a request.
+
+    Raises:
+        UnknownTask: ``task`` is none of those.
+        NoTrainedModel: the task has no active trained head (``manage.py train``).
+    """
+    version, served = training.active_model(task)
+    name = f"{version.name} v{version.version}"
+    if not len(texts):
+        return []
+    labels = served.head.labels
+    return [
+        Prediction(
+            label=labels[int(row.argmax())],
+            probabilities={label: round(float(p), 4) for label, p in zip(labels, row, strict=True)},
+            model_version=name,
+        )
+        for row in served.probabilities(texts)
+    ]
 
 
 def embed(texts: Sequence[str]) -> np.ndarray:

@@ -111,3 +111,36 @@ class Trend(models.Model):
 
     def __str__(self) -> str:
         return f"{self.term}@{self.bucket_start:%Y-%m-%d %H:%M}"
+
+
+class ModelVersion(models.Model):
+    """One trained classifier head (``mlengine.heads``): what it was trained on, how it
+    measured, where its artefact is, and whether it is its task's active head.
+
+    ``metrics`` are its scores on the evaluation split (``mlengine.heads.metrics``, plus
+    the split's name and size); ``trained_on`` names the data folder, the splits and
+    their sizes; ``artefact`` is the ``.npz`` path relative to ``settings.MODELS_DIR``.
+    At most one version per task is active.
+    """
+
+    task = models.CharField(max_length=32)
+    name = models.CharField(max_length=100)
+    version = models.PositiveIntegerField()
+    metrics = models.JSONField(default=dict)
+    trained_on = models.JSONField(default=dict)
+    artefact = models.CharField(max_length=300)
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    active = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "version"], name="modelversion_unique"),
+            models.UniqueConstraint(
+                fields=["task"], condition=models.Q(active=True), name="modelversion_one_active"
+            ),
+        ]
+        ordering = ["task", "-version"]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}{' (active)' if self.active else ''}"

@@ -8,7 +8,7 @@ from rest_framework.routers import DefaultRouter
 from alerts.api.views import AlertRuleViewSet, AlertViewSet
 from dashboard.api.views import StatsView
 from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet
-from mlengine.api.views import StreamViewSet, TrendViewSet
+from mlengine.api.views import ModelVersionViewSet, StreamViewSet, TrendViewSet
 
 router = DefaultRouter()
 router.register("sources", SourceViewSet, basename="source")
@@ -16,6 +16,7 @@ router.register("events", EventViewSet, basename="event")
 router.register("dead-letters", DeadLetterViewSet, basename="deadletter")
 router.register("trends", TrendViewSet, basename="trend")
 router.register("streams", StreamViewSet, basename="stream")
+router.register("models", ModelVersionViewSet, basename="modelversion")
 router.register("rules", AlertRuleViewSet, basename="alertrule")
 router.register("alerts", AlertViewSet, basename="alert")
 

@@ -188,6 +188,10 @@ CELERY_TASK_ALWAYS_EAGER: bool = False
 INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=500)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
 REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
+
+# Trained classifier heads (``manage.py train``): their .npz artefacts live here; each
+# has a ModelVersion row. A volume in docker-compose.
+MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(BASE_DIR / ".run" / "models")))
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 

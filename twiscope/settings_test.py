@@ -7,6 +7,8 @@ the defaults below are the local services' default ports.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TWISCOPE_ENV", "test")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123")
@@ -39,3 +41,5 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 # collectstatic, so there is no STATIC_ROOT to scan.
 WHITENOISE_AUTOREFRESH = True
 WHITENOISE_USE_FINDERS = True
+# Heads trained by tests go to a folder of their own, never a developer's models.
+MODELS_DIR = Path(tempfile.gettempdir()) / f"twiscope-test-models-{os.getpid()}"

@@ -8,7 +8,8 @@ import django_filters
 from django.db.models import Max, Q, QuerySet
 
 from ingest.api.filters import scoped_sources
-from mlengine.models import StreamClock, Trend
+from mlengine.heads import TASKS
+from mlengine.models import ModelVersion, StreamClock, Trend
 from teams.api.base import BooleanFilter, StrictFilterSet
 
 
@@ -54,3 +55,14 @@ class StreamFilter(StrictFilterSet):
     class Meta:
         model = StreamClock
         fields = ["source"]
+
+
+class ModelVersionFilter(StrictFilterSet):
+    """``task`` (sentiment, emotion, offensive) and ``active`` (true/false)."""
+
+    task = django_filters.ChoiceFilter(choices=[(name, name) for name in TASKS])
+    active = BooleanFilter(field_name="active")
+
+    class Meta:
+        model = ModelVersion
+        fields = ["task", "active"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from ingest.models import Source
-from mlengine.models import StreamClock, Trend
+from mlengine.models import ModelVersion, StreamClock, Trend
 
 
 class SourceRefSerializer(serializers.ModelSerializer[Source]):
@@ -47,4 +47,21 @@ class StreamSerializer(serializers.ModelSerializer[StreamClock]):
     class Meta:
         model = StreamClock
         fields = ["source", "watermark", "bucket_s", "counted_events", "late_events", "advanced_at"]
+        read_only_fields = fields
+
+
+class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "id",
+            "task",
+            "name",
+            "version",
+            "active",
+            "metrics",
+            "trained_on",
+            "sha256",
+            "created_at",
+        ]
         read_only_fields = fields

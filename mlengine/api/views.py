@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
+from rest_framework import viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -14,9 +15,9 @@ from ingest.api.filters import term_q
 from ingest.api.serializers import EventSerializer
 from ingest.api.views import EventCursorPagination
 from ingest.models import Event
-from mlengine.api.filters import StreamFilter, TrendFilter
-from mlengine.api.serializers import StreamSerializer, TrendSerializer
-from mlengine.models import StreamClock, Trend
+from mlengine.api.filters import ModelVersionFilter, StreamFilter, TrendFilter
+from mlengine.api.serializers import ModelVersionSerializer, StreamSerializer, TrendSerializer
+from mlengine.models import ModelVersion, StreamClock, Trend
 from teams.api.base import (
     NumberedPagination,
     StrictFilterBackend,
@@ -68,4 +69,16 @@ class StreamViewSet(TeamScopedReadOnlyViewSet):
     queryset = StreamClock.objects.select_related("source").order_by("source_id")
     serializer_class = StreamSerializer
     filterset_class = StreamFilter
+    pagination_class = NumberedPagination
+
+
+class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet[ModelVersion]):
+    """The trained classifier heads, every version, newest first per task: their
+    metrics on the evaluation split, the data they were trained on, and which is active
+    (``manage.py train``). Models serve every team: any signed-in user may read them;
+    nobody writes them through the API."""
+
+    queryset = ModelVersion.objects.order_by("task", "-version")
+    serializer_class = ModelVersionSerializer
+    filterset_class = ModelVersionFilter
     pagination_class = NumberedPagination
