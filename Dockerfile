@@ -27,8 +27,8 @@ RUN SECRET_KEY=collectstatic-only-not-a-secret \
     DATABASE_URL=postgres://unused@localhost/unused \
     REDIS_URL=redis://localhost:6379/0 \
     python manage.py collectstatic --noinput --verbosity 0 \
- && mkdir -p .run \
- && chown twiscope:twiscope .run
+ && mkdir -p .run /models \
+ && chown twiscope:twiscope .run /models
 
 USER twiscope
 EXPOSE 8000
