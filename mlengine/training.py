@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -178,9 +177,11 @@ def train(
         relative = f"{the_task.name}/v{number}"
         target = Path(settings.MODELS_DIR) / relative
         if target.exists():
-            # Left by a registration whose transaction rolled back: no row names it.
-            log.warning("ml.orphaned_artefact_replaced", path=str(target))
-            shutil.rmtree(target)
+            # Left by a registration whose transaction rolled back (no row names it), or
+            # another database's: kept aside, never deleted.
+            aside = target.with_name(f".orphan-{target.name}-{uuid.uuid4().hex[:8]}")
+            log.warning("ml.orphaned_artefact_moved", path=str(target), to=str(aside))
+            target.rename(aside)
         staging.rename(target)
         promoted = previous_score is None or scores[the_task.metric] > previous_score
         if promoted and active is not None:

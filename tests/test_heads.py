@@ -26,8 +26,9 @@ WORDS = {
 }
 
 
-def _write(folder: Path, split: str, per_label: int, offset: int = 0) -> None:
-    """A split of generated posts: ``per_label`` of each sentiment label."""
+def write_generated_split(folder: Path, split: str, per_label: int, offset: int = 0) -> None:
+    """A split of generated posts in TweetEval's layout: ``per_label`` of each
+    sentiment label."""
     texts, labels = [], []
     for label, phrases in WORDS.items():
         for i in range(per_label):
@@ -48,9 +49,9 @@ def models_dir(settings, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def
 def data(tmp_path: Path) -> Path:
     folder = tmp_path / "sentiment"
     folder.mkdir()
-    _write(folder, "train", 12)
-    _write(folder, "val", 4, offset=3)
-    _write(folder, "test", 4, offset=5)
+    write_generated_split(folder, "train", 12)
+    write_generated_split(folder, "val", 4, offset=3)
+    write_generated_split(folder, "test", 4, offset=5)
     return folder
 
 
@@ -154,14 +155,14 @@ def test_errors_are_clear(data: Path, tmp_path: Path) -> None:
 
 def test_default_splits_never_train_on_a_test_split(tmp_path: Path) -> None:
     for split in ("val", "test_public"):
-        _write(tmp_path, split, 2)
+        write_generated_split(tmp_path, split, 2)
     assert heads.default_splits(tmp_path) == (["val"], None)
-    _write(tmp_path, "train", 2)
+    write_generated_split(tmp_path, "train", 2)
     assert heads.default_splits(tmp_path) == (["train"], "val")
 
     only_test = tmp_path / "only_test"
     only_test.mkdir()
-    _write(only_test, "test", 2)
+    write_generated_split(only_test, "test", 2)
     with pytest.raises(heads.DataError, match="never used"):
         heads.default_splits(only_test)
 

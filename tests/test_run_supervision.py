@@ -15,6 +15,7 @@ from __future__ import annotations
 import configparser
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ import psutil
 import psycopg2
 import pytest
 
+from tests.test_heads import write_generated_split
 from twiscope.localservices import free_port, load_platform_env
 from twiscope.run import (
     REPLAY_NAME,
@@ -407,6 +409,51 @@ def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -
     assert result.returncode == 0, result.stderr[-4000:]
     expected = _distinct_posts(archive)
     _wait_for(lambda: platform.stored("airline") == expected, 60, f"{expected} events stored")
+
+
+@pytest.mark.slow
+def test_the_readme_train_and_evaluate_commands_work_in_a_second_shell(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """``manage.py train`` and ``evaluate`` as the README shows them, typed in a new
+    terminal beside the running platform (a tiny generated data set in TweetEval's
+    layout, the fast frozen method); the artefact lands in the platform's run dir."""
+    data = tmp_path / "sentiment"
+    data.mkdir()
+    for split, per_label, offset in (("train", 12, 0), ("val", 4, 3), ("test", 4, 5)):
+        write_generated_split(data, split, per_label, offset)
+    python = ".venv/bin/python"
+
+    train = subprocess.run(
+        [python, "manage.py", "train", "sentiment", "--data", str(data), "--method", "frozen"],
+        check=False,
+        cwd=BASE_DIR,
+        env=platform.second_shell(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-4000:]
+    assert "active: it is the first model of this task" in train.stdout
+    assert (platform.run_dir / "models" / "sentiment" / "v1" / "head.npz").is_file()
+
+    out = tmp_path / "eval.json"
+    evaluate = subprocess.run(
+        [
+            *(python, "manage.py", "evaluate", "sentiment", "--data", str(data)),
+            *("--split", "test", "--json", str(out)),
+        ],
+        check=False,
+        cwd=BASE_DIR,
+        env=platform.second_shell(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["model_version"] == "sentiment-minilm-logreg v1" and result["n"] == 12
+    assert result["macro_recall"] >= 0.9
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ and never over a variable that is set.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,17 @@ INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=500)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
 REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
 
-# Trained classifier heads (``manage.py train``): their .npz artefacts live here; each
-# has a ModelVersion row. A volume in docker-compose.
-MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(BASE_DIR / ".run" / "models")))
+# Trained classifier heads (``manage.py train``): their artefacts live here; each has a
+# ModelVersion row in this platform's database, so in development the folder is the
+# platform's run dir's (``make run``: .run/models; ``make bench``: .run/bench/models).
+# A volume in docker-compose.
+if TWISCOPE_ENV == "development":
+    from twiscope.localservices import run_dir_for
+
+    _MODELS_DEFAULT = run_dir_for("run", os.environ) / "models"
+else:
+    _MODELS_DEFAULT = BASE_DIR / ".run" / "models"
+MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(_MODELS_DEFAULT)))
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
