@@ -291,8 +291,8 @@ class _History:
             cursor.execute(
                 """
                 SELECT b.bucket_start, b.events, cardinality(b.authors),
-                       (SELECT jsonb_object_agg(k, b.terms -> k -> 0)
-                        FROM unnest(%s::text[]) AS k WHERE b.terms ? k)
+                       (SELECT jsonb_object_agg(t.key, t.value -> 0) FROM jsonb_each(b.terms) t
+                        WHERE t.key = ANY(%s::text[]))
                 FROM mlengine_bucketcount b
                 WHERE b.source_id = %s AND b.bucket_start >= %s AND b.bucket_start < %s
                 """,
@@ -348,9 +348,14 @@ class _History:
 
 
 class _Cells(dict[Key, _Cell]):
-    """The buckets-so-far of the scanned buckets, by ``(bucket start, term)``: each
-    bucket's stored counts (``BucketCount``), any trend already detected, and what the
-    scan adds. A term's cell is built from its bucket's row when first asked for."""
+    """The buckets-so-far of the scanned buckets, by ``(bucket start, term)``: the stored
+    counts (``BucketCount``) of the batch's terms, any trend already detected, and what
+    the scan adds. A term's cell is built from its bucket's row when first asked for.
+
+    Only the batch's terms travel, both ways: a bucket's other terms stay in PostgreSQL
+    (``save`` merges the changed ones into the stored map), so a task costs Python time
+    in proportion to its batch, not to the bucket (a live bucket may hold 100,000 posts).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -365,20 +370,23 @@ class _Cells(dict[Key, _Cell]):
 
     @classmethod
     def load(cls, source_id: int, starts: list[datetime], terms: list[str]) -> _Cells:
-        """The stored counts of the buckets at ``starts``, and the trends of ``terms``
-        already detected in them: two queries."""
+        """The stored counts of ``terms`` (and the totals) in the buckets at ``starts``,
+        and the trends of ``terms`` already detected in them: two queries."""
         cells = cls()
         with connection.cursor() as cursor:
             cursor.execute(
                 """
-                SELECT bucket_start, events, authors, terms FROM mlengine_bucketcount
-                WHERE source_id = %s AND bucket_start = ANY(%s)
+                SELECT b.bucket_start, b.events, b.authors,
+                       (SELECT jsonb_object_agg(t.key, t.value) FROM jsonb_each(b.terms) t
+                        WHERE t.key = ANY(%s::text[]))
+                FROM mlengine_bucketcount b
+                WHERE b.source_id = %s AND b.bucket_start = ANY(%s)
                 """,
-                [source_id, starts],
+                [terms, source_id, starts],
             )
             # Django's PostgreSQL backend hands jsonb over as text.
             for start, events, authors, term_counts in cursor.fetchall():
-                cells.stored[start] = json.loads(term_counts)
+                cells.stored[start] = json.loads(term_counts) if term_counts else {}
                 cells[(start, TOTAL_TERM)] = _Cell(events=events, authors=set(authors))
             cursor.execute(
                 """
@@ -399,14 +407,13 @@ class _Cells(dict[Key, _Cell]):
         return cells
 
     def save(self, source_id: int) -> None:
-        """Write every bucket with a changed cell, whole (one statement)."""
+        """Write every bucket with a changed cell: its totals, and its changed terms
+        merged into the stored map (one statement)."""
         changed: dict[datetime, dict[str, list[Any]]] = {}
         for (start, term), cell in self.items():
             if not cell.changed:
                 continue
-            counts = changed.get(start)
-            if counts is None:
-                counts = changed[start] = dict(self.stored.get(start, {}))
+            counts = changed.setdefault(start, {})
             if term != TOTAL_TERM:
                 counts[term] = [cell.events, sorted(cell.authors)]
         values = []
@@ -436,7 +443,7 @@ _UPSERT_COUNTS_SQL = """
 INSERT INTO mlengine_bucketcount AS b (source_id, bucket_start, events, authors, terms)
 VALUES %s
 ON CONFLICT (source_id, bucket_start) DO UPDATE SET
-    events = excluded.events, authors = excluded.authors, terms = excluded.terms
+    events = excluded.events, authors = excluded.authors, terms = b.terms || excluded.terms
 """
 
 
