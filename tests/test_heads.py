@@ -142,6 +142,13 @@ def test_errors_are_clear(data: Path, tmp_path: Path) -> None:
     with pytest.raises(facade.UnknownTask):
         facade.classify("mood", ["hi"])
 
+    one_class = tmp_path / "one_class"
+    one_class.mkdir()
+    (one_class / "train_text.txt").write_text("a\nb\nc\nd\ne\n")
+    (one_class / "train_labels.txt").write_text("0\n0\n0\n0\n0\n")
+    with pytest.raises(CommandError, match="class"):
+        _train(one_class, "--method", "frozen")
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "train_text.txt").write_text("a\nb\n")

@@ -72,7 +72,7 @@ class Command(BaseCommand):
                 train_progress=steps.update,
                 note=lambda text: self.stderr.write(f"  {text}"),
             )
-        except (heads.UnknownTask, heads.DataError) as exc:
+        except ValueError as exc:  # UnknownTask, DataError, or data a model cannot learn from
             raise CommandError(str(exc)) from exc
         finally:
             bar.close()
