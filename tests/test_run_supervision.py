@@ -297,6 +297,21 @@ class Platform:
         """A new terminal's environment, told which platform to talk to."""
         return _shell_environment(TWISCOPE_RUN_DIR=str(self.run_dir))
 
+    def type_in_second_shell(
+        self, command: list[str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` in the repository as typed in a new terminal (``second_shell``),
+        capturing its output as text."""
+        return subprocess.run(
+            command,
+            check=False,
+            cwd=BASE_DIR,
+            env=self.second_shell(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def services(self) -> dict[str, str]:
         """``DATABASE_URL``, ``REDIS_URL``, ``SECRET_KEY`` as a second shell gets them."""
         environ = {"TWISCOPE_RUN_DIR": str(self.run_dir)}
@@ -396,15 +411,7 @@ def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -
     archive = SAMPLES / "airline.csv"
     command = ".venv/bin/python manage.py replay tests/samples/airline.csv --speed max"
 
-    result = subprocess.run(
-        command.split(),
-        check=False,
-        cwd=BASE_DIR,
-        env=platform.second_shell(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = platform.type_in_second_shell(command.split(), timeout=120)
 
     assert result.returncode == 0, result.stderr[-4000:]
     expected = _distinct_posts(archive)
@@ -424,13 +431,8 @@ def test_the_readme_train_and_evaluate_commands_work_in_a_second_shell(
         write_generated_split(data, split, per_label, offset)
     python = ".venv/bin/python"
 
-    train = subprocess.run(
+    train = platform.type_in_second_shell(
         [python, "manage.py", "train", "sentiment", "--data", str(data), "--method", "frozen"],
-        check=False,
-        cwd=BASE_DIR,
-        env=platform.second_shell(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert train.returncode == 0, train.stderr[-4000:]
@@ -438,16 +440,11 @@ def test_the_readme_train_and_evaluate_commands_work_in_a_second_shell(
     assert (platform.run_dir / "models" / "sentiment" / "v1" / "head.npz").is_file()
 
     out = tmp_path / "eval.json"
-    evaluate = subprocess.run(
+    evaluate = platform.type_in_second_shell(
         [
             *(python, "manage.py", "evaluate", "sentiment", "--data", str(data)),
             *("--split", "test", "--json", str(out)),
         ],
-        check=False,
-        cwd=BASE_DIR,
-        env=platform.second_shell(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
