@@ -105,15 +105,19 @@ def _load_model(device: str, dtype: Any, path: Path | None = None) -> Any:
     return model.to(device=torch.device(device), dtype=dtype)
 
 
-def _mean_pool(hidden: Any, mask: Any) -> np.ndarray:
-    """Masked mean of ``hidden`` (batch, tokens, 384) over tokens, L2-normalised, as a
-    float32 array of shape (batch, 384)."""
+def mean_pool(hidden: Any, mask: Any) -> Any:
+    """Masked mean of ``hidden`` (batch, tokens, 384) over the tokens ``mask`` keeps,
+    L2-normalised: a float32 tensor (batch, 384), differentiable (fine-tuning uses it)."""
     torch = _torch()
     weights = mask.unsqueeze(-1).to(torch.float32)
     summed = (hidden.to(torch.float32) * weights).sum(dim=1)
     mean = summed / weights.sum(dim=1).clamp(min=1e-9)
-    normalised = torch.nn.functional.normalize(mean, p=2, dim=1)
-    return np.ascontiguousarray(normalised.cpu().numpy(), dtype=np.float32)
+    return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+
+def _mean_pool(hidden: Any, mask: Any) -> np.ndarray:
+    """``mean_pool`` as a float32 array of shape (batch, 384)."""
+    return np.ascontiguousarray(mean_pool(hidden, mask).cpu().numpy(), dtype=np.float32)
 
 
 @cache
@@ -157,7 +161,9 @@ class Encoder:
     takes about a second and 90 MB; ``get_encoder()`` keeps it.
 
     ``model_path``: a fine-tuned copy of the weights (``mlengine.finetune``; default:
-    the packaged model). ``device``: "cpu" or "cuda" (default: ``pick_device()``).
+    the packaged model); ``model``: weights already loaded (a transformers model; moved
+    to the device and dtype in place). ``device``: "cpu" or "cuda" (default:
+    ``pick_device()``).
     ``dtype``: "bfloat16",
     "float16" or "float32" (default: fp16 on CUDA, bf16 on a CPU with native bf16,
     else fp32). ``batch_size``: texts per forward pass (default 32 on the CPU, 256 on
@@ -175,6 +181,7 @@ class Encoder:
         dtype: str | None = None,
         batch_size: int | None = None,
         model_path: Path | None = None,
+        model: Any = None,
     ) -> None:
         torch = _torch()
         self.device = device or pick_device()
@@ -189,7 +196,11 @@ class Encoder:
             raise ValueError(f"unknown dtype {dtype!r}: bfloat16, float16 or float32")
         self.dtype = dtype
         self.batch_size = batch_size or (256 if self.device == "cuda" else 32)
-        self._model = _load_model(self.device, getattr(torch, dtype), model_path)
+        if model is None:
+            self._model = _load_model(self.device, getattr(torch, dtype), model_path)
+        else:
+            model.eval()
+            self._model = model.to(device=torch.device(self.device), dtype=getattr(torch, dtype))
         self._lock = threading.Lock()
 
     def info(self) -> EncoderInfo:

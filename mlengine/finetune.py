@@ -88,10 +88,7 @@ def finetune(
                 max_length=MAX_TOKENS,
                 return_tensors="pt",
             ).to(device)
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            vectors = encoder.mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
             loss = torch.nn.functional.cross_entropy(
                 head(vectors * SCALE),
                 label_tensor[torch.as_tensor(index, device=device)],

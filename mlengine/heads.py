@@ -153,6 +153,15 @@ def metrics(the_task: Task, y_true: Sequence[int], y_pred: Sequence[int]) -> dic
     }
 
 
+def per_class_lines(per_class: dict[str, dict[str, Any]]) -> list[str]:
+    """``metrics()["per_class"]`` as one aligned line per label (for the commands)."""
+    return [
+        f"  {label:>14}: precision {s['precision']:.4f}  recall {s['recall']:.4f}"
+        f"  f1 {s['f1']:.4f}  n {s['support']}"
+        for label, s in per_class.items()
+    ]
+
+
 @dataclass(frozen=True)
 class Head:
     """A trained head: ``weights`` (labels × 384), ``bias`` (labels), for ``labels``."""

@@ -138,11 +138,8 @@ def train(
         model, head = finetune(
             the_task, train_texts, train_labels, epochs=epochs, progress=train_progress
         )
-        tuned = encoder.Encoder(device=encoder.pick_device())
         # A copy for serving (bf16/fp16); the fp32 weights are what is saved.
-        tuned._model = copy.deepcopy(model).to(
-            device=tuned.device, dtype=getattr(_torch(), tuned.dtype)
-        )
+        tuned = encoder.Encoder(model=copy.deepcopy(model))
         predicted = head.predict(tuned.embed(eval_texts)).tolist()
         scores = heads.metrics(the_task, eval_labels, predicted)
         if note is not None:
@@ -225,12 +222,6 @@ def train(
         promoted=promoted,
         method_scores=method_scores,
     )
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
 
 
 def _digest(folder: Path) -> str:

@@ -32,11 +32,8 @@ class Command(BaseCommand):
             f"{result['task']} on {result['split']} ({result['n']} texts), "
             f"{result['model_version']}: {metric} {result[metric]}"
         )
-        for label, scores in result["per_class"].items():
-            self.stdout.write(
-                f"  {label:>14}: precision {scores['precision']:.4f}  recall "
-                f"{scores['recall']:.4f}  f1 {scores['f1']:.4f}  n {scores['support']}"
-            )
+        for line in heads.per_class_lines(result["per_class"]):
+            self.stdout.write(line)
         if options["json"]:
             options["json"].write_text(json.dumps(result, indent=2) + "\n")
             self.stdout.write(f"wrote {options['json']}")

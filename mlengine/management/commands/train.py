@@ -87,11 +87,8 @@ class Command(BaseCommand):
             f"{version.metrics[metric]} on {version.metrics['eval_split']} "
             f"({version.metrics['eval_n']} texts)"
         )
-        for label, scores in version.metrics["per_class"].items():
-            self.stdout.write(
-                f"  {label:>14}: precision {scores['precision']:.4f}  recall "
-                f"{scores['recall']:.4f}  f1 {scores['f1']:.4f}  n {scores['support']}"
-            )
+        for line in heads.per_class_lines(version.metrics["per_class"]):
+            self.stdout.write(line)
         if outcome.previous_score is None:
             self.stdout.write("active: it is the first model of this task")
         elif outcome.promoted:
