@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Extra pip options, e.g. an index or find-links for CPU-only torch wheels in images
 # that will never see a GPU. The default torch wheel for Linux x86_64 is CUDA-enabled,
-# which the optional GPU ml pool (worker-ml-gpu) needs.
+# which the optional GPU inference pool (worker-inference-gpu) needs.
 ARG PIP_INSTALL_ARGS=""
 
 WORKDIR /app

@@ -27,6 +27,15 @@ each (``/api/events/``, with and without a text filter, ``/api/trends/?current=t
 Then, with ``--coverage``, each other real archive the replay reads is replayed once
 and checked: stored events, trends, alerts, alerts received on the WebSocket.
 
+The transformer heads (``mlengine.scoring``, the ``inference`` worker): with
+``--heads``, each task without an active head is first trained with ``manage.py
+train``'s defaults on ``../shared/data/tweeteval/<task>`` (once: the bench database and
+models folder keep them). Each run then also reports the share of its events the heads
+labelled (the rest kept VADER's label past ``SCORING_LAG_S``), the wait from
+``received_at`` to ``scored_at``, and the inference worker's texts/s and RSS. With
+``--rates 25,50``, the first ``--rate-seconds`` of the archive are also replayed at each
+steady rate (``manage.py replay --rate``), to find the rate the pool keeps up with.
+
 Results: ``bench/results/replay_throughput.json`` and ``replay_throughput.png``.
 Usage: ``make bench`` (``BENCH_ARGS="--runs 5 --coverage"``).
 """
@@ -73,8 +82,14 @@ from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
 from mlengine import enrichment  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
-from mlengine.models import StreamClock, Trend  # noqa: E402
+from mlengine.heads import TASKS  # noqa: E402
+from mlengine.models import (  # noqa: E402
+    ModelVersion,
+    StreamClock,
+    Trend,
+)
 from teams.models import Team  # noqa: E402
+from twiscope.celery import QUEUES  # noqa: E402
 from twiscope.pipeline import STAGES as PIPELINE_QUEUES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -190,7 +205,7 @@ def process_label(proc: psutil.Process) -> str:
         cmd = " ".join(proc.cmdline())
     except psutil.Error:
         return "gone"
-    for queue in PIPELINE_QUEUES:
+    for queue in QUEUES:
         if f"-Q {queue}" in cmd:
             return f"worker-{queue}"
     if "daphne" in cmd:
@@ -236,9 +251,16 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[str, float]:
 
 
 def replay_once(
-    platform: Platform, token: str, path: Path, source_name: str, expected: int, timeout_s: float
+    platform: Platform,
+    token: str,
+    path: Path,
+    source_name: str,
+    expected: int,
+    timeout_s: float,
+    pace: tuple[str, ...] = ("--speed", "max"),
 ) -> dict[str, Any]:
-    """One replay into a new source; returns the run's measurements."""
+    """One replay into a new source (``pace``: the replay's pacing options); returns the
+    run's measurements."""
     listener = WsListener(f"ws://127.0.0.1:{platform.port}/ws/alerts/?token={token}")
     listener.start()
     procs = platform.processes() + service_processes()
@@ -250,8 +272,7 @@ def replay_once(
             "manage.py",
             "replay",
             str(path),
-            "--speed",
-            "max",
+            *pace,
             "--source",
             source_name,
         ],
@@ -262,6 +283,7 @@ def replay_once(
     )
     samples: list[dict[str, Any]] = []
     peak_rss = 0.0
+    peak_inference_rss = 0.0
     counted = 0
     while time.time() - started < timeout_s:
         time.sleep(0.25)
@@ -270,6 +292,10 @@ def replay_once(
         counted = clock.counted_events if clock else 0
         live = platform.processes()
         peak_rss = max(peak_rss, rss_mb(live))
+        peak_inference_rss = max(
+            peak_inference_rss,
+            rss_mb([p for p in live if process_label(p) == "worker-inference"]),
+        )
         try:
             lag = platform.api("/api/stats/", token)["queue_lag"]
         except OSError:
@@ -280,7 +306,8 @@ def replay_once(
     drained = time.time() - started
     first = next((s["t"] for s in samples if s["counted"] > 0), drained)
     summary_line = (replay.communicate(timeout=30)[0] or b"").decode().strip().splitlines()
-    time.sleep(2)  # let the last alerts be pushed
+    # Let the last alerts be pushed, and the scoring backlog drain or fall back.
+    time.sleep(max(2.0, settings.SCORING_LAG_S + 2) if scoring_on() else 2.0)
     listener.stop()
     cpu_after = cpu_seconds(platform.processes() + service_processes())
     source = Source.objects.get(name=source_name)
@@ -321,9 +348,57 @@ def replay_once(
         "alert_latency_ms": latency_summary(db_latency),
         "ws_alert_latency_ms": latency_summary(ws_latency),
         "peak_rss_mb": peak_rss,
+        "scoring": scoring_summary(source, peak_inference_rss) if scoring_on() else None,
         "cpu_s": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
         "samples": samples,
     }
+
+
+def scoring_on() -> bool:
+    """Whether any transformer head is active (the inference worker labels events)."""
+    return ModelVersion.objects.filter(active=True).exists()
+
+
+def scoring_summary(source: Source, peak_rss_mb: float) -> dict[str, Any]:
+    """How the transformer heads kept up with ``source``'s events: the share they
+    labelled, the wait from ``received_at`` to ``scored_at`` (ms), and the inference
+    worker's texts/s over the span from its first to its last label of the run."""
+    events = Event.objects.filter(source=source)
+    total = events.count()
+    scored = list(
+        events.filter(scored_at__isnull=False).values_list("received_at", "scored_at", "text")
+    )
+    waits = [(done - received).total_seconds() * 1000 for received, done, _ in scored]
+    span = (
+        (max(d for _, d, _ in scored) - min(d for _, d, _ in scored)).total_seconds()
+        if len(scored) > 1
+        else 0
+    )
+    return {
+        "events": total,
+        "labelled_by_heads": len(scored),
+        "share": round(len(scored) / total, 4) if total else None,
+        "wait_ms": latency_summary(waits),
+        "events_per_s": round(len(scored) / span, 1) if span else None,
+        "distinct_texts_per_s": round(len({t for _, _, t in scored}) / span, 1) if span else None,
+        "peak_inference_rss_mb": peak_rss_mb,
+        "heads": sorted(
+            f"{v.task}: {v.name} v{v.version}" for v in ModelVersion.objects.filter(active=True)
+        ),
+    }
+
+
+def train_missing_heads() -> list[str]:
+    """Train, with ``manage.py train``'s defaults, each task that has no active head, on
+    ``../shared/data/tweeteval/<task>``; returns the tasks trained."""
+    trained = []
+    for task in TASKS:
+        if ModelVersion.objects.filter(task=task, active=True).exists():
+            continue
+        print(f"training the {task} head (manage.py train {task}; once per bench database)")
+        call_command("train", task, "--data", str(DATA / "tweeteval" / task))
+        trained.append(task)
+    return trained
 
 
 API_PATHS = (
@@ -451,6 +526,19 @@ def main() -> int:
         action="store_true",
         help="also replay every other real archive once and check it",
     )
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="train the transformer heads first where none is active (see the docstring)",
+    )
+    parser.add_argument(
+        "--rates",
+        default="",
+        help="comma-separated steady replay rates (events/s) to measure the scoring pool at",
+    )
+    parser.add_argument(
+        "--rate-seconds", type=float, default=60, help="length of each steady-rate run, s"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.max_in_flight:
@@ -472,6 +560,8 @@ def main() -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     expected = distinct_events(args.archive)
 
+    if args.heads:
+        train_missing_heads()
     base = baseline(args.archive, team, f"bench-{stamp}-baseline")
     print(f"baseline (plain functions, one process): {base['events_per_s']} events/s")
 
@@ -479,6 +569,7 @@ def main() -> int:
     platform.start(token)
     runs: list[dict[str, Any]] = []
     coverage: list[dict[str, Any]] = []
+    steady: list[dict[str, Any]] = []
     try:
         time.sleep(10)
         rest_rss = rss_mb(platform.processes())
@@ -495,6 +586,22 @@ def main() -> int:
                 f"(ws {run['ws_alerts_received']}); latency ms {run['alert_latency_ms']}; "
                 f"peak RSS {run['peak_rss_mb']} MB"
             )
+            if run["scoring"]:
+                print(f"  scoring: {run['scoring']}")
+        for rate in [float(r) for r in args.rates.split(",") if r]:
+            limit = max(1, int(rate * args.rate_seconds))
+            run = replay_once(
+                platform,
+                token,
+                args.archive,
+                f"bench-{stamp}-rate{rate:g}",
+                min(limit, expected),
+                args.timeout + args.rate_seconds,
+                pace=("--rate", f"{rate:g}", "--limit", str(limit)),
+            )
+            run.pop("samples")
+            steady.append({"rate": rate, **run})
+            print(f"steady {rate:g} events/s: scoring {run['scoring']}")
         if args.coverage:
             for path in coverage_files():
                 run = replay_once(
@@ -545,6 +652,11 @@ def main() -> int:
             "alerts_per_s": med("alerts_per_s"),
             "peak_rss_mb": med("peak_rss_mb"),
             "ratio_to_baseline": round(med("events_per_s") / base["events_per_s"], 2),
+            "share_labelled_by_heads": (
+                statistics.median(r["scoring"]["share"] for r in runs)
+                if runs and all(r["scoring"] and r["scoring"]["share"] is not None for r in runs)
+                else None
+            ),
         },
         "rss_at_rest_mb": {
             "platform": rest_rss,
@@ -554,6 +666,7 @@ def main() -> int:
         "stats_endpoint": stats,
         "api_latency_ms": api,
         "runs": runs,
+        "steady_rates": steady,
         "coverage": coverage,
     }
     suffix = f"-{args.max_in_flight}" if args.max_in_flight else ""

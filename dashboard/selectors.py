@@ -1,7 +1,12 @@
-"""The pipeline statistics of ``/api/stats/``."""
+"""The pipeline statistics of ``/api/stats/`` and the sentiment series of
+``/api/sentiment/``."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -10,6 +15,7 @@ from django.db.models import Sum
 
 from ingest.models import DeadLetter, Source
 from ingest.services import events_rate_name
+from mlengine import facade as ml
 from teams.selectors import team_ids_for
 from twiscope.pipeline import queue_depths
 from twiscope.redis import rate_total
@@ -54,4 +60,115 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
         "alert_latency_ms": {"p50": p50, "p95": p95, "p99": p99, "n": int(n)},
         "dead_letters_total": DeadLetter.objects.filter(source__team_id__in=teams).count(),
         "sources_total": sources.count(),
+        "scoring": dataclasses.asdict(ml.scoring_stats(team_list)),
     }
+
+
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+SERIES_BUCKETS = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400)
+"""The bucket sizes (seconds) a sentiment series picks from."""
+MAX_SERIES_BUCKETS = 96
+
+
+@dataclass(frozen=True, slots=True)
+class SentimentBucket:
+    """Events of one event-time bucket by sentiment label (``counts``), and how many of
+    them the transformer heads labelled (``by_transformer``; the rest: VADER's)."""
+
+    start: datetime
+    counts: dict[str, int]
+    by_transformer: int
+
+
+@dataclass(frozen=True, slots=True)
+class SentimentSeries:
+    """Sentiment over event time: ``buckets`` of ``bucket_s`` seconds from ``since``
+    (inclusive) to ``until`` (exclusive), oldest first, empty buckets included."""
+
+    since: datetime
+    until: datetime
+    bucket_s: int
+    buckets: list[SentimentBucket]
+
+
+def series_bucket_s(span: timedelta) -> int:
+    """The smallest of ``SERIES_BUCKETS`` that cuts ``span`` into at most
+    ``MAX_SERIES_BUCKETS`` buckets (the largest when none does)."""
+    seconds = span.total_seconds()
+    for bucket_s in SERIES_BUCKETS:
+        if seconds / bucket_s <= MAX_SERIES_BUCKETS:
+            return bucket_s
+    return SERIES_BUCKETS[-1]
+
+
+def latest_event_time(source_ids: Sequence[int]) -> datetime | None:
+    """The latest event time among ``source_ids``' events (None: no events)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT max(created_at) FROM ingest_event WHERE source_id = ANY(%s)",
+            [list(source_ids)],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def sentiment_series(
+    source_ids: Sequence[int],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    bucket_s: int | None = None,
+) -> SentimentSeries | None:
+    """Events of ``source_ids`` per event-time bucket and sentiment label.
+
+    ``until`` defaults to just after the latest event of those sources (so an archive
+    replayed from the past shows its own days), ``since`` to 24 h before ``until``,
+    ``bucket_s`` to ``series_bucket_s(until - since)``. Buckets are aligned to the
+    epoch (``date_bin``). Returns None when the sources have no events. One aggregate
+    over the event-time index.
+    """
+    if until is None:
+        latest = latest_event_time(source_ids)
+        if latest is None:
+            return None
+        until = latest + timedelta(microseconds=1)
+    since = since or until - timedelta(hours=24)
+    bucket_s = bucket_s or series_bucket_s(until - since)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT date_bin(make_interval(secs => %s), created_at, 'epoch'::timestamptz) AS b,
+                   sentiment_label, count(*), count(*) FILTER (WHERE scored_at IS NOT NULL
+                                                              AND sentiment_model <> 'vader')
+            FROM ingest_event
+            WHERE source_id = ANY(%s) AND created_at >= %s AND created_at < %s
+                  AND sentiment_label <> ''
+            GROUP BY 1, 2
+            """,
+            [bucket_s, list(source_ids), since, until],
+        )
+        rows = cursor.fetchall()
+    first = _epoch_floor(since, bucket_s)
+    starts: list[datetime] = []
+    while first + timedelta(seconds=len(starts) * bucket_s) < until:
+        starts.append(first + timedelta(seconds=len(starts) * bucket_s))
+    counts = [dict.fromkeys(SENTIMENT_LABELS, 0) for _ in starts]
+    by_transformer = [0] * len(starts)
+    for start, label, count, transformer in rows:
+        i = int((start - first).total_seconds() // bucket_s)
+        if 0 <= i < len(starts) and label in SENTIMENT_LABELS:
+            counts[i][label] += int(count)
+            by_transformer[i] += int(transformer)
+    return SentimentSeries(
+        since=since,
+        until=until,
+        bucket_s=bucket_s,
+        buckets=[
+            SentimentBucket(start=start, counts=c, by_transformer=t)
+            for start, c, t in zip(starts, counts, by_transformer, strict=True)
+        ],
+    )
+
+
+def _epoch_floor(moment: datetime, bucket_s: int) -> datetime:
+    return datetime.fromtimestamp(moment.timestamp() // bucket_s * bucket_s, tz=moment.tzinfo)

@@ -54,7 +54,11 @@ class Event(models.Model):
 
     Unique on ``(source, external_id)``: inserts are conflict-ignore, so a redelivered
     batch stores nothing twice. ``enriched_at`` is set once, by the enrich stage's
-    conditional UPDATE (through ``ingest.services.save_enrichments``).
+    conditional UPDATE (through ``ingest.services.save_enrichments``), which also labels
+    the sentiment from VADER's score (``sentiment_model`` "vader"). The ml pool's
+    transformer heads then relabel it (``ingest.services.save_labels``; ``scored_at``),
+    unless it waited longer than their lag: the VADER label stays, recorded as such.
+    No label column is indexed, so relabelling can be a heap-only (HOT) update.
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="events")
@@ -81,6 +85,28 @@ class Event(models.Model):
     keywords = ArrayField(models.CharField(max_length=200), default=list, blank=True)
     sentiment = models.FloatField(null=True, blank=True, help_text="VADER compound, -1..1")
     enriched_at = models.DateTimeField(null=True, blank=True)
+    # Labels (enrich stage: VADER's; then the ml pool's transformer heads, when it
+    # reaches the event within its lag). Written through ingest.services.
+    sentiment_label = models.CharField(max_length=16, blank=True, default="", db_default="")
+    sentiment_scores = models.JSONField(
+        null=True, blank=True, help_text="Probability per label (null from VADER)."
+    )
+    sentiment_model = models.CharField(
+        max_length=120,
+        blank=True,
+        default="",
+        db_default="",
+        help_text='"name vN" of the head that labelled it, or "vader".',
+    )
+    emotion = models.CharField(max_length=16, blank=True, default="", db_default="")
+    emotion_scores = models.JSONField(null=True, blank=True)
+    emotion_model = models.CharField(max_length=120, blank=True, default="", db_default="")
+    offensive = models.CharField(max_length=16, blank=True, default="", db_default="")
+    offensive_scores = models.JSONField(null=True, blank=True)
+    offensive_model = models.CharField(max_length=120, blank=True, default="", db_default="")
+    scored_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the transformer heads labelled it."
+    )
 
     class Meta:
         constraints = [

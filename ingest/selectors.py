@@ -138,6 +138,18 @@ def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:
         return cursor.fetchall()
 
 
+def texts_for_scoring(event_ids: Sequence[int]) -> list[tuple[int, str, int]]:
+    """``(id, text, team id)`` of the events among ``event_ids`` that still exist (one
+    query, the ids as one array parameter)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT e.id, e.text, s.team_id FROM ingest_event e"
+            " JOIN ingest_source s ON s.id = e.source_id WHERE e.id = ANY(%s::bigint[])",
+            [[int(event_id) for event_id in event_ids]],
+        )
+        return cursor.fetchall()
+
+
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
     """``(id, source_id)`` of events received before ``received_before`` and still not
     enriched, oldest first, at most ``limit``."""

@@ -380,35 +380,88 @@ def _forget_batch(batch_key: str, source_id: int) -> None:
     pipeline.mark_done("ingest", [batch_key])
 
 
-def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[int]:
-    """Write the enrich stage's results; return the ids written.
+def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, datetime]]:
+    """Write the enrich stage's results; return ``(id, received_at)`` of the events
+    written.
 
     ``rows`` are ``(event_id, lang, hashtags, mentions, cashtags, urls, keywords,
-    sentiment)``: lists of strings and a float in [-1, 1]. Only events not enriched yet
-    are written (the claim is in the UPDATE), so a redelivered task changes nothing.
-    One statement; the rows travel as one JSON document. Must run inside the caller's
-    transaction.
+    sentiment, sentiment_label)``: lists of strings, a float in [-1, 1] (VADER's
+    compound) and the label it gives (``sentiment_model`` becomes "vader"). Only events
+    not enriched yet are written (the claim is in the UPDATE), so a redelivered task
+    changes nothing. One statement; the rows travel as one JSON document. Must run
+    inside the caller's transaction.
     """
     if not rows:
         return []
     document = json.dumps([dict(zip(_ENRICH_FIELDS, row, strict=True)) for row in rows])
     with connection.cursor() as cursor:
         cursor.execute(_ENRICH_SQL, [document])
-        return [r[0] for r in cursor.fetchall()]
+        return [(int(r[0]), r[1]) for r in cursor.fetchall()]
 
 
-_ENRICH_FIELDS = ("id", "lang", "hashtags", "mentions", "cashtags", "urls", "keywords", "sentiment")
+_ENRICH_FIELDS = (
+    "id",
+    "lang",
+    "hashtags",
+    "mentions",
+    "cashtags",
+    "urls",
+    "keywords",
+    "sentiment",
+    "sentiment_label",
+)
 _ENRICH_SQL = """
 UPDATE ingest_event AS e SET
     lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,
     urls = v.urls, keywords = v.keywords, sentiment = v.sentiment,
+    sentiment_label = v.sentiment_label, sentiment_model = 'vader',
     enriched_at = statement_timestamp()
 FROM jsonb_to_recordset(%s::jsonb) AS v(
     id bigint, lang varchar, hashtags varchar[], mentions varchar[], cashtags varchar[],
-    urls text[], keywords varchar[], sentiment float8
+    urls text[], keywords varchar[], sentiment float8, sentiment_label varchar
 )
 WHERE e.id = v.id AND e.enriched_at IS NULL
-RETURNING e.id
+RETURNING e.id, e.received_at
+"""
+
+
+def save_labels(rows: Sequence[dict[str, Any]]) -> int:
+    """Write the transformer heads' labels; return how many events were written.
+
+    ``rows`` are dicts with ``id`` and, per task scored, ``sentiment_label``,
+    ``sentiment_scores`` (label → probability), ``sentiment_model`` ("name vN"), and the
+    same three for ``emotion`` and ``offensive`` (``emotion``, ``emotion_scores``,
+    ``emotion_model``, …); a task left out keeps its columns. Sets ``scored_at``.
+    Idempotent: a redelivered batch writes the same values again. One statement (one
+    JSON document); no indexed column changes, so PostgreSQL may keep each new row
+    version on its page (a HOT update).
+    """
+    if not rows:
+        return 0
+    document = json.dumps(list(rows))
+    with connection.cursor() as cursor:
+        cursor.execute(_LABELS_SQL, [document])
+        return cursor.rowcount
+
+
+_LABELS_SQL = """
+UPDATE ingest_event AS e SET
+    sentiment_label = COALESCE(v.sentiment_label, e.sentiment_label),
+    sentiment_scores = COALESCE(v.sentiment_scores, e.sentiment_scores),
+    sentiment_model = COALESCE(v.sentiment_model, e.sentiment_model),
+    emotion = COALESCE(v.emotion, e.emotion),
+    emotion_scores = COALESCE(v.emotion_scores, e.emotion_scores),
+    emotion_model = COALESCE(v.emotion_model, e.emotion_model),
+    offensive = COALESCE(v.offensive, e.offensive),
+    offensive_scores = COALESCE(v.offensive_scores, e.offensive_scores),
+    offensive_model = COALESCE(v.offensive_model, e.offensive_model),
+    scored_at = statement_timestamp()
+FROM jsonb_to_recordset(%s::jsonb) AS v(
+    id bigint, sentiment_label varchar, sentiment_scores jsonb, sentiment_model varchar,
+    emotion varchar, emotion_scores jsonb, emotion_model varchar,
+    offensive varchar, offensive_scores jsonb, offensive_model varchar
+)
+WHERE e.id = v.id
 """
 
 

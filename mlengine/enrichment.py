@@ -18,7 +18,8 @@ from django.utils import timezone
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from mlengine.text import Enrichment, enrich_text
+from mlengine import scoring
+from mlengine.text import Enrichment, enrich_text, vader_label
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -31,7 +32,8 @@ def enrich_events(*, event_ids: Sequence[int], source_id: int | None = None) -> 
     """Enrich the events among ``event_ids`` not enriched yet; return the ids enriched.
 
     The claim is in the UPDATE (``enriched_at IS NULL``), so a redelivered task writes
-    nothing twice. Side effects after commit: marks the ids done for the sweeper, and
+    nothing twice. Side effects after commit: marks the ids done for the sweeper, puts
+    the enriched events in the transformer's scoring backlog (``mlengine.scoring``), and
     hands ``source_id`` to the trend stage (also with no ids: the persisted batch may
     have moved the source's watermark).
     """
@@ -54,15 +56,17 @@ def enrich_events(*, event_ids: Sequence[int], source_id: int | None = None) -> 
                 list(enrichment.urls),
                 list(enrichment.keywords),
                 enrichment.sentiment,
+                vader_label(enrichment.sentiment),
             )
         )
     with transaction.atomic():
         enriched = ingest_services.save_enrichments(values)
         handled = list(event_ids)
         transaction.on_commit(lambda: pipeline.mark_done("enrich", handled))
+        transaction.on_commit(lambda: scoring.enqueue(enriched))
         if source_id is not None:
             pipeline.hand_off("enrich", source_id=source_id)
-    return enriched
+    return [event_id for event_id, _ in enriched]
 
 
 def sweep_unenriched(*, older_than_s: float) -> int:

@@ -12,22 +12,26 @@ from datetime import datetime
 
 import numpy as np
 
-from mlengine import encoder, heads, training
+from mlengine import encoder, heads, scoring, training
 from mlengine.models import Trend
 
 __all__ = [
     "NoTrainedModel",
     "Prediction",
+    "ScoringStats",
     "TrendView",
     "UnknownTask",
     "classify",
     "embed",
+    "scoring_stats",
     "trend_ids_detected_before",
     "trends",
 ]
 
 NoTrainedModel = training.NoTrainedModel
 UnknownTask = heads.UnknownTask
+ScoringStats = scoring.ScoringStats
+scoring_stats = scoring.scoring_stats
 
 
 @dataclass(frozen=True, slots=True)

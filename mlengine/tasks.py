@@ -10,7 +10,8 @@ import structlog
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
 
-from mlengine import enrichment, services
+from mlengine import enrichment, scoring, services, training
+from mlengine.heads import TASKS
 from mlengine.text import warm_up
 from twiscope import pipeline
 
@@ -31,6 +32,23 @@ def _warm_up_enrichment(**_: object) -> None:
         log.info("enrich.models_loaded")
 
 
+@worker_process_init.connect
+def _warm_up_heads(**_: object) -> None:
+    """Load the active heads and their encoders when a worker process of the inference
+    queue starts, so the first batch does not pay for it (a task with no head yet is
+    loaded on first use)."""
+    if "inference" not in current_app.amqp.queues.consume_from:
+        return
+    loaded = []
+    for name in TASKS:
+        try:
+            version, _served = training.active_model(name)
+        except training.NoTrainedModel:
+            continue
+        loaded.append(f"{version.name} v{version.version}")
+    log.info("inference.models_loaded", heads=loaded)
+
+
 @shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)
 def enrich_events(*, event_ids: list[int], source_id: int | None = None) -> int:
     """Enrich events (language, entities, sentiment); returns how many it enriched."""
@@ -48,6 +66,13 @@ def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark; returns how many new trends."""
     pipeline.started("ml", f"source:{source_id}")
     return len(services.advance_stream(source_id=source_id))
+
+
+@shared_task(name="inference.score_backlog", soft_time_limit=90, time_limit=120)
+def score_backlog() -> int:
+    """Label the newest waiting events with the active heads (``mlengine.scoring``);
+    returns how many it labelled."""
+    return scoring.score_backlog().scored
 
 
 @shared_task(name="ml.sweep", soft_time_limit=25, time_limit=30)

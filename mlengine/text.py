@@ -346,6 +346,23 @@ def detect_language(text: str) -> str:
     return code.name.lower()
 
 
+VADER_MODEL = "vader"
+"""The ``sentiment_model`` of a label given by VADER rather than a trained head."""
+VADER_THRESHOLD = 0.05
+
+
+def vader_label(compound: float) -> str:
+    """The sentiment label of a VADER compound score: "positive" at ``VADER_THRESHOLD``
+    and above, "negative" at its negative and below, "neutral" between (the thresholds
+    VADER's authors recommend: Hutto & Gilbert, ICWSM 2014, and the vaderSentiment
+    README)."""
+    if compound >= VADER_THRESHOLD:
+        return "positive"
+    if compound <= -VADER_THRESHOLD:
+        return "negative"
+    return "neutral"
+
+
 def enrich_text(text: str) -> Enrichment:
     """Enrich one text (see the module docstring for each field's method). Pure: the
     same text always gives the same (frozen) ``Enrichment``."""

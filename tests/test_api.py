@@ -56,6 +56,7 @@ def world():
         "/api/trends/",
         "/api/alerts/",
         "/api/stats/",
+        "/api/sentiment/",
         "/api/sources/",
         "/api/rules/",
         "/api/dead-letters/",

@@ -98,7 +98,7 @@ def test_compose_file_is_valid_and_defines_every_service(
         "migrate",
         "web",
         "beat",
-        "worker-ml-gpu",
+        "worker-inference-gpu",
     } | WORKER_SERVICES
     assert expected <= set(services)
 
@@ -153,13 +153,15 @@ def test_compose_has_a_worker_pool_for_every_queue_but_notify(
     assert consumed == POOL_QUEUES
 
 
-def test_the_gpu_worker_is_an_optional_ml_pool_reserving_an_nvidia_gpu(
+def test_the_gpu_worker_is_an_optional_inference_pool_reserving_an_nvidia_gpu(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    gpu = services["worker-ml-gpu"]
+    gpu = services["worker-inference-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["profiles"] == ["gpu"]
-    assert _queues(gpu["command"]) == ["ml"]
+    assert _queues(gpu["command"]) == ["inference"]
+    assert gpu["environment"]["TWISCOPE_MODELS_DIR"] == "/models"
+    assert int(gpu["environment"]["SCORING_BATCH_SIZE"]) > 128
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 

@@ -401,6 +401,22 @@ def test_pacing_still_cuts_full_batches() -> None:
     assert [ids for _, ids in batches] == [["0", "1"], ["2", "3"], ["4"]]
 
 
+def test_a_rate_paces_events_steadily_whatever_the_event_time_gaps() -> None:
+    fake = FakeClock()
+    archive = posts_at(0, 3600, 3600.5, 86400, 86401)  # hours and a day apart
+
+    batches = [
+        (round(fake.now - 100.0, 6), [e.external_id for e in batch])
+        for batch in paced_batches(
+            archive, speed=None, rate=4, batch_size=250, clock=fake.clock, sleep=fake.sleep
+        )
+    ]
+
+    # Four events a second: event i is due at i / 4 s, in batches no wider than the
+    # flush window.
+    assert batches == [(0.0, ["0"]), (0.25, ["1"]), (0.5, ["2"]), (0.75, ["3"]), (1.0, ["4"])]
+
+
 def test_without_a_speed_batches_come_at_once() -> None:
     fake = FakeClock()
 

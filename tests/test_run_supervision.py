@@ -50,7 +50,15 @@ from twiscope.run import (
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SAMPLES = BASE_DIR / "tests" / "samples"
-PROCFILE_PROGRAMS = {"web", "worker-ingest", "worker-enrich", "worker-ml", "worker-alerts", "beat"}
+PROCFILE_PROGRAMS = {
+    "web",
+    "worker-ingest",
+    "worker-enrich",
+    "worker-ml",
+    "worker-inference",
+    "worker-alerts",
+    "beat",
+}
 # What a new terminal has: no DATABASE_URL, REDIS_URL, SECRET_KEY or settings module.
 SHELL_BASICS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "LOGNAME")
 

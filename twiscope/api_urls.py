@@ -6,7 +6,7 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from alerts.api.views import AlertRuleViewSet, AlertViewSet
-from dashboard.api.views import StatsView
+from dashboard.api.views import SentimentView, StatsView
 from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet
 from mlengine.api.views import ModelVersionViewSet, StreamViewSet, TrendViewSet
 
@@ -22,5 +22,6 @@ router.register("alerts", AlertViewSet, basename="alert")
 
 urlpatterns = [
     path("stats/", StatsView.as_view(), name="stats"),
+    path("sentiment/", SentimentView.as_view(), name="sentiment"),
     *router.urls,
 ]

@@ -1,7 +1,8 @@
 """The Celery application: queues by kind of work, routes, delivery semantics.
 
 Queues (DESIGN.md): ``ingest`` (persist raw batches), ``enrich`` (language, entities,
-sentiment), ``ml`` (trend detection, model inference; the pool that may own a GPU),
+sentiment), ``ml`` (trend detection), ``inference`` (the transformer heads' labels of
+new events, newest first; the pool that may own a GPU),
 ``alerts`` (rule evaluation, persistence and push), ``notify`` (outbound integrations).
 Pool sizes live in the Procfile and docker-compose.yml, not here.
 
@@ -21,7 +22,7 @@ from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
 
-QUEUES = ("ingest", "enrich", "ml", "alerts", "notify")
+QUEUES = ("ingest", "enrich", "ml", "inference", "alerts", "notify")
 
 app = Celery("twiscope")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -32,6 +33,7 @@ app.conf.update(
         "ingest.*": {"queue": "ingest"},
         "enrich.*": {"queue": "enrich"},
         "ml.*": {"queue": "ml"},
+        "inference.*": {"queue": "inference"},
         "alerts.*": {"queue": "alerts"},
         "notify.*": {"queue": "notify"},
     },

@@ -47,10 +47,13 @@ ENTRY_TASKS = {
     "enrich": "enrich.enrich_events",
     "ml": "ml.advance_stream",
     "alerts": "alerts.evaluate_trends",
+    "inference": "inference.score_backlog",
 }
 """The task that takes a stage's input, by stage. Task kwargs, by stage:
 ``ingest``: ``batch_key``, ``source_id``; ``enrich``: ``event_ids``, ``source_id``;
-``ml``: ``source_id``; ``alerts``: ``trend_ids``."""
+``ml``: ``source_id``; ``alerts``: ``trend_ids``. ``inference`` is a branch off the
+chain, not a stage of it (nothing waits for it): the transformer labels of enriched
+events, from ``mlengine.scoring``'s backlog; no kwargs."""
 
 NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
 

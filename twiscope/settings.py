@@ -201,6 +201,13 @@ if TWISCOPE_ENV == "development":
 else:
     _MODELS_DEFAULT = BASE_DIR / ".run" / "models"
 MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(_MODELS_DEFAULT)))
+# Transformer labels of new events (mlengine/scoring.py, the `inference` queue): an
+# event that waited longer than SCORING_LAG_S seconds keeps its VADER label; a model
+# batch holds at most SCORING_BATCH_SIZE events; one task runs at most SCORING_BUDGET_S
+# seconds before it queues the next.
+SCORING_LAG_S: float = env.float("SCORING_LAG_S", default=10.0)
+SCORING_BATCH_SIZE: int = env.int("SCORING_BATCH_SIZE", default=128)
+SCORING_BUDGET_S: float = env.float("SCORING_BUDGET_S", default=20.0)
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 

@@ -18,9 +18,17 @@ def term_q(term: str) -> Q:
 scoped_sources = in_callers_teams(Source.objects.all(), "team")
 
 
+SENTIMENT_LABELS = [("negative", "negative"), ("neutral", "neutral"), ("positive", "positive")]
+EMOTION_LABELS = [(v, v) for v in ("anger", "joy", "optimism", "sadness")]
+OFFENSIVE_LABELS = [("not-offensive", "not-offensive"), ("offensive", "offensive")]
+
+
 class EventFilter(StrictFilterSet):
     """``source`` (id), ``since``/``until`` (event time, ISO 8601), ``q`` (text contains,
-    case-insensitive), ``lang`` and ``term`` (a hashtag, mention, cashtag or keyword).
+    case-insensitive), ``lang``, ``term`` (a hashtag, mention, cashtag or keyword), and
+    the labels: ``sentiment`` (negative, neutral, positive: whichever model gave it,
+    see ``sentiment_model``), ``emotion`` (anger, joy, optimism, sadness) and
+    ``offensive`` (not-offensive, offensive). An unknown label is a 400.
     The posts behind a trend: ``GET /api/trends/<id>/events/``."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
@@ -29,10 +37,23 @@ class EventFilter(StrictFilterSet):
     q = django_filters.CharFilter(field_name="text", lookup_expr="icontains")
     lang = django_filters.CharFilter()
     term = django_filters.CharFilter(method="filter_term")
+    sentiment = django_filters.ChoiceFilter(field_name="sentiment_label", choices=SENTIMENT_LABELS)
+    emotion = django_filters.ChoiceFilter(choices=EMOTION_LABELS)
+    offensive = django_filters.ChoiceFilter(choices=OFFENSIVE_LABELS)
 
     class Meta:
         model = Event
-        fields = ["source", "since", "until", "q", "lang", "term"]
+        fields = [
+            "source",
+            "since",
+            "until",
+            "q",
+            "lang",
+            "term",
+            "sentiment",
+            "emotion",
+            "offensive",
+        ]
 
     def filter_term(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
         return queryset.filter(term_q(value.lower() if value[:1] in "#@" else value))

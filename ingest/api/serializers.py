@@ -57,7 +57,17 @@ class EventSerializer(serializers.ModelSerializer[Event]):
             "urls",
             "keywords",
             "sentiment",
+            "sentiment_label",
+            "sentiment_scores",
+            "sentiment_model",
+            "emotion",
+            "emotion_scores",
+            "emotion_model",
+            "offensive",
+            "offensive_scores",
+            "offensive_model",
             "enriched_at",
+            "scored_at",
         ]
         read_only_fields = fields
 

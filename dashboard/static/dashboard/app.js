@@ -6,6 +6,7 @@
  *   GET /api/trends/?current=true&ordering=-score     every 5 s  -> trends table
  *   GET /api/trends/<id>/events/                      on click   -> posts behind a trend
  *   GET /api/streams/?page_size=100                   every 3 s  -> streams' event-time clocks
+ *   GET /api/sentiment/                               every 10 s -> sentiment over time
  *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
  *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
  *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
@@ -32,17 +33,20 @@
     events: (trendId) => `/api/trends/${encodeURIComponent(trendId)}/events/`,
     alerts: '/api/alerts/',
     streams: `${$('streams')?.dataset.api || '/api/streams/'}?page_size=${STREAMS_PAGE}`,
+    sentiment: '/api/sentiment/',
   };
   const WS_PATH = '/ws/alerts/';
   const STATS_EVERY_MS = 2000;
   const TRENDS_EVERY_MS = 5000;
   const STREAMS_EVERY_MS = 3000;
+  const SENTIMENT_EVERY_MS = 10000;
+  const SENTIMENT_COLOURS = { negative: '#c0392b', neutral: '#9aa3b0', positive: '#2e8b57' };
   const RATE_WINDOW_MS = 5 * 60 * 1000;
   const MAX_ALERTS = 200;
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 30000;
   const HIGHLIGHT_MS = 4000;
-  const QUEUE_ORDER = ['ingest', 'enrich', 'ml', 'alerts'];
+  const QUEUE_ORDER = ['ingest', 'enrich', 'ml', 'inference', 'alerts'];
   const SEVERITIES = new Set(['info', 'warning', 'critical']);
   const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
@@ -335,11 +339,25 @@
       ? `over ${fmtInt(lat.n)} alerts${isNum(lat.p99) ? ` · p99 ${fmtInt(lat.p99)} ms` : ''}`
       : 'no alerts measured yet');
     renderQueueLag(s.queue_lag);
+    renderScoring(s.scoring);
     setText('tile-dead-letters', fmtInt(s.dead_letters_total));
     const dead = $('tile-dead-letters');
     dead.classList.toggle('warn', isNum(s.dead_letters_total) && s.dead_letters_total > 0);
 
     $('rate-empty').hidden = !(s.events_total === 0);
+  }
+
+  function renderScoring(sc) {
+    if (!sc) return;
+    const heads = Object.entries(sc.active_heads || {});
+    setText('tile-scored-share', isNum(sc.transformer_share)
+      ? `${fmtInt(sc.transformer_share * 100)}% by the heads`
+      : (heads.length ? 'no events this minute' : 'no trained head'));
+    setText('tile-scoring-lag', fmt1(sc.lag_s));
+    setText('tile-scoring-note', heads.length
+      ? `${heads.map(([task, name]) => `${task}: ${name}`).join(' · ')} · past ${fmtInt(sc.fallback_after_s)} s an event keeps VADER's label${sc.fell_back_1m ? ` (${fmtInt(sc.fell_back_1m)} this minute)` : ''}`
+      : 'every label is VADER\'s: run manage.py train to add the transformer heads');
+    $('tile-scoring-lag').classList.toggle('warn', isNum(sc.lag_s) && sc.lag_s > sc.fallback_after_s / 2);
   }
 
   async function refreshStats() {
@@ -349,6 +367,85 @@
       markUpdated('stats-updated');
     } catch (err) {
       showError('stats-error', 'pipeline statistics', err, 'Retrying every 2 s.');
+    }
+  }
+
+  // ------------------------------------------------------ sentiment over time
+
+  let sentimentChart = null;
+
+  function makeSentimentChart() {
+    const canvas = $('sentiment-chart');
+    if (!canvas) return null;
+    if (typeof window.Chart !== 'function') {
+      canvas.replaceWith(h('p', { class: 'empty' }, 'The sentiment chart is unavailable: chart.umd.min.js did not load.'));
+      return null;
+    }
+    const made = new window.Chart(canvas, {
+      type: 'bar',
+      data: {
+        labels: [],
+        datasets: Object.entries(SENTIMENT_COLOURS).map(([label, colour]) => ({
+          label, data: [], backgroundColor: colour, borderWidth: 0, transitions: {},
+        })),
+      },
+      options: {
+        animation: false,
+        maintainAspectRatio: false,
+        interaction: { mode: 'index', intersect: false },
+        scales: {
+          x: { stacked: true, ticks: { maxTicksLimit: 8, color: '#5b6472' }, grid: { display: false } },
+          y: { stacked: true, beginAtZero: true, ticks: { precision: 0, color: '#5b6472' }, grid: { color: '#eef0f4' } },
+        },
+        plugins: {
+          legend: { position: 'bottom' },
+          tooltip: { callbacks: { footer: (items) => sentimentFooter(items) } },
+        },
+      },
+    });
+    if (!made.ctx) return null;
+    return made;
+  }
+
+  let sentimentBuckets = [];
+
+  function sentimentFooter(items) {
+    const b = items.length ? sentimentBuckets[items[0].dataIndex] : null;
+    if (!b) return '';
+    const total = b.negative + b.neutral + b.positive;
+    return total ? `${fmtInt(b.by_transformer)} of ${fmtInt(total)} labelled by the transformer head` : '';
+  }
+
+  function bucketLabel(iso, bucketS) {
+    const d = parseTime(iso);
+    if (!d) return '';
+    const text = d.toISOString();
+    return bucketS >= 86400 ? text.slice(0, 10) : `${text.slice(5, 10)} ${text.slice(11, 16)}`;
+  }
+
+  function renderSentiment(series) {
+    sentimentBuckets = Array.isArray(series.buckets) ? series.buckets : [];
+    const total = sentimentBuckets.reduce((n, b) => n + b.negative + b.neutral + b.positive, 0);
+    const scored = sentimentBuckets.reduce((n, b) => n + b.by_transformer, 0);
+    $('sentiment-empty').hidden = total > 0;
+    setText('sentiment-models', total
+      ? `${fmtInt(scored)} of ${fmtInt(total)} posts labelled by the transformer head, the rest by VADER. Buckets of ${fmtDuration(series.bucket_s)}.`
+      : '');
+    if (!sentimentChart) return;
+    sentimentChart.data.labels = sentimentBuckets.map((b) => bucketLabel(b.start, series.bucket_s));
+    for (const dataset of sentimentChart.data.datasets) {
+      dataset.data = sentimentBuckets.map((b) => b[dataset.label] || 0);
+    }
+    sentimentChart.update('none');
+  }
+
+  async function refreshSentiment() {
+    try {
+      renderSentiment(await api(API.sentiment));
+      showError('sentiment-error', null, null);
+      markUpdated('sentiment-updated');
+    } catch (err) {
+      showError('sentiment-error', 'the sentiment series', err, 'Retrying every 10 s.');
     }
   }
 
@@ -437,27 +534,32 @@
   let postsRequest = 0;
   let postsNext = null;
 
-  /** VADER's thresholds: compound >= 0.05 positive, <= -0.05 negative. */
-  function sentimentBadge(s) {
-    if (s === null || s === undefined) return null;
-    let score = null;
-    let label = null;
-    if (isNum(s)) score = s;
-    else if (typeof s === 'string') label = s;
-    else if (typeof s === 'object') {
-      const v = s.compound ?? s.score ?? s.value;
-      if (isNum(v)) score = v;
-      if (typeof s.label === 'string') label = s.label;
-    }
-    if (label === null && score !== null) {
-      label = score >= 0.05 ? 'positive' : score <= -0.05 ? 'negative' : 'neutral';
-    }
-    if (label === null) return null;
-    const known = ['positive', 'negative', 'neutral'].includes(label.toLowerCase());
+  function scoresTitle(scores) {
+    if (!scores || typeof scores !== 'object') return '';
+    return Object.entries(scores).map(([label, p]) => `${label} ${fmt2(p)}`).join(' · ');
+  }
+
+  /** The post's sentiment label and the model that gave it (a trained head, or VADER). */
+  function sentimentBadge(e) {
+    const label = typeof e.sentiment_label === 'string' && e.sentiment_label ? e.sentiment_label : null;
+    if (!label) return null;
+    const byVader = !e.sentiment_model || e.sentiment_model === 'vader';
+    const known = ['positive', 'negative', 'neutral'].includes(label);
+    const detail = byVader
+      ? `VADER compound ${isNum(e.sentiment) ? fmt2(e.sentiment) : '—'}`
+      : `${e.sentiment_model}: ${scoresTitle(e.sentiment_scores)}`;
+    return h('span', { class: `sentiment ${known ? `sentiment-${label}` : ''}`, title: detail },
+      label, h('small', { class: 'model' }, byVader ? ' · VADER' : ` · ${e.sentiment_model}`));
+  }
+
+  function labelBadge(e, task) {
+    const label = typeof e[task] === 'string' && e[task] ? e[task] : null;
+    if (!label) return null;
+    const model = e[`${task}_model`] || '';
     return h('span', {
-      class: `sentiment ${known ? `sentiment-${label.toLowerCase()}` : ''}`,
-      title: score !== null ? `sentiment ${fmt2(score)}` : null,
-    }, score !== null ? `${label} ${score > 0 ? '+' : ''}${fmt2(score)}` : label);
+      class: `label label-${task} ${task === 'offensive' && label === 'offensive' ? 'label-warn' : ''}`,
+      title: `${task} by ${model}: ${scoresTitle(e[`${task}_scores`])}`,
+    }, label);
   }
 
   function safeHttpUrl(link) {
@@ -478,7 +580,9 @@
         h('span', { class: 'handle', title: author.name || null },
           author.handle ? `@${author.handle}` : (author.name || 'unknown author')),
         timeEl(e.created_at),
-        sentimentBadge(e.sentiment),
+        sentimentBadge(e),
+        labelBadge(e, 'emotion'),
+        labelBadge(e, 'offensive'),
         link ? h('a', { href: link, target: '_blank', rel: 'noopener noreferrer' }, 'original') : null),
       h('p', { class: 'post-text', lang: e.lang || null }, e.text ?? ''));
   }
@@ -776,7 +880,9 @@
   // ----------------------------------------------------------------- start
 
   chart = makeChart();
+  sentimentChart = makeSentimentChart();
   poll(refreshStats, STATS_EVERY_MS);
+  poll(refreshSentiment, SENTIMENT_EVERY_MS);
   poll(refreshTrends, TRENDS_EVERY_MS);
   poll(refreshStreams, STREAMS_EVERY_MS);
   loadAlertSnapshot().finally(connect);

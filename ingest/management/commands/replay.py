@@ -3,9 +3,10 @@
 Reads the whole archive (these files hold at most tens of thousands of rows), sorts its
 posts by event time, and hands them to the ingest queue in batches of
 ``settings.INGEST_BATCH_SIZE``; with ``--speed N`` the gaps between events are replayed
-N times faster than they happened. Unusable rows become dead letters (stage
-``replay``). Each batch declares its last event time as the source's watermark; at the
-end the trend stage is told the stream is complete, so its last buckets close.
+N times faster than they happened, with ``--rate N`` at a steady N events per second.
+Unusable rows become dead letters (stage ``replay``). Each batch declares its last event
+time as the source's watermark; at the end the trend stage is told the stream is
+complete, so its last buckets close.
 
 On a terminal, a progress bar on stderr shows the event time reached (its length is the
 archive's event-time span) and the events sent; it is silent when stderr is not a TTY.
@@ -174,20 +175,23 @@ def paced_batches(
     *,
     speed: float | None,
     batch_size: int,
+    rate: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[list[Envelope]]:
     """Yield ``envelopes`` (sorted by ``created_at``) in batches, each when it is due.
 
-    ``speed`` None: batches of ``batch_size`` as fast as the consumer takes them.
-    ``speed`` > 0: an event is due ``(created_at - first created_at) / speed`` seconds
-    of ``clock`` after the first ``next``; the generator sleeps until each event is due
+    ``speed`` and ``rate`` None: batches of ``batch_size`` as fast as the consumer takes
+    them. ``speed`` > 0: an event is due ``(created_at - first created_at) / speed``
+    seconds of ``clock`` after the first ``next``. ``rate`` > 0 (events per second,
+    instead of ``speed``): the i-th event is due ``i / rate`` seconds after it, a steady
+    load whatever the archive's gaps. The generator sleeps until each event is due
     before adding it to the batch, and yields a batch when it is full or when the next
     event is due more than ``FLUSH_WINDOW_S`` after the batch's first, so a slow replay
     is not held back waiting for a batch to fill. Time spent by the consumer between
     batches counts against the schedule (a slow consumer is caught up, not added to).
     """
-    if speed is None:
+    if speed is None and rate is None:
         for start in range(0, len(envelopes), batch_size):
             yield list(envelopes[start : start + batch_size])
         return
@@ -197,8 +201,8 @@ def paced_batches(
     started = clock()
     batch: list[Envelope] = []
     batch_due = 0.0
-    for envelope in envelopes:
-        due = (envelope.created_at - origin).total_seconds() / speed
+    for i, envelope in enumerate(envelopes):
+        due = i / rate if rate else (envelope.created_at - origin).total_seconds() / (speed or 1)
         if batch and due - batch_due > FLUSH_WINDOW_S:
             yield batch
             batch = []
@@ -225,6 +229,16 @@ def _speed(value: str) -> float | None:
     if not speed > 0 or speed == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {value!r}")
     return speed
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be events per second, not {value!r}") from None
+    if not 0 < rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {value!r}")
+    return rate
 
 
 def _seconds(value: str) -> float:
@@ -266,6 +280,13 @@ class Command(BaseCommand):
             default=None,
             metavar="N|max",
             help="replay event-time gaps N times faster; 'max' (default): no pacing",
+        )
+        parser.add_argument(
+            "--rate",
+            type=_rate,
+            default=None,
+            help="replay at a steady N events per second of wall time, whatever the"
+            " archive's gaps (instead of --speed)",
         )
         parser.add_argument(
             "--limit", type=_positive_int, default=None, help="stop after N rows read"
@@ -314,6 +335,9 @@ class Command(BaseCommand):
         started = time.monotonic()
         path: Path = options["path"]
         speed: float | None = options["speed"]
+        rate: float | None = options["rate"]
+        if speed is not None and rate is not None:
+            raise CommandError("give --speed or --rate, not both")
         wait_s: float | None = options["wait"]
         if not path.is_file():
             raise CommandError(f"no such file: {path}")
@@ -359,10 +383,10 @@ class Command(BaseCommand):
             format=fmt,
             events=len(envelopes),
             skipped=len(errors),
-            speed=speed or "max",
+            speed=speed or (f"{rate:g}/s" if rate else "max"),
         )
 
-        batches = self._send(source, envelopes, speed)
+        batches = self._send(source, envelopes, speed, rate)
         if envelopes:
             services.end_of_stream(source=source, event_time=envelopes[-1].created_at)
 
@@ -414,10 +438,12 @@ class Command(BaseCommand):
             "are the worker pools running? (the numbers above are not final)"
         )
 
-    def _send(self, source: Source, envelopes: list[Envelope], speed: float | None) -> int:
+    def _send(
+        self, source: Source, envelopes: list[Envelope], speed: float | None, rate: float | None
+    ) -> int:
         """Hand ``envelopes`` (sorted by event time) to the ingest queue, paced by
-        ``speed``, each batch declaring its last event time as the source's watermark.
-        Returns how many batches."""
+        ``speed`` or ``rate`` (``paced_batches``), each batch declaring its last event
+        time as the source's watermark. Returns how many batches."""
         if not envelopes:
             return 0
         bar = EventTimeBar(
@@ -429,7 +455,7 @@ class Command(BaseCommand):
         batches = 0
         try:
             for batch in paced_batches(
-                envelopes, speed=speed, batch_size=settings.INGEST_BATCH_SIZE
+                envelopes, speed=speed, rate=rate, batch_size=settings.INGEST_BATCH_SIZE
             ):
                 # Back-pressure: never more than REPLAY_MAX_IN_FLIGHT events in the
                 # pipeline, so "max" means as fast as the pipeline takes them and an

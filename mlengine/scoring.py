@@ -1,0 +1,283 @@
+"""Transformer labels for every event: the ``inference`` queue's work, newest first.
+
+The enrich stage labels each event's sentiment from VADER (``sentiment_model``
+"vader") and, once it has committed, puts the event in the **scoring backlog**: a Redis
+sorted set of event ids scored by their processing time (``received_at``, epoch
+seconds). A task on the ``inference`` queue (the ml pool's model worker, the process
+that may own a GPU) drains it:
+
+1. events that have waited longer than ``settings.SCORING_LAG_S`` (default 10 s) leave
+   the backlog unscored: they keep their VADER label, recorded as such (counted as
+   fallbacks);
+2. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
+   distinct texts embedded once per encoder and labelled by every task's active head
+   (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
+   one statement (``ingest.services.save_labels``);
+3. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
+   queues itself again if work is left, so the queue never holds more than one.
+
+So under load the newest events get the model and the oldest fall back: the model
+never holds the pipeline's latency hostage (trends and alerts never wait for it). The
+backlog is best effort by design: an event it loses (Redis restarted, a worker killed
+between taking a batch and writing it) keeps its VADER label, exactly as if it had
+waited too long. With no active head the backlog is not filled at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import numpy as np
+import structlog
+from django.conf import settings
+from django.db import transaction
+
+from ingest import selectors as ingest_selectors
+from ingest import services as ingest_services
+from ingest.services import events_rate_name
+from mlengine import heads, training
+from mlengine.models import ModelVersion
+from twiscope import pipeline
+from twiscope.redis import add_to_rate, get_redis, rate_total
+
+log = structlog.get_logger(__name__)
+
+BACKLOG_KEY = "twiscope:scoring:backlog"
+COALESCE_KEY = "backlog"
+ACTIVE_CHECK_S = 30.0
+"""How long a process trusts its answer to "is any head active?" (seconds)."""
+
+
+def scored_rate_name(team_id: int) -> str:
+    """The rolling counter of a team's events labelled by the transformer heads."""
+    return f"scored:team:{team_id}"
+
+
+FALLBACK_RATE = "scoring:fallback"
+"""The rolling counter of events that left the backlog unscored (all teams)."""
+
+
+_active_checked: list[float] = [float("-inf"), 0.0]
+
+
+def any_active_head() -> bool:
+    """Whether any task has an active trained head (one query per ``ACTIVE_CHECK_S`` per
+    process: a head trained or activated is picked up within that long)."""
+    checked_at, answer = _active_checked
+    now = time.monotonic()
+    if now - checked_at > ACTIVE_CHECK_S:
+        answer = float(ModelVersion.objects.filter(active=True).exists())
+        _active_checked[:] = [now, answer]
+    return bool(answer)
+
+
+def enqueue(events: Sequence[tuple[int, datetime]]) -> None:
+    """Put ``(event id, received_at)`` in the scoring backlog and make sure a scoring
+    task is queued; call after the events' enrichment has committed.
+
+    Does nothing when no head is active. Drops events already past the lag, and trims
+    the backlog of those (so it stays bounded when no inference worker runs).
+    """
+    if not events or not any_active_head():
+        return
+    cutoff = time.time() - settings.SCORING_LAG_S
+    members = {str(event_id): at.timestamp() for event_id, at in events}
+    fresh = {member: at for member, at in members.items() if at >= cutoff}
+    pipe = get_redis().pipeline()
+    if fresh:
+        pipe.zadd(BACKLOG_KEY, fresh)
+    pipe.zremrangebyscore(BACKLOG_KEY, "-inf", f"({cutoff}")
+    dropped = cast("list[int]", pipe.execute())[-1]
+    fell_back = dropped + len(members) - len(fresh)
+    if fell_back:
+        add_to_rate(FALLBACK_RATE, fell_back)
+    if fresh:
+        pipeline.send("inference", coalesce=COALESCE_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringRun:
+    """What one scoring task did: ``scored`` events labelled by the heads, ``fell_back``
+    events that left the backlog past the lag, ``batches`` model batches, ``seconds``
+    of wall time, ``left`` events still in the backlog."""
+
+    scored: int
+    fell_back: int
+    batches: int
+    seconds: float
+    left: int
+
+
+def score_backlog(
+    *,
+    batch_size: int | None = None,
+    lag_s: float | None = None,
+    budget_s: float | None = None,
+) -> ScoringRun:
+    """Drain the scoring backlog, newest first (see the module docstring).
+
+    ``batch_size`` (events per model batch), ``lag_s`` and ``budget_s`` (seconds)
+    default to the settings ``SCORING_BATCH_SIZE``, ``SCORING_LAG_S`` and
+    ``SCORING_BUDGET_S``. Side effects: label columns of the events scored; rolling
+    counters (``scored_rate_name``, ``FALLBACK_RATE``); queues another scoring task
+    when the budget ran out with work left.
+    """
+    batch_size = batch_size or settings.SCORING_BATCH_SIZE
+    lag_s = settings.SCORING_LAG_S if lag_s is None else lag_s
+    budget_s = settings.SCORING_BUDGET_S if budget_s is None else budget_s
+    pipeline.started("inference", COALESCE_KEY)
+    start = time.monotonic()
+    redis = get_redis()
+    scored = fell_back = batches = 0
+    while time.monotonic() - start < budget_s:
+        pipe = redis.pipeline()
+        pipe.zremrangebyscore(BACKLOG_KEY, "-inf", f"({time.time() - lag_s}")
+        pipe.zpopmax(BACKLOG_KEY, batch_size)
+        dropped, popped = cast("tuple[int, list[tuple[bytes, float]]]", pipe.execute())
+        fell_back += dropped
+        if dropped:
+            add_to_rate(FALLBACK_RATE, dropped)
+        if not popped:
+            break
+        scored += score_events([int(member) for member, _ in popped])
+        batches += 1
+    left = cast(int, redis.zcard(BACKLOG_KEY))
+    if left:
+        pipeline.send("inference", coalesce=COALESCE_KEY)
+    run = ScoringRun(scored, fell_back, batches, round(time.monotonic() - start, 3), left)
+    if scored or fell_back:
+        log.info("inference.scored", **dataclasses.asdict(run))
+    return run
+
+
+def score_events(event_ids: Sequence[int]) -> int:
+    """Label the events among ``event_ids`` with every active head and write the labels
+    (one statement); return how many events were written.
+
+    Events that are gone are skipped; a task with no active head is left out (its
+    columns keep what they hold). Side effect: the ``scored_rate_name`` counters.
+    """
+    rows = ingest_selectors.texts_for_scoring(event_ids)
+    if not rows:
+        return 0
+    texts = sorted({text for _, text, _ in rows})
+    labels = label_texts(texts)
+    if not labels:
+        return 0
+    index = {text: i for i, text in enumerate(texts)}
+    values: list[dict[str, Any]] = []
+    for event_id, text, _ in rows:
+        value: dict[str, Any] = {"id": event_id}
+        for task_labels in labels:
+            value.update(task_labels.columns(index[text]))
+        values.append(value)
+    with transaction.atomic():
+        written = ingest_services.save_labels(values)
+    for team_id, count in Counter(team_id for _, _, team_id in rows).items():
+        add_to_rate(scored_rate_name(team_id), count)
+    return written
+
+
+@dataclass(frozen=True)
+class TaskLabels:
+    """One task's verdicts on a list of texts: ``probabilities`` (n, labels) from the
+    head ``model`` ("name vN")."""
+
+    task: heads.Task
+    labels: tuple[str, ...]
+    probabilities: np.ndarray
+    model: str
+
+    def columns(self, i: int) -> dict[str, Any]:
+        """The event columns of text ``i`` (``ingest.services.save_labels``' keys)."""
+        row = self.probabilities[i]
+        label = self.labels[int(row.argmax())]
+        scores = {name: round(float(p), 4) for name, p in zip(self.labels, row, strict=True)}
+        if self.task.name == "sentiment":
+            return {
+                "sentiment_label": label,
+                "sentiment_scores": scores,
+                "sentiment_model": self.model,
+            }
+        return {
+            self.task.name: label,
+            f"{self.task.name}_scores": scores,
+            f"{self.task.name}_model": self.model,
+        }
+
+
+def label_texts(texts: Sequence[str]) -> list[TaskLabels]:
+    """Every active head's verdicts on ``texts``, one ``TaskLabels`` per task that has
+    one (tasks without an active head are left out).
+
+    Each text is embedded once per distinct encoder: heads on the shared (frozen)
+    encoder share its vectors; a fine-tuned head brings its own.
+    """
+    vectors: dict[int, np.ndarray] = {}
+    out = []
+    for name in heads.TASKS:
+        try:
+            version, served = training.active_model(name)
+        except training.NoTrainedModel:
+            continue
+        key = id(served.encoder)
+        if key not in vectors:
+            vectors[key] = served.vectors(texts)
+        out.append(
+            TaskLabels(
+                task=heads.task(name),
+                labels=served.head.labels,
+                probabilities=served.head.probabilities(vectors[key]),
+                model=f"{version.name} v{version.version}",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringStats:
+    """The scoring pool's health for ``/api/stats/``.
+
+    ``transformer_share``: events labelled by the heads in the last 60 s over events
+    stored in the last 60 s (processing time), for the given teams, at most 1; None
+    when none were stored. ``backlog``: events waiting (all teams); ``lag_s``: how long
+    the oldest of them has waited, seconds (0 when none); ``fallback_after_s``: the
+    configured lag; ``fell_back_1m``: events that left the backlog unscored in the last
+    60 s (all teams); ``active_heads``: "name vN" by task.
+    """
+
+    transformer_share: float | None
+    backlog: int
+    lag_s: float
+    fallback_after_s: float
+    fell_back_1m: int
+    active_heads: dict[str, str]
+
+
+def scoring_stats(team_ids: Sequence[int]) -> ScoringStats:
+    """The scoring pool's numbers (see ``ScoringStats``): Redis reads and one query."""
+    stored = rate_total([events_rate_name(t) for t in team_ids], seconds=60)
+    scored = rate_total([scored_rate_name(t) for t in team_ids], seconds=60)
+    redis = get_redis()
+    pipe = redis.pipeline()
+    pipe.zcard(BACKLOG_KEY)
+    pipe.zrange(BACKLOG_KEY, 0, 0, withscores=True)
+    backlog, oldest = cast("tuple[int, list[tuple[bytes, float]]]", pipe.execute())
+    active = {
+        v.task: f"{v.name} v{v.version}"
+        for v in ModelVersion.objects.filter(active=True).order_by("task")
+    }
+    return ScoringStats(
+        transformer_share=round(min(1.0, scored / stored), 4) if stored else None,
+        backlog=int(backlog),
+        lag_s=round(max(0.0, time.time() - oldest[0][1]), 3) if oldest else 0.0,
+        fallback_after_s=float(settings.SCORING_LAG_S),
+        fell_back_1m=rate_total([FALLBACK_RATE], seconds=60),
+        active_heads=active,
+    )
