@@ -14,7 +14,9 @@ that may own a GPU) drains it:
    (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
    one statement (``ingest.services.save_labels``);
 3. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
-   queues itself again if work is left, so the queue never holds more than one.
+   queues itself again if work is left. Sends are coalesced: while a scoring task waits
+   in the queue no other is sent, and a task lost before it started holds the next one
+   back for at most ``SCORING_LAG_S``.
 
 So under load the newest events get the model and the oldest fall back: the model
 never holds the pipeline's latency hostage (trends and alerts never wait for it). The
@@ -26,6 +28,7 @@ waited too long. With no active head the backlog is not filled at all.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -98,7 +101,19 @@ def enqueue(events: Sequence[tuple[int, datetime]]) -> None:
     if fell_back:
         add_to_rate(FALLBACK_RATE, fell_back)
     if fresh:
-        pipeline.send("inference", coalesce=COALESCE_KEY)
+        pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
+
+
+def yield_cpu() -> str:
+    """Put this process under the kernel's idle scheduling policy (``SCHED_IDLE``: it
+    runs only when no other process wants the CPU; Linux, ``sched(7)``), or at nice 19
+    where the OS has no such policy; returns which. Threads started afterwards (torch's
+    pool) inherit it. Call before the first model batch."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    os.nice(19 - os.nice(0))
+    return "nice 19"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +164,7 @@ def score_backlog(
         batches += 1
     left = cast(int, redis.zcard(BACKLOG_KEY))
     if left:
-        pipeline.send("inference", coalesce=COALESCE_KEY)
+        pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
     run = ScoringRun(scored, fell_back, batches, round(time.monotonic() - start, 3), left)
     if scored or fell_back:
         log.info("inference.scored", **dataclasses.asdict(run))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import structlog
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
+from django.conf import settings
 
 from mlengine import enrichment, scoring, services, training
 from mlengine.heads import TASKS
@@ -36,9 +37,11 @@ def _warm_up_enrichment(**_: object) -> None:
 def _warm_up_heads(**_: object) -> None:
     """Load the active heads and their encoders when a worker process of the inference
     queue starts, so the first batch does not pay for it (a task with no head yet is
-    loaded on first use)."""
+    loaded on first use); first, with ``INFERENCE_SCHED_IDLE``, leave the CPU to the
+    pipeline (``scoring.yield_cpu``)."""
     if "inference" not in current_app.amqp.queues.consume_from:
         return
+    policy = scoring.yield_cpu() if settings.INFERENCE_SCHED_IDLE else "normal"
     loaded = []
     for name in TASKS:
         try:
@@ -46,7 +49,7 @@ def _warm_up_heads(**_: object) -> None:
         except training.NoTrainedModel:
             continue
         loaded.append(f"{version.name} v{version.version}")
-    log.info("inference.models_loaded", heads=loaded)
+    log.info("inference.models_loaded", heads=loaded, cpu_policy=policy)
 
 
 @shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)

@@ -6,6 +6,9 @@ the sentiment series and the scoring stats. A tiny head is trained on generated 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -18,7 +21,13 @@ from django.utils import timezone
 from ingest import services as ingest_services
 from ingest.models import Event
 from mlengine import scoring
-from tests.factories import envelope, make_personas, make_source, run_through
+from tests.factories import (
+    commits_without_broker,
+    envelope,
+    make_personas,
+    make_source,
+    run_through,
+)
 from tests.test_api import client_for
 from tests.test_heads import write_generated_split
 from twiscope.redis import get_redis
@@ -241,3 +250,41 @@ def test_through_real_workers_enriched_events_are_labelled_by_the_inference_queu
     assert len(labels) == len(envelopes)
     assert {model for _, model in labels} == {sentiment_head}
     assert get_redis().zcard(scoring.BACKLOG_KEY) == 0
+
+
+def test_a_scoring_task_lost_before_it_started_holds_the_next_back_only_for_the_lag(
+    sentiment_head: str, settings
+) -> None:  # type: ignore[no-untyped-def]
+    settings.SCORING_LAG_S = 2.0
+    source = make_source(make_personas().team)
+    # The enrich stage's hand-off sends a scoring task, which is lost: the broker here is
+    # a mock.
+    events = _posts(source, TEXTS)
+
+    with commits_without_broker() as send_task:
+        scoring.enqueue([(event.id, timezone.now()) for event in events])
+    coalesced = send_task.call_count
+    time.sleep(2.1)
+    with commits_without_broker() as send_task:
+        scoring.enqueue([(event.id, timezone.now()) for event in events])
+
+    assert coalesced == 0  # the lost one still counts as waiting...
+    assert send_task.call_count == 1  # ...but only for the lag
+
+
+def test_the_inference_process_leaves_the_cpu_to_the_pipeline() -> None:
+    code = (
+        "import os; from mlengine import scoring; print(scoring.yield_cpu());"
+        " print(os.sched_getscheduler(0) == os.SCHED_IDLE)"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "twiscope.settings"}
+    done = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+
+    assert done.stdout.split() == ["SCHED_IDLE", "True"]

@@ -87,6 +87,7 @@ def send(
     items: Sequence[int | str] = (),
     countdown: float | None = None,
     coalesce: str | None = None,
+    coalesce_expiry_s: float = COALESCE_EXPIRY_S,
     **kwargs: Any,
 ) -> None:
     """Queue ``stage``'s entry task with ``kwargs`` after commit (see ``hand_off``); a
@@ -94,14 +95,18 @@ def send(
 
     ``countdown`` delays the task by that many seconds. With ``coalesce``, the task is
     not sent while one sent with the same key is still waiting (not yet ``started``):
-    a burst of hand-offs for one stream becomes one task that does all their work.
+    a burst of hand-offs for one stream becomes one task that does all their work. A
+    task lost before it started holds the key back for ``coalesce_expiry_s`` seconds.
     """
     task_name = ENTRY_TASKS[stage]
     members = [str(item) for item in items]
 
     def dispatch() -> None:
         if coalesce is not None and not get_redis().set(
-            PENDING_KEY.format(stage=stage, key=coalesce), 1, nx=True, ex=COALESCE_EXPIRY_S
+            PENDING_KEY.format(stage=stage, key=coalesce),
+            1,
+            nx=True,
+            px=max(1, int(coalesce_expiry_s * 1000)),
         ):
             return
         app.send_task(task_name, kwargs=kwargs, countdown=countdown)
