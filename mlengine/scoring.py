@@ -9,17 +9,20 @@ that may own a GPU) drains it:
 1. events that have waited longer than ``settings.SCORING_LAG_S`` (default 10 s) leave
    the backlog unscored: they keep their VADER label, recorded as such (counted as
    fallbacks);
-2. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
+2. with ``INFERENCE_IDLE_ONLY`` (the CPU default), it waits while any pipeline queue
+   holds messages: the model takes only the CPU the pipeline leaves idle;
+3. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
    distinct texts embedded once per encoder and labelled by every task's active head
    (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
    one statement (``ingest.services.save_labels``);
-3. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
+4. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
    queues itself again if work is left. Sends are coalesced: while a scoring task waits
    in the queue no other is sent, and a task lost before it started holds the next one
    back for at most ``SCORING_LAG_S``.
 
 So under load the newest events get the model and the oldest fall back: the model
-never holds the pipeline's latency hostage (trends and alerts never wait for it). The
+never holds the pipeline's latency hostage (trends and alerts never wait for it, and on
+a CPU it runs only in the pipeline's idle time, under ``SCHED_IDLE``: ``yield_cpu``). The
 backlog is best effort by design: an event it loses (Redis restarted, a worker killed
 between taking a batch and writing it) keeps its VADER label, exactly as if it had
 waited too long. With no active head the backlog is not filled at all.
@@ -120,12 +123,14 @@ def yield_cpu() -> str:
 class ScoringRun:
     """What one scoring task did: ``scored`` events labelled by the heads, ``fell_back``
     events that left the backlog past the lag, ``batches`` model batches, ``seconds``
-    of wall time, ``left`` events still in the backlog."""
+    of wall time, of which ``paused_s`` waiting for the pipeline to be idle, ``left``
+    events still in the backlog."""
 
     scored: int
     fell_back: int
     batches: int
     seconds: float
+    paused_s: float
     left: int
 
 
@@ -134,14 +139,19 @@ def score_backlog(
     batch_size: int | None = None,
     lag_s: float | None = None,
     budget_s: float | None = None,
+    idle_only: bool | None = None,
 ) -> ScoringRun:
     """Drain the scoring backlog, newest first (see the module docstring).
 
     ``batch_size`` (events per model batch), ``lag_s`` and ``budget_s`` (seconds)
     default to the settings ``SCORING_BATCH_SIZE``, ``SCORING_LAG_S`` and
-    ``SCORING_BUDGET_S``. Side effects: label columns of the events scored; rolling
-    counters (``scored_rate_name``, ``FALLBACK_RATE``); queues another scoring task
-    when the budget ran out with work left.
+    ``SCORING_BUDGET_S``; ``idle_only`` to ``INFERENCE_IDLE_ONLY``: then no batch
+    starts while a pipeline queue holds messages (``twiscope.pipeline.is_busy``; polled
+    every ``SCORING_BUSY_POLL_S``), so the model never slows the pipeline down; the
+    events that wait past the lag meanwhile keep VADER's label. Side effects: label
+    columns of the events scored; rolling counters (``scored_rate_name``,
+    ``FALLBACK_RATE``); queues another scoring task when the budget ran out with work
+    left.
     """
     batch_size = batch_size or settings.SCORING_BATCH_SIZE
     lag_s = settings.SCORING_LAG_S if lag_s is None else lag_s
@@ -150,22 +160,33 @@ def score_backlog(
     start = time.monotonic()
     redis = get_redis()
     scored = fell_back = batches = 0
+    paused_s = 0.0
+    idle_only = settings.INFERENCE_IDLE_ONLY if idle_only is None else idle_only
     while time.monotonic() - start < budget_s:
         pipe = redis.pipeline()
         pipe.zremrangebyscore(BACKLOG_KEY, "-inf", f"({time.time() - lag_s}")
-        pipe.zpopmax(BACKLOG_KEY, batch_size)
-        dropped, popped = cast("tuple[int, list[tuple[bytes, float]]]", pipe.execute())
+        pipe.zcard(BACKLOG_KEY)
+        dropped, waiting = cast("tuple[int, int]", pipe.execute())
         fell_back += dropped
         if dropped:
             add_to_rate(FALLBACK_RATE, dropped)
-        if not popped:
+        if not waiting:
             break
+        if idle_only and pipeline.is_busy():
+            paused_s += settings.SCORING_BUSY_POLL_S
+            time.sleep(settings.SCORING_BUSY_POLL_S)
+            continue
+        popped = cast("list[tuple[bytes, float]]", redis.zpopmax(BACKLOG_KEY, batch_size))
+        if not popped:
+            continue
         scored += score_events([int(member) for member, _ in popped])
         batches += 1
     left = cast(int, redis.zcard(BACKLOG_KEY))
     if left:
         pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
-    run = ScoringRun(scored, fell_back, batches, round(time.monotonic() - start, 3), left)
+    run = ScoringRun(
+        scored, fell_back, batches, round(time.monotonic() - start, 3), round(paused_s, 3), left
+    )
     if scored or fell_back:
         log.info("inference.scored", **dataclasses.asdict(run))
     return run

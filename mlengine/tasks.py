@@ -37,11 +37,11 @@ def _warm_up_enrichment(**_: object) -> None:
 def _warm_up_heads(**_: object) -> None:
     """Load the active heads and their encoders when a worker process of the inference
     queue starts, so the first batch does not pay for it (a task with no head yet is
-    loaded on first use); first, with ``INFERENCE_SCHED_IDLE``, leave the CPU to the
+    loaded on first use); first, with ``INFERENCE_IDLE_ONLY``, leave the CPU to the
     pipeline (``scoring.yield_cpu``)."""
     if "inference" not in current_app.amqp.queues.consume_from:
         return
-    policy = scoring.yield_cpu() if settings.INFERENCE_SCHED_IDLE else "normal"
+    policy = scoring.yield_cpu() if settings.INFERENCE_IDLE_ONLY else "normal"
     loaded = []
     for name in TASKS:
         try:

@@ -30,6 +30,7 @@ from tests.factories import (
 )
 from tests.test_api import client_for
 from tests.test_heads import write_generated_split
+from twiscope import pipeline
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -288,3 +289,20 @@ def test_the_inference_process_leaves_the_cpu_to_the_pipeline() -> None:
     )
 
     assert done.stdout.split() == ["SCHED_IDLE", "True"]
+
+
+def test_on_a_cpu_the_heads_wait_while_the_pipeline_is_busy(
+    sentiment_head: str, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    source = make_source(make_personas().team)
+    _posts(source, TEXTS)
+    monkeypatch.setattr(pipeline, "is_busy", lambda: True)
+
+    busy = scoring.score_backlog(lag_s=0.3, budget_s=5, idle_only=True)
+
+    assert busy.scored == 0 and busy.fell_back == len(TEXTS) and busy.paused_s > 0
+    assert set(Event.objects.values_list("sentiment_model", flat=True)) == {"vader"}
+    # A GPU worker (idle_only off) does not wait.
+    Event.objects.update(received_at=timezone.now())
+    scoring.enqueue(list(Event.objects.values_list("id", "received_at")))
+    assert scoring.score_backlog(idle_only=False).scored == len(TEXTS)

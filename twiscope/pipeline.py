@@ -234,6 +234,12 @@ def queue_depths(stages: Sequence[str] = STAGES) -> dict[str, int]:
     return depths
 
 
+def is_busy() -> bool:
+    """Whether any pipeline stage's queue holds a waiting message (one broker round
+    trip per stage): the model work that only idle CPU should do waits meanwhile."""
+    return any(queue_depths().values())
+
+
 def is_idle() -> bool:
     """Whether no pipeline queue holds a message and no dispatched item is unfinished."""
     return not any(queue_depths().values()) and not any(dispatched_count(stage) for stage in STAGES)

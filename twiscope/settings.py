@@ -208,9 +208,12 @@ MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(_MODELS_DEFAULT)))
 SCORING_LAG_S: float = env.float("SCORING_LAG_S", default=10.0)
 SCORING_BATCH_SIZE: int = env.int("SCORING_BATCH_SIZE", default=128)
 SCORING_BUDGET_S: float = env.float("SCORING_BUDGET_S", default=20.0)
-# The inference worker's processes run under SCHED_IDLE (nice 19 where the OS has no such
-# policy): the model gets only the CPU the pipeline leaves idle.
-INFERENCE_SCHED_IDLE: bool = env.bool("INFERENCE_SCHED_IDLE", default=True)
+# The model gets only the CPU the pipeline leaves idle: the inference worker's processes
+# run under SCHED_IDLE (nice 19 where the OS has no such policy), and a scoring task
+# pauses while a pipeline queue holds messages (the events it cannot reach in time keep
+# VADER's label). Off for a GPU worker.
+INFERENCE_IDLE_ONLY: bool = env.bool("INFERENCE_IDLE_ONLY", default=True)
+SCORING_BUSY_POLL_S: float = 0.05
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
