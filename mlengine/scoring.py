@@ -9,8 +9,9 @@ that may own a GPU) drains it:
 1. events that have waited longer than ``settings.SCORING_LAG_S`` (default 10 s) leave
    the backlog unscored: they keep their VADER label, recorded as such (counted as
    fallbacks);
-2. with ``INFERENCE_IDLE_ONLY`` (the CPU default), it waits while any pipeline queue
-   holds messages: the model takes only the CPU the pipeline leaves idle;
+2. with ``INFERENCE_IDLE_ONLY`` (the CPU default), it waits while the pipeline has more
+   work in hand than it takes at once (``twiscope.pipeline.is_busy``): the model takes
+   only the CPU the pipeline leaves idle;
 3. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
    distinct texts embedded once per encoder and labelled by every task's active head
    (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
@@ -146,8 +147,9 @@ def score_backlog(
     ``batch_size`` (events per model batch), ``lag_s`` and ``budget_s`` (seconds)
     default to the settings ``SCORING_BATCH_SIZE``, ``SCORING_LAG_S`` and
     ``SCORING_BUDGET_S``; ``idle_only`` to ``INFERENCE_IDLE_ONLY``: then no batch
-    starts while a pipeline queue holds messages (``twiscope.pipeline.is_busy``; polled
-    every ``SCORING_BUSY_POLL_S``), so the model never slows the pipeline down; the
+    starts while the pipeline is busy (``twiscope.pipeline.is_busy``: two staged
+    batches or a batch's worth of events to enrich; polled every
+    ``SCORING_BUSY_POLL_S``), so the model does not slow a loaded pipeline down; the
     events that wait past the lag meanwhile keep VADER's label. Side effects: label
     columns of the events scored; rolling counters (``scored_rate_name``,
     ``FALLBACK_RATE``); queues another scoring task when the budget ran out with work
@@ -172,7 +174,7 @@ def score_backlog(
             add_to_rate(FALLBACK_RATE, dropped)
         if not waiting:
             break
-        if idle_only and pipeline.is_busy():
+        if idle_only and pipeline.is_busy(events=settings.INGEST_BATCH_SIZE):
             paused_s += settings.SCORING_BUSY_POLL_S
             time.sleep(settings.SCORING_BUSY_POLL_S)
             continue

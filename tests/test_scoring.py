@@ -296,7 +296,7 @@ def test_on_a_cpu_the_heads_wait_while_the_pipeline_is_busy(
 ) -> None:  # type: ignore[no-untyped-def]
     source = make_source(make_personas().team)
     _posts(source, TEXTS)
-    monkeypatch.setattr(pipeline, "is_busy", lambda: True)
+    monkeypatch.setattr(pipeline, "is_busy", lambda **_: True)
 
     busy = scoring.score_backlog(lag_s=0.3, budget_s=5, idle_only=True)
 
@@ -306,3 +306,15 @@ def test_on_a_cpu_the_heads_wait_while_the_pipeline_is_busy(
     Event.objects.update(received_at=timezone.now())
     scoring.enqueue(list(Event.objects.values_list("id", "received_at")))
     assert scoring.score_backlog(idle_only=False).scored == len(TEXTS)
+
+
+def test_the_pipeline_is_busy_while_it_has_more_in_hand_than_it_takes_at_once() -> None:
+    with commits_without_broker():
+        pipeline.send("enrich", items=[7, 8], event_ids=[7, 8], source_id=1)
+    light = pipeline.is_busy(events=3)
+    with commits_without_broker():
+        pipeline.send("enrich", items=[9], event_ids=[9], source_id=1)
+    loaded = pipeline.is_busy(events=3)
+    pipeline.mark_done("enrich", [7, 8, 9])
+
+    assert not light and loaded and not pipeline.is_busy(events=3)

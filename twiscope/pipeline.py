@@ -234,10 +234,23 @@ def queue_depths(stages: Sequence[str] = STAGES) -> dict[str, int]:
     return depths
 
 
-def is_busy() -> bool:
-    """Whether any pipeline stage's queue holds a waiting message (one broker round
-    trip per stage): the model work that only idle CPU should do waits meanwhile."""
-    return any(queue_depths().values())
+BUSY_RECENT_S = 30.0
+
+
+def is_busy(*, batches: int = 2, events: int = 500) -> bool:
+    """Whether the pipeline has more work in hand than it takes at once: at least
+    ``batches`` staged batches not yet persisted, or ``events`` events not yet enriched,
+    dispatched in the last ``BUSY_RECENT_S`` seconds (older records are the sweepers'
+    business). Under a full-speed replay it is busy nearly all the time; under a steady
+    load it keeps up with, nearly never. One Redis round trip. Workers prefetch their
+    messages, so queue depths would say little. Model work that should take only idle
+    CPU waits while it is busy."""
+    since = time.time() - BUSY_RECENT_S
+    pipe = get_redis().pipeline()
+    pipe.zcount(DISPATCH_KEY.format(stage="ingest"), since, "+inf")
+    pipe.zcount(DISPATCH_KEY.format(stage="enrich"), since, "+inf")
+    staged, unenriched = cast("list[int]", pipe.execute())
+    return staged >= batches or unenriched >= events
 
 
 def is_idle() -> bool:

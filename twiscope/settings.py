@@ -210,8 +210,8 @@ SCORING_BATCH_SIZE: int = env.int("SCORING_BATCH_SIZE", default=128)
 SCORING_BUDGET_S: float = env.float("SCORING_BUDGET_S", default=20.0)
 # The model gets only the CPU the pipeline leaves idle: the inference worker's processes
 # run under SCHED_IDLE (nice 19 where the OS has no such policy), and a scoring task
-# pauses while a pipeline queue holds messages (the events it cannot reach in time keep
-# VADER's label). Off for a GPU worker.
+# pauses while the pipeline has more work in hand than it takes at once (the events it
+# cannot reach in time keep VADER's label). Off for a GPU worker.
 INFERENCE_IDLE_ONLY: bool = env.bool("INFERENCE_IDLE_ONLY", default=True)
 SCORING_BUSY_POLL_S: float = 0.05
 # Seconds a raw batch waits in Redis for its persist task before it expires.
