@@ -364,9 +364,14 @@ def events_rate_name(team_id: int) -> str:
     return f"events:team:{team_id}"
 
 
+EVENTS_RATE_ALL = "events:all"
+"""The rolling counter of events stored, all teams together."""
+
+
 def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id: int) -> None:
     if event_ids:
         add_to_rate(events_rate_name(team_id), len(event_ids))
+        add_to_rate(EVENTS_RATE_ALL, len(event_ids))
         pipeline.add_progress("ingest", source_id, len(event_ids))
     _forget_batch(batch_key, source_id)
 

@@ -9,9 +9,10 @@ that may own a GPU) drains it:
 1. events that have waited longer than ``settings.SCORING_LAG_S`` (default 10 s) leave
    the backlog unscored: they keep their VADER label, recorded as such (counted as
    fallbacks);
-2. with ``INFERENCE_IDLE_ONLY`` (the CPU default), it waits while the pipeline has more
-   work in hand than it takes at once (``twiscope.pipeline.is_busy``): the model takes
-   only the CPU the pipeline leaves idle;
+2. with ``INFERENCE_IDLE_ONLY`` (the CPU default), it waits during a burst (events
+   stored faster than ``SCORING_PAUSE_ABOVE_EPS``, 300/s) and while the pipeline has
+   more work in hand than it takes at once (``twiscope.pipeline.is_busy``): the model
+   takes only the CPU the pipeline leaves idle;
 3. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
    distinct texts embedded once per encoder and labelled by every task's active head
    (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
@@ -47,7 +48,7 @@ from django.db import transaction
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from ingest.services import events_rate_name
+from ingest.services import EVENTS_RATE_ALL, events_rate_name
 from mlengine import heads, training
 from mlengine.models import ModelVersion
 from twiscope import pipeline
@@ -120,6 +121,16 @@ def yield_cpu() -> str:
     return "nice 19"
 
 
+BURST_WINDOW_S = 2
+
+
+def in_burst() -> bool:
+    """Whether events are being stored faster than ``SCORING_PAUSE_ABOVE_EPS`` per
+    second, over the last ``BURST_WINDOW_S`` seconds (all sources; a rolling counter)."""
+    stored = rate_total([EVENTS_RATE_ALL], seconds=BURST_WINDOW_S)
+    return stored / BURST_WINDOW_S > settings.SCORING_PAUSE_ABOVE_EPS
+
+
 @dataclass(frozen=True, slots=True)
 class ScoringRun:
     """What one scoring task did: ``scored`` events labelled by the heads, ``fell_back``
@@ -147,13 +158,13 @@ def score_backlog(
     ``batch_size`` (events per model batch), ``lag_s`` and ``budget_s`` (seconds)
     default to the settings ``SCORING_BATCH_SIZE``, ``SCORING_LAG_S`` and
     ``SCORING_BUDGET_S``; ``idle_only`` to ``INFERENCE_IDLE_ONLY``: then no batch
-    starts while the pipeline is busy (``twiscope.pipeline.is_busy``: two staged
-    batches or a batch's worth of events to enrich; polled every
-    ``SCORING_BUSY_POLL_S``), so the model does not slow a loaded pipeline down; the
-    events that wait past the lag meanwhile keep VADER's label. Side effects: label
-    columns of the events scored; rolling counters (``scored_rate_name``,
-    ``FALLBACK_RATE``); queues another scoring task when the budget ran out with work
-    left.
+    starts during a burst (``in_burst``) or while the pipeline is busy
+    (``twiscope.pipeline.is_busy``: two staged batches or a batch's worth of events to
+    enrich); polled every ``SCORING_BUSY_POLL_S``, so the model does not slow a loaded
+    pipeline down; the events that wait past the lag meanwhile keep VADER's label.
+    Side effects: label columns of the events scored; rolling counters
+    (``scored_rate_name``, ``FALLBACK_RATE``); queues another scoring task when the
+    budget ran out with work left.
     """
     batch_size = batch_size or settings.SCORING_BATCH_SIZE
     lag_s = settings.SCORING_LAG_S if lag_s is None else lag_s
@@ -174,7 +185,7 @@ def score_backlog(
             add_to_rate(FALLBACK_RATE, dropped)
         if not waiting:
             break
-        if idle_only and pipeline.is_busy(events=settings.INGEST_BATCH_SIZE):
+        if idle_only and (in_burst() or pipeline.is_busy(events=settings.INGEST_BATCH_SIZE)):
             paused_s += settings.SCORING_BUSY_POLL_S
             time.sleep(settings.SCORING_BUSY_POLL_S)
             continue

@@ -318,3 +318,15 @@ def test_the_pipeline_is_busy_while_it_has_more_in_hand_than_it_takes_at_once() 
     pipeline.mark_done("enrich", [7, 8, 9])
 
     assert not light and loaded and not pipeline.is_busy(events=3)
+
+
+def test_a_burst_of_events_pauses_the_heads(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SCORING_PAUSE_ABOVE_EPS = 100
+    from ingest.services import EVENTS_RATE_ALL
+    from twiscope.redis import add_to_rate
+
+    add_to_rate(EVENTS_RATE_ALL, 150)
+    calm = scoring.in_burst()
+    add_to_rate(EVENTS_RATE_ALL, 100)
+
+    assert not calm and scoring.in_burst()

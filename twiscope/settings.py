@@ -214,6 +214,9 @@ SCORING_BUDGET_S: float = env.float("SCORING_BUDGET_S", default=20.0)
 # cannot reach in time keep VADER's label). Off for a GPU worker.
 INFERENCE_IDLE_ONLY: bool = env.bool("INFERENCE_IDLE_ONLY", default=True)
 SCORING_BUSY_POLL_S: float = 0.05
+# ...and while events arrive faster than this (events/s over the last 2 s, all sources):
+# a burst is far beyond what the heads label on a CPU, and the pipeline needs the cores.
+SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=300.0)
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
