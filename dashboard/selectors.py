@@ -17,7 +17,7 @@ from ingest.models import DeadLetter, Source
 from ingest.services import events_rate_name
 from mlengine import facade as ml
 from teams.selectors import team_ids_for
-from twiscope.pipeline import queue_depths
+from twiscope.pipeline import STAGES, queue_depths
 from twiscope.redis import rate_total
 
 LATENCY_WINDOW = 1000
@@ -28,10 +28,13 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
 
     Returns ``events_total`` (events stored), ``events_per_s`` (events stored in the
     last 60 s of processing time, per second, from a rolling counter in Redis),
-    ``queue_lag`` (messages waiting per
-    queue: the broker is shared by all teams), ``alert_latency_ms`` (``p50``, ``p95``,
-    ``p99`` of ``pushed_at − event_received_at`` over the team's last 1,000 pushed
-    alerts, and ``n``), ``dead_letters_total`` and ``sources_total``.
+    ``queue_lag`` (messages waiting per pipeline queue and in the inference queue: the
+    broker is shared by all teams), ``alert_latency_ms`` (``p50``, ``p95``, ``p99`` of
+    ``pushed_at − event_received_at`` over the team's last 1,000 pushed alerts, and
+    ``n``), ``dead_letters_total``, ``sources_total``, and ``scoring``: the transformer
+    heads' worker (``mlengine.facade.ScoringStats``: the share of the last minute's
+    events they labelled, their backlog and its lag in seconds, the fallback lag, the
+    active heads).
     """
     teams = team_ids_for(user)
     sources = Source.objects.filter(team_id__in=teams)
@@ -56,7 +59,7 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
     return {
         "events_total": int(events_total),
         "events_per_s": round(last_minute / 60, 2),
-        "queue_lag": queue_depths(),
+        "queue_lag": queue_depths((*STAGES, "inference")),
         "alert_latency_ms": {"p50": p50, "p95": p95, "p99": p99, "n": int(n)},
         "dead_letters_total": DeadLetter.objects.filter(source__team_id__in=teams).count(),
         "sources_total": sources.count(),

@@ -58,7 +58,9 @@ class Event(models.Model):
     the sentiment from VADER's score (``sentiment_model`` "vader"). The ml pool's
     transformer heads then relabel it (``ingest.services.save_labels``; ``scored_at``),
     unless it waited longer than their lag: the VADER label stays, recorded as such.
-    No label column is indexed, so relabelling can be a heap-only (HOT) update.
+    No label column is indexed, so relabelling can be a heap-only (HOT) update, but
+    only where the row's page has room: on a bench database, 11,487 of 518,879 event
+    updates were (docs/models.md).
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="events")

@@ -413,13 +413,13 @@
     const b = items.length ? sentimentBuckets[items[0].dataIndex] : null;
     if (!b) return '';
     const total = b.negative + b.neutral + b.positive;
-    return total ? `${fmtInt(b.by_transformer)} of ${fmtInt(total)} labelled by the transformer head` : '';
+    return total ? `${fmtInt(b.by_transformer)} of ${fmtInt(total)} labelled by the transformer heads` : '';
   }
 
   function bucketLabel(iso, bucketS) {
-    const d = parseTime(iso);
-    if (!d) return '';
-    const text = d.toISOString();
+    const ms = parseTime(iso);
+    if (!isNum(ms)) return '';
+    const text = new Date(ms).toISOString();
     return bucketS >= 86400 ? text.slice(0, 10) : `${text.slice(5, 10)} ${text.slice(11, 16)}`;
   }
 
@@ -428,9 +428,10 @@
     const total = sentimentBuckets.reduce((n, b) => n + b.negative + b.neutral + b.positive, 0);
     const scored = sentimentBuckets.reduce((n, b) => n + b.by_transformer, 0);
     $('sentiment-empty').hidden = total > 0;
-    setText('sentiment-models', total
-      ? `${fmtInt(scored)} of ${fmtInt(total)} posts labelled by the transformer head, the rest by VADER. Buckets of ${fmtDuration(series.bucket_s)}.`
-      : '');
+    const by = scored === total
+      ? `All ${fmtInt(total)} posts labelled by the transformer heads.`
+      : `${fmtInt(scored)} of ${fmtInt(total)} posts labelled by the transformer heads, the rest by VADER.`;
+    setText('sentiment-models', total ? `${by} Buckets of ${fmtDuration(series.bucket_s)}.` : '');
     if (!sentimentChart) return;
     sentimentChart.data.labels = sentimentBuckets.map((b) => bucketLabel(b.start, series.bucket_s));
     for (const dataset of sentimentChart.data.datasets) {
