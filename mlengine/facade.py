@@ -57,19 +57,8 @@ def classify(task: str, texts: Sequence[str]) -> list[Prediction]:
         UnknownTask: ``task`` is none of those.
         NoTrainedModel: the task has no active trained head (``manage.py train``).
     """
-    version, served = training.active_model(task)
-    name = f"{version.name} v{version.version}"
-    if not len(texts):
-        return []
-    labels = served.head.labels
-    return [
-        Prediction(
-            label=labels[int(row.argmax())],
-            probabilities={label: round(float(p), 4) for label, p in zip(labels, row, strict=True)},
-            model_version=name,
-        )
-        for row in served.probabilities(texts)
-    ]
+    found = training.verdicts(task, texts)
+    return [Prediction(*found.verdict(i), model_version=found.model) for i in range(len(texts))]
 
 
 def embed(texts: Sequence[str]) -> np.ndarray:

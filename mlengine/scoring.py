@@ -106,7 +106,13 @@ def enqueue(events: Sequence[tuple[int, datetime]]) -> None:
     if fell_back:
         add_to_rate(FALLBACK_RATE, fell_back)
     if fresh:
-        pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
+        _queue_scoring_task()
+
+
+def _queue_scoring_task() -> None:
+    """Queue a scoring task unless one is waiting (after commit; see the module
+    docstring for the coalescing)."""
+    pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
 
 
 def yield_cpu() -> str:
@@ -196,7 +202,7 @@ def score_backlog(
         batches += 1
     left = cast(int, redis.zcard(BACKLOG_KEY))
     if left:
-        pipeline.send("inference", coalesce=COALESCE_KEY, coalesce_expiry_s=settings.SCORING_LAG_S)
+        _queue_scoring_task()
     run = ScoringRun(
         scored, fell_back, batches, round(time.monotonic() - start, 3), round(paused_s, 3), left
     )
@@ -223,8 +229,8 @@ def score_events(event_ids: Sequence[int]) -> int:
     values: list[dict[str, Any]] = []
     for event_id, text, _ in rows:
         value: dict[str, Any] = {"id": event_id}
-        for task_labels in labels:
-            value.update(task_labels.columns(index[text]))
+        for found in labels:
+            value.update(_columns(found, index[text]))
         values.append(value)
     with transaction.atomic():
         written = ingest_services.save_labels(values)
@@ -233,60 +239,26 @@ def score_events(event_ids: Sequence[int]) -> int:
     return written
 
 
-@dataclass(frozen=True)
-class TaskLabels:
-    """One task's verdicts on a list of texts: ``probabilities`` (n, labels) from the
-    head ``model`` ("name vN")."""
-
-    task: heads.Task
-    labels: tuple[str, ...]
-    probabilities: np.ndarray
-    model: str
-
-    def columns(self, i: int) -> dict[str, Any]:
-        """The event columns of text ``i`` (``ingest.services.save_labels``' keys)."""
-        row = self.probabilities[i]
-        label = self.labels[int(row.argmax())]
-        scores = {name: round(float(p), 4) for name, p in zip(self.labels, row, strict=True)}
-        if self.task.name == "sentiment":
-            return {
-                "sentiment_label": label,
-                "sentiment_scores": scores,
-                "sentiment_model": self.model,
-            }
-        return {
-            self.task.name: label,
-            f"{self.task.name}_scores": scores,
-            f"{self.task.name}_model": self.model,
-        }
-
-
-def label_texts(texts: Sequence[str]) -> list[TaskLabels]:
-    """Every active head's verdicts on ``texts``, one ``TaskLabels`` per task that has
-    one (tasks without an active head are left out).
-
-    Each text is embedded once per distinct encoder: heads on the shared (frozen)
-    encoder share its vectors; a fine-tuned head brings its own.
-    """
+def label_texts(texts: Sequence[str]) -> list[training.Verdicts]:
+    """Every active head's verdicts on ``texts``, one per task that has one (tasks
+    without an active head are left out). Each text is embedded once per distinct
+    encoder: heads on the shared (frozen) encoder share its vectors; a fine-tuned head
+    brings its own."""
     vectors: dict[int, np.ndarray] = {}
     out = []
     for name in heads.TASKS:
         try:
-            version, served = training.active_model(name)
+            out.append(training.verdicts(name, texts, vectors))
         except training.NoTrainedModel:
             continue
-        key = id(served.encoder)
-        if key not in vectors:
-            vectors[key] = served.vectors(texts)
-        out.append(
-            TaskLabels(
-                task=heads.task(name),
-                labels=served.head.labels,
-                probabilities=served.head.probabilities(vectors[key]),
-                model=f"{version.name} v{version.version}",
-            )
-        )
     return out
+
+
+def _columns(found: training.Verdicts, i: int) -> dict[str, Any]:
+    """Text ``i``'s event columns for one task (``ingest.services.save_labels``' keys)."""
+    label, scores = found.verdict(i)
+    label_column = "sentiment_label" if found.task == "sentiment" else found.task
+    return {label_column: label, f"{found.task}_scores": scores, f"{found.task}_model": found.model}
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,10 +268,6 @@ class ServedModel:
             return self.encoder.embed(texts)
         return encoder.get_encoder().embed(texts)
 
-    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, labels) probabilities."""
-        return self.head.probabilities(self.vectors(texts))
-
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """(n,) label ids."""
         return self.head.predict(self.vectors(texts))
@@ -315,3 +311,49 @@ def active_model(task_name: str) -> tuple[ModelVersion, ServedModel]:
         raise NoTrainedModel(
             f"the artefact of {version} is missing ({exc.filename}): train it again"
         ) from exc
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """The active head of ``task`` on a list of texts: ``probabilities`` (n, labels), in
+    the order of ``labels``, from the version called ``model`` ("name vN")."""
+
+    task: str
+    labels: tuple[str, ...]
+    probabilities: np.ndarray
+    model: str
+
+    def verdict(self, i: int) -> tuple[str, dict[str, float]]:
+        """Text ``i``'s most probable label and its probabilities by label (4 decimals)."""
+        row = self.probabilities[i]
+        scores = {label: round(float(p), 4) for label, p in zip(self.labels, row, strict=True)}
+        return self.labels[int(row.argmax())], scores
+
+
+def verdicts(
+    task_name: str, texts: Sequence[str], vectors: dict[int, np.ndarray] | None = None
+) -> Verdicts:
+    """The task's active head applied to ``texts`` (embedded with its encoder).
+
+    ``vectors``: a cache of sentence vectors of these same ``texts`` by encoder, shared
+    between calls so that heads on one encoder embed the texts once (filled here).
+
+    Raises:
+        heads.UnknownTask: no such task.
+        NoTrainedModel: the task has no active head (see ``active_model``).
+    """
+    version, served = active_model(task_name)
+    if not len(texts):
+        probabilities = np.zeros((0, len(served.head.labels)), dtype=np.float32)
+    else:
+        cache = {} if vectors is None else vectors
+        key = id(served.encoder)
+        if key not in cache:
+            cache[key] = served.vectors(texts)
+        probabilities = served.head.probabilities(cache[key])
+    return Verdicts(
+        task=task_name,
+        labels=served.head.labels,
+        probabilities=probabilities,
+        model=f"{version.name} v{version.version}",
+    )

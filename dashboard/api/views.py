@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 
 from dashboard import selectors
 from ingest.models import Source
+from teams.api.base import refuse_unknown_query_params
 from teams.selectors import team_ids_for
 
 _Latency = inline_serializer(
@@ -97,9 +98,6 @@ class SentimentQuery(serializers.Serializer[dict[str, Any]]):
         return fields
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(self.initial_data) - set(self.fields))
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown parameter."] for name in unknown})
         since, until = attrs.get("since"), attrs.get("until")
         if since and until and since >= until:
             raise serializers.ValidationError({"until": ["Must be after since."]})
@@ -146,6 +144,7 @@ class SentimentView(APIView):
         """``until`` defaults to the latest event's time, ``since`` to 24 h before it, the
         bucket to at most 96 per window (``dashboard.selectors.sentiment_series``)."""
         query = SentimentQuery(data=request.query_params, context={"request": request})
+        refuse_unknown_query_params(request, query.fields)
         query.is_valid(raise_exception=True)
         params = query.validated_data
         source = params.get("source")

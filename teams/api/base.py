@@ -21,6 +21,7 @@ from teams.api.filters import (
     StrictFilterSet,
     StrictOrderingFilter,
     in_callers_teams,
+    refuse_unknown_query_params,
 )
 from teams.api.pagination import (
     NewestFirstCursorPagination,
@@ -42,6 +43,7 @@ __all__ = [
     "TeamScopedMixin",
     "TeamScopedReadOnlyViewSet",
     "in_callers_teams",
+    "refuse_unknown_query_params",
 ]
 
 

@@ -171,17 +171,23 @@ class StrictFilterBackend(DjangoFilterBackend):
         return filterset_class
 
     def filter_queryset(self, request: Request, queryset: QuerySet[Any], view: APIView) -> Any:
-        allowed = allowed_query_params(view, queryset)
-        unknown = sorted(set(request.query_params) - allowed)
-        if unknown:
-            takes = ", ".join(sorted(allowed)) or "none"
-            raise ValidationError(
-                {
-                    name: [f"Unknown query parameter; this endpoint takes: {takes}."]
-                    for name in unknown
-                }
-            )
+        refuse_unknown_query_params(request, allowed_query_params(view, queryset))
         return super().filter_queryset(request, queryset, view)
+
+
+def refuse_unknown_query_params(request: Request, allowed: Iterable[str]) -> None:
+    """Raise ``ValidationError({"<param>": ["Unknown query parameter; this endpoint
+    takes: …"]})`` for each query parameter of ``request`` not in ``allowed``
+    (``format``, DRF's format override, is always allowed)."""
+    takes = set(allowed)
+    if api_settings.URL_FORMAT_OVERRIDE:
+        takes.add(api_settings.URL_FORMAT_OVERRIDE)
+    unknown = sorted(set(request.query_params) - takes)
+    if unknown:
+        listed = ", ".join(sorted(takes)) or "none"
+        raise ValidationError(
+            {name: [f"Unknown query parameter; this endpoint takes: {listed}."] for name in unknown}
+        )
 
 
 def allowed_query_params(view: APIView, queryset: QuerySet[Any]) -> set[str]:
