@@ -119,7 +119,7 @@ def yield_cpu() -> str:
     """Put this process under the kernel's idle scheduling policy (``SCHED_IDLE``: it
     runs only when no other process wants the CPU; Linux, ``sched(7)``), or at nice 19
     where the OS has no such policy; returns which. Threads started afterwards (torch's
-    pool) inherit it. Call before the first model batch."""
+    and ONNX Runtime's pools) inherit it. Call before the first model batch."""
     if hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return "SCHED_IDLE"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from django.core.management import call_command
 
-from mlengine import encoder, facade
+from mlengine import encoder, facade, quantized
 
 TEXTS = [
     "@united my flight was delayed three hours and nobody told us why",
@@ -48,6 +49,30 @@ def test_production_vectors_match_the_reference() -> None:
     assert cosine.min() >= 0.98, cosine
 
 
+def test_the_fp32_graph_computes_what_the_model_does() -> None:
+    # The ONNX graph's wiring, without quantisation: the same vectors as transformers.
+    model = encoder._load_model("cpu", torch.float32)
+    graph = quantized.OnnxEncoder(model, encoder._tokenizer(), quantize=False)
+    batch = encoder._tokenizer()(
+        TEXTS, padding=True, truncation=True, max_length=encoder.MAX_TOKENS, return_tensors="np"
+    )
+    hidden = graph.hidden(batch["input_ids"], batch["attention_mask"])
+    vectors = encoder._mean_pool(
+        torch.from_numpy(hidden), torch.from_numpy(batch["attention_mask"])
+    )
+
+    cosine = (vectors * encoder.reference_embed(TEXTS)).sum(axis=1)
+    assert cosine.min() > 0.99999, cosine
+
+
+def test_an_int8_vector_does_not_depend_on_its_batch_mates() -> None:
+    # Per-token activation scales: an outlier text in the batch coarsens no one else.
+    alone = encoder.get_encoder().embed([TEXTS[0]])[0]
+    crowded = encoder.get_encoder().embed([TEXTS[0], "🔥🔥🔥 " * 20, "!!!!" * 30, TEXTS[5]])[0]
+
+    assert float(alone @ crowded) > 0.99999
+
+
 def test_similar_posts_are_closer_than_unrelated_ones() -> None:
     delayed, late, pizza = facade.embed(
         ["the flight was delayed again", "my plane is late", "I love pizza with olives"]
@@ -61,6 +86,8 @@ def test_an_unknown_device_or_dtype_is_refused() -> None:
         encoder.Encoder(device="tpu")
     with pytest.raises(ValueError, match="dtype"):
         encoder.Encoder(device="cpu", dtype="int4")
+    with pytest.raises(ValueError, match="int8"):
+        encoder.Encoder(device="cuda", dtype="int8")
 
 
 def _rows(texts: Sequence[str]) -> np.ndarray:
