@@ -108,7 +108,16 @@ class SourceAdmin(admin.ModelAdmin):
     list_filter = ["kind", "enabled", "team"]
     list_select_related = ["team"]
     search_fields = ["name"]
-    readonly_fields = ["created_at", "input_watermark", "last_received_at", "events_total"]
+    # ``credentials`` is not a field of the form: sealed, never shown.
+    readonly_fields = [
+        "created_at",
+        "input_watermark",
+        "last_received_at",
+        "events_total",
+        "last_error",
+        "error_permanent",
+        "last_error_at",
+    ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Source | None = None) -> Any:
         fields = list(super().get_readonly_fields(request, obj))

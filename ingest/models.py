@@ -22,6 +22,11 @@ class Source(models.Model):
     processing time minus its allowed lateness. The trend stage combines it with the
     work still in the pipeline into the stream's watermark (``mlengine``).
     ``last_received_at`` only moves forward.
+
+    ``credentials`` is a Fernet token (``ingest.credentials``), never shown or returned.
+    ``last_error`` / ``error_permanent`` / ``last_error_at`` record the latest failure to
+    deliver: a permanent one (bad credentials, a feed gone) stops the source until it
+    is edited.
     """
 
     class Kind(models.TextChoices):
@@ -41,6 +46,10 @@ class Source(models.Model):
     input_watermark = models.DateTimeField(null=True, blank=True)
     last_received_at = models.DateTimeField(null=True, blank=True)
     events_total = models.BigIntegerField(default=0)
+    credentials = models.TextField(blank=True, default="", db_default="")
+    last_error = models.TextField(blank=True, default="", db_default="")
+    error_permanent = models.BooleanField(default=False, db_default=False)
+    last_error_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")]

@@ -27,6 +27,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from psycopg2.extras import Json, execute_values
 
+from ingest import credentials as credentials_box
 from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import DeadLetter, Source
 from ingest.selectors import (
@@ -70,6 +71,52 @@ def get_or_create_source(*, team: Team, kind: str, name: str, config: dict[str, 
         raise ValueError(f"source {name!r} exists with kind {source.kind!r}, not {kind!r}")
     if created:
         log.info("ingest.source_created", source_id=source.id, kind=kind, team_id=team.id)
+    return source
+
+
+def create_source(
+    *,
+    team: Team,
+    kind: str,
+    name: str,
+    config: dict[str, Any],
+    credentials: dict[str, Any] | None = None,
+    enabled: bool = True,
+) -> tuple[Source, str | None]:
+    """Create a source with its credentials sealed (``ingest.credentials``). A webhook
+    source gets a new signing secret, returned once as the second value (else None).
+
+    Raises:
+        django.db.IntegrityError: the team already has a source of that name.
+    """
+    secret = credentials_box.new_secret() if kind == Source.Kind.WEBHOOK else None
+    values = {"secret": secret} if secret is not None else dict(credentials or {})
+    with transaction.atomic():
+        source = Source.objects.create(
+            team=team,
+            kind=kind,
+            name=name,
+            config=config,
+            enabled=enabled,
+            credentials=credentials_box.seal(values),
+        )
+    return source, secret
+
+
+def update_source(source: Source, changes: dict[str, Any]) -> Source:
+    """Apply ``changes`` (``name``, ``config``, ``enabled``, ``credentials``) to
+    ``source`` and save. Editing clears the last error, so a source that failed
+    permanently runs again; re-enabling clears ``disabled_reason``."""
+    for name in ("name", "config", "enabled"):
+        if name in changes:
+            setattr(source, name, changes[name])
+    if "credentials" in changes:
+        source.credentials = credentials_box.seal(dict(changes["credentials"]))
+    if changes.get("enabled"):
+        source.disabled_reason = ""
+    source.last_error, source.error_permanent, source.last_error_at = "", False, None
+    with transaction.atomic():
+        source.save()
     return source
 
 

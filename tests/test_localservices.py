@@ -368,6 +368,7 @@ def test_the_cli_tells_other_shells_where_the_services_are_while_the_command_run
     first, *lines = result.stdout.splitlines()
     *values, pid = [line for line in lines if not line.startswith("#")]
     key = (run_dir / "secret-key").read_text().strip()
+    credential_key = (run_dir / "credential-key").read_text().strip()
 
     assert result.returncode == 0, result.stderr
     assert first == f"{run_dir} 0o600"
@@ -375,7 +376,9 @@ def test_the_cli_tells_other_shells_where_the_services_are_while_the_command_run
         f"DATABASE_URL={ENV_DATABASE_URL}",
         f"REDIS_URL={ENV_REDIS_URL}",
         f"SECRET_KEY={key}",
+        f"TWISCOPE_CREDENTIAL_KEYS={credential_key}",
     ]
+    assert stat.S_IMODE((run_dir / "credential-key").stat().st_mode) == 0o600
     assert pid.removeprefix("TWISCOPE_PLATFORM_PID=").isdigit()
     assert not (run_dir / "env").exists()
 

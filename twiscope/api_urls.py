@@ -7,7 +7,7 @@ from rest_framework.routers import DefaultRouter
 
 from alerts.api.views import AlertRuleViewSet, AlertViewSet
 from dashboard.api.views import SentimentView, StatsView
-from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet
+from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet, WebhookView
 from mlengine.api.views import ModelVersionViewSet, StreamViewSet, TrendViewSet
 
 router = DefaultRouter()
@@ -23,5 +23,6 @@ router.register("alerts", AlertViewSet, basename="alert")
 urlpatterns = [
     path("stats/", StatsView.as_view(), name="stats"),
     path("sentiment/", SentimentView.as_view(), name="sentiment"),
+    path("ingest/webhooks/<int:source_id>/", WebhookView.as_view(), name="webhook"),
     *router.urls,
 ]

@@ -657,14 +657,10 @@ def _wait_gone(process: psutil.Process, timeout_s: float) -> bool:
 # --- Providing the environment -------------------------------------------------------------
 
 
-def development_secret_key(run_dir: Path) -> str:
-    """The development ``SECRET_KEY`` kept in ``<run_dir>/secret-key`` (mode 0600).
-
-    Generated once (64 URL-safe characters from ``secrets``), then reused so sessions
-    survive restarts. Raises ``LocalServicesError`` when the file exists but is empty.
-    """
-    path = run_dir / "secret-key"
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _kept_key(path: Path, generate: Callable[[], str]) -> str:
+    """The key in ``path`` (mode 0600), written by ``generate()`` the first time, then
+    reused. Raises ``LocalServicesError`` when the file exists but is empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -673,10 +669,27 @@ def development_secret_key(run_dir: Path) -> str:
         if not key:
             raise LocalServicesError(f"{path} is empty; delete it to generate a new key") from None
         return key
-    key = secrets.token_urlsafe(48)
+    key = generate()
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return key
+
+
+def development_secret_key(run_dir: Path) -> str:
+    """The development ``SECRET_KEY`` kept in ``<run_dir>/secret-key`` (mode 0600):
+    64 URL-safe characters from ``secrets``, generated once, then reused so sessions
+    survive restarts. Raises ``LocalServicesError`` when the file exists but is empty.
+    """
+    return _kept_key(run_dir / "secret-key", lambda: secrets.token_urlsafe(48))
+
+
+def development_credential_key(run_dir: Path) -> str:
+    """The development ``TWISCOPE_CREDENTIAL_KEYS`` kept in ``<run_dir>/credential-key``
+    (mode 0600): one Fernet key (``cryptography``), generated once, then reused so
+    source credentials sealed under it stay readable across restarts."""
+    from cryptography.fernet import Fernet
+
+    return _kept_key(run_dir / "credential-key", lambda: Fernet.generate_key().decode())
 
 
 def run_dir_for(mode: Mode, environ: Mapping[str, str], run_dir: Path | None = None) -> Path:
@@ -929,6 +942,13 @@ def provide(
                 logger.info(
                     "services: SECRET_KEY=development key from %s",
                     _short(run_dir / "secret-key"),
+                )
+            if not env.get("TWISCOPE_CREDENTIAL_KEYS"):
+                key = development_credential_key(run_dir)
+                env["TWISCOPE_CREDENTIAL_KEYS"] = shared["TWISCOPE_CREDENTIAL_KEYS"] = key
+                logger.info(
+                    "services: TWISCOPE_CREDENTIAL_KEYS=development key from %s",
+                    _short(run_dir / "credential-key"),
                 )
             env[RUN_DIR_VARIABLE] = str(run_dir)
             stack.enter_context(platform_env_file(run_dir / PLATFORM_ENV_FILE, shared))

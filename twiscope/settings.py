@@ -220,6 +220,19 @@ SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=30
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
+# --- Sources ---------------------------------------------------------------------------
+# Fernet keys (comma-separated, newest first) that encrypt source credentials at rest;
+# older keys still decrypt, so a key is rotated by putting a new one in front
+# (ingest/credentials.py). Required in production; `make run` generates one under .run/.
+CREDENTIAL_KEYS: list[str] = env.list("TWISCOPE_CREDENTIAL_KEYS", default=[])
+if TWISCOPE_ENV == "production" and not CREDENTIAL_KEYS:
+    raise ImproperlyConfigured("TWISCOPE_CREDENTIAL_KEYS must be set in production")
+# Signed webhooks: the largest body (bytes), the most events a request, and how far
+# X-Twiscope-Timestamp may be from now (seconds).
+WEBHOOK_MAX_BYTES: int = env.int("WEBHOOK_MAX_BYTES", default=1024 * 1024)
+WEBHOOK_MAX_EVENTS: int = env.int("WEBHOOK_MAX_EVENTS", default=1000)
+WEBHOOK_TOLERANCE_S: int = env.int("WEBHOOK_TOLERANCE_S", default=300)
+
 # --- Enrichment ------------------------------------------------------------------------
 # ISO 639-1 codes the language detector chooses among (more cost time and memory).
 ENRICH_LANGUAGES: list[str] = env.list(

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ingest.models import DeadLetter, Event, Source
+from ingest.selectors import source_state
+from teams.models import Team
+from teams.selectors import owned_team_ids_for
+
+API_KINDS = (Source.Kind.WEBHOOK,)
+"""The kinds a user can create through the API: those whose adapter this release runs.
+Replay sources are made by ``manage.py replay``."""
 
 
 class SourceSerializer(serializers.ModelSerializer[Source]):
+    """A source. Owners of its team create and edit it; ``team`` and ``kind`` are fixed
+    once it exists. ``credentials`` is write-only (encrypted at rest, never returned).
+    ``state``: ``disabled``, ``failing`` (a permanent error: fixed by editing the
+    source), ``backing_off`` (a temporary error, retried) or ``running``. A webhook
+    source's signing secret is generated on creation and returned once, in ``secret``.
+    """
+
+    team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
+    kind = serializers.ChoiceField(choices=Source.Kind.choices)
+    config = serializers.DictField(required=False)
+    credentials = serializers.DictField(write_only=True, required=False)
+    state = serializers.SerializerMethodField()
+
     class Meta:
         model = Source
         fields = [
@@ -15,14 +38,77 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             "team",
             "kind",
             "name",
+            "config",
+            "credentials",
             "enabled",
+            "state",
             "disabled_reason",
+            "last_error",
+            "error_permanent",
+            "last_error_at",
             "created_at",
             "input_watermark",
             "last_received_at",
             "events_total",
         ]
-        read_only_fields = fields
+        read_only_fields = [
+            name
+            for name in fields
+            if name not in ("team", "kind", "name", "config", "credentials", "enabled", "state")
+        ]
+        # A name taken in the team is reported on ``name`` by the view (its unique key).
+        validators: list[Any] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        request = self.context.get("request")
+        if request is not None:
+            owned = owned_team_ids_for(request.user)
+            self.fields["team"].queryset = Team.objects.filter(id__in=owned)  # type: ignore[attr-defined]
+
+    @extend_schema_field(
+        {"type": "string", "enum": ["disabled", "failing", "backing_off", "running"]}
+    )
+    def get_state(self, source: Source) -> str:
+        return source_state(source)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if self.instance is not None:
+            for name in ("team", "kind"):
+                if name in attrs and attrs[name] != getattr(self.instance, name):
+                    raise serializers.ValidationError({name: "cannot change once created"})
+            kind = self.instance.kind
+        else:
+            kind = attrs["kind"]
+            if kind not in API_KINDS:
+                raise serializers.ValidationError(
+                    {
+                        "kind": f"{kind!r} sources cannot be created here; this release "
+                        f"creates: {', '.join(API_KINDS)}"
+                    }
+                )
+        if "config" in attrs or self.instance is None:
+            attrs["config"] = validate_config(kind, attrs.get("config", {}))
+        if "credentials" in attrs and kind == Source.Kind.WEBHOOK:
+            raise serializers.ValidationError(
+                {"credentials": "a webhook source's secret is generated, not given"}
+            )
+        return attrs
+
+
+def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` checked for ``kind``: a webhook takes no settings.
+
+    Raises:
+        serializers.ValidationError: ``{"config": [...]}`` naming the unknown keys.
+    """
+    allowed: set[str] = set()
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise serializers.ValidationError(
+            {"config": f"unknown settings for a {kind} source: {', '.join(unknown)}"}
+        )
+    return config
 
 
 class AuthorSerializer(serializers.Serializer[Event]):
@@ -77,3 +163,43 @@ class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):
         model = DeadLetter
         fields = ["id", "stage", "source", "reason", "payload", "created_at"]
         read_only_fields = fields
+
+
+class WebhookAuthorSerializer(serializers.Serializer[Any]):
+    id = serializers.CharField(required=False)
+    handle = serializers.CharField(required=False, max_length=128)
+    name = serializers.CharField(required=False, max_length=256)
+    followers = serializers.IntegerField(required=False, min_value=0, allow_null=True)
+
+
+class WebhookEnvelopeSerializer(serializers.Serializer[Any]):
+    """The envelope's JSON shape (``ingest.envelope.Envelope.to_json``), for the schema:
+    the webhook validates items with ``Envelope.from_json``."""
+
+    external_id = serializers.CharField(max_length=128, help_text="Unique within the source.")
+    created_at = serializers.DateTimeField(help_text="Event time, ISO 8601 with a UTC offset.")
+    text = serializers.CharField(required=False, allow_blank=True)
+    author = WebhookAuthorSerializer(required=False)
+    lang = serializers.CharField(required=False, max_length=16)
+    url = serializers.CharField(required=False, max_length=2000)
+    reply_to = serializers.CharField(required=False)
+    repost_of = serializers.CharField(required=False)
+    quote_of = serializers.CharField(required=False)
+    metrics = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False)
+    raw = serializers.DictField(required=False)
+
+
+class WebhookDeliverySerializer(serializers.Serializer[Any]):
+    accepted = serializers.IntegerField(help_text="Items staged for storage.")
+    duplicates = serializers.IntegerField(
+        help_text="Items whose external_id the source already has, or that repeat one."
+    )
+
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        # Declared here: an ``errors`` attribute would hide ``Serializer.errors``.
+        fields = super().get_fields()
+        fields["errors"] = serializers.DictField(
+            child=serializers.DictField(child=serializers.ListField(child=serializers.CharField())),
+            help_text="Refused items' field errors, by the item's index in the batch.",
+        )
+        return fields

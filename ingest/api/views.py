@@ -1,13 +1,36 @@
-"""Read endpoints of sources, events and dead letters."""
+"""Endpoints of sources (members read, owners write), events and dead letters (read),
+and the signed webhook intake."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import permissions, serializers, status, viewsets
+from rest_framework.parsers import BaseParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from ingest import credentials, webhooks
 from ingest.api.filters import DeadLetterFilter, EventFilter
-from ingest.api.serializers import DeadLetterSerializer, EventSerializer, SourceSerializer
+from ingest.api.serializers import (
+    DeadLetterSerializer,
+    EventSerializer,
+    SourceSerializer,
+    WebhookDeliverySerializer,
+    WebhookEnvelopeSerializer,
+)
 from ingest.models import DeadLetter, Event, Source
+from ingest.services import create_source, update_source
 from teams.api.base import (
+    IsTeamOwnerOrReadOnly,
     NewestFirstCursorPagination,
     StrictCursorPagination,
+    TeamScopedMixin,
     TeamScopedReadOnlyViewSet,
 )
 
@@ -19,12 +42,155 @@ class EventCursorPagination(StrictCursorPagination):
     ordering = ("-created_at", "-id")
 
 
-class SourceViewSet(TeamScopedReadOnlyViewSet):
-    """The caller's teams' sources, with their counters and declared input watermark."""
+class SourceViewSet(TeamScopedMixin, viewsets.ModelViewSet[Source]):
+    """The caller's teams' sources, with their health, counters and declared input
+    watermark: members read, owners create, edit, enable, disable and delete."""
 
     queryset = Source.objects.order_by("id")
     serializer_class = SourceSerializer
+    permission_classes = [permissions.IsAuthenticated, IsTeamOwnerOrReadOnly]
     filterset_fields = ["kind", "enabled"]
+
+    @extend_schema(
+        responses={
+            201: OpenApiResponse(
+                SourceSerializer,
+                description="The source; a webhook source's also carries `secret`, its "
+                "signing secret, shown this once.",
+            )
+        }
+    )
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            source, secret = create_source(
+                team=data["team"],
+                kind=data["kind"],
+                name=data["name"],
+                config=data["config"],
+                credentials=data.get("credentials"),
+                enabled=data.get("enabled", True),
+            )
+        except IntegrityError:
+            raise serializers.ValidationError(
+                {"name": "the team already has a source of this name"}
+            ) from None
+        body = dict(self.get_serializer(source).data)
+        if secret is not None:
+            body["secret"] = secret
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    def perform_update(self, serializer: Any) -> None:
+        try:
+            update_source(serializer.instance, dict(serializer.validated_data))
+        except IntegrityError:
+            raise serializers.ValidationError(
+                {"name": "the team already has a source of this name"}
+            ) from None
+
+
+class RawBodyParser(BaseParser):
+    """Leaves the body to the view: a webhook's signature covers its exact bytes."""
+
+    media_type = "*/*"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        return None
+
+
+class WebhookView(APIView):
+    """``POST /api/ingest/webhooks/<source id>/``: events from a signed sender
+    (``ingest.webhooks``). Not a session or token endpoint: the signature is the
+    authentication, so a source's id alone opens nothing."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [permissions.AllowAny]
+    parser_classes = [RawBodyParser]
+
+    @extend_schema(
+        operation_id="ingest_webhook",
+        request=WebhookEnvelopeSerializer(many=True),
+        parameters=[
+            OpenApiParameter(
+                webhooks.TIMESTAMP_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                required=True,
+                description="Unix seconds when the request was signed (within 300 s of now).",
+            ),
+            OpenApiParameter(
+                webhooks.SIGNATURE_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                required=True,
+                description="`sha256=` and the hex HMAC-SHA256, keyed with the source's "
+                "secret, of `<timestamp>.<raw body>`.",
+            ),
+        ],
+        responses={
+            202: WebhookDeliverySerializer,
+            400: OpenApiResponse(
+                WebhookDeliverySerializer,
+                description="No item was valid (or the body is not JSON): `errors` by index.",
+            ),
+            401: OpenApiResponse(description="Missing, wrong or stale signature."),
+            404: OpenApiResponse(description="No webhook source has this id."),
+            409: OpenApiResponse(description="The source is disabled."),
+            413: OpenApiResponse(description="Body over 1 MB, or over 1,000 events."),
+        },
+        description="One envelope (an object) or a batch (a list of up to 1,000). "
+        "Valid items are kept even when others are refused (202); idempotent by "
+        "`external_id`.",
+    )
+    def post(self, request: Request, source_id: int) -> Response:
+        source = Source.objects.filter(id=source_id, kind=Source.Kind.WEBHOOK).first()
+        if source is None:
+            return Response({"detail": "no such webhook source"}, status=404)
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > settings.WEBHOOK_MAX_BYTES:
+            return Response({"detail": "the body is over 1 MB"}, status=413)
+        body = request.body
+        if len(body) > settings.WEBHOOK_MAX_BYTES:
+            return Response({"detail": "the body is over 1 MB"}, status=413)
+        try:
+            secret = credentials.unseal(source.credentials).get("secret", "")
+            if not secret:
+                raise webhooks.SignatureError("this source has no signing secret")
+            webhooks.verify(
+                secret,
+                request.headers.get(webhooks.TIMESTAMP_HEADER),
+                request.headers.get(webhooks.SIGNATURE_HEADER),
+                body,
+            )
+        except (webhooks.SignatureError, credentials.CredentialsError) as exc:
+            return Response({"detail": str(exc)}, status=401)
+        if not source.enabled:
+            return Response({"detail": "this source is disabled"}, status=409)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return Response({"detail": f"the body is not JSON: {exc}"}, status=400)
+        items = payload if isinstance(payload, list) else [payload]
+        if not items:
+            return Response({"detail": "the batch is empty"}, status=400)
+        if len(items) > settings.WEBHOOK_MAX_EVENTS:
+            return Response(
+                {"detail": f"a batch holds at most {settings.WEBHOOK_MAX_EVENTS} events"},
+                status=413,
+            )
+        delivery = webhooks.deliver(source, items)
+        body_out = {
+            "accepted": delivery.accepted,
+            "duplicates": delivery.duplicates,
+            "errors": delivery.errors,
+        }
+        ok = delivery.accepted or delivery.duplicates
+        return Response(body_out, status=202 if ok else 400)
 
 
 class EventViewSet(TeamScopedReadOnlyViewSet):
