@@ -27,6 +27,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 POOL_QUEUES = frozenset(QUEUES) - {"notify"}
 WORKER_SERVICES = frozenset(f"worker-{queue}" for queue in POOL_QUEUES)
 COMPOSE_SECRET_KEY = "compose-config-check-not-a-real-secret-0123456789"
+COMPOSE_CREDENTIAL_KEYS = "Y29tcG9zZS1jb25maWctY2hlY2stbm90LWEtcmVhbC0="
 
 
 def _docker_compose() -> str:
@@ -54,7 +55,11 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """docker-compose.yml as ``docker-compose config`` normalises it."""
-    env = {**os.environ, "SECRET_KEY": COMPOSE_SECRET_KEY}
+    env = {
+        **os.environ,
+        "SECRET_KEY": COMPOSE_SECRET_KEY,
+        "TWISCOPE_CREDENTIAL_KEYS": COMPOSE_CREDENTIAL_KEYS,
+    }
     result = _compose_config(env)
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = yaml.safe_load(result.stdout)
@@ -105,9 +110,18 @@ def test_compose_file_is_valid_and_defines_every_service(
 
 def test_compose_refuses_to_start_without_a_secret_key() -> None:
     env = {key: value for key, value in os.environ.items() if key != "SECRET_KEY"}
+    env["TWISCOPE_CREDENTIAL_KEYS"] = COMPOSE_CREDENTIAL_KEYS
     result = _compose_config(env)
     assert result.returncode != 0
     assert "set SECRET_KEY" in result.stderr
+
+
+def test_compose_refuses_to_start_without_a_credential_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TWISCOPE_CREDENTIAL_KEYS"}
+    env["SECRET_KEY"] = COMPOSE_SECRET_KEY
+    result = _compose_config(env)
+    assert result.returncode != 0
+    assert "set TWISCOPE_CREDENTIAL_KEYS" in result.stderr
 
 
 def test_every_application_service_runs_in_production_mode_with_the_secret_key(
@@ -117,6 +131,9 @@ def test_every_application_service_runs_in_production_mode_with_the_secret_key(
     environments = {name: services[name]["environment"] for name in app_services}
     assert {env["TWISCOPE_ENV"] for env in environments.values()} == {"production"}
     assert {env["SECRET_KEY"] for env in environments.values()} == {COMPOSE_SECRET_KEY}
+    assert {env["TWISCOPE_CREDENTIAL_KEYS"] for env in environments.values()} == {
+        COMPOSE_CREDENTIAL_KEYS
+    }
     assert all(env["DATABASE_URL"] and env["REDIS_URL"] for env in environments.values())
 
 

@@ -64,10 +64,9 @@ def personas():
 
 
 def create_webhook(personas, name: str = "partner feed") -> dict:
+    # No ``team``: the owner's only team.
     response = client_for(personas.owner).post(
-        "/api/sources/",
-        {"team": personas.team.id, "kind": "webhook", "name": name, "config": {}},
-        format="json",
+        "/api/sources/", {"kind": "webhook", "name": name, "config": {}}, format="json"
     )
     assert response.status_code == 201, response.json()
     return response.json()
@@ -77,6 +76,7 @@ def test_a_webhook_source_shows_its_secret_once_and_stores_it_sealed(personas) -
     created = create_webhook(personas)
 
     secret = created["secret"]
+    assert created["team"] == personas.team.id
     assert len(secret) >= 40
     assert created["state"] == "running"
     listed = client_for(personas.member).get(f"/api/sources/{created['id']}/").json()
@@ -107,6 +107,8 @@ def test_members_read_owners_write_and_other_teams_see_nothing(personas) -> None
     )
     assert into_theirs.status_code == 400
     assert Source.objects.filter(name="sneaky").count() == 0
+    no_team = member.post("/api/sources/", {"kind": "webhook", "name": "x"}, format="json")
+    assert no_team.json() == {"team": ["you own no team"]}
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,15 @@ Replay sources are made by ``manage.py replay``."""
 
 
 class SourceSerializer(serializers.ModelSerializer[Source]):
-    """A source. Owners of its team create and edit it; ``team`` and ``kind`` are fixed
-    once it exists. ``credentials`` is write-only (encrypted at rest, never returned).
-    ``state``: ``disabled``, ``failing`` (a permanent error: fixed by editing the
-    source), ``backing_off`` (a temporary error, retried) or ``running``. A webhook
-    source's signing secret is generated on creation and returned once, in ``secret``.
+    """A source. Owners of its team create and edit it; ``team`` (default: the caller's
+    team, when they own exactly one) and ``kind`` are fixed once it exists.
+    ``credentials`` is write-only (encrypted at rest, never returned). ``state``:
+    ``disabled``, ``failing`` (a permanent error: fixed by editing the source),
+    ``backing_off`` (a temporary error, retried) or ``running``. A webhook source's
+    signing secret is generated on creation and returned once, in ``secret``.
     """
 
-    team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
+    team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none(), required=False)
     kind = serializers.ChoiceField(choices=Source.Kind.choices)
     config = serializers.DictField(required=False)
     credentials = serializers.DictField(write_only=True, required=False)
@@ -72,6 +73,14 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
     def get_state(self, source: Source) -> str:
         return source_state(source)
 
+    def _only_owned_team(self) -> Team:
+        """The team a create without ``team`` is for: the caller's only owned team."""
+        teams = list(self.fields["team"].queryset[:2])  # type: ignore[attr-defined]
+        if len(teams) != 1:
+            reason = "you own no team" if not teams else "you own several teams: say which"
+            raise serializers.ValidationError({"team": reason})
+        return teams[0]
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if self.instance is not None:
             for name in ("team", "kind"):
@@ -79,6 +88,8 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
                     raise serializers.ValidationError({name: "cannot change once created"})
             kind = self.instance.kind
         else:
+            if "team" not in attrs:
+                attrs["team"] = self._only_owned_team()
             kind = attrs["kind"]
             if kind not in API_KINDS:
                 raise serializers.ValidationError(
