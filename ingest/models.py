@@ -50,6 +50,14 @@ class Source(models.Model):
     last_error = models.TextField(blank=True, default="", db_default="")
     error_permanent = models.BooleanField(default=False, db_default=False)
     last_error_at = models.DateTimeField(null=True, blank=True)
+    cursor = models.JSONField(
+        default=dict,
+        blank=True,
+        db_default={},
+        help_text="Where the adapter resumes (a feed's ETag and Last-Modified, its "
+        "backoff), kept by the adapter.",
+    )
+    last_polled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["team", "name"], name="source_unique_name")]

@@ -191,22 +191,15 @@ def events_before(source_id: int, moment: datetime) -> int:
     return Event.objects.filter(source_id=source_id, created_at__lt=moment).count()
 
 
-BACKOFF_STATE_S = 15 * 60
-"""A temporary error older than this no longer marks its source ``backing_off``."""
-
-
 def source_state(source: Source) -> str:
     """``"disabled"``, ``"failing"`` (its last error was permanent: it waits to be
-    edited), ``"backing_off"`` (a temporary error within ``BACKOFF_STATE_S`` seconds)
-    or ``"running"``."""
+    edited), ``"backing_off"`` (a temporary error: the next try waits until
+    ``cursor["retry_at"]``) or ``"running"``."""
     if not source.enabled:
         return "disabled"
     if source.last_error and source.error_permanent:
         return "failing"
-    if (
-        source.last_error
-        and source.last_error_at is not None
-        and (datetime.now(UTC) - source.last_error_at).total_seconds() < BACKOFF_STATE_S
-    ):
+    retry_at = (source.cursor or {}).get("retry_at")
+    if isinstance(retry_at, str) and datetime.fromisoformat(retry_at) > datetime.now(UTC):
         return "backing_off"
     return "running"

@@ -29,7 +29,7 @@ from psycopg2.extras import Json, execute_values
 
 from ingest import credentials as credentials_box
 from ingest.envelope import Envelope, EnvelopeError
-from ingest.models import DeadLetter, Source
+from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import (
     BATCH_KEY_PREFIX,
     PENDING_BATCHES_KEY,
@@ -118,6 +118,24 @@ def update_source(source: Source, changes: dict[str, Any]) -> Source:
     with transaction.atomic():
         source.save()
     return source
+
+
+def only_new(source: Source, envelopes: Sequence[Envelope]) -> tuple[list[Envelope], int]:
+    """``envelopes`` less those whose ``external_id`` ``source`` already stored or that
+    repeat an earlier one of the list; returns them (in order) and how many were
+    dropped. An id still in flight in the pipeline is not seen here: the events'
+    unique key drops it when its batch is stored."""
+    stored = set(
+        Event.objects.filter(
+            source=source, external_id__in={e.external_id for e in envelopes}
+        ).values_list("external_id", flat=True)
+    )
+    fresh: list[Envelope] = []
+    for envelope in envelopes:
+        if envelope.external_id not in stored:
+            stored.add(envelope.external_id)
+            fresh.append(envelope)
+    return fresh, len(envelopes) - len(fresh)
 
 
 def describe_stream(

@@ -26,8 +26,8 @@ from typing import Any
 from django.conf import settings
 
 from ingest.envelope import Envelope, EnvelopeError
-from ingest.models import Event, Source
-from ingest.services import enqueue_envelopes
+from ingest.models import Source
+from ingest.services import enqueue_envelopes, only_new
 
 SIGNATURE_HEADER = "X-Twiscope-Signature"
 TIMESTAMP_HEADER = "X-Twiscope-Timestamp"
@@ -100,18 +100,7 @@ def deliver(source: Source, items: list[Any]) -> Delivery:
             valid.append(Envelope.from_json(item))
         except EnvelopeError as exc:
             result.errors[str(index)] = field_errors(exc)
-    stored = set(
-        Event.objects.filter(
-            source=source, external_id__in={e.external_id for e in valid}
-        ).values_list("external_id", flat=True)
-    )
-    fresh: list[Envelope] = []
-    for envelope in valid:
-        if envelope.external_id in stored:
-            result.duplicates += 1
-        else:
-            stored.add(envelope.external_id)
-            fresh.append(envelope)
+    fresh, result.duplicates = only_new(source, valid)
     if fresh:
         enqueue_envelopes(source=source, envelopes=fresh)
     result.accepted = len(fresh)

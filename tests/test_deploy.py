@@ -103,6 +103,7 @@ def test_compose_file_is_valid_and_defines_every_service(
         "migrate",
         "web",
         "beat",
+        "sources",
         "worker-inference-gpu",
     } | WORKER_SERVICES
     assert expected <= set(services)
@@ -127,7 +128,7 @@ def test_compose_refuses_to_start_without_a_credential_key() -> None:
 def test_every_application_service_runs_in_production_mode_with_the_secret_key(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    app_services = {"migrate", "web", "beat"} | _worker_names(services)
+    app_services = {"migrate", "web", "beat", "sources"} | _worker_names(services)
     environments = {name: services[name]["environment"] for name in app_services}
     assert {env["TWISCOPE_ENV"] for env in environments.values()} == {"production"}
     assert {env["SECRET_KEY"] for env in environments.values()} == {COMPOSE_SECRET_KEY}
@@ -185,7 +186,7 @@ def test_the_gpu_worker_is_an_optional_inference_pool_reserving_an_nvidia_gpu(
 def test_web_and_workers_wait_for_migrations(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    dependants = {"web", "beat"} | _worker_names(services)
+    dependants = {"web", "beat", "sources"} | _worker_names(services)
     conditions = {name: services[name]["depends_on"]["migrate"]["condition"] for name in dependants}
     assert set(conditions.values()) == {"service_completed_successfully"}
 
@@ -199,10 +200,11 @@ def test_postgres_keeps_its_data_in_a_volume_and_reports_health(
     assert postgres["healthcheck"]["test"]
 
 
-def test_procfile_runs_web_beat_and_one_worker_per_queue_but_notify(
+def test_procfile_runs_web_beat_sources_and_one_worker_per_queue_but_notify(
     procfile: dict[str, str],
 ) -> None:
-    assert set(procfile) == {"web", "beat"} | WORKER_SERVICES
+    assert set(procfile) == {"web", "beat", "sources"} | WORKER_SERVICES
+    assert _argv(procfile["sources"]) == ["python", "manage.py", "run_sources"]
 
 
 def test_every_procfile_worker_consumes_the_queue_it_is_named_after(

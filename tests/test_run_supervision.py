@@ -57,6 +57,7 @@ PROCFILE_PROGRAMS = {
     "worker-ml",
     "worker-inference",
     "worker-alerts",
+    "sources",
     "beat",
 }
 # What a new terminal has: no DATABASE_URL, REDIS_URL, SECRET_KEY or settings module.

@@ -950,6 +950,10 @@ def provide(
                     "services: TWISCOPE_CREDENTIAL_KEYS=development key from %s",
                     _short(run_dir / "credential-key"),
                 )
+            # Feeds served on this machine are fine in development (the SSRF guard's
+            # switch); a shell of the platform gets the same answer.
+            env.setdefault("SOURCES_ALLOW_PRIVATE_URLS", "true")
+            shared["SOURCES_ALLOW_PRIVATE_URLS"] = env["SOURCES_ALLOW_PRIVATE_URLS"]
             env[RUN_DIR_VARIABLE] = str(run_dir)
             stack.enter_context(platform_env_file(run_dir / PLATFORM_ENV_FILE, shared))
         yield env

@@ -227,6 +227,9 @@ INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 CREDENTIAL_KEYS: list[str] = env.list("TWISCOPE_CREDENTIAL_KEYS", default=[])
 if TWISCOPE_ENV == "production" and not CREDENTIAL_KEYS:
     raise ImproperlyConfigured("TWISCOPE_CREDENTIAL_KEYS must be set in production")
+# Fetch feed URLs that resolve to loopback, private or link-local addresses (SSRF guard
+# off): for feeds on the developer's own machine; `make run` turns it on.
+SOURCES_ALLOW_PRIVATE_URLS: bool = env.bool("SOURCES_ALLOW_PRIVATE_URLS", default=False)
 # Signed webhooks: the largest body (bytes), the most events a request, and how far
 # X-Twiscope-Timestamp may be from now (seconds).
 WEBHOOK_MAX_BYTES: int = env.int("WEBHOOK_MAX_BYTES", default=1024 * 1024)

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import URLValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import source_state
+from ingest.sources.http import UnsafeURL, check_url
+from ingest.sources.rss.adapter import (
+    DEFAULT_POLL_INTERVAL_S,
+    MAX_POLL_INTERVAL_S,
+    MIN_POLL_INTERVAL_S,
+)
 from teams.models import Team
 from teams.selectors import owned_team_ids_for
 
-API_KINDS = (Source.Kind.WEBHOOK,)
+API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK)
 """The kinds a user can create through the API: those whose adapter this release runs.
 Replay sources are made by ``manage.py replay``."""
 
@@ -104,21 +112,48 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             raise serializers.ValidationError(
                 {"credentials": "a webhook source's secret is generated, not given"}
             )
+        if attrs.get("credentials") and kind == Source.Kind.RSS:
+            raise serializers.ValidationError({"credentials": "feeds take no credentials"})
         return attrs
 
 
 def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` checked for ``kind``: a webhook takes no settings.
+    """``config`` checked for ``kind``: a webhook takes no settings; a feed takes
+    ``url`` (http or https, refused when it resolves to a loopback, private or
+    link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``) and ``poll_interval_s``
+    (whole seconds, 60 to 86,400; default 300).
 
     Raises:
-        serializers.ValidationError: ``{"config": [...]}`` naming the unknown keys.
+        serializers.ValidationError: ``{"config": {...}}`` naming the settings at fault.
     """
-    allowed: set[str] = set()
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise serializers.ValidationError(
-            {"config": f"unknown settings for a {kind} source: {', '.join(unknown)}"}
-        )
+    allowed = {"url", "poll_interval_s"} if kind == Source.Kind.RSS else set()
+    unknown = f"unknown setting for a {kind} source"
+    errors: dict[str, str] = dict.fromkeys(sorted(set(config) - allowed), unknown)
+    if kind == Source.Kind.RSS:
+        url = config.get("url")
+        if not isinstance(url, str) or not url.strip():
+            errors["url"] = "required: the feed's http(s) URL"
+        else:
+            try:
+                URLValidator(schemes=["http", "https"])(url.strip())
+                check_url(url.strip())
+            except DjangoValidationError:
+                errors["url"] = "not a valid http(s) URL"
+            except UnsafeURL as exc:
+                errors["url"] = str(exc)
+        interval = config.get("poll_interval_s", DEFAULT_POLL_INTERVAL_S)
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int)
+            or not MIN_POLL_INTERVAL_S <= interval <= MAX_POLL_INTERVAL_S
+        ):
+            errors["poll_interval_s"] = (
+                f"whole seconds from {MIN_POLL_INTERVAL_S} to {MAX_POLL_INTERVAL_S}"
+            )
+        if not errors and isinstance(url, str):
+            return {"url": url.strip(), "poll_interval_s": interval}
+    if errors:
+        raise serializers.ValidationError({"config": errors})
     return config
 
 

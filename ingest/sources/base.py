@@ -22,13 +22,16 @@ class SourceError(Exception):
     ``permanent`` says whether trying again can help: True for bad credentials, a
     channel or file that is gone, a payload we can never read (the caller records the
     reason on the source and may disable it); False for a rate limit, a timeout, a
-    network blip (the caller retries with backoff).
+    network blip (the caller retries with backoff). ``retry_after_s``: how long the
+    service asked us to wait (``Retry-After``, ``x-rate-limit-reset``, Telegram's
+    FloodWait), in seconds, when it said.
     """
 
-    def __init__(self, reason: str, *, permanent: bool) -> None:
+    def __init__(self, reason: str, *, permanent: bool, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
         return f"SourceError({self.reason!r}, permanent={self.permanent})"

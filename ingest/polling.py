@@ -1,0 +1,154 @@
+"""Polling sources (RSS/Atom feeds): one poll of one source, with resume, de-duplication,
+error recording and backoff. ``manage.py run_sources`` drives it.
+
+A poll asks the adapter for what the source has now (``RssAdapter.poll``), drops items
+the source already stored (by ``external_id``, the events' unique key, so a restart
+neither loses nor duplicates), stages the rest in batches of ``INGEST_BATCH_SIZE``, and
+saves the adapter's cursor (a feed's ETag and Last-Modified) only after the batches are
+staged. A failure is recorded on the source: a permanent one stops it until an owner
+edits it (``state`` "failing"); a temporary one schedules the next try after an
+exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff and
+Jitter", 2015), never sooner than the service's own ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from django.conf import settings
+from django.db.models import Q
+
+from ingest.models import Source
+from ingest.services import enqueue_envelopes, only_new
+from ingest.sources.base import SourceError
+from ingest.sources.registry import adapter_for
+from ingest.sources.rss.adapter import DEFAULT_POLL_INTERVAL_S
+from twiscope.redis import get_redis
+
+log = structlog.get_logger(__name__)
+
+POLLING_KINDS = (Source.Kind.RSS,)
+BACKOFF_BASE_S = 30.0
+BACKOFF_MAX_S = 3600.0
+LOCK_TTL_S = 120
+"""One poll of a source at a time, across processes (a Redis lock, in seconds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollOutcome:
+    """What one poll did: ``staged`` new items, ``seen`` items already stored or
+    repeated, ``not_modified`` (304), ``error`` (the failure, or ""), ``permanent``,
+    ``skipped`` (another process held the source's lock)."""
+
+    staged: int = 0
+    seen: int = 0
+    not_modified: bool = False
+    error: str = ""
+    permanent: bool = False
+    skipped: bool = False
+
+
+def backoff_s(failures: int, retry_after_s: float | None = None) -> float:
+    """Seconds to wait after ``failures`` consecutive temporary failures: a uniform
+    draw in [0, min(BACKOFF_MAX_S, BACKOFF_BASE_S × 2^(failures−1))] ("full jitter"),
+    and at least ``retry_after_s``."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    return max(random.uniform(0, ceiling), retry_after_s or 0.0)
+
+
+def _retry_at(source: Source) -> datetime | None:
+    value = (source.cursor or {}).get("retry_at")
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def polling_sources() -> list[Source]:
+    """Enabled polling sources, less those failing permanently (they wait to be
+    edited), by id."""
+    failing = Q(error_permanent=True) & ~Q(last_error="")
+    return list(
+        Source.objects.filter(kind__in=POLLING_KINDS, enabled=True).exclude(failing).order_by("id")
+    )
+
+
+def is_due(source: Source, now: datetime) -> bool:
+    """Whether ``source``'s interval has passed since its last poll and its backoff,
+    if any, is over."""
+    retry_at = _retry_at(source)
+    if retry_at is not None and retry_at > now:
+        return False
+    if source.last_polled_at is None:
+        return True
+    interval = int(source.config.get("poll_interval_s") or DEFAULT_POLL_INTERVAL_S)
+    return now >= source.last_polled_at + timedelta(seconds=interval)
+
+
+def poll_source(source: Source) -> PollOutcome:
+    """Poll ``source`` once (see the module docstring). Never raises for the source's
+    own failures: they are recorded on it and returned.
+
+    Side effects: staged batches and ingest tasks; the source's cursor,
+    ``last_polled_at`` and error fields saved.
+    """
+    lock = f"twiscope:poll:{source.id}"
+    if not get_redis().set(lock, "1", nx=True, ex=LOCK_TTL_S):
+        return PollOutcome(skipped=True)
+    try:
+        return _poll(source)
+    finally:
+        get_redis().delete(lock)
+
+
+def _poll(source: Source) -> PollOutcome:
+    now = datetime.now(UTC)
+    cursor = dict(source.cursor or {})
+    adapter = adapter_for(source.kind)(source)
+    try:
+        poll = adapter.poll()  # type: ignore[attr-defined]
+    except SourceError as exc:
+        failures = int(cursor.get("failures", 0)) + 1
+        if not exc.permanent:
+            wait = backoff_s(failures, exc.retry_after_s)
+            cursor.update(failures=failures, retry_at=(now + timedelta(seconds=wait)).isoformat())
+        source.cursor = cursor
+        source.last_error, source.error_permanent, source.last_error_at = (
+            exc.reason[:2000],
+            exc.permanent,
+            now,
+        )
+        source.last_polled_at = now
+        source.save(
+            update_fields=[
+                "cursor",
+                "last_error",
+                "error_permanent",
+                "last_error_at",
+                "last_polled_at",
+            ]
+        )
+        log.warning(
+            "sources.poll_failed", source_id=source.id, reason=exc.reason, permanent=exc.permanent
+        )
+        return PollOutcome(error=exc.reason, permanent=exc.permanent)
+    fresh, seen = only_new(source, poll.envelopes)
+    size = settings.INGEST_BATCH_SIZE
+    for start in range(0, len(fresh), size):
+        enqueue_envelopes(source=source, envelopes=fresh[start : start + size])
+    source.cursor = poll.cursor
+    source.last_polled_at = now
+    source.last_error = f"the feed was read in part: {poll.problem}" if poll.problem else ""
+    source.error_permanent = False
+    source.last_error_at = now if poll.problem else None
+    source.save(
+        update_fields=["cursor", "last_error", "error_permanent", "last_error_at", "last_polled_at"]
+    )
+    log.info(
+        "sources.polled",
+        source_id=source.id,
+        staged=len(fresh),
+        seen=seen,
+        not_modified=poll.not_modified,
+    )
+    return PollOutcome(staged=len(fresh), seen=seen, not_modified=poll.not_modified)
