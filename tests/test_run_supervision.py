@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import configparser
 import csv
+import functools
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import xmlrpc.client
@@ -294,6 +296,7 @@ class Platform:
     process: subprocess.Popen[bytes]
     run_dir: Path
     log_path: Path
+    port: int = 0
 
     @property
     def files(self) -> SupervisorFiles:
@@ -367,6 +370,7 @@ def platform() -> Iterator[Platform]:
     run_dir = BASE_DIR / ".run" / "pytest" / f"platform-{uuid.uuid4().hex[:8]}"
     run_dir.mkdir(parents=True)
     log_path = run_dir / "make-run.log"
+    port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -374,12 +378,12 @@ def platform() -> Iterator[Platform]:
                 *("--run-dir", str(run_dir), "--", sys.executable, "-m", "twiscope.run"),
             ],
             cwd=BASE_DIR,
-            env=_shell_environment(PORT=str(free_port())),
+            env=_shell_environment(PORT=str(port)),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    platform = Platform(process, run_dir, log_path)
+    platform = Platform(process, run_dir, log_path, port)
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -425,6 +429,57 @@ def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -
     assert result.returncode == 0, result.stderr[-4000:]
     expected = _distinct_posts(archive)
     _wait_for(lambda: platform.stored("airline") == expected, 60, f"{expected} events stored")
+
+
+@pytest.mark.slow
+def test_feeds_added_through_the_api_arrive_once_over_three_second_shell_polls(
+    platform: Platform, shared_data: Path
+) -> None:
+    """Real feeds served on 127.0.0.1 (allowed under ``make run``), added with
+    ``POST /api/sources/`` and polled three times by the README's ``manage.py
+    run_sources --once`` typed in a new terminal, beside the platform's own ``sources``
+    process: every item is stored exactly once."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import feedparser
+    import requests
+
+    folder = shared_data / "rss_feeds"
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = (platform.run_dir / "api-token").read_text().strip()
+    expected = {}
+    try:
+        for name in ("guardian.rss", "gulp-atom.atom", "rss-1.rss"):
+            response = requests.post(
+                f"http://127.0.0.1:{platform.port}/api/sources/",
+                json={
+                    "kind": "rss",
+                    "name": f"feed {name}",
+                    "config": {"url": f"http://127.0.0.1:{server.server_address[1]}/{name}"},
+                },
+                headers={"Authorization": f"Token {token}"},
+                timeout=30,
+            )
+            assert response.status_code == 201, response.text
+            entries = feedparser.parse((folder / name).read_bytes()).entries
+            expected[f"feed {name}"] = len({e.get("id") or e.get("link") for e in entries})
+        for _ in range(3):
+            polled = platform.type_in_second_shell(
+                [".venv/bin/python", "manage.py", "run_sources", "--once"], timeout=120
+            )
+            assert polled.returncode == 0, polled.stderr[-4000:]
+        _wait_for(
+            lambda: all(platform.stored(n) == count for n, count in expected.items()),
+            60,
+            f"every feed's items stored: {expected}",
+        )
+        time.sleep(2)
+        assert {n: platform.stored(n) for n in expected} == expected
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.slow

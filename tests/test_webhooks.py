@@ -9,6 +9,8 @@ import time
 import pytest
 from cryptography.fernet import Fernet
 from django.test import override_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -263,3 +265,62 @@ def test_the_webhook_is_in_the_openapi_schema(personas) -> None:
     headers = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
     assert headers == {"X-Twiscope-Timestamp", "X-Twiscope-Signature"}
     assert {"202", "400", "401", "413"} <= set(operation["responses"])
+
+
+# --- fuzzing: whatever a sender posts, the endpoint answers, never a 5xx ---------------
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+FIELDS = st.sampled_from(
+    ["external_id", "created_at", "text", "author", "lang", "url", "metrics", "raw", "reply_to"]
+)
+NEAR_ENVELOPE = st.dictionaries(FIELDS, JSON, max_size=9).map(
+    lambda item: {"external_id": "fz", "created_at": "2026-11-30T10:00:00+00:00", **item}
+)
+BODIES = st.one_of(
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.lists(NEAR_ENVELOPE, min_size=1, max_size=5).map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=200),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    # The source is shared by the examples on purpose.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(body=BODIES, skew=st.sampled_from([0, 0, 0, -400, 400]), sign=st.booleans())
+def test_fuzzed_webhook_requests_never_get_a_5xx(fuzz_source, body: bytes, skew, sign) -> None:
+    source_id, secret = fuzz_source
+    sent = int(time.time()) + skew
+    response = APIClient().post(
+        f"/api/ingest/webhooks/{source_id}/",
+        data=body,
+        content_type="application/json",
+        HTTP_X_TWISCOPE_TIMESTAMP=str(sent),
+        HTTP_X_TWISCOPE_SIGNATURE=webhooks.sign(secret if sign else "wrong", sent, body),
+    )
+
+    assert response.status_code in (202, 400, 401, 413), (response.status_code, body[:200])
+    answer = response.json()
+    if response.status_code == 202:
+        assert answer["accepted"] + answer["duplicates"] >= 1
+    elif response.status_code == 400:
+        assert answer.get("errors") or answer.get("detail")
+
+
+@pytest.fixture
+def fuzz_source(personas, clean_redis) -> tuple[int, str]:
+    """One webhook source for every fuzzed request of the test."""
+    created = create_webhook(personas, name="fuzz target")
+    return created["id"], created["secret"]
