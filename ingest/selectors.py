@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,3 +204,19 @@ def source_state(source: Source) -> str:
     if isinstance(retry_at, str) and datetime.fromisoformat(retry_at) > datetime.now(UTC):
         return "backing_off"
     return "running"
+
+
+SOURCE_MINUTE_KEY = "twiscope:source-events:{source_id}:{minute}"
+"""Events stored for a source in one minute (unix minute), kept a little over an hour."""
+
+
+def events_last_hour(source_id: int, *, now: float | None = None) -> int:
+    """Events stored for ``source_id`` in the last 60 whole minutes (processing time),
+    from the per-minute counts ``ingest.services.count_source_events`` keeps."""
+    minute = int((time.time() if now is None else now) // 60)
+    keys = [
+        SOURCE_MINUTE_KEY.format(source_id=source_id, minute=m)
+        for m in range(minute - 59, minute + 1)
+    ]
+    values = cast("list[bytes | None]", get_redis().mget(keys))
+    return sum(int(v) for v in values if v is not None)

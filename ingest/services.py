@@ -33,6 +33,7 @@ from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import (
     BATCH_KEY_PREFIX,
     PENDING_BATCHES_KEY,
+    SOURCE_MINUTE_KEY,
     STAGED_EVENT_TIME_KEY,
     batch_source_id,
     in_flight_events,
@@ -433,8 +434,20 @@ EVENTS_RATE_ALL = "events:all"
 """The rolling counter of events stored, all teams together."""
 
 
+def count_source_events(source_id: int, amount: int, *, now: float | None = None) -> None:
+    """Add ``amount`` stored events to ``source_id``'s count for the current minute
+    (read by ``ingest.selectors.events_last_hour``)."""
+    minute = int((time.time() if now is None else now) // 60)
+    key = SOURCE_MINUTE_KEY.format(source_id=source_id, minute=minute)
+    pipe = get_redis().pipeline()
+    pipe.incrby(key, amount)
+    pipe.expire(key, 3700)
+    pipe.execute()
+
+
 def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id: int) -> None:
     if event_ids:
+        count_source_events(source_id, len(event_ids))
         add_to_rate(events_rate_name(team_id), len(event_ids))
         add_to_rate(EVENTS_RATE_ALL, len(event_ids))
         pipeline.add_progress("ingest", source_id, len(event_ids))

@@ -108,6 +108,21 @@ def test_the_dashboard_has_a_streams_panel_polling_the_streams_api(
     assert "poll(refreshStreams" in script
 
 
+def test_the_dashboard_has_a_sources_panel_with_health_and_add_forms(
+    client: Client, analyst: User
+) -> None:
+    client.force_login(analyst)
+
+    html = client.get(reverse("dashboard:home")).content.decode()
+    script = Path(str(finders.find("dashboard/app.js"))).read_text()
+
+    assert f'data-api="{reverse("source-list")}"' in html
+    assert 'id="sources-body"' in html
+    assert 'id="add-feed"' in html and 'id="add-webhook"' in html
+    assert "poll(refreshSources" in script
+    assert "method: 'PATCH'" in script and "method: 'POST'" in script
+
+
 def test_the_vendored_chart_loads_before_the_page_script(client: Client, analyst: User) -> None:
     client.force_login(analyst)
 

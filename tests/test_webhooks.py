@@ -192,6 +192,8 @@ def test_a_signed_batch_keeps_its_valid_items_and_a_resend_is_duplicates(
     assert again.status_code == 202
     assert again.json() == {"accepted": 1, "duplicates": 4, "errors": {}}
     assert stored_ids(source_id, 4) == ["wh-1", "wh-2", "wh-4", "wh-5"]
+    shown = client_for(personas.member).get(f"/api/sources/{source_id}/").json()
+    assert shown["events_last_hour"] == 4
     listed = client_for(personas.member).get(f"/api/events/?source={source_id}").json()
     assert sorted(e["external_id"] for e in listed["results"]) == ["wh-1", "wh-2", "wh-4", "wh-5"]
 

@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ingest.models import DeadLetter, Event, Source
-from ingest.selectors import source_state
+from ingest.selectors import events_last_hour, source_state
 from ingest.sources.http import UnsafeURL, check_url
 from ingest.sources.rss.adapter import (
     DEFAULT_POLL_INTERVAL_S,
@@ -39,6 +39,9 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
     config = serializers.DictField(required=False)
     credentials = serializers.DictField(write_only=True, required=False)
     state = serializers.SerializerMethodField()
+    events_last_hour = serializers.SerializerMethodField(
+        help_text="Events stored for the source in the last 60 minutes (processing time)."
+    )
 
     class Meta:
         model = Source
@@ -59,11 +62,14 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             "input_watermark",
             "last_received_at",
             "events_total",
+            "events_last_hour",
         ]
+        # The model's own fields a client cannot set (the declared ones say for
+        # themselves).
         read_only_fields = [
             name
             for name in fields
-            if name not in ("team", "kind", "name", "config", "credentials", "enabled", "state")
+            if name not in ("team", "kind", "name", "config", "credentials", "enabled")
         ]
         # A name taken in the team is reported on ``name`` by the view (its unique key).
         validators: list[Any] = []
@@ -80,6 +86,9 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
     )
     def get_state(self, source: Source) -> str:
         return source_state(source)
+
+    def get_events_last_hour(self, source: Source) -> int:
+        return events_last_hour(source.id)
 
     def _only_owned_team(self) -> Team:
         """The team a create without ``team`` is for: the caller's only owned team."""

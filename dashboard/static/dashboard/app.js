@@ -1,12 +1,14 @@
 /*
  * Twiscope live dashboard (vanilla ES2020, no build step).
  *
- * Reads, never writes:
+ * Reads (and, from the Sources panel, a team owner's writes):
  *   GET /api/stats/                                   every 2 s  -> rate chart + tiles
  *   GET /api/trends/?current=true&ordering=-score     every 5 s  -> trends table
  *   GET /api/trends/<id>/events/                      on click   -> posts behind a trend
  *   GET /api/streams/?page_size=100                   every 3 s  -> streams' event-time clocks
  *   GET /api/sentiment/                               every 10 s -> sentiment over time
+ *   GET /api/sources/                                 every 5 s  -> sources' health
+ *   POST /api/sources/, PATCH /api/sources/<id>/      on submit / click (owners)
  *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
  *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
  *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
@@ -34,12 +36,14 @@
     alerts: '/api/alerts/',
     streams: `${$('streams')?.dataset.api || '/api/streams/'}?page_size=${STREAMS_PAGE}`,
     sentiment: '/api/sentiment/',
+    sources: $('sources')?.dataset.api || '/api/sources/',
   };
   const WS_PATH = '/ws/alerts/';
   const STATS_EVERY_MS = 2000;
   const TRENDS_EVERY_MS = 5000;
   const STREAMS_EVERY_MS = 3000;
   const SENTIMENT_EVERY_MS = 10000;
+  const SOURCES_EVERY_MS = 5000;
   const SENTIMENT_COLOURS = { negative: '#c0392b', neutral: '#9aa3b0', positive: '#2e8b57' };
   const RATE_WINDOW_MS = 5 * 60 * 1000;
   const MAX_ALERTS = 200;
@@ -151,9 +155,10 @@
   // ------------------------------------------------------------------- API
 
   class ApiError extends Error {
-    constructor(status, message) {
+    constructor(status, message, data = null) {
       super(message);
       this.status = status;
+      this.data = data; // the JSON body of a refusal (DRF's field errors), if any
     }
   }
 
@@ -177,13 +182,14 @@
     }
     if (!res.ok) {
       let detail = '';
+      let data = null;
       try {
-        const data = await res.json();
+        data = await res.json();
         if (data && typeof data.detail === 'string') detail = data.detail;
       } catch (err) {
         // Not JSON (a proxy's error page): the status line says enough.
       }
-      throw new ApiError(res.status, detail || `${res.status} ${res.statusText}`.trim());
+      throw new ApiError(res.status, detail || `${res.status} ${res.statusText}`.trim(), data);
     }
     return res.json();
   }
@@ -529,6 +535,123 @@
       showError('streams-error', 'streams', err, 'Retrying every 3 s.');
     }
   }
+
+  // ------------------------------------------------------- sources' health
+
+  const STATE_LABELS = {
+    running: 'running', backing_off: 'backing off', failing: 'failing', disabled: 'disabled',
+  };
+
+  function sourceRow(src) {
+    const state = STATE_LABELS[src.state] ? src.state : 'running';
+    const toggle = h('button', { type: 'button', class: 'btn btn-quiet' },
+      src.enabled ? 'Disable' : 'Enable');
+    toggle.addEventListener('click', () => setEnabled(src, !src.enabled, toggle));
+    const error = src.last_error
+      ? `${src.error_permanent ? 'permanent: ' : ''}${src.last_error}` : '';
+    return h('tr', { dataset: { source: String(src.id) } },
+      h('td', { class: 'source' }, src.name ?? '—', h('small', { class: 'muted' }, ` · ${src.kind}`)),
+      h('td', null, h('span', { class: `state state-${state}` }, STATE_LABELS[state])),
+      h('td', { class: 'muted', title: src.last_received_at || null },
+        src.last_received_at ? fmtAgo(src.last_received_at) : 'none yet'),
+      h('td', { class: 'num' }, fmtInt(src.events_last_hour)),
+      h('td', { class: 'error', title: src.last_error_at || null }, error || '—'),
+      h('td', null, src.kind === 'replay' ? null : toggle));
+  }
+
+  async function refreshSources() {
+    try {
+      const page = await api(`${API.sources}?page_size=100`);
+      const rows = Array.isArray(page.results) ? page.results : [];
+      $('sources-body').replaceChildren(...rows.map(sourceRow));
+      $('sources-empty').hidden = rows.length > 0;
+      showError('sources-error', null, null);
+      markUpdated('sources-updated');
+    } catch (err) {
+      showError('sources-error', 'sources', err, 'Retrying every 5 s.');
+    }
+  }
+
+  async function setEnabled(src, enabled, button) {
+    button.disabled = true;
+    try {
+      await api(`${API.sources}${encodeURIComponent(src.id)}/`, { method: 'PATCH', body: { enabled } });
+      await refreshSources();
+    } catch (err) {
+      const el = $('sources-error');
+      el.hidden = false;
+      el.textContent = err.status === 403
+        ? `Only an owner of the source's team can ${enabled ? 'enable' : 'disable'} it.`
+        : `Couldn't change ${src.name}: ${err.message}.`;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  /** DRF's field errors ({"config": {"url": ["…"]}, "name": ["…"]}) as one line. */
+  function fieldErrors(data) {
+    const parts = [];
+    const walk = (value, path) => {
+      if (Array.isArray(value)) parts.push(`${path}: ${value.join(' ')}`);
+      else if (value && typeof value === 'object') {
+        for (const [key, inner] of Object.entries(value)) walk(inner, path ? `${path}.${key}` : key);
+      } else if (value !== undefined) parts.push(path ? `${path}: ${value}` : String(value));
+    };
+    walk(data, '');
+    return parts.join('; ');
+  }
+
+  async function createSource(body) {
+    try {
+      return await api(API.sources, { method: 'POST', body });
+    } catch (err) {
+      if (err.status === 403) throw new Error('only a team owner can add sources');
+      if (err.data && !err.data.detail) throw new Error(fieldErrors(err.data));
+      throw err;
+    }
+  }
+
+  function wireSourceForm(id, build, done) {
+    const form = $(id);
+    if (!form) return;
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const button = form.querySelector('button[type="submit"]');
+      button.disabled = true;
+      try {
+        const created = await createSource(build(new FormData(form)));
+        showError('source-form-error', null, null);
+        form.reset();
+        done(created);
+        await refreshSources();
+      } catch (err) {
+        const el = $('source-form-error');
+        el.hidden = false;
+        el.textContent = `Not added: ${err.message}.`;
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
+
+  wireSourceForm('add-feed', (data) => ({
+    kind: 'rss',
+    name: String(data.get('name') || '').trim(),
+    config: {
+      url: String(data.get('url') || '').trim(),
+      poll_interval_s: Number.parseInt(String(data.get('poll_interval_s') || '300'), 10),
+    },
+  }), () => {});
+  wireSourceForm('add-webhook', (data) => ({
+    kind: 'webhook',
+    name: String(data.get('name') || '').trim(),
+  }), (created) => {
+    setText('webhook-secret-name', created.name);
+    setText('webhook-secret-value', created.secret || '');
+    setText('webhook-secret-url',
+      `${window.location.origin}/api/ingest/webhooks/${created.id}/`);
+    $('webhook-secret').hidden = false;
+  });
 
   // ---------------------------------------------------- posts behind a trend
 
@@ -886,5 +1009,6 @@
   poll(refreshSentiment, SENTIMENT_EVERY_MS);
   poll(refreshTrends, TRENDS_EVERY_MS);
   poll(refreshStreams, STREAMS_EVERY_MS);
+  poll(refreshSources, SOURCES_EVERY_MS);
   loadAlertSnapshot().finally(connect);
 })();
