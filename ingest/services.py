@@ -221,24 +221,40 @@ def end_of_stream(*, source: Source, event_time: datetime) -> str:
     )
 
 
+def live_lateness_s(source: Source) -> float:
+    """How late (seconds after its event time) an event of live ``source`` may arrive
+    and still be counted: ``TRENDS_LIVE_LATENESS_S`` for a push source (a webhook);
+    for a feed, its ``poll_interval_s`` plus ``TRENDS_FEED_LATENESS_S``, since a feed's
+    items arrive one poll late at best and are often dated before they are published."""
+    if source.kind == Source.Kind.RSS:
+        interval = int(source.config.get("poll_interval_s") or 300)
+        return float(interval + settings.TRENDS_FEED_LATENESS_S)
+    return float(settings.TRENDS_LIVE_LATENESS_S)
+
+
 def declare_live_progress() -> int:
     """Move the declared watermark of every enabled live source (not a replay) to now
-    minus ``TRENDS_LIVE_LATENESS_S``, and let the stream advance, so a quiet live
-    source's last events are judged without waiting for more. Returns how many sources.
+    minus its allowed lateness (``live_lateness_s``), and let the stream advance, so a
+    quiet live source's last events are judged without waiting for more. Returns how
+    many sources.
 
-    A live source's event time follows processing time: an event arriving more than the
-    allowed lateness after its event time is late (stored, not counted in trends).
+    A live source's event time follows processing time: an event arriving later than
+    the allowed lateness after its event time is late (stored, not counted in trends).
     """
-    moment = timezone.now() - timedelta(seconds=settings.TRENDS_LIVE_LATENESS_S)
-    sources = Source.objects.filter(enabled=True).exclude(kind=Source.Kind.REPLAY)
-    ids = list(sources.values_list("id", flat=True))
+    now = timezone.now()
+    sources = list(Source.objects.filter(enabled=True).exclude(kind=Source.Kind.REPLAY))
+    by_lateness: dict[float, list[int]] = {}
+    for source in sources:
+        by_lateness.setdefault(live_lateness_s(source), []).append(source.id)
     with transaction.atomic():
-        Source.objects.filter(id__in=ids).update(
-            input_watermark=Greatest(Coalesce("input_watermark", moment), moment)
-        )
-        for source_id in ids:
-            pipeline.hand_off("ingest", event_ids=[], source_id=source_id)
-    return len(ids)
+        for lateness, ids in by_lateness.items():
+            moment = now - timedelta(seconds=lateness)
+            Source.objects.filter(id__in=ids).update(
+                input_watermark=Greatest(Coalesce("input_watermark", moment), moment)
+            )
+        for source in sources:
+            pipeline.hand_off("ingest", event_ids=[], source_id=source.id)
+    return len(sources)
 
 
 def record_dead_letters(
@@ -360,7 +376,7 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
     received_at = datetime.fromisoformat(batch["received_at"])
     watermark = datetime.fromisoformat(batch["watermark"]) if batch.get("watermark") else None
     if watermark is None and source.kind != Source.Kind.REPLAY:
-        watermark = received_at - timedelta(seconds=settings.TRENDS_LIVE_LATENESS_S)
+        watermark = received_at - timedelta(seconds=live_lateness_s(source))
     dead: list[tuple[str, dict[str, Any]]] = []
     dead_keys: list[str | None] = []
     rows: list[dict[str, Any]] = []

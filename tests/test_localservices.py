@@ -377,6 +377,7 @@ def test_the_cli_tells_other_shells_where_the_services_are_while_the_command_run
         f"REDIS_URL={ENV_REDIS_URL}",
         f"SECRET_KEY={key}",
         f"TWISCOPE_CREDENTIAL_KEYS={credential_key}",
+        "SOURCES_ALLOW_PRIVATE_URLS=true",
     ]
     assert stat.S_IMODE((run_dir / "credential-key").stat().st_mode) == 0o600
     assert pid.removeprefix("TWISCOPE_PLATFORM_PID=").isdigit()

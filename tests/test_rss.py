@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
@@ -337,3 +337,45 @@ def test_bad_feed_configs_answer_400_per_field() -> None:
 def test_html_is_reduced_to_text() -> None:
     assert html_to_text("<p>One &amp; <b>two</b></p><p>three</p>") == "One & two three"
     assert html_to_text("plain") == "plain"
+
+
+@override_settings(SOURCES_ALLOW_PRIVATE_URLS=True)
+def test_items_published_minutes_before_the_poll_count_in_trends(feeds, celery_worker) -> None:
+    """A feed's new items are dated minutes before the poll that finds them: with a
+    push source's one-second lateness they would all be late, never in a trend."""
+    from email.utils import format_datetime
+
+    from ingest.services import declare_live_progress
+    from mlengine.models import StreamClock
+
+    now = datetime.now(UTC)
+
+    def document(*minutes_ago: int) -> bytes:
+        items = "".join(
+            f"<item><guid>fresh-{m}</guid><title>Levee breach #flood {m}</title>"
+            f"<pubDate>{format_datetime(now - timedelta(minutes=m))}</pubDate></item>"
+            for m in minutes_ago
+        )
+        return f'<?xml version="1.0"?><rss version="2.0"><channel>{items}</channel></rss>'.encode()
+
+    feeds.documents["/fresh.rss"] = document(25)
+    source = add_feed(owner_client(make_personas()), "fresh", f"{feeds.base}/fresh.rss")
+    poll_all()
+    wait_for_events(1)
+    declare_live_progress()  # the live watermark moves on, as beat does every few seconds
+    feeds.documents["/fresh.rss"] = document(25, 12, 3)
+    poll_all()
+    wait_for_events(3)
+    declare_live_progress()
+
+    # Under a push source's lateness the two new items are late within a second or two.
+    deadline = time.monotonic() + 10
+    late = 0
+    while time.monotonic() < deadline and not late:
+        late = StreamClock.objects.get(source_id=source["id"]).late_events
+        time.sleep(0.2)
+    assert late == 0
+    watermark = Source.objects.get(id=source["id"]).input_watermark
+    assert watermark is not None
+    expected = datetime.now(UTC) - timedelta(seconds=300 + 3600)
+    assert abs((watermark - expected).total_seconds()) < 30

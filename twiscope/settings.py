@@ -279,6 +279,9 @@ TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
 # of trends). It is also the floor of a live alert's latency. Replays declare their own
 # watermark (the last event time staged) and have no late events.
 TRENDS_LIVE_LATENESS_S: float = env.float("TRENDS_LIVE_LATENESS_S", default=1.0)
+# A feed's allowed lateness beyond its poll interval, seconds (items are often dated
+# before they appear in the feed).
+TRENDS_FEED_LATENESS_S: float = env.float("TRENDS_FEED_LATENESS_S", default=3600.0)
 
 LOGGING = {
     "version": 1,
