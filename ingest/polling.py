@@ -1,5 +1,6 @@
-"""Polling sources (RSS/Atom feeds): one poll of one source, with resume, de-duplication,
-error recording and backoff. ``manage.py run_sources`` drives it.
+"""Polling sources (RSS/Atom feeds, X recent search): one poll of one source, with
+resume, de-duplication, error recording and backoff. ``manage.py run_sources`` drives
+it.
 
 A poll asks the adapter for what the source has now (``RssAdapter.poll``), drops items
 the source already stored (by ``external_id``, the events' unique key, so a restart
@@ -25,12 +26,11 @@ from ingest.models import Source
 from ingest.services import enqueue_envelopes, only_new
 from ingest.sources.base import SourceError
 from ingest.sources.registry import adapter_for
-from ingest.sources.rss.adapter import DEFAULT_POLL_INTERVAL_S
 from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
 
-POLLING_KINDS = (Source.Kind.RSS,)
+POLLING_KINDS = (Source.Kind.RSS, Source.Kind.X)
 BACKOFF_BASE_S = 30.0
 BACKOFF_MAX_S = 3600.0
 LOCK_TTL_S = 120
@@ -81,7 +81,8 @@ def is_due(source: Source, now: datetime) -> bool:
         return False
     if source.last_polled_at is None:
         return True
-    interval = int(source.config.get("poll_interval_s") or DEFAULT_POLL_INTERVAL_S)
+    default = adapter_for(source.kind).default_poll_interval_s
+    interval = int(source.config.get("poll_interval_s") or default)
     return now >= source.last_polled_at + timedelta(seconds=interval)
 
 

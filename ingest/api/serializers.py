@@ -17,10 +17,11 @@ from ingest.sources.rss.adapter import (
     MAX_POLL_INTERVAL_S,
     MIN_POLL_INTERVAL_S,
 )
+from ingest.sources.x import adapter as x_adapter
 from teams.models import Team
 from teams.selectors import owned_team_ids_for
 
-API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK)
+API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X)
 """The kinds a user can create through the API: those whose adapter this release runs.
 Replay sources are made by ``manage.py replay``."""
 
@@ -123,19 +124,41 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             )
         if attrs.get("credentials") and kind == Source.Kind.RSS:
             raise serializers.ValidationError({"credentials": "feeds take no credentials"})
+        if kind == Source.Kind.X and (self.instance is None or "credentials" in attrs):
+            token = (attrs.get("credentials") or {}).get("bearer_token")
+            if not isinstance(token, str) or not token.strip():
+                raise serializers.ValidationError(
+                    {"credentials": {"bearer_token": ["required: your X app's bearer token"]}}
+                )
         return attrs
 
 
+def _interval(config: dict[str, Any], default: int, low: int, high: int) -> int | str:
+    """``config["poll_interval_s"]`` (or ``default``), or the error message."""
+    interval = config.get("poll_interval_s", default)
+    if isinstance(interval, bool) or not isinstance(interval, int) or not low <= interval <= high:
+        return f"whole seconds from {low} to {high}"
+    return interval
+
+
 def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` checked for ``kind``: a webhook takes no settings; a feed takes
-    ``url`` (http or https, refused when it resolves to a loopback, private or
-    link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``) and ``poll_interval_s``
-    (whole seconds, 60 to 86,400; default 300).
+    """``config`` checked for ``kind``.
+
+    - webhook: no settings;
+    - rss: ``url`` (http or https, refused when it resolves to a loopback, private or
+      link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``) and ``poll_interval_s``
+      (whole seconds, 60 to 86,400; default 300);
+    - x: ``keywords`` (1 to 25 non-blank strings, their query at most 512 characters)
+      and ``poll_interval_s`` (15 to 3,600; default 60).
 
     Raises:
         serializers.ValidationError: ``{"config": {...}}`` naming the settings at fault.
     """
-    allowed = {"url", "poll_interval_s"} if kind == Source.Kind.RSS else set()
+    settings_of: dict[str, set[str]] = {
+        Source.Kind.RSS: {"url", "poll_interval_s"},
+        Source.Kind.X: {"keywords", "poll_interval_s"},
+    }
+    allowed = settings_of.get(kind, set())
     unknown = f"unknown setting for a {kind} source"
     errors: dict[str, str] = dict.fromkeys(sorted(set(config) - allowed), unknown)
     if kind == Source.Kind.RSS:
@@ -150,17 +173,35 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
                 errors["url"] = "not a valid http(s) URL"
             except UnsafeURL as exc:
                 errors["url"] = str(exc)
-        interval = config.get("poll_interval_s", DEFAULT_POLL_INTERVAL_S)
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int)
-            or not MIN_POLL_INTERVAL_S <= interval <= MAX_POLL_INTERVAL_S
-        ):
-            errors["poll_interval_s"] = (
-                f"whole seconds from {MIN_POLL_INTERVAL_S} to {MAX_POLL_INTERVAL_S}"
-            )
+        interval = _interval(
+            config, DEFAULT_POLL_INTERVAL_S, MIN_POLL_INTERVAL_S, MAX_POLL_INTERVAL_S
+        )
+        if isinstance(interval, str):
+            errors["poll_interval_s"] = interval
         if not errors and isinstance(url, str):
             return {"url": url.strip(), "poll_interval_s": interval}
+    if kind == Source.Kind.X:
+        keywords = config.get("keywords")
+        if (
+            not isinstance(keywords, list)
+            or not 1 <= len(keywords) <= x_adapter.MAX_KEYWORDS
+            or not all(isinstance(k, str) and k.strip() and len(k) <= 128 for k in keywords)
+        ):
+            errors["keywords"] = (
+                f"1 to {x_adapter.MAX_KEYWORDS} non-blank words or phrases (128 characters each)"
+            )
+        elif len(x_adapter.build_query(keywords)) > x_adapter.MAX_QUERY_CHARS:
+            errors["keywords"] = f"their query is over {x_adapter.MAX_QUERY_CHARS} characters"
+        interval = _interval(
+            config,
+            x_adapter.DEFAULT_POLL_INTERVAL_S,
+            x_adapter.MIN_POLL_INTERVAL_S,
+            x_adapter.MAX_POLL_INTERVAL_S,
+        )
+        if isinstance(interval, str):
+            errors["poll_interval_s"] = interval
+        if not errors and isinstance(keywords, list):
+            return {"keywords": [k.strip() for k in keywords], "poll_interval_s": interval}
     if errors:
         raise serializers.ValidationError({"config": errors})
     return config

@@ -45,6 +45,8 @@ class SourceAdapter(ABC):
     """
 
     kind: ClassVar[str]
+    default_poll_interval_s: ClassVar[int] = 300
+    """Seconds between polls when the source's config gives none (polling kinds)."""
 
     def __init__(self, source: Source) -> None:
         self.source = source

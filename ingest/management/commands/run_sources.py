@@ -1,11 +1,11 @@
 """``manage.py run_sources``: the process that runs the live sources.
 
-It polls each enabled polling source (RSS/Atom) when its interval has passed
-(``poll_interval_s``, default 300 s) and its backoff, if any, is over, one source at a
-time, until SIGTERM or SIGINT, which let the poll in progress finish (its batches
-staged, its cursor saved) and then exit 0. ``--once`` polls every enabled polling
-source once, due or not, and exits (for cron and tests); a source failing permanently
-is skipped until it is edited.
+It polls each enabled polling source (RSS/Atom feeds, X searches) when its interval
+has passed (``poll_interval_s``; by default 300 s for a feed, 60 s for X) and its
+backoff, if any, is over, one source at a time, until SIGTERM or SIGINT, which let the
+poll in progress finish (its batches staged, its cursor saved) and then exit 0.
+``--once`` polls every enabled polling source once, due or not, and exits (for cron
+and tests); a source failing permanently is skipped until it is edited.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TICK_S = 5.0
 
 
 class Command(BaseCommand):
-    help = "Run the live sources: poll RSS/Atom feeds when due (--once: every one, once)."
+    help = "Run the live sources: poll feeds and X searches when due (--once: all, once)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

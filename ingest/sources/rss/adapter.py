@@ -109,6 +109,7 @@ class RssAdapter(SourceAdapter):
     ``source.cursor`` (``etag``, ``last_modified``)."""
 
     kind: ClassVar[str] = "rss"
+    default_poll_interval_s: ClassVar[int] = DEFAULT_POLL_INTERVAL_S
 
     def fetch(self) -> Iterator[Envelope]:
         """The items of one poll (``poll``)."""
