@@ -1,6 +1,6 @@
-"""Polling sources (RSS/Atom feeds, X recent search): one poll of one source, with
-resume, de-duplication, error recording and backoff. ``manage.py run_sources`` drives
-it.
+"""Polling sources (RSS/Atom feeds, X recent search, Telegram channels): one poll of
+one source, with resume, de-duplication, error recording and backoff. ``manage.py
+run_sources`` drives it.
 
 A poll asks the adapter for what the source has now (``RssAdapter.poll``), drops items
 the source already stored (by ``external_id``, the events' unique key, so a restart
@@ -30,7 +30,7 @@ from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
 
-POLLING_KINDS = (Source.Kind.RSS, Source.Kind.X)
+POLLING_KINDS = (Source.Kind.RSS, Source.Kind.X, Source.Kind.TELEGRAM)
 BACKOFF_BASE_S = 30.0
 BACKOFF_MAX_S = 3600.0
 LOCK_TTL_S = 120
@@ -107,7 +107,15 @@ def _poll(source: Source) -> PollOutcome:
     cursor = dict(source.cursor or {})
     adapter = adapter_for(source.kind)(source)
     try:
-        poll = adapter.poll()  # type: ignore[attr-defined]
+        try:
+            poll = adapter.poll()  # type: ignore[attr-defined]
+        except SourceError:
+            raise
+        except Exception as exc:
+            # An adapter's own bug or an unforeseen failure of its client library: one
+            # source's error never stops the process; it is retried with backoff.
+            log.exception("sources.poll_crashed", source_id=source.id)
+            raise SourceError(f"unexpected error: {exc!r}", permanent=False) from exc
     except SourceError as exc:
         failures = int(cursor.get("failures", 0)) + 1
         if not exc.permanent:

@@ -226,12 +226,12 @@ def live_lateness_s(source: Source) -> float:
     and still be counted: ``TRENDS_LIVE_LATENESS_S`` for a push source (a webhook);
     for a feed, its ``poll_interval_s`` plus ``TRENDS_FEED_LATENESS_S``, since a feed's
     items arrive one poll late at best and are often dated before they are published;
-    for an X search, its ``poll_interval_s`` plus 60 s."""
+    for an X search or a Telegram channel, its ``poll_interval_s`` plus 60 s."""
     if source.kind == Source.Kind.RSS:
         interval = int(source.config.get("poll_interval_s") or 300)
         return float(interval + settings.TRENDS_FEED_LATENESS_S)
-    if source.kind == Source.Kind.X:
-        # Recent search finds a tweet one poll late at worst, plus X's indexing delay.
+    if source.kind in (Source.Kind.X, Source.Kind.TELEGRAM):
+        # A poll finds a post one interval late at worst (plus X's indexing delay).
         interval = int(source.config.get("poll_interval_s") or 60)
         return float(interval + 60)
     return float(settings.TRENDS_LIVE_LATENESS_S)

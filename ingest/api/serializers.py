@@ -11,17 +11,19 @@ from rest_framework import serializers
 
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import events_last_hour, source_state
+from ingest.sources.base import SourceError
 from ingest.sources.http import UnsafeURL, check_url
 from ingest.sources.rss.adapter import (
     DEFAULT_POLL_INTERVAL_S,
     MAX_POLL_INTERVAL_S,
     MIN_POLL_INTERVAL_S,
 )
+from ingest.sources.telegram import adapter as tg_adapter
 from ingest.sources.x import adapter as x_adapter
 from teams.models import Team
 from teams.selectors import owned_team_ids_for
 
-API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X)
+API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X, Source.Kind.TELEGRAM)
 """The kinds a user can create through the API: those whose adapter this release runs.
 Replay sources are made by ``manage.py replay``."""
 
@@ -124,6 +126,8 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
             )
         if attrs.get("credentials") and kind == Source.Kind.RSS:
             raise serializers.ValidationError({"credentials": "feeds take no credentials"})
+        if kind == Source.Kind.TELEGRAM and (self.instance is None or "credentials" in attrs):
+            validate_telegram_credentials(attrs.get("credentials") or {})
         if kind == Source.Kind.X and (self.instance is None or "credentials" in attrs):
             token = (attrs.get("credentials") or {}).get("bearer_token")
             if not isinstance(token, str) or not token.strip():
@@ -157,6 +161,7 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     settings_of: dict[str, set[str]] = {
         Source.Kind.RSS: {"url", "poll_interval_s"},
         Source.Kind.X: {"keywords", "poll_interval_s"},
+        Source.Kind.TELEGRAM: {"channels", "poll_interval_s"},
     }
     allowed = settings_of.get(kind, set())
     unknown = f"unknown setting for a {kind} source"
@@ -202,9 +207,56 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
             errors["poll_interval_s"] = interval
         if not errors and isinstance(keywords, list):
             return {"keywords": [k.strip() for k in keywords], "poll_interval_s": interval}
+    if kind == Source.Kind.TELEGRAM:
+        channels = config.get("channels")
+        if (
+            not isinstance(channels, list)
+            or not 1 <= len(channels) <= tg_adapter.MAX_CHANNELS
+            or not all(isinstance(c, str) and tg_adapter.channel_key(c) for c in channels)
+        ):
+            errors["channels"] = f"1 to {tg_adapter.MAX_CHANNELS} channel names or ids"
+        interval = _interval(
+            config,
+            tg_adapter.DEFAULT_POLL_INTERVAL_S,
+            tg_adapter.MIN_POLL_INTERVAL_S,
+            tg_adapter.MAX_POLL_INTERVAL_S,
+        )
+        if isinstance(interval, str):
+            errors["poll_interval_s"] = interval
+        if not errors and isinstance(channels, list):
+            return {
+                "channels": [tg_adapter.channel_key(c) for c in channels],
+                "poll_interval_s": interval,
+            }
     if errors:
         raise serializers.ValidationError({"config": errors})
     return config
+
+
+def validate_telegram_credentials(given: dict[str, Any]) -> None:
+    """``api_id`` (whole number), ``api_hash`` and a ``session`` string or a
+    ``bot_token``.
+
+    Raises:
+        serializers.ValidationError: ``{"credentials": {...}}`` naming what is missing.
+    """
+    problems: dict[str, list[str]] = {}
+    api_id = given.get("api_id")
+    if isinstance(api_id, bool) or not str(api_id or "").strip().isdigit():
+        problems["api_id"] = ["required: your app's api_id (a whole number)"]
+    if not isinstance(given.get("api_hash"), str) or not given["api_hash"].strip():
+        problems["api_hash"] = ["required: your app's api_hash"]
+    if not any(
+        isinstance(given.get(k), str) and given[k].strip() for k in ("session", "bot_token")
+    ):
+        problems["session"] = ["required: a telethon StringSession, or give bot_token"]
+    elif isinstance(given.get("session"), str) and given["session"].strip():
+        try:
+            tg_adapter.session_from(given["session"].strip())
+        except SourceError as exc:
+            problems["session"] = [exc.reason]
+    if problems:
+        raise serializers.ValidationError({"credentials": problems})
 
 
 class AuthorSerializer(serializers.Serializer[Event]):

@@ -98,7 +98,7 @@ class Poll:
     ``problem`` (what feedparser could not read, or "")."""
 
     envelopes: list[Envelope] = field(default_factory=list)
-    cursor: dict[str, str] = field(default_factory=dict)
+    cursor: dict[str, Any] = field(default_factory=dict)
     not_modified: bool = False
     problem: str = ""
 
