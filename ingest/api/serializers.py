@@ -137,100 +137,94 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
         return attrs
 
 
-def _interval(config: dict[str, Any], default: int, low: int, high: int) -> int | str:
-    """``config["poll_interval_s"]`` (or ``default``), or the error message."""
-    interval = config.get("poll_interval_s", default)
-    if isinstance(interval, bool) or not isinstance(interval, int) or not low <= interval <= high:
-        return f"whole seconds from {low} to {high}"
-    return interval
+POLL_INTERVALS: dict[str, tuple[int, int, int]] = {
+    Source.Kind.RSS: (DEFAULT_POLL_INTERVAL_S, MIN_POLL_INTERVAL_S, MAX_POLL_INTERVAL_S),
+    Source.Kind.X: (
+        x_adapter.DEFAULT_POLL_INTERVAL_S,
+        x_adapter.MIN_POLL_INTERVAL_S,
+        x_adapter.MAX_POLL_INTERVAL_S,
+    ),
+    Source.Kind.TELEGRAM: (
+        tg_adapter.DEFAULT_POLL_INTERVAL_S,
+        tg_adapter.MIN_POLL_INTERVAL_S,
+        tg_adapter.MAX_POLL_INTERVAL_S,
+    ),
+}
+"""Per polling kind: ``poll_interval_s``'s default, minimum and maximum (seconds)."""
+
+
+def _names(value: Any, limit: int) -> list[str] | None:
+    """``value`` as 1 to ``limit`` non-blank strings of at most 128 characters, stripped;
+    None when it is not that."""
+    if not isinstance(value, list) or not 1 <= len(value) <= limit:
+        return None
+    if not all(isinstance(v, str) and v.strip() and len(v) <= 128 for v in value):
+        return None
+    return [v.strip() for v in value]
 
 
 def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` checked for ``kind``.
+    """``config`` checked for ``kind``; returns it normalised.
 
     - webhook: no settings;
     - rss: ``url`` (http or https, refused when it resolves to a loopback, private or
-      link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``) and ``poll_interval_s``
-      (whole seconds, 60 to 86,400; default 300);
-    - x: ``keywords`` (1 to 25 non-blank strings, their query at most 512 characters)
-      and ``poll_interval_s`` (15 to 3,600; default 60).
+      link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``);
+    - x: ``keywords`` (1 to 25 words or phrases, their query at most 512 characters);
+    - telegram: ``channels`` (1 to 50 names or ids; ``@`` and ``t.me/`` dropped);
+    - and for the polling kinds ``poll_interval_s``, whole seconds (``POLL_INTERVALS``).
 
     Raises:
         serializers.ValidationError: ``{"config": {...}}`` naming the settings at fault.
     """
-    settings_of: dict[str, set[str]] = {
-        Source.Kind.RSS: {"url", "poll_interval_s"},
-        Source.Kind.X: {"keywords", "poll_interval_s"},
-        Source.Kind.TELEGRAM: {"channels", "poll_interval_s"},
+    main: dict[str, str] = {
+        Source.Kind.RSS: "url",
+        Source.Kind.X: "keywords",
+        Source.Kind.TELEGRAM: "channels",
     }
-    allowed = settings_of.get(kind, set())
+    allowed = {main[kind], "poll_interval_s"} if kind in main else set()
     unknown = f"unknown setting for a {kind} source"
     errors: dict[str, str] = dict.fromkeys(sorted(set(config) - allowed), unknown)
+    clean: dict[str, Any] = {}
     if kind == Source.Kind.RSS:
         url = config.get("url")
-        if not isinstance(url, str) or not url.strip():
+        try:
+            if not isinstance(url, str) or not url.strip():
+                raise DjangoValidationError("required")
+            URLValidator(schemes=["http", "https"])(url.strip())
+            check_url(url.strip())
+            clean["url"] = url.strip()
+        except DjangoValidationError:
             errors["url"] = "required: the feed's http(s) URL"
-        else:
-            try:
-                URLValidator(schemes=["http", "https"])(url.strip())
-                check_url(url.strip())
-            except DjangoValidationError:
-                errors["url"] = "not a valid http(s) URL"
-            except UnsafeURL as exc:
-                errors["url"] = str(exc)
-        interval = _interval(
-            config, DEFAULT_POLL_INTERVAL_S, MIN_POLL_INTERVAL_S, MAX_POLL_INTERVAL_S
-        )
-        if isinstance(interval, str):
-            errors["poll_interval_s"] = interval
-        if not errors and isinstance(url, str):
-            return {"url": url.strip(), "poll_interval_s": interval}
+        except UnsafeURL as exc:
+            errors["url"] = str(exc)
     if kind == Source.Kind.X:
-        keywords = config.get("keywords")
-        if (
-            not isinstance(keywords, list)
-            or not 1 <= len(keywords) <= x_adapter.MAX_KEYWORDS
-            or not all(isinstance(k, str) and k.strip() and len(k) <= 128 for k in keywords)
-        ):
+        keywords = _names(config.get("keywords"), x_adapter.MAX_KEYWORDS)
+        if keywords is None:
             errors["keywords"] = (
                 f"1 to {x_adapter.MAX_KEYWORDS} non-blank words or phrases (128 characters each)"
             )
         elif len(x_adapter.build_query(keywords)) > x_adapter.MAX_QUERY_CHARS:
             errors["keywords"] = f"their query is over {x_adapter.MAX_QUERY_CHARS} characters"
-        interval = _interval(
-            config,
-            x_adapter.DEFAULT_POLL_INTERVAL_S,
-            x_adapter.MIN_POLL_INTERVAL_S,
-            x_adapter.MAX_POLL_INTERVAL_S,
-        )
-        if isinstance(interval, str):
-            errors["poll_interval_s"] = interval
-        if not errors and isinstance(keywords, list):
-            return {"keywords": [k.strip() for k in keywords], "poll_interval_s": interval}
+        clean["keywords"] = keywords
     if kind == Source.Kind.TELEGRAM:
-        channels = config.get("channels")
-        if (
-            not isinstance(channels, list)
-            or not 1 <= len(channels) <= tg_adapter.MAX_CHANNELS
-            or not all(isinstance(c, str) and tg_adapter.channel_key(c) for c in channels)
-        ):
+        channels = _names(config.get("channels"), tg_adapter.MAX_CHANNELS)
+        keys = [tg_adapter.channel_key(c) for c in channels or []]
+        if not keys or not all(keys):
             errors["channels"] = f"1 to {tg_adapter.MAX_CHANNELS} channel names or ids"
-        interval = _interval(
-            config,
-            tg_adapter.DEFAULT_POLL_INTERVAL_S,
-            tg_adapter.MIN_POLL_INTERVAL_S,
-            tg_adapter.MAX_POLL_INTERVAL_S,
-        )
-        if isinstance(interval, str):
-            errors["poll_interval_s"] = interval
-        if not errors and isinstance(channels, list):
-            return {
-                "channels": [tg_adapter.channel_key(c) for c in channels],
-                "poll_interval_s": interval,
-            }
+        clean["channels"] = keys
+    if kind in POLL_INTERVALS:
+        default, low, high = POLL_INTERVALS[kind]
+        interval = config.get("poll_interval_s", default)
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int)
+            or not low <= interval <= high
+        ):
+            errors["poll_interval_s"] = f"whole seconds from {low} to {high}"
+        clean["poll_interval_s"] = interval
     if errors:
         raise serializers.ValidationError({"config": errors})
-    return config
+    return clean
 
 
 def validate_telegram_credentials(given: dict[str, Any]) -> None:
