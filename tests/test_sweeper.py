@@ -169,16 +169,23 @@ def test_a_stream_left_behind_by_a_lost_message_is_advanced() -> None:
 def test_a_quiet_live_source_declares_progress_but_a_replay_does_not() -> None:
     personas = make_personas()
     replay = make_source(personas.team, name="archive")
-    live = Source.objects.create(team=personas.team, kind=Source.Kind.RSS, name="feed")
+    live = Source.objects.create(team=personas.team, kind=Source.Kind.WEBHOOK, name="hook")
+    feed = Source.objects.create(
+        team=personas.team, kind=Source.Kind.RSS, name="feed", config={"poll_interval_s": 600}
+    )
 
     with TestCase.captureOnCommitCallbacks(execute=True):
         moved = services.declare_live_progress()
 
-    assert moved == 1
+    assert moved == 2
     assert Source.objects.get(id=replay.id).input_watermark is None
     declared = Source.objects.get(id=live.id).input_watermark
     assert timezone.now() - timedelta(seconds=5) < declared < timezone.now()
-    assert queued("enrich") == 1  # handed on, so the stream advances
+    # A feed's items come a poll late at best: its lateness is its interval + 1 h.
+    feed_declared = Source.objects.get(id=feed.id).input_watermark
+    expected = timezone.now() - timedelta(seconds=600 + 3600)
+    assert abs((feed_declared - expected).total_seconds()) < 5
+    assert queued("enrich") == 2  # handed on, so the streams advance
 
 
 @pytest.mark.slow
