@@ -60,12 +60,13 @@ TRUNCATED_RSS = b"""<?xml version="1.0"?><rss version="2.0"><channel><title>Brok
 class FeedServer:
     """Serves ``documents`` (path → bytes) with an ETag and a Last-Modified, answering
     304 to a matching If-None-Match; ``statuses`` (path → (status, headers)) overrides.
-    Counts requests and conditional ones."""
+    Counts requests and conditional ones; answers after ``delay_s`` seconds."""
 
     def __init__(self) -> None:
         self.documents: dict[str, bytes] = {}
         self.statuses: dict[str, tuple[int, dict[str, str]]] = {}
         self.requests: list[tuple[str, bool]] = []
+        self.delay_s = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -379,3 +380,60 @@ def test_items_published_minutes_before_the_poll_count_in_trends(feeds, celery_w
     assert watermark is not None
     expected = datetime.now(UTC) - timedelta(seconds=300 + 3600)
     assert abs((watermark - expected).total_seconds()) < 30
+
+
+@override_settings(SOURCES_ALLOW_PRIVATE_URLS=True)
+def test_sigterm_mid_poll_lets_the_poll_finish_and_a_restart_stores_nothing_twice(
+    shared_data, feeds, celery_worker
+) -> None:
+    """``run_sources`` as its own process (as ``make run`` and compose run it), stopped
+    with SIGTERM while a slow feed is answering: the poll in progress finishes (its
+    items staged, its cursor saved), the process exits 0, and the next poll stores
+    nothing twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from django.db import connection
+
+    body = (shared_data / "rss_feeds" / "guardian.rss").read_bytes()
+    feeds.documents["/guardian.rss"] = body
+    feeds.delay_s = 3.0
+    source = add_feed(owner_client(make_personas()), "slow", f"{feeds.base}/guardian.rss")
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "twiscope.settings_test",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}",
+        "SOURCES_ALLOW_PRIVATE_URLS": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "run_sources"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not feeds.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert feeds.requests, "run_sources never polled the feed"
+        process.send_signal(signal.SIGTERM)  # mid-poll: the feed answers in 3 s
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    feeds.delay_s = 0.0
+
+    assert process.returncode == 0, output
+    assert f"slow (id {source['id']}): 55 new" in output
+    assert "run_sources: stopped" in output
+    wait_for_events(55)
+    assert "not modified" in poll_all()  # the cursor (ETag) was saved before exiting
+    time.sleep(1)
+    assert Event.objects.filter(source_id=source["id"]).count() == 55
