@@ -24,7 +24,7 @@ from django.db.models import Q
 
 from ingest.models import Source
 from ingest.services import enqueue_envelopes, only_new
-from ingest.sources.base import SourceError
+from ingest.sources.base import PollingAdapter, SourceError
 from ingest.sources.registry import adapter_for
 from twiscope.redis import get_redis
 
@@ -81,7 +81,7 @@ def is_due(source: Source, now: datetime) -> bool:
         return False
     if source.last_polled_at is None:
         return True
-    default = adapter_for(source.kind).default_poll_interval_s
+    default = _adapter_class(source).default_poll_interval_s
     interval = int(source.config.get("poll_interval_s") or default)
     return now >= source.last_polled_at + timedelta(seconds=interval)
 
@@ -102,45 +102,25 @@ def poll_source(source: Source) -> PollOutcome:
         get_redis().delete(lock)
 
 
+def _adapter_class(source: Source) -> type[PollingAdapter]:
+    adapter = adapter_for(source.kind)
+    assert issubclass(adapter, PollingAdapter), f"{source.kind} sources are not polled"
+    return adapter
+
+
 def _poll(source: Source) -> PollOutcome:
     now = datetime.now(UTC)
-    cursor = dict(source.cursor or {})
-    adapter = adapter_for(source.kind)(source)
     try:
-        try:
-            poll = adapter.poll()  # type: ignore[attr-defined]
-        except SourceError:
-            raise
-        except Exception as exc:
-            # An adapter's own bug or an unforeseen failure of its client library: one
-            # source's error never stops the process; it is retried with backoff.
-            log.exception("sources.poll_crashed", source_id=source.id)
-            raise SourceError(f"unexpected error: {exc!r}", permanent=False) from exc
+        poll = _adapter_class(source)(source).poll()
     except SourceError as exc:
-        failures = int(cursor.get("failures", 0)) + 1
-        if not exc.permanent:
-            wait = backoff_s(failures, exc.retry_after_s)
-            cursor.update(failures=failures, retry_at=(now + timedelta(seconds=wait)).isoformat())
-        source.cursor = cursor
-        source.last_error, source.error_permanent, source.last_error_at = (
-            exc.reason[:2000],
-            exc.permanent,
-            now,
+        return _record_failure(source, exc, now)
+    except Exception as exc:
+        # An adapter's own bug or an unforeseen failure of its client library: one
+        # source's error never stops the process; it is retried with backoff.
+        log.exception("sources.poll_crashed", source_id=source.id)
+        return _record_failure(
+            source, SourceError(f"unexpected error: {exc!r}", permanent=False), now
         )
-        source.last_polled_at = now
-        source.save(
-            update_fields=[
-                "cursor",
-                "last_error",
-                "error_permanent",
-                "last_error_at",
-                "last_polled_at",
-            ]
-        )
-        log.warning(
-            "sources.poll_failed", source_id=source.id, reason=exc.reason, permanent=exc.permanent
-        )
-        return PollOutcome(error=exc.reason, permanent=exc.permanent)
     fresh, seen = only_new(source, poll.envelopes)
     size = settings.INGEST_BATCH_SIZE
     for start in range(0, len(fresh), size):
@@ -161,3 +141,22 @@ def _poll(source: Source) -> PollOutcome:
         not_modified=poll.not_modified,
     )
     return PollOutcome(staged=len(fresh), seen=seen, not_modified=poll.not_modified)
+
+
+def _record_failure(source: Source, error: SourceError, now: datetime) -> PollOutcome:
+    """Save ``error`` on ``source``; a temporary one also schedules the next try."""
+    cursor = dict(source.cursor or {})
+    if not error.permanent:
+        failures = int(cursor.get("failures", 0)) + 1
+        wait = backoff_s(failures, error.retry_after_s)
+        cursor.update(failures=failures, retry_at=(now + timedelta(seconds=wait)).isoformat())
+    source.cursor = cursor
+    source.last_error, source.error_permanent = error.reason[:2000], error.permanent
+    source.last_error_at = source.last_polled_at = now
+    source.save(
+        update_fields=["cursor", "last_error", "error_permanent", "last_error_at", "last_polled_at"]
+    )
+    log.warning(
+        "sources.poll_failed", source_id=source.id, reason=error.reason, permanent=error.permanent
+    )
+    return PollOutcome(error=error.reason, permanent=error.permanent)

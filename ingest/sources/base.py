@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ingest.envelope import Envelope
 
 if TYPE_CHECKING:
-    from ingest.envelope import Envelope
     from ingest.models import Source
 
 
@@ -45,8 +47,6 @@ class SourceAdapter(ABC):
     """
 
     kind: ClassVar[str]
-    default_poll_interval_s: ClassVar[int] = 300
-    """Seconds between polls when the source's config gives none (polling kinds)."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
@@ -62,3 +62,37 @@ class SourceAdapter(ABC):
             SourceError: the source as a whole cannot deliver; ``permanent`` says
                 whether a later attempt could succeed.
         """
+
+
+@dataclass(slots=True)
+class Poll:
+    """One poll's outcome: ``envelopes`` (every item the source gave, in its order),
+    ``cursor`` (where the next poll resumes: a feed's validators, X's ``since_id``,
+    Telegram's last ids), ``not_modified`` (an HTTP 304), ``problem`` (what could be
+    read only in part, or "")."""
+
+    envelopes: list[Envelope] = field(default_factory=list)
+    cursor: dict[str, Any] = field(default_factory=dict)
+    not_modified: bool = False
+    problem: str = ""
+
+
+class PollingAdapter(SourceAdapter):
+    """An adapter asked on a schedule (``ingest.polling``): one ``poll`` at a time,
+    resuming from ``source.cursor``."""
+
+    default_poll_interval_s: ClassVar[int] = 300
+    """Seconds between polls when the source's config gives none."""
+
+    @abstractmethod
+    def poll(self) -> Poll:
+        """What the source has after ``source.cursor``, and the cursor to resume from.
+
+        Raises:
+            SourceError: the source cannot deliver now (``permanent`` says whether it
+                ever could; ``retry_after_s`` how long the service asked us to wait).
+        """
+
+    def fetch(self) -> Iterator[Envelope]:
+        """The envelopes of one ``poll``."""
+        yield from self.poll().envelopes

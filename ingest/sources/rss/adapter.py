@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -31,7 +29,7 @@ from bs4 import BeautifulSoup
 
 from ingest.envelope import MAX_TEXT_CHARS, Author, Envelope, clean_text
 from ingest.sources import http
-from ingest.sources.base import SourceAdapter, SourceError
+from ingest.sources.base import Poll, PollingAdapter, SourceError
 from ingest.sources.registry import register
 
 log = structlog.get_logger(__name__)
@@ -91,29 +89,13 @@ def entry_envelope(entry: Any, *, fetched_at: datetime) -> Envelope:
     )
 
 
-@dataclass(slots=True)
-class Poll:
-    """One poll's outcome: ``envelopes`` (every item of the document, in its order),
-    ``cursor`` (the validators to send next time), ``not_modified`` (a 304),
-    ``problem`` (what feedparser could not read, or "")."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-    cursor: dict[str, Any] = field(default_factory=dict)
-    not_modified: bool = False
-    problem: str = ""
-
-
 @register
-class RssAdapter(SourceAdapter):
+class RssAdapter(PollingAdapter):
     """Polls ``source.config["url"]`` (see the module docstring); resumes from
     ``source.cursor`` (``etag``, ``last_modified``)."""
 
     kind: ClassVar[str] = "rss"
     default_poll_interval_s: ClassVar[int] = DEFAULT_POLL_INTERVAL_S
-
-    def fetch(self) -> Iterator[Envelope]:
-        """The items of one poll (``poll``)."""
-        yield from self.poll().envelopes
 
     def poll(self) -> Poll:
         """Fetch the feed once, conditionally.

@@ -18,7 +18,6 @@ failure is temporary.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import structlog
@@ -27,9 +26,8 @@ from telethon.sessions import StringSession
 
 from ingest import credentials
 from ingest.envelope import MAX_TEXT_CHARS, Author, Envelope, clean_text
-from ingest.sources.base import SourceAdapter, SourceError
+from ingest.sources.base import Poll, PollingAdapter, SourceError
 from ingest.sources.registry import register
-from ingest.sources.rss.adapter import Poll
 
 log = structlog.get_logger(__name__)
 
@@ -94,17 +92,13 @@ def message_envelope(message: Any, channel: str) -> Envelope:
 
 
 @register
-class TelegramAdapter(SourceAdapter):
+class TelegramAdapter(PollingAdapter):
     """Polls ``source.config["channels"]`` (see the module docstring)."""
 
     kind: ClassVar[str] = "telegram"
     default_poll_interval_s: ClassVar[int] = DEFAULT_POLL_INTERVAL_S
     client_class: ClassVar[Any] = TelegramClient
     """The telethon client class (tests put a fake here)."""
-
-    def fetch(self) -> Iterator[Envelope]:
-        """The messages of one poll (``poll``)."""
-        yield from self.poll().envelopes
 
     def poll(self) -> Poll:
         """Fetch each channel's new messages once.

@@ -21,7 +21,6 @@ access) and 400 (a query X refuses) are permanent; 429 is temporary and waits un
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -31,9 +30,8 @@ import tweepy
 
 from ingest import credentials
 from ingest.envelope import MAX_TEXT_CHARS, Author, Envelope, clean_text
-from ingest.sources.base import SourceAdapter, SourceError
+from ingest.sources.base import Poll, PollingAdapter, SourceError
 from ingest.sources.registry import register
-from ingest.sources.rss.adapter import Poll
 
 log = structlog.get_logger(__name__)
 
@@ -102,16 +100,12 @@ def tweet_envelope(tweet: dict[str, Any], users: dict[str, dict[str, Any]]) -> E
 
 
 @register
-class XAdapter(SourceAdapter):
+class XAdapter(PollingAdapter):
     """Polls X's recent search for ``source.config["keywords"]`` (see the module
     docstring); resumes from ``source.cursor["since_id"]``."""
 
     kind: ClassVar[str] = "x"
     default_poll_interval_s: ClassVar[int] = DEFAULT_POLL_INTERVAL_S
-
-    def fetch(self) -> Iterator[Envelope]:
-        """The tweets of one poll (``poll``)."""
-        yield from self.poll().envelopes
 
     def poll(self) -> Poll:
         """Search once for what is newer than ``since_id``.
