@@ -23,9 +23,8 @@ from django.conf import settings
 from django.db.models import Q
 
 from ingest.models import Source
-from ingest.services import enqueue_envelopes, only_new
-from ingest.sources.base import PollingAdapter, SourceError
-from ingest.sources.registry import adapter_for
+from ingest.services import enqueue_envelopes, only_new, poll_interval_s, polling_adapter
+from ingest.sources.base import SourceError
 from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
@@ -81,9 +80,7 @@ def is_due(source: Source, now: datetime) -> bool:
         return False
     if source.last_polled_at is None:
         return True
-    default = _adapter_class(source).default_poll_interval_s
-    interval = int(source.config.get("poll_interval_s") or default)
-    return now >= source.last_polled_at + timedelta(seconds=interval)
+    return now >= source.last_polled_at + timedelta(seconds=poll_interval_s(source))
 
 
 def poll_source(source: Source) -> PollOutcome:
@@ -102,16 +99,10 @@ def poll_source(source: Source) -> PollOutcome:
         get_redis().delete(lock)
 
 
-def _adapter_class(source: Source) -> type[PollingAdapter]:
-    adapter = adapter_for(source.kind)
-    assert issubclass(adapter, PollingAdapter), f"{source.kind} sources are not polled"
-    return adapter
-
-
 def _poll(source: Source) -> PollOutcome:
     now = datetime.now(UTC)
     try:
-        poll = _adapter_class(source)(source).poll()
+        poll = polling_adapter(source)(source).poll()
     except SourceError as exc:
         return _record_failure(source, exc, now)
     except Exception as exc:

@@ -38,6 +38,8 @@ from ingest.selectors import (
     batch_source_id,
     in_flight_events,
 )
+from ingest.sources.base import PollingAdapter
+from ingest.sources.registry import adapter_for
 from teams.models import Team
 from twiscope import pipeline
 from twiscope.redis import add_to_rate, get_bytes, get_redis, incr_metric
@@ -221,19 +223,35 @@ def end_of_stream(*, source: Source, event_time: datetime) -> str:
     )
 
 
+def polling_adapter(source: Source) -> type[PollingAdapter]:
+    """The adapter class of a polling ``source`` (RSS, X, Telegram).
+
+    Raises:
+        AssertionError: ``source``'s kind is not polled (a webhook, a replay).
+    """
+    adapter = adapter_for(source.kind)
+    assert issubclass(adapter, PollingAdapter), f"{source.kind} sources are not polled"
+    return adapter
+
+
+def poll_interval_s(source: Source) -> int:
+    """Seconds between two polls of a polling ``source``: its ``poll_interval_s``, else
+    its adapter's default."""
+    default = polling_adapter(source).default_poll_interval_s
+    return int(source.config.get("poll_interval_s") or default)
+
+
 def live_lateness_s(source: Source) -> float:
     """How late (seconds after its event time) an event of live ``source`` may arrive
     and still be counted: ``TRENDS_LIVE_LATENESS_S`` for a push source (a webhook);
-    for a feed, its ``poll_interval_s`` plus ``TRENDS_FEED_LATENESS_S``, since a feed's
-    items arrive one poll late at best and are often dated before they are published;
-    for an X search or a Telegram channel, its ``poll_interval_s`` plus 60 s."""
+    for a feed, its poll interval plus ``TRENDS_FEED_LATENESS_S``, since a feed's items
+    arrive one poll late at best and are often dated before they are published; for
+    an X search or a Telegram channel, its poll interval plus 60 s (X's indexing
+    delay)."""
     if source.kind == Source.Kind.RSS:
-        interval = int(source.config.get("poll_interval_s") or 300)
-        return float(interval + settings.TRENDS_FEED_LATENESS_S)
+        return float(poll_interval_s(source) + settings.TRENDS_FEED_LATENESS_S)
     if source.kind in (Source.Kind.X, Source.Kind.TELEGRAM):
-        # A poll finds a post one interval late at worst (plus X's indexing delay).
-        interval = int(source.config.get("poll_interval_s") or 60)
-        return float(interval + 60)
+        return float(poll_interval_s(source) + 60)
     return float(settings.TRENDS_LIVE_LATENESS_S)
 
 
