@@ -67,8 +67,9 @@ def embed(texts: Sequence[str]) -> np.ndarray:
     Returns a float32 array of shape ``(len(texts), 384)``, each row L2-normalised (so a
     dot product is a cosine), in input order; ``(0, 384)`` for no texts. Texts longer than
     256 tokens are truncated. Runs on this process's encoder, created on first use
-    (a few seconds): CUDA in fp16 when torch sees a GPU, else the CPU through the int8
-    ONNX Runtime graph (``mlengine.quantized``; ``TWISCOPE_ML_DEVICE`` overrides).
+    (a few seconds): CUDA in fp16 when torch sees a GPU, else the CPU: in bfloat16 where
+    it has AMX tiles, else through the int8 ONNX Runtime graph (``mlengine.quantized``;
+    ``mlengine.encoder.default_cpu_dtype``; ``TWISCOPE_ML_DEVICE`` overrides the device).
     Blocking; call it from a worker, never in a request.
 
     Raises:

@@ -138,7 +138,7 @@ def train(
         model, head = finetune(
             the_task, train_texts, train_labels, epochs=epochs, progress=train_progress
         )
-        # Served as it will be (int8 on a CPU, fp16 on CUDA); the fp32 weights are saved.
+        # Served as it will be (the CPU's default dtype, fp16 on CUDA); the fp32 weights are saved.
         tuned = encoder.Encoder(model=copy.deepcopy(model))
         predicted = head.predict(tuned.embed(eval_texts)).tolist()
         scores = heads.metrics(the_task, eval_labels, predicted)

@@ -3,6 +3,7 @@ reference, the micro-batcher, and ``manage.py bench encoder``. Everything on the
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import threading
@@ -41,12 +42,33 @@ def test_embed_gives_unit_float32_vectors_in_input_order() -> None:
     assert facade.embed([]).shape == (0, 384)
 
 
-def test_production_vectors_match_the_reference() -> None:
-    production = encoder.get_encoder().embed(TEXTS)
+@functools.cache
+def _cpu_encoder(dtype: str) -> encoder.Encoder:
+    return encoder.Encoder(device="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_both_cpu_production_paths_match_the_reference(dtype: str) -> None:
+    # Which one a worker runs depends on its CPU (default_cpu_dtype); both are checked.
+    production = _cpu_encoder(dtype).embed(TEXTS)
     reference = encoder.reference_embed(TEXTS)
 
     cosine = (production * reference).sum(axis=1)
     assert cosine.min() >= 0.98, cosine
+
+
+@pytest.mark.parametrize(
+    ("amx", "bf16", "expected"),
+    [(True, True, "bfloat16"), (False, True, "int8"), (False, False, "int8")],
+)
+def test_the_cpu_default_is_bf16_only_on_amx(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+
+    assert encoder.default_cpu_dtype() == expected
+    assert encoder.Encoder(device="cpu").dtype == expected
 
 
 def test_the_fp32_graph_computes_what_the_model_does() -> None:
@@ -67,8 +89,9 @@ def test_the_fp32_graph_computes_what_the_model_does() -> None:
 
 def test_an_int8_vector_does_not_depend_on_its_batch_mates() -> None:
     # Per-token activation scales: an outlier text in the batch coarsens no one else.
-    alone = encoder.get_encoder().embed([TEXTS[0]])[0]
-    crowded = encoder.get_encoder().embed([TEXTS[0], "🔥🔥🔥 " * 20, "!!!!" * 30, TEXTS[5]])[0]
+    int8 = _cpu_encoder("int8")
+    alone = int8.embed([TEXTS[0]])[0]
+    crowded = int8.embed([TEXTS[0], "🔥🔥🔥 " * 20, "!!!!" * 30, TEXTS[5]])[0]
 
     assert float(alone @ crowded) > 0.99999
 
