@@ -159,6 +159,7 @@ class DeadLetter(models.Model):
 
     class Stage(models.TextChoices):
         REPLAY = "replay"
+        SOURCE = "source"
         INGEST = "ingest"
         ENRICH = "enrich"
         ML = "ml"

@@ -58,7 +58,8 @@ def backoff_s(failures: int, retry_after_s: float | None = None) -> float:
     return max(random.uniform(0, ceiling), retry_after_s or 0.0)
 
 
-def _retry_at(source: Source) -> datetime | None:
+def retry_at_of(source: Source) -> datetime | None:
+    """When a backing-off source may be tried again (its cursor's ``retry_at``), or None."""
     value = (source.cursor or {}).get("retry_at")
     return datetime.fromisoformat(value) if isinstance(value, str) else None
 
@@ -75,7 +76,7 @@ def polling_sources() -> list[Source]:
 def is_due(source: Source, now: datetime) -> bool:
     """Whether ``source``'s interval has passed since its last poll and its backoff,
     if any, is over."""
-    retry_at = _retry_at(source)
+    retry_at = retry_at_of(source)
     if retry_at is not None and retry_at > now:
         return False
     if source.last_polled_at is None:
@@ -104,12 +105,12 @@ def _poll(source: Source) -> PollOutcome:
     try:
         poll = polling_adapter(source)(source).poll()
     except SourceError as exc:
-        return _record_failure(source, exc, now)
+        return record_failure(source, exc, now)
     except Exception as exc:
         # An adapter's own bug or an unforeseen failure of its client library: one
         # source's error never stops the process; it is retried with backoff.
         log.exception("sources.poll_crashed", source_id=source.id)
-        return _record_failure(
+        return record_failure(
             source, SourceError(f"unexpected error: {exc!r}", permanent=False), now
         )
     fresh, seen = only_new(source, poll.envelopes)
@@ -134,7 +135,7 @@ def _poll(source: Source) -> PollOutcome:
     return PollOutcome(staged=len(fresh), seen=seen, not_modified=poll.not_modified)
 
 
-def _record_failure(source: Source, error: SourceError, now: datetime) -> PollOutcome:
+def record_failure(source: Source, error: SourceError, now: datetime) -> PollOutcome:
     """Save ``error`` on ``source``; a temporary one also schedules the next try."""
     cursor = dict(source.cursor or {})
     if not error.permanent:

@@ -169,7 +169,8 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     - webhook: no settings;
     - rss: ``url`` (http or https, refused when it resolves to a loopback, private or
       link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``);
-    - x: ``keywords`` (1 to 25 words or phrases, their query at most 512 characters);
+    - x: ``keywords`` (1 to 25 words or phrases, their query at most 512 characters),
+      ``stream`` (default true: the filtered stream where the app has it);
     - telegram: ``channels`` (1 to 50 names or ids; ``@`` and ``t.me/`` dropped);
     - and for the polling kinds ``poll_interval_s``, whole seconds (``POLL_INTERVALS``).
 
@@ -182,6 +183,8 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
         Source.Kind.TELEGRAM: "channels",
     }
     allowed = {main[kind], "poll_interval_s"} if kind in main else set()
+    if kind == Source.Kind.X:
+        allowed.add("stream")
     unknown = f"unknown setting for a {kind} source"
     errors: dict[str, str] = dict.fromkeys(sorted(set(config) - allowed), unknown)
     clean: dict[str, Any] = {}
@@ -206,6 +209,10 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
         elif len(x_adapter.build_query(keywords)) > x_adapter.MAX_QUERY_CHARS:
             errors["keywords"] = f"their query is over {x_adapter.MAX_QUERY_CHARS} characters"
         clean["keywords"] = keywords
+        stream = config.get("stream", True)
+        if not isinstance(stream, bool):
+            errors["stream"] = "true (the filtered stream, when the app has it) or false"
+        clean["stream"] = stream
     if kind == Source.Kind.TELEGRAM:
         channels = _names(config.get("channels"), tg_adapter.MAX_CHANNELS)
         keys = [tg_adapter.channel_key(c) for c in channels or []]

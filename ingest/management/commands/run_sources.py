@@ -1,11 +1,15 @@
 """``manage.py run_sources``: the process that runs the live sources.
 
-It polls each enabled polling source (RSS/Atom feeds, X searches) when its interval
-has passed (``poll_interval_s``; by default 300 s for a feed, 60 s for X) and its
-backoff, if any, is over, one source at a time, until SIGTERM or SIGINT, which let the
-poll in progress finish (its batches staged, its cursor saved) and then exit 0.
-``--once`` polls every enabled polling source once, due or not, and exits (for cron
-and tests); a source failing permanently is skipped until it is edited.
+It keeps X's filtered streams connected for the X sources that stream
+(``ingest.streaming``: one connection per app, the gap backfilled by recent search at
+each connect), and polls each other enabled polling source (RSS/Atom feeds, X searches
+of apps without the stream, Telegram channels) when its interval has passed
+(``poll_interval_s``; by default 300 s for a feed, 60 s for X and Telegram) and its
+backoff, if any, is over, one source at a time. SIGTERM or SIGINT let the poll in
+progress finish (its batches staged, its cursor saved), stage what the streams
+buffered, and exit 0. ``--once`` polls every enabled polling source once, due or not,
+streaming X sources through recent search, and exits (for cron and tests); a source
+failing permanently is skipped until it is edited.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from ingest.polling import is_due, poll_source, polling_sources
+from ingest.streaming import XStreams
 
-TICK_S = 5.0
+TICK_S = 1.0
+"""How often (seconds) the loop flushes the streams' buffers and looks for due polls."""
 
 
 class Command(BaseCommand):
-    help = "Run the live sources: poll feeds and X searches when due (--once: all, once)."
+    help = "Run the live sources: X streams, and polls when due (--once: poll all, once)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -38,15 +44,21 @@ class Command(BaseCommand):
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        self.stdout.write(f"run_sources: polling due sources every {TICK_S:g} s")
-        while not stop.is_set():
-            now = datetime.now(UTC)
-            for source in polling_sources():
-                if stop.is_set():
-                    break
-                if is_due(source, now):
-                    self._report(source, poll_source(source))
-            stop.wait(TICK_S)
+        self.stdout.write(f"run_sources: streaming, and polling due sources every {TICK_S:g} s")
+        streams = XStreams()
+        try:
+            while not stop.is_set():
+                now = datetime.now(UTC)
+                streams.tick(now)
+                streaming = streams.streaming_ids()
+                for source in polling_sources():
+                    if stop.is_set():
+                        break
+                    if source.id not in streaming and is_due(source, now):
+                        self._report(source, poll_source(source))
+                stop.wait(TICK_S)
+        finally:
+            streams.stop()
         self.stdout.write("run_sources: stopped")
 
     def _report(self, source: Any, outcome: Any) -> None:

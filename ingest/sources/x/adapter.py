@@ -1,7 +1,10 @@
 """The X adapter: a ``Source`` of kind ``"x"`` polls X's v2 recent search with tweepy.
 
-``config``: ``{"keywords": [...], "poll_interval_s": <15..3600, default 60>}``; the
-query is the keywords joined with ``OR`` (each quoted when it holds a space).
+``config``: ``{"keywords": [...], "poll_interval_s": <15..3600, default 60>,
+"stream": <bool, default true>}``; the query is the keywords joined with ``OR`` (each
+quoted when it holds a space). A source that streams is served by the filtered stream
+(``ingest.sources.x.stream``, ``ingest.streaming``) and polled here only to backfill a
+gap, or when the app has no filtered stream.
 ``credentials``: ``{"bearer_token": "..."}`` (an app's bearer token; sealed at rest).
 
 Each poll asks ``GET /2/tweets/search/recent`` for what is newer than the last tweet
@@ -99,6 +102,24 @@ def tweet_envelope(tweet: dict[str, Any], users: dict[str, dict[str, Any]]) -> E
     )
 
 
+def x_error(exc: Exception, what: str) -> SourceError:
+    """A tweepy call's failure as a ``SourceError``: 400, 401 and 403 (a query X
+    refuses, a revoked or wrong token, an app without access) are permanent; 429 is
+    temporary and waits until ``x-rate-limit-reset``; 5xx, connection failures and
+    unreadable answers are temporary. ``what`` names the call in the reason."""
+    if isinstance(exc, (tweepy.Unauthorized, tweepy.Forbidden, tweepy.BadRequest)):
+        return SourceError(f"X refused {what}: {exc}", permanent=True)
+    if isinstance(exc, tweepy.TooManyRequests):
+        reset = getattr(exc, "reset_time", None)
+        wait = max(0.0, reset - time.time()) if reset else None
+        return SourceError(
+            "X's rate limit: waiting for its reset", permanent=False, retry_after_s=wait
+        )
+    if isinstance(exc, tweepy.HTTPException):
+        return SourceError(f"X failed {what}: {exc}", permanent=False)
+    return SourceError(f"reaching X for {what}: {exc}", permanent=False)
+
+
 @register
 class XAdapter(PollingAdapter):
     """Polls X's recent search for ``source.config["keywords"]`` (see the module
@@ -134,18 +155,8 @@ class XAdapter(PollingAdapter):
                     expansions=["author_id"],
                     user_fields=USER_FIELDS,
                 )
-            except (tweepy.Unauthorized, tweepy.Forbidden, tweepy.BadRequest) as exc:
-                raise SourceError(f"X refused the search: {exc}", permanent=True) from None
-            except tweepy.TooManyRequests as exc:
-                reset = getattr(exc, "reset_time", None)
-                wait = max(0.0, reset - time.time()) if reset else None
-                raise SourceError(
-                    "X's rate limit: waiting for its reset", permanent=False, retry_after_s=wait
-                ) from None
-            except (tweepy.TwitterServerError, tweepy.HTTPException) as exc:
-                raise SourceError(f"X failed: {exc}", permanent=False) from None
-            except (requests.RequestException, ValueError) as exc:
-                raise SourceError(f"reaching X: {exc}", permanent=False) from None
+            except (tweepy.TweepyException, requests.RequestException, ValueError) as exc:
+                raise x_error(exc, "the search") from None
             users = {
                 str(user.data.get("id")): user.data
                 for user in (response.includes or {}).get("users", [])
