@@ -1,5 +1,7 @@
-"""Streaming sources in ``manage.py run_sources``: X's filtered stream, one connection
-per bearer token, beside the polling of ``ingest.polling``.
+"""Streaming sources in ``manage.py run_sources``, beside the polling of
+``ingest.polling``: X's filtered stream, one connection per bearer token
+(``XStreams``), and Telegram's new-message events, one connection per source
+(``TelegramListeners``).
 
 An X source streams unless its config says ``"stream": false``. ``XStreams.tick``,
 called by the run loop about once a second, keeps the connections in line with the
@@ -26,7 +28,10 @@ sources are polled through recent search instead (tried again after
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import json
 import threading
 import time
 from collections import defaultdict
@@ -37,13 +42,22 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
+from telethon import events
 
 from ingest import credentials
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
 from ingest.polling import poll_source, record_failure, retry_at_of
-from ingest.services import enqueue_envelopes, only_new, record_dead_letters
+from ingest.services import enqueue_envelopes, only_new, poll_interval_s, record_dead_letters
 from ingest.sources.base import SourceError
+from ingest.sources.telegram.adapter import (
+    TelegramAdapter,
+    channel_key,
+    message_envelope,
+    open_client,
+    read_new,
+    telegram_error,
+)
 from ingest.sources.x.adapter import build_query
 from ingest.sources.x.stream import StreamedTweet, StreamUnavailable, XStream, sync_rules
 
@@ -265,3 +279,198 @@ def _stage(source: Source, envelopes: list[Envelope]) -> None:
             cursor["since_id"] = str(newest)
             locked.cursor = cursor
             locked.save(update_fields=["cursor"])
+
+
+@dataclass
+class _Listener:
+    """One Telegram source's live connection, on a thread with its own event loop."""
+
+    source_id: int
+    version: str
+    thread: threading.Thread | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    stopping: asyncio.Event | None = None
+    failure: SourceError | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+class TelegramListeners:
+    """Live Telegram sources: one telethon connection per source, on its own thread.
+
+    A Telegram source listens live unless its config says ``"live": false``. Its
+    connection receives new-message events from its channels and stages each at once
+    (``only_new``, ``enqueue_envelopes``). Telegram delivers a user account the new
+    messages of the channels it has joined, and a bot those of the channels it
+    administers; so the connection also reads each channel's history after
+    ``cursor["last_ids"]`` when it opens (the gap since the last run) and then every
+    ``poll_interval_s`` (``ingest.sources.telegram.adapter.read_new``), and only that
+    read moves ``last_ids``. A live message is thus never what the cursor skips past,
+    and one that the read finds again is dropped as already stored (or by the events'
+    unique key while it is in flight).
+
+    Failures end the connection and are recorded on the source (``telegram_error``):
+    FloodWait and connection failures back off, a revoked session or an unknown channel
+    fails until edited. Not thread-safe: ``tick`` and ``stop`` are for the run loop.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[int, _Listener] = {}
+
+    def streaming_ids(self) -> set[int]:
+        """Ids of the sources listening live: the run loop does not poll them."""
+        return {sid for sid, listener in self._listeners.items() if listener.alive}
+
+    def tick(self, now: datetime | None = None) -> None:
+        """Record why a connection ended, restart edited sources, start missing ones."""
+        now = now or datetime.now(UTC)
+        for sid, listener in list(self._listeners.items()):
+            if not listener.alive:
+                self._end(sid, listener, now)
+        wanted = self._wanted(now)
+        for sid, listener in list(self._listeners.items()):
+            if wanted.get(sid) != listener.version:
+                self._end(sid, listener, now)
+        for sid, version in wanted.items():
+            if sid not in self._listeners:
+                listener = _Listener(source_id=sid, version=version)
+                listener.thread = threading.Thread(
+                    target=self._run, args=(listener,), name=f"telegram-{sid}", daemon=True
+                )
+                self._listeners[sid] = listener
+                listener.thread.start()
+                listener.ready.wait(JOIN_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Stop every connection after what it is staging, and wait for its thread."""
+        for sid, listener in list(self._listeners.items()):
+            self._end(sid, listener, None)
+
+    def _wanted(self, now: datetime) -> dict[int, str]:
+        """Source id → a digest of its config and credentials, for the sources that
+        should listen now."""
+        wanted: dict[int, str] = {}
+        sources = Source.objects.filter(kind=Source.Kind.TELEGRAM, enabled=True).order_by("id")
+        for source in sources:
+            config = source.config if isinstance(source.config, dict) else {}
+            if config.get("live", True) is False:
+                continue
+            if source.last_error and source.error_permanent:
+                continue
+            retry_at = retry_at_of(source)
+            if retry_at is not None and retry_at > now:
+                continue
+            identity = json.dumps([config, source.credentials], sort_keys=True, default=str)
+            wanted[source.id] = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return wanted
+
+    def _end(self, sid: int, listener: _Listener, now: datetime | None) -> None:
+        if listener.alive and listener.loop is not None and listener.stopping is not None:
+            listener.loop.call_soon_threadsafe(listener.stopping.set)
+        if listener.thread is not None:
+            listener.thread.join(JOIN_TIMEOUT_S)
+        del self._listeners[sid]
+        if listener.failure is not None:
+            for source in Source.objects.filter(id=sid):
+                record_failure(source, listener.failure, now or datetime.now(UTC))
+
+    def _run(self, listener: _Listener) -> None:
+        try:
+            asyncio.run(self._listen(listener))
+        except Exception as exc:
+            failure = telegram_error(exc)
+            if failure is None:
+                log.exception("telegram.listener_crashed", source_id=listener.source_id)
+                failure = SourceError(f"unexpected error: {exc!r}", permanent=False)
+            listener.failure = failure
+        finally:
+            listener.ready.set()
+            connection.close()
+
+    async def _listen(self, listener: _Listener) -> None:
+        listener.loop = asyncio.get_running_loop()
+        listener.stopping = asyncio.Event()
+        source = await asyncio.to_thread(_fresh_source, listener.source_id)
+        channels = [channel_key(str(c)) for c in source.config.get("channels") or []]
+        client = await open_client(
+            TelegramAdapter.client_class, credentials.unseal(source.credentials)
+        )
+        try:
+            by_peer: dict[int, str] = {}
+            for channel in channels:
+                try:
+                    entity = await client.get_entity(channel)
+                except ValueError as exc:
+                    raise SourceError(f"channel {channel!r}: {exc}", permanent=True) from None
+                by_peer[int(entity.id)] = channel
+            staging = asyncio.Lock()
+
+            async def on_new_message(event: Any) -> None:
+                message = event.message
+                channel = by_peer.get(getattr(message.peer_id, "channel_id", None) or 0)
+                if channel is None or not message.message or message.date is None:
+                    return
+                async with staging:
+                    envelope = message_envelope(message, channel)
+                    await asyncio.to_thread(_stage_messages, listener.source_id, [envelope], None)
+
+            client.add_event_handler(on_new_message, events.NewMessage(chats=list(by_peer)))
+            listener.ready.set()
+            log.info("telegram.listening", source_id=listener.source_id, channels=channels)
+            interval = poll_interval_s(source)
+            while not listener.stopping.is_set():
+                async with staging:
+                    fresh = await asyncio.to_thread(_fresh_source, listener.source_id)
+                    last_ids = dict((fresh.cursor or {}).get("last_ids") or {})
+                    envelopes, last_ids = await read_new(client, channels, last_ids)
+                    await asyncio.to_thread(
+                        _stage_messages, listener.source_id, envelopes, last_ids
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.stopping.wait(), interval)
+            async with staging:
+                pass  # a live message being staged is finished first
+        finally:
+            await client.disconnect()
+
+
+def _fresh_source(source_id: int) -> Source:
+    try:
+        return Source.objects.get(id=source_id)
+    finally:
+        connection.close()
+
+
+def _stage_messages(source_id: int, envelopes: list[Envelope], last_ids: dict | None) -> None:
+    """Stage a Telegram source's new ``envelopes``; then, when given, save ``last_ids``
+    and clear the source's last error (a worker thread of the listener's loop)."""
+    try:
+        source = Source.objects.get(id=source_id)
+        fresh, _seen = only_new(source, envelopes)
+        size = settings.INGEST_BATCH_SIZE
+        for start in range(0, len(fresh), size):
+            enqueue_envelopes(source=source, envelopes=fresh[start : start + size])
+        if last_ids is not None:
+            with transaction.atomic():
+                locked = Source.objects.select_for_update().get(id=source_id)
+                locked.cursor = {**(locked.cursor or {}), "last_ids": last_ids}
+                for stale in ("failures", "retry_at"):
+                    locked.cursor.pop(stale, None)
+                locked.last_polled_at = datetime.now(UTC)
+                locked.last_error, locked.error_permanent, locked.last_error_at = "", False, None
+                locked.save(
+                    update_fields=[
+                        "cursor",
+                        "last_polled_at",
+                        "last_error",
+                        "error_permanent",
+                        "last_error_at",
+                    ]
+                )
+        if fresh:
+            log.info("telegram.staged", source_id=source_id, staged=len(fresh))
+    finally:
+        connection.close()

@@ -4,10 +4,12 @@ worker and PostgreSQL; resume by message id, FloodWait and a revoked session."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 from django.core.management import call_command
@@ -16,6 +18,7 @@ from rest_framework.test import APIClient
 from telethon import errors
 from telethon.tl.types import Message, PeerChannel
 
+from ingest import streaming
 from ingest.models import Event, Source
 from ingest.sources.telegram.adapter import TelegramAdapter
 from tests.factories import make_personas
@@ -62,8 +65,29 @@ class FakeClient:
     raise_on_get: Exception | None = None
     calls: list[dict] = []
 
+    instances: list[FakeClient] = []
+
     def __init__(self, session, api_id, api_hash) -> None:
         self.api_id = api_id
+        self.handlers: list = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        FakeClient.instances.append(self)
+
+    async def get_entity(self, channel):
+        if channel != CHANNEL:
+            raise ValueError(f'No user has "{channel}" as username')
+        return SimpleNamespace(id=1003921752, username=CHANNEL)
+
+    def add_event_handler(self, callback, event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handlers.append((callback, event))
+
+    def emit(self, message: Message) -> None:
+        """Telegram pushes ``message`` to the live connection (from the test's thread)."""
+        for callback, _event in self.handlers:
+            asyncio.run_coroutine_threadsafe(
+                callback(SimpleNamespace(message=message)), self.loop
+            ).result(10)
 
     async def connect(self) -> None:
         pass
@@ -85,7 +109,7 @@ class FakeClient:
 @pytest.fixture
 def fake_telegram(monkeypatch):
     FakeClient.history, FakeClient.authorised, FakeClient.raise_on_get = [], True, None
-    FakeClient.calls = []
+    FakeClient.calls, FakeClient.instances = [], []
     monkeypatch.setattr(TelegramAdapter, "client_class", FakeClient)
     return FakeClient
 
@@ -202,3 +226,69 @@ def test_a_bad_telegram_source_answers_400(body, field) -> None:
 
     assert response.status_code == 400
     assert field in response.json()
+
+
+def test_live_messages_arrive_at_once_and_a_restart_reads_the_gap(
+    shared_data, fake_telegram, celery_worker
+) -> None:
+    messages = real_messages(shared_data, 30)
+    fake_telegram.history = messages[:25]
+    created = add_channel(owner(make_personas()))
+    listeners = streaming.TelegramListeners()
+
+    listeners.tick()  # connects, reads the newest 20, listens
+    wait_for(20)
+    assert listeners.streaming_ids() == {created["id"]}
+    fake_telegram.instances[-1].emit(messages[25])
+    wait_for(21)
+    live = Event.objects.get(external_id=f"{CHANNEL}:{messages[25].id}")
+    listeners.stop()  # a restart: meanwhile four more posts, and the live one again
+    fake_telegram.history = messages
+    listeners.tick()
+    wait_for(25)
+    listeners.stop()
+
+    stored = Event.objects.filter(source_id=created["id"])
+    assert stored.count() == 25
+    assert sorted(int(e.split(":")[1]) for e in stored.values_list("external_id", flat=True)) == [
+        m.id for m in messages[5:]
+    ]
+    assert Event.objects.get(id=live.id).text == messages[25].message.strip()
+    # The live message did not move the cursor; the history read after the restart did.
+    assert [c["min_id"] for c in fake_telegram.calls] == [0, messages[24].id]
+    assert Source.objects.get(id=created["id"]).cursor["last_ids"] == {CHANNEL: messages[29].id}
+
+
+def settle(listeners: streaming.TelegramListeners) -> bool:
+    """Tick until no connection is alive (each that ended has had its failure recorded)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listeners.tick()
+        if not listeners.streaming_ids():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_live_connection_backs_off_on_flood_wait_and_fails_on_a_revoked_session(
+    fake_telegram, clean_redis
+) -> None:
+    client = owner(make_personas())
+    created = add_channel(client)
+    fake_telegram.raise_on_get = errors.FloodWaitError(request=None, capture=420)
+    listeners = streaming.TelegramListeners()
+
+    # The connection ends: why is recorded, and it is not restarted.
+    assert settle(listeners)
+    assert client.get(f"/api/sources/{created['id']}/").json()["state"] == "backing_off"
+    retry_at = datetime.fromisoformat(Source.objects.get(id=created["id"]).cursor["retry_at"])
+    assert (retry_at - datetime.now(retry_at.tzinfo)).total_seconds() > 400
+
+    Source.objects.filter(id=created["id"]).update(cursor={})
+    fake_telegram.raise_on_get = errors.SessionRevokedError(request=None)
+    assert settle(listeners)
+    listeners.stop()
+
+    shown = client.get(f"/api/sources/{created['id']}/").json()
+    assert (shown["state"], shown["error_permanent"]) == ("failing", True)
+    assert "Telegram refused" in shown["last_error"]

@@ -171,7 +171,8 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
       link-local address unless ``SOURCES_ALLOW_PRIVATE_URLS``);
     - x: ``keywords`` (1 to 25 words or phrases, their query at most 512 characters),
       ``stream`` (default true: the filtered stream where the app has it);
-    - telegram: ``channels`` (1 to 50 names or ids; ``@`` and ``t.me/`` dropped);
+    - telegram: ``channels`` (1 to 50 names or ids; ``@`` and ``t.me/`` dropped),
+      ``live`` (default true: new-message events, ``ingest.streaming``);
     - and for the polling kinds ``poll_interval_s``, whole seconds (``POLL_INTERVALS``).
 
     Raises:
@@ -185,6 +186,8 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     allowed = {main[kind], "poll_interval_s"} if kind in main else set()
     if kind == Source.Kind.X:
         allowed.add("stream")
+    if kind == Source.Kind.TELEGRAM:
+        allowed.add("live")
     unknown = f"unknown setting for a {kind} source"
     errors: dict[str, str] = dict.fromkeys(sorted(set(config) - allowed), unknown)
     clean: dict[str, Any] = {}
@@ -219,6 +222,10 @@ def validate_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
         if not keys or not all(keys):
             errors["channels"] = f"1 to {tg_adapter.MAX_CHANNELS} channel names or ids"
         clean["channels"] = keys
+        live = config.get("live", True)
+        if not isinstance(live, bool):
+            errors["live"] = "true (new messages as they come, and a read every interval) or false"
+        clean["live"] = live
     if kind in POLL_INTERVALS:
         default, low, high = POLL_INTERVALS[kind]
         interval = config.get("poll_interval_s", default)

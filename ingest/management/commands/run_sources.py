@@ -1,15 +1,17 @@
 """``manage.py run_sources``: the process that runs the live sources.
 
-It keeps X's filtered streams connected for the X sources that stream
-(``ingest.streaming``: one connection per app, the gap backfilled by recent search at
-each connect), and polls each other enabled polling source (RSS/Atom feeds, X searches
-of apps without the stream, Telegram channels) when its interval has passed
-(``poll_interval_s``; by default 300 s for a feed, 60 s for X and Telegram) and its
-backoff, if any, is over, one source at a time. SIGTERM or SIGINT let the poll in
-progress finish (its batches staged, its cursor saved), stage what the streams
-buffered, and exit 0. ``--once`` polls every enabled polling source once, due or not,
-streaming X sources through recent search, and exits (for cron and tests); a source
-failing permanently is skipped until it is edited.
+It keeps X's filtered streams connected for the X sources that stream (one connection
+per app, the gap backfilled by recent search at each connect) and a live connection
+for each Telegram source (new-message events, the history read at connect and every
+interval), both in ``ingest.streaming``. It polls each other enabled polling source
+(RSS/Atom feeds, X searches of apps without the stream, Telegram sources with
+``"live": false``) when its interval has passed (``poll_interval_s``; by default 300 s
+for a feed, 60 s for X and Telegram) and its backoff, if any, is over, one source at a
+time. SIGTERM or SIGINT let the poll in progress finish (its batches staged, its cursor
+saved), stage what the streams buffered, and exit 0. ``--once`` polls every enabled
+polling source once, due or not (streaming sources too, through recent search or the
+channels' history), and exits (for cron and tests); a source failing permanently is
+skipped until it is edited.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from ingest.polling import is_due, poll_source, polling_sources
-from ingest.streaming import XStreams
+from ingest.streaming import TelegramListeners, XStreams
 
 TICK_S = 1.0
 """How often (seconds) the loop flushes the streams' buffers and looks for due polls."""
@@ -45,12 +47,14 @@ class Command(BaseCommand):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         self.stdout.write(f"run_sources: streaming, and polling due sources every {TICK_S:g} s")
-        streams = XStreams()
+        live = (XStreams(), TelegramListeners())
         try:
             while not stop.is_set():
                 now = datetime.now(UTC)
-                streams.tick(now)
-                streaming = streams.streaming_ids()
+                streaming: set[int] = set()
+                for streams in live:
+                    streams.tick(now)
+                    streaming |= streams.streaming_ids()
                 for source in polling_sources():
                     if stop.is_set():
                         break
@@ -58,7 +62,8 @@ class Command(BaseCommand):
                         self._report(source, poll_source(source))
                 stop.wait(TICK_S)
         finally:
-            streams.stop()
+            for streams in live:
+                streams.stop()
         self.stdout.write("run_sources: stopped")
 
     def _report(self, source: Any, outcome: Any) -> None:

@@ -91,6 +91,83 @@ def message_envelope(message: Any, channel: str) -> Envelope:
     )
 
 
+def telegram_error(exc: BaseException) -> SourceError | None:
+    """A telethon failure as a ``SourceError`` (see the module docstring), or None when
+    it is not one of Telegram's."""
+    if isinstance(exc, SourceError):
+        return exc
+    if isinstance(exc, errors.FloodWaitError):
+        return SourceError(
+            f"Telegram asks to wait {exc.seconds} s (FloodWait)",
+            permanent=False,
+            retry_after_s=float(exc.seconds),
+        )
+    if isinstance(exc, PERMANENT):
+        return SourceError(f"Telegram refused: {exc}", permanent=True)
+    if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
+        return SourceError(f"reaching Telegram: {exc}", permanent=False)
+    return None
+
+
+async def open_client(client_class: Any, secret: dict[str, Any]) -> Any:
+    """A connected, authorised telethon client for the sealed ``secret`` (a user
+    session, or a bot token signed in on a new session).
+
+    Raises:
+        SourceError: permanent, when the session is not authorised; telethon's errors
+            as they come (``telegram_error`` maps them).
+    """
+    client = client_class(
+        session_from(str(secret.get("session") or "")),
+        int(secret.get("api_id") or 0),
+        str(secret.get("api_hash") or ""),
+    )
+    await client.connect()
+    try:
+        if secret.get("bot_token") and not await client.is_user_authorized():
+            await client.sign_in(bot_token=str(secret["bot_token"]))
+        if not await client.is_user_authorized():
+            raise SourceError(
+                "the Telegram session is not authorised (revoked or never signed in)",
+                permanent=True,
+            )
+    except BaseException:
+        await client.disconnect()
+        raise
+    return client
+
+
+async def read_new(
+    client: Any, channels: list[str], last_ids: dict[str, int]
+) -> tuple[list[Envelope], dict[str, int]]:
+    """Each channel's messages after ``last_ids[channel]`` (its newest
+    ``FIRST_POLL_MESSAGES`` when it has none), oldest first, at most ``MAX_MESSAGES`` a
+    channel; returns them as envelopes and the ids to resume from.
+
+    Raises:
+        SourceError: permanent, a channel that does not exist; telethon's errors as they
+            come.
+    """
+    last_ids = dict(last_ids)
+    envelopes: list[Envelope] = []
+    for name in channels:
+        channel = channel_key(str(name))
+        last = int(last_ids.get(channel) or 0)
+        try:
+            messages = await client.get_messages(
+                channel, limit=MAX_MESSAGES if last else FIRST_POLL_MESSAGES, min_id=last
+            )
+        except ValueError as exc:  # telethon: no such username
+            raise SourceError(f"channel {channel!r}: {exc}", permanent=True) from None
+        for message in sorted(messages, key=lambda m: m.id):
+            if not getattr(message, "message", None) or message.date is None:
+                continue  # service messages, media without a caption
+            envelopes.append(message_envelope(message, channel))
+        if messages:
+            last_ids[channel] = max(last, *(m.id for m in messages))
+    return envelopes, last_ids
+
+
 @register
 class TelegramAdapter(PollingAdapter):
     """Polls ``source.config["channels"]`` (see the module docstring)."""
@@ -109,51 +186,18 @@ class TelegramAdapter(PollingAdapter):
         secret = credentials.unseal(self.source.credentials)
         try:
             return asyncio.run(self._poll(secret))
-        except errors.FloodWaitError as exc:
-            raise SourceError(
-                f"Telegram asks to wait {exc.seconds} s (FloodWait)",
-                permanent=False,
-                retry_after_s=float(exc.seconds),
-            ) from None
-        except PERMANENT as exc:
-            raise SourceError(f"Telegram refused: {exc}", permanent=True) from None
-        except (TimeoutError, ConnectionError, OSError) as exc:
-            raise SourceError(f"reaching Telegram: {exc}", permanent=False) from None
+        except Exception as exc:
+            failure = telegram_error(exc)
+            if failure is None:
+                raise
+            raise failure from None
 
     async def _poll(self, secret: dict[str, Any]) -> Poll:
-        client = self.client_class(
-            session_from(str(secret.get("session") or "")),
-            int(secret.get("api_id") or 0),
-            str(secret.get("api_hash") or ""),
-        )
-        await client.connect()
+        client = await open_client(self.client_class, secret)
         try:
-            if secret.get("bot_token") and not await client.is_user_authorized():
-                await client.sign_in(bot_token=str(secret["bot_token"]))
-            if not await client.is_user_authorized():
-                raise SourceError(
-                    "the Telegram session is not authorised (revoked or never signed in)",
-                    permanent=True,
-                )
             last_ids = dict((self.source.cursor or {}).get("last_ids") or {})
-            envelopes: list[Envelope] = []
-            for name in self.source.config.get("channels") or []:
-                channel = channel_key(str(name))
-                last = int(last_ids.get(channel) or 0)
-                try:
-                    messages = await client.get_messages(
-                        channel,
-                        limit=MAX_MESSAGES if last else FIRST_POLL_MESSAGES,
-                        min_id=last,
-                    )
-                except ValueError as exc:  # telethon: no such username
-                    raise SourceError(f"channel {channel!r}: {exc}", permanent=True) from None
-                for message in sorted(messages, key=lambda m: m.id):
-                    if not getattr(message, "message", None) or message.date is None:
-                        continue  # service messages, media without a caption
-                    envelopes.append(message_envelope(message, channel))
-                if messages:
-                    last_ids[channel] = max(last, *(m.id for m in messages))
+            channels = list(self.source.config.get("channels") or [])
+            envelopes, last_ids = await read_new(client, channels, last_ids)
             return Poll(envelopes=envelopes, cursor={"last_ids": last_ids})
         finally:
             await client.disconnect()
