@@ -26,6 +26,7 @@ from ingest.polling import backoff_s
 from ingest.sources import http
 from ingest.sources.rss.adapter import html_to_text
 from tests.factories import make_personas
+from twiscope.redis import get_redis
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -435,5 +436,63 @@ def test_sigterm_mid_poll_lets_the_poll_finish_and_a_restart_stores_nothing_twic
     assert "run_sources: stopped" in output
     wait_for_events(55)
     assert "not modified" in poll_all()  # the cursor (ETag) was saved before exiting
+    time.sleep(1)
+    assert Event.objects.filter(source_id=source["id"]).count() == 55
+
+
+@override_settings(SOURCES_ALLOW_PRIVATE_URLS=True)
+def test_sigkill_mid_poll_loses_nothing_and_a_restart_stores_each_item_once(
+    shared_data, feeds, celery_worker
+) -> None:
+    """``run_sources`` killed outright (SIGKILL: no cleanup at all) while a slow feed is
+    answering: nothing was staged and no cursor saved, so the restart reads the feed
+    again and stores each item exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from django.db import connection
+
+    feeds.documents["/guardian.rss"] = (shared_data / "rss_feeds" / "guardian.rss").read_bytes()
+    feeds.delay_s = 3.0
+    source = add_feed(owner_client(make_personas()), "killed", f"{feeds.base}/guardian.rss")
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "twiscope.settings_test",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}",
+        "SOURCES_ALLOW_PRIVATE_URLS": "true",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "run_sources"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not feeds.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert feeds.requests, "run_sources never polled the feed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    feeds.delay_s = 0.0
+
+    assert process.returncode == -signal.SIGKILL
+    assert Source.objects.get(id=source["id"]).cursor == {}
+    # The killed process's poll lock outlives it until its TTL (LOCK_TTL_S): until then
+    # a restart skips the source rather than poll it twice at once.
+    assert "skipped (another process is polling it)" in poll_all()
+    get_redis().delete(f"twiscope:poll:{source['id']}")  # the TTL, run out
+    assert f"killed (id {source['id']}): 55 new" in poll_all()
+    wait_for_events(55)
+    again = poll_all()
+    assert "0 new" in again or "not modified" in again
     time.sleep(1)
     assert Event.objects.filter(source_id=source["id"]).count() == 55
