@@ -118,8 +118,10 @@ def test_the_dashboard_has_a_sources_panel_with_health_and_add_forms(
 
     assert f'data-api="{reverse("source-list")}"' in html
     assert 'id="sources-body"' in html
-    assert 'id="add-feed"' in html and 'id="add-webhook"' in html
+    for form in ("add-feed", "add-webhook", "add-x", "add-telegram", "edit-source"):
+        assert f'id="{form}"' in html
     assert "poll(refreshSources" in script
+    assert "wireSourceForm('add-x'" in script and "wireSourceForm('add-telegram'" in script
     assert "method: 'PATCH'" in script and "method: 'POST'" in script
 
 

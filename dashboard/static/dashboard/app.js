@@ -547,6 +547,8 @@
     const toggle = h('button', { type: 'button', class: 'btn btn-quiet' },
       src.enabled ? 'Disable' : 'Enable');
     toggle.addEventListener('click', () => setEnabled(src, !src.enabled, toggle));
+    const edit = h('button', { type: 'button', class: 'btn btn-quiet' }, 'Edit');
+    edit.addEventListener('click', () => openEditor(src));
     const error = src.last_error
       ? `${src.error_permanent ? 'permanent: ' : ''}${src.last_error}` : '';
     return h('tr', { dataset: { source: String(src.id) } },
@@ -556,8 +558,82 @@
         src.last_received_at ? fmtAgo(src.last_received_at) : 'none yet'),
       h('td', { class: 'num' }, fmtInt(src.events_last_hour)),
       h('td', { class: 'error', title: src.last_error_at || null }, error || '—'),
-      h('td', null, src.kind === 'replay' ? null : toggle));
+      h('td', null, src.kind === 'replay' ? null : toggle,
+        EDITABLE.has(src.kind) ? edit : null));
   }
+
+  // ------------------------------------------------------------ edit a source
+
+  const EDITABLE = new Set(['rss', 'x', 'telegram', 'webhook']);
+  const listOf = (value) => String(value || '').split(',').map((v) => v.trim()).filter(Boolean);
+  let editing = null;
+
+  function openEditor(src) {
+    const form = $('edit-source');
+    editing = src;
+    form.reset();
+    setText('edit-source-title', `${src.name} · ${src.kind}`);
+    for (const label of form.querySelectorAll('label[data-for]')) {
+      label.hidden = !label.dataset.for.split(' ').includes(src.kind);
+    }
+    const config = src.config || {};
+    form.elements.name.value = src.name || '';
+    form.elements.url.value = config.url || '';
+    form.elements.keywords.value = (config.keywords || []).join(', ');
+    form.elements.channels.value = (config.channels || []).join(', ');
+    form.elements.poll_interval_s.value = config.poll_interval_s ?? '';
+    form.hidden = false;
+    form.elements.name.focus();
+  }
+
+  /** The PATCH body of the edit form: the kind's whole config, credentials if given. */
+  function editBody(src, data) {
+    const body = { name: String(data.get('name') || '').trim() };
+    const interval = Number.parseInt(String(data.get('poll_interval_s') || ''), 10);
+    const config = { ...(src.config || {}) };
+    if (src.kind === 'rss') config.url = String(data.get('url') || '').trim();
+    if (src.kind === 'x') config.keywords = listOf(data.get('keywords'));
+    if (src.kind === 'telegram') config.channels = listOf(data.get('channels'));
+    if (src.kind !== 'webhook') {
+      if (Number.isFinite(interval)) config.poll_interval_s = interval;
+      body.config = config;
+    }
+    if (src.kind === 'x' && data.get('bearer_token')) {
+      body.credentials = { bearer_token: String(data.get('bearer_token')) };
+    }
+    if (src.kind === 'telegram' && data.get('api_id')) {
+      body.credentials = {
+        api_id: Number.parseInt(String(data.get('api_id')), 10),
+        api_hash: String(data.get('api_hash') || ''),
+        session: String(data.get('session') || ''),
+      };
+    }
+    return body;
+  }
+
+  $('edit-source-cancel')?.addEventListener('click', () => { $('edit-source').hidden = true; });
+  $('edit-source')?.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const form = ev.currentTarget;
+    if (!editing) return;
+    const button = form.querySelector('button[type="submit"]');
+    button.disabled = true;
+    try {
+      await api(`${API.sources}${encodeURIComponent(editing.id)}/`,
+        { method: 'PATCH', body: editBody(editing, new FormData(form)) });
+      form.hidden = true;
+      showError('sources-error', null, null);
+      await refreshSources();
+    } catch (err) {
+      const el = $('sources-error');
+      el.hidden = false;
+      el.textContent = err.status === 403
+        ? `Only an owner of the source's team can edit ${editing.name}.`
+        : `Not saved: ${err.data && !err.data.detail ? fieldErrors(err.data) : err.message}.`;
+    } finally {
+      button.disabled = false;
+    }
+  });
 
   async function refreshSources() {
     try {
@@ -642,6 +718,26 @@
       poll_interval_s: Number.parseInt(String(data.get('poll_interval_s') || '300'), 10),
     },
   }), () => {});
+  wireSourceForm('add-x', (data) => ({
+    kind: 'x',
+    name: String(data.get('name') || '').trim(),
+    config: { keywords: listOf(data.get('keywords')), stream: data.get('stream') === 'on' },
+    credentials: { bearer_token: String(data.get('bearer_token') || '') },
+  }), () => {});
+  wireSourceForm('add-telegram', (data) => {
+    const credentials = {
+      api_id: Number.parseInt(String(data.get('api_id') || '0'), 10),
+      api_hash: String(data.get('api_hash') || ''),
+    };
+    if (data.get('bot_token')) credentials.bot_token = String(data.get('bot_token'));
+    else credentials.session = String(data.get('session') || '');
+    return {
+      kind: 'telegram',
+      name: String(data.get('name') || '').trim(),
+      config: { channels: listOf(data.get('channels')) },
+      credentials,
+    };
+  }, () => {});
   wireSourceForm('add-webhook', (data) => ({
     kind: 'webhook',
     name: String(data.get('name') || '').trim(),
