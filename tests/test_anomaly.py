@@ -1,0 +1,178 @@
+"""The streaming anomaly detector (mlengine.anomaly) on generated series with known
+anomalies, and ``evaluate anomaly`` on a slice of NAB's public realTweets data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from mlengine.anomaly import Detector, Params, detect_series
+
+DAY = 288  # 5-minute buckets
+BURST_AT = DAY * 8 + 100
+
+
+def counts(rate: float, seed: int, burst_factor: float = 1.0, days: int = 10) -> np.ndarray:
+    """Poisson counts with a daily cycle; a 2-hour burst of ``burst_factor`` at BURST_AT."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(DAY * days)
+    lam = rate * (1 + 0.8 * np.sin(2 * np.pi * t / DAY))
+    lam[BURST_AT : BURST_AT + 24] *= burst_factor
+    return rng.poisson(lam).astype(float)
+
+
+@pytest.mark.parametrize(("rate", "factor"), [(20.0, 4.0), (0.3, 15.0)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_it_flags_a_burst_once_within_minutes(rate: float, factor: float, seed: int) -> None:
+    result = detect_series(counts(rate, seed, factor))
+    hits = np.flatnonzero(result.anomaly)
+    assert len(hits) == 1
+    assert BURST_AT <= hits[0] <= BURST_AT + 6  # within 30 minutes of the onset
+
+
+@pytest.mark.parametrize("rate", [20.0, 0.3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_seasonal_series_without_anomalies_raises_nothing(rate: float, seed: int) -> None:
+    result = detect_series(counts(rate, seed))
+    assert not result.anomaly.any()
+    assert np.nanmax(result.score) < Params().threshold
+
+
+def test_the_band_follows_the_daily_cycle() -> None:
+    result = detect_series(counts(100.0, 0))
+    day9 = slice(DAY * 9, DAY * 10)
+    peak, trough = DAY * 9 + DAY // 4, DAY * 9 + 3 * DAY // 4  # sin = +1 and -1
+    assert result.expected[peak] == pytest.approx(180, rel=0.1)
+    assert result.expected[trough] == pytest.approx(20, rel=0.25)
+    assert np.all(result.low[day9] <= result.expected[day9])
+    assert np.all(result.expected[day9] <= result.high[day9])
+
+
+def test_a_burst_longer_than_a_day_raises_one_alert_per_refractory_period() -> None:
+    x = counts(20.0, 0)
+    x[BURST_AT:] *= 5
+    hits = np.flatnonzero(detect_series(x).anomaly)
+    assert hits[0] >= BURST_AT
+    assert np.all(np.diff(hits) > Params().refractory)
+
+
+def test_nothing_is_flagged_during_warmup() -> None:
+    x = counts(20.0, 0)
+    x[50:60] = 5000
+    result = detect_series(x)
+    assert not result.anomaly[: Params().warmup].any()
+    assert np.isnan(result.score[: Params().warmup]).all()
+
+
+def test_series_run_together_match_series_run_alone() -> None:
+    xs = np.stack([counts(20.0, 0, 4.0), counts(0.3, 1, 15.0), counts(5.0, 2)])
+    det = Detector(3)
+    together = np.stack([det.update(xs[:, i]).score for i in range(xs.shape[1])], axis=1)
+    for row in range(3):
+        alone = detect_series(xs[row]).score
+        np.testing.assert_allclose(together[row], alone, equal_nan=True)
+
+
+def test_a_detector_resumed_from_its_state_continues_exactly() -> None:
+    x = counts(20.0, 0, 4.0)
+    straight = detect_series(x)
+    det = Detector(1)
+    for v in x[: BURST_AT - 50]:
+        det.update([v])
+    resumed = Detector.from_state({k: np.copy(a) for k, a in det.state().items()})
+    rest = [resumed.update([v]) for v in x[BURST_AT - 50 :]]
+    np.testing.assert_allclose(
+        [s.score[0] for s in rest], straight.score[BURST_AT - 50 :], equal_nan=True
+    )
+    assert [bool(s.anomaly[0]) for s in rest] == straight.anomaly[BURST_AT - 50 :].tolist()
+
+
+def test_a_missing_bucket_is_neither_scored_nor_learnt() -> None:
+    det = Detector(2)
+    x = counts(20.0, 0)
+    for v in x[: DAY * 2]:
+        det.update([v, v])
+    before = det.state()
+    step = det.update([np.nan, x[DAY * 2]])
+    after = det.state()
+    assert np.isnan(step.score[0]) and not step.anomaly[0]
+    assert after["count"].tolist() == [DAY * 2, DAY * 2 + 1]
+    np.testing.assert_array_equal(after["values"][0], before["values"][0])
+
+
+def test_it_rejects_a_wrongly_shaped_bucket() -> None:
+    with pytest.raises(ValueError, match="expected 2 values"):
+        Detector(2).update([1.0, 2.0, 3.0])
+
+
+def test_it_rejects_nonsense_parameters() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        Params(threshold=0)
+
+
+# ---- evaluate anomaly on NAB data -------------------------------------------------------
+
+SLICE_ROWS = 6000
+SLICE_FILES = ("Twitter_volume_AAPL.csv", "Twitter_volume_FB.csv")
+EXPECTED_SLICE_STANDARD = 92.92  # measured with the fixed Params(); 4/4 windows, 2 FP
+
+
+@pytest.fixture
+def nab_slice(shared_data: Path, tmp_path: Path) -> Path:
+    """The first 6,000 rows (about 21 days) of two public realTweets files, with the
+    windows that end inside them (AAPL 3, FB 1)."""
+    source = shared_data / "nab"
+    out = tmp_path / "nab"
+    (out / "realTweets").mkdir(parents=True)
+    (out / "labels").mkdir()
+    (out / "config").mkdir()
+    shutil.copy(source / "config" / "profiles.json", out / "config" / "profiles.json")
+    windows = json.loads((source / "labels" / "combined_windows.json").read_text())
+    kept = {}
+    for name in SLICE_FILES:
+        lines = (source / "realTweets" / name).read_text().splitlines()[: SLICE_ROWS + 1]
+        (out / "realTweets" / name).write_text("\n".join(lines) + "\n")
+        last = lines[-1].split(",")[0]
+        kept[f"realTweets/{name}"] = [w for w in windows[f"realTweets/{name}"] if w[1] <= last]
+    (out / "labels" / "combined_windows.json").write_text(json.dumps(kept))
+    return out
+
+
+def test_evaluate_anomaly_scores_a_slice_of_nab_realtweets(nab_slice: Path, tmp_path: Path) -> None:
+    report, detections = tmp_path / "nab.json", tmp_path / "detections"
+    call_command(
+        "evaluate",
+        "anomaly",
+        "--nab",
+        str(nab_slice),
+        "--detections",
+        str(detections),
+        "--json",
+        str(report),
+    )
+    result = json.loads(report.read_text())
+    assert result["standard"] == pytest.approx(EXPECTED_SLICE_STANDARD, abs=0.01)
+    assert set(result["per_file"]) == set(SLICE_FILES)
+    assert result["reward_low_FP_rate"] <= result["standard"] <= result["reward_low_FN_rate"]
+    with (detections / "realTweets" / f"twiscopeSeasonalMad_{SLICE_FILES[0]}").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["timestamp", "value", "anomaly_score", "label"]
+    assert len(rows) == SLICE_ROWS
+    assert {r["label"] for r in rows} == {"0", "1"}
+
+
+def test_evaluate_anomaly_names_a_missing_realtweets_folder(tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="no realTweets folder"):
+        call_command("evaluate", "anomaly", "--nab", str(tmp_path))
+
+
+def test_evaluate_anomaly_needs_a_nab_folder() -> None:
+    with pytest.raises(CommandError, match="--nab"):
+        call_command("evaluate", "anomaly")
