@@ -58,9 +58,9 @@ class StreamFilter(StrictFilterSet):
 
 
 class ModelVersionFilter(StrictFilterSet):
-    """``task`` (sentiment, emotion, offensive) and ``active`` (true/false)."""
+    """``task`` (sentiment, emotion, offensive, virality) and ``active`` (true/false)."""
 
-    task = django_filters.ChoiceFilter(choices=[(name, name) for name in TASKS])
+    task = django_filters.ChoiceFilter(choices=[(name, name) for name in (*TASKS, "virality")])
     active = BooleanFilter(field_name="active")
 
     class Meta:

@@ -1,5 +1,8 @@
 """``manage.py train <task> --data DIR [--splits a,b] [--eval-split NAME] [--epochs N]``:
 train a classifier head on the sentence encoder and register it (``mlengine.training``).
+
+``manage.py train virality --data CSV [--until DATE]``: the virality model on a
+trump_tweets-layout CSV's posts before DATE (``mlengine.virality``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("task", help=f"one of: {', '.join(sorted(heads.TASKS))}")
         parser.add_argument(
-            "--data", type=Path, required=True, help="folder of SPLIT_text.txt/SPLIT_labels.txt"
+            "--data",
+            type=Path,
+            required=True,
+            help="folder of SPLIT_text.txt/SPLIT_labels.txt (virality: a trump_tweets CSV)",
+        )
+        parser.add_argument(
+            "--until", default=None, help="virality: train on posts before DATE only"
         )
         parser.add_argument(
             "--splits",
@@ -53,6 +62,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         data: Path = options["data"]
+        if options["task"] == "virality":
+            self._virality(data, options["until"])
+            return
         if not data.is_dir():
             raise CommandError(f"no such folder: {data}")
         if options["epochs"] < 1:
@@ -96,4 +108,35 @@ class Command(BaseCommand):
         else:
             self.stdout.write(
                 f"not active: the active model scores {outcome.previous_score} on the same texts"
+            )
+
+    def _virality(self, data: Path, until_text: str | None) -> None:
+        """``train virality --data CSV [--until DATE]`` (``mlengine.virality``)."""
+        from mlengine import virality
+
+        try:
+            until = virality.parse_date(until_text) if until_text else None
+        except ValueError as exc:
+            raise CommandError(f"--until: {exc}") from exc
+        bar = tqdm(desc="embedding", unit="text", file=self.stderr, disable=None, leave=False)
+        try:
+            outcome = virality.train(data, until=until, embed_progress=bar.update)
+        except virality.DataError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            bar.close()
+        version, metrics = outcome.version, outcome.version.metrics
+        self.stdout.write(
+            f"{version.name} v{version.version}: trained on {version.trained_on['n']} posts "
+            f"({version.trained_on['positives']} viral) until {until_text or 'the end'}; "
+            f"roc_auc {metrics['roc_auc']} on the {metrics['eval_split']} "
+            f"({metrics['eval_n']} posts)"
+        )
+        if outcome.previous_score is None:
+            self.stdout.write("active: it is the first model of this task")
+        elif outcome.promoted:
+            self.stdout.write(f"active: it beats the previous active ({outcome.previous_score})")
+        else:
+            self.stdout.write(
+                f"not active: the active model scores {outcome.previous_score} on the same posts"
             )
