@@ -86,7 +86,9 @@ class RuleTermClaim(models.Model):
 
 
 class Alert(models.Model):
-    """A fired rule, persisted before it is pushed.
+    """A fired rule, persisted before it is pushed. A trend alert is its story's: later
+    members of the story (``mlengine.stories``) update it (``updated_at``, the story in
+    ``evidence["story"]``) rather than fire alerts of their own.
 
     Latency fields: ``event_received_at`` (processing time of the event that completed
     the evidence), ``created_at`` (row written), ``pushed_at`` (sent to the channel
@@ -107,6 +109,9 @@ class Alert(models.Model):
     event_created_at = models.DateTimeField()
     created_at = models.DateTimeField()
     pushed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last time a new member of its story updated it."
+    )
 
     class Meta:
         constraints = [

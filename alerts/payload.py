@@ -19,7 +19,8 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
 
     Keys: ``id``, ``team``, ``seq``, ``rule`` (``{"id", "name"}``), ``title``,
     ``severity``, ``trend`` (id or None), ``evidence``, ``event_received_at``,
-    ``event_created_at``, ``created_at``, ``pushed_at`` (ISO 8601, UTC, or None) and
+    ``event_created_at``, ``created_at``, ``pushed_at``, ``updated_at`` (ISO 8601, UTC, or
+    None) and
     ``latency_ms``.
     """
 
@@ -39,5 +40,6 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
         "event_created_at": iso(alert.event_created_at),
         "created_at": iso(alert.created_at),
         "pushed_at": iso(alert.pushed_at),
+        "updated_at": iso(alert.updated_at),
         "latency_ms": latency_ms(alert),
     }

@@ -5,8 +5,13 @@ Contract, version 1 (``"v": 1``), on the group ``ws.<team id>.alerts``:
 - ``{"type": "alert.created", "v": 1, "team": int, "seq": int, "alert": {...}}``: the
   alert as ``GET /api/alerts/`` returns it (``alerts.payload``), with ``pushed_at`` set.
 
-``seq`` is the team's alert sequence number, consecutive per team. The channel layer
-is at most once: a client that sees a gap reloads ``GET /api/alerts/``.
+- ``{"type": "alert.updated", "v": 1, "team": int, "seq": int, "alert": {...}}``: an
+  alert sent before, changed (a new member joined its story: ``evidence["story"]``,
+  ``title``, ``updated_at``); ``seq`` is the alert's own, not a new one.
+
+``seq`` is the team's alert sequence number, consecutive per team over
+``alert.created``. The channel layer is at most once: a client that sees a gap reloads
+``GET /api/alerts/``.
 """
 
 from __future__ import annotations
@@ -53,12 +58,44 @@ def push_alerts(*, alert_ids: Sequence[int]) -> int:
     if not alerts:
         return 0
     pushed_at = timezone.now()
-    by_team: dict[int, list[dict[str, Any]]] = {}
     for alert in alerts:
         alert.pushed_at = pushed_at
+    _send_by_team(alerts, "alert.created")
+    Alert.objects.filter(id__in=[a.id for a in alerts], pushed_at__isnull=True).update(
+        pushed_at=pushed_at
+    )
+    log.info("alerts.pushed", count=len(alerts))
+    return len(alerts)
+
+
+def push_updates(*, alert_ids: Sequence[int]) -> int:
+    """Send ``alert.updated`` for each alert to its team's group; returns how many.
+
+    Alerts not pushed yet are skipped: their ``alert.created``, still to come, carries
+    the update. One channel-layer message per team, in ``seq`` order.
+
+    Raises:
+        RuntimeError: ``CHANNEL_LAYERS`` is not configured.
+    """
+    alerts = list(
+        Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=False)
+        .select_related("rule")
+        .order_by("team_id", "seq")
+    )
+    if alerts:
+        _send_by_team(alerts, "alert.updated")
+        log.info("alerts.updates_pushed", count=len(alerts))
+    return len(alerts)
+
+
+def _send_by_team(alerts: Sequence[Alert], kind: str) -> None:
+    """One channel-layer message per team, holding its ``alerts`` (``seq`` order) as
+    ``kind`` messages of the contract above."""
+    by_team: dict[int, list[dict[str, Any]]] = {}
+    for alert in alerts:
         by_team.setdefault(alert.team_id, []).append(
             {
-                "type": "alert.created",
+                "type": kind,
                 "v": PROTOCOL_VERSION,
                 "team": alert.team_id,
                 "seq": alert.seq,
@@ -71,11 +108,6 @@ def push_alerts(*, alert_ids: Sequence[int]) -> int:
             for team_id, messages in by_team.items()
         ]
     )
-    Alert.objects.filter(id__in=[a.id for a in alerts], pushed_at__isnull=True).update(
-        pushed_at=pushed_at
-    )
-    log.info("alerts.pushed", count=len(alerts))
-    return len(alerts)
 
 
 async def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:

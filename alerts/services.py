@@ -116,18 +116,79 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
             rules_by_team[rule.team_id].append(rule)
         pairs = [
             (rule, trend)
-            for trend in sorted(trends, key=lambda t: (t.bucket_start, t.id))
+            for trend in sorted(trends, key=lambda t: (t.evidence_created_at, t.id))
             for rule in rules_by_team[trend.team_id]
             if rule_matches(rule, trend)
         ]
+        pairs, joining = _split_story_members(pairs)
         won = _claim_cooldowns(pairs)
         firing = [(rule, trend) for rule, trend in pairs if (rule.id, trend.id) in won]
         created = _create_alerts(firing)
+        updated = _update_story_alerts(joining)
         if created:
             transaction.on_commit(lambda: _push(created))
-    if created:
-        log.info("alerts.fired", alerts=len(created))
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    if created or updated:
+        log.info("alerts.fired", alerts=len(created), updated=len(updated))
     return created
+
+
+def _split_story_members(
+    pairs: list[tuple[AlertRule, facade.TrendView]],
+) -> tuple[list[tuple[AlertRule, facade.TrendView]], list[tuple[AlertRule, facade.TrendView]]]:
+    """``(pairs that may fire, pairs that update their story's alert)``.
+
+    A later member of a story (``TrendView.joins_story``) updates the alert its rule
+    gave the story, when there is one (stored, or firing in this batch from an earlier
+    member); else it may fire, as the story's first alert for that rule.
+    """
+    stories = {t.story_id for _, t in pairs if t.joins_story}
+    alerted = set(
+        Alert.objects.filter(
+            rule_id__in={r.id for r, _ in pairs}, trend__story_id__in=stories
+        ).values_list("rule_id", "trend__story_id")
+    )
+    may_fire, joining = [], []
+    for rule, trend in pairs:
+        key = (rule.id, trend.story_id if trend.story_id is not None else trend.id)
+        if trend.joins_story and key in alerted:
+            joining.append((rule, trend))
+        else:
+            may_fire.append((rule, trend))
+            alerted.add(key)
+    return may_fire, joining
+
+
+def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
+    """Update each story's alert with the member that joined it (the story's terms,
+    label and forecast in ``evidence["story"]``, the title, ``updated_at``); return the
+    ids of the alerts updated. The alerts are locked in id order."""
+    if not joining:
+        return []
+    latest: dict[tuple[int, int], facade.TrendView] = {}
+    for rule, trend in joining:  # in event-time order: the last member has them all
+        assert trend.story_id is not None
+        latest[(rule.id, trend.story_id)] = trend
+    alerts = list(
+        Alert.objects.select_for_update()
+        .filter(rule_id__in={k[0] for k in latest}, trend__story_id__in={k[1] for k in latest})
+        .select_related("trend")
+        .order_by("id")
+    )
+    now = timezone.now()
+    updated = []
+    for alert in alerts:
+        story_id = alert.trend.story_id if alert.trend is not None else None
+        member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
+        if member is None:
+            continue
+        alert.evidence = {**alert.evidence, "story": _story(member)}
+        alert.title = _title(member, events=max(member.events, alert.evidence.get("events", 0)))
+        alert.updated_at = now
+        alert.save(update_fields=["evidence", "title", "updated_at"])
+        updated.append(alert.id)
+    return updated
 
 
 def _push(alert_ids: list[int]) -> None:
@@ -230,11 +291,24 @@ def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
     return {team_id: last - counts[team_id] + 1 for team_id, last in returned}
 
 
-def _title(trend: facade.TrendView) -> str:
+def _title(trend: facade.TrendView, *, events: int | None = None) -> str:
+    """ "Trending: <the story's label> in <source>: <posts>, <score>σ above baseline"."""
+    label = ", ".join(trend.story_label or (trend.term,))
     return (
-        f"Trending: {trend.term} in {trend.source_name}: {trend.events} posts, "
+        f"Trending: {label} in {trend.source_name}: {events or trend.events} posts, "
         f"{trend.score:.1f}σ above baseline"
     )[:300]
+
+
+def _story(trend: facade.TrendView) -> dict[str, Any]:
+    """The story part of an alert's evidence."""
+    return {
+        "id": trend.story_id if trend.story_id is not None else trend.id,
+        "label": list(trend.story_label or (trend.term,)),
+        "terms": list(trend.story_terms or (trend.term,)),
+        "forecast": trend.forecast,
+        "updated_by": trend.term,
+    }
 
 
 def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
@@ -297,6 +371,7 @@ def _evidence(trend: facade.TrendView) -> str:
             "detected_event_time": trend.evidence_created_at.isoformat(),
             "source": {"id": trend.source_id, "name": trend.source_name},
             "sample_event_ids": list(trend.sample_event_ids),
+            "story": _story(trend),
         },
         ensure_ascii=False,
     )

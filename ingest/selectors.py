@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import connection
@@ -101,27 +101,85 @@ def events_for_trends(
     when ``since`` is None), in event-time order (ties by external id), at most
     ``limit``. Callers pass ``until`` at or below ``input_low_watermark`` so every event
     returned is enriched and no earlier one can still arrive."""
-    from ingest.envelope import Author
-
     with connection.cursor() as cursor:
         cursor.execute(
             _RANGE_SQL,
             [source_id, since or datetime.min.replace(tzinfo=UTC), until, limit],
         )
-        rows = cursor.fetchall()
-    return [
-        TrendInput(
-            id=row[0],
-            external_id=row[1],
-            created_at=row[2],
-            received_at=row[3],
-            author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
-            terms=tuple(
-                dict.fromkeys(t[:TERM_MAX_CHARS] for t in (*row[6], *row[7], *row[8], *row[9]))
-            ),
-        )
-        for row in rows
-    ]
+        return [_trend_input(row) for row in cursor.fetchall()]
+
+
+_TERM_RANGE_SQL = """
+SELECT id, external_id, created_at, received_at, author_id, author_handle,
+       hashtags, mentions, cashtags, keywords
+FROM ingest_event
+WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at <= %(until)s
+  AND (%(term)s = ANY(hashtags) OR %(term)s = ANY(mentions) OR %(term)s = ANY(cashtags)
+       OR %(term)s = ANY(keywords))
+ORDER BY created_at, external_id
+LIMIT %(limit)s
+"""
+
+
+def events_for_term(
+    source_id: int, term: str, *, since: datetime, until: datetime, limit: int
+) -> list[TrendInput]:
+    """The events of ``source_id`` holding ``term`` with ``since <= created_at <=
+    until``, in event-time order (ties by external id), at most ``limit``: a trend's
+    posts, for the story layer (``mlengine.services.assign_stories``)."""
+    params: dict[str, Any] = {
+        "source": source_id,
+        "term": term,
+        "since": since,
+        "until": until,
+        "limit": limit,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_TERM_RANGE_SQL, params)
+        return [_trend_input(row) for row in cursor.fetchall()]
+
+
+_VOLUME_SQL = """
+SELECT floor(extract(epoch FROM created_at) / %(bucket_s)s)::bigint * %(bucket_s)s, count(*)
+FROM ingest_event
+WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at <= %(until)s
+  AND (hashtags && %(terms)s::varchar[] OR mentions && %(terms)s::varchar[]
+       OR cashtags && %(terms)s::varchar[] OR keywords && %(terms)s::varchar[])
+GROUP BY 1
+"""
+
+
+def volume_of_terms(
+    source_id: int, terms: Sequence[str], *, since: datetime, until: datetime, bucket_s: int
+) -> dict[int, int]:
+    """Events of ``source_id`` holding any of ``terms`` with ``since <= created_at <=
+    until``, per ``bucket_s`` bucket: ``{bucket start (epoch s): events}`` (a story's
+    volume, for its forecast)."""
+    params: dict[str, Any] = {
+        "source": source_id,
+        "terms": list(terms),
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_VOLUME_SQL, params)
+        return {int(start): int(count) for start, count in cursor.fetchall()}
+
+
+def _trend_input(row: Sequence[Any]) -> TrendInput:
+    from ingest.envelope import Author
+
+    return TrendInput(
+        id=row[0],
+        external_id=row[1],
+        created_at=row[2],
+        received_at=row[3],
+        author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
+        terms=tuple(
+            dict.fromkeys(t[:TERM_MAX_CHARS] for t in (*row[6], *row[7], *row[8], *row[9]))
+        ),
+    )
 
 
 def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:

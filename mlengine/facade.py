@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 
@@ -102,31 +103,77 @@ class TrendView:
     evidence_received_at: datetime
     evidence_created_at: datetime
     sample_event_ids: tuple[int, ...]
+    story_id: int | None = None
+    story_terms: tuple[str, ...] = ()
+    story_label: tuple[str, ...] = ()
+    forecast: dict[str, Any] | None = None
+
+    @property
+    def joins_story(self) -> bool:
+        """Whether this trend is a later member of a story (its alert is the story's,
+        updated), not the story's first trend."""
+        return self.story_id is not None and self.story_id != self.id
+
+
+STORY_LABEL_TERMS = 3
 
 
 def trends(trend_ids: Sequence[int]) -> list[TrendView]:
-    """The trends among ``trend_ids`` that still exist, ordered by id (one query)."""
-    rows = Trend.objects.filter(id__in=list(trend_ids)).select_related("source").order_by("id")
-    return [
-        TrendView(
-            id=t.id,
-            source_id=t.source_id,
-            source_name=t.source.name,
-            team_id=t.source.team_id,
-            term=t.term,
-            bucket_start=t.bucket_start,
-            bucket_s=t.bucket_s,
-            events=t.events,
-            expected=t.expected,
-            score=t.score,
-            authors_count=t.authors_count,
-            velocity=t.velocity,
-            evidence_received_at=t.evidence_received_at,
-            evidence_created_at=t.evidence_created_at,
-            sample_event_ids=tuple(t.sample_event_ids),
+    """The trends among ``trend_ids`` that still exist, ordered by id, each with its
+    story (``mlengine.stories``): ``story_id`` (the story's first trend), its member
+    terms up to this trend in order of detection, its label (the
+    ``STORY_LABEL_TERMS`` members with the most events) and its ``forecast`` (two
+    queries)."""
+    rows = list(
+        Trend.objects.filter(id__in=list(trend_ids)).select_related("source").order_by("id")
+    )
+    members: dict[int, list[tuple[datetime, int, str, int]]] = {}
+    story_ids = {t.story_id for t in rows if t.story_id is not None}
+    for story_id, created, member_id, term, events in (
+        Trend.objects.filter(story_id__in=story_ids)
+        .order_by("evidence_created_at", "id")
+        .values_list("story_id", "evidence_created_at", "id", "term", "events")
+    ):
+        members.setdefault(story_id, []).append((created, member_id, term, events))
+
+    def story_of(t: Trend) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if t.story_id is None:
+            return (t.term,), (t.term,)
+        upto = [
+            m for m in members.get(t.story_id, []) if (m[0], m[1]) <= (t.evidence_created_at, t.id)
+        ]
+        terms = tuple(dict.fromkeys(m[2] for m in upto)) or (t.term,)
+        ranked = sorted(upto, key=lambda m: -m[3])
+        label = tuple(dict.fromkeys(m[2] for m in ranked))[:STORY_LABEL_TERMS] or (t.term,)
+        return terms, label
+
+    views = []
+    for t in rows:
+        terms, label = story_of(t)
+        views.append(
+            TrendView(
+                id=t.id,
+                source_id=t.source_id,
+                source_name=t.source.name,
+                team_id=t.source.team_id,
+                term=t.term,
+                bucket_start=t.bucket_start,
+                bucket_s=t.bucket_s,
+                events=t.events,
+                expected=t.expected,
+                score=t.score,
+                authors_count=t.authors_count,
+                velocity=t.velocity,
+                evidence_received_at=t.evidence_received_at,
+                evidence_created_at=t.evidence_created_at,
+                sample_event_ids=tuple(t.sample_event_ids),
+                story_id=t.story_id,
+                story_terms=terms,
+                story_label=label,
+                forecast=t.forecast or None,
+            )
         )
-        for t in rows
-    ]
+    return views
 
 
 def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) -> list[int]:

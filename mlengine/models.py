@@ -76,6 +76,10 @@ class BucketCount(models.Model):
 class Trend(models.Model):
     """A term whose count in an event-time bucket rose well above its baseline.
 
+    Trends that surge together are one story (``mlengine.stories``): ``story`` is the
+    story's first trend, whose alert the later members update; ``forecast`` is the
+    story's volume forecast when this member joined.
+
     ``score`` is the deviation from the expected count in units of its Poisson
     standard deviation (see ``mlengine/trends.py``); ``velocity`` is the change in
     events per minute from the previous bucket. The evidence fields name the event whose
@@ -99,6 +103,20 @@ class Trend(models.Model):
     evidence_received_at = models.DateTimeField()
     evidence_created_at = models.DateTimeField()
     sample_event_ids = ArrayField(models.BigIntegerField(), default=list)
+    story = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="members",
+        help_text="The story's first trend (itself, for that one): mlengine.stories.",
+    )
+    forecast = models.JSONField(
+        default=dict,
+        db_default=models.Value({}, output_field=models.JSONField()),
+        blank=True,
+        help_text="The story's volume forecast at this trend (mlengine.forecast.Forecast).",
+    )
 
     class Meta:
         constraints = [

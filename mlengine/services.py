@@ -41,7 +41,9 @@ from psycopg2.extras import execute_values
 from ingest import selectors as ingest_selectors
 from ingest.models import Source
 from ingest.selectors import TrendInput
-from mlengine.models import TOTAL_TERM, BucketCount, StreamClock
+from mlengine.forecast import forecast, project_bucket_count
+from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
+from mlengine.stories import StoryParams, choose_story
 from mlengine.trends import TermWindow, TrendParams, baseline_range, bucket_start, score_term
 from mlengine.trends import suggest_bucket_s as ladder_bucket_s
 from twiscope import pipeline
@@ -123,6 +125,8 @@ def advance_stream(*, source_id: int) -> list[int]:
             target = events[MAX_EVENTS_PER_ADVANCE].created_at
             events = [e for e in events[:MAX_EVENTS_PER_ADVANCE] if e.created_at < target]
         new_trends = _count(source, clock, events) if events else []
+        if new_trends:
+            assign_stories(source_id, new_trends)
         StreamClock.objects.filter(source_id=source_id).update(
             watermark=target,
             counted_events=F("counted_events") + len(events),
@@ -519,6 +523,104 @@ def _save_trends(source_id: int, params: TrendParams, cells: _Cells, now: dateti
                 " %s::timestamptz)",
             )
     return new_ids
+
+
+def story_params() -> StoryParams:
+    """The story layer's parameters in production (``TRENDS_STORY_MIN_OVERLAP``; no
+    emerging predictions on the database path)."""
+    return StoryParams(min_overlap=settings.TRENDS_STORY_MIN_OVERLAP, emerging=False)
+
+
+def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
+    """Put each new trend of ``source_id`` in a story, in event-time order of detection.
+
+    The rule is ``mlengine.stories.choose_story``, on the same posts as the in-memory
+    ``StoryDetector``: the trend's posts in its bucket up to its evidence and in the
+    bucket before (at most ``max_postings`` a bucket), against each live story's. A live
+    story is one with a member in the ``ttl`` before (the baseline window). A term
+    already in a live story stays in it. Each trend also stores its story's forecast
+    (``mlengine.forecast.forecast``) of posts per bucket holding any member, the current
+    bucket projected to its end.
+
+    Side effects: ``Trend.story`` and ``Trend.forecast`` of ``trend_ids``.
+    """
+    new = list(Trend.objects.filter(id__in=list(trend_ids)).order_by("evidence_created_at", "id"))
+    if not new:
+        return
+    params = story_params()
+    bucket_s = new[0].bucket_s
+    ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
+    stories: dict[int, set[str]] = defaultdict(set)
+    last_bucket: dict[int, datetime] = {}
+    for story_id, term, start in Trend.objects.filter(
+        source_id=source_id, story__isnull=False, bucket_start__gte=new[0].bucket_start - ttl
+    ).values_list("story_id", "term", "bucket_start"):
+        stories[story_id].add(term)
+        last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
+    for trend in new:
+        live = {
+            sid: terms
+            for sid, terms in stories.items()
+            if last_bucket[sid] >= trend.bucket_start - ttl
+        }
+        joined = next((sid for sid, terms in live.items() if trend.term in terms), None)
+        if joined is None:
+            joined = _closest_story(source_id, trend, live, params)
+        story_id = joined if joined is not None else trend.id
+        stories[story_id].add(trend.term)
+        last_bucket[story_id] = max(
+            trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
+        )
+        trend.story_id = story_id
+        trend.forecast = _story_forecast(source_id, trend, sorted(stories[story_id]), params)
+        trend.save(update_fields=["story", "forecast"])
+
+
+def _closest_story(
+    source_id: int, trend: Trend, live: dict[int, set[str]], params: StoryParams
+) -> int | None:
+    """The live story ``trend`` joins by ``choose_story``, or None."""
+    if not live:
+        return None
+    posts: list[TrendInput] = []
+    for start in (trend.bucket_start - timedelta(seconds=trend.bucket_s), trend.bucket_start):
+        end = min(trend.evidence_created_at, start + timedelta(seconds=trend.bucket_s - 1e-6))
+        posts += ingest_selectors.events_for_term(
+            source_id, trend.term, since=start, until=end, limit=params.max_postings
+        )
+    term_posts = {p.id for p in posts}
+    # |A ∩ B| needs B only within A: the story's posts among the term's own.
+    candidates = {
+        sid: {p.id for p in posts if terms.intersection(p.terms)} for sid, terms in live.items()
+    }
+    return choose_story(term_posts, candidates, params.min_overlap)
+
+
+def _story_forecast(
+    source_id: int, trend: Trend, terms: list[str], params: StoryParams
+) -> dict[str, Any]:
+    """The story's forecast at ``trend`` (``mlengine.forecast``), as JSON."""
+    bucket_s = trend.bucket_s
+    now = int(trend.bucket_start.timestamp())
+    since = trend.bucket_start - timedelta(seconds=bucket_s * (params.horizon + 2))
+    volume = ingest_selectors.volume_of_terms(
+        source_id, terms, since=since, until=trend.evidence_created_at, bucket_s=bucket_s
+    )
+    first = min([*volume, now])
+    series = [float(volume.get(b, 0)) for b in range(first, now, bucket_s)]
+    elapsed = (trend.evidence_created_at - trend.bucket_start).total_seconds()
+    series.append(float(project_bucket_count(volume.get(now, 0), elapsed, bucket_s)))
+    result = forecast(series, horizon=params.horizon)
+    return {
+        "next_counts": [round(v, 2) for v in result.next_counts],
+        "peak_volume": round(result.peak_volume, 2),
+        "buckets_to_peak": result.buckets_to_peak,
+        "time_to_peak_s": result.buckets_to_peak * bucket_s,
+        "growth": round(result.growth, 4),
+        "acceleration": round(result.acceleration, 4),
+        "method": result.method,
+        "bucket_s": bucket_s,
+    }
 
 
 def count_late_events(*, source_ids: Sequence[int]) -> int:

@@ -95,11 +95,14 @@ def quiet_history(buckets: int, *, per_bucket: int = 10, bucket_min: int = 15) -
 
 
 def burst(term: str, *, count: int, minutes: float, authors: int | None = None) -> list[Envelope]:
-    """``count`` posts about ``term`` at ``minutes``, by ``authors`` distinct authors."""
+    """``count`` posts about ``term`` at ``minutes``, by ``authors`` distinct authors.
+
+    The posts hold no other term, so two bursts of different terms are two stories
+    (``mlengine.stories``); posts that mix terms make one."""
     n_authors = authors or count
     return [
         envelope(
-            f"wow look at {term} right now",
+            f"so much {term} here",
             minutes=minutes + i * 0.01,
             author=f"fan{i % n_authors}",
         )
@@ -151,11 +154,17 @@ def run_through(
 
 
 def fire_blizzard_alerts(team: Team) -> list[int]:
-    """A source, a rule and a "#blizzard" burst after six quiet buckets, run through
-    every stage up to the alerts; returns the new alert ids (not yet pushed)."""
+    """A source, a rule, and a "#blizzard" and a "#flood" burst (two stories) after six
+    quiet buckets, run through every stage up to the alerts; returns the new alert ids
+    (not yet pushed)."""
     from alerts import services as alert_services
 
     source = make_source(team)
     make_rule(team)
-    trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
+    trend_ids = run_through(
+        source,
+        quiet_history(6)
+        + burst("#blizzard", count=12, minutes=91)
+        + burst("#flood", count=12, minutes=92),
+    )
     return alert_services.evaluate_trends(trend_ids=trend_ids)

@@ -121,6 +121,7 @@ def test_the_dashboard_has_a_sources_panel_with_health_and_add_forms(
     for form in ("add-feed", "add-webhook", "add-x", "add-telegram", "edit-source"):
         assert f'id="{form}"' in html
     assert "poll(refreshSources" in script
+    assert "msg.type === 'alert.updated'" in script  # a story's alert grows in place
     assert "wireSourceForm('add-x'" in script and "wireSourceForm('add-telegram'" in script
     assert "method: 'PATCH'" in script and "method: 'POST'" in script
 

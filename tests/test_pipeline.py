@@ -334,3 +334,70 @@ def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:
     assert len(enriched) == 4
     hashtags = list(Event.objects.filter(text=text).values_list("hashtags", flat=True))
     assert hashtags == [["#boston"]] * 3
+
+
+def test_terms_that_surge_together_are_one_story_with_one_alert_updated_as_it_grows() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    # One event, three ways of naming it, posts mixing them; then an unrelated burst.
+    story = [
+        envelope(text, minutes=91 + i * 0.05, author=f"witness{i}")
+        for i, text in enumerate(
+            ["#blizzard hits the coast", "#snowstorm and #blizzard tonight", "#snowstorm again"] * 6
+        )
+    ]
+    other = burst("#flood", count=12, minutes=93)
+
+    trend_ids = run_through(source, quiet_history(6) + story + other)
+    alert_ids = alert_services.evaluate_trends(trend_ids=trend_ids)
+
+    trends = {t.term: t for t in Trend.objects.filter(id__in=trend_ids)}
+    assert {"#blizzard", "#snowstorm", "#flood"} <= set(trends)
+    assert trends["#snowstorm"].story_id == trends["#blizzard"].story_id == trends["#blizzard"].id
+    assert trends["#flood"].story_id == trends["#flood"].id
+    assert trends["#blizzard"].forecast["next_counts"]
+    alerts = Alert.objects.filter(id__in=alert_ids).order_by("seq")
+    assert [a.trend.term for a in alerts] == ["#blizzard", "#flood"]  # one per story
+    blizzard = alerts[0]
+    assert blizzard.updated_at is not None
+    assert set(blizzard.evidence["story"]["terms"]) >= {"#blizzard", "#snowstorm"}
+    assert "#snowstorm" in blizzard.title and "#blizzard" in blizzard.title
+    assert alerts[1].updated_at is None
+    assert alerts[1].evidence["story"]["terms"] == ["#flood"]
+
+
+def test_a_story_that_grows_after_its_alert_was_sent_pushes_alert_updated() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    history = quiet_history(6)
+    first = [
+        envelope("#blizzard hits the coast", minutes=91 + i * 0.1, author=f"w{i}") for i in range(8)
+    ]
+    later = [
+        envelope("#snowstorm and #blizzard now", minutes=94 + i * 0.1, author=f"v{i}")
+        for i in range(10)
+    ]
+    created = alert_services.evaluate_trends(trend_ids=run_through(source, history + first))
+    push.push_alerts(alert_ids=created)
+
+    async def listen() -> list[dict]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(push.alerts_group(personas.team.id), channel)
+        again = await sync_to_async(alert_services.evaluate_trends)(
+            trend_ids=await sync_to_async(run_through)(source, later)
+        )
+        assert again == []  # no new alert: the story's alert was updated
+        batch = await layer.receive(channel)
+        return batch["messages"]
+
+    with mock.patch("django.db.transaction.on_commit", side_effect=lambda f, **_: f()):
+        messages = async_to_sync(listen)()
+
+    assert len(created) == 1
+    assert [m["type"] for m in messages] == ["alert.updated"]
+    assert messages[0]["seq"] == Alert.objects.get(id=created[0]).seq
+    assert "#snowstorm" in messages[0]["alert"]["evidence"]["story"]["terms"]
+    assert messages[0]["alert"]["updated_at"] is not None

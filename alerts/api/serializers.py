@@ -41,6 +41,7 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
             "event_created_at",
             "created_at",
             "pushed_at",
+            "updated_at",
             "latency_ms",
         ]
         read_only_fields = fields

@@ -12,6 +12,7 @@
  *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
  *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
  *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
+ *                     {"type": "alert.updated", ...}: a story's alert grew, same seq
  *
  * The channel layer is at most once, so the feed is a REST snapshot plus pushed alerts:
  * every (re)connect reloads the snapshot, and a per-team sequence number that is not
@@ -888,6 +889,7 @@
         `${fmtInt(ev.events)} events vs ${fmt1(ev.expected)} expected · score ${fmt2(ev.score)}`,
         isNum(ev.authors_count) ? ` · ${fmtInt(ev.authors_count)} authors` : '',
         ev.source?.name ? ` · ${ev.source.name}` : '') : null,
+      storyLine(ev.story, a.updated_at),
       a.trend !== null && a.trend !== undefined
         ? h('button', {
           type: 'button',
@@ -896,6 +898,22 @@
         }, 'Show posts')
         : null);
     return li;
+  }
+
+  /** The story behind an alert: its terms, when it last grew, and its forecast. */
+  function storyLine(story, updatedAt) {
+    if (!story || !Array.isArray(story.terms)) return null;
+    const f = story.forecast;
+    const peak = f && isNum(f.peak_volume)
+      ? ` · forecast: peak ≈ ${fmtInt(Math.round(f.peak_volume))} posts per bucket`
+        + (isNum(f.time_to_peak_s) && f.time_to_peak_s > 0
+          ? ` in ${fmt1(f.time_to_peak_s / 3600)} h` : ', now')
+      : '';
+    return h('div', { class: 'alert-story' },
+      story.terms.length > 1 ? `story of ${story.terms.length} terms: ` : 'story: ',
+      h('strong', null, story.terms.join(', ')),
+      updatedAt ? h('small', { class: 'muted' }, ' · updated ', timeEl(updatedAt)) : null,
+      peak);
   }
 
   function alertOrder(a, b) {
@@ -1050,6 +1068,14 @@
     }
     if (msg.type === 'hello') onHello(msg);
     else if (msg.type === 'alert.created') onAlertCreated(msg);
+    else if (msg.type === 'alert.updated') onAlertUpdated(msg);
+  }
+
+  /** A story's alert grew (a new member term): replace it in place, no new seq. */
+  function onAlertUpdated(msg) {
+    if (!msg.alert) return;
+    upsertAlert(msg.alert, false);
+    renderAlerts();
   }
 
   function scheduleReconnect() {

@@ -1,6 +1,14 @@
 """``manage.py evaluate <task> --data DIR --split NAME [--json OUT]``: the task's
 official metric for its active head on a TweetEval-layout split, with per-class figures
-(macro-averaged recall for sentiment; macro-F1 for emotion and offensive)."""
+(macro-averaged recall for sentiment; macro-F1 for emotion and offensive).
+
+``manage.py evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: the anomaly
+detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
+(``mlengine.anomaly_eval``).
+
+``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
+active virality model on a trump_tweets-layout CSV's posts from DATE on
+(``mlengine.virality``)."""
 
 from __future__ import annotations
 
@@ -17,12 +25,44 @@ class Command(BaseCommand):
     help = "Evaluate the active head of a task on DIR/SPLIT_text.txt and DIR/SPLIT_labels.txt."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("task", help=f"one of: {', '.join(sorted(heads.TASKS))}")
-        parser.add_argument("--data", type=Path, required=True)
-        parser.add_argument("--split", required=True)
+        parser.add_argument(
+            "task",
+            help=f"one of: {', '.join(sorted(heads.TASKS))}, trends, anomaly, virality",
+        )
+        parser.add_argument("--data", type=Path, default=None)
+        parser.add_argument("--split", default=None)
+        parser.add_argument("--nab", type=Path, default=None, help="anomaly: NAB folder")
+        parser.add_argument(
+            "--detections", type=Path, default=None, help="anomaly: write NAB result files here"
+        )
+        parser.add_argument(
+            "--crisislex", type=Path, default=None, help="trends: CrisisLexT26 event folders"
+        )
+        parser.add_argument(
+            "--detector",
+            choices=("stories", "terms"),
+            default="stories",
+            help="trends: the story layer (default) or the term-level detector before it",
+        )
+        parser.add_argument(
+            "--since",
+            default=None,
+            help="virality: score only posts at or after DATE (earlier rows are history)",
+        )
         parser.add_argument("--json", type=Path, default=None, help="write the result here")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["task"] == "trends":
+            self._trends(options)
+            return
+        if options["task"] == "anomaly":
+            self._anomaly(options)
+            return
+        if options["task"] == "virality":
+            self._virality(options)
+            return
+        if options["data"] is None or options["split"] is None:
+            raise CommandError("--data and --split are required for this task")
         try:
             result = training.evaluate(options["task"], options["data"], options["split"])
         except (heads.UnknownTask, heads.DataError, training.NoTrainedModel) as exc:
@@ -34,6 +74,84 @@ class Command(BaseCommand):
         )
         for line in heads.per_class_lines(result["per_class"]):
             self.stdout.write(line)
+        self._write_json(options, result)
+
+    def _anomaly(self, options: dict[str, Any]) -> None:
+        """``evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: NAB scores of
+        the anomaly detector's own decisions on ``DIR/realTweets/*.csv``."""
+        from mlengine import anomaly_eval, nab
+
+        if options["nab"] is None:
+            raise CommandError("evaluate anomaly needs --nab DIR (a NAB folder)")
+        try:
+            result = anomaly_eval.run(options["nab"], options["detections"])
+        except nab.NabDataError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"anomaly ({result['detector']}) on {result['files']} NAB files: "
+            + ", ".join(f"{p} {result[p]:.2f}" for p in anomaly_eval.PROFILES)
+        )
+        for name, row in result["per_file"].items():
+            self.stdout.write(
+                f"  {name}: standard {row['standard']:.2f}, "
+                f"{row['detected']}/{row['windows']} windows, {row['false_positives']} FP"
+            )
+        self._write_json(options, result)
+
+    def _trends(self, options: dict[str, Any]) -> None:
+        """``evaluate trends --crisislex DIR [--detector stories|terms] [--json OUT]``: the
+        trend detector replayed on each CrisisLexT26 event (``mlengine.crisislex``)."""
+        from mlengine import crisislex
+
+        if options["crisislex"] is None:
+            raise CommandError("evaluate trends needs --crisislex DIR (CrisisLexT26 events)")
+        try:
+            result = crisislex.evaluate(options["crisislex"], detector=options["detector"])
+        except crisislex.CrisisLexError as exc:
+            raise CommandError(str(exc)) from exc
+        for row in result["events"]:
+            self.stdout.write(
+                f"  {row['name']}: {row['alerts']} alerts, first keyword alert "
+                f"{row['first_alert_delay_h']} h after onset, keyword precision "
+                f"{row['keyword_precision']}, peak lead {row['peak_lead_h']} h"
+            )
+        self.stdout.write(
+            f"trends ({result['detector']}) on {len(result['events'])} CrisisLexT26 events: "
+            f"median alerts {result['median_alerts']}, median first-alert delay "
+            f"{result['median_first_alert_delay_h']} h"
+        )
+        self._write_json(options, result)
+
+    def _virality(self, options: dict[str, Any]) -> None:
+        """``evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
+        active virality model (``mlengine.virality``)."""
+        from tqdm import tqdm
+
+        from mlengine import virality
+
+        if options["data"] is None:
+            raise CommandError("evaluate virality needs --data CSV (trump_tweets layout)")
+        try:
+            since = virality.parse_date(options["since"]) if options["since"] else None
+        except ValueError as exc:
+            raise CommandError(f"--since: {exc}") from exc
+        bar = tqdm(desc="embedding", unit="text", file=self.stderr, disable=None, leave=False)
+        try:
+            result = virality.evaluate(options["data"], since=since, embed_progress=bar.update)
+        except (virality.DataError, training.NoTrainedModel) as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            bar.close()
+        self.stdout.write(
+            f"virality on {result['data']} since {result['since'] or 'the start'} "
+            f"({result['n']} posts, {result['positives']} viral), {result['model_version']}: "
+            f"roc_auc {result['roc_auc']}"
+        )
+        keys = ("roc_auc", "n", "positives", "model_version")
+        self._write_json(options, {k: result[k] for k in keys})
+
+    def _write_json(self, options: dict[str, Any], result: dict[str, Any]) -> None:
+        """Write ``result`` to ``--json OUT``, when given."""
         if options["json"]:
             options["json"].write_text(json.dumps(result, indent=2) + "\n")
             self.stdout.write(f"wrote {options['json']}")
