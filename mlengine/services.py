@@ -7,7 +7,8 @@ order** (ties by external id), as if it lived through them one by one:
 
 - each event adds one to its bucket's total and to each of its terms, with its author;
 - at each of a term's events the term is scored on the bucket-so-far
-  (``mlengine.trends.score_term``); the first event at which it passes every threshold
+  (``mlengine.trends.score_terms``, all of a bucket's windows in one vectorised call);
+  the first event at which it passes every threshold
   is the trend's detection, and that event is its evidence.
 
 So a verdict is a function of the events alone: the earliest event time at which the
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
@@ -44,7 +46,7 @@ from ingest.selectors import TrendInput
 from mlengine.forecast import forecast, project_bucket_count
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from mlengine.stories import StoryParams, choose_story
-from mlengine.trends import TermWindow, TrendParams, baseline_range, bucket_start, score_term
+from mlengine.trends import TrendParams, baseline_range, bucket_start, score_terms
 from mlengine.trends import suggest_bucket_s as ladder_bucket_s
 from twiscope import pipeline
 
@@ -206,10 +208,15 @@ def _scan_bucket(
     candidates: set[Key],
     history: _History,
 ) -> None:
-    """Live through one bucket's new events in order, scoring candidates as they grow."""
+    """Live through one bucket's new events in order; score every candidate window of
+    the bucket at once (``score_terms``, one vectorised call) and keep, per term, the
+    first window that passes: the detection, whatever the events after it."""
     baseline = history.baseline(start, params)
     total = cells[(start, TOTAL_TERM)]
-    for event in events:
+    # One row per (term, event) window that may trend: the bucket-so-far at that event.
+    rows: list[tuple[str, int, int, int, int, int, int, int]] = []
+    seen_at: dict[str, list[int]] = defaultdict(list)  # a term's events (indices) here
+    for index, event in enumerate(events):
         total.events += 1
         if len(total.authors) < BucketCount.AUTHORS_CAP:
             total.authors.add(event.author)
@@ -223,34 +230,46 @@ def _scan_bucket(
             if cell.trend is not None:
                 _grow(cell, event)
                 continue
+            seen_at[term].append(index)
             if cell.events < params.min_events or (start, term) not in candidates:
                 continue
             hist_events, prev_events = baseline.terms.get(term, (0, 0))
-            verdict = score_term(
-                TermWindow(
-                    term=term,
-                    events=cell.events,
-                    authors=len(cell.authors),
-                    bucket_total=total.events,
-                    source_authors=max(len(total.authors), baseline.max_authors),
-                    hist_events=hist_events,
-                    hist_total=baseline.total,
-                    hist_buckets=baseline.buckets,
-                    mean_bucket_total=baseline.mean_total,
-                    prev_events=prev_events,
-                ),
-                params,
-            )
-            if verdict.is_trend:
-                cell.trend = {
-                    "new": True,
-                    "expected": verdict.expected,
-                    "score": verdict.score,
-                    "velocity": verdict.velocity,
-                    "evidence_received_at": event.received_at,
-                    "evidence_created_at": event.created_at,
-                    "sample_event_ids": [event.id],
-                }
+            source_authors = max(len(total.authors), baseline.max_authors)
+            window = (cell.events, len(cell.authors), total.events, source_authors)
+            rows.append((term, index, *window, hist_events, prev_events))
+    if not rows:
+        return
+    columns = list(zip(*rows, strict=True))
+    verdicts = score_terms(
+        params,
+        events=np.asarray(columns[2]),
+        authors=np.asarray(columns[3]),
+        bucket_total=np.asarray(columns[4]),
+        source_authors=np.asarray(columns[5]),
+        hist_events=np.asarray(columns[6]),
+        hist_total=baseline.total,
+        hist_buckets=baseline.buckets,
+        mean_bucket_total=baseline.mean_total,
+        prev_events=np.asarray(columns[7]),
+    )
+    for i in np.flatnonzero(verdicts.is_trend):
+        term, index = rows[i][0], rows[i][1]
+        cell = cells[(start, term)]
+        if cell.trend is not None:
+            continue  # an earlier window of the term passed first
+        event = events[index]
+        cell.trend = {
+            "new": True,
+            "expected": round(float(verdicts.expected[i]), 4),
+            "score": round(float(verdicts.score[i]), 4),
+            "velocity": round(float(verdicts.velocity[i]), 4),
+            "evidence_received_at": event.received_at,
+            "evidence_created_at": event.created_at,
+            "sample_event_ids": [event.id],
+        }
+        for after in seen_at[term]:
+            if after > index:
+                _grow(cell, events[after])
 
 
 def _grow(cell: _Cell, event: TrendInput) -> None:

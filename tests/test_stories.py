@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+from django.core.management import call_command
 
 from ingest import selectors
 from mlengine import services as ml_services
@@ -264,3 +266,14 @@ def test_a_bucket_still_filling_is_projected_at_its_rate_so_far() -> None:
     projected = project_bucket_count([10, 10, 10], [450, 900, 60], 900)
 
     assert projected.tolist() == [20.0, 10.0, 40.0]
+
+
+def test_bench_trends_reports_the_scoring_cost_per_window(tmp_path) -> None:
+    out = tmp_path / "trends.json"
+
+    call_command("bench", "trends", "--runs", "1", "--json", str(out))
+
+    result = json.loads(out.read_text())
+    assert set(result["windows"]) == {"1000", "10000", "100000"}
+    for row in result["windows"].values():
+        assert row["vectorised_us_per_window"] > 0 and row["scalar_us_per_window"] > 0

@@ -1,5 +1,7 @@
 """``manage.py bench encoder``: texts per second of the encoder, reference against
-production, on real tweets.
+production, on real tweets. ``manage.py bench trends``: the trend detector's scoring
+cost per batch of term windows (``score_terms``, vectorised, against ``score_term``
+window by window, in the same run).
 
 It reads up to ``--texts`` real posts (the airline archive, TweetEval's sentiment texts
 and CrisisLexT26, from ``--data``), embeds them with the reference (plain transformers,
@@ -80,11 +82,14 @@ def _rate(fn: Callable[[Sequence[str]], np.ndarray], texts: list[str], runs: int
 
 
 class Command(BaseCommand):
-    help = "Benchmark a model: 'encoder' (texts/s, reference against production)."
+    help = (
+        "Benchmark a model: 'encoder' (texts/s, reference against production) or 'trends' "
+        "(the trend detector's scoring cost per window)."
+    )
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("what", choices=["encoder"])
+        parser.add_argument("what", choices=["encoder", "trends"])
         parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
         parser.add_argument("--texts", type=int, default=512, help="how many real texts")
         parser.add_argument("--runs", type=int, default=3, help="runs per setting (median)")
@@ -96,6 +101,9 @@ class Command(BaseCommand):
         parser.add_argument("--json", type=Path, default=None, help="write the figures here")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["what"] == "trends":
+            self._trends(options)
+            return
         try:
             sizes = [int(s) for s in options["batch_sizes"].split(",") if s.strip()]
         except ValueError as exc:
@@ -139,6 +147,54 @@ class Command(BaseCommand):
         )
         if encoder.pick_device() == "cuda":
             result["cuda"] = self._cuda(texts, sizes, runs, reference_vectors)
+        if options["json"]:
+            options["json"].write_text(json.dumps(result, indent=2) + "\n")
+            self.stdout.write(f"wrote {options['json']}")
+
+    def _trends(self, options: dict[str, Any]) -> None:
+        """Scoring cost of ``n`` term windows (1,000 to 100,000): microseconds a window
+        for ``score_terms`` (one call) and for ``score_term`` (a Python loop, the way the
+        database path scored before), median of ``--runs``; windows drawn from a seeded
+        generator over the ranges a busy stream's bucket shows."""
+        from mlengine.trends import TermWindow, TrendParams, score_term, score_terms
+
+        params = TrendParams()
+        rng = np.random.default_rng(7)
+        runs = max(1, options["runs"])
+        result: dict[str, Any] = {"runs": runs, "windows": {}}
+        for n in (1_000, 10_000, 100_000):
+            cols = {
+                "events": rng.integers(5, 500, n),
+                "authors": rng.integers(1, 200, n),
+                "bucket_total": rng.integers(500, 20_000, n),
+                "source_authors": rng.integers(50, 200, n),
+                "hist_events": rng.integers(0, 5_000, n),
+                "prev_events": rng.integers(0, 500, n),
+            }
+            hist = {"hist_total": 200_000, "hist_buckets": 24, "mean_bucket_total": 8_000.0}
+            windows = [
+                TermWindow(term=f"t{i}", **{k: int(v[i]) for k, v in cols.items()}, **hist)
+                for i in range(n)
+            ]
+            vector, scalar = [], []
+            for _ in range(runs):
+                started = time.perf_counter()
+                score_terms(params, **cols, **hist)
+                vector.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                for window in windows:
+                    score_term(window, params)
+                scalar.append(time.perf_counter() - started)
+            row = {
+                "vectorised_us_per_window": round(statistics.median(vector) / n * 1e6, 4),
+                "scalar_us_per_window": round(statistics.median(scalar) / n * 1e6, 4),
+            }
+            row["ratio"] = round(row["scalar_us_per_window"] / row["vectorised_us_per_window"], 1)
+            result["windows"][str(n)] = row
+            self.stdout.write(
+                f"{n:>7} windows: score_terms {row['vectorised_us_per_window']} µs a window, "
+                f"score_term {row['scalar_us_per_window']} µs ({row['ratio']}x)"
+            )
         if options["json"]:
             options["json"].write_text(json.dumps(result, indent=2) + "\n")
             self.stdout.write(f"wrote {options['json']}")
