@@ -12,8 +12,15 @@ streams by hashed significance thresholds", KDD 2014), on exact counts:
   mean_bucket_total)``: the share times the bucket's volume, so a busy hour does not
   make every common word a trend, and a bucket still filling is judged against a
   whole bucket's volume (a decision taken early is never undone by more events).
-- ``score = (events − expected) / sqrt(expected + 1)``: the deviation in Poisson
-  standard deviations, with a unit floor on the variance so that a handful of
+- Posts are weighed by distinct authors: a term's ``events`` count as
+  ``authors × (1 + ln(events / authors))`` (each author's posts sublinearly, as
+  sublinear tf scaling does in retrieval: Manning, Raghavan & Schütze, "Introduction to
+  Information Retrieval", 2008, §6.4.1). 1,000 posts by 1,000 accounts count 1,000;
+  by 10 accounts, 56. Where authors are not all known (``AUTHORS_CAP`` reached) or the
+  stream has fewer than ``min_authors`` authors in any bucket (one channel, one
+  person's feed), posts count as they are.
+- ``score = (weighted events − expected) / sqrt(expected + 1)``: the deviation in
+  Poisson standard deviations, with a unit floor on the variance so that a handful of
   events of a new term does not score in the hundreds.
 - A term trends when ``score ≥ min_score``, ``events ≥ min_events``, the source has at
   least ``min_history_buckets`` of history, and at least ``min(min_authors,
@@ -40,6 +47,9 @@ import numpy.typing as npt
 from mlengine.forecast import project_bucket_count
 
 BUCKET_LADDER_S = (60, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600)
+AUTHORS_CAP = 200
+"""Distinct authors kept per term and bucket, as ``mlengine.models.BucketCount`` keeps:
+enough to decide ``min_authors``; at the cap, posts are not weighed by authors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,11 @@ def score_terms(
     (numpy's broadcasting errors otherwise).
     """
     n_events = np.asarray(events, dtype=np.float64)
+    n_authors = np.asarray(authors, dtype=np.float64)
+    many_authors = np.asarray(source_authors, dtype=np.float64) >= params.min_authors
+    weigh = many_authors & (n_authors > 0) & (n_authors < AUTHORS_CAP) & (n_events > n_authors)
+    ratio = np.where(weigh, n_events / np.maximum(n_authors, 1.0), 1.0)
+    weighted = np.where(weigh, n_authors * (1.0 + np.log(ratio)), n_events)
     rate = (np.asarray(hist_events, dtype=np.float64) + 0.5) / (
         np.asarray(hist_total, dtype=np.float64) + 1.0
     )
@@ -143,7 +158,7 @@ def score_terms(
         np.asarray(mean_bucket_total, dtype=np.float64),
     )
     expected = rate * volume
-    score = (n_events - expected) / np.sqrt(expected + 1.0)
+    score = (weighted - expected) / np.sqrt(expected + 1.0)
     velocity = (n_events - np.asarray(prev_events, dtype=np.float64)) / (params.bucket_s / 60)
     required_authors = np.maximum(
         1, np.minimum(params.min_authors, np.asarray(source_authors, dtype=np.int64))
@@ -250,11 +265,6 @@ class _PastBucket:
     total: int
     authors: int
     terms: dict[str, int]
-
-
-AUTHORS_CAP = 200
-"""Distinct authors kept per term and bucket, as ``mlengine.models.BucketCount`` keeps:
-enough to decide ``min_authors``."""
 
 
 class TermStream:

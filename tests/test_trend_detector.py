@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 import pytest
 
 from ingest.services import events_per_active_day
-from mlengine.trends import TermWindow, TrendParams, bucket_start, score_term, suggest_bucket_s
+from mlengine.trends import (
+    TermWindow,
+    TrendParams,
+    bucket_start,
+    score_term,
+    score_terms,
+    suggest_bucket_s,
+)
 
 
 def suggest_trend_bucket_s(times: list[datetime]) -> int:
@@ -108,3 +116,30 @@ def test_one_burst_day_makes_the_buckets_finer() -> None:
 
     assert suggest_trend_bucket_s(quiet) == 86400
     assert suggest_trend_bucket_s(quiet + burst) == 6 * 3600
+
+
+def test_posts_are_weighed_by_distinct_authors_except_in_a_few_author_stream() -> None:
+    params = TrendParams()
+    common = {
+        "bucket_total": 5000,
+        "hist_events": 100,
+        "hist_total": 100_000,
+        "hist_buckets": 24,
+        "mean_bucket_total": 4000.0,
+        "prev_events": 0,
+    }
+
+    crowd, few, channel = score_terms(
+        params,
+        events=[1000, 1000, 1000],
+        authors=[199, 10, 1],
+        source_authors=[199, 199, 1],
+        **common,
+    ).score
+
+    # 1,000 posts by 10 accounts count as 10 * (1 + ln 100) ≈ 56; by 199 (under the cap)
+    # as 199 * (1 + ln 5.03) ≈ 520; a one-account stream's 1,000 posts count 1,000.
+    assert few < crowd < channel
+    expected = 100.5 / 100_001 * 5000
+    weighted = 10 * (1 + math.log(100))
+    assert few == pytest.approx((weighted - expected) / math.sqrt(expected + 1), rel=1e-9)
