@@ -9,8 +9,23 @@ from __future__ import annotations
 
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
+from django.db.models import Func, Value
+from django.db.models.functions import Coalesce, Lower, NullIf
 
 from teams.models import Team
+
+AUTHOR_KEY = Coalesce(
+    NullIf("author_id", Value("")),
+    Func(
+        Lower(NullIf("author_handle", Value(""))),
+        template="('@' || %(expressions)s)",
+        output_field=models.CharField(),
+    ),
+)
+"""Who posted an event, as ``ingest.envelope.Author.key`` says it: the author id, else
+"@" and the lower-cased handle; NULL when the source tells neither. Raw SQL that must
+use the virality history index spells it ``AUTHOR_KEY_SQL``."""
+AUTHOR_KEY_SQL = "COALESCE(NULLIF({t}.author_id, ''), '@' || lower(NULLIF({t}.author_handle, '')))"
 
 
 class Source(models.Model):
@@ -126,6 +141,21 @@ class Event(models.Model):
     scored_at = models.DateTimeField(
         null=True, blank=True, help_text="When the transformer heads labelled it."
     )
+    # Virality at posting time (the ml pool, with the heads): null when not scored.
+    virality_score = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="P(viral) in [0, 1] at posting time, from the author's earlier posts of the "
+        "same source; null: no active virality model, fewer than 100 earlier posts with "
+        "a repost count, or the ml pool did not reach it within its lag.",
+    )
+    virality_model = models.CharField(
+        max_length=120,
+        blank=True,
+        default="",
+        db_default="",
+        help_text='"name vN" of the virality model that scored it ("" when not scored).',
+    )
 
     class Meta:
         constraints = [
@@ -143,6 +173,16 @@ class Event(models.Model):
                 fields=["source", "created_at"],
                 name="event_unenriched_time",
                 condition=models.Q(enriched_at__isnull=True),
+            ),
+            # An author's latest posts with a repost count (the virality history,
+            # ``ingest.selectors.virality_inputs``): without it each lookup walks the
+            # source's whole past. Only rows with counts (not RSS, Telegram, most webhooks).
+            models.Index(
+                "source",
+                AUTHOR_KEY,
+                "created_at",
+                name="event_author_reposts_time",
+                condition=models.Q(metrics__has_key="reposts"),
             ),
         ]
 

@@ -548,12 +548,14 @@ RETURNING e.id, e.received_at
 
 
 def save_labels(rows: Sequence[dict[str, Any]]) -> int:
-    """Write the transformer heads' labels; return how many events were written.
+    """Write the ml pool's labels (the transformer heads' and the virality score); return
+    how many events were written.
 
     ``rows`` are dicts with ``id`` and, per task scored, ``sentiment_label``,
     ``sentiment_scores`` (label → probability), ``sentiment_model`` ("name vN"), and the
     same three for ``emotion`` and ``offensive`` (``emotion``, ``emotion_scores``,
-    ``emotion_model``, …); a task left out keeps its columns. Sets ``scored_at``.
+    ``emotion_model``, …), and ``virality_score`` (P(viral), 0-1) with ``virality_model``
+    ("name vN"); a task left out (or given as None) keeps its columns. Sets ``scored_at``.
     Idempotent: a redelivered batch writes the same values again. One statement (one
     JSON document); no indexed column changes, so PostgreSQL may keep each new row
     version on its page (a HOT update).
@@ -577,11 +579,14 @@ UPDATE ingest_event AS e SET
     offensive = COALESCE(v.offensive, e.offensive),
     offensive_scores = COALESCE(v.offensive_scores, e.offensive_scores),
     offensive_model = COALESCE(v.offensive_model, e.offensive_model),
+    virality_score = COALESCE(v.virality_score, e.virality_score),
+    virality_model = COALESCE(v.virality_model, e.virality_model),
     scored_at = statement_timestamp()
 FROM jsonb_to_recordset(%s::jsonb) AS v(
     id bigint, sentiment_label varchar, sentiment_scores jsonb, sentiment_model varchar,
     emotion varchar, emotion_scores jsonb, emotion_model varchar,
-    offensive varchar, offensive_scores jsonb, offensive_model varchar
+    offensive varchar, offensive_scores jsonb, offensive_model varchar,
+    virality_score float8, virality_model varchar
 )
 WHERE e.id = v.id
 """

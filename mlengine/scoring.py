@@ -15,8 +15,10 @@ that may own a GPU) drains it:
    takes only the CPU the pipeline leaves idle;
 3. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
    distinct texts embedded once per encoder and labelled by every task's active head
-   (sentiment, emotion, offensive; ``mlengine.training.active_model``), and written in
-   one statement (``ingest.services.save_labels``);
+   (sentiment, emotion, offensive; ``mlengine.training.active_model``) and, with an
+   active virality model, scored for virality where the author has at least 100 earlier
+   posts in the source (``score_virality``, reusing the shared encoder's vectors), and
+   written in one statement (``ingest.services.save_labels``);
 4. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
    queues itself again if work is left. Sends are coalesced: while a scoring task waits
    in the queue no other is sent, and a task lost before it started holds the next one
@@ -27,7 +29,9 @@ never holds the pipeline's latency hostage (trends and alerts never wait for it,
 a CPU it runs only in the pipeline's idle time, under ``SCHED_IDLE``: ``yield_cpu``). The
 backlog is best effort by design: an event it loses (Redis restarted, a worker killed
 between taking a batch and writing it) keeps its VADER label, exactly as if it had
-waited too long. With no active head the backlog is not filled at all.
+waited too long. With no active head (nor virality model) the backlog is not filled at
+all. The virality score rides on the same backlog: an event that falls back gets none
+(NULL), since the encoder's vectors it needs are what the lag keeps off the pipeline.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,7 +53,7 @@ from django.db import transaction
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
 from ingest.services import EVENTS_RATE_ALL, events_rate_name
-from mlengine import heads, training
+from mlengine import heads, training, virality
 from mlengine.models import ModelVersion
 from twiscope import pipeline
 from twiscope.redis import add_to_rate, get_redis, rate_total
@@ -222,8 +226,10 @@ def score_events(event_ids: Sequence[int]) -> int:
     if not rows:
         return 0
     texts = sorted({text for _, text, _ in rows})
-    labels = label_texts(texts)
-    if not labels:
+    vectors: dict[int, np.ndarray] = {}
+    labels = label_texts(texts, vectors)
+    viral = score_virality([event_id for event_id, _, _ in rows], texts, vectors)
+    if not labels and not viral:
         return 0
     index = {text: i for i, text in enumerate(texts)}
     values: list[dict[str, Any]] = []
@@ -231,20 +237,89 @@ def score_events(event_ids: Sequence[int]) -> int:
         value: dict[str, Any] = {"id": event_id}
         for found in labels:
             value.update(_columns(found, index[text]))
-        values.append(value)
+        value.update(viral.get(event_id, {}))
+        if len(value) > 1:
+            values.append(value)
     with transaction.atomic():
         written = ingest_services.save_labels(values)
-    for team_id, count in Counter(team_id for _, _, team_id in rows).items():
-        add_to_rate(scored_rate_name(team_id), count)
+    if labels:
+        for team_id, count in Counter(team_id for _, _, team_id in rows).items():
+            add_to_rate(scored_rate_name(team_id), count)
     return written
 
 
-def label_texts(texts: Sequence[str]) -> list[training.Verdicts]:
+_SHARED_ENCODER = id(None)
+"""The key of the shared encoder's vectors in ``training.verdicts``' cache (a head on
+the frozen encoder has ``ServedModel.encoder`` None): the virality model embeds with it."""
+
+
+def score_virality(
+    event_ids: Sequence[int], texts: Sequence[str], vectors: dict[int, np.ndarray]
+) -> dict[int, dict[str, Any]]:
+    """The active virality model's scores of the events among ``event_ids`` that have at
+    least ``virality.HISTORY_MIN`` earlier posts (same source and author, with a repost
+    count), as ``ingest.services.save_labels`` columns by event id: ``virality_score``
+    (0-1, 4 decimals) and ``virality_model`` ("name vN"). Others are left out (their
+    columns stay NULL / ""); so is everything when no virality model is active.
+
+    The history is read in one query (``ingest.selectors.virality_inputs``: the latest
+    ``virality.HISTORY_WINDOW`` predecessors of each event). ``texts``/``vectors``: the
+    batch's distinct texts and ``label_texts``' cache of their vectors by encoder; the
+    shared encoder's are reused when a head computed them, else the scored posts alone
+    are embedded here (blocking: the ml pool only).
+    """
+    try:
+        model = virality.active_model()
+    except training.NoTrainedModel:
+        return {}
+    inputs = ingest_selectors.virality_inputs(event_ids, window=virality.HISTORY_WINDOW)
+    histories: dict[str, list[virality.Post]] = defaultdict(list)
+    for row in inputs.history:
+        histories[row.author].append(
+            virality.Post(
+                author=row.author,
+                created_at=row.created_at,
+                text="",
+                retweet_count=row.reposts,
+                favorite_count=row.likes,
+                key=f"{row.id:020d}",
+            )
+        )
+    posts = [
+        virality.Post(
+            author=p.author,
+            created_at=p.created_at,
+            text=p.text,
+            is_reply=p.is_reply,
+            key=f"{p.id:020d}",
+        )
+        for p in inputs.posts
+        if len(histories.get(p.author, ())) >= virality.HISTORY_MIN
+    ]
+    if not posts:
+        return {}
+    shared = vectors.get(_SHARED_ENCODER)
+    picked = None
+    if shared is not None:
+        index = {text: i for i, text in enumerate(texts)}
+        picked = shared[[index[p.text] for p in posts]]
+    scores = virality.score_posts(model, posts, histories, picked)
+    return {
+        int(post.key): {"virality_score": s.score, "virality_model": s.model_version}
+        for post, s in zip(posts, scores, strict=True)
+        if s.score is not None
+    }
+
+
+def label_texts(
+    texts: Sequence[str], vectors: dict[int, np.ndarray] | None = None
+) -> list[training.Verdicts]:
     """Every active head's verdicts on ``texts``, one per task that has one (tasks
     without an active head are left out). Each text is embedded once per distinct
     encoder: heads on the shared (frozen) encoder share its vectors; a fine-tuned head
-    brings its own."""
-    vectors: dict[int, np.ndarray] = {}
+    brings its own. ``vectors``: the cache of those vectors by encoder
+    (``training.verdicts``), filled here for the caller to reuse."""
+    vectors = {} if vectors is None else vectors
     out = []
     for name in heads.TASKS:
         try:

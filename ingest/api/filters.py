@@ -29,6 +29,8 @@ class EventFilter(StrictFilterSet):
     the labels: ``sentiment`` (negative, neutral, positive: whichever model gave it,
     see ``sentiment_model``), ``emotion`` (anger, joy, optimism, sadness) and
     ``offensive`` (not-offensive, offensive). An unknown label is a 400.
+    ``min_virality`` (0 to 1): events whose virality score is at least that (events
+    without a score are left out); anything else is a 400.
     The posts behind a trend: ``GET /api/trends/<id>/events/``."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
@@ -40,6 +42,13 @@ class EventFilter(StrictFilterSet):
     sentiment = django_filters.ChoiceFilter(field_name="sentiment_label", choices=SENTIMENT_LABELS)
     emotion = django_filters.ChoiceFilter(choices=EMOTION_LABELS)
     offensive = django_filters.ChoiceFilter(choices=OFFENSIVE_LABELS)
+    min_virality = django_filters.NumberFilter(
+        field_name="virality_score",
+        lookup_expr="gte",
+        min_value=0,
+        max_value=1,
+        label="Virality score at least this (0 to 1); unscored events are left out.",
+    )
 
     class Meta:
         model = Event
@@ -53,6 +62,7 @@ class EventFilter(StrictFilterSet):
             "sentiment",
             "emotion",
             "offensive",
+            "min_virality",
         ]
 
     def filter_term(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:

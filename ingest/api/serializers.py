@@ -308,6 +308,8 @@ class EventSerializer(serializers.ModelSerializer[Event]):
             "offensive",
             "offensive_scores",
             "offensive_model",
+            "virality_score",
+            "virality_model",
             "enriched_at",
             "scored_at",
         ]
