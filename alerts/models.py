@@ -19,7 +19,10 @@ class Severity(models.TextChoices):
 
 
 class AlertRule(models.Model):
-    """When a team wants to be told: today, a new trend passing these thresholds.
+    """When a team wants to be told: a new trend passing these thresholds (``new_trend``),
+    or an anomaly of a series passing ``min_score`` (``anomaly``: ``source`` and
+    ``terms`` filter its series; ``min_events``, ``min_authors`` and ``cooldown_s`` do
+    not apply, the detector's refractory day per series stands for a cooldown).
 
     ``cooldown_s`` is in event time: a term that alerted does not alert again for the
     same rule until its trend bucket starts at least this long after the last one, so
@@ -28,6 +31,7 @@ class AlertRule(models.Model):
 
     class Kind(models.TextChoices):
         NEW_TREND = "new_trend", "New trend"
+        ANOMALY = "anomaly", "Anomaly"
 
     EDITABLE_FIELDS: ClassVar[list[str]] = [
         "team",
@@ -101,6 +105,9 @@ class Alert(models.Model):
     trend = models.ForeignKey(
         "mlengine.Trend", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    anomaly = models.ForeignKey(
+        "mlengine.Anomaly", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     seq = models.BigIntegerField()
     title = models.CharField(max_length=300)
     severity = models.CharField(max_length=10, choices=Severity.choices)
@@ -116,6 +123,7 @@ class Alert(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["rule", "trend"], name="alert_unique_trend"),
+            models.UniqueConstraint(fields=["rule", "anomaly"], name="alert_unique_anomaly"),
             models.UniqueConstraint(fields=["team", "seq"], name="alert_unique_seq"),
         ]
         indexes = [models.Index(fields=["team", "-id"], name="alert_team_recent")]
@@ -139,5 +147,15 @@ class TrendCheck(models.Model):
 
     trend = models.OneToOneField(
         "mlengine.Trend", on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    checked_at = models.DateTimeField()
+
+
+class AnomalyCheck(models.Model):
+    """An anomaly the alert rules were evaluated on, once (as ``TrendCheck`` for trends):
+    the evaluation's claim, and what the sweeper looks for."""
+
+    anomaly = models.OneToOneField(
+        "mlengine.Anomaly", on_delete=models.CASCADE, primary_key=True, related_name="+"
     )
     checked_at = models.DateTimeField()

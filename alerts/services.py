@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 import structlog
 from django.db import OperationalError, connection, transaction
@@ -39,7 +39,7 @@ from tenacity import (
 )
 
 from alerts import push
-from alerts.models import Alert, AlertRule, AlertSequence, TrendCheck
+from alerts.models import Alert, AlertRule, AlertSequence, AnomalyCheck, TrendCheck
 from mlengine import facade
 from teams.models import Team
 from twiscope import pipeline
@@ -111,7 +111,9 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
             return []
         rules_by_team: dict[int, list[AlertRule]] = defaultdict(list)
         for rule in AlertRule.objects.filter(
-            team_id__in={t.team_id for t in trends}, enabled=True
+            team_id__in={t.team_id for t in trends},
+            enabled=True,
+            kind=AlertRule.Kind.NEW_TREND,
         ).order_by("id"):
             rules_by_team[rule.team_id].append(rule)
         pairs = [
@@ -314,40 +316,56 @@ def _story(trend: facade.TrendView) -> dict[str, Any]:
 def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
     """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``; return
     their ids (one statement; a pair already alerted is skipped)."""
+    return _insert_alerts(
+        "trend_id",
+        [
+            (rule, t.id, _title(t), _evidence(t), t.evidence_received_at, t.evidence_created_at)
+            for rule, t in firing
+        ],
+    )
+
+
+def _insert_alerts(
+    target: Literal["trend_id", "anomaly_id"],
+    firing: list[tuple[AlertRule, int, str, str, datetime, datetime]],
+) -> list[int]:
+    """Insert one alert per ``(rule, target id, title, evidence JSON, event received,
+    event created)`` with consecutive per-team ``seq``; return their ids (one statement;
+    a ``(rule, target)`` pair already alerted is skipped)."""
     if not firing:
         return []
     counts: dict[int, int] = defaultdict(int)
-    for rule, _ in firing:
+    for rule, *_ in firing:
         counts[rule.team_id] += 1
     next_seq = _next_seqs(counts)
     now = timezone.now()
     rows = []
-    for rule, trend in firing:
+    for rule, target_id, title, evidence, received_at, created_at in firing:
         seq = next_seq[rule.team_id]
         next_seq[rule.team_id] += 1
         rows.append(
             (
                 rule.team_id,
                 rule.id,
-                trend.id,
+                target_id,
                 seq,
-                _title(trend),
+                title,
                 rule.severity,
-                _evidence(trend),
-                trend.evidence_received_at,
-                trend.evidence_created_at,
+                evidence,
+                received_at,
+                created_at,
                 now,
             )
         )
     with connection.cursor() as cursor:
         returned = execute_values(
             cursor.cursor,
-            """
+            f"""
             INSERT INTO alerts_alert (
-                team_id, rule_id, trend_id, seq, title, severity, evidence,
+                team_id, rule_id, {target}, seq, title, severity, evidence,
                 event_received_at, event_created_at, created_at
             ) VALUES %s
-            ON CONFLICT (rule_id, trend_id) DO NOTHING
+            ON CONFLICT (rule_id, {target}) DO NOTHING
             RETURNING id
             """,
             rows,
@@ -396,6 +414,7 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
             chunk = resend[i : i + 250]
             pipeline.send("alerts", items=chunk, trend_ids=chunk)
     pipeline.mark_done("alerts", [t for t in detected if t in checked])
+    anomalies = _sweep_anomalies(now, cutoff, older_than_s)
     unpushed = list(
         Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff).values_list(
             "id", flat=True
@@ -403,10 +422,176 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
     )
     if unpushed:
         _push(unpushed)
-    swept = {"trends": len(resend), "alerts_pushed": len(unpushed)}
+    swept = {"trends": len(resend), "anomalies": anomalies, "alerts_pushed": len(unpushed)}
     if any(swept.values()):
         log.warning("alerts.swept", **swept)
     return swept
+
+
+def anomaly_rule_matches(rule: AlertRule, anomaly: facade.AnomalyView) -> bool:
+    """Whether ``anomaly`` passes ``rule``'s filters: an enabled "anomaly" rule, of the
+    anomaly's source (or every source), whose ``terms`` (when set) hold the anomaly's
+    term series' term, and whose ``min_score`` the anomaly's peak score reaches."""
+    return (
+        rule.enabled
+        and rule.kind == AlertRule.Kind.ANOMALY
+        and (rule.source_id is None or rule.source_id == anomaly.source_id)
+        and (not rule.terms or (anomaly.kind == "term" and anomaly.term in rule.terms))
+        and anomaly.score >= rule.min_score
+    )
+
+
+@retry(
+    retry=retry_if_exception(_is_lock_conflict),
+    wait=wait_random_exponential(multiplier=0.05, max=2.0),
+    stop=stop_after_attempt(RETRY_ATTEMPTS),
+    before_sleep=_log_retry,
+    reraise=True,
+)
+def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
+    """Fire the matching "anomaly" rules of each anomaly's team; return the new alert ids.
+
+    Anomalies that are gone, or already evaluated (``AnomalyCheck``), are skipped; each
+    ``(rule, anomaly)`` alerts once (``alert_unique_anomaly``), with the team's next
+    ``seq``. Lock conflicts are retried as in ``evaluate_trends``. Side effects after
+    commit: the new alerts are pushed (``alerts.push.push_alerts``: ``alert.created``),
+    and the anomalies are marked done for the sweeper (items ``anomaly:<id>``).
+    """
+    found = facade.anomalies(anomaly_ids)
+    with transaction.atomic():
+        fresh = _claim_anomaly_checks([a.id for a in found])
+        transaction.on_commit(
+            lambda: pipeline.mark_done("alerts", [f"anomaly:{i}" for i in anomaly_ids])
+        )
+        found = [a for a in found if a.id in fresh]
+        if not found:
+            return []
+        rules = list(
+            AlertRule.objects.filter(
+                team_id__in={a.team_id for a in found},
+                enabled=True,
+                kind=AlertRule.Kind.ANOMALY,
+            ).order_by("id")
+        )
+        firing = [
+            (rule, anomaly)
+            for anomaly in sorted(found, key=lambda a: (a.evidence_created_at, a.id))
+            for rule in rules
+            if rule.team_id == anomaly.team_id and anomaly_rule_matches(rule, anomaly)
+        ]
+        created = _create_anomaly_alerts(firing)
+        if created:
+            transaction.on_commit(lambda: _push(created))
+    if created:
+        log.info("alerts.anomalies_fired", alerts=len(created))
+    return created
+
+
+def _claim_anomaly_checks(anomaly_ids: list[int]) -> set[int]:
+    """Insert an ``AnomalyCheck`` per anomaly (sorted); return the ids this transaction
+    claimed."""
+    if not anomaly_ids:
+        return set()
+    with connection.cursor() as cursor:
+        returned = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO alerts_anomalycheck (anomaly_id, checked_at) VALUES %s
+            ON CONFLICT (anomaly_id) DO NOTHING RETURNING anomaly_id
+            """,
+            [(anomaly_id, timezone.now()) for anomaly_id in sorted(set(anomaly_ids))],
+            fetch=True,
+        )
+    return {row[0] for row in returned}
+
+
+def _series_label(anomaly: facade.AnomalyView) -> str:
+    if anomaly.kind == "term":
+        return f"{anomaly.term} volume"
+    return "negative share" if anomaly.kind == "negative_share" else "post volume"
+
+
+def _fmt(anomaly: facade.AnomalyView, value: float | None) -> str:
+    if value is None:
+        return "?"
+    if anomaly.kind == "negative_share":
+        return f"{value:.0%}"
+    return f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def _anomaly_title(anomaly: facade.AnomalyView) -> str:
+    """ "Anomaly: <series> in <source>: <value> (expected <low>–<high>), <score>σ"."""
+    return (
+        f"Anomaly: {_series_label(anomaly)} in {anomaly.source_name}: "
+        f"{_fmt(anomaly, anomaly.value)} (expected {_fmt(anomaly, anomaly.low)}–"
+        f"{_fmt(anomaly, anomaly.high)}), {anomaly.score:.1f}σ"
+    )[:300]
+
+
+def _anomaly_evidence(anomaly: facade.AnomalyView) -> str:
+    return json.dumps(
+        {
+            "anomaly": anomaly.id,
+            "series": {"kind": anomaly.kind, "term": anomaly.term},
+            "window_start": anomaly.window_start.isoformat(),
+            "window_end": anomaly.window_end.isoformat(),
+            "bucket_s": anomaly.bucket_s,
+            "peak_at": anomaly.peak_at.isoformat(),
+            "score": anomaly.score,
+            "value": anomaly.value,
+            "expected": anomaly.expected,
+            "low": anomaly.low,
+            "high": anomaly.high,
+            "detected_event_time": anomaly.evidence_created_at.isoformat(),
+            "source": {"id": anomaly.source_id, "name": anomaly.source_name},
+        },
+        ensure_ascii=False,
+    )
+
+
+def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -> list[int]:
+    """Insert one alert per ``(rule, anomaly)`` with consecutive per-team ``seq``; return
+    their ids (one statement; a pair already alerted is skipped)."""
+    return _insert_alerts(
+        "anomaly_id",
+        [
+            (
+                rule,
+                a.id,
+                _anomaly_title(a),
+                _anomaly_evidence(a),
+                a.evidence_received_at,
+                a.evidence_created_at,
+            )
+            for rule, a in firing
+        ],
+    )
+
+
+def _sweep_anomalies(now: datetime, cutoff: datetime, older_than_s: float) -> int:
+    """Re-send anomalies detected before ``cutoff`` (within a day) that no evaluation
+    claimed and that are really stuck; returns how many."""
+    detected = facade.anomaly_ids_detected_before(
+        cutoff, since=now - timedelta(days=1), limit=SWEEP_LIMIT
+    )
+    checked = set(
+        AnomalyCheck.objects.filter(anomaly_id__in=detected).values_list("anomaly_id", flat=True)
+    )
+    items = [f"anomaly:{i}" for i in detected if i not in checked]
+    resend = [
+        int(m.partition(":")[2]) for m in pipeline.stuck("alerts", items, older_than_s=older_than_s)
+    ]
+    with transaction.atomic():
+        for i in range(0, len(resend), 250):
+            chunk = resend[i : i + 250]
+            pipeline.send(
+                "alerts",
+                items=[f"anomaly:{a}" for a in chunk],
+                task="anomalies",
+                anomaly_ids=chunk,
+            )
+    pipeline.mark_done("alerts", [f"anomaly:{i}" for i in detected if i in checked])
+    return len(resend)
 
 
 def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:

@@ -15,7 +15,13 @@ def evaluate_trends(*, trend_ids: list[int]) -> int:
     return len(services.evaluate_trends(trend_ids=trend_ids))
 
 
+@shared_task(name="alerts.evaluate_anomalies", soft_time_limit=30, time_limit=60)
+def evaluate_anomalies(*, anomaly_ids: list[int]) -> int:
+    """Fire "anomaly" alert rules on new anomalies; returns how many alerts were created."""
+    return len(services.evaluate_anomalies(anomaly_ids=anomaly_ids))
+
+
 @shared_task(name="alerts.sweep", soft_time_limit=25, time_limit=30)
 def sweep() -> dict[str, int]:
-    """Periodic: re-send trends never evaluated and push alerts never pushed."""
+    """Periodic: re-send trends and anomalies never evaluated; push alerts never pushed."""
     return services.sweep(older_than_s=SWEEP_AFTER_S)

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Min
 
-from ingest.models import DeadLetter, Event, Source
+from ingest.models import AUTHOR_KEY_SQL, DeadLetter, Event, Source
 from twiscope import pipeline
 from twiscope.redis import get_redis
 
@@ -209,6 +209,93 @@ def texts_for_scoring(event_ids: Sequence[int]) -> list[tuple[int, str, int]]:
         return cursor.fetchall()
 
 
+@dataclass(frozen=True, slots=True)
+class ViralityPost:
+    """A post to score for virality, or one of its author's earlier posts.
+
+    ``author``: ``"<source id>:<author key>"`` (``ingest.models.AUTHOR_KEY``): a history
+    is one author's within one source. ``created_at``: event time. ``text`` and
+    ``is_reply`` (``reply_to`` set, or the payload's v1.1 ``in_reply_to_user_id_str``)
+    are "" / False on history rows; ``reposts`` / ``likes`` (the event's ``metrics``)
+    are None on posts to score, and ``likes`` also where the source did not count them.
+    """
+
+    id: int
+    author: str
+    created_at: datetime
+    text: str = ""
+    is_reply: bool = False
+    reposts: int | None = None
+    likes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ViralityInputs:
+    """``posts``: the events among the ids asked for that exist and have an author key;
+    ``history``: for each of them, its author's latest earlier posts with a repost count
+    (each row once, however many posts share it), in no particular order."""
+
+    posts: list[ViralityPost]
+    history: list[ViralityPost]
+
+
+def virality_inputs(event_ids: Sequence[int], *, window: int) -> ViralityInputs:
+    """The events among ``event_ids`` and their authors' trailing history, in one query.
+
+    For each event: up to ``window`` of the latest events of the same source and author
+    (``AUTHOR_KEY``) with a ``metrics["reposts"]`` (a count: the envelope admits only
+    non-negative integers) and a strictly earlier ``created_at``: a LATERAL join on the
+    ``event_author_reposts_time`` index (about ``window`` index entries per event,
+    whatever the source's size), deduplicated by id before the counts are read. Events
+    with no author key get no history. Read only.
+    """
+    author = AUTHOR_KEY_SQL.format(t="e")
+    earlier_author = AUTHOR_KEY_SQL.format(t="p")
+    sql = f"""
+WITH ev AS MATERIALIZED (
+    SELECT e.id, e.source_id, e.created_at, e.text, {author} AS author,
+           e.reply_to <> '' OR COALESCE(e.raw->>'in_reply_to_user_id_str', '')
+                               NOT IN ('', 'NA') AS is_reply
+    FROM ingest_event e WHERE e.id = ANY(%s::bigint[])
+), earlier AS (
+    SELECT DISTINCT ev.source_id, ev.author, h.id
+    FROM ev CROSS JOIN LATERAL (
+        SELECT p.id FROM ingest_event p
+        WHERE p.source_id = ev.source_id AND {earlier_author} = ev.author
+          AND p.metrics ? 'reposts' AND p.created_at < ev.created_at
+        ORDER BY p.created_at DESC
+        LIMIT %s
+    ) h
+), hist AS (
+    SELECT earlier.*, p.created_at, (p.metrics->>'reposts')::float8 AS reposts,
+           CASE WHEN jsonb_typeof(p.metrics->'likes') = 'number'
+                THEN (p.metrics->>'likes')::float8 END AS likes
+    FROM earlier JOIN ingest_event p ON p.id = earlier.id
+)
+SELECT true, ev.id, ev.source_id, ev.author, ev.created_at, ev.text, ev.is_reply, NULL, NULL
+FROM ev WHERE ev.author IS NOT NULL
+UNION ALL
+SELECT false, id, source_id, author, created_at, '', false, reposts, likes FROM hist
+"""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [[int(event_id) for event_id in event_ids], int(window)])
+        rows = cursor.fetchall()
+    posts: list[ViralityPost] = []
+    history: list[ViralityPost] = []
+    for to_score, id_, source_id, key, created_at, text, is_reply, reposts, likes in rows:
+        post = ViralityPost(
+            id=id_,
+            author=f"{source_id}:{key}",
+            created_at=created_at,
+            text=text,
+            is_reply=bool(is_reply),
+            reposts=None if reposts is None else int(reposts),
+            likes=None if likes is None else int(likes),
+        )
+        (posts if to_score else history).append(post)
+    return ViralityInputs(posts=posts, history=history)
+
+
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
     """``(id, source_id)`` of events received before ``received_before`` and still not
     enriched, oldest first, at most ``limit``."""
@@ -278,3 +365,91 @@ def events_last_hour(source_id: int, *, now: float | None = None) -> int:
     ]
     values = cast("list[bytes | None]", get_redis().mget(keys))
     return sum(int(v) for v in values if v is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketTotals:
+    """One event-time bucket of a source (the anomaly stage's input): ``events``, how
+    many of them carry a sentiment label (``labelled``) and how many are labelled
+    "negative", and the latest processing time among them (``last_received_at``)."""
+
+    events: int
+    negative: int
+    labelled: int
+    last_received_at: datetime
+
+
+_BUCKET_TOTALS_SQL = """
+SELECT floor(extract(epoch FROM created_at) / %(bucket_s)s)::bigint * %(bucket_s)s,
+       count(*),
+       count(*) FILTER (WHERE sentiment_label = 'negative'),
+       count(*) FILTER (WHERE sentiment_label <> ''),
+       max(received_at)
+FROM ingest_event
+WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at < %(until)s
+GROUP BY 1
+"""
+
+
+def bucket_totals(
+    source_id: int, *, since: datetime, until: datetime, bucket_s: int
+) -> dict[int, BucketTotals]:
+    """Events of ``source_id`` with ``since <= created_at < until`` per ``bucket_s``
+    bucket: ``{bucket start (epoch s): BucketTotals}``; empty buckets are absent. One
+    query. Callers pass ``until`` at or below the stream's watermark."""
+    params: dict[str, Any] = {
+        "source": source_id,
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_BUCKET_TOTALS_SQL, params)
+        return {
+            int(start): BucketTotals(int(events), int(negative), int(labelled), received)
+            for start, events, negative, labelled, received in cursor.fetchall()
+        }
+
+
+_TERM_BUCKETS_SQL = """
+SELECT b, term, count(*) FROM (
+    SELECT DISTINCT e.id,
+           floor(extract(epoch FROM e.created_at) / %(bucket_s)s)::bigint * %(bucket_s)s AS b,
+           t.term
+    FROM ingest_event e,
+         unnest(e.hashtags || e.mentions || e.cashtags || e.keywords) AS t(term)
+    WHERE e.source_id = %(source)s AND e.created_at >= %(since)s AND e.created_at < %(until)s
+      AND t.term = ANY(%(terms)s::varchar[])
+) AS hits
+GROUP BY b, term
+"""
+
+
+def term_bucket_counts(
+    source_id: int, terms: Sequence[str], *, since: datetime, until: datetime, bucket_s: int
+) -> dict[tuple[int, str], int]:
+    """Events of ``source_id`` holding each of ``terms`` (as a hashtag, mention, cashtag
+    or keyword) with ``since <= created_at < until``, per ``bucket_s`` bucket:
+    ``{(bucket start (epoch s), term): events}``; zero counts are absent. One query."""
+    if not terms:
+        return {}
+    params: dict[str, Any] = {
+        "source": source_id,
+        "terms": list(terms),
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_TERM_BUCKETS_SQL, params)
+        return {(int(b), str(term)): int(n) for b, term, n in cursor.fetchall()}
+
+
+def first_event_time(source_id: int, *, before: datetime) -> datetime | None:
+    """The earliest event time of ``source_id`` before ``before`` (None: no event)."""
+    return cast(
+        "datetime | None",
+        Event.objects.filter(source_id=source_id, created_at__lt=before).aggregate(
+            first=Min("created_at")
+        )["first"],
+    )

@@ -14,14 +14,17 @@ from typing import Any
 import numpy as np
 
 from mlengine import encoder, heads, scoring, training
-from mlengine.models import Trend
+from mlengine.models import Anomaly, Trend
 
 __all__ = [
+    "AnomalyView",
     "NoTrainedModel",
     "Prediction",
     "ScoringStats",
     "TrendView",
     "UnknownTask",
+    "anomalies",
+    "anomaly_ids_detected_before",
     "classify",
     "embed",
     "scoring_stats",
@@ -182,5 +185,76 @@ def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) 
     return list(
         Trend.objects.filter(detected_at__gte=since, detected_at__lt=moment)
         .order_by("detected_at")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyView:
+    """An anomaly of a series (``mlengine.anomaly_stage``), as other stages see it.
+
+    ``kind``: "volume" (events per bucket), "negative_share" (share of labelled events
+    labelled negative, 0..1) or "term" (events holding ``term``; "" for the others).
+    ``window_start``/``window_end`` (exclusive) are event time, ``bucket_s`` seconds;
+    ``score`` is the peak robust z-score, ``value``/``expected``/``low``/``high`` the
+    series' at the peak (the band may be None before a baseline exists).
+    ``evidence_created_at`` is the event time of detection, ``evidence_received_at`` the
+    latest processing time of the detecting bucket's events.
+    """
+
+    id: int
+    source_id: int
+    source_name: str
+    team_id: int
+    kind: str
+    term: str
+    window_start: datetime
+    window_end: datetime
+    bucket_s: int
+    peak_at: datetime
+    score: float
+    value: float
+    expected: float | None
+    low: float | None
+    high: float | None
+    closed: bool
+    evidence_created_at: datetime
+    evidence_received_at: datetime
+
+
+def anomalies(anomaly_ids: Sequence[int]) -> list[AnomalyView]:
+    """The anomalies among ``anomaly_ids`` that still exist, ordered by id (one query)."""
+    rows = Anomaly.objects.filter(id__in=list(anomaly_ids)).select_related("series", "source")
+    return [
+        AnomalyView(
+            id=a.id,
+            source_id=a.source_id,
+            source_name=a.source.name,
+            team_id=a.source.team_id,
+            kind=a.series.kind,
+            term=a.series.term,
+            window_start=a.window_start,
+            window_end=a.window_end,
+            bucket_s=a.bucket_s,
+            peak_at=a.peak_at,
+            score=a.score,
+            value=a.value,
+            expected=a.expected,
+            low=a.low,
+            high=a.high,
+            closed=a.closed,
+            evidence_created_at=a.evidence_created_at,
+            evidence_received_at=a.evidence_received_at,
+        )
+        for a in rows.order_by("id")
+    ]
+
+
+def anomaly_ids_detected_before(moment: datetime, *, since: datetime, limit: int) -> list[int]:
+    """Ids of anomalies first detected (processing time) in ``[since, moment)``, oldest
+    first, at most ``limit``."""
+    return list(
+        Anomaly.objects.filter(detected_at__gte=since, detected_at__lt=moment)
+        .order_by("detected_at", "id")
         .values_list("id", flat=True)[:limit]
     )

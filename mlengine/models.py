@@ -162,3 +162,106 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} v{self.version}{' (active)' if self.active else ''}"
+
+
+class Series(models.Model):
+    """One series the anomaly stage watches (``mlengine.anomaly_stage``): a source's
+    event volume, its negative-sentiment share, or the volume of one of its active terms.
+
+    Every series of a source advances together, one 5-minute event-time bucket at a time
+    (``bucket_s``); ``last_bucket`` is the start of the last bucket stepped (the source's
+    cursor is its volume series'). ``state`` is the detector's state of this series
+    (``mlengine.anomaly.Detector.state`` rows, as a compressed ``.npz``); a term series
+    that is no longer active (no trend of its term in the last 24 h of event time) is
+    retired: ``active`` false, ``state`` null, its points kept until their retention.
+    """
+
+    class Kind(models.TextChoices):
+        VOLUME = "volume", "Volume"
+        NEGATIVE_SHARE = "negative_share", "Negative share"
+        TERM = "term", "Term volume"
+
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    term = models.CharField(max_length=200, blank=True, default="")
+    bucket_s = models.IntegerField()
+    active = models.BooleanField(default=True)
+    first_bucket = models.DateTimeField(help_text="Event time: start of its first bucket.")
+    last_bucket = models.DateTimeField(help_text="Event time: start of its last bucket stepped.")
+    state = models.BinaryField(null=True, blank=True)
+    created_at = models.DateTimeField(help_text="Processing time.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["source", "kind", "term"], name="series_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind}{':' + self.term if self.term else ''} of source {self.source_id}"
+
+
+class SeriesPoint(models.Model):
+    """One bucket of a series as the detector saw it: ``value`` (events, or a share in
+    [0, 1]; null for a share with no labelled event), the ``expected`` value and the
+    band ``low``..``high`` (null until a baseline exists), the robust ``score`` (null
+    while warming up), and whether the bucket opened an anomaly. Pruned after
+    ``ANOMALY_RETENTION_S`` of event time behind the series' source."""
+
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="points")
+    bucket_start = models.DateTimeField()
+    value = models.FloatField(null=True)
+    expected = models.FloatField(null=True)
+    low = models.FloatField(null=True)
+    high = models.FloatField(null=True)
+    score = models.FloatField(null=True)
+    anomaly = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["series", "bucket_start"], name="seriespoint_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.series_id}@{self.bucket_start:%Y-%m-%d %H:%M}"
+
+
+class Anomaly(models.Model):
+    """A window of event time in which a series rose above its expected band.
+
+    Opened by the detector's 0/1 decision on a bucket (``window_start``), extended while
+    the score stays at or above the threshold, closed (``closed``) at the first bucket
+    below it; ``window_end`` is exclusive. ``score`` is the peak robust z-score and
+    ``value``/``expected``/``low``/``high`` are the series' at the peak bucket
+    (``peak_at``). ``evidence_created_at`` is the event time of detection (the end of
+    the opening bucket), ``evidence_received_at`` the latest processing time of that
+    bucket's events (for alert latency), ``detected_at`` when the row was written.
+    """
+
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="anomalies")
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="anomalies")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    bucket_s = models.IntegerField()
+    peak_at = models.DateTimeField()
+    score = models.FloatField()
+    value = models.FloatField()
+    expected = models.FloatField(null=True)
+    low = models.FloatField(null=True)
+    high = models.FloatField(null=True)
+    closed = models.BooleanField(default=False)
+    evidence_created_at = models.DateTimeField()
+    evidence_received_at = models.DateTimeField()
+    detected_at = models.DateTimeField(help_text="Processing time of detection.")
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["series", "window_start"], name="anomaly_unique")
+        ]
+        indexes = [
+            models.Index(fields=["source", "-window_start"], name="anomaly_source_window"),
+            models.Index(fields=["-detected_at"], name="anomaly_detected"),
+        ]
+
+    def __str__(self) -> str:
+        return f"anomaly of {self.series_id}@{self.window_start:%Y-%m-%d %H:%M}"

@@ -6,12 +6,14 @@ Each re-reads its rows and quietly does nothing if they are gone or already done
 
 from __future__ import annotations
 
+import contextlib
+
 import structlog
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import enrichment, scoring, services, training
+from mlengine import anomaly_stage, enrichment, scoring, services, training, virality
 from mlengine.heads import TASKS
 from mlengine.text import warm_up
 from twiscope import pipeline
@@ -35,10 +37,10 @@ def _warm_up_enrichment(**_: object) -> None:
 
 @worker_process_init.connect
 def _warm_up_heads(**_: object) -> None:
-    """Load the active heads and their encoders when a worker process of the inference
-    queue starts, so the first batch does not pay for it (a task with no head yet is
-    loaded on first use); first, with ``INFERENCE_IDLE_ONLY``, leave the CPU to the
-    pipeline (``scoring.yield_cpu``)."""
+    """Load the active heads and their encoders (and the active virality model) when a
+    worker process of the inference queue starts, so the first batch does not pay for
+    it (a task with no head yet is loaded on first use); first, with
+    ``INFERENCE_IDLE_ONLY``, leave the CPU to the pipeline (``scoring.yield_cpu``)."""
     if "inference" not in current_app.amqp.queues.consume_from:
         return
     policy = scoring.yield_cpu() if settings.INFERENCE_IDLE_ONLY else "normal"
@@ -49,6 +51,8 @@ def _warm_up_heads(**_: object) -> None:
         except training.NoTrainedModel:
             continue
         loaded.append(f"{version.name} v{version.version}")
+    with contextlib.suppress(training.NoTrainedModel):
+        loaded.append(virality.active_model().version)
     log.info("inference.models_loaded", heads=loaded, cpu_policy=policy)
 
 
@@ -69,6 +73,17 @@ def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark; returns how many new trends."""
     pipeline.started("ml", f"source:{source_id}")
     return len(services.advance_stream(source_id=source_id))
+
+
+@shared_task(name="ml.advance_anomalies", soft_time_limit=90, time_limit=120)
+def advance_anomalies() -> int:
+    """Periodic: step every source's complete 5-minute buckets through the anomaly
+    detector (``mlengine.anomaly_stage``); queues itself again while buckets remain.
+    Returns how many new anomalies."""
+    result = anomaly_stage.advance_anomalies()
+    if result.more:
+        advance_anomalies.apply_async(expires=120)
+    return len(result.anomaly_ids)
 
 
 @shared_task(name="inference.score_backlog", soft_time_limit=90, time_limit=120)

@@ -8,7 +8,13 @@ from rest_framework.routers import DefaultRouter
 from alerts.api.views import AlertRuleViewSet, AlertViewSet
 from dashboard.api.views import SentimentView, StatsView
 from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet, WebhookView
-from mlengine.api.views import ModelVersionViewSet, StreamViewSet, TrendViewSet
+from mlengine.api.views import (
+    AnomalyViewSet,
+    ModelVersionViewSet,
+    SeriesView,
+    StreamViewSet,
+    TrendViewSet,
+)
 
 router = DefaultRouter()
 router.register("sources", SourceViewSet, basename="source")
@@ -16,6 +22,7 @@ router.register("events", EventViewSet, basename="event")
 router.register("dead-letters", DeadLetterViewSet, basename="deadletter")
 router.register("trends", TrendViewSet, basename="trend")
 router.register("streams", StreamViewSet, basename="stream")
+router.register("anomalies", AnomalyViewSet, basename="anomaly")
 router.register("models", ModelVersionViewSet, basename="modelversion")
 router.register("rules", AlertRuleViewSet, basename="alertrule")
 router.register("alerts", AlertViewSet, basename="alert")
@@ -23,6 +30,7 @@ router.register("alerts", AlertViewSet, basename="alert")
 urlpatterns = [
     path("stats/", StatsView.as_view(), name="stats"),
     path("sentiment/", SentimentView.as_view(), name="sentiment"),
+    path("series/", SeriesView.as_view(), name="series"),
     path("ingest/webhooks/<int:source_id>/", WebhookView.as_view(), name="webhook"),
     *router.urls,
 ]

@@ -55,6 +55,10 @@ ENTRY_TASKS = {
 chain, not a stage of it (nothing waits for it): the transformer labels of enriched
 events, from ``mlengine.scoring``'s backlog; no kwargs."""
 
+SIDE_TASKS = {"alerts": {"anomalies": "alerts.evaluate_anomalies"}}
+"""Other inputs of a stage than its entry task's, by stage and key (``send(task=key)``):
+``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``)."""
+
 NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
 
 ITEM_KWARGS = {"ingest": "batch_key", "enrich": "event_ids", "alerts": "trend_ids"}
@@ -67,18 +71,22 @@ COALESCE_EXPIRY_S = 60
 """A coalesced task lost before it started holds its key back for at most this long."""
 
 
-def hand_off(from_stage: str, *, items: Sequence[int | str] = (), **kwargs: Any) -> None:
+def hand_off(
+    from_stage: str, *, items: Sequence[int | str] = (), task: str | None = None, **kwargs: Any
+) -> None:
     """Queue the stage after ``from_stage`` with ``kwargs``, once the current transaction
     commits (at once outside a transaction).
 
     ``items`` are the ids the next stage will work on (recorded with their dispatch
-    time, see ``stuck``). Raises ``KeyError`` for a stage with no successor.
+    time, see ``stuck``); ``task`` names another task of the next stage than its entry
+    task (one of ``SIDE_TASKS``). Raises ``KeyError`` for a stage with no successor or a
+    task that is not the stage's.
     """
     stage = NEXT_STAGE[from_stage]
     if stage == "ml" and "source_id" in kwargs:
         # One waiting trend task per stream does the work of every hand-off before it.
         kwargs.setdefault("coalesce", f"source:{kwargs['source_id']}")
-    send(stage, items=items, **kwargs)
+    send(stage, items=items, task=task, **kwargs)
 
 
 def send(
@@ -88,6 +96,7 @@ def send(
     countdown: float | None = None,
     coalesce: str | None = None,
     coalesce_expiry_s: float = COALESCE_EXPIRY_S,
+    task: str | None = None,
     **kwargs: Any,
 ) -> None:
     """Queue ``stage``'s entry task with ``kwargs`` after commit (see ``hand_off``); a
@@ -98,7 +107,7 @@ def send(
     a burst of hand-offs for one stream becomes one task that does all their work. A
     task lost before it started holds the key back for ``coalesce_expiry_s`` seconds.
     """
-    task_name = ENTRY_TASKS[stage]
+    task_name = ENTRY_TASKS[stage] if task is None else SIDE_TASKS[stage][task]
     members = [str(item) for item in items]
 
     def dispatch() -> None:

@@ -21,5 +21,10 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     },
     "enrich.sweep": {"task": "enrich.sweep", "schedule": 30.0, "options": {"expires": 25}},
     "ml.sweep": {"task": "ml.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "ml.advance_anomalies": {
+        "task": "ml.advance_anomalies",
+        "schedule": 30.0,
+        "options": {"expires": 25},
+    },
     "alerts.sweep": {"task": "alerts.sweep", "schedule": 30.0, "options": {"expires": 25}},
 }

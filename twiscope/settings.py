@@ -286,6 +286,18 @@ TRENDS_LIVE_LATENESS_S: float = env.float("TRENDS_LIVE_LATENESS_S", default=1.0)
 # before they appear in the feed).
 TRENDS_FEED_LATENESS_S: float = env.float("TRENDS_FEED_LATENESS_S", default=3600.0)
 
+# --- Anomaly stage (event time, 5-minute buckets; see mlengine/anomaly_stage.py) -------
+# Term series per source (the terms of its trends of the last 24 h of event time).
+ANOMALY_MAX_TERMS: int = env.int("ANOMALY_MAX_TERMS", default=50)
+# Buckets one run of the stage steps per source at most (then it queues itself again).
+ANOMALY_MAX_BUCKETS: int = env.int("ANOMALY_MAX_BUCKETS", default=288)
+# Series points are kept this long behind their source's latest bucket (event time).
+ANOMALY_RETENTION_S: int = env.int("ANOMALY_RETENTION_S", default=14 * 86400)
+# Noise floor of the negative-share detector, in share units (the volume detector's is
+# Poisson noise): with the default 5.5 threshold and 9-bucket smoothing, a share must
+# rise by about 0.18 for 45 minutes to be flagged when its history is flat.
+ANOMALY_SHARE_NOISE: float = env.float("ANOMALY_SHARE_NOISE", default=0.1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

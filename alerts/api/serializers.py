@@ -36,6 +36,7 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
             "title",
             "severity",
             "trend",
+            "anomaly",
             "evidence",
             "event_received_at",
             "event_created_at",

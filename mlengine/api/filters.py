@@ -9,7 +9,7 @@ from django.db.models import Max, Q, QuerySet
 
 from ingest.api.filters import scoped_sources
 from mlengine.heads import TASKS
-from mlengine.models import ModelVersion, StreamClock, Trend
+from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend
 from teams.api.base import BooleanFilter, StrictFilterSet
 
 
@@ -66,3 +66,20 @@ class ModelVersionFilter(StrictFilterSet):
     class Meta:
         model = ModelVersion
         fields = ["task", "active"]
+
+
+class AnomalyFilter(StrictFilterSet):
+    """``source`` (id, in scope), ``kind`` (volume, negative_share, term), ``term``,
+    ``since``/``until`` (window start, event time), ``min_score``, ``closed``."""
+
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
+    kind = django_filters.ChoiceFilter(field_name="series__kind", choices=Series.Kind.choices)
+    term = django_filters.CharFilter(field_name="series__term")
+    since = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="gte")
+    until = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="lt")
+    min_score = django_filters.NumberFilter(field_name="score", lookup_expr="gte")
+    closed = BooleanFilter(field_name="closed")
+
+    class Meta:
+        model = Anomaly
+        fields = ["source", "kind", "term", "since", "until", "min_score", "closed"]

@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.db.models import QuerySet
+from django.http import Http404
 from drf_spectacular.utils import extend_schema
-from rest_framework import viewsets
+from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from ingest.api.filters import term_q
 from ingest.api.serializers import EventSerializer
 from ingest.api.views import EventCursorPagination
 from ingest.models import Event
-from mlengine.api.filters import ModelVersionFilter, StreamFilter, TrendFilter
-from mlengine.api.serializers import ModelVersionSerializer, StreamSerializer, TrendSerializer
-from mlengine.models import ModelVersion, StreamClock, Trend
+from mlengine.api.filters import AnomalyFilter, ModelVersionFilter, StreamFilter, TrendFilter
+from mlengine.api.serializers import (
+    AnomalySerializer,
+    ModelVersionSerializer,
+    SeriesSerializer,
+    SourceRefSerializer,
+    StreamSerializer,
+    TrendSerializer,
+)
+from mlengine.models import Anomaly, ModelVersion, Series, SeriesPoint, StreamClock, Trend
 from teams.api.base import (
     NumberedPagination,
     StrictFilterBackend,
     StrictOrderingFilter,
     TeamScopedReadOnlyViewSet,
+    refuse_unknown_query_params,
 )
+from teams.selectors import team_ids_for
 
 
 class TrendViewSet(TeamScopedReadOnlyViewSet):
@@ -82,3 +94,123 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet[ModelVersion]):
     serializer_class = ModelVersionSerializer
     filterset_class = ModelVersionFilter
     pagination_class = NumberedPagination
+
+
+class AnomalyViewSet(TeamScopedReadOnlyViewSet):
+    """Anomalies of the caller's teams' series (``mlengine.anomaly_stage``), newest
+    window first; ``ordering`` by score, window start or detection time."""
+
+    team_field = "source__team"
+    queryset = Anomaly.objects.select_related("source", "series")
+    serializer_class = AnomalySerializer
+    filterset_class = AnomalyFilter
+    filter_backends = [StrictFilterBackend, StrictOrderingFilter]
+    ordering_fields = ["score", "window_start", "detected_at"]
+    ordering = ["-window_start", "-id"]
+    pagination_class = NumberedPagination
+
+
+MAX_SERIES_POINTS = 7 * 288
+"""The most points one ``GET /api/series/`` returns (a week of 5-minute buckets)."""
+
+
+class SeriesQuery(serializers.Serializer[dict[str, Any]]):
+    """The query of ``GET /api/series/``. ``term`` is required with ``kind=term`` only;
+    ``until`` defaults to the end of the series' last bucket, ``since`` to 24 h before
+    ``until`` (event time, ISO 8601)."""
+
+    source = serializers.IntegerField(  # type: ignore[assignment]
+        min_value=1, help_text="Source id (one of your teams')."
+    )
+    kind = serializers.ChoiceField(choices=Series.Kind.choices)
+    term = serializers.CharField(required=False, allow_blank=False, max_length=200)
+    since = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
+    until = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["kind"] == Series.Kind.TERM and not attrs.get("term"):
+            raise serializers.ValidationError({"term": ["Required with kind=term."]})
+        if attrs["kind"] != Series.Kind.TERM and attrs.get("term"):
+            raise serializers.ValidationError({"term": ["Only with kind=term."]})
+        since, until = attrs.get("since"), attrs.get("until")
+        if since and until and since >= until:
+            raise serializers.ValidationError({"until": ["Must be after since."]})
+        return attrs
+
+
+class SeriesView(APIView):
+    """One series of a source with its expected band and anomaly windows."""
+
+    @extend_schema(parameters=[SeriesQuery], responses=SeriesSerializer)
+    def get(self, request: Request) -> Response:
+        """The series' points in the window (at most ``MAX_SERIES_POINTS``: 400 past
+        it), its anomalies overlapping the window, and the source's term series. 404
+        when the source is not one of your teams' or has no such series (yet)."""
+        query = SeriesQuery(data=request.query_params)
+        refuse_unknown_query_params(request, query.fields)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        series = (
+            Series.objects.select_related("source")
+            .filter(
+                source_id=params["source"],
+                source__team_id__in=team_ids_for(request.user),
+                kind=params["kind"],
+                term=params.get("term", ""),
+            )
+            .first()
+        )
+        if series is None:
+            raise Http404("No such series.")
+        bucket = timedelta(seconds=series.bucket_s)
+        until = params.get("until") or series.last_bucket + bucket
+        since = params.get("since") or until - timedelta(days=1)
+        if (until - since) / bucket > MAX_SERIES_POINTS:
+            raise serializers.ValidationError(
+                {"since": [f"At most {MAX_SERIES_POINTS} buckets: choose a shorter window."]}
+            )
+        points = [
+            {
+                "start": p.bucket_start,
+                "value": p.value,
+                "expected": p.expected,
+                "low": p.low,
+                "high": p.high,
+                "score": p.score,
+                "anomaly": p.anomaly,
+            }
+            for p in SeriesPoint.objects.filter(
+                series=series, bucket_start__gte=since, bucket_start__lt=until
+            ).order_by("bucket_start")
+        ]
+        windows = list(
+            Anomaly.objects.filter(
+                series=series, window_start__lt=until, window_end__gt=since
+            ).order_by("window_start")
+        )
+        terms = Series.objects.filter(source_id=series.source_id, kind=Series.Kind.TERM).order_by(
+            "-active", "term"
+        )
+        return Response(
+            {
+                "source": SourceRefSerializer(series.source).data,
+                "kind": series.kind,
+                "term": series.term,
+                "bucket_s": series.bucket_s,
+                "since": since,
+                "until": until,
+                "points": points,
+                "anomalies": [
+                    {
+                        "id": a.id,
+                        "window_start": a.window_start,
+                        "window_end": a.window_end,
+                        "score": a.score,
+                        "value": a.value,
+                        "closed": a.closed,
+                    }
+                    for a in windows
+                ],
+                "terms": [{"term": t.term, "active": t.active} for t in terms],
+            }
+        )

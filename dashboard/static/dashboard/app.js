@@ -7,6 +7,8 @@
  *   GET /api/trends/<id>/events/                      on click   -> posts behind a trend
  *   GET /api/streams/?page_size=100                   every 3 s  -> streams' event-time clocks
  *   GET /api/sentiment/                               every 10 s -> sentiment over time
+ *   GET /api/series/?source&kind[&term]               every 30 s -> the chosen anomaly series
+ *   GET /api/anomalies/?page_size=20                  every 30 s -> recent anomalies
  *   GET /api/sources/                                 every 5 s  -> sources' health
  *   POST /api/sources/, PATCH /api/sources/<id>/      on submit / click (owners)
  *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
@@ -37,6 +39,8 @@
     alerts: '/api/alerts/',
     streams: `${$('streams')?.dataset.api || '/api/streams/'}?page_size=${STREAMS_PAGE}`,
     sentiment: '/api/sentiment/',
+    series: '/api/series/',
+    anomalies: '/api/anomalies/?page_size=20',
     sources: $('sources')?.dataset.api || '/api/sources/',
   };
   const WS_PATH = '/ws/alerts/';
@@ -44,6 +48,7 @@
   const TRENDS_EVERY_MS = 5000;
   const STREAMS_EVERY_MS = 3000;
   const SENTIMENT_EVERY_MS = 10000;
+  const ANOMALIES_EVERY_MS = 30000;
   const SOURCES_EVERY_MS = 5000;
   const SENTIMENT_COLOURS = { negative: '#c0392b', neutral: '#9aa3b0', positive: '#2e8b57' };
   const RATE_WINDOW_MS = 5 * 60 * 1000;
@@ -457,6 +462,145 @@
     }
   }
 
+  // ------------------------------------------------------------ anomalies
+
+  let anomalyChart = null;
+  let anomalyWindows = [];
+
+  /** Shades each anomaly window (indices into the labels) behind the lines. */
+  const windowShading = {
+    id: 'anomalyWindows',
+    beforeDatasetsDraw(c) {
+      const x = c.scales.x;
+      const area = c.chartArea;
+      if (!x || !area) return;
+      c.ctx.save();
+      c.ctx.fillStyle = 'rgba(192, 57, 43, 0.15)';
+      for (const w of anomalyWindows) {
+        const left = x.getPixelForValue(w.from) - 2;
+        const right = x.getPixelForValue(w.to) + 2;
+        c.ctx.fillRect(left, area.top, Math.max(4, right - left), area.bottom - area.top);
+      }
+      c.ctx.restore();
+    },
+  };
+
+  function makeAnomalyChart() {
+    const canvas = $('anomaly-chart');
+    if (!canvas) return null;
+    if (typeof window.Chart !== 'function') {
+      canvas.replaceWith(h('p', { class: 'empty' }, 'The anomaly chart is unavailable: chart.umd.min.js did not load.'));
+      return null;
+    }
+    const line = (label, colour, extra) => ({
+      label, data: [], borderColor: colour, backgroundColor: colour, pointRadius: 0,
+      borderWidth: 1, spanGaps: false, transitions: {}, ...extra,
+    });
+    const made = new window.Chart(canvas, {
+      type: 'line',
+      data: {
+        labels: [],
+        datasets: [
+          line('low', 'rgba(46, 139, 87, 0.35)', {}),
+          line('high', 'rgba(46, 139, 87, 0.35)', { fill: '-1', backgroundColor: 'rgba(46, 139, 87, 0.15)' }),
+          line('expected', '#2e8b57', { borderDash: [4, 3] }),
+          line('value', '#1f4e8c', { borderWidth: 2 }),
+        ],
+      },
+      options: {
+        animation: false,
+        maintainAspectRatio: false,
+        interaction: { mode: 'index', intersect: false },
+        scales: {
+          x: { ticks: { maxTicksLimit: 8, color: '#5b6472' }, grid: { display: false } },
+          y: { beginAtZero: true, ticks: { color: '#5b6472' }, grid: { color: '#eef0f4' } },
+        },
+        plugins: { legend: { position: 'bottom' } },
+      },
+      plugins: [windowShading],
+    });
+    if (!made.ctx) return null;
+    return made;
+  }
+
+  function seriesQuery() {
+    const params = new URLSearchParams({ source: $('series-source').value, kind: $('series-kind').value });
+    if (params.get('kind') === 'term') params.set('term', $('series-term').value);
+    return `${API.series}?${params}`;
+  }
+
+  function fillSelect(select, options) {
+    const keep = select.value;
+    select.replaceChildren(...options.map(([value, text]) => h('option', { value }, text)));
+    if (options.some(([value]) => value === keep)) select.value = keep;
+  }
+
+  function renderSeries(series) {
+    const points = Array.isArray(series.points) ? series.points : [];
+    fillSelect($('series-term'), (series.terms || []).map((t) => [t.term, t.active ? t.term : `${t.term} (retired)`]));
+    $('anomalies-empty').hidden = points.length > 0;
+    if (!anomalyChart) return;
+    const starts = points.map((p) => parseTime(p.start));
+    const index = (iso) => {
+      const ms = parseTime(iso);
+      const i = starts.findIndex((s) => s >= ms);
+      return i < 0 ? starts.length - 1 : i;
+    };
+    anomalyWindows = (series.anomalies || []).map((a) => ({
+      from: index(a.window_start), to: Math.max(index(a.window_start), index(a.window_end) - 1),
+    }));
+    anomalyChart.data.labels = points.map((p) => bucketLabel(p.start, series.bucket_s));
+    for (const dataset of anomalyChart.data.datasets) {
+      dataset.data = points.map((p) => (isNum(p[dataset.label]) ? p[dataset.label] : null));
+    }
+    anomalyChart.update('none');
+  }
+
+  function anomalyRow(a) {
+    const what = a.kind === 'term' ? `${a.term} volume` : a.kind === 'negative_share' ? 'negative share' : 'post volume';
+    const fmt = (v) => (isNum(v) ? (a.kind === 'negative_share' ? `${Math.round(v * 100)}%` : String(Math.round(v * 10) / 10)) : '—');
+    return h('li', {},
+      timeEl(a.window_start, 'when'), ' ',
+      h('strong', {}, `${what} in ${a.source.name}`), ': ',
+      `${fmt(a.value)} (expected ${fmt(a.low)}–${fmt(a.high)}), score ${isNum(a.score) ? a.score.toFixed(1) : '—'}`,
+      a.closed ? '' : ' · open');
+  }
+
+  async function refreshAnomalies() {
+    try {
+      if (!$('series-source').options.length) {
+        const sources = await api(API.sources);
+        const rows = Array.isArray(sources) ? sources : sources.results || [];
+        fillSelect($('series-source'), rows.map((src) => [String(src.id), src.name]));
+      }
+      const list = await api(API.anomalies);
+      const items = list.results || [];
+      $('anomaly-list').replaceChildren(...(items.length
+        ? items.map(anomalyRow)
+        : [h('li', { class: 'empty' }, 'No anomalies yet: they appear here when a series rises above its band.')]));
+      const needsTerm = $('series-kind').value === 'term';
+      $('series-term-label').hidden = !needsTerm;
+      if (!$('series-source').value || (needsTerm && !$('series-term').value)) {
+        $('anomalies-empty').hidden = false;
+        if (needsTerm && $('series-source').value) {
+          renderSeries(await api(`${API.series}?source=${encodeURIComponent($('series-source').value)}&kind=volume`)
+            .catch(() => ({ points: [], terms: [] })));
+        }
+      } else {
+        try {
+          renderSeries(await api(seriesQuery()));
+        } catch (err) {
+          if (err.status !== 404) throw err;
+          renderSeries({ points: [], anomalies: [], terms: [] });
+        }
+      }
+      showError('anomalies-error', null, null);
+      markUpdated('anomalies-updated');
+    } catch (err) {
+      showError('anomalies-error', 'the anomalies', err, 'Retrying every 30 s.');
+    }
+  }
+
   // --------------------------------------------------------------- trends
 
   let selectedTrendId = null;
@@ -783,6 +927,16 @@
     }, label);
   }
 
+  /** The post's virality at posting time and the model that gave it (none: not scored). */
+  function viralityBadge(e) {
+    if (!isNum(e.virality_score)) return null;
+    return h('span', {
+      class: `label label-virality ${e.virality_score >= 0.5 ? 'label-hot' : ''}`,
+      title: `P(viral) at posting time, from the author's earlier posts, by ${e.virality_model || 'a virality model'}`,
+    }, `virality ${fmt2(e.virality_score)}`,
+    h('small', { class: 'model' }, e.virality_model ? ` · ${e.virality_model}` : ''));
+  }
+
   function safeHttpUrl(link) {
     if (typeof link !== 'string' || link === '') return null;
     try {
@@ -804,6 +958,7 @@
         sentimentBadge(e),
         labelBadge(e, 'emotion'),
         labelBadge(e, 'offensive'),
+        viralityBadge(e),
         link ? h('a', { href: link, target: '_blank', rel: 'noopener noreferrer' }, 'original') : null),
       h('p', { class: 'post-text', lang: e.lang || null }, e.text ?? ''));
   }
@@ -1127,8 +1282,13 @@
 
   chart = makeChart();
   sentimentChart = makeSentimentChart();
+  anomalyChart = makeAnomalyChart();
+  for (const id of ['series-source', 'series-kind', 'series-term']) {
+    $(id)?.addEventListener('change', () => refreshAnomalies());
+  }
   poll(refreshStats, STATS_EVERY_MS);
   poll(refreshSentiment, SENTIMENT_EVERY_MS);
+  poll(refreshAnomalies, ANOMALIES_EVERY_MS);
   poll(refreshTrends, TRENDS_EVERY_MS);
   poll(refreshStreams, STREAMS_EVERY_MS);
   poll(refreshSources, SOURCES_EVERY_MS);

@@ -171,7 +171,11 @@ class Command(BaseCommand):
                 "hist_events": rng.integers(0, 5_000, n),
                 "prev_events": rng.integers(0, 500, n),
             }
-            hist = {"hist_total": 200_000, "hist_buckets": 24, "mean_bucket_total": 8_000.0}
+            hist: dict[str, Any] = {
+                "hist_total": 200_000,
+                "hist_buckets": 24,
+                "mean_bucket_total": 8_000.0,
+            }
             windows = [
                 TermWindow(term=f"t{i}", **{k: int(v[i]) for k, v in cols.items()}, **hist)
                 for i in range(n)

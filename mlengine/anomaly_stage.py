@@ -1,0 +1,610 @@
+"""The anomaly stage: the streaming detector (``mlengine.anomaly``) on every source's
+series, in event time, writing series points and anomalies.
+
+Series, per source (``mlengine.models.Series``):
+
+- ``volume``: events per 5-minute bucket (0 for a bucket with none);
+- ``negative_share``: the share of the bucket's labelled events labelled "negative"
+  (NaN, a missing value to the detector, when none is labelled);
+- ``term``: events holding a term (hashtag, mention, cashtag or keyword), for the
+  terms of the source's trends of the last 24 h of event time (``ACTIVE_TERM_S``),
+  at most ``ANOMALY_MAX_TERMS`` (those of the latest trends; a series already watched
+  keeps its place). A term series that appears is warmed up on the term's counts of
+  the two days before (``backfill_buckets``), so it can alert at once; one whose term has
+  had no trend for 24 h is retired.
+
+``advance_anomalies`` steps, for each source, the 5-minute buckets (``BUCKET_S``, the
+detector's tuning) that are complete below its stream's watermark
+(``StreamClock.watermark``: every earlier event is stored, enriched and counted) and
+not yet stepped, at most ``ANOMALY_MAX_BUCKETS`` per source and run. All series of all
+sources go through one detector per value transform (counts: Anscombe's; shares: none,
+with their own noise floor), one bucket step at a time, vectorised across series: a
+source with fewer buckets to step gives NaN, which leaves its rows untouched.
+
+Everything is a function of the events' event times and of the trends (themselves
+final once the watermark passes them), so a replay at any speed, in any number of
+runs, gives the same points and anomalies. One run at a time holds the stage's
+advisory lock; state, points, anomalies and the cursor are written in one transaction,
+so a redelivered task finds the buckets stepped and does nothing. New anomalies go to
+the alerts stage after commit. Negative shares read each event's label as it stands
+when its bucket is stepped (the transformer heads may relabel after VADER; DESIGN.md,
+"Time").
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from psycopg2.extras import execute_values
+
+from ingest import selectors as ingest_selectors
+from mlengine.anomaly import Detector, Params, Step
+from mlengine.models import Anomaly, Series, StreamClock, Trend
+from twiscope import pipeline
+
+log = structlog.get_logger(__name__)
+
+BUCKET_S = 300
+"""The detector's bucket, seconds of event time (its parameters are tuned on it)."""
+ACTIVE_TERM_S = 24 * 3600
+"""A term is watched while it had a trend in this many seconds of event time before."""
+LOCK_KEY = 7_406_310_001
+"""The stage's PostgreSQL advisory lock (one run at a time)."""
+COUNTS, SHARES = "counts", "shares"
+_STATE_KEYS = ("values", "residuals", "smoothed", "scale", "count", "since_alert")
+
+State = dict[str, npt.NDArray[Any]]
+
+
+def params_for(group: str) -> Params:
+    """The detector parameters of a group: counts (volume, terms) take the tuned
+    defaults; shares take no transform and ``ANOMALY_SHARE_NOISE`` as noise floor."""
+    if group == COUNTS:
+        return Params()
+    return Params(transform="identity", noise_sd=settings.ANOMALY_SHARE_NOISE)
+
+
+def backfill_buckets(params: Params) -> int:
+    """Buckets of history a new term series is warmed up on: two days. A series has a
+    score once its seasonal median has a day behind it and its MAD scale half a day of
+    residuals (``period * 1.5 + slot_spread`` buckets: about 36 hours)."""
+    return 2 * params.period
+
+
+def dump_state(state: State, row: int) -> bytes:
+    """One row of a detector state, as a compressed ``.npz`` (exact float64)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: state[k][row] for k in _STATE_KEYS})
+    return buf.getvalue()
+
+
+def load_state(blob: bytes | memoryview) -> State:
+    """A row saved by ``dump_state``, with a leading axis of length 1."""
+    with np.load(io.BytesIO(bytes(blob))) as saved:
+        return {k: np.asarray(saved[k])[None, ...] for k in _STATE_KEYS}
+
+
+@dataclass
+class _Open:
+    """An anomaly being written: new (``id`` None) or an open one read back."""
+
+    series_id: int
+    source_id: int
+    window_start: datetime
+    window_end: datetime
+    peak_at: datetime
+    score: float
+    value: float
+    expected: float | None
+    low: float | None
+    high: float | None
+    evidence_created_at: datetime
+    evidence_received_at: datetime
+    id: int | None = None
+    closed: bool = False
+    changed: bool = False
+
+
+@dataclass
+class _Slot:
+    """A series in this run: its row in its group's detector and what changed."""
+
+    series_id: int
+    source_id: int
+    kind: str
+    term: str
+    group: str
+    row: int
+    active: bool = True
+    last_bucket: datetime | None = None
+    open: _Open | None = None
+
+
+@dataclass
+class _Plan:
+    """One source's work in this run: ``n`` buckets from ``start``."""
+
+    source_id: int
+    first_bucket: datetime
+    start: datetime
+    n: int
+    more: bool
+    totals: dict[int, ingest_selectors.BucketTotals] = field(default_factory=dict)
+    trends: list[tuple[str, datetime, datetime]] = field(default_factory=list)
+    term_counts: dict[tuple[int, str], int] = field(default_factory=dict)
+    terms: dict[str, _Slot] = field(default_factory=dict)
+
+
+class _Group:
+    """One detector over the rows of a value transform; rows are only ever added."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.detector: Detector | None = None
+        self.size = 0
+
+    def add(self, states: Sequence[State | None]) -> list[int]:
+        """Append rows (a saved state, or None for a fresh series); returns their rows."""
+        if not states:
+            return []
+        fresh = Detector(1, self.params).state()
+        parts: list[State] = [self.detector.state()] if self.detector is not None else []
+        parts += [s if s is not None else {k: fresh[k] for k in _STATE_KEYS} for s in states]
+        stacked: dict[str, npt.NDArray[Any]] = {
+            k: np.concatenate([p[k] for p in parts], axis=0) for k in _STATE_KEYS
+        }
+        stacked["params"] = np.array(asdict(self.params), dtype=object)
+        self.detector = Detector.from_state(stacked)
+        rows = list(range(self.size, self.size + len(states)))
+        self.size += len(states)
+        return rows
+
+    def step(self, values: npt.NDArray[np.float64]) -> Step | None:
+        return self.detector.update(values) if self.detector is not None else None
+
+
+@dataclass(frozen=True)
+class AdvanceResult:
+    """What a run did: buckets stepped (summed over sources), the new anomalies' ids,
+    and whether a source has complete buckets left (the caller runs again)."""
+
+    buckets: int
+    anomaly_ids: list[int]
+    more: bool
+
+
+def _floor(moment: datetime) -> datetime:
+    epoch = int(moment.timestamp()) // BUCKET_S * BUCKET_S
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
+    """Step every source's complete, unstepped buckets through the detectors; write the
+    series' state, points and anomalies; return what it did.
+
+    At most ``max_buckets`` (default ``ANOMALY_MAX_BUCKETS``) buckets per source. Does
+    nothing when another run holds the stage's lock. Side effects: ``Series``,
+    ``SeriesPoint`` (pruned past ``ANOMALY_RETENTION_S`` behind each source's latest
+    bucket), ``Anomaly``; after commit, the new anomalies go to the alerts stage.
+    """
+    limit = max_buckets or settings.ANOMALY_MAX_BUCKETS
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
+            if not cursor.fetchone()[0]:
+                return AdvanceResult(0, [], False)
+        run = _Run(limit)
+        if not run.plans:
+            return AdvanceResult(0, [], False)
+        run.step_all()
+        new_ids = run.save()
+        if new_ids:
+            pipeline.hand_off(
+                "ml",
+                items=[f"anomaly:{i}" for i in new_ids],
+                task="anomalies",
+                anomaly_ids=new_ids,
+            )
+    stepped = sum(p.n for p in run.plans)
+    log.info("ml.anomalies_advanced", buckets=stepped, sources=len(run.plans), new=len(new_ids))
+    return AdvanceResult(stepped, new_ids, any(p.more for p in run.plans))
+
+
+class _Run:
+    """One run of the stage (inside its transaction, holding its lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.now = timezone.now()
+        self.bucket = timedelta(seconds=BUCKET_S)
+        self.groups = {COUNTS: _Group(params_for(COUNTS)), SHARES: _Group(params_for(SHARES))}
+        self.slots: list[_Slot] = []
+        self.base: dict[int, tuple[_Slot, _Slot]] = {}
+        self.points: list[tuple[Any, ...]] = []
+        self.opens: dict[int, _Open] = {}  # by id(): the anomalies this run touched
+        self.open_series: dict[int, _Open] = {}
+        self.plans = self._plan(limit)
+        if self.plans:
+            self._load()
+
+    def _plan(self, limit: int) -> list[_Plan]:
+        """The sources with complete buckets to step, and their volume/share series
+        (created on a source's first run)."""
+        cursors = {
+            source_id: (first, last)
+            for source_id, first, last in Series.objects.filter(
+                kind=Series.Kind.VOLUME
+            ).values_list("source_id", "first_bucket", "last_bucket")
+        }
+        plans = []
+        for source_id, watermark in StreamClock.objects.filter(watermark__isnull=False).values_list(
+            "source_id", "watermark"
+        ):
+            if watermark is None:
+                continue
+            if source_id in cursors:
+                first, last = cursors[source_id]
+                start = last + self.bucket
+            else:
+                earliest = ingest_selectors.first_event_time(source_id, before=watermark)
+                if earliest is None:
+                    continue
+                first = start = _floor(earliest)
+            complete = int((watermark - start).total_seconds()) // BUCKET_S
+            if complete <= 0:
+                continue
+            if source_id not in cursors:
+                for kind in (Series.Kind.VOLUME, Series.Kind.NEGATIVE_SHARE):
+                    Series.objects.create(
+                        source_id=source_id,
+                        kind=kind,
+                        bucket_s=BUCKET_S,
+                        first_bucket=start,
+                        last_bucket=start - self.bucket,
+                        created_at=self.now,
+                    )
+            n = min(complete, limit)
+            plans.append(_Plan(source_id, first, start, n, more=complete > n))
+        return sorted(plans, key=lambda p: p.source_id)
+
+    def _load(self) -> None:
+        """Each planned source's counts, trends, active series and open anomalies."""
+        source_ids = [p.source_id for p in self.plans]
+        for opened in Anomaly.objects.filter(source_id__in=source_ids, closed=False):
+            self.open_series[opened.series_id] = _Open(
+                series_id=opened.series_id,
+                source_id=opened.source_id,
+                window_start=opened.window_start,
+                window_end=opened.window_end,
+                peak_at=opened.peak_at,
+                score=opened.score,
+                value=opened.value,
+                expected=opened.expected,
+                low=opened.low,
+                high=opened.high,
+                evidence_created_at=opened.evidence_created_at,
+                evidence_received_at=opened.evidence_received_at,
+                id=opened.id,
+            )
+        active = list(Series.objects.filter(source_id__in=source_ids, active=True).order_by("id"))
+        by_group: dict[str, list[tuple[Series, State | None]]] = {COUNTS: [], SHARES: []}
+        for series in active:
+            group = SHARES if series.kind == Series.Kind.NEGATIVE_SHARE else COUNTS
+            by_group[group].append(
+                (series, load_state(series.state) if series.state is not None else None)
+            )
+        for group, items in by_group.items():
+            rows = self.groups[group].add([state for _, state in items])
+            for (series, _), row in zip(items, rows, strict=True):
+                self._adopt(series.id, series.source_id, series.kind, series.term, group, row)
+        plans = {p.source_id: p for p in self.plans}
+        for slot in self.slots:
+            if slot.kind == Series.Kind.TERM:
+                plans[slot.source_id].terms[slot.term] = slot
+        volume = {s.source_id: s for s in self.slots if s.kind == Series.Kind.VOLUME}
+        share = {s.source_id: s for s in self.slots if s.kind == Series.Kind.NEGATIVE_SHARE}
+        for plan in self.plans:
+            self.base[plan.source_id] = (volume[plan.source_id], share[plan.source_id])
+            end = plan.start + plan.n * self.bucket
+            plan.totals = ingest_selectors.bucket_totals(
+                plan.source_id, since=plan.start, until=end, bucket_s=BUCKET_S
+            )
+            plan.trends = list(
+                Trend.objects.filter(
+                    source_id=plan.source_id,
+                    evidence_created_at__lt=end,
+                    bucket_start__gte=plan.start + self.bucket - timedelta(seconds=ACTIVE_TERM_S),
+                )
+                .order_by("evidence_created_at", "term")
+                .values_list("term", "bucket_start", "evidence_created_at")
+            )
+            terms = sorted({t[0] for t in plan.trends} | set(plan.terms))
+            plan.term_counts = ingest_selectors.term_bucket_counts(
+                plan.source_id, terms, since=plan.start, until=end, bucket_s=BUCKET_S
+            )
+
+    def _adopt(
+        self, series_id: int, source_id: int, kind: str, term: str, group: str, row: int
+    ) -> _Slot:
+        slot = _Slot(series_id, source_id, kind, term, group, row)
+        slot.open = self.open_series.get(series_id)
+        self.slots.append(slot)
+        return slot
+
+    def _candidates(self, plan: _Plan, end: datetime) -> list[str]:
+        """The terms to watch at the bucket ending ``end``, latest trend first, capped."""
+        since = end - timedelta(seconds=ACTIVE_TERM_S)
+        latest: dict[str, datetime] = {}
+        for term, bucket_start, evidence in plan.trends:
+            if evidence >= end:
+                break
+            if bucket_start >= since:
+                latest[term] = evidence
+        ranked = sorted(latest, key=lambda t: (-latest[t].timestamp(), t))
+        cap = settings.ANOMALY_MAX_TERMS
+        kept = [t for t in ranked if t in plan.terms][:cap]
+        return kept + [t for t in ranked if t not in plan.terms][: cap - len(kept)]
+
+    def _update_terms(self, plan: _Plan, start: datetime) -> None:
+        """Retire the term series no longer watched at ``start``'s bucket; add (and warm
+        up) the new ones."""
+        wanted = self._candidates(plan, start + self.bucket)
+        for term in [t for t in plan.terms if t not in wanted]:
+            slot = plan.terms.pop(term)
+            slot.active = False
+            if slot.open is not None and not slot.open.closed:
+                slot.open.closed = slot.open.changed = True
+                self.opens[id(slot.open)] = slot.open
+        new = [t for t in wanted if t not in plan.terms]
+        if not new:
+            return
+        params = self.groups[COUNTS].params
+        since = max(plan.first_bucket, start - backfill_buckets(params) * self.bucket)
+        history = int((start - since).total_seconds()) // BUCKET_S
+        warm = Detector(len(new), params)
+        counts = ingest_selectors.term_bucket_counts(
+            plan.source_id, new, since=since, until=start, bucket_s=BUCKET_S
+        )
+        base = int(since.timestamp())
+        for i in range(history):
+            epoch = base + i * BUCKET_S
+            warm.update(np.array([counts.get((epoch, t), 0) for t in new], dtype=np.float64))
+        state = warm.state()
+        rows = self.groups[COUNTS].add(
+            [{k: state[k][j : j + 1] for k in _STATE_KEYS} for j in range(len(new))]
+        )
+        existing = dict(
+            Series.objects.filter(
+                source_id=plan.source_id, kind=Series.Kind.TERM, term__in=new
+            ).values_list("term", "id")
+        )
+        for term, row in zip(new, rows, strict=True):
+            series_id = existing.get(term)
+            if series_id is None:
+                series_id = Series.objects.create(
+                    source_id=plan.source_id,
+                    kind=Series.Kind.TERM,
+                    term=term,
+                    bucket_s=BUCKET_S,
+                    first_bucket=start,
+                    last_bucket=start - self.bucket,
+                    created_at=self.now,
+                ).id
+            slot = self._adopt(series_id, plan.source_id, Series.Kind.TERM, term, COUNTS, row)
+            slot.open = None  # a reactivated series starts afresh
+            plan.terms[term] = slot
+        # The new terms' counts for the rest of the run.
+        plan.term_counts.update(
+            ingest_selectors.term_bucket_counts(
+                plan.source_id,
+                new,
+                since=start,
+                until=plan.start + plan.n * self.bucket,
+                bucket_s=BUCKET_S,
+            )
+        )
+
+    def step_all(self) -> None:
+        """Step every planned source's buckets, one bucket step at a time."""
+        for i in range(max(p.n for p in self.plans)):
+            stepping = [p for p in self.plans if i < p.n]
+            for plan in stepping:
+                self._update_terms(plan, plan.start + i * self.bucket)
+            values = {g: np.full(group.size, np.nan) for g, group in self.groups.items()}
+            at: dict[int, tuple[datetime, int]] = {}
+            for plan in stepping:
+                start = plan.start + i * self.bucket
+                epoch = int(start.timestamp())
+                at[plan.source_id] = (start, epoch)
+                totals = plan.totals.get(epoch)
+                volume, share = self.base[plan.source_id]
+                values[COUNTS][volume.row] = totals.events if totals else 0
+                if totals and totals.labelled:
+                    values[SHARES][share.row] = totals.negative / totals.labelled
+                for term, slot in plan.terms.items():
+                    values[COUNTS][slot.row] = plan.term_counts.get((epoch, term), 0)
+            steps = {g: group.step(values[g]) for g, group in self.groups.items()}
+            plans = {p.source_id: p for p in stepping}
+            for slot in self.slots:
+                if not slot.active or slot.source_id not in at:
+                    continue
+                step = steps[slot.group]
+                assert step is not None
+                start, epoch = at[slot.source_id]
+                self._record(slot, step, values[slot.group][slot.row], start, plans, epoch)
+
+    def _record(
+        self,
+        slot: _Slot,
+        step: Step,
+        value: float,
+        start: datetime,
+        plans: dict[int, _Plan],
+        epoch: int,
+    ) -> None:
+        """The point of ``slot`` at ``start``, and its anomaly opened, grown or closed."""
+        r = slot.row
+        score = float(step.score[r])
+        flagged = bool(step.anomaly[r])
+        expected, low, high = _num(step.expected[r]), _num(step.low[r]), _num(step.high[r])
+        slot.last_bucket = start
+        self.points.append(
+            (slot.series_id, start, _num(value), expected, low, high, _num(score), flagged)
+        )
+        end = start + self.bucket
+        opened = slot.open
+        threshold = self.groups[slot.group].params.threshold
+        if flagged:
+            if opened is not None and not opened.closed:
+                opened.closed = opened.changed = True
+            totals = plans[slot.source_id].totals.get(epoch)
+            slot.open = _Open(
+                series_id=slot.series_id,
+                source_id=slot.source_id,
+                window_start=start,
+                window_end=end,
+                peak_at=start,
+                score=score,
+                value=float(value),
+                expected=expected,
+                low=low,
+                high=high,
+                evidence_created_at=end,
+                evidence_received_at=totals.last_received_at if totals else self.now,
+                changed=True,
+            )
+        elif opened is not None and not opened.closed:
+            opened.changed = True
+            if np.isfinite(score) and score >= threshold:
+                opened.window_end = end
+                if score > opened.score:
+                    opened.peak_at, opened.score, opened.value = start, score, float(value)
+                    opened.expected, opened.low, opened.high = expected, low, high
+            else:
+                opened.closed = True
+        for touched in (opened, slot.open):
+            if touched is not None and touched.changed:
+                self.opens[id(touched)] = touched
+
+    def save(self) -> list[int]:
+        """Write the series, points and anomalies; prune old points; return the ids of
+        the anomalies this run opened."""
+        final: dict[int, _Slot] = {}
+        for slot in self.slots:
+            if slot.last_bucket is not None or not slot.active:
+                final[slot.series_id] = slot  # a later slot of a series wins
+        updates = []
+        for series_id, slot in sorted(final.items()):
+            group = self.groups[slot.group]
+            assert group.detector is not None
+            state = dump_state(group.detector.state(), slot.row) if slot.active else None
+            updates.append((series_id, slot.active, slot.last_bucket, state))
+        with connection.cursor() as cursor:
+            if updates:
+                execute_values(
+                    cursor.cursor,
+                    """
+                    UPDATE mlengine_series AS s SET
+                        active = v.active,
+                        last_bucket = COALESCE(v.last_bucket, s.last_bucket),
+                        state = v.state
+                    FROM (VALUES %s) AS v(id, active, last_bucket, state)
+                    WHERE s.id = v.id
+                    """,
+                    updates,
+                    template="(%s::bigint, %s::boolean, %s::timestamptz, %s::bytea)",
+                )
+            if self.points:
+                execute_values(
+                    cursor.cursor,
+                    """
+                    INSERT INTO mlengine_seriespoint
+                        (series_id, bucket_start, value, expected, low, high, score, anomaly)
+                    VALUES %s ON CONFLICT (series_id, bucket_start) DO NOTHING
+                    """,
+                    self.points,
+                    page_size=2000,
+                )
+        new_ids = self._save_anomalies()
+        retention = timedelta(seconds=settings.ANOMALY_RETENTION_S)
+        with connection.cursor() as cursor:
+            for plan in self.plans:
+                cutoff = plan.start + (plan.n - 1) * self.bucket - retention
+                cursor.execute(
+                    """
+                    DELETE FROM mlengine_seriespoint p USING mlengine_series s
+                    WHERE p.series_id = s.id AND s.source_id = %s AND p.bucket_start < %s
+                    """,
+                    [plan.source_id, cutoff],
+                )
+        return new_ids
+
+    def _save_anomalies(self) -> list[int]:
+        """Update the anomalies read back that changed; insert the new ones (conflict-
+        ignore); return the new ids."""
+        new_rows = []
+        for opened in self.opens.values():
+            if opened.id is not None:
+                Anomaly.objects.filter(id=opened.id).update(
+                    window_end=opened.window_end,
+                    peak_at=opened.peak_at,
+                    score=opened.score,
+                    value=opened.value,
+                    expected=opened.expected,
+                    low=opened.low,
+                    high=opened.high,
+                    closed=opened.closed,
+                    updated_at=self.now,
+                )
+                continue
+            new_rows.append(
+                (
+                    opened.series_id,
+                    opened.source_id,
+                    opened.window_start,
+                    opened.window_end,
+                    BUCKET_S,
+                    opened.peak_at,
+                    opened.score,
+                    opened.value,
+                    opened.expected,
+                    opened.low,
+                    opened.high,
+                    opened.closed,
+                    opened.evidence_created_at,
+                    opened.evidence_received_at,
+                    self.now,
+                    self.now,
+                )
+            )
+        if not new_rows:
+            return []
+        with connection.cursor() as cursor:
+            returned = execute_values(
+                cursor.cursor,
+                """
+                INSERT INTO mlengine_anomaly (
+                    series_id, source_id, window_start, window_end, bucket_s, peak_at, score,
+                    value, expected, low, high, closed, evidence_created_at,
+                    evidence_received_at, detected_at, updated_at
+                ) VALUES %s
+                ON CONFLICT (series_id, window_start) DO NOTHING
+                RETURNING id
+                """,
+                new_rows,
+                fetch=True,
+            )
+        return sorted(row[0] for row in returned)

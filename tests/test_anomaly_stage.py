@@ -1,0 +1,280 @@
+"""The anomaly stage in production: series counted in event time from the stored
+events, one Anomaly per burst with its expected band, alerts of "anomaly" rules pushed,
+idempotent runs; real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+from django.test import TestCase
+from django.urls import reverse
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from alerts import push
+from alerts import services as alert_services
+from alerts.models import Alert, AlertRule
+from ingest.envelope import Envelope
+from ingest.models import Source
+from mlengine import anomaly_stage
+from mlengine.models import Anomaly, Series, SeriesPoint
+from tests.factories import (
+    ORIGIN,
+    Personas,
+    commits_without_broker,
+    envelope,
+    make_personas,
+    make_rule,
+    make_source,
+    run_through,
+)
+from twiscope.schedules import BEAT_SCHEDULE
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
+
+BUCKET_MIN = 5
+HISTORY_BUCKETS = 440  # the detector scores after a day of median and half a day of MAD
+SPIKE_BUCKET = HISTORY_BUCKETS + 2
+
+
+def steady(buckets: int, *, per_bucket: int = 2, negative: int = 0) -> list[Envelope]:
+    """``per_bucket`` posts in each 5-minute bucket, ``negative`` of them negative."""
+    return [
+        envelope(
+            "this is terrible awful horrible news" if i < negative else f"the gate number {i}",
+            minutes=b * BUCKET_MIN + i,
+        )
+        for b in range(buckets)
+        for i in range(per_bucket)
+    ]
+
+
+def spike(first_bucket: int, buckets: int, per_bucket: int) -> list[Envelope]:
+    """``per_bucket`` extra posts in each of ``buckets`` buckets from ``first_bucket``."""
+    return [
+        envelope(f"look at the departures board {i}", minutes=b * BUCKET_MIN + 0.5 + i * 0.01)
+        for b in range(first_bucket, first_bucket + buckets)
+        for i in range(per_bucket)
+    ]
+
+
+def stream(source: Source, *extra: list[Envelope], per_bucket: int = 1, negative: int = 0) -> None:
+    """A steady stream over 37 hours of event time, plus ``extra`` posts, run
+    through persist, enrich and trends."""
+    envelopes = steady(HISTORY_BUCKETS + 12, per_bucket=per_bucket, negative=negative)
+    envelopes += [e for part in extra for e in part]
+    run_through(source, sorted(envelopes, key=lambda e: e.created_at), batch_size=500)
+
+
+def advance_all() -> list[int]:
+    """Run the stage until no complete bucket is left; return the new anomaly ids."""
+    new: list[int] = []
+    result = anomaly_stage.advance_anomalies(max_buckets=200)
+    new += result.anomaly_ids
+    while result.more:
+        result = anomaly_stage.advance_anomalies(max_buckets=200)
+        new += result.anomaly_ids
+    return new
+
+
+def bucket(n: int) -> datetime:
+    return ORIGIN + timedelta(minutes=n * BUCKET_MIN)
+
+
+def client_for(user: Any) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    return client
+
+
+def spiked_source(personas: Personas) -> Source:
+    """A source with a steady day and a half, then three buckets of 25 extra posts."""
+    source = make_source(personas.team)
+    stream(source, spike(SPIKE_BUCKET, 3, 25))
+    return source
+
+
+def test_a_volume_spike_after_a_steady_day_is_one_anomaly_in_its_window() -> None:
+    spiked_source(make_personas())
+
+    new_ids = advance_all()
+
+    anomalies = list(Anomaly.objects.filter(series__kind=Series.Kind.VOLUME))
+    assert len(anomalies) == 1
+    found = anomalies[0]
+    assert bucket(SPIKE_BUCKET) <= found.window_start <= bucket(SPIKE_BUCKET + 2)
+    assert found.window_end > found.window_start
+    assert found.low is not None and found.high is not None and found.expected is not None
+    assert found.low <= found.expected <= found.high < found.value
+    assert found.id in new_ids
+    points = SeriesPoint.objects.filter(series=found.series)
+    assert points.count() == HISTORY_BUCKETS + 11  # the last bucket is not complete
+    assert points.get(bucket_start=bucket(SPIKE_BUCKET)).value == 26
+
+
+def test_an_anomaly_rule_fires_once_and_its_alert_is_pushed() -> None:
+    personas = make_personas()
+    rule = make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY, min_score=5)
+    make_rule(personas.team, name="trends only")  # a new_trend rule: not for anomalies
+    spiked_source(personas)
+    with commits_without_broker() as send_task:
+        new_ids = advance_all()
+    volume = Anomaly.objects.get(series__kind=Series.Kind.VOLUME)
+    handed = [c.kwargs["kwargs"]["anomaly_ids"] for c in send_task.call_args_list]
+    assert [c.args[0] for c in send_task.call_args_list] == ["alerts.evaluate_anomalies"]
+    assert handed == [new_ids]
+
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        alert_ids = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+    again = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+
+    alerts = Alert.objects.filter(id__in=alert_ids)
+    assert again == []
+    assert {a.rule_id for a in alerts} == {rule.id}
+    alert = alerts.get(anomaly=volume)
+    assert alert.evidence["series"] == {"kind": "volume", "term": ""}
+    assert alert.evidence["low"] <= alert.evidence["expected"] <= alert.evidence["high"]
+    assert alert.evidence["window_start"] == volume.window_start.isoformat()
+    assert alert.title.startswith("Anomaly: post volume in archive")
+
+    async def push_and_listen() -> tuple[int, list[dict[str, Any]]]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(push.alerts_group(personas.team.id), channel)
+        pushed = await sync_to_async(push.push_alerts)(alert_ids=alert_ids)
+        return pushed, (await layer.receive(channel))["messages"]
+
+    pushed, messages = async_to_sync(push_and_listen)()
+    assert pushed == len(alert_ids)
+    assert [m["type"] for m in messages] == ["alert.created"] * len(alert_ids)
+    assert [m["seq"] for m in messages] == list(range(1, len(alert_ids) + 1))
+    assert alert.id in {m["alert"]["id"] for m in messages}
+    assert {m["alert"]["anomaly"] for m in messages} == set(new_ids)
+
+
+def test_a_second_run_and_a_redelivered_alert_task_double_nothing() -> None:
+    personas = make_personas()
+    make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY)
+    spiked_source(personas)
+    new_ids = advance_all()
+    points = SeriesPoint.objects.count()
+    first = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+
+    assert anomaly_stage.advance_anomalies().anomaly_ids == []
+    assert alert_services.evaluate_anomalies(anomaly_ids=new_ids) == []
+    assert SeriesPoint.objects.count() == points
+    assert Anomaly.objects.count() == len(new_ids) >= 1
+    assert Alert.objects.count() == len(first) == len(new_ids)
+
+
+def test_a_steady_stream_has_no_anomaly_and_fires_no_alert() -> None:
+    personas = make_personas()
+    make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY)
+    stream(make_source(personas.team))
+
+    new_ids = advance_all()
+
+    assert new_ids == []
+    assert not Anomaly.objects.exists()
+    assert SeriesPoint.objects.filter(series__kind=Series.Kind.VOLUME).count() == (
+        HISTORY_BUCKETS + 11
+    )
+    assert not Alert.objects.exists()
+
+
+def test_a_rise_of_the_negative_share_is_an_anomaly_of_that_series() -> None:
+    source = make_source(make_personas().team)
+    angry = [
+        envelope("this is terrible awful horrible news", minutes=b * BUCKET_MIN + 1.5)
+        for b in range(SPIKE_BUCKET, SPIKE_BUCKET + 6)
+    ]
+    # Two posts a bucket, one negative; then six buckets where both are negative.
+    calm = [
+        e
+        for e in steady(HISTORY_BUCKETS + 12, per_bucket=2, negative=1)
+        if not (
+            bucket(SPIKE_BUCKET) <= e.created_at < bucket(SPIKE_BUCKET + 6)
+            and "terrible" not in e.text
+        )
+    ]
+    run_through(source, sorted(calm + angry, key=lambda e: e.created_at), batch_size=500)
+
+    advance_all()
+
+    share = Anomaly.objects.get(series__kind=Series.Kind.NEGATIVE_SHARE)
+    assert bucket(SPIKE_BUCKET) <= share.window_start < bucket(SPIKE_BUCKET + 6)
+    assert share.value == 1.0 and share.expected == 0.5
+    assert not Anomaly.objects.filter(series__kind=Series.Kind.VOLUME).exists()
+
+
+def test_the_stage_runs_on_beat() -> None:
+    entry = BEAT_SCHEDULE["ml.advance_anomalies"]
+
+    assert entry["task"] == "ml.advance_anomalies"
+    assert entry["schedule"] <= 60 and entry["options"]["expires"] < entry["schedule"]
+
+
+def test_the_api_shows_anomalies_and_series_to_their_team_only() -> None:
+    personas = make_personas()
+    source = spiked_source(personas)
+    advance_all()
+    member, outsider = client_for(personas.member), client_for(personas.outsider)
+    volume = Anomaly.objects.get(series__kind=Series.Kind.VOLUME)
+
+    listed = member.get("/api/anomalies/", {"source": str(source.id), "kind": "volume"})
+    series = member.get("/api/series/", {"source": str(source.id), "kind": "volume"})
+
+    assert listed.status_code == 200, listed.json()
+    assert [a["id"] for a in listed.json()["results"]] == [volume.id]
+    row = listed.json()["results"][0]
+    assert row["source"]["id"] == source.id and row["kind"] == "volume"
+    assert row["low"] <= row["expected"] <= row["high"] < row["value"]
+    assert series.status_code == 200, series.json()
+    body = series.json()
+    assert len(body["points"]) == 288  # the last 24 h of event time
+    assert [w["id"] for w in body["anomalies"]] == [volume.id]
+    assert {"start", "value", "expected", "low", "high", "score", "anomaly"} == set(
+        body["points"][0]
+    )
+    assert outsider.get("/api/anomalies/").json()["results"] == []
+    assert outsider.get(f"/api/anomalies/{volume.id}/").status_code == 404
+    assert outsider.get("/api/anomalies/", {"source": source.id}).status_code == 400
+    assert (
+        outsider.get("/api/series/", {"source": str(source.id), "kind": "volume"}).status_code
+        == 404
+    )
+    assert member.get("/api/series/", {"source": str(source.id), "kind": "term"}).status_code == 400
+    assert member.get("/api/series/", {"source": str(source.id), "kind": "x"}).status_code == 400
+
+
+def test_the_rules_api_takes_the_anomaly_kind_and_refuses_unknown_kinds() -> None:
+    personas = make_personas()
+    owner = client_for(personas.owner)
+    body = {"team": personas.team.id, "name": "spikes", "kind": "anomaly", "min_score": 6}
+
+    created = owner.post("/api/rules/", body, format="json")
+    refused = owner.post("/api/rules/", {**body, "name": "x", "kind": "bogus"}, format="json")
+
+    assert created.status_code == 201, created.json()
+    assert AlertRule.objects.get(name="spikes").kind == AlertRule.Kind.ANOMALY
+    assert refused.status_code == 400 and "kind" in refused.json()
+
+
+def test_the_openapi_schema_documents_the_anomaly_endpoints() -> None:
+    response = APIClient().get("/api/schema/")
+
+    assert b"/api/anomalies/" in response.content and b"/api/series/" in response.content
+
+
+def test_the_dashboard_has_the_anomalies_panel(client: Any) -> None:
+    personas = make_personas()
+    client.force_login(personas.member)
+
+    page = client.get(reverse("dashboard:home")).content.decode()
+
+    assert 'id="anomalies"' in page and 'id="anomaly-chart"' in page
+    assert 'id="series-kind"' in page and "ml.advance_anomalies" in page
