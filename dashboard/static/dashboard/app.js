@@ -556,10 +556,39 @@
     anomalyChart.update('none');
   }
 
+  let seriesChosen = false; // the analyst picked a series: stop following the newest anomaly
+
+  /** Show ``a``'s series in the chart (its source, kind and term). */
+  function chooseSeries(a) {
+    $('series-source').value = String(a.source.id);
+    $('series-kind').value = a.kind;
+    if (a.kind === 'term') {
+      const select = $('series-term');
+      if (![...select.options].some((o) => o.value === a.term)) select.append(h('option', { value: a.term }, a.term));
+      select.value = a.term;
+    }
+  }
+
   function anomalyRow(a) {
     const what = a.kind === 'term' ? `${a.term} volume` : a.kind === 'negative_share' ? 'negative share' : 'post volume';
     const fmt = (v) => (isNum(v) ? (a.kind === 'negative_share' ? `${Math.round(v * 100)}%` : String(Math.round(v * 10) / 10)) : '—');
-    return h('li', {},
+    const show = () => {
+      seriesChosen = true;
+      chooseSeries(a);
+      refreshAnomalies();
+    };
+    return h('li', {
+      class: 'clickable',
+      tabindex: 0,
+      title: 'Show this series',
+      onclick: show,
+      onkeydown: (ev) => {
+        if (ev.key === 'Enter' || ev.key === ' ') {
+          ev.preventDefault();
+          show();
+        }
+      },
+    },
       timeEl(a.window_start, 'when'), ' ',
       h('strong', {}, `${what} in ${a.source.name}`), ': ',
       `${fmt(a.value)} (expected ${fmt(a.low)}–${fmt(a.high)}), score ${isNum(a.score) ? a.score.toFixed(1) : '—'}`,
@@ -575,6 +604,7 @@
       }
       const list = await api(API.anomalies);
       const items = list.results || [];
+      if (!seriesChosen && items.length) chooseSeries(items[0]); // the newest anomaly's series
       $('anomaly-list').replaceChildren(...(items.length
         ? items.map(anomalyRow)
         : [h('li', { class: 'empty' }, 'No anomalies yet: they appear here when a series rises above its band.')]));
@@ -1284,7 +1314,10 @@
   sentimentChart = makeSentimentChart();
   anomalyChart = makeAnomalyChart();
   for (const id of ['series-source', 'series-kind', 'series-term']) {
-    $(id)?.addEventListener('change', () => refreshAnomalies());
+    $(id)?.addEventListener('change', () => {
+      seriesChosen = true;
+      refreshAnomalies();
+    });
   }
   poll(refreshStats, STATS_EVERY_MS);
   poll(refreshSentiment, SENTIMENT_EVERY_MS);
