@@ -523,9 +523,15 @@
     return made;
   }
 
+  let seriesWindow = null; // {since, until} around a chosen anomaly; null: the last day
+
   function seriesQuery() {
     const params = new URLSearchParams({ source: $('series-source').value, kind: $('series-kind').value });
     if (params.get('kind') === 'term') params.set('term', $('series-term').value);
+    if (seriesWindow) {
+      params.set('since', seriesWindow.since);
+      params.set('until', seriesWindow.until);
+    }
     return `${API.series}?${params}`;
   }
 
@@ -558,8 +564,16 @@
 
   let seriesChosen = false; // the analyst picked a series: stop following the newest anomaly
 
-  /** Show ``a``'s series in the chart (its source, kind and term). */
+  /** Show ``a``'s series in the chart (its source, kind and term), 12 h either side of
+   * its window's start. */
   function chooseSeries(a) {
+    const start = parseTime(a.window_start);
+    seriesWindow = Number.isFinite(start)
+      ? {
+        since: new Date(start - 12 * 3600e3).toISOString(),
+        until: new Date(start + 12 * 3600e3).toISOString(),
+      }
+      : null;
     $('series-source').value = String(a.source.id);
     $('series-kind').value = a.kind;
     if (a.kind === 'term') {
@@ -1316,6 +1330,7 @@
   for (const id of ['series-source', 'series-kind', 'series-term']) {
     $(id)?.addEventListener('change', () => {
       seriesChosen = true;
+      seriesWindow = null;
       refreshAnomalies();
     });
   }
