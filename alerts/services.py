@@ -193,6 +193,42 @@ def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> l
     return updated
 
 
+def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
+    """Predicted trends came true: each alert of their stories that still shows a
+    prediction is updated (title, ``evidence.story.predicted`` false, ``updated_at``) and
+    pushed as ``alert.updated`` after commit; returns the ids of the alerts updated. A
+    redelivered call finds nothing left to update."""
+    confirmed = [t for t in facade.trends(trend_ids) if not t.is_prediction]
+    if not confirmed:
+        return []
+    by_story = {t.story_id if t.story_id is not None else t.id: t for t in confirmed}
+    updated = []
+    now = timezone.now()
+    with transaction.atomic():
+        alerts = (
+            Alert.objects.select_for_update()
+            .filter(trend__story_id__in=list(by_story))
+            .select_related("trend")
+            .order_by("id")
+        )
+        for alert in alerts:
+            story = alert.evidence.get("story") or {}
+            if not story.get("predicted"):
+                continue
+            story_id = alert.trend.story_id if alert.trend is not None else None
+            trend = by_story.get(story_id) if story_id is not None else None
+            if trend is None:
+                continue
+            alert.evidence = {**alert.evidence, "story": {**story, "predicted": False}}
+            alert.title = _title(trend, events=max(trend.events, alert.evidence.get("events", 0)))
+            alert.updated_at = now
+            alert.save(update_fields=["evidence", "title", "updated_at"])
+            updated.append(alert.id)
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    return updated
+
+
 def _push(alert_ids: list[int]) -> None:
     push.push_alerts(alert_ids=alert_ids)
 
@@ -294,10 +330,12 @@ def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
 
 
 def _title(trend: facade.TrendView, *, events: int | None = None) -> str:
-    """ "Trending: <the story's label> in <source>: <posts>, <score>σ above baseline"."""
+    """``Trending: <the story's label> in <source>: <posts>, <score>σ above baseline``;
+    ``Emerging (predicted): …`` while the trend is a prediction not yet confirmed."""
     label = ", ".join(trend.story_label or (trend.term,))
+    head = "Emerging (predicted)" if trend.is_prediction else "Trending"
     return (
-        f"Trending: {label} in {trend.source_name}: {events or trend.events} posts, "
+        f"{head}: {label} in {trend.source_name}: {events or trend.events} posts, "
         f"{trend.score:.1f}σ above baseline"
     )[:300]
 
@@ -310,6 +348,7 @@ def _story(trend: facade.TrendView) -> dict[str, Any]:
         "terms": list(trend.story_terms or (trend.term,)),
         "forecast": trend.forecast,
         "updated_by": trend.term,
+        "predicted": trend.is_prediction,
     }
 
 

@@ -21,6 +21,13 @@ def evaluate_anomalies(*, anomaly_ids: list[int]) -> int:
     return len(services.evaluate_anomalies(anomaly_ids=anomaly_ids))
 
 
+@shared_task(name="alerts.confirm_trends", soft_time_limit=30, time_limit=60)
+def confirm_trends(*, trend_ids: list[int]) -> int:
+    """Mark the alerts of predicted trends that came true as confirmed; returns how many
+    alerts were updated."""
+    return len(services.confirm_trends(trend_ids=trend_ids))
+
+
 @shared_task(name="alerts.sweep", soft_time_limit=25, time_limit=30)
 def sweep() -> dict[str, int]:
     """Periodic: re-send trends and anomalies never evaluated; push alerts never pushed."""

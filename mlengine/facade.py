@@ -107,9 +107,16 @@ class TrendView:
     evidence_created_at: datetime
     sample_event_ids: tuple[int, ...]
     story_id: int | None = None
+    predicted: bool = False
+    confirmed_at: datetime | None = None
     story_terms: tuple[str, ...] = ()
     story_label: tuple[str, ...] = ()
     forecast: dict[str, Any] | None = None
+
+    @property
+    def is_prediction(self) -> bool:
+        """An emerging trend not (yet) confirmed: its alert is shown as a prediction."""
+        return self.predicted and self.confirmed_at is None
 
     @property
     def joins_story(self) -> bool:
@@ -171,6 +178,8 @@ def trends(trend_ids: Sequence[int]) -> list[TrendView]:
                 evidence_created_at=t.evidence_created_at,
                 sample_event_ids=tuple(t.sample_event_ids),
                 story_id=t.story_id,
+                predicted=t.predicted,
+                confirmed_at=t.confirmed_at,
                 story_terms=terms,
                 story_label=label,
                 forecast=t.forecast or None,

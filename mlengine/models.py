@@ -111,6 +111,16 @@ class Trend(models.Model):
         related_name="members",
         help_text="The story's first trend (itself, for that one): mlengine.stories.",
     )
+    predicted = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="First detected as emerging: its projected count passed, not yet its count.",
+    )
+    confirmed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Event time at which a predicted trend's count passed the test itself.",
+    )
     forecast = models.JSONField(
         default=dict,
         db_default=models.Value({}, output_field=models.JSONField()),

@@ -126,7 +126,7 @@ def advance_stream(*, source_id: int) -> list[int]:
             # time, so the next advance starts on a whole event time.
             target = events[MAX_EVENTS_PER_ADVANCE].created_at
             events = [e for e in events[:MAX_EVENTS_PER_ADVANCE] if e.created_at < target]
-        new_trends = _count(source, clock, events) if events else []
+        new_trends, confirmed = _count(source, clock, events) if events else ([], [])
         if new_trends:
             assign_stories(source_id, new_trends)
         StreamClock.objects.filter(source_id=source_id).update(
@@ -138,6 +138,8 @@ def advance_stream(*, source_id: int) -> list[int]:
         transaction.on_commit(lambda: pipeline.add_progress("ml", source_id, counted))
         if new_trends:
             pipeline.hand_off("ml", items=new_trends, trend_ids=new_trends)
+        if confirmed:
+            pipeline.hand_off("ml", task="confirmations", trend_ids=confirmed)
         if more:
             pipeline.send("ml", source_id=source_id)
     if new_trends:
@@ -159,8 +161,11 @@ Key = tuple[datetime, str]
 """``(bucket start, term)``."""
 
 
-def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> list[int]:
-    """Count ``events`` (event-time order), bucket after bucket; return ids of new trends.
+def _count(
+    source: Source, clock: StreamClock, events: Sequence[TrendInput]
+) -> tuple[list[int], list[int]]:
+    """Count ``events`` (event-time order), bucket after bucket; return the ids of new
+    trends and of predicted trends confirmed.
 
     A fixed number of queries whatever the number of buckets and terms: the buckets'
     counts and trends so far, the baselines of the terms that may trend, one upsert of
@@ -184,7 +189,7 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
     candidates = {
         key
         for key, count in arriving.items()
-        if cells[key].trend is None and cells[key].events + count >= params.min_events
+        if _open(cells[key].trend) and cells[key].events + count >= params.min_events
     }
     history = _History.load(
         source.id,
@@ -200,6 +205,12 @@ def _count(source: Source, clock: StreamClock, events: Sequence[TrendInput]) -> 
     return _save_trends(source.id, params, cells, now)
 
 
+def _open(trend: dict[str, Any] | None) -> bool:
+    """Whether a cell can still be detected: no trend yet, or one predicted and not yet
+    confirmed."""
+    return trend is None or (bool(trend.get("predicted")) and not trend.get("confirmed_at"))
+
+
 def _scan_bucket(
     params: TrendParams,
     start: datetime,
@@ -210,11 +221,18 @@ def _scan_bucket(
 ) -> None:
     """Live through one bucket's new events in order; score every candidate window of
     the bucket at once (``score_terms``, one vectorised call) and keep, per term, the
-    first window that passes: the detection, whatever the events after it."""
+    first window that passes: the detection, whatever the events after it.
+
+    With ``TRENDS_EMERGING``, a window whose bucket, projected to its end at its rate so
+    far (``mlengine.forecast.project_bucket_count``), passes the test while the term's
+    count grows and accelerates against the two buckets before is an emerging detection:
+    the trend is stored as ``predicted`` and confirmed (``confirmed_at``) at the first
+    later window that passes as it is. The same rule as ``mlengine.trends.TermStream``.
+    """
     baseline = history.baseline(start, params)
     total = cells[(start, TOTAL_TERM)]
     # One row per (term, event) window that may trend: the bucket-so-far at that event.
-    rows: list[tuple[str, int, int, int, int, int, int, int]] = []
+    rows: list[tuple[str, int, int, int, int, int, int, int, int, float]] = []
     seen_at: dict[str, list[int]] = defaultdict(list)  # a term's events (indices) here
     for index, event in enumerate(events):
         total.events += 1
@@ -229,40 +247,64 @@ def _scan_bucket(
             cell.changed = True
             if cell.trend is not None:
                 _grow(cell, event)
-                continue
-            seen_at[term].append(index)
+                if not _open(cell.trend):
+                    continue
+            else:
+                seen_at[term].append(index)
             if cell.events < params.min_events or (start, term) not in candidates:
                 continue
-            hist_events, prev_events = baseline.terms.get(term, (0, 0))
+            hist_events, prev_events, before_events = baseline.terms.get(term, (0, 0, 0))
             source_authors = max(len(total.authors), baseline.max_authors)
             window = (cell.events, len(cell.authors), total.events, source_authors)
-            rows.append((term, index, *window, hist_events, prev_events))
+            elapsed = (event.created_at - start).total_seconds()
+            rows.append((term, index, *window, hist_events, prev_events, before_events, elapsed))
     if not rows:
         return
     columns = list(zip(*rows, strict=True))
-    verdicts = score_terms(
-        params,
-        events=np.asarray(columns[2]),
-        authors=np.asarray(columns[3]),
-        bucket_total=np.asarray(columns[4]),
-        source_authors=np.asarray(columns[5]),
-        hist_events=np.asarray(columns[6]),
-        hist_total=baseline.total,
-        hist_buckets=baseline.buckets,
-        mean_bucket_total=baseline.mean_total,
-        prev_events=np.asarray(columns[7]),
-    )
-    for i in np.flatnonzero(verdicts.is_trend):
+    counts = np.asarray(columns[2])
+    common: dict[str, Any] = {
+        "authors": np.asarray(columns[3]),
+        "bucket_total": np.asarray(columns[4]),
+        "source_authors": np.asarray(columns[5]),
+        "hist_events": np.asarray(columns[6]),
+        "hist_total": baseline.total,
+        "hist_buckets": baseline.buckets,
+        "mean_bucket_total": baseline.mean_total,
+        "prev_events": np.asarray(columns[7]),
+    }
+    verdicts = score_terms(params, events=counts, **common)
+    emerging = np.zeros_like(verdicts.is_trend)
+    projected = verdicts
+    if settings.TRENDS_EMERGING:
+        projection = project_bucket_count(counts, np.asarray(columns[9]), params.bucket_s)
+        # Authors are projected with the posts (as TermStream does), so weighing by
+        # author judges the projection at the ratio of posts to authors seen so far.
+        scale = projection / np.maximum(counts, 1)
+        projected = score_terms(
+            params, events=projection, weigh_authors=common["authors"] * scale, **common
+        )
+        prev = np.asarray(columns[7], dtype=np.float64)
+        growth = projection - prev
+        accelerating = (growth > 0) & (growth > prev - np.asarray(columns[8], dtype=np.float64))
+        emerging = projected.is_trend & accelerating & ~verdicts.is_trend
+    for i in np.flatnonzero(verdicts.is_trend | emerging):
         term, index = rows[i][0], rows[i][1]
         cell = cells[(start, term)]
-        if cell.trend is not None:
-            continue  # an earlier window of the term passed first
         event = events[index]
+        if cell.trend is not None:
+            if _open(cell.trend) and verdicts.is_trend[i]:
+                cell.trend["confirmed_at"] = event.created_at  # the prediction came true
+                cell.trend["score"] = max(cell.trend["score"], round(float(verdicts.score[i]), 4))
+                cell.trend["grown"] = True
+            continue
+        verdict = verdicts if verdicts.is_trend[i] else projected
         cell.trend = {
             "new": True,
-            "expected": round(float(verdicts.expected[i]), 4),
-            "score": round(float(verdicts.score[i]), 4),
-            "velocity": round(float(verdicts.velocity[i]), 4),
+            "predicted": not bool(verdicts.is_trend[i]),
+            "confirmed_at": None,
+            "expected": round(float(verdict.expected[i]), 4),
+            "score": round(float(verdict.score[i]), 4),
+            "velocity": round(float(verdict.velocity[i]), 4),
             "evidence_received_at": event.received_at,
             "evidence_created_at": event.created_at,
             "sample_event_ids": [event.id],
@@ -284,10 +326,10 @@ def _grow(cell: _Cell, event: TrendInput) -> None:
 @dataclass(frozen=True)
 class _Baseline:
     """Sums over the baseline buckets before one bucket: ``terms`` maps a term to
-    ``(events in the baseline, events in the previous bucket)``; ``total`` events,
+    ``(events in the baseline, in the previous bucket, in the one before)``; ``total`` events,
     ``buckets`` with any event, their mean total, and the most authors of any."""
 
-    terms: dict[str, tuple[int, int]]
+    terms: dict[str, tuple[int, int, int]]
     total: int
     buckets: int
     mean_total: float
@@ -346,6 +388,7 @@ class _History:
         """The baseline of the bucket at ``start`` (``baseline_range``)."""
         since, until = baseline_range(start, params)
         prev = start - timedelta(seconds=params.bucket_s)
+        before = prev - timedelta(seconds=params.bucket_s)
         terms: dict[str, list[int]] = {}
         total = buckets = 0
         max_authors = 0
@@ -357,12 +400,14 @@ class _History:
                 buckets += 1
                 max_authors = max(max_authors, self.total_authors.get(moment, 0))
                 continue
-            sums = terms.setdefault(term, [0, 0])
+            sums = terms.setdefault(term, [0, 0, 0])
             sums[0] += events
             if moment == prev:
                 sums[1] += events
+            if moment == before:
+                sums[2] += events
         return _Baseline(
-            terms={term: (v[0], v[1]) for term, v in terms.items()},
+            terms={term: (v[0], v[1], v[2]) for term, v in terms.items()},
             total=total,
             buckets=buckets,
             mean_total=total / max(buckets, 1),
@@ -413,19 +458,24 @@ class _Cells(dict[Key, _Cell]):
                 cells[(start, TOTAL_TERM)] = _Cell(events=events, authors=set(authors))
             cursor.execute(
                 """
-                SELECT bucket_start, term, expected, score, velocity, sample_event_ids
+                SELECT bucket_start, term, expected, score, velocity, sample_event_ids,
+                       predicted, confirmed_at
                 FROM mlengine_trend
                 WHERE source_id = %s AND bucket_start = ANY(%s) AND term = ANY(%s)
                 """,
                 [source_id, starts, terms],
             )
-            for start, term, expected, score, velocity, samples in cursor.fetchall():
+            for row in cursor.fetchall():
+                start, term, expected, score, velocity, samples, predicted, confirmed_at = row
                 cells[(start, term)].trend = {
                     "new": False,
                     "expected": expected,
                     "score": score,
                     "velocity": velocity,
                     "sample_event_ids": list(samples),
+                    "predicted": predicted,
+                    "confirmed_at": confirmed_at,
+                    "was_confirmed": confirmed_at is not None,
                 }
         return cells
 
@@ -474,7 +524,7 @@ _INSERT_TRENDS_SQL = """
 INSERT INTO mlengine_trend (
     source_id, term, bucket_start, bucket_s, events, expected, score, authors_count,
     velocity, detected_at, updated_at, evidence_received_at, evidence_created_at,
-    sample_event_ids
+    sample_event_ids, predicted, confirmed_at
 ) VALUES %s
 ON CONFLICT (source_id, term, bucket_start) DO NOTHING
 RETURNING id
@@ -483,14 +533,22 @@ RETURNING id
 _UPDATE_TRENDS_SQL = """
 UPDATE mlengine_trend AS tr SET
     events = v.events, authors_count = v.authors_count,
-    sample_event_ids = v.samples, updated_at = v.updated_at
-FROM (VALUES %%s) AS v(bucket_start, term, events, authors_count, samples, updated_at)
+    sample_event_ids = v.samples, updated_at = v.updated_at,
+    score = v.score, confirmed_at = v.confirmed_at
+FROM (VALUES %%s) AS v(
+    bucket_start, term, events, authors_count, samples, updated_at, score, confirmed_at,
+    newly_confirmed
+)
 WHERE tr.source_id = %s AND tr.bucket_start = v.bucket_start AND tr.term = v.term
+RETURNING tr.id, v.newly_confirmed
 """
 
 
-def _save_trends(source_id: int, params: TrendParams, cells: _Cells, now: datetime) -> list[int]:
-    """Insert the trends detected in this scan; update the counts of those that grew."""
+def _save_trends(
+    source_id: int, params: TrendParams, cells: _Cells, now: datetime
+) -> tuple[list[int], list[int]]:
+    """Insert the trends detected in this scan; update those that grew or whose
+    prediction came true. Returns ``(new trend ids, newly confirmed trend ids)``."""
     new_rows = []
     grown = []
     for (start, term), cell in sorted(cells.items()):
@@ -514,40 +572,59 @@ def _save_trends(source_id: int, params: TrendParams, cells: _Cells, now: dateti
                     trend["evidence_received_at"],
                     trend["evidence_created_at"],
                     trend["sample_event_ids"],
+                    bool(trend.get("predicted")),
+                    trend.get("confirmed_at"),
                 )
             )
         elif trend.get("grown"):
+            newly = trend.get("confirmed_at") is not None and not trend.get("was_confirmed")
             grown.append(
-                (start, term, cell.events, len(cell.authors), trend["sample_event_ids"], now)
+                (
+                    start,
+                    term,
+                    cell.events,
+                    len(cell.authors),
+                    trend["sample_event_ids"],
+                    now,
+                    trend["score"],
+                    trend.get("confirmed_at"),
+                    newly,
+                )
             )
     new_ids: list[int] = []
+    confirmed: list[int] = []
     with connection.cursor() as cursor:
         if new_rows:
             returned = execute_values(
                 cursor.cursor,
                 _INSERT_TRENDS_SQL,
                 new_rows,
-                template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bigint[])",
+                template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bigint[],"
+                " %s, %s::timestamptz)",
                 fetch=True,
             )
             new_ids = [row[0] for row in returned]
         if grown:
             # execute_values fills the one %s left after mogrify; source_id is bound here.
             update_sql = cursor.mogrify(_UPDATE_TRENDS_SQL, [source_id]).decode()
-            execute_values(
+            returned = execute_values(
                 cursor.cursor,
                 update_sql,
                 grown,
                 template="(%s::timestamptz, %s::varchar, %s::int, %s::int, %s::bigint[],"
-                " %s::timestamptz)",
+                " %s::timestamptz, %s::float8, %s::timestamptz, %s::boolean)",
+                fetch=True,
             )
-    return new_ids
+            confirmed = [row[0] for row in returned if row[1]]
+    return new_ids, confirmed
 
 
 def story_params() -> StoryParams:
-    """The story layer's parameters in production (``TRENDS_STORY_MIN_OVERLAP``; no
-    emerging predictions on the database path)."""
-    return StoryParams(min_overlap=settings.TRENDS_STORY_MIN_OVERLAP, emerging=False)
+    """The story layer's parameters in production (``TRENDS_STORY_MIN_OVERLAP``,
+    ``TRENDS_EMERGING``), as the database path applies them."""
+    return StoryParams(
+        min_overlap=settings.TRENDS_STORY_MIN_OVERLAP, emerging=settings.TRENDS_EMERGING
+    )
 
 
 def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:

@@ -134,9 +134,14 @@ def score_terms(
     hist_buckets: npt.ArrayLike,
     mean_bucket_total: npt.ArrayLike,
     prev_events: npt.ArrayLike,
+    weigh_authors: npt.ArrayLike | None = None,
 ) -> TrendScores:
     """Score many term windows at once: the vectorised form of ``score_term`` and the one
     place the detector's formula lives (see the module docstring).
+
+    ``weigh_authors`` (default: ``authors``) is the author count that weighs the posts;
+    a projection of a bucket still filling passes its authors projected with its posts,
+    while ``min_authors`` is still judged on the authors seen.
 
     Every argument is an array of shape ``(n,)`` (or a scalar, broadcast) holding the
     ``TermWindow`` field of the same name for each of ``n`` windows, which may come from
@@ -145,7 +150,7 @@ def score_terms(
     (numpy's broadcasting errors otherwise).
     """
     n_events = np.asarray(events, dtype=np.float64)
-    n_authors = np.asarray(authors, dtype=np.float64)
+    n_authors = np.asarray(authors if weigh_authors is None else weigh_authors, dtype=np.float64)
     many_authors = np.asarray(source_authors, dtype=np.float64) >= params.min_authors
     weigh = many_authors & (n_authors > 0) & (n_authors < AUTHORS_CAP) & (n_events > n_authors)
     ratio = np.where(weigh, n_events / np.maximum(n_authors, 1.0), 1.0)
@@ -441,7 +446,15 @@ class TermStream:
         if self.emerging:
             elapsed = [(p.created_at.timestamp() - self.cur_start) for p in posts_at]
             counts = project_bucket_count(cols["events"], elapsed, params.bucket_s)
-            projected = score_terms(params, events=counts, **baseline)
+            # Authors are projected with the posts, so weighing by author judges the
+            # projection at the ratio of posts to authors seen so far.
+            scale = counts / np.maximum(np.asarray(cols["events"], dtype=np.float64), 1.0)
+            projected = score_terms(
+                params,
+                events=counts,
+                weigh_authors=np.asarray(baseline["authors"]) * scale,
+                **baseline,
+            )
             prev_events = np.asarray(cols["prev_events"], dtype=np.float64)
             growth = counts - prev_events
             accelerating = (growth > 0) & (growth > prev_events - np.asarray(cols["before_events"]))

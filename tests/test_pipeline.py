@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.test import TestCase
 
 from alerts import push
 from alerts import services as alert_services
@@ -401,3 +402,54 @@ def test_a_story_that_grows_after_its_alert_was_sent_pushes_alert_updated() -> N
     assert messages[0]["seq"] == Alert.objects.get(id=created[0]).seq
     assert "#snowstorm" in messages[0]["alert"]["evidence"]["story"]["terms"]
     assert messages[0]["alert"]["updated_at"] is not None
+
+
+def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    # #flood is everyday vocabulary here (3 posts in 10 a bucket); then it comes fast,
+    # early in its bucket: projected to the bucket's end it passes the test before its
+    # count does.
+    history = [
+        envelope(
+            "so much #flood here" if i < 3 else f"an ordinary day number {i}",
+            minutes=b * 15 + i,
+            author=f"h{b}-{i}",
+        )
+        for b in range(6)
+        for i in range(10)
+    ]
+    early = [
+        envelope("so much #flood here", minutes=90 + 0.5 + i * 0.2, author=f"e{i}")
+        for i in range(6)
+    ]
+    later = [
+        envelope("so much #flood here", minutes=90 + 5 + i * 0.2, author=f"l{i}") for i in range(14)
+    ]
+
+    created = alert_services.evaluate_trends(trend_ids=run_through(source, history + early))
+    trend = Trend.objects.get(term="#flood")
+    assert trend.predicted and trend.confirmed_at is None
+    alert = Alert.objects.get(id__in=created)
+    assert alert.title.startswith("Emerging (predicted): #flood")
+    assert alert.evidence["story"]["predicted"] is True
+    push.push_alerts(alert_ids=created)
+
+    with mock.patch("alerts.push.push_updates") as push_updates:
+        run_through(source, later)
+        confirmed = list(
+            Trend.objects.filter(term="#flood", confirmed_at__isnull=False).values_list(
+                "id", flat=True
+            )
+        )
+        with TestCase.captureOnCommitCallbacks(execute=True):
+            updated = alert_services.confirm_trends(trend_ids=confirmed)
+
+    alert.refresh_from_db()
+    assert updated == [alert.id]
+    assert alert.title.startswith("Trending: #flood")
+    assert alert.evidence["story"]["predicted"] is False
+    assert alert.updated_at is not None
+    assert push_updates.call_args.kwargs == {"alert_ids": [alert.id]}
+    assert alert_services.confirm_trends(trend_ids=confirmed) == []  # nothing left to do

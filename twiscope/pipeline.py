@@ -55,9 +55,15 @@ ENTRY_TASKS = {
 chain, not a stage of it (nothing waits for it): the transformer labels of enriched
 events, from ``mlengine.scoring``'s backlog; no kwargs."""
 
-SIDE_TASKS = {"alerts": {"anomalies": "alerts.evaluate_anomalies"}}
+SIDE_TASKS = {
+    "alerts": {
+        "anomalies": "alerts.evaluate_anomalies",
+        "confirmations": "alerts.confirm_trends",
+    }
+}
 """Other inputs of a stage than its entry task's, by stage and key (``send(task=key)``):
-``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``)."""
+``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``);
+``alerts``/``confirmations`` takes ``trend_ids`` of predicted trends that came true."""
 
 NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
 

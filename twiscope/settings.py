@@ -277,6 +277,9 @@ TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
 # A new trend joins the live story holding at least this share of its recent posts
 # (mlengine.stories.choose_story); else it starts a story of its own.
 TRENDS_STORY_MIN_OVERLAP: float = env.float("TRENDS_STORY_MIN_OVERLAP", default=0.5)
+# Fire a trend early, marked as a prediction, when its bucket's projected count passes
+# the test and its count grows and accelerates (mlengine.trends.TermStream, services).
+TRENDS_EMERGING: bool = env.bool("TRENDS_EMERGING", default=True)
 # Allowed lateness of live sources: their declared watermark is processing time minus
 # this; an event arriving later than this after its event time is late (stored, left out
 # of trends). It is also the floor of a live alert's latency. Replays declare their own

@@ -1109,6 +1109,8 @@
           ? ` in ${fmt1(f.time_to_peak_s / 3600)} h` : ', now')
       : '';
     return h('div', { class: 'alert-story' },
+      story.predicted ? h('span', { class: 'badge badge-prediction' }, 'prediction') : null,
+      story.predicted ? ' ' : null,
       story.terms.length > 1 ? `story of ${story.terms.length} terms: ` : 'story: ',
       h('strong', null, story.terms.join(', ')),
       updatedAt ? h('small', { class: 'muted' }, ' · updated ', timeEl(updatedAt)) : null,
