@@ -34,6 +34,7 @@ from tests.factories import (
     quiet_history,
     run_through,
 )
+from twiscope import pipeline
 from twiscope.redis import get_redis
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
@@ -436,7 +437,10 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     assert alert.evidence["story"]["predicted"] is True
     push.push_alerts(alert_ids=created)
 
-    with mock.patch("alerts.push.push_updates") as push_updates:
+    with (
+        mock.patch("alerts.push.push_updates") as push_updates,
+        mock.patch.object(pipeline, "hand_off", wraps=pipeline.hand_off) as hand_off,
+    ):
         run_through(source, later)
         confirmed = list(
             Trend.objects.filter(term="#flood", confirmed_at__isnull=False).values_list(
@@ -452,4 +456,6 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     assert alert.evidence["story"]["predicted"] is False
     assert alert.updated_at is not None
     assert push_updates.call_args.kwargs == {"alert_ids": [alert.id]}
+    # The trend stage handed the confirmation to the alerts stage's side task.
+    assert mock.call("ml", task="confirmations", trend_ids=confirmed) in hand_off.call_args_list
     assert alert_services.confirm_trends(trend_ids=confirmed) == []  # nothing left to do
