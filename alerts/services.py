@@ -236,16 +236,24 @@ def _push(alert_ids: list[int]) -> None:
 def _claim_checks(trend_ids: list[int]) -> set[int]:
     """Insert a ``TrendCheck`` for each trend (sorted: the lock order); return the ids
     this transaction claimed (the others were evaluated, or are being, elsewhere)."""
-    if not trend_ids:
+    return _claim("alerts_trendcheck", "trend_id", trend_ids)
+
+
+def _claim(
+    table: Literal["alerts_trendcheck", "alerts_anomalycheck"], column: str, ids: list[int]
+) -> set[int]:
+    """Insert a check row per id of ``ids`` into ``table`` (sorted: the lock order);
+    return the ids this transaction claimed (one statement)."""
+    if not ids:
         return set()
     with connection.cursor() as cursor:
         returned = execute_values(
             cursor.cursor,
-            """
-            INSERT INTO alerts_trendcheck (trend_id, checked_at) VALUES %s
-            ON CONFLICT (trend_id) DO NOTHING RETURNING trend_id
+            f"""
+            INSERT INTO {table} ({column}, checked_at) VALUES %s
+            ON CONFLICT ({column}) DO NOTHING RETURNING {column}
             """,
-            [(trend_id, timezone.now()) for trend_id in sorted(set(trend_ids))],
+            [(i, timezone.now()) for i in sorted(set(ids))],
             fetch=True,
         )
     return {row[0] for row in returned}
@@ -529,19 +537,7 @@ def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
 def _claim_anomaly_checks(anomaly_ids: list[int]) -> set[int]:
     """Insert an ``AnomalyCheck`` per anomaly (sorted); return the ids this transaction
     claimed."""
-    if not anomaly_ids:
-        return set()
-    with connection.cursor() as cursor:
-        returned = execute_values(
-            cursor.cursor,
-            """
-            INSERT INTO alerts_anomalycheck (anomaly_id, checked_at) VALUES %s
-            ON CONFLICT (anomaly_id) DO NOTHING RETURNING anomaly_id
-            """,
-            [(anomaly_id, timezone.now()) for anomaly_id in sorted(set(anomaly_ids))],
-            fetch=True,
-        )
-    return {row[0] for row in returned}
+    return _claim("alerts_anomalycheck", "anomaly_id", anomaly_ids)
 
 
 def _series_label(anomaly: facade.AnomalyView) -> str:

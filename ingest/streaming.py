@@ -292,6 +292,7 @@ class _Listener:
     stopping: asyncio.Event | None = None
     failure: SourceError | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    """Set once ``loop`` and ``stopping`` exist (before connecting), or when it ended."""
 
     @property
     def alive(self) -> bool:
@@ -342,7 +343,7 @@ class TelegramListeners:
                 )
                 self._listeners[sid] = listener
                 listener.thread.start()
-                listener.ready.wait(JOIN_TIMEOUT_S)
+                listener.ready.wait(JOIN_TIMEOUT_S)  # its loop exists: it can be stopped
 
     def stop(self) -> None:
         """Stop every connection after what it is staging, and wait for its thread."""
@@ -393,6 +394,7 @@ class TelegramListeners:
     async def _listen(self, listener: _Listener) -> None:
         listener.loop = asyncio.get_running_loop()
         listener.stopping = asyncio.Event()
+        listener.ready.set()  # it can be told to stop from here on, while it connects
         source = await asyncio.to_thread(_fresh_source, listener.source_id)
         channels = [channel_key(str(c)) for c in source.config.get("channels") or []]
         client = await open_client(
@@ -418,7 +420,6 @@ class TelegramListeners:
                     await asyncio.to_thread(_stage_messages, listener.source_id, [envelope], None)
 
             client.add_event_handler(on_new_message, events.NewMessage(chats=list(by_peer)))
-            listener.ready.set()
             log.info("telegram.listening", source_id=listener.source_id, channels=channels)
             interval = poll_interval_s(source)
             while not listener.stopping.is_set():

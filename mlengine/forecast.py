@@ -27,7 +27,7 @@ with two parametric fits that need no training data:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,3 +129,23 @@ def project_bucket_count(
     elapsed = np.maximum(np.asarray(elapsed_s, dtype=np.float64), MIN_FRACTION * bucket_s)
     counts = np.asarray(events, dtype=np.float64)
     return np.maximum(counts * bucket_s / elapsed, counts)
+
+
+def forecast_volume(
+    volume: Mapping[int, int],
+    *,
+    bucket_start: int,
+    current: int,
+    elapsed_s: float,
+    bucket_s: int,
+    horizon: int,
+) -> Forecast:
+    """A story's forecast at a moment ``elapsed_s`` seconds into the bucket starting at
+    ``bucket_start`` (epoch s): ``volume`` holds the posts of earlier buckets by bucket
+    start (a bucket absent has none; only the ``horizon + 2`` buckets before count), and
+    ``current`` the posts of this bucket so far, projected to its end
+    (``project_bucket_count``). The one way both story paths build the series."""
+    first = max(min([*volume, bucket_start]), bucket_start - bucket_s * (horizon + 2))
+    series = [float(volume.get(b, 0)) for b in range(first, bucket_start, bucket_s)]
+    series.append(float(project_bucket_count(current, elapsed_s, bucket_s)))
+    return forecast(series, horizon=horizon)

@@ -43,7 +43,7 @@ from psycopg2.extras import execute_values
 from ingest import selectors as ingest_selectors
 from ingest.models import Source
 from ingest.selectors import TrendInput
-from mlengine.forecast import forecast, project_bucket_count
+from mlengine.forecast import forecast_volume, project_bucket_count
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from mlengine.stories import StoryParams, choose_story
 from mlengine.trends import TrendParams, baseline_range, bucket_start, score_terms
@@ -702,11 +702,14 @@ def _story_forecast(
     volume = ingest_selectors.volume_of_terms(
         source_id, terms, since=since, until=trend.evidence_created_at, bucket_s=bucket_s
     )
-    first = min([*volume, now])
-    series = [float(volume.get(b, 0)) for b in range(first, now, bucket_s)]
-    elapsed = (trend.evidence_created_at - trend.bucket_start).total_seconds()
-    series.append(float(project_bucket_count(volume.get(now, 0), elapsed, bucket_s)))
-    result = forecast(series, horizon=params.horizon)
+    result = forecast_volume(
+        volume,
+        bucket_start=now,
+        current=volume.get(now, 0),
+        elapsed_s=(trend.evidence_created_at - trend.bucket_start).total_seconds(),
+        bucket_s=bucket_s,
+        horizon=params.horizon,
+    )
     return {
         "next_counts": [round(v, 2) for v in result.next_counts],
         "peak_volume": round(result.peak_volume, 2),

@@ -34,10 +34,10 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal, TypeVar
 
-from mlengine.forecast import Forecast, forecast, project_bucket_count
+from mlengine.forecast import Forecast, forecast_volume
 from mlengine.trends import StreamPost, TermStream, TermTrend, TrendParams
 
 StoryKind = Literal["new", "emerging", "updated"]
@@ -286,12 +286,12 @@ class StoryDetector:
     def _forecast(self, story: Story, trend: TermTrend) -> Forecast:
         """The story's volume forecast at ``trend``: its past buckets' volumes (0 for a
         bucket without any) and the current one projected to its end."""
-        bucket_s = self.params.bucket_s
         now = int(trend.bucket_start.timestamp())
-        first = min([*story.volume, now])
-        first = max(first, now - bucket_s * (self.story_params.horizon + 2))
-        series = [float(story.volume.get(b, 0)) for b in range(first, now, bucket_s)]
-        current = len(self._story_posts(story, trend.seq, prev=False))
-        elapsed = (trend.evidence_created_at - datetime.fromtimestamp(now, tz=UTC)).total_seconds()
-        series.append(float(project_bucket_count(current, elapsed, bucket_s)))
-        return forecast(series, horizon=self.story_params.horizon)
+        return forecast_volume(
+            story.volume,
+            bucket_start=now,
+            current=len(self._story_posts(story, trend.seq, prev=False)),
+            elapsed_s=(trend.evidence_created_at - trend.bucket_start).total_seconds(),
+            bucket_s=self.params.bucket_s,
+            horizon=self.story_params.horizon,
+        )

@@ -383,25 +383,16 @@ def test_items_published_minutes_before_the_poll_count_in_trends(feeds, celery_w
     assert abs((watermark - expected).total_seconds()) < 30
 
 
-@override_settings(SOURCES_ALLOW_PRIVATE_URLS=True)
-def test_sigterm_mid_poll_lets_the_poll_finish_and_a_restart_stores_nothing_twice(
-    shared_data, feeds, celery_worker
-) -> None:
-    """``run_sources`` as its own process (as ``make run`` and compose run it), stopped
-    with SIGTERM while a slow feed is answering: the poll in progress finishes (its
-    items staged, its cursor saved), the process exits 0, and the next poll stores
-    nothing twice."""
+def stop_mid_poll(feeds, signum: int) -> tuple[int, str]:
+    """Start ``manage.py run_sources`` as its own process (as ``make run`` and compose
+    run it), send it ``signum`` once it is reading a feed, and return its exit status
+    and output."""
     import os
-    import signal
     import subprocess
     import sys
 
     from django.db import connection
 
-    body = (shared_data / "rss_feeds" / "guardian.rss").read_bytes()
-    feeds.documents["/guardian.rss"] = body
-    feeds.delay_s = 3.0
-    source = add_feed(owner_client(make_personas()), "slow", f"{feeds.base}/guardian.rss")
     db = connection.settings_dict
     env = {
         **os.environ,
@@ -424,14 +415,31 @@ def test_sigterm_mid_poll_lets_the_poll_finish_and_a_restart_stores_nothing_twic
         while not feeds.requests and time.monotonic() < deadline:
             time.sleep(0.05)
         assert feeds.requests, "run_sources never polled the feed"
-        process.send_signal(signal.SIGTERM)  # mid-poll: the feed answers in 3 s
+        process.send_signal(signum)  # mid-poll: the feed answers in 3 s
         output, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
     feeds.delay_s = 0.0
+    return process.returncode, output
 
-    assert process.returncode == 0, output
+
+@override_settings(SOURCES_ALLOW_PRIVATE_URLS=True)
+def test_sigterm_mid_poll_lets_the_poll_finish_and_a_restart_stores_nothing_twice(
+    shared_data, feeds, celery_worker
+) -> None:
+    """``run_sources`` stopped with SIGTERM while a slow feed is answering: the poll in
+    progress finishes (its items staged, its cursor saved), the process exits 0, and the
+    next poll stores nothing twice."""
+    import signal
+
+    feeds.documents["/guardian.rss"] = (shared_data / "rss_feeds" / "guardian.rss").read_bytes()
+    feeds.delay_s = 3.0
+    source = add_feed(owner_client(make_personas()), "slow", f"{feeds.base}/guardian.rss")
+
+    returncode, output = stop_mid_poll(feeds, signal.SIGTERM)
+
+    assert returncode == 0, output
     assert f"slow (id {source['id']}): 55 new" in output
     assert "run_sources: stopped" in output
     wait_for_events(55)
@@ -447,44 +455,15 @@ def test_sigkill_mid_poll_loses_nothing_and_a_restart_stores_each_item_once(
     """``run_sources`` killed outright (SIGKILL: no cleanup at all) while a slow feed is
     answering: nothing was staged and no cursor saved, so the restart reads the feed
     again and stores each item exactly once."""
-    import os
     import signal
-    import subprocess
-    import sys
-
-    from django.db import connection
 
     feeds.documents["/guardian.rss"] = (shared_data / "rss_feeds" / "guardian.rss").read_bytes()
     feeds.delay_s = 3.0
     source = add_feed(owner_client(make_personas()), "killed", f"{feeds.base}/guardian.rss")
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "twiscope.settings_test",
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
-        f"{db['PORT'] or 5432}/{db['NAME']}",
-        "SOURCES_ALLOW_PRIVATE_URLS": "true",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "run_sources"],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not feeds.requests and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert feeds.requests, "run_sources never polled the feed"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    feeds.delay_s = 0.0
 
-    assert process.returncode == -signal.SIGKILL
+    returncode, _ = stop_mid_poll(feeds, signal.SIGKILL)
+
+    assert returncode == -signal.SIGKILL
     assert Source.objects.get(id=source["id"]).cursor == {}
     # The killed process's poll lock outlives it until its TTL (LOCK_TTL_S): until then
     # a restart skips the source rather than poll it twice at once.
