@@ -1,5 +1,5 @@
 """Alert rules, the alerts they fire, the per-term cooldown claims, each team's alert
-sequence, and the record of which trends were evaluated."""
+sequence, and the record of which trends, anomalies and scored posts were evaluated."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ class AlertRule(models.Model):
     """When a team wants to be told: a new trend passing these thresholds (``new_trend``),
     or an anomaly of a series passing ``min_score`` (``anomaly``: ``source`` and
     ``terms`` filter its series; ``min_events``, ``min_authors`` and ``cooldown_s`` do
-    not apply, the detector's refractory day per series stands for a cooldown).
+    not apply, the detector's refractory day per series stands for a cooldown), or a
+    post likely to go viral (``viral_post``: ``min_score`` is the least P(viral), 0.5 to
+    1, of the virality model's score at posting time; ``source`` and ``terms`` filter the
+    post (its hashtags, mentions, cashtags, keywords); ``cooldown_s`` is per author;
+    ``min_events`` and ``min_authors`` do not apply).
 
     ``cooldown_s`` is in event time: a term that alerted does not alert again for the
     same rule until its trend bucket starts at least this long after the last one, so
@@ -32,6 +36,7 @@ class AlertRule(models.Model):
     class Kind(models.TextChoices):
         NEW_TREND = "new_trend", "New trend"
         ANOMALY = "anomaly", "Anomaly"
+        VIRAL_POST = "viral_post", "Viral post"
 
     EDITABLE_FIELDS: ClassVar[list[str]] = [
         "team",
@@ -108,6 +113,14 @@ class Alert(models.Model):
     anomaly = models.ForeignKey(
         "mlengine.Anomaly", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    event = models.ForeignKey(
+        "ingest.Event",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The post of a viral_post alert.",
+    )
     seq = models.BigIntegerField()
     title = models.CharField(max_length=300)
     severity = models.CharField(max_length=10, choices=Severity.choices)
@@ -124,6 +137,7 @@ class Alert(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["rule", "trend"], name="alert_unique_trend"),
             models.UniqueConstraint(fields=["rule", "anomaly"], name="alert_unique_anomaly"),
+            models.UniqueConstraint(fields=["rule", "event"], name="alert_unique_event"),
             models.UniqueConstraint(fields=["team", "seq"], name="alert_unique_seq"),
         ]
         indexes = [models.Index(fields=["team", "-id"], name="alert_team_recent")]
@@ -157,5 +171,16 @@ class AnomalyCheck(models.Model):
 
     anomaly = models.OneToOneField(
         "mlengine.Anomaly", on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    checked_at = models.DateTimeField()
+
+
+class ViralCheck(models.Model):
+    """A post the "viral_post" rules were evaluated on, once (as ``TrendCheck`` for
+    trends): the evaluation's claim, so a redelivered or re-sent task alerts nothing
+    twice."""
+
+    event = models.OneToOneField(
+        "ingest.Event", on_delete=models.CASCADE, primary_key=True, related_name="+"
     )
     checked_at = models.DateTimeField()

@@ -18,11 +18,10 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
     """The JSON-safe dict of ``alert`` (``rule`` must be loaded, e.g. ``select_related``).
 
     Keys: ``id``, ``team``, ``seq``, ``rule`` (``{"id", "name"}``), ``title``,
-    ``severity``, ``trend`` (id or None), ``anomaly`` (id or None), ``evidence``,
-    ``event_received_at``,
-    ``event_created_at``, ``created_at``, ``pushed_at``, ``updated_at`` (ISO 8601, UTC, or
-    None) and
-    ``latency_ms``.
+    ``severity``, ``trend`` (id or None), ``anomaly`` (id or None), ``event`` (the post
+    of a "viral_post" alert: id or None), ``evidence``, ``event_received_at``,
+    ``event_created_at``, ``created_at``, ``pushed_at``, ``updated_at`` (ISO 8601, UTC,
+    or None) and ``latency_ms``.
     """
 
     def iso(value: Any) -> str | None:
@@ -37,6 +36,7 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
         "severity": alert.severity,
         "trend": alert.trend_id,
         "anomaly": alert.anomaly_id,
+        "event": alert.event_id,
         "evidence": alert.evidence,
         "event_received_at": iso(alert.event_received_at),
         "event_created_at": iso(alert.event_created_at),

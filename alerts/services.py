@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from django.db import OperationalError, connection, transaction
@@ -39,7 +39,8 @@ from tenacity import (
 )
 
 from alerts import push
-from alerts.models import Alert, AlertRule, AlertSequence, AnomalyCheck, TrendCheck
+from alerts.models import Alert, AlertRule, AlertSequence, AnomalyCheck, TrendCheck, ViralCheck
+from ingest import selectors as ingest_selectors
 from mlengine import facade
 from teams.models import Team
 from twiscope import pipeline
@@ -85,13 +86,18 @@ def _log_retry(state: Any) -> None:
     log.warning("alerts.evaluate_retried", attempt=state.attempt_number)
 
 
-@retry(
+retry_lock_conflicts = retry(
     retry=retry_if_exception(_is_lock_conflict),
     wait=wait_random_exponential(multiplier=0.05, max=2.0),
     stop=stop_after_attempt(RETRY_ATTEMPTS),
     before_sleep=_log_retry,
     reraise=True,
 )
+"""Retry a whole evaluation on a deadlock or serialization failure (exponential backoff
+with jitter, at most ``RETRY_ATTEMPTS`` tries; then the error propagates)."""
+
+
+@retry_lock_conflicts
 def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
     """Fire the matching rules of each trend's team; return the new alert ids.
 
@@ -123,7 +129,9 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
             if rule_matches(rule, trend)
         ]
         pairs, joining = _split_story_members(pairs)
-        won = _claim_cooldowns(pairs)
+        won = _claim_cooldowns(
+            [(rule, t.source_id, t.term, t.bucket_start, t.id) for rule, t in pairs]
+        )
         firing = [(rule, trend) for rule, trend in pairs if (rule.id, trend.id) in won]
         created = _create_alerts(firing)
         updated = _update_story_alerts(joining)
@@ -240,7 +248,9 @@ def _claim_checks(trend_ids: list[int]) -> set[int]:
 
 
 def _claim(
-    table: Literal["alerts_trendcheck", "alerts_anomalycheck"], column: str, ids: list[int]
+    table: Literal["alerts_trendcheck", "alerts_anomalycheck", "alerts_viralcheck"],
+    column: str,
+    ids: list[int],
 ) -> set[int]:
     """Insert a check row per id of ``ids`` into ``table`` (sorted: the lock order);
     return the ids this transaction claimed (one statement)."""
@@ -275,43 +285,48 @@ RETURNING rule_id, source_id, term, last_bucket_start
 """
 
 
-def _claim_cooldowns(
-    pairs: list[tuple[AlertRule, facade.TrendView]],
-) -> set[tuple[int, int]]:
-    """Claim the cooldown of each ``(rule, trend)``; return the ``(rule id, trend id)``
-    pairs that won.
+Cooldown = tuple[AlertRule, int, str, datetime, int]
+"""``(rule, source id, key, event time, target id)``: a firing that claims ``rule``'s
+cooldown on ``key`` of the source (a trend's term, "author:<key>" for a viral post) at
+that event time, for the alert's target (a trend or an event)."""
 
-    One upsert per round; a batch holding several buckets of one rule's term takes one
-    round per bucket, earliest first (an upsert may touch a row once).
+
+def _claim_cooldowns(firings: list[Cooldown]) -> set[tuple[int, int]]:
+    """Claim the cooldown of each firing; return the ``(rule id, target id)`` pairs that
+    won.
+
+    One upsert per round; a batch holding several moments of one rule's key takes one
+    round per moment, earliest first (an upsert may touch a row once).
     """
     won: set[tuple[int, int]] = set()
-    pending = list(pairs)
+    pending = list(firings)
     while pending:
-        round_: dict[tuple[int, int, str], tuple[AlertRule, facade.TrendView]] = {}
+        round_: dict[tuple[int, int, str], Cooldown] = {}
         rest = []
-        for rule, trend in pending:
-            key = (rule.id, trend.source_id, trend.term)
-            if key in round_:
-                rest.append((rule, trend))
+        for firing in pending:
+            rule, source_id, key, _, _ = firing
+            claim = (rule.id, source_id, key)
+            if claim in round_:
+                rest.append(firing)
             else:
-                round_[key] = (rule, trend)
+                round_[claim] = firing
         with connection.cursor() as cursor:
             returned = execute_values(
                 cursor.cursor,
                 _CLAIM_SQL,
                 [
-                    (rule.id, trend.source_id, trend.term, trend.bucket_start, rule.cooldown_s)
-                    for (rule, trend) in (round_[k] for k in sorted(round_))
+                    (rule.id, source_id, key, moment, rule.cooldown_s)
+                    for (rule, source_id, key, moment, _) in (round_[k] for k in sorted(round_))
                 ],
                 template="(%s::bigint, %s::bigint, %s::varchar, %s::timestamptz, %s::int)",
                 fetch=True,
             )
         claimed = {
-            (rule_id, source_id, term, bucket) for rule_id, source_id, term, bucket in returned
+            (rule_id, source_id, key, moment) for rule_id, source_id, key, moment in returned
         }
-        for key, (rule, trend) in round_.items():
-            if (*key, trend.bucket_start) in claimed:
-                won.add((rule.id, trend.id))
+        for claim, (rule, _, _, moment, target_id) in round_.items():
+            if (*claim, moment) in claimed:
+                won.add((rule.id, target_id))
         pending = rest
     return won
 
@@ -373,7 +388,7 @@ def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int
 
 
 def _insert_alerts(
-    target: Literal["trend_id", "anomaly_id"],
+    target: Literal["trend_id", "anomaly_id", "event_id"],
     firing: list[tuple[AlertRule, int, str, str, datetime, datetime]],
 ) -> list[int]:
     """Insert one alert per ``(rule, target id, title, evidence JSON, event received,
@@ -443,9 +458,11 @@ def _evidence(trend: facade.TrendView) -> str:
 
 
 def sweep(*, older_than_s: float) -> dict[str, int]:
-    """Re-send trends detected over ``older_than_s`` ago (within a day) that no rule
-    evaluation claimed and that are really stuck (``twiscope.pipeline.stuck``), and push
-    alerts persisted that long ago but never pushed. Returns the counts."""
+    """Re-send trends and anomalies detected over ``older_than_s`` ago (within a day),
+    and scored posts (``viral:<id>`` records) that long ago, that no rule evaluation
+    claimed and that are really stuck (``twiscope.pipeline.stuck``); bring up to date
+    the alerts a lost confirmation or anomaly update left stale; push alerts persisted
+    that long ago but never pushed. Returns the counts."""
     now = timezone.now()
     cutoff = now - timedelta(seconds=older_than_s)
     detected = facade.trend_ids_detected_before(
@@ -462,6 +479,8 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
             pipeline.send("alerts", items=chunk, trend_ids=chunk)
     pipeline.mark_done("alerts", [t for t in detected if t in checked])
     anomalies = _sweep_anomalies(now, cutoff, older_than_s)
+    viral = _sweep_viral(older_than_s)
+    stale = _sweep_stale_alerts(now, cutoff)
     unpushed = list(
         Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff).values_list(
             "id", flat=True
@@ -469,7 +488,13 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
     )
     if unpushed:
         _push(unpushed)
-    swept = {"trends": len(resend), "anomalies": anomalies, "alerts_pushed": len(unpushed)}
+    swept = {
+        "trends": len(resend),
+        "anomalies": anomalies,
+        "viral_posts": viral,
+        "alerts_updated": stale,
+        "alerts_pushed": len(unpushed),
+    }
     if any(swept.values()):
         log.warning("alerts.swept", **swept)
     return swept
@@ -488,13 +513,7 @@ def anomaly_rule_matches(rule: AlertRule, anomaly: facade.AnomalyView) -> bool:
     )
 
 
-@retry(
-    retry=retry_if_exception(_is_lock_conflict),
-    wait=wait_random_exponential(multiplier=0.05, max=2.0),
-    stop=stop_after_attempt(RETRY_ATTEMPTS),
-    before_sleep=_log_retry,
-    reraise=True,
-)
+@retry_lock_conflicts
 def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
     """Fire the matching "anomaly" rules of each anomaly's team; return the new alert ids.
 
@@ -506,26 +525,15 @@ def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
     """
     found = facade.anomalies(anomaly_ids)
     with transaction.atomic():
-        fresh = _claim_anomaly_checks([a.id for a in found])
-        transaction.on_commit(
-            lambda: pipeline.mark_done("alerts", [f"anomaly:{i}" for i in anomaly_ids])
+        firing = _claim_and_match(
+            AlertRule.Kind.ANOMALY,
+            ("alerts_anomalycheck", "anomaly_id", "anomaly"),
+            anomaly_ids,
+            sorted(found, key=lambda a: (a.evidence_created_at, a.id)),
+            anomaly_rule_matches,
         )
-        found = [a for a in found if a.id in fresh]
-        if not found:
+        if not firing:
             return []
-        rules = list(
-            AlertRule.objects.filter(
-                team_id__in={a.team_id for a in found},
-                enabled=True,
-                kind=AlertRule.Kind.ANOMALY,
-            ).order_by("id")
-        )
-        firing = [
-            (rule, anomaly)
-            for anomaly in sorted(found, key=lambda a: (a.evidence_created_at, a.id))
-            for rule in rules
-            if rule.team_id == anomaly.team_id and anomaly_rule_matches(rule, anomaly)
-        ]
         created = _create_anomaly_alerts(firing)
         if created:
             transaction.on_commit(lambda: _push(created))
@@ -534,10 +542,49 @@ def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
     return created
 
 
-def _claim_anomaly_checks(anomaly_ids: list[int]) -> set[int]:
-    """Insert an ``AnomalyCheck`` per anomaly (sorted); return the ids this transaction
-    claimed."""
-    return _claim("alerts_anomalycheck", "anomaly_id", anomaly_ids)
+class _Evaluated(Protocol):
+    """What ``_claim_and_match`` reads of an anomaly or a scored post."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def team_id(self) -> int: ...
+
+
+E = TypeVar("E", bound=_Evaluated)
+CheckTable = tuple[Literal["alerts_anomalycheck", "alerts_viralcheck"], str, str]
+"""``(check table, its id column, dispatch record prefix)`` of an evaluated kind."""
+
+
+def _claim_and_match(
+    kind: AlertRule.Kind,
+    check: CheckTable,
+    ids: Sequence[int],
+    found: list[E],
+    matches: Callable[[AlertRule, E], bool],
+) -> list[tuple[AlertRule, E]]:
+    """Inside the caller's transaction: claim the evaluation of each of ``found`` (its
+    check row), have the dispatch records ``<prefix>:<id>`` of all ``ids`` marked done
+    after commit, and return the ``(rule, item)`` pairs of the claimed items' teams'
+    enabled rules of ``kind`` that ``matches`` says fire, in the order of ``found``."""
+    table, column, prefix = check
+    fresh = _claim(table, column, [item.id for item in found])
+    transaction.on_commit(lambda: pipeline.mark_done("alerts", [f"{prefix}:{i}" for i in ids]))
+    claimed = [item for item in found if item.id in fresh]
+    if not claimed:
+        return []
+    rules = list(
+        AlertRule.objects.filter(
+            team_id__in={item.team_id for item in claimed}, enabled=True, kind=kind
+        ).order_by("id")
+    )
+    return [
+        (rule, item)
+        for item in claimed
+        for rule in rules
+        if rule.team_id == item.team_id and matches(rule, item)
+    ]
 
 
 def _series_label(anomaly: facade.AnomalyView) -> str:
@@ -578,10 +625,62 @@ def _anomaly_evidence(anomaly: facade.AnomalyView) -> str:
             "low": anomaly.low,
             "high": anomaly.high,
             "detected_event_time": anomaly.evidence_created_at.isoformat(),
+            "closed": anomaly.closed,
             "source": {"id": anomaly.source_id, "name": anomaly.source_name},
         },
         ensure_ascii=False,
     )
+
+
+def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
+    """Anomalies whose window grew, whose peak rose, or that closed: each of their alerts
+    whose evidence no longer says what the anomaly says is updated (title, evidence,
+    ``updated_at``) and pushed as ``alert.updated`` after commit; returns the ids of
+    the alerts updated. The alerts are locked in id order; a redelivered call finds
+    nothing left to update."""
+    found = {a.id: a for a in facade.anomalies(anomaly_ids)}
+    if not found:
+        return []
+    updated = []
+    now = timezone.now()
+    with transaction.atomic():
+        for alert in (
+            Alert.objects.select_for_update().filter(anomaly_id__in=list(found)).order_by("id")
+        ):
+            assert alert.anomaly_id is not None
+            anomaly = found[alert.anomaly_id]
+            evidence = json.loads(_anomaly_evidence(anomaly))
+            title = _anomaly_title(anomaly)
+            if alert.evidence == evidence and alert.title == title:
+                continue
+            alert.evidence, alert.title, alert.updated_at = evidence, title, now
+            alert.save(update_fields=["evidence", "title", "updated_at"])
+            updated.append(alert.id)
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    return updated
+
+
+def _sweep_stale_alerts(now: datetime, cutoff: datetime) -> int:
+    """Bring up to date the alerts created within a day and before ``cutoff`` that a lost
+    update left behind: a prediction whose trend was confirmed (``confirm_trends``) and
+    an anomaly that grew or closed since (``update_anomaly_alerts``); returns how many
+    alerts it updated."""
+    recent = Alert.objects.filter(created_at__gte=now - timedelta(days=1), created_at__lt=cutoff)
+    predicted_stories = {
+        story_id if story_id is not None else trend_id
+        for trend_id, story_id in recent.filter(
+            trend__isnull=False, evidence__story__predicted=True
+        ).values_list("trend_id", "trend__story_id")[:SWEEP_LIMIT]
+    }
+    updated = confirm_trends(trend_ids=facade.confirmed_trend_ids(sorted(predicted_stories)))
+    anomalies = list(
+        recent.filter(anomaly__isnull=False, evidence__closed=False).values_list(
+            "anomaly_id", flat=True
+        )[:SWEEP_LIMIT]
+    )
+    updated += update_anomaly_alerts(anomaly_ids=anomalies) if anomalies else []
+    return len(updated)
 
 
 def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -> list[int]:
@@ -612,21 +711,133 @@ def _sweep_anomalies(now: datetime, cutoff: datetime, older_than_s: float) -> in
     checked = set(
         AnomalyCheck.objects.filter(anomaly_id__in=detected).values_list("anomaly_id", flat=True)
     )
-    items = [f"anomaly:{i}" for i in detected if i not in checked]
+    pipeline.mark_done("alerts", [f"anomaly:{i}" for i in detected if i in checked])
+    unchecked = [i for i in detected if i not in checked]
+    return _resend_stuck("anomaly", "anomalies", "anomaly_ids", unchecked, older_than_s)
+
+
+def _resend_stuck(prefix: str, task: str, kwarg: str, ids: list[int], older_than_s: float) -> int:
+    """Send ``task`` again, 250 ids at a time as ``kwarg``, for the ids whose dispatch
+    records (``<prefix>:<id>``) say they are really stuck (``twiscope.pipeline.stuck``);
+    returns how many were sent."""
+    items = [f"{prefix}:{i}" for i in ids]
     resend = [
         int(m.partition(":")[2]) for m in pipeline.stuck("alerts", items, older_than_s=older_than_s)
     ]
     with transaction.atomic():
         for i in range(0, len(resend), 250):
             chunk = resend[i : i + 250]
-            pipeline.send(
-                "alerts",
-                items=[f"anomaly:{a}" for a in chunk],
-                task="anomalies",
-                anomaly_ids=chunk,
-            )
-    pipeline.mark_done("alerts", [f"anomaly:{i}" for i in detected if i in checked])
+            ids_kwarg: dict[str, Any] = {kwarg: chunk}
+            pipeline.send("alerts", items=[f"{prefix}:{e}" for e in chunk], task=task, **ids_kwarg)
     return len(resend)
+
+
+def viral_rule_matches(rule: AlertRule, post: ingest_selectors.ScoredPost) -> bool:
+    """Whether ``post`` passes ``rule``'s filters: an enabled "viral_post" rule, of the
+    post's source (or every source), whose ``terms`` (when set) share one with the post's
+    (case-insensitive), and whose ``min_score`` the post's P(viral) reaches."""
+    wanted = {term.lower() for term in rule.terms}
+    return (
+        rule.enabled
+        and rule.kind == AlertRule.Kind.VIRAL_POST
+        and (rule.source_id is None or rule.source_id == post.source_id)
+        and (not wanted or not wanted.isdisjoint(term.lower() for term in post.terms))
+        and post.virality_score >= rule.min_score
+    )
+
+
+@retry_lock_conflicts
+def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
+    """Fire the matching "viral_post" rules of each scored post's team; return the new
+    alert ids.
+
+    Posts that are gone, unscored, or already evaluated (``ViralCheck``) are skipped. A
+    rule alerts on an author of a source once per ``cooldown_s`` of event time (the
+    claim ``RuleTermClaim`` keyed "author:<key>"; a post with no author key is its own
+    key), and on a post once (``alert_unique_event``), with the team's next ``seq``.
+    Lock conflicts are retried as in ``evaluate_trends``. Side effects after commit: the
+    new alerts are pushed (``alert.created``), the posts' dispatch records (items
+    ``viral:<id>``) are marked done.
+    """
+    posts = ingest_selectors.scored_posts(event_ids)  # in event-time order
+    with transaction.atomic():
+        pairs = _claim_and_match(
+            AlertRule.Kind.VIRAL_POST,
+            ("alerts_viralcheck", "event_id", "viral"),
+            event_ids,
+            posts,
+            viral_rule_matches,
+        )
+        if not pairs:
+            return []
+        won = _claim_cooldowns(
+            [
+                (rule, p.source_id, f"author:{p.author or p.id}", p.created_at, p.id)
+                for rule, p in pairs
+            ]
+        )
+        created = _insert_alerts(
+            "event_id",
+            [
+                (
+                    rule,
+                    p.id,
+                    _viral_title(p),
+                    _viral_evidence(p),
+                    p.received_at,
+                    p.created_at,
+                )
+                for rule, p in pairs
+                if (rule.id, p.id) in won
+            ],
+        )
+        if created:
+            transaction.on_commit(lambda: _push(created))
+    if created:
+        log.info("alerts.viral_fired", alerts=len(created))
+    return created
+
+
+def _viral_title(post: ingest_selectors.ScoredPost) -> str:
+    """ "Likely viral (<P>%): <author> in <source>: “<text>”"."""
+    text = " ".join(post.text.split())
+    if len(text) > 120:
+        text = text[:119] + "…"
+    return (
+        f"Likely viral ({post.virality_score:.0%}): {post.author_label or 'unknown author'} "
+        f"in {post.source_name}: “{text}”"
+    )[:300]
+
+
+def _viral_evidence(post: ingest_selectors.ScoredPost) -> str:
+    return json.dumps(
+        {
+            "event": post.id,
+            "virality_score": post.virality_score,
+            "virality_model": post.virality_model,
+            "author": post.author_label,
+            "text": post.text[:1000],
+            "url": post.url,
+            "terms": list(post.terms[:20]),
+            "detected_event_time": post.created_at.isoformat(),
+            "source": {"id": post.source_id, "name": post.source_name},
+        },
+        ensure_ascii=False,
+    )
+
+
+def _sweep_viral(older_than_s: float) -> int:
+    """Re-send the scored posts whose dispatch record (``viral:<id>``, written before
+    their scores committed) is over ``older_than_s`` old, that no evaluation claimed,
+    and that are really stuck; mark the claimed ones done. Returns how many."""
+    items = pipeline.recorded(
+        "alerts", prefix="viral:", older_than_s=older_than_s, limit=SWEEP_LIMIT
+    )
+    ids = [int(item.partition(":")[2]) for item in items]
+    checked = set(ViralCheck.objects.filter(event_id__in=ids).values_list("event_id", flat=True))
+    pipeline.mark_done("alerts", [f"viral:{i}" for i in ids if i in checked])
+    unchecked = [i for i in ids if i not in checked]
+    return _resend_stuck("viral", "viral", "event_ids", unchecked, older_than_s)
 
 
 def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:

@@ -28,7 +28,22 @@ def confirm_trends(*, trend_ids: list[int]) -> int:
     return len(services.confirm_trends(trend_ids=trend_ids))
 
 
+@shared_task(name="alerts.update_anomaly_alerts", soft_time_limit=30, time_limit=60)
+def update_anomaly_alerts(*, anomaly_ids: list[int]) -> int:
+    """Bring the alerts of anomalies that grew or closed up to date; returns how many
+    alerts were updated."""
+    return len(services.update_anomaly_alerts(anomaly_ids=anomaly_ids))
+
+
+@shared_task(name="alerts.evaluate_viral", soft_time_limit=30, time_limit=60)
+def evaluate_viral(*, event_ids: list[int]) -> int:
+    """Fire "viral_post" alert rules on posts scored likely viral; returns how many alerts
+    were created."""
+    return len(services.evaluate_viral(event_ids=event_ids))
+
+
 @shared_task(name="alerts.sweep", soft_time_limit=25, time_limit=30)
 def sweep() -> dict[str, int]:
-    """Periodic: re-send trends and anomalies never evaluated; push alerts never pushed."""
+    """Periodic: re-send trends, anomalies and scored posts never evaluated; update alerts
+    left stale; push alerts never pushed."""
     return services.sweep(older_than_s=SWEEP_AFTER_S)

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Min
 
-from ingest.models import AUTHOR_KEY_SQL, DeadLetter, Event, Source
+from ingest.models import AUTHOR_KEY, AUTHOR_KEY_SQL, DeadLetter, Event, Source
 from twiscope import pipeline
 from twiscope.redis import get_redis
 
@@ -294,6 +294,69 @@ SELECT false, id, source_id, author, created_at, '', false, reposts, likes FROM 
         )
         (posts if to_score else history).append(post)
     return ViralityInputs(posts=posts, history=history)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredPost:
+    """A post the virality model scored, as the "viral_post" alert rules read it.
+
+    ``author``: the distinct-author key (``ingest.models.AUTHOR_KEY``, "" when the
+    source tells none); ``author_label``: "@handle", else the name, else the key.
+    ``terms``: its distinct hashtags, mentions, cashtags and keywords (as
+    ``TrendInput.terms``). ``virality_score``: P(viral), 0-1; ``virality_model``:
+    "name vN". ``created_at``: event time; ``received_at``: processing time.
+    """
+
+    id: int
+    source_id: int
+    source_name: str
+    team_id: int
+    author: str
+    author_label: str
+    text: str
+    url: str
+    terms: tuple[str, ...]
+    virality_score: float
+    virality_model: str
+    created_at: datetime
+    received_at: datetime
+
+
+def scored_posts(event_ids: Sequence[int]) -> list[ScoredPost]:
+    """The events among ``event_ids`` that exist and carry a virality score, ordered by
+    event time then id (one query). Read only."""
+    rows = (
+        Event.objects.filter(id__in=[int(i) for i in event_ids], virality_score__isnull=False)
+        .select_related("source")
+        .annotate(author_key=AUTHOR_KEY)
+        .order_by("created_at", "id")
+    )
+    posts = []
+    for e in rows:
+        terms = dict.fromkeys(
+            term[:TERM_MAX_CHARS] for term in (*e.hashtags, *e.mentions, *e.cashtags, *e.keywords)
+        )
+        key = e.author_key or ""
+        label = f"@{e.author_handle}" if e.author_handle else (e.author_name or key)
+        assert e.virality_score is not None
+        posts.append(
+            ScoredPost(
+                id=e.id,
+                source_id=e.source_id,
+                source_name=e.source.name,
+                team_id=e.source.team_id,
+                author=key,
+                author_label=label,
+                text=e.text,
+                url=e.url,
+                terms=tuple(terms),
+                virality_score=e.virality_score,
+                virality_model=e.virality_model,
+                created_at=e.created_at,
+                received_at=e.received_at,
+            )
+        )
+    return posts
 
 
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:

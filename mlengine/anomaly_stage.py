@@ -61,7 +61,7 @@ ACTIVE_TERM_S = 24 * 3600
 LOCK_KEY = 7_406_310_001
 """The stage's PostgreSQL advisory lock (one run at a time)."""
 COUNTS, SHARES = "counts", "shares"
-_STATE_KEYS = ("values", "residuals", "smoothed", "scale", "count", "since_alert")
+_STATE_KEYS = Detector.STATE_KEYS
 
 State = dict[str, npt.NDArray[Any]]
 
@@ -89,9 +89,10 @@ def dump_state(state: State, row: int) -> bytes:
 
 
 def load_state(blob: bytes | memoryview) -> State:
-    """A row saved by ``dump_state``, with a leading axis of length 1."""
+    """A row saved by ``dump_state``, with a leading axis of length 1. A key missing from
+    an older blob (the anomaly likelihood's) is left out; ``_Group.add`` starts it fresh."""
     with np.load(io.BytesIO(bytes(blob))) as saved:
-        return {k: np.asarray(saved[k])[None, ...] for k in _STATE_KEYS}
+        return {k: np.asarray(saved[k])[None, ...] for k in _STATE_KEYS if k in saved.files}
 
 
 @dataclass
@@ -159,7 +160,7 @@ class _Group:
             return []
         fresh = Detector(1, self.params).state()
         parts: list[State] = [self.detector.state()] if self.detector is not None else []
-        parts += [s if s is not None else {k: fresh[k] for k in _STATE_KEYS} for s in states]
+        parts += [{k: fresh[k] for k in _STATE_KEYS} | (s or {}) for s in states]
         stacked: dict[str, npt.NDArray[Any]] = {
             k: np.concatenate([p[k] for p in parts], axis=0) for k in _STATE_KEYS
         }
@@ -199,7 +200,8 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
     At most ``max_buckets`` (default ``ANOMALY_MAX_BUCKETS``) buckets per source. Does
     nothing when another run holds the stage's lock. Side effects: ``Series``,
     ``SeriesPoint`` (pruned past ``ANOMALY_RETENTION_S`` behind each source's latest
-    bucket), ``Anomaly``; after commit, the new anomalies go to the alerts stage.
+    bucket), ``Anomaly``; after commit, the new anomalies go to the alerts stage, and
+    those that grew or closed to its alert updates (``alerts.update_anomaly_alerts``).
     """
     limit = max_buckets or settings.ANOMALY_MAX_BUCKETS
     with transaction.atomic():
@@ -219,6 +221,12 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
                 task="anomalies",
                 anomaly_ids=new_ids,
             )
+        if run.updated_ids:
+            # Their alerts follow the window (``alert.updated``); a lost message is
+            # made good by the alerts sweeper, which compares alert and anomaly.
+            pipeline.hand_off(
+                "ml", task="anomaly_updates", anomaly_ids=sorted(set(run.updated_ids))
+            )
     stepped = sum(p.n for p in run.plans)
     log.info("ml.anomalies_advanced", buckets=stepped, sources=len(run.plans), new=len(new_ids))
     return AdvanceResult(stepped, new_ids, any(p.more for p in run.plans))
@@ -235,6 +243,7 @@ class _Run:
         self.base: dict[int, tuple[_Slot, _Slot]] = {}
         self.points: list[tuple[Any, ...]] = []
         self.opens: dict[int, _Open] = {}  # by id(): the anomalies this run touched
+        self.updated_ids: list[int] = []  # stored anomalies that grew or closed
         self.open_series: dict[int, _Open] = {}
         self.plans = self._plan(limit)
         if self.plans:
@@ -558,6 +567,7 @@ class _Run:
         new_rows = []
         for opened in self.opens.values():
             if opened.id is not None:
+                self.updated_ids.append(opened.id)
                 Anomaly.objects.filter(id=opened.id).update(
                     window_end=opened.window_end,
                     peak_at=opened.peak_at,

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import encoder, heads, scoring, training
+from mlengine import encoder, heads, scoring, training, virality
 from mlengine.models import Anomaly, Trend
 
 __all__ = [
+    "VIRAL_ALERT_MIN_SCORE",
     "AnomalyView",
     "NoTrainedModel",
     "Prediction",
@@ -26,6 +27,7 @@ __all__ = [
     "anomalies",
     "anomaly_ids_detected_before",
     "classify",
+    "confirmed_trend_ids",
     "embed",
     "scoring_stats",
     "trend_ids_detected_before",
@@ -36,6 +38,9 @@ NoTrainedModel = training.NoTrainedModel
 UnknownTask = heads.UnknownTask
 ScoringStats = scoring.ScoringStats
 scoring_stats = scoring.scoring_stats
+VIRAL_ALERT_MIN_SCORE = virality.ALERT_MIN_SCORE
+"""The least P(viral) a "viral_post" alert rule may ask for: posts scored lower never
+reach the alerts stage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +200,17 @@ def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) 
         Trend.objects.filter(detected_at__gte=since, detected_at__lt=moment)
         .order_by("detected_at")
         .values_list("id", flat=True)[:limit]
+    )
+
+
+def confirmed_trend_ids(story_ids: Sequence[int]) -> list[int]:
+    """Ids of the predicted trends of the stories ``story_ids`` (a story's id is its first
+    trend's) that came true (``confirmed_at`` set), ordered by id (one query)."""
+    ids = list(story_ids)
+    return list(
+        Trend.objects.filter(story_id__in=ids, predicted=True, confirmed_at__isnull=False)
+        .order_by("id")
+        .values_list("id", flat=True)
     )
 
 

@@ -18,7 +18,8 @@ that may own a GPU) drains it:
    (sentiment, emotion, offensive; ``mlengine.training.active_model``) and, with an
    active virality model, scored for virality where the author has at least 100 earlier
    posts in the source (``score_virality``, reusing the shared encoder's vectors), and
-   written in one statement (``ingest.services.save_labels``);
+   written in one statement (``ingest.services.save_labels``); the posts scored at
+   least ``virality.ALERT_MIN_SCORE`` go on to the alerts stage's "viral_post" rules;
 4. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
    queues itself again if work is left. Sends are coalesced: while a scoring task waits
    in the queue no other is sent, and a task lost before it started holds the next one
@@ -220,7 +221,9 @@ def score_events(event_ids: Sequence[int]) -> int:
     (one statement); return how many events were written.
 
     Events that are gone are skipped; a task with no active head is left out (its
-    columns keep what they hold). Side effect: the ``scored_rate_name`` counters.
+    columns keep what they hold). Side effects: the ``scored_rate_name`` counters; the
+    events scored at least ``virality.ALERT_MIN_SCORE`` go to the alerts stage's
+    "viral_post" rules after commit (``alerts.evaluate_viral``).
     """
     rows = ingest_selectors.texts_for_scoring(event_ids)
     if not rows:
@@ -240,8 +243,20 @@ def score_events(event_ids: Sequence[int]) -> int:
         value.update(viral.get(event_id, {}))
         if len(value) > 1:
             values.append(value)
+    likely_viral = [
+        event_id
+        for event_id, columns in viral.items()
+        if columns["virality_score"] >= virality.ALERT_MIN_SCORE
+    ]
     with transaction.atomic():
         written = ingest_services.save_labels(values)
+        if likely_viral:
+            # The alerts stage's "viral_post" rules (a branch, not the chain's next
+            # stage: nothing waits for it). Recorded before the commit, so the sweeper
+            # finds the work even if this process dies between the commit and the send.
+            items = [f"viral:{event_id}" for event_id in likely_viral]
+            pipeline.record("alerts", items)
+            pipeline.send("alerts", items=items, task="viral", event_ids=likely_viral)
     if labels:
         for team_id, count in Counter(team_id for _, _, team_id in rows).items():
             add_to_rate(scored_rate_name(team_id), count)

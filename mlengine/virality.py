@@ -714,8 +714,10 @@ def evaluate(
     """ROC-AUC of the active virality model on the scored posts of ``data`` at or after
     ``since`` (all when None); earlier rows serve as history only.
 
-    Returns ``{"roc_auc", "n", "positives", "model_version"}`` (plus ``since`` and
-    ``data``). Side effects: embeds the scored texts.
+    Returns ``{"roc_auc", "n", "positives", "operating_points", "model_version"}``
+    (plus ``since`` and ``data``); ``operating_points`` is ``operating_points``'s, what
+    a "viral_post" alert rule's ``min_score`` would give. Side effects: embeds the
+    scored texts.
 
     Raises:
         DataError: unreadable CSV, no scored posts, or only one class among them.
@@ -731,15 +733,49 @@ def evaluate(
             "ROC-AUC needs both viral and other posts"
         )
     vectors = _vectors([p.text for p in split.posts], embed_progress, {})
-    score = _auc(split.y, model.probabilities(model.design(split.rows, vectors)))
+    probabilities = model.probabilities(model.design(split.rows, vectors))
+    score = _auc(split.y, probabilities)
     return {
         "roc_auc": score,
         "n": len(split.y),
         "positives": positives,
+        "operating_points": operating_points(split.y, probabilities),
         "model_version": model.version,
         "since": since.isoformat() if since else None,
         "data": data.name,
     }
+
+
+ALERT_MIN_SCORE = 0.5
+"""The least ``min_score`` (P(viral)) a "viral_post" alert rule may have: posts scored
+below it are not handed to the alerts stage at all."""
+OPERATING_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def operating_points(
+    y: np.ndarray, probabilities: np.ndarray, thresholds: Sequence[float] = OPERATING_THRESHOLDS
+) -> list[dict[str, float | int | None]]:
+    """What alerting at ``P(viral) ≥ t`` gives, for each ``t`` of ``thresholds``:
+    ``{"min_score": t, "alerts": posts at or above t, "alerts_per_1000": per 1,000
+    scored posts, "precision": viral share of them (None when none), "recall": share of
+    the viral posts among them}``, rounded to 4 decimals. ``y``: 0/1 labels, shape
+    ``(n,)``; ``probabilities``: P(viral), shape ``(n,)``. Pure."""
+    points: list[dict[str, float | int | None]] = []
+    positives = max(int(y.sum()), 1)
+    for t in thresholds:
+        hit = probabilities >= t
+        alerts = int(hit.sum())
+        true = int(y[hit].sum())
+        points.append(
+            {
+                "min_score": t,
+                "alerts": alerts,
+                "alerts_per_1000": round(1000 * alerts / max(len(y), 1), 1),
+                "precision": round(true / alerts, 4) if alerts else None,
+                "recall": round(true / positives, 4),
+            }
+        )
+    return points
 
 
 _loaded: dict[int, ViralityModel] = {}

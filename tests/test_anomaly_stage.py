@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.test import TestCase
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -124,8 +126,11 @@ def test_an_anomaly_rule_fires_once_and_its_alert_is_pushed() -> None:
     with commits_without_broker() as send_task:
         new_ids = advance_all()
     volume = Anomaly.objects.get(series__kind=Series.Kind.VOLUME)
-    handed = [c.kwargs["kwargs"]["anomaly_ids"] for c in send_task.call_args_list]
-    assert [c.args[0] for c in send_task.call_args_list] == ["alerts.evaluate_anomalies"]
+    handed = [
+        c.kwargs["kwargs"]["anomaly_ids"]
+        for c in send_task.call_args_list
+        if c.args[0] == "alerts.evaluate_anomalies"
+    ]
     assert handed == [new_ids]
 
     with TestCase.captureOnCommitCallbacks(execute=False):
@@ -154,6 +159,57 @@ def test_an_anomaly_rule_fires_once_and_its_alert_is_pushed() -> None:
     assert [m["seq"] for m in messages] == list(range(1, len(alert_ids) + 1))
     assert alert.id in {m["alert"]["id"] for m in messages}
     assert {m["alert"]["anomaly"] for m in messages} == set(new_ids)
+
+
+def test_an_anomaly_alert_follows_its_window_as_it_grows() -> None:
+    personas = make_personas()
+    make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY, min_score=5)
+    spiked_source(personas)
+    # The stage steps a bucket at a time up to the anomaly, whose alert fires at once.
+    anomaly_stage.advance_anomalies(max_buckets=SPIKE_BUCKET)
+    volumes = Anomaly.objects.filter(series__kind=Series.Kind.VOLUME)
+    while not volumes.exists():
+        assert anomaly_stage.advance_anomalies(max_buckets=1).buckets == 1
+    volume = volumes.get()
+    assert not volume.closed
+    opened_end = volume.window_end
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        [alert_id] = alert_services.evaluate_anomalies(anomaly_ids=[volume.id])
+    first = Alert.objects.get(id=alert_id)
+    assert first.evidence["window_end"] == opened_end.isoformat()
+    assert first.evidence["closed"] is False
+
+    # The next buckets of the spike grow the window: the stage hands the anomaly on.
+    with commits_without_broker() as send_task:
+        advance_all()
+    volume.refresh_from_db()
+    assert volume.window_end > opened_end
+    updates = [
+        c.kwargs["kwargs"]["anomaly_ids"]
+        for c in send_task.call_args_list
+        if c.args[0] == "alerts.update_anomaly_alerts"
+    ]
+    assert updates and all(volume.id in ids for ids in updates)
+
+    with (
+        mock.patch("alerts.push.push_updates") as push_updates,
+        TestCase.captureOnCommitCallbacks(execute=True),
+    ):
+        assert alert_services.update_anomaly_alerts(anomaly_ids=[volume.id]) == [alert_id]
+    alert = Alert.objects.get(id=alert_id)
+    assert alert.evidence["window_end"] == volume.window_end.isoformat()
+    assert alert.evidence["closed"] is volume.closed and alert.updated_at is not None
+    assert alert.seq == first.seq  # the same alert, updated in place
+    assert push_updates.call_args.kwargs == {"alert_ids": [alert_id]}
+    assert alert_services.update_anomaly_alerts(anomaly_ids=[volume.id]) == []
+
+    # Had that message been lost, the alerts sweeper brings the alert up to date.
+    Alert.objects.filter(id=alert_id).update(
+        evidence=first.evidence, created_at=timezone.now() - timedelta(minutes=10)
+    )
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 1
+    assert Alert.objects.get(id=alert_id).evidence["window_end"] == volume.window_end.isoformat()
 
 
 def test_a_second_run_and_a_redelivered_alert_task_double_nothing() -> None:

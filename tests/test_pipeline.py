@@ -14,11 +14,13 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.test import TestCase
+from django.utils import timezone
 
 from alerts import push
 from alerts import services as alert_services
 from alerts.models import Alert
 from ingest import selectors, services
+from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Event, Source
 from mlengine import enrichment
 from mlengine import services as ml_services
@@ -405,13 +407,10 @@ def test_a_story_that_grows_after_its_alert_was_sent_pushes_alert_updated() -> N
     assert messages[0]["alert"]["updated_at"] is not None
 
 
-def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed() -> None:
-    personas = make_personas()
-    source = make_source(personas.team)
-    make_rule(personas.team)
-    # #flood is everyday vocabulary here (3 posts in 10 a bucket); then it comes fast,
-    # early in its bucket: projected to the bucket's end it passes the test before its
-    # count does.
+def accelerating_flood() -> tuple[list[Envelope], list[Envelope]]:
+    """``(posts up to an emerging #flood, the posts that confirm it)``: #flood is everyday
+    vocabulary (3 posts in 10 a bucket); then it comes fast, early in its bucket:
+    projected to the bucket's end it passes the test before its count does."""
     history = [
         envelope(
             "so much #flood here" if i < 3 else f"an ordinary day number {i}",
@@ -428,8 +427,16 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     later = [
         envelope("so much #flood here", minutes=90 + 5 + i * 0.2, author=f"l{i}") for i in range(14)
     ]
+    return history + early, later
 
-    created = alert_services.evaluate_trends(trend_ids=run_through(source, history + early))
+
+def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    emerging, later = accelerating_flood()
+
+    created = alert_services.evaluate_trends(trend_ids=run_through(source, emerging))
     trend = Trend.objects.get(term="#flood")
     assert trend.predicted and trend.confirmed_at is None
     alert = Alert.objects.get(id__in=created)
@@ -459,3 +466,26 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     # The trend stage handed the confirmation to the alerts stage's side task.
     assert mock.call("ml", task="confirmations", trend_ids=confirmed) in hand_off.call_args_list
     assert alert_services.confirm_trends(trend_ids=confirmed) == []  # nothing left to do
+
+
+def test_a_confirmation_whose_message_was_lost_is_applied_by_the_alerts_sweeper() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    make_rule(personas.team)
+    emerging, later = accelerating_flood()
+    [alert_id] = alert_services.evaluate_trends(trend_ids=run_through(source, emerging))
+    run_through(source, later)  # confirmed; the confirmations task is never run
+    assert Trend.objects.filter(term="#flood", confirmed_at__isnull=False).exists()
+    assert Alert.objects.get(id=alert_id).evidence["story"]["predicted"] is True
+
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 0  # too fresh
+    Alert.objects.filter(id=alert_id).update(created_at=timezone.now() - timedelta(minutes=10))
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 1
+
+    alert = Alert.objects.get(id=alert_id)
+    assert alert.title.startswith("Trending: #flood")
+    assert alert.evidence["story"]["predicted"] is False
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 0

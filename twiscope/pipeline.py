@@ -59,11 +59,16 @@ SIDE_TASKS = {
     "alerts": {
         "anomalies": "alerts.evaluate_anomalies",
         "confirmations": "alerts.confirm_trends",
+        "anomaly_updates": "alerts.update_anomaly_alerts",
+        "viral": "alerts.evaluate_viral",
     }
 }
 """Other inputs of a stage than its entry task's, by stage and key (``send(task=key)``):
 ``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``);
-``alerts``/``confirmations`` takes ``trend_ids`` of predicted trends that came true."""
+``alerts``/``confirmations`` takes ``trend_ids`` of predicted trends that came true;
+``alerts``/``anomaly_updates`` takes ``anomaly_ids`` of anomalies whose window grew or
+closed; ``alerts``/``viral`` takes ``event_ids`` of posts the virality model scored
+high (dispatch records ``viral:<id>``, written before the scores commit: ``record``)."""
 
 NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
 
@@ -191,6 +196,39 @@ def started(stage: str, coalesce: str) -> None:
     """A coalesced task of ``stage`` has started: later hand-offs send a new one (the
     work they announce may come after what this task reads)."""
     get_redis().delete(PENDING_KEY.format(stage=stage, key=coalesce))
+
+
+def record(stage: str, items: Iterable[int | str]) -> None:
+    """Write dispatch records for ``items`` of ``stage`` now, before the transaction that
+    creates their work commits (``send`` refreshes them after commit). A crash between
+    the commit and the send then leaves a record for the sweeper to find
+    (``recorded``), where it would otherwise leave nothing; a record whose transaction
+    rolled back names work that is not there, which the stage finds and marks done."""
+    members = [str(item) for item in items]
+    if members:
+        get_redis().zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()))
+
+
+def recorded(stage: str, *, prefix: str, older_than_s: float, limit: int) -> list[str]:
+    """Dispatch records of ``stage`` starting with ``prefix`` written (or refreshed) over
+    ``older_than_s`` seconds ago, oldest first, at most ``limit``: unfinished work
+    whose only trace is its record (``record``)."""
+    cutoff = time.time() - older_than_s
+    found: list[str] = []
+    offset, page = 0, 1000
+    redis = get_redis()
+    while len(found) < limit:
+        members = cast(
+            "list[bytes]",
+            redis.zrangebyscore(
+                DISPATCH_KEY.format(stage=stage), "-inf", cutoff, start=offset, num=page
+            ),
+        )
+        found += [m.decode() for m in members if m.decode().startswith(prefix)]
+        if len(members) < page:
+            break
+        offset += page
+    return found[:limit]
 
 
 def mark_done(stage: str, items: Iterable[int | str]) -> None:

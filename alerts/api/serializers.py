@@ -11,6 +11,7 @@ from alerts import services
 from alerts.models import Alert, AlertRule
 from alerts.payload import alert_payload, latency_ms
 from ingest.models import Source
+from mlengine import facade
 from teams.models import Team
 from teams.selectors import owned_team_ids_for
 
@@ -37,6 +38,7 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
             "severity",
             "trend",
             "anomaly",
+            "event",
             "evidence",
             "event_received_at",
             "event_created_at",
@@ -60,9 +62,10 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
     """A rule; ``team`` and ``source`` must belong to a team the caller owns.
 
     ``min_events`` and ``min_authors`` are whole numbers ≥ 1, ``min_score`` a finite
-    number ≥ 0, ``cooldown_s`` whole seconds ≥ 0, ``terms`` a list (empty: every term)
-    of non-blank strings, ``severity`` one of the model's choices. A refused value is a
-    400 with DRF's field errors."""
+    number ≥ 0 (for a "viral_post" rule, the least P(viral): from 0.5 to 1, and required
+    when it is created), ``cooldown_s`` whole seconds ≥ 0, ``terms`` a list (empty:
+    every term) of non-blank strings, ``kind`` and ``severity`` one of the model's
+    choices. A refused value is a 400 with DRF's field errors."""
 
     team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
     source = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
@@ -102,6 +105,16 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
             raise serializers.ValidationError({"source": "must belong to the rule's team"})
         if self.instance is not None and "team" in attrs and attrs["team"] != self.instance.team:
             raise serializers.ValidationError({"team": "a rule cannot move to another team"})
+        kind = attrs.get("kind", getattr(self.instance, "kind", AlertRule.Kind.NEW_TREND))
+        if kind == AlertRule.Kind.VIRAL_POST:
+            score = attrs.get("min_score", getattr(self.instance, "min_score", None))
+            if score is None or not facade.VIRAL_ALERT_MIN_SCORE <= score <= 1:
+                raise serializers.ValidationError(
+                    {
+                        "min_score": "a viral_post rule needs the least P(viral) to alert "
+                        f"on, from {facade.VIRAL_ALERT_MIN_SCORE} to 1"
+                    }
+                )
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> AlertRule:

@@ -1089,6 +1089,8 @@
         isNum(ev.authors_count) ? ` · ${fmtInt(ev.authors_count)} authors` : '',
         ev.source?.name ? ` · ${ev.source.name}` : '') : null,
       storyLine(ev.story, a.updated_at),
+      anomalyLine(a),
+      viralLine(a),
       a.trend !== null && a.trend !== undefined
         ? h('button', {
           type: 'button',
@@ -1097,6 +1099,30 @@
         }, 'Show posts')
         : null);
     return li;
+  }
+
+  /** An anomaly alert's window: from its start to its end so far, ongoing or ended. */
+  function anomalyLine(a) {
+    const ev = a.evidence || {};
+    if (a.anomaly === null || a.anomaly === undefined || !ev.window_start) return null;
+    return h('div', { class: 'alert-evidence' },
+      'window ', timeEl(ev.window_start), ' – ', timeEl(ev.window_end),
+      h('small', { class: 'muted' }, ' UTC'),
+      ev.closed === false ? ' · ongoing' : (ev.closed ? ' · ended' : ''),
+      a.updated_at ? h('small', { class: 'muted' }, ' · updated ', timeEl(a.updated_at)) : null);
+  }
+
+  /** A viral-post alert: the post, its author and the model's P(viral). */
+  function viralLine(a) {
+    const ev = a.evidence || {};
+    if (a.event === null || a.event === undefined || !isNum(ev.virality_score)) return null;
+    const url = typeof ev.url === 'string' && /^https?:\/\//.test(ev.url) ? ev.url : null;
+    return h('div', { class: 'alert-evidence' },
+      h('strong', null, ev.author || 'unknown author'), ': ',
+      h('q', null, ev.text || ''), ' ',
+      `· P(viral) ${fmt2(ev.virality_score)} (${ev.virality_model || 'model'})`,
+      url ? ' · ' : null,
+      url ? h('a', { href: url, target: '_blank', rel: 'noopener noreferrer' }, 'open post') : null);
   }
 
   /** The story behind an alert: its terms, when it last grew, and its forecast. */

@@ -147,7 +147,14 @@ class Command(BaseCommand):
             f"({result['n']} posts, {result['positives']} viral), {result['model_version']}: "
             f"roc_auc {result['roc_auc']}"
         )
-        keys = ("roc_auc", "n", "positives", "model_version")
+        for point in result["operating_points"]:
+            precision = point["precision"]
+            self.stdout.write(
+                f"  min_score {point['min_score']}: {point['alerts']} alerts "
+                f"({point['alerts_per_1000']} per 1,000 posts), precision "
+                f"{'—' if precision is None else precision}, recall {point['recall']}"
+            )
+        keys = ("roc_auc", "n", "positives", "operating_points", "model_version")
         self._write_json(options, {k: result[k] for k in keys})
 
     def _write_json(self, options: dict[str, Any], result: dict[str, Any]) -> None:
