@@ -4,10 +4,12 @@ idempotent runs; real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timedelta
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
@@ -23,6 +25,7 @@ from alerts.models import Alert, AlertRule
 from ingest.envelope import Envelope
 from ingest.models import Source
 from mlengine import anomaly_stage
+from mlengine.anomaly import Detector
 from mlengine.models import Anomaly, Series, SeriesPoint
 from tests.factories import (
     ORIGIN,
@@ -334,3 +337,28 @@ def test_the_dashboard_has_the_anomalies_panel(client: Any) -> None:
 
     assert 'id="anomalies"' in page and 'id="anomaly-chart"' in page
     assert 'id="series-kind"' in page and "ml.advance_anomalies" in page
+
+
+def test_a_series_state_saved_before_the_likelihood_gate_loads_and_steps_on() -> None:
+    """A blob written before the likelihood's arrays existed resumes: its robust
+    baseline is kept, the likelihood starts fresh."""
+    params = anomaly_stage.params_for(anomaly_stage.COUNTS)
+    detector = Detector(1, params)
+    for value in [3.0, 4.0, 2.0] * 200:
+        detector.update(np.array([value]))
+    state = detector.state()
+    old_keys = ("values", "residuals", "smoothed", "scale", "count", "since_alert")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: state[k][0] for k in old_keys})
+
+    loaded = anomaly_stage.load_state(buf.getvalue())
+    group = anomaly_stage._Group(params)
+    [row] = group.add([loaded])
+    step = group.step(np.array([3.0]))
+
+    assert set(loaded) == set(old_keys)
+    assert group.detector is not None and step is not None
+    resumed = group.detector.state()
+    assert set(resumed) >= set(Detector.STATE_KEYS)
+    assert int(resumed["count"][row]) == int(state["count"][0]) + 1  # the history went on
+    assert np.isfinite(step.expected[row])
