@@ -203,8 +203,15 @@ def test_train_then_evaluate_on_a_time_split(models_dir: Path, tmp_path: Path) -
     assert v1.trained_on["n"] == 400 and v1.metrics["roc_auc"] >= 0.9
     assert (models_dir / v1.artefact / "model.npz").is_file()
     result = json.loads(report.read_text())
-    assert set(result) == {"roc_auc", "n", "positives", "model_version"}
+    assert set(result) == {"roc_auc", "n", "positives", "operating_points", "model_version"}
     assert result["n"] == 200 and result["positives"] == 80
+    points = {p["min_score"]: p for p in result["operating_points"]}
+    assert list(points) == [0.5, 0.6, 0.7, 0.8, 0.9]
+    # Fewer alerts and no worse precision as the threshold rises (the model separates).
+    alerts = [p["alerts"] for p in points.values()]
+    assert alerts == sorted(alerts, reverse=True) and points[0.5]["alerts"] > 0
+    assert points[0.5]["precision"] is not None and points[0.5]["precision"] > 80 / 200
+    assert "min_score 0.5:" in shown
     assert result["roc_auc"] >= 0.9 and result["model_version"] == "virality-hgb v1"
     assert "roc_auc" in shown
 
