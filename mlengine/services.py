@@ -7,9 +7,8 @@ order** (ties by external id), as if it lived through them one by one:
 
 - each event adds one to its bucket's total and to each of its terms, with its author;
 - at each of a term's events the term is scored on the bucket-so-far
-  (``mlengine.trends.score_terms``, all of a bucket's windows in one vectorised call);
-  the first event at which it passes every threshold
-  is the trend's detection, and that event is its evidence.
+  (``mlengine.trends.score_terms``); the first event at which it passes every
+  threshold is the trend's detection, and that event is its evidence.
 
 So a verdict is a function of the events alone: the earliest event time at which the
 bucket-so-far crosses the threshold, whatever the batch boundaries, arrival order,
@@ -17,10 +16,19 @@ worker count or replay speed. It is final when it is made, because the watermark
 passed the evidence and no earlier event can still come (an event that comes anyway is
 late: stored, counted in ``StreamClock.late_events``, left out of the counts).
 
+One task advances several streams: its own, and up to ``MAX_STREAMS_PER_ADVANCE``
+others with work pending whose clocks no other worker holds. Each stream is still
+counted on its own, bucket after bucket, but the streams step in lockstep rounds (the
+``k``-th bucket of each), and a round's candidate windows of all of them are scored in
+one ``score_terms`` call: one vectorised call over thousands of windows instead of one
+small call per stream and bucket. Every verdict, count and hand-off is the one that
+advancing each stream alone gives.
+
 One worker advances a stream at a time (it holds the clock's row lock); different
-streams advance in parallel. Term counts and trends are written with absolute values,
-so the result does not depend on which worker did it. New trends go to the alerts
-stage after commit. Event time and allowed lateness: DESIGN.md, "Time".
+streams advance in parallel, and a stream another worker holds is left to it. Term
+counts and trends are written with absolute values, so the result does not depend on
+which worker did it. New trends go to the alerts stage after commit. Event time and
+allowed lateness: DESIGN.md, "Time".
 """
 
 from __future__ import annotations
@@ -28,15 +36,16 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from psycopg2.extras import execute_values
 
@@ -46,7 +55,15 @@ from ingest.selectors import TrendInput
 from mlengine.forecast import forecast_volume, project_bucket_count
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from mlengine.stories import StoryParams, choose_story
-from mlengine.trends import TrendParams, baseline_range, bucket_start, score_terms
+from mlengine.trends import (
+    BoolArray,
+    FloatArray,
+    TrendParams,
+    TrendScores,
+    baseline_range,
+    bucket_start,
+    score_terms,
+)
 from mlengine.trends import suggest_bucket_s as ladder_bucket_s
 from twiscope import pipeline
 
@@ -54,7 +71,14 @@ log = structlog.get_logger(__name__)
 
 SAMPLE_EVENTS = 10
 MAX_EVENTS_PER_ADVANCE = 5000
-"""At most this many events are counted in one transaction; the rest in the next task."""
+"""At most this many events of one stream are counted in one transaction; the rest in
+the stream's next task."""
+MAX_STREAMS_PER_ADVANCE = 32
+"""At most this many streams besides its own join one advance (``advance_stream``)."""
+MAX_EVENTS_PER_BATCH = 50_000
+"""An advance takes no more streams once it holds this many events, so that a backlog
+of every stream keeps the task well inside its time limit (about 0.2-0.3 ms an event,
+stories included: ``bench/trend_stage.py``)."""
 
 
 def params_for(bucket_s: int) -> TrendParams:
@@ -102,49 +126,130 @@ def _lock_clock(source: Source) -> StreamClock:
 
 
 def advance_stream(*, source_id: int) -> list[int]:
-    """Count ``source_id``'s events up to its low watermark; return ids of new trends.
+    """Count ``source_id``'s events up to its low watermark, and those of up to
+    ``MAX_STREAMS_PER_ADVANCE`` other streams with work pending (no more once it holds
+    ``MAX_EVENTS_PER_BATCH`` events); return the ids of ``source_id``'s new trends.
 
-    Does nothing when the source is gone, declared no progress, or its watermark cannot
-    move. Counts at most ``MAX_EVENTS_PER_ADVANCE`` events (never splitting one event
-    time) and queues itself again for the rest. Side effects after commit: the new
-    trends go to the alerts stage.
+    Does nothing for a stream whose source is gone, declared no progress, or whose
+    watermark cannot move. Counts at most ``MAX_EVENTS_PER_ADVANCE`` events of each
+    stream (never splitting one event time) and queues that stream's advance again for
+    the rest. One transaction for all the streams taken. Side effects after commit, per
+    stream: its progress count, its new trends and confirmations to the alerts stage.
+
+    Should the batch fail, it is rolled back whole and ``source_id`` is advanced alone,
+    so that one stream that cannot be counted does not stall every stream batched with
+    it (the failure is logged; that of ``source_id`` alone is raised).
     """
     source = Source.objects.filter(id=source_id).first()
     if source is None:
         return []
+    try:
+        streams = _advance(source, others=MAX_STREAMS_PER_ADVANCE)
+    except Exception:
+        log.exception("ml.batch_failed", source_id=source_id)
+        streams = _advance(source, others=0)
+    for stream in streams:
+        if stream.new_trends:
+            log.info("ml.trends_detected", source_id=stream.source_id, new=len(stream.new_trends))
+    own = next((s for s in streams if s.source_id == source_id), None)
+    return own.new_trends if own is not None else []
+
+
+@dataclass
+class _Stream:
+    """One stream's share of an advance: its clock's ``bucket_s`` (seconds), the
+    ``target`` watermark, the ``events`` to count (event-time order) and whether ``more``
+    wait beyond them; filled by ``_count_streams``: the ids of its ``new_trends`` and of
+    its predicted trends ``confirmed``."""
+
+    source_id: int
+    bucket_s: int
+    target: datetime
+    events: list[TrendInput]
+    more: bool
+    new_trends: list[int] = field(default_factory=list)
+    confirmed: list[int] = field(default_factory=list)
+
+
+def _advance(source: Source, *, others: int) -> list[_Stream]:
+    """Advance ``source``'s stream and up to ``others`` other streams with work pending,
+    in one transaction, taking no more once ``MAX_EVENTS_PER_BATCH`` events are held;
+    return the streams that had work (``source``'s first when it had). Side effects:
+    counts, trends, stories and clocks of those streams; their hand-offs after commit."""
     with transaction.atomic():
-        clock = _lock_clock(source)
-        target = ingest_selectors.input_low_watermark(source_id)
-        if target is None or (clock.watermark is not None and target <= clock.watermark):
-            return []
-        events = ingest_selectors.events_for_trends(
-            source_id, since=clock.watermark, until=target, limit=MAX_EVENTS_PER_ADVANCE + 1
-        )
-        more = len(events) > MAX_EVENTS_PER_ADVANCE
-        if more:
-            # Stop before the first event not taken, and before every event sharing its
-            # time, so the next advance starts on a whole event time.
-            target = events[MAX_EVENTS_PER_ADVANCE].created_at
-            events = [e for e in events[:MAX_EVENTS_PER_ADVANCE] if e.created_at < target]
-        new_trends, confirmed = _count(source, clock, events) if events else ([], [])
-        if new_trends:
-            assign_stories(source_id, new_trends)
-        StreamClock.objects.filter(source_id=source_id).update(
-            watermark=target,
-            counted_events=F("counted_events") + len(events),
-            advanced_at=timezone.now(),
-        )
-        counted = len(events)
-        transaction.on_commit(lambda: pipeline.add_progress("ml", source_id, counted))
-        if new_trends:
-            pipeline.hand_off("ml", items=new_trends, trend_ids=new_trends)
-        if confirmed:
-            pipeline.hand_off("ml", task="confirmations", trend_ids=confirmed)
-        if more:
-            pipeline.send("ml", source_id=source_id)
-    if new_trends:
-        log.info("ml.trends_detected", source_id=source_id, new=len(new_trends))
-    return new_trends
+        clocks = [_lock_clock(source), *_lock_pending_clocks(exclude=source.id, limit=others)]
+        streams: list[_Stream] = []
+        for clock in clocks:
+            if sum(len(stream.events) for stream in streams) >= MAX_EVENTS_PER_BATCH:
+                break  # the clocks left are released at commit, for their own tasks
+            stream = _pending(clock)
+            if stream is not None:
+                streams.append(stream)
+        _count_streams([stream for stream in streams if stream.events])
+        for stream in streams:
+            _close(stream)
+    return streams
+
+
+def _lock_pending_clocks(*, exclude: int, limit: int) -> list[StreamClock]:
+    """Up to ``limit`` clocks of streams other than ``exclude`` that may have work
+    pending, least recently advanced first, locked ``FOR UPDATE SKIP LOCKED`` (one
+    query, never waits: a clock another worker holds is left to it).
+
+    A stream may have work when its source declared input progress past the clock's
+    watermark (the declared watermark bounds the low watermark from above; ``_pending``
+    decides). A source with no clock yet is not taken: its own task creates the clock,
+    and creating it here could wait on, or deadlock with, that task's insert.
+    """
+    if limit <= 0:
+        return []
+    return list(
+        StreamClock.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(source__input_watermark__isnull=False)
+        .filter(Q(watermark__isnull=True) | Q(watermark__lt=F("source__input_watermark")))
+        .exclude(source_id=exclude)
+        .order_by(F("advanced_at").asc(nulls_first=True), "source_id")[:limit]
+    )
+
+
+def _pending(clock: StreamClock) -> _Stream | None:
+    """The work of the stream of ``clock`` (locked), or None when its watermark cannot
+    move: the events from its watermark up to its low watermark, at most
+    ``MAX_EVENTS_PER_ADVANCE`` (then cut before the first event time not wholly taken)."""
+    target = ingest_selectors.input_low_watermark(clock.source_id)
+    if target is None or (clock.watermark is not None and target <= clock.watermark):
+        return None
+    events = ingest_selectors.events_for_trends(
+        clock.source_id, since=clock.watermark, until=target, limit=MAX_EVENTS_PER_ADVANCE + 1
+    )
+    more = len(events) > MAX_EVENTS_PER_ADVANCE
+    if more:
+        # Stop before the first event not taken, and before every event sharing its
+        # time, so the next advance starts on a whole event time.
+        target = events[MAX_EVENTS_PER_ADVANCE].created_at
+        events = [e for e in events[:MAX_EVENTS_PER_ADVANCE] if e.created_at < target]
+    return _Stream(clock.source_id, clock.bucket_s, target, events, more)
+
+
+def _close(stream: _Stream) -> None:
+    """Finish ``stream``'s advance (inside the transaction): its new trends into stories,
+    its clock to the target; after commit, its progress and its hand-offs to the alerts
+    stage, and its next advance when ``more`` events wait."""
+    source_id, counted = stream.source_id, len(stream.events)
+    if stream.new_trends:
+        assign_stories(source_id, stream.new_trends)
+    StreamClock.objects.filter(source_id=source_id).update(
+        watermark=stream.target,
+        counted_events=F("counted_events") + counted,
+        advanced_at=timezone.now(),
+    )
+    transaction.on_commit(lambda: pipeline.add_progress("ml", source_id, counted))
+    if stream.new_trends:
+        pipeline.hand_off("ml", items=stream.new_trends, trend_ids=stream.new_trends)
+    if stream.confirmed:
+        pipeline.hand_off("ml", task="confirmations", trend_ids=stream.confirmed)
+    if stream.more:
+        pipeline.send("ml", source_id=source_id)
 
 
 @dataclass
@@ -161,48 +266,36 @@ Key = tuple[datetime, str]
 """``(bucket start, term)``."""
 
 
-def _count(
-    source: Source, clock: StreamClock, events: Sequence[TrendInput]
-) -> tuple[list[int], list[int]]:
-    """Count ``events`` (event-time order), bucket after bucket; return the ids of new
-    trends and of predicted trends confirmed.
+def _count_streams(streams: Sequence[_Stream]) -> None:
+    """Count each stream's events (event-time order), bucket after bucket, the streams in
+    lockstep: round ``k`` counts the ``k``-th bucket of every stream that has one, then
+    scores all their candidate windows at once (``_score_round``), then records each
+    bucket for the baselines of the buckets after it. A bucket's baseline holds only its
+    own stream's earlier buckets, so each stream gets the verdicts it would alone.
 
-    A fixed number of queries whatever the number of buckets and terms: the buckets'
-    counts and trends so far, the baselines of the terms that may trend, one upsert of
-    the buckets' counts, one insert of new trends and one update of grown ones.
+    Per stream, a fixed number of queries whatever the number of buckets and terms
+    (``_Scan``), one upsert of its buckets' counts, one insert of new trends and one
+    update of grown ones. Side effects: those writes; ``new_trends`` and ``confirmed``
+    of each stream.
     """
-    params = params_for(clock.bucket_s)
-    bucket = timedelta(seconds=params.bucket_s)
-    by_bucket: dict[datetime, list[TrendInput]] = defaultdict(list)
-    for event in events:
-        by_bucket[bucket_start(event.created_at, params.bucket_s)].append(event)
-    starts = sorted(by_bucket)
-    terms = sorted({term for event in events for term in event.terms})
-    cells = _Cells.load(source.id, starts, terms)
-    # Only a term that reaches min_events in a bucket can trend there: load the baseline
-    # of those alone (and of the totals).
-    arriving: dict[Key, int] = defaultdict(int)
-    for start, bucket_events in by_bucket.items():
-        for event in bucket_events:
-            for term in event.terms:
-                arriving[(start, term)] += 1
-    candidates = {
-        key
-        for key, count in arriving.items()
-        if _open(cells[key].trend) and cells[key].events + count >= params.min_events
-    }
-    history = _History.load(
-        source.id,
-        since=starts[0] - bucket * params.baseline_buckets,
-        until=starts[-1],
-        terms=sorted({term for _, term in candidates}),
-    )
+    scans = [
+        _Scan(stream.source_id, params_for(stream.bucket_s), stream.events) for stream in streams
+    ]
     now = timezone.now()
-    for start in starts:
-        _scan_bucket(params, start, by_bucket[start], cells, candidates, history)
-        history.add_bucket(start, cells)
-    cells.save(source.id)
-    return _save_trends(source.id, params, cells, now)
+    for k in range(max((len(scan.starts) for scan in scans), default=0)):
+        active = [scan for scan in scans if k < len(scan.starts)]
+        windows = [scan.collect(scan.starts[k]) for scan in active]
+        for scan, bucket_windows, verdicts in zip(
+            active, windows, _score_round(windows), strict=True
+        ):
+            if bucket_windows is not None and verdicts is not None:
+                scan.judge(scan.starts[k], bucket_windows, verdicts)
+            scan.history.add_bucket(scan.starts[k], scan.cells)
+    for stream, scan in zip(streams, scans, strict=True):
+        scan.cells.save(stream.source_id)
+        stream.new_trends, stream.confirmed = _save_trends(
+            stream.source_id, scan.params, scan.cells, now
+        )
 
 
 def _open(trend: dict[str, Any] | None) -> bool:
@@ -211,107 +304,245 @@ def _open(trend: dict[str, Any] | None) -> bool:
     return trend is None or (bool(trend.get("predicted")) and not trend.get("confirmed_at"))
 
 
-def _scan_bucket(
-    params: TrendParams,
-    start: datetime,
-    events: list[TrendInput],
-    cells: _Cells,
-    candidates: set[Key],
-    history: _History,
-) -> None:
-    """Live through one bucket's new events in order; score every candidate window of
-    the bucket at once (``score_terms``, one vectorised call) and keep, per term, the
-    first window that passes: the detection, whatever the events after it.
+IntArray = npt.NDArray[np.int64]
 
-    With ``TRENDS_EMERGING``, a window whose bucket, projected to its end at its rate so
-    far (``mlengine.forecast.project_bucket_count``), passes the test while the term's
-    count grows and accelerates against the two buckets before is an emerging detection:
-    the trend is stored as ``predicted`` and confirmed (``confirmed_at``) at the first
-    later window that passes as it is. The same rule as ``mlengine.trends.TermStream``.
-    """
-    baseline = history.baseline(start, params)
-    total = cells[(start, TOTAL_TERM)]
-    # One row per (term, event) window that may trend: the bucket-so-far at that event.
-    rows: list[tuple[str, int, int, int, int, int, int, int, int, float]] = []
-    seen_at: dict[str, list[int]] = defaultdict(list)  # a term's events (indices) here
-    for index, event in enumerate(events):
-        total.events += 1
-        if len(total.authors) < BucketCount.AUTHORS_CAP:
-            total.authors.add(event.author)
-        total.changed = True
-        for term in event.terms:
-            cell = cells[(start, term)]
-            cell.events += 1
-            if len(cell.authors) < BucketCount.AUTHORS_CAP:
-                cell.authors.add(event.author)
-            cell.changed = True
-            if cell.trend is not None:
-                _grow(cell, event)
-                if not _open(cell.trend):
+
+@dataclass(frozen=True)
+class _Windows:
+    """The candidate windows of one stream's bucket: window ``i`` is term ``terms[i]``'s
+    bucket-so-far at the bucket's event ``index[i]``. ``scored`` holds the keyword
+    arguments of ``score_terms`` for them, each an array of shape ``(n,)`` (the stream's
+    ``bucket_s`` included); ``before_events``, the term's events two buckets back, and
+    ``projected``, its bucket projected to the end (events; ``TRENDS_EMERGING`` only),
+    shape ``(n,)`` too. ``seen_at``: a term's events (indices) in the bucket before it
+    trended (its samples, should it)."""
+
+    params: TrendParams
+    terms: list[str]
+    index: list[int]
+    scored: dict[str, npt.NDArray[Any]]
+    before_events: IntArray
+    projected: FloatArray | None
+    seen_at: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class _Verdicts:
+    """``score_terms``'s verdicts on one ``_Windows``: ``scores`` on the counts so far,
+    ``projected`` on the counts projected to the bucket's end (``scores`` again without
+    ``TRENDS_EMERGING``), ``emerging``: the windows that are emerging detections."""
+
+    scores: TrendScores
+    projected: TrendScores
+    emerging: BoolArray
+
+
+class _Scan:
+    """One stream's count in an advance: its events by bucket (``starts`` in order), the
+    buckets-so-far (``cells``), the (bucket, term) ``candidates`` that may trend, and
+    the baseline ``history``. ``collect`` then ``judge`` each bucket, in order."""
+
+    def __init__(self, source_id: int, params: TrendParams, events: Sequence[TrendInput]) -> None:
+        """Load what counting ``events`` (event-time order, at least one) needs: the
+        buckets' counts and trends so far, and the baseline of the terms that may trend
+        (three queries)."""
+        self.params = params
+        bucket = timedelta(seconds=params.bucket_s)
+        self.by_bucket: dict[datetime, list[TrendInput]] = defaultdict(list)
+        for event in events:
+            self.by_bucket[bucket_start(event.created_at, params.bucket_s)].append(event)
+        self.starts = sorted(self.by_bucket)
+        terms = sorted({term for event in events for term in event.terms})
+        self.cells = _Cells.load(source_id, self.starts, terms)
+        # Only a term that reaches min_events in a bucket can trend there: load the
+        # baseline of those alone (and of the totals).
+        arriving: dict[Key, int] = defaultdict(int)
+        for start, bucket_events in self.by_bucket.items():
+            for event in bucket_events:
+                for term in event.terms:
+                    arriving[(start, term)] += 1
+        self.candidates = {
+            key
+            for key, count in arriving.items()
+            if _open(self.cells[key].trend) and self.cells[key].events + count >= params.min_events
+        }
+        self.history = _History.load(
+            source_id,
+            since=self.starts[0] - bucket * params.baseline_buckets,
+            until=self.starts[-1],
+            terms=sorted({term for _, term in self.candidates}),
+        )
+
+    def collect(self, start: datetime) -> _Windows | None:
+        """Live through the bucket at ``start``'s new events in order, counting them,
+        and return its candidate windows (None when there is none).
+
+        Side effects: the bucket's cells (counts, authors, samples of trends already
+        stored)."""
+        params = self.params
+        events = self.by_bucket[start]
+        baseline = self.history.baseline(start, params)
+        total = self.cells[(start, TOTAL_TERM)]
+        rows: list[tuple[str, int, int, int, int, int, int, int, int, float]] = []
+        seen_at: dict[str, list[int]] = defaultdict(list)
+        for index, event in enumerate(events):
+            total.events += 1
+            if len(total.authors) < BucketCount.AUTHORS_CAP:
+                total.authors.add(event.author)
+            total.changed = True
+            for term in event.terms:
+                cell = self.cells[(start, term)]
+                cell.events += 1
+                if len(cell.authors) < BucketCount.AUTHORS_CAP:
+                    cell.authors.add(event.author)
+                cell.changed = True
+                if cell.trend is not None:
+                    _grow(cell, event)
+                    if not _open(cell.trend):
+                        continue
+                else:
+                    seen_at[term].append(index)
+                if cell.events < params.min_events or (start, term) not in self.candidates:
                     continue
-            else:
-                seen_at[term].append(index)
-            if cell.events < params.min_events or (start, term) not in candidates:
+                hist_events, prev_events, before_events = baseline.terms.get(term, (0, 0, 0))
+                source_authors = max(len(total.authors), baseline.max_authors)
+                window = (cell.events, len(cell.authors), total.events, source_authors)
+                elapsed = (event.created_at - start).total_seconds()
+                rows.append(
+                    (term, index, *window, hist_events, prev_events, before_events, elapsed)
+                )
+        if not rows:
+            return None
+        columns = list(zip(*rows, strict=True))
+        n = len(rows)
+        counts = np.asarray(columns[2])
+        scored: dict[str, npt.NDArray[Any]] = {
+            "events": counts,
+            "authors": np.asarray(columns[3]),
+            "bucket_total": np.asarray(columns[4]),
+            "source_authors": np.asarray(columns[5]),
+            "hist_events": np.asarray(columns[6]),
+            "hist_total": np.full(n, baseline.total),
+            "hist_buckets": np.full(n, baseline.buckets),
+            "mean_bucket_total": np.full(n, baseline.mean_total),
+            "prev_events": np.asarray(columns[7]),
+            "bucket_s": np.full(n, params.bucket_s),
+        }
+        projected = None
+        if settings.TRENDS_EMERGING:
+            projected = project_bucket_count(counts, np.asarray(columns[9]), params.bucket_s)
+        return _Windows(
+            params=params,
+            terms=list(columns[0]),
+            index=list(columns[1]),
+            scored=scored,
+            before_events=np.asarray(columns[8]),
+            projected=projected,
+            seen_at=seen_at,
+        )
+
+    def judge(self, start: datetime, windows: _Windows, verdicts: _Verdicts) -> None:
+        """Keep, per term of the bucket at ``start``, the first of its ``windows`` that
+        passes: the detection, whatever the events after it.
+
+        With ``TRENDS_EMERGING``, a window whose bucket, projected to its end at its rate
+        so far (``mlengine.forecast.project_bucket_count``), passes the test while the
+        term's count grows and accelerates against the two buckets before is an emerging
+        detection: the trend is stored as ``predicted`` and confirmed (``confirmed_at``)
+        at the first later window that passes as it is. The same rule as
+        ``mlengine.trends.TermStream``. Side effects: the cells' trends and samples.
+        """
+        events = self.by_bucket[start]
+        scores, projected = verdicts.scores, verdicts.projected
+        for i in np.flatnonzero(scores.is_trend | verdicts.emerging):
+            term, index = windows.terms[i], windows.index[i]
+            cell = self.cells[(start, term)]
+            event = events[index]
+            if cell.trend is not None:
+                if _open(cell.trend) and scores.is_trend[i]:
+                    cell.trend["confirmed_at"] = event.created_at  # the prediction came true
+                    cell.trend["score"] = max(cell.trend["score"], round(float(scores.score[i]), 4))
+                    cell.trend["grown"] = True
                 continue
-            hist_events, prev_events, before_events = baseline.terms.get(term, (0, 0, 0))
-            source_authors = max(len(total.authors), baseline.max_authors)
-            window = (cell.events, len(cell.authors), total.events, source_authors)
-            elapsed = (event.created_at - start).total_seconds()
-            rows.append((term, index, *window, hist_events, prev_events, before_events, elapsed))
-    if not rows:
-        return
-    columns = list(zip(*rows, strict=True))
-    counts = np.asarray(columns[2])
-    common: dict[str, Any] = {
-        "authors": np.asarray(columns[3]),
-        "bucket_total": np.asarray(columns[4]),
-        "source_authors": np.asarray(columns[5]),
-        "hist_events": np.asarray(columns[6]),
-        "hist_total": baseline.total,
-        "hist_buckets": baseline.buckets,
-        "mean_bucket_total": baseline.mean_total,
-        "prev_events": np.asarray(columns[7]),
+            verdict = scores if scores.is_trend[i] else projected
+            cell.trend = {
+                "new": True,
+                "predicted": not bool(scores.is_trend[i]),
+                "confirmed_at": None,
+                "expected": round(float(verdict.expected[i]), 4),
+                "score": round(float(verdict.score[i]), 4),
+                "velocity": round(float(verdict.velocity[i]), 4),
+                "evidence_received_at": event.received_at,
+                "evidence_created_at": event.created_at,
+                "sample_event_ids": [event.id],
+            }
+            for after in windows.seen_at[term]:
+                if after > index:
+                    _grow(cell, events[after])
+
+
+def _score_round(windows: Sequence[_Windows | None]) -> list[_Verdicts | None]:
+    """Score the candidate windows of one round, of every stream, in one ``score_terms``
+    call (and one more on the projected counts with ``TRENDS_EMERGING``); return each
+    stream's verdicts, aligned with ``windows`` (None where it had none).
+
+    The streams' parameters differ in ``bucket_s`` alone (``params_for``), which goes
+    per window; every other step is elementwise, so each window's verdict is the one
+    scoring its stream alone gives. Pure.
+    """
+    present = [w for w in windows if w is not None]
+    if not present:
+        return [None] * len(windows)
+    params = present[0].params
+    assert all(replace(w.params, bucket_s=params.bucket_s) == params for w in present)
+    common = {
+        name: np.concatenate([w.scored[name] for w in present])
+        for name in present[0].scored
+        if name != "events"
     }
-    verdicts = score_terms(params, events=counts, **common)
-    emerging = np.zeros_like(verdicts.is_trend)
-    projected = verdicts
-    if settings.TRENDS_EMERGING:
-        projection = project_bucket_count(counts, np.asarray(columns[9]), params.bucket_s)
+    counts = np.concatenate([w.scored["events"] for w in present])
+    scores = score_terms(params, events=counts, **common)
+    projected = scores
+    emerging = np.zeros_like(scores.is_trend)
+    if all(w.projected is not None for w in present):
+        projection = np.concatenate([w.projected for w in present if w.projected is not None])
         # Authors are projected with the posts (as TermStream does), so weighing by
         # author judges the projection at the ratio of posts to authors seen so far.
         scale = projection / np.maximum(counts, 1)
         projected = score_terms(
             params, events=projection, weigh_authors=common["authors"] * scale, **common
         )
-        prev = np.asarray(columns[7], dtype=np.float64)
+        prev = common["prev_events"].astype(np.float64)
+        before = np.concatenate([w.before_events for w in present]).astype(np.float64)
         growth = projection - prev
-        accelerating = (growth > 0) & (growth > prev - np.asarray(columns[8], dtype=np.float64))
-        emerging = projected.is_trend & accelerating & ~verdicts.is_trend
-    for i in np.flatnonzero(verdicts.is_trend | emerging):
-        term, index = rows[i][0], rows[i][1]
-        cell = cells[(start, term)]
-        event = events[index]
-        if cell.trend is not None:
-            if _open(cell.trend) and verdicts.is_trend[i]:
-                cell.trend["confirmed_at"] = event.created_at  # the prediction came true
-                cell.trend["score"] = max(cell.trend["score"], round(float(verdicts.score[i]), 4))
-                cell.trend["grown"] = True
+        accelerating = (growth > 0) & (growth > prev - before)
+        emerging = projected.is_trend & accelerating & ~scores.is_trend
+    verdicts: list[_Verdicts | None] = []
+    offset = 0
+    for w in windows:
+        if w is None:
+            verdicts.append(None)
             continue
-        verdict = verdicts if verdicts.is_trend[i] else projected
-        cell.trend = {
-            "new": True,
-            "predicted": not bool(verdicts.is_trend[i]),
-            "confirmed_at": None,
-            "expected": round(float(verdict.expected[i]), 4),
-            "score": round(float(verdict.score[i]), 4),
-            "velocity": round(float(verdict.velocity[i]), 4),
-            "evidence_received_at": event.received_at,
-            "evidence_created_at": event.created_at,
-            "sample_event_ids": [event.id],
-        }
-        for after in seen_at[term]:
-            if after > index:
-                _grow(cell, events[after])
+        part = slice(offset, offset + len(w.terms))
+        offset = part.stop
+        verdicts.append(
+            _Verdicts(
+                scores=_part(scores, part),
+                projected=_part(projected, part),
+                emerging=emerging[part],
+            )
+        )
+    return verdicts
+
+
+def _part(scores: TrendScores, part: slice) -> TrendScores:
+    """The verdicts of the windows in ``part``."""
+    return TrendScores(
+        expected=scores.expected[part],
+        score=scores.score[part],
+        velocity=scores.velocity[part],
+        is_trend=scores.is_trend[part],
+    )
 
 
 def _grow(cell: _Cell, event: TrendInput) -> None:

@@ -70,7 +70,8 @@ def sweep_enrich() -> int:
 
 @shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
 def advance_stream(*, source_id: int) -> int:
-    """Count a stream's events up to its low watermark; returns how many new trends."""
+    """Count a stream's events up to its low watermark, with other streams' pending work
+    (``services.advance_stream``); returns how many new trends of this stream."""
     pipeline.started("ml", f"source:{source_id}")
     return len(services.advance_stream(source_id=source_id))
 

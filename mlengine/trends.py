@@ -135,6 +135,7 @@ def score_terms(
     mean_bucket_total: npt.ArrayLike,
     prev_events: npt.ArrayLike,
     weigh_authors: npt.ArrayLike | None = None,
+    bucket_s: npt.ArrayLike | None = None,
 ) -> TrendScores:
     """Score many term windows at once: the vectorised form of ``score_term`` and the one
     place the detector's formula lives (see the module docstring).
@@ -142,6 +143,10 @@ def score_terms(
     ``weigh_authors`` (default: ``authors``) is the author count that weighs the posts;
     a projection of a bucket still filling passes its authors projected with its posts,
     while ``min_authors`` is still judged on the authors seen.
+
+    ``bucket_s`` (default: ``params.bucket_s``) is each window's bucket length in
+    seconds; it only scales ``velocity``, so windows of streams whose parameters differ
+    in ``bucket_s`` alone are scored in one call.
 
     Every argument is an array of shape ``(n,)`` (or a scalar, broadcast) holding the
     ``TermWindow`` field of the same name for each of ``n`` windows, which may come from
@@ -164,7 +169,8 @@ def score_terms(
     )
     expected = rate * volume
     score = (weighted - expected) / np.sqrt(expected + 1.0)
-    velocity = (n_events - np.asarray(prev_events, dtype=np.float64)) / (params.bucket_s / 60)
+    minutes = np.asarray(params.bucket_s if bucket_s is None else bucket_s, dtype=np.float64) / 60
+    velocity = (n_events - np.asarray(prev_events, dtype=np.float64)) / minutes
     required_authors = np.maximum(
         1, np.minimum(params.min_authors, np.asarray(source_authors, dtype=np.int64))
     )
