@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -70,6 +71,13 @@ def test_the_command_refuses_a_folder_that_is_not_crisislex(tmp_path: Path) -> N
         call_command("evaluate", "trends", "--crisislex", str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def production_history(settings: Any) -> None:
+    """The figures are production's: no history required (``TRENDS_MIN_HISTORY_BUCKETS``
+    is 0 in twiscope/settings.py; the test settings pin 3 for the other tests)."""
+    settings.TRENDS_MIN_HISTORY_BUCKETS = 0
+
+
 @pytest.fixture(scope="module")
 def crisis_slice(shared_data: Path) -> list[crisislex.CrisisEvent]:
     root = shared_data / "crisislex_t26"
@@ -82,9 +90,13 @@ def test_stories_fire_fewer_alerts_than_terms_on_real_crises(
     terms = crisislex.evaluate(Path("."), detector="terms", events=crisis_slice)
     stories = crisislex.evaluate(Path("."), detector="stories", events=crisis_slice)
 
-    assert [r["alerts"] for r in terms["events"]] == [7, 39]
-    assert [r["alerts"] for r in stories["events"]] == [5, 12]
-    assert stories["median_alerts"] == 8.5
+    # LA and NY burst in their first bucket: one story each, naming the event's own
+    # keywords, where one alert per term fires 50 and 43.
+    assert [r["alerts"] for r in terms["events"]] == [50, 43]
+    assert [r["alerts"] for r in stories["events"]] == [1, 1]
+    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.65, 0.2]
+    assert [r["keyword_precision"] for r in stories["events"]] == [1.0, 1.0]
+    assert stories["median_alerts"] == 1
     assert [r["bucket_s"] for r in stories["events"]] == [21600, 21600]
 
 
@@ -96,7 +108,7 @@ def test_the_command_writes_the_figures_of_each_event(shared_data: Path, tmp_pat
     call_command("evaluate", "trends", "--crisislex", str(tmp_path / "events"), "--json", str(out))
 
     result = json.loads(out.read_text())
-    assert result["median_alerts"] == 12
+    assert result["median_alerts"] == 1
     assert result["median_first_alert_delay_h"] == result["events"][0]["first_alert_delay_h"]
     assert {"name", "alerts", "first_alert_delay_h", "keyword_precision", "peak_lead_h"} <= set(
         result["events"][0]

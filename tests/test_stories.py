@@ -291,3 +291,39 @@ def test_bench_trends_reports_the_scoring_cost_per_window(tmp_path) -> None:
     assert set(result["windows"]) == {"1000", "10000", "100000"}
     for row in result["windows"].values():
         assert row["vectorised_us_per_window"] > 0 and row["scalar_us_per_window"] > 0
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("clean_redis")
+def test_a_burst_that_opens_a_stream_trends_at_once_the_same_on_both_paths(settings) -> None:  # type: ignore[no-untyped-def]
+    # Production's default: no history required. A stream that starts with its burst
+    # trends in its first bucket on the term that dominates it, not on its chatter.
+    settings.TRENDS_MIN_HISTORY_BUCKETS = 0
+    source = make_source(make_personas().team)
+    envelopes = sorted(
+        burst("#derailment", count=40, minutes=1)
+        + quiet_history(1)
+        + quiet_history(6, per_bucket=10)[10:]
+        + burst("#rescue", count=12, minutes=5 * 15 + 2),
+        key=lambda e: e.created_at,
+    )
+    run_through(source, envelopes, batch_size=23)
+    stored = {
+        (t.term, t.bucket_start, t.evidence_created_at) for t in Trend.objects.filter(source=source)
+    }
+    posts = selectors.events_for_trends(
+        source.id, since=None, until=ORIGIN + timedelta(days=1), limit=10_000
+    )
+
+    streamed = TermStream(TrendParams(bucket_s=900, min_history_buckets=0), emerging=True).step(
+        posts
+    )
+
+    first: dict[tuple, object] = {}
+    for t in streamed:
+        first.setdefault((t.term, t.bucket_start), t)
+    replayed = {(*key, t.evidence_created_at) for key, t in first.items()}  # type: ignore[attr-defined]
+    assert replayed == stored
+    opening = {term for term, start, _ in stored if start == ORIGIN}
+    assert opening == {"#derailment"}  # the chatter of that bucket does not dominate it
+    assert "#rescue" in {term for term, _, _ in stored}

@@ -143,3 +143,22 @@ def test_posts_are_weighed_by_distinct_authors_except_in_a_few_author_stream() -
     expected = 100.5 / 100_001 * 5000
     weighted = 10 * (1 + math.log(100))
     assert few == pytest.approx((weighted - expected) / math.sqrt(expected + 1), rel=1e-9)
+
+
+def test_with_no_history_required_only_a_term_dominating_a_new_streams_bucket_trends() -> None:
+    # No baseline: the half-event prior expects every term in half the posts, so a term
+    # must pass that by the test's margin (here 4 Poisson sigmas).
+    cold = TrendParams(
+        bucket_s=900, min_history_buckets=0, min_score=4.0, min_events=5, min_authors=3
+    )
+    first_bucket = {"hist_events": 0, "hist_total": 0, "hist_buckets": 0, "mean_bucket_total": 0.0}
+    # 100 posts: expected 50, sd sqrt(51); 79 posts pass, 78 (3.9 sigmas) do not.
+    dominant = score_term(window(events=79, authors=79, **first_bucket), cold)
+    just_short = score_term(window(events=78, authors=78, **first_bucket), cold)
+    half = score_term(window(events=50, authors=50, **first_bucket), cold)
+    warm = score_term(window(events=79, authors=79, **first_bucket), PARAMS)
+
+    assert dominant.is_trend and dominant.expected == 50.0 and dominant.score >= 4.0
+    assert not just_short.is_trend and 3.9 < just_short.score < 4.0
+    assert not half.is_trend
+    assert not warm.is_trend  # three buckets of history required: the same window waits

@@ -270,7 +270,10 @@ ENRICH_LANGUAGES: list[str] = env.list(
 # --- Trend detection (event time; see mlengine/trends.py) ------------------------------
 TRENDS_BUCKET_S: int = env.int("TRENDS_BUCKET_S", default=900)
 TRENDS_BASELINE_BUCKETS: int = env.int("TRENDS_BASELINE_BUCKETS", default=24)
-TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=3)
+# Buckets of history a stream needs before a term may trend. 0: none; a stream's first
+# buckets judge a term against the half-event prior (every term expected in half the
+# posts), so only a term that dominates a new stream trends (docs/detectors.md).
+TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=0)
 TRENDS_MIN_SCORE: float = env.float("TRENDS_MIN_SCORE", default=4.0)
 TRENDS_MIN_EVENTS: int = env.int("TRENDS_MIN_EVENTS", default=5)
 TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
