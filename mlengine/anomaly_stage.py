@@ -251,14 +251,15 @@ class _Run:
 
     def _plan(self, limit: int) -> list[_Plan]:
         """The sources with complete buckets to step, and their volume/share series
-        (created on a source's first run)."""
+        (created on a source's first run). Each source steps at most ``limit`` buckets,
+        and at most ``ANOMALY_MAX_STEPS`` divided among the sources due (at least one)."""
         cursors = {
             source_id: (first, last)
             for source_id, first, last in Series.objects.filter(
                 kind=Series.Kind.VOLUME
             ).values_list("source_id", "first_bucket", "last_bucket")
         }
-        plans = []
+        due: list[tuple[int, datetime, datetime, int]] = []
         for source_id, watermark in StreamClock.objects.filter(watermark__isnull=False).values_list(
             "source_id", "watermark"
         ):
@@ -273,8 +274,14 @@ class _Run:
                     continue
                 first = start = _floor(earliest)
             complete = int((watermark - start).total_seconds()) // BUCKET_S
-            if complete <= 0:
-                continue
+            if complete > 0:
+                due.append((source_id, first, start, complete))
+        # The run's buckets are shared out so that many sources catching up at once do
+        # not make one run (one transaction) outlast the task's time limit.
+        if due:
+            limit = max(1, min(limit, settings.ANOMALY_MAX_STEPS // len(due)))
+        plans = []
+        for source_id, first, start, complete in due:
             if source_id not in cursors:
                 for kind in (Series.Kind.VOLUME, Series.Kind.NEGATIVE_SHARE):
                     Series.objects.create(
@@ -515,11 +522,16 @@ class _Run:
         for slot in self.slots:
             if slot.last_bucket is not None or not slot.active:
                 final[slot.series_id] = slot  # a later slot of a series wins
+        # One copy of each group's state, whose rows are then saved one by one (a copy
+        # per series made a beat quadratic in the series: bench/anomaly_stage.py).
+        states = {
+            name: group.detector.state()
+            for name, group in self.groups.items()
+            if group.detector is not None
+        }
         updates = []
         for series_id, slot in sorted(final.items()):
-            group = self.groups[slot.group]
-            assert group.detector is not None
-            state = dump_state(group.detector.state(), slot.row) if slot.active else None
+            state = dump_state(states[slot.group], slot.row) if slot.active else None
             updates.append((series_id, slot.active, slot.last_bucket, state))
         with connection.cursor() as cursor:
             if updates:

@@ -362,3 +362,21 @@ def test_a_series_state_saved_before_the_likelihood_gate_loads_and_steps_on() ->
     assert set(resumed) >= set(Detector.STATE_KEYS)
     assert int(resumed["count"][row]) == int(state["count"][0]) + 1  # the history went on
     assert np.isfinite(step.expected[row])
+
+
+def test_a_run_shares_its_buckets_among_the_sources_catching_up(settings: Any) -> None:
+    settings.ANOMALY_MAX_STEPS = 10
+    personas = make_personas()
+    sources = [make_source(personas.team, name=f"s{i}") for i in range(2)]
+    for source in sources:
+        run_through(source, steady(30), batch_size=500)
+
+    result = anomaly_stage.advance_anomalies(max_buckets=288)
+
+    assert (result.buckets, result.more) == (10, True)
+    for source in sources:
+        volume = Series.objects.get(source=source, kind=Series.Kind.VOLUME)
+        assert SeriesPoint.objects.filter(series=volume).count() == 5
+    while anomaly_stage.advance_anomalies(max_buckets=288).more:
+        pass
+    assert SeriesPoint.objects.filter(series__kind=Series.Kind.VOLUME).count() == 2 * 29

@@ -297,6 +297,9 @@ TRENDS_FEED_LATENESS_S: float = env.float("TRENDS_FEED_LATENESS_S", default=3600
 ANOMALY_MAX_TERMS: int = env.int("ANOMALY_MAX_TERMS", default=50)
 # Buckets one run of the stage steps per source at most (then it queues itself again).
 ANOMALY_MAX_BUCKETS: int = env.int("ANOMALY_MAX_BUCKETS", default=288)
+# Buckets one run steps over all sources at most, shared out among the sources due: a
+# run stays well inside the task's time limit when many sources catch up at once.
+ANOMALY_MAX_STEPS: int = env.int("ANOMALY_MAX_STEPS", default=2880)
 # Series points are kept this long behind their source's latest bucket (event time).
 ANOMALY_RETENTION_S: int = env.int("ANOMALY_RETENTION_S", default=14 * 86400)
 # Noise floor of the negative-share detector, in share units (the volume detector's is
