@@ -1125,7 +1125,9 @@
       url ? h('a', { href: url, target: '_blank', rel: 'noopener noreferrer' }, 'open post') : null);
   }
 
-  /** The story behind an alert: its terms, when it last grew, and its forecast. */
+  const STORY_TERMS_SHOWN = 12; // the rest are in the terms' tooltip
+
+  /** The story behind an alert: its first terms, when it last grew, and its forecast. */
   function storyLine(story, updatedAt) {
     if (!story || !Array.isArray(story.terms)) return null;
     const f = story.forecast;
@@ -1138,7 +1140,9 @@
       story.predicted ? h('span', { class: 'badge badge-prediction' }, 'prediction') : null,
       story.predicted ? ' ' : null,
       story.terms.length > 1 ? `story of ${story.terms.length} terms: ` : 'story: ',
-      h('strong', null, story.terms.join(', ')),
+      h('strong', { title: story.terms.join(', ') }, story.terms.slice(0, STORY_TERMS_SHOWN).join(', ')),
+      story.terms.length > STORY_TERMS_SHOWN
+        ? h('span', { class: 'muted' }, ` and ${story.terms.length - STORY_TERMS_SHOWN} more`) : null,
       updatedAt ? h('small', { class: 'muted' }, ' · updated ', timeEl(updatedAt)) : null,
       peak);
   }
