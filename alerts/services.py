@@ -503,14 +503,25 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
 def anomaly_rule_matches(rule: AlertRule, anomaly: facade.AnomalyView) -> bool:
     """Whether ``anomaly`` passes ``rule``'s filters: an enabled "anomaly" rule, of the
     anomaly's source (or every source), whose ``terms`` (when set) hold the anomaly's
-    term series' term, and whose ``min_score`` the anomaly's peak score reaches."""
+    term series' term or one of its watch series' terms (compared case-insensitively:
+    watch terms are normalised), and whose ``min_score`` the anomaly's peak score
+    reaches."""
     return (
         rule.enabled
         and rule.kind == AlertRule.Kind.ANOMALY
         and (rule.source_id is None or rule.source_id == anomaly.source_id)
-        and (not rule.terms or (anomaly.kind == "term" and anomaly.term in rule.terms))
+        and (not rule.terms or _anomaly_terms_match(rule.terms, anomaly))
         and anomaly.score >= rule.min_score
     )
+
+
+def _anomaly_terms_match(terms: Sequence[str], anomaly: facade.AnomalyView) -> bool:
+    if anomaly.kind == "term":
+        return anomaly.term in terms
+    if anomaly.kind == "watch":
+        wanted = {term.lower() for term in terms}
+        return not wanted.isdisjoint(term.lower() for term in anomaly.watch_terms)
+    return False
 
 
 @retry_lock_conflicts
@@ -590,6 +601,8 @@ def _claim_and_match(
 def _series_label(anomaly: facade.AnomalyView) -> str:
     if anomaly.kind == "term":
         return f"{anomaly.term} volume"
+    if anomaly.kind == "watch":
+        return f"watch {anomaly.watch_name} volume"
     return "negative share" if anomaly.kind == "negative_share" else "post volume"
 
 
@@ -610,11 +623,19 @@ def _anomaly_title(anomaly: facade.AnomalyView) -> str:
     )[:300]
 
 
+def _series_evidence(anomaly: facade.AnomalyView) -> dict[str, Any]:
+    """``{"kind", "term"}``, and for a watch series ``"watch": {"id", "name"}``."""
+    series: dict[str, Any] = {"kind": anomaly.kind, "term": anomaly.term}
+    if anomaly.kind == "watch":
+        series["watch"] = {"id": anomaly.watch_id, "name": anomaly.watch_name}
+    return series
+
+
 def _anomaly_evidence(anomaly: facade.AnomalyView) -> str:
     return json.dumps(
         {
             "anomaly": anomaly.id,
-            "series": {"kind": anomaly.kind, "term": anomaly.term},
+            "series": _series_evidence(anomaly),
             "window_start": anomaly.window_start.isoformat(),
             "window_end": anomaly.window_end.isoformat(),
             "bucket_s": anomaly.bucket_s,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -506,6 +507,50 @@ def term_bucket_counts(
     with connection.cursor() as cursor:
         cursor.execute(_TERM_BUCKETS_SQL, params)
         return {(int(b), str(term)): int(n) for b, term, n in cursor.fetchall()}
+
+
+_WATCH_BUCKETS_SQL = """
+WITH w AS (
+    SELECT key::bigint AS id,
+           ARRAY(SELECT jsonb_array_elements_text(value))::varchar[] AS terms
+    FROM jsonb_each(%(watches)s::jsonb)
+)
+SELECT w.id, floor(extract(epoch FROM e.created_at) / %(bucket_s)s)::bigint * %(bucket_s)s,
+       count(*)
+FROM ingest_event e
+JOIN w ON e.hashtags && w.terms OR e.mentions && w.terms OR e.cashtags && w.terms
+          OR e.keywords && w.terms
+WHERE e.source_id = %(source)s AND e.created_at >= %(since)s AND e.created_at < %(until)s
+GROUP BY 1, 2
+"""
+
+
+def watch_bucket_counts(
+    source_id: int,
+    watches: Mapping[int, Sequence[str]],
+    *,
+    since: datetime,
+    until: datetime,
+    bucket_s: int,
+) -> dict[tuple[int, int], int]:
+    """Events of ``source_id`` holding any of each watch's terms (as a hashtag, mention,
+    cashtag or keyword: exact, as the events' arrays hold them) with ``since <=
+    created_at < until``, per ``bucket_s`` bucket: ``{(bucket start (epoch s), watch
+    id): events}``, each event counted once per watch however many of its terms it
+    holds; zero counts are absent. ``watches``: ``{watch id: terms}``. One query (the
+    watches as one JSON parameter, joined by array overlap ``&&``)."""
+    if not watches:
+        return {}
+    params: dict[str, Any] = {
+        "source": source_id,
+        "watches": json.dumps({str(k): list(v) for k, v in watches.items()}),
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_WATCH_BUCKETS_SQL, params)
+        return {(int(b), int(w)): int(n) for w, b, n in cursor.fetchall()}
 
 
 def first_event_time(source_id: int, *, before: datetime) -> datetime | None:

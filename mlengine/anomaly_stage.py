@@ -11,7 +11,16 @@ Series, per source (``mlengine.models.Series``):
   at most ``ANOMALY_MAX_TERMS`` (those of the latest trends; a series already watched
   keeps its place). A term series that appears is warmed up on the term's counts of
   the two days before (``backfill_buckets``), so it can alert at once; one whose term has
-  had no trend for 24 h is retired.
+  had no trend for 24 h is retired;
+- ``watch``: events holding any of a watch's terms (``mlengine.models.Watch``), for
+  each enabled watch of the source's team that covers the source, counted once per
+  event (``ingest.selectors.watch_bucket_counts``: one query per source and run for all
+  its watches). Watches are read at the start of each run: a new (or re-enabled) watch's
+  series is warmed up as a new term series is; a disabled watch's series, or one that
+  no longer covers the source, is retired; a watch whose terms changed has its series
+  retired and a new one started for the new terms (``Series.watch_terms``: the old
+  history counted other posts). Going back to terms a retired series counted
+  reactivates that series (warmed up afresh).
 
 ``advance_anomalies`` steps, for each source, the 5-minute buckets (``BUCKET_S``, the
 detector's tuning) that are complete below its stream's watermark
@@ -34,22 +43,24 @@ when its bucket is stepped (the transformer heads may relabel after VADER; DESIG
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from psycopg2.extras import execute_values
 
 from ingest import selectors as ingest_selectors
+from ingest.models import Source
 from mlengine.anomaly import Detector, Params, Step
-from mlengine.models import Anomaly, Series, StreamClock, Trend
+from mlengine.models import Anomaly, Series, StreamClock, Trend, Watch
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -64,6 +75,8 @@ COUNTS, SHARES = "counts", "shares"
 _STATE_KEYS = Detector.STATE_KEYS
 
 State = dict[str, npt.NDArray[Any]]
+K = TypeVar("K", str, int)
+"""A new series' key while it is warmed up: a term, or a watch id."""
 
 
 def params_for(group: str) -> Params:
@@ -129,6 +142,8 @@ class _Slot:
     active: bool = True
     last_bucket: datetime | None = None
     open: _Open | None = None
+    watch_id: int | None = None
+    watch_terms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -144,6 +159,8 @@ class _Plan:
     trends: list[tuple[str, datetime, datetime]] = field(default_factory=list)
     term_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     terms: dict[str, _Slot] = field(default_factory=dict)
+    watches: dict[int, _Slot] = field(default_factory=dict)
+    watch_counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class _Group:
@@ -297,7 +314,8 @@ class _Run:
         return sorted(plans, key=lambda p: p.source_id)
 
     def _load(self) -> None:
-        """Each planned source's counts, trends, active series and open anomalies."""
+        """Each planned source's counts, trends, watches, active series and open
+        anomalies; the watch series retired, started or restarted (``_update_watches``)."""
         source_ids = [p.source_id for p in self.plans]
         for opened in Anomaly.objects.filter(source_id__in=source_ids, closed=False):
             self.open_series[opened.series_id] = _Open(
@@ -325,11 +343,21 @@ class _Run:
         for group, items in by_group.items():
             rows = self.groups[group].add([state for _, state in items])
             for (series, _), row in zip(items, rows, strict=True):
-                self._adopt(series.id, series.source_id, series.kind, series.term, group, row)
+                slot = self._adopt(
+                    series.id, series.source_id, series.kind, series.term, group, row
+                )
+                slot.watch_id, slot.watch_terms = series.watch_id, tuple(series.watch_terms)
         plans = {p.source_id: p for p in self.plans}
-        for slot in self.slots:
+        for slot in list(self.slots):
             if slot.kind == Series.Kind.TERM:
                 plans[slot.source_id].terms[slot.term] = slot
+            elif slot.kind == Series.Kind.WATCH:
+                watches = plans[slot.source_id].watches
+                if slot.watch_id is None or slot.watch_id in watches:
+                    self._retire(slot)  # not a series any watch has (an old duplicate)
+                else:
+                    watches[slot.watch_id] = slot
+        wanted = self._wanted_watches(source_ids)
         volume = {s.source_id: s for s in self.slots if s.kind == Series.Kind.VOLUME}
         share = {s.source_id: s for s in self.slots if s.kind == Series.Kind.NEGATIVE_SHARE}
         for plan in self.plans:
@@ -351,6 +379,110 @@ class _Run:
             plan.term_counts = ingest_selectors.term_bucket_counts(
                 plan.source_id, terms, since=plan.start, until=end, bucket_s=BUCKET_S
             )
+            self._update_watches(plan, wanted.get(plan.source_id, {}))
+            plan.watch_counts = ingest_selectors.watch_bucket_counts(
+                plan.source_id,
+                {w: slot.watch_terms for w, slot in plan.watches.items()},
+                since=plan.start,
+                until=end,
+                bucket_s=BUCKET_S,
+            )
+
+    def _wanted_watches(self, source_ids: list[int]) -> dict[int, dict[int, tuple[str, ...]]]:
+        """``{source id: {watch id: sorted terms}}``: the enabled watches covering each
+        planned source (those of its team for every source, and its own)."""
+        teams = dict(Source.objects.filter(id__in=source_ids).values_list("id", "team_id"))
+        rows = (
+            Watch.objects.filter(enabled=True, team_id__in=set(teams.values()))
+            .filter(Q(source__isnull=True) | Q(source_id__in=source_ids))
+            .values_list("id", "team_id", "source_id", "terms")
+        )
+        wanted: dict[int, dict[int, tuple[str, ...]]] = {}
+        for watch_id, team_id, source_id, terms in rows:
+            if not terms:
+                continue
+            for covered in [source_id] if source_id is not None else source_ids:
+                if teams.get(covered) == team_id:
+                    wanted.setdefault(covered, {})[watch_id] = tuple(sorted(set(terms)))
+        return wanted
+
+    def _retire(self, slot: _Slot) -> None:
+        """Stop stepping ``slot``'s series; close its open anomaly."""
+        slot.active = False
+        if slot.open is not None and not slot.open.closed:
+            slot.open.closed = slot.open.changed = True
+            self.opens[id(slot.open)] = slot.open
+
+    def _warmed_rows(
+        self,
+        plan: _Plan,
+        start: datetime,
+        keys: Sequence[K],
+        counts_since: Callable[[datetime], Mapping[tuple[int, K], int]],
+    ) -> list[int]:
+        """Rows of the counts group for new series of ``keys`` (terms, watch ids), each
+        warmed up on its counts of the two days before ``start``
+        (``backfill_buckets``, not before the source's first bucket): ``counts_since(since)``
+        gives ``{(bucket start in epoch s, key): events}`` from ``since`` to ``start``."""
+        params = self.groups[COUNTS].params
+        since = max(plan.first_bucket, start - backfill_buckets(params) * self.bucket)
+        history = int((start - since).total_seconds()) // BUCKET_S
+        warm = Detector(len(keys), params)
+        counts = counts_since(since)
+        base = int(since.timestamp())
+        for i in range(history):
+            epoch = base + i * BUCKET_S
+            warm.update(np.array([counts.get((epoch, k), 0) for k in keys], dtype=np.float64))
+        state = warm.state()
+        return self.groups[COUNTS].add(
+            [{k: state[k][j : j + 1] for k in _STATE_KEYS} for j in range(len(keys))]
+        )
+
+    def _update_watches(self, plan: _Plan, wanted: dict[int, tuple[str, ...]]) -> None:
+        """At the run's first bucket: retire the watch series of ``plan``'s source whose
+        watch is gone, disabled, elsewhere or counts other terms now; start (warmed up
+        on the two days before, as new term series) those of the watches ``wanted``
+        (``{watch id: sorted terms}``) that have none, reactivating a retired series
+        of the same watch and terms."""
+        for watch_id, slot in list(plan.watches.items()):
+            if wanted.get(watch_id) != slot.watch_terms:
+                del plan.watches[watch_id]
+                self._retire(slot)
+        new = {w: terms for w, terms in sorted(wanted.items()) if w not in plan.watches}
+        if not new:
+            return
+        start = plan.start
+        rows = self._warmed_rows(
+            plan,
+            start,
+            list(new),
+            lambda since: ingest_selectors.watch_bucket_counts(
+                plan.source_id, new, since=since, until=start, bucket_s=BUCKET_S
+            ),
+        )
+        existing = {
+            (watch_id, tuple(terms)): series_id
+            for series_id, watch_id, terms in Series.objects.filter(
+                source_id=plan.source_id, kind=Series.Kind.WATCH, watch_id__in=list(new)
+            ).values_list("id", "watch_id", "watch_terms")
+        }
+        for (watch_id, terms), row in zip(new.items(), rows, strict=True):
+            series_id = existing.get((watch_id, terms))
+            if series_id is None:
+                series_id = Series.objects.create(
+                    source_id=plan.source_id,
+                    kind=Series.Kind.WATCH,
+                    watch_id=watch_id,
+                    watch_terms=list(terms),
+                    bucket_s=BUCKET_S,
+                    first_bucket=start,
+                    last_bucket=start - self.bucket,
+                    created_at=self.now,
+                ).id
+            slot = self._adopt(series_id, plan.source_id, Series.Kind.WATCH, "", COUNTS, row)
+            slot.open = None  # a reactivated series starts afresh
+            slot.watch_id, slot.watch_terms = watch_id, terms
+            plan.watches[watch_id] = slot
 
     def _adopt(
         self, series_id: int, source_id: int, kind: str, term: str, group: str, row: int
@@ -379,28 +511,17 @@ class _Run:
         up) the new ones."""
         wanted = self._candidates(plan, start + self.bucket)
         for term in [t for t in plan.terms if t not in wanted]:
-            slot = plan.terms.pop(term)
-            slot.active = False
-            if slot.open is not None and not slot.open.closed:
-                slot.open.closed = slot.open.changed = True
-                self.opens[id(slot.open)] = slot.open
+            self._retire(plan.terms.pop(term))
         new = [t for t in wanted if t not in plan.terms]
         if not new:
             return
-        params = self.groups[COUNTS].params
-        since = max(plan.first_bucket, start - backfill_buckets(params) * self.bucket)
-        history = int((start - since).total_seconds()) // BUCKET_S
-        warm = Detector(len(new), params)
-        counts = ingest_selectors.term_bucket_counts(
-            plan.source_id, new, since=since, until=start, bucket_s=BUCKET_S
-        )
-        base = int(since.timestamp())
-        for i in range(history):
-            epoch = base + i * BUCKET_S
-            warm.update(np.array([counts.get((epoch, t), 0) for t in new], dtype=np.float64))
-        state = warm.state()
-        rows = self.groups[COUNTS].add(
-            [{k: state[k][j : j + 1] for k in _STATE_KEYS} for j in range(len(new))]
+        rows = self._warmed_rows(
+            plan,
+            start,
+            new,
+            lambda since: ingest_selectors.term_bucket_counts(
+                plan.source_id, new, since=since, until=start, bucket_s=BUCKET_S
+            ),
         )
         existing = dict(
             Series.objects.filter(
@@ -452,6 +573,8 @@ class _Run:
                     values[SHARES][share.row] = totals.negative / totals.labelled
                 for term, slot in plan.terms.items():
                     values[COUNTS][slot.row] = plan.term_counts.get((epoch, term), 0)
+                for watch_id, slot in plan.watches.items():
+                    values[COUNTS][slot.row] = plan.watch_counts.get((epoch, watch_id), 0)
             steps = {g: group.step(values[g]) for g, group in self.groups.items()}
             plans = {p.source_id: p for p in stepping}
             for slot in self.slots:

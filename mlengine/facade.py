@@ -219,7 +219,9 @@ class AnomalyView:
     """An anomaly of a series (``mlengine.anomaly_stage``), as other stages see it.
 
     ``kind``: "volume" (events per bucket), "negative_share" (share of labelled events
-    labelled negative, 0..1) or "term" (events holding ``term``; "" for the others).
+    labelled negative, 0..1), "term" (events holding ``term``; "" for the others) or
+    "watch" (events holding any of ``watch_terms``, the terms the series counts, of the
+    watch ``watch_id`` named ``watch_name``; None, "" and () for the other kinds).
     ``window_start``/``window_end`` (exclusive) are event time, ``bucket_s`` seconds;
     ``score`` is the peak robust z-score, ``value``/``expected``/``low``/``high`` the
     series' at the peak (the band may be None before a baseline exists).
@@ -245,11 +247,16 @@ class AnomalyView:
     closed: bool
     evidence_created_at: datetime
     evidence_received_at: datetime
+    watch_id: int | None = None
+    watch_name: str = ""
+    watch_terms: tuple[str, ...] = ()
 
 
 def anomalies(anomaly_ids: Sequence[int]) -> list[AnomalyView]:
     """The anomalies among ``anomaly_ids`` that still exist, ordered by id (one query)."""
-    rows = Anomaly.objects.filter(id__in=list(anomaly_ids)).select_related("series", "source")
+    rows = Anomaly.objects.filter(id__in=list(anomaly_ids)).select_related(
+        "series__watch", "source"
+    )
     return [
         AnomalyView(
             id=a.id,
@@ -270,6 +277,9 @@ def anomalies(anomaly_ids: Sequence[int]) -> list[AnomalyView]:
             closed=a.closed,
             evidence_created_at=a.evidence_created_at,
             evidence_received_at=a.evidence_received_at,
+            watch_id=a.series.watch_id,
+            watch_name=a.series.watch.name if a.series.watch is not None else "",
+            watch_terms=tuple(a.series.watch_terms),
         )
         for a in rows.order_by("id")
     ]

@@ -7,6 +7,7 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
 from ingest.models import Source
+from teams.models import Team
 
 TOTAL_TERM = "*"
 """The reserved term that names a bucket's totals (``BucketCount.events``/``authors``)."""
@@ -174,9 +175,47 @@ class ModelVersion(models.Model):
         return f"{self.name} v{self.version}{' (active)' if self.active else ''}"
 
 
+class Watch(models.Model):
+    """A team's watch: a set of terms whose joint volume the anomaly stage follows.
+
+    ``terms``: at least one hashtag ("#flood"), mention ("@x"), cashtag ("$TSLA") or
+    keyword, normalised as events' ``hashtags``/``mentions``/``cashtags``/``keywords``
+    are (``mlengine.text.normalise_term``: lower case, cashtags upper case),
+    de-duplicated. ``source``: the one source it covers, or null for every source of the
+    team. An enabled watch has one ``Series`` (kind ``watch``) per source it covers:
+    the events per bucket holding any of its terms. Written through
+    ``mlengine.services.save_watch``/``delete_watch``.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="watches")
+    name = models.CharField(max_length=100)
+    terms = ArrayField(models.CharField(max_length=200))
+    source = models.ForeignKey(
+        Source,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="watches",
+        help_text="The source it covers; empty: every source of the team.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    EDITABLE_FIELDS = ["team", "name", "terms", "source", "enabled"]
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="watch_unique_name")]
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Series(models.Model):
     """One series the anomaly stage watches (``mlengine.anomaly_stage``): a source's
-    event volume, its negative-sentiment share, or the volume of one of its active terms.
+    event volume, its negative-sentiment share, the volume of one of its active terms,
+    or the volume of one of its team's watches (``watch``: events holding any of
+    ``watch_terms``, the watch's terms, sorted, when the series started).
 
     Every series of a source advances together, one 5-minute event-time bucket at a time
     (``bucket_s``); ``last_bucket`` is the start of the last bucket stepped (the source's
@@ -184,16 +223,30 @@ class Series(models.Model):
     (``mlengine.anomaly.Detector.state`` rows, as a compressed ``.npz``); a term series
     that is no longer active (no trend of its term in the last 24 h of event time) is
     retired: ``active`` false, ``state`` null, its points kept until their retention.
+    A watch series is retired when its watch is disabled or no longer covers the source,
+    and when the watch's terms change (a new series starts for the new terms: the old
+    history counted other posts); deleting the watch deletes its series (CASCADE: their
+    anomalies go too, the alerts keep their title and evidence).
     """
 
     class Kind(models.TextChoices):
         VOLUME = "volume", "Volume"
         NEGATIVE_SHARE = "negative_share", "Negative share"
         TERM = "term", "Term volume"
+        WATCH = "watch", "Watch volume"
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
     kind = models.CharField(max_length=16, choices=Kind.choices)
     term = models.CharField(max_length=200, blank=True, default="")
+    watch = models.ForeignKey(
+        Watch, null=True, blank=True, on_delete=models.CASCADE, related_name="series"
+    )
+    watch_terms = ArrayField(
+        models.CharField(max_length=200),
+        default=list,
+        blank=True,
+        help_text="A watch series' terms (sorted): what it counts.",
+    )
     bucket_s = models.IntegerField()
     active = models.BooleanField(default=True)
     first_bucket = models.DateTimeField(help_text="Event time: start of its first bucket.")
@@ -203,11 +256,21 @@ class Series(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["source", "kind", "term"], name="series_unique")
+            models.UniqueConstraint(
+                fields=["source", "kind", "term"],
+                condition=~models.Q(kind="watch"),
+                name="series_unique",
+            ),
+            models.UniqueConstraint(
+                fields=["source", "watch", "watch_terms"],
+                condition=models.Q(watch__isnull=False),
+                name="series_watch_unique",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.kind}{':' + self.term if self.term else ''} of source {self.source_id}"
+        label = self.term or (f"watch {self.watch_id}" if self.watch_id else "")
+        return f"{self.kind}{':' + label if label else ''} of source {self.source_id}"
 
 
 class SeriesPoint(models.Model):

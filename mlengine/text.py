@@ -309,6 +309,18 @@ def extract_entities(
     return _entities(text)[:4]
 
 
+def normalise_term(term: str) -> str:
+    """``term`` as events' term arrays hold it (``Enrichment``): stripped, a full-width
+    "＃"/"＠" sign made ASCII, hashtags ("#flood"), mentions ("@x") and keywords lower
+    case, cashtags ("$TSLA") upper case. "" for a blank term."""
+    term = term.strip()
+    if term[:1] in ("\uff03", "\uff20"):
+        term = ("#" if term[0] == "\uff03" else "@") + term[1:]
+    if term[:1] == "$":
+        return "$" + term[1:].upper()
+    return term.lower()
+
+
 def _has_letters(text: str, count: int) -> bool:
     """Whether ``text`` has at least ``count`` letters (``str.isalpha``); stops early."""
     for char in text:

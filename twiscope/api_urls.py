@@ -14,6 +14,7 @@ from mlengine.api.views import (
     SeriesView,
     StreamViewSet,
     TrendViewSet,
+    WatchViewSet,
 )
 
 router = DefaultRouter()
@@ -24,6 +25,7 @@ router.register("trends", TrendViewSet, basename="trend")
 router.register("streams", StreamViewSet, basename="stream")
 router.register("anomalies", AnomalyViewSet, basename="anomaly")
 router.register("models", ModelVersionViewSet, basename="modelversion")
+router.register("watches", WatchViewSet, basename="watch")
 router.register("rules", AlertRuleViewSet, basename="alertrule")
 router.register("alerts", AlertViewSet, basename="alert")
 

@@ -10,10 +10,10 @@ from rest_framework import serializers
 from alerts import services
 from alerts.models import Alert, AlertRule
 from alerts.payload import alert_payload, latency_ms
+from ingest.api.serializers import check_team_and_source, limit_to_owned_teams
 from ingest.models import Source
 from mlengine import facade
 from teams.models import Team
-from teams.selectors import owned_team_ids_for
 
 
 class RuleRefSerializer(serializers.ModelSerializer[AlertRule]):
@@ -86,12 +86,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        request = self.context.get("request")
-        if request is not None:
-            owned = owned_team_ids_for(request.user)
-            # Only the caller's own teams (and their sources) are valid choices.
-            self.fields["team"].queryset = Team.objects.filter(id__in=owned)  # type: ignore[attr-defined]
-            self.fields["source"].queryset = Source.objects.filter(team_id__in=owned)  # type: ignore[attr-defined]
+        limit_to_owned_teams(self)
 
     def validate_min_score(self, value: float) -> float:
         if not math.isfinite(value):
@@ -99,12 +94,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        team = attrs.get("team") or getattr(self.instance, "team", None)
-        source = attrs.get("source")
-        if source is not None and team is not None and source.team_id != team.id:
-            raise serializers.ValidationError({"source": "must belong to the rule's team"})
-        if self.instance is not None and "team" in attrs and attrs["team"] != self.instance.team:
-            raise serializers.ValidationError({"team": "a rule cannot move to another team"})
+        check_team_and_source(attrs, self.instance, "rule")
         kind = attrs.get("kind", getattr(self.instance, "kind", AlertRule.Kind.NEW_TREND))
         if kind == AlertRule.Kind.VIRAL_POST:
             score = attrs.get("min_score", getattr(self.instance, "min_score", None))

@@ -9,8 +9,12 @@ from django.db.models import Max, Q, QuerySet
 
 from ingest.api.filters import scoped_sources
 from mlengine.heads import TASKS
-from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend
-from teams.api.base import BooleanFilter, StrictFilterSet
+from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
+from teams.api.base import BooleanFilter, StrictFilterSet, in_callers_teams
+from teams.models import Team
+
+scoped_watches = in_callers_teams(Watch.objects.all(), "team")
+scoped_teams = in_callers_teams(Team.objects.all(), "id")
 
 
 class TrendFilter(StrictFilterSet):
@@ -69,12 +73,14 @@ class ModelVersionFilter(StrictFilterSet):
 
 
 class AnomalyFilter(StrictFilterSet):
-    """``source`` (id, in scope), ``kind`` (volume, negative_share, term), ``term``,
-    ``since``/``until`` (window start, event time), ``min_score``, ``closed``."""
+    """``source`` (id, in scope), ``kind`` (volume, negative_share, term, watch),
+    ``term``, ``watch`` (id, in scope), ``since``/``until`` (window start, event time),
+    ``min_score``, ``closed``."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     kind = django_filters.ChoiceFilter(field_name="series__kind", choices=Series.Kind.choices)
     term = django_filters.CharFilter(field_name="series__term")
+    watch = django_filters.ModelChoiceFilter(field_name="series__watch", queryset=scoped_watches)
     since = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="lt")
     min_score = django_filters.NumberFilter(field_name="score", lookup_expr="gte")
@@ -82,4 +88,16 @@ class AnomalyFilter(StrictFilterSet):
 
     class Meta:
         model = Anomaly
-        fields = ["source", "kind", "term", "since", "until", "min_score", "closed"]
+        fields = ["source", "kind", "term", "watch", "since", "until", "min_score", "closed"]
+
+
+class WatchFilter(StrictFilterSet):
+    """``team`` and ``source`` (ids, in scope), ``enabled`` (``true``/``false``)."""
+
+    team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
+    enabled = BooleanFilter(field_name="enabled")
+
+    class Meta:
+        model = Watch
+        fields = ["team", "source", "enabled"]

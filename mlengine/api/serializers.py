@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.db import IntegrityError
 from rest_framework import serializers
 
+from ingest.api.serializers import check_team_and_source, limit_to_owned_teams
 from ingest.models import Source
-from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend
+from mlengine import services
+from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
+from teams.models import Team
+
+WATCH_MAX_TERMS = 50
+"""The most terms one watch may hold."""
+NAME_TAKEN = "the team has a watch of this name"
 
 
 class SourceRefSerializer(serializers.ModelSerializer[Source]):
@@ -67,14 +77,23 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
         read_only_fields = fields
 
 
+class WatchRefSerializer(serializers.ModelSerializer[Watch]):
+    class Meta:
+        model = Watch
+        fields = ["id", "name"]
+        read_only_fields = fields
+
+
 class AnomalySerializer(serializers.ModelSerializer[Anomaly]):
-    """An anomaly: its series (``kind``, ``term``), window (event time, end exclusive),
+    """An anomaly: its series (``kind``, ``term``, and ``watch``: ``{id, name}`` for a
+    watch series, null otherwise), window (event time, end exclusive),
     peak ``score`` (robust z), and ``value``/``expected``/``low``/``high`` at the peak
     (events per bucket, or a share in [0, 1] for ``negative_share``)."""
 
     source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
     kind = serializers.CharField(source="series.kind", read_only=True)
     term = serializers.CharField(source="series.term", read_only=True)
+    watch = WatchRefSerializer(source="series.watch", read_only=True, allow_null=True)
 
     class Meta:
         model = Anomaly
@@ -83,6 +102,7 @@ class AnomalySerializer(serializers.ModelSerializer[Anomaly]):
             "source",
             "kind",
             "term",
+            "watch",
             "window_start",
             "window_end",
             "bucket_s",
@@ -132,16 +152,88 @@ class SeriesTermSerializer(serializers.Serializer[dict[str, object]]):
     active = serializers.BooleanField()
 
 
+class SeriesWatchSerializer(serializers.Serializer[dict[str, object]]):
+    """A watch with a series in the source (for a picker): ``active`` while the watch's
+    series there is stepped (enabled, covering the source, its terms unchanged)."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    active = serializers.BooleanField()
+
+
 class SeriesSerializer(serializers.Serializer[dict[str, object]]):
     """``GET /api/series/``: the series' points in ``[since, until]`` (event time), its
-    anomaly windows overlapping them, and the source's term series."""
+    anomaly windows overlapping them, the source's term series and its watches'.
+    ``watch`` is the series' watch (``{id, name}``; null unless ``kind=watch``) and
+    ``watch_terms`` the terms that series counts."""
 
     source = SourceRefSerializer()  # type: ignore[assignment]
     kind = serializers.ChoiceField(choices=Series.Kind.choices)
     term = serializers.CharField()
+    watch = WatchRefSerializer(allow_null=True)
+    watch_terms = serializers.ListField(child=serializers.CharField())
     bucket_s = serializers.IntegerField()
     since = serializers.DateTimeField(allow_null=True)
     until = serializers.DateTimeField(allow_null=True)
     points = SeriesPointSerializer(many=True)
     anomalies = SeriesWindowSerializer(many=True)
     terms = SeriesTermSerializer(many=True)
+    watches = SeriesWatchSerializer(many=True)
+
+
+class WatchSerializer(serializers.ModelSerializer[Watch]):
+    """A watch; ``team`` must be a team the caller owns and ``source`` (null: every
+    source of the team) one of that team's. ``terms``: 1 to ``WATCH_MAX_TERMS``
+    non-blank strings of at most 200 characters (hashtags "#x", mentions "@x",
+    cashtags "$X", keywords), stored normalised (``mlengine.services.normalise_terms``:
+    lower case, cashtags upper case, duplicates dropped). ``name`` is unique in the
+    team. A refused value is a 400 with DRF's field errors."""
+
+    team = serializers.PrimaryKeyRelatedField(queryset=Team.objects.none())
+    source = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
+        queryset=Source.objects.none(), allow_null=True, required=False
+    )
+    terms = serializers.ListField(
+        child=serializers.CharField(max_length=200, allow_blank=False),
+        min_length=1,
+        max_length=WATCH_MAX_TERMS,
+    )
+
+    class Meta:
+        model = Watch
+        fields = ["id", *Watch.EDITABLE_FIELDS, "created_at"]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []  # the name's uniqueness is checked in validate()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limit_to_owned_teams(self)
+
+    def validate_terms(self, value: list[str]) -> list[str]:
+        terms = services.normalise_terms(value)
+        if not terms:
+            raise serializers.ValidationError("at least one non-blank term is required")
+        return terms
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        team = check_team_and_source(attrs, self.instance, "watch")
+        name = attrs.get("name")
+        if name is not None and team is not None:
+            taken = Watch.objects.filter(team=team, name=name)
+            if self.instance is not None:
+                taken = taken.exclude(id=self.instance.id)
+            if taken.exists():
+                raise serializers.ValidationError({"name": NAME_TAKEN})
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Watch:
+        try:
+            return services.save_watch(watch=None, data=validated_data)
+        except IntegrityError as exc:  # a concurrent watch took the name
+            raise serializers.ValidationError({"name": NAME_TAKEN}) from exc
+
+    def update(self, instance: Watch, validated_data: dict[str, Any]) -> Watch:
+        try:
+            return services.save_watch(watch=instance, data=validated_data)
+        except IntegrityError as exc:
+            raise serializers.ValidationError({"name": NAME_TAKEN}) from exc

@@ -1,4 +1,5 @@
-"""Read endpoints of trends, the posts behind each, and the streams' event-time clocks."""
+"""Endpoints of trends, the posts behind each, the streams' event-time clocks, the
+anomalies and their series (read), and watches (members read, owners write)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers, viewsets
+from rest_framework import permissions, serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,7 +19,14 @@ from ingest.api.filters import term_q
 from ingest.api.serializers import EventSerializer
 from ingest.api.views import EventCursorPagination
 from ingest.models import Event
-from mlengine.api.filters import AnomalyFilter, ModelVersionFilter, StreamFilter, TrendFilter
+from mlengine import services
+from mlengine.api.filters import (
+    AnomalyFilter,
+    ModelVersionFilter,
+    StreamFilter,
+    TrendFilter,
+    WatchFilter,
+)
 from mlengine.api.serializers import (
     AnomalySerializer,
     ModelVersionSerializer,
@@ -26,12 +34,24 @@ from mlengine.api.serializers import (
     SourceRefSerializer,
     StreamSerializer,
     TrendSerializer,
+    WatchRefSerializer,
+    WatchSerializer,
 )
-from mlengine.models import Anomaly, ModelVersion, Series, SeriesPoint, StreamClock, Trend
+from mlengine.models import (
+    Anomaly,
+    ModelVersion,
+    Series,
+    SeriesPoint,
+    StreamClock,
+    Trend,
+    Watch,
+)
 from teams.api.base import (
+    IsTeamOwnerOrReadOnly,
     NumberedPagination,
     StrictFilterBackend,
     StrictOrderingFilter,
+    TeamScopedMixin,
     TeamScopedReadOnlyViewSet,
     refuse_unknown_query_params,
 )
@@ -101,7 +121,7 @@ class AnomalyViewSet(TeamScopedReadOnlyViewSet):
     window first; ``ordering`` by score, window start or detection time."""
 
     team_field = "source__team"
-    queryset = Anomaly.objects.select_related("source", "series")
+    queryset = Anomaly.objects.select_related("source", "series__watch")
     serializer_class = AnomalySerializer
     filterset_class = AnomalyFilter
     filter_backends = [StrictFilterBackend, StrictOrderingFilter]
@@ -114,16 +134,33 @@ MAX_SERIES_POINTS = 7 * 288
 """The most points one ``GET /api/series/`` returns (a week of 5-minute buckets)."""
 
 
+class WatchViewSet(TeamScopedMixin, viewsets.ModelViewSet[Watch]):
+    """Watches of the caller's teams: members read, owners create, change and delete.
+    Another team's watch is a 404. Each enabled watch gets a series of kind ``watch`` in
+    every source it covers (``mlengine.anomaly_stage``)."""
+
+    queryset = Watch.objects.order_by("id")
+    serializer_class = WatchSerializer
+    permission_classes = [permissions.IsAuthenticated, IsTeamOwnerOrReadOnly]
+    filterset_class = WatchFilter
+
+    def perform_destroy(self, instance: Watch) -> None:
+        services.delete_watch(watch=instance)
+
+
 class SeriesQuery(serializers.Serializer[dict[str, Any]]):
-    """The query of ``GET /api/series/``. ``term`` is required with ``kind=term`` only;
-    ``until`` defaults to the end of the series' last bucket, ``since`` to 24 h before
-    ``until`` (event time, ISO 8601)."""
+    """The query of ``GET /api/series/``. ``term`` is required with ``kind=term`` only,
+    ``watch`` with ``kind=watch`` only; ``until`` defaults to the end of the series'
+    last bucket, ``since`` to 24 h before ``until`` (event time, ISO 8601)."""
 
     source = serializers.IntegerField(  # type: ignore[assignment]
         min_value=1, help_text="Source id (one of your teams')."
     )
     kind = serializers.ChoiceField(choices=Series.Kind.choices)
     term = serializers.CharField(required=False, allow_blank=False, max_length=200)
+    watch = serializers.IntegerField(
+        required=False, min_value=1, help_text="Watch id (one of your teams'), kind=watch."
+    )
     since = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
     until = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
 
@@ -132,6 +169,10 @@ class SeriesQuery(serializers.Serializer[dict[str, Any]]):
             raise serializers.ValidationError({"term": ["Required with kind=term."]})
         if attrs["kind"] != Series.Kind.TERM and attrs.get("term"):
             raise serializers.ValidationError({"term": ["Only with kind=term."]})
+        if attrs["kind"] == Series.Kind.WATCH and not attrs.get("watch"):
+            raise serializers.ValidationError({"watch": ["Required with kind=watch."]})
+        if attrs["kind"] != Series.Kind.WATCH and attrs.get("watch"):
+            raise serializers.ValidationError({"watch": ["Only with kind=watch."]})
         since, until = attrs.get("since"), attrs.get("until")
         if since and until and since >= until:
             raise serializers.ValidationError({"until": ["Must be after since."]})
@@ -144,20 +185,24 @@ class SeriesView(APIView):
     @extend_schema(parameters=[SeriesQuery], responses=SeriesSerializer)
     def get(self, request: Request) -> Response:
         """The series' points in the window (at most ``MAX_SERIES_POINTS``: 400 past
-        it), its anomalies overlapping the window, and the source's term series. 404
-        when the source is not one of your teams' or has no such series (yet)."""
+        it), its anomalies overlapping the window, the source's term series and the
+        watches with a series there. 404 when the source (or the watch) is not one of
+        your teams' or has no such series (yet). A watch's series is its active one in
+        the source, else its latest (the watch's terms changed, or it was disabled)."""
         query = SeriesQuery(data=request.query_params)
         refuse_unknown_query_params(request, query.fields)
         query.is_valid(raise_exception=True)
         params = query.validated_data
         series = (
-            Series.objects.select_related("source")
+            Series.objects.select_related("source", "watch")
             .filter(
                 source_id=params["source"],
                 source__team_id__in=team_ids_for(request.user),
                 kind=params["kind"],
                 term=params.get("term", ""),
+                watch_id=params.get("watch"),
             )
+            .order_by("-active", "-id")
             .first()
         )
         if series is None:
@@ -191,11 +236,21 @@ class SeriesView(APIView):
         terms = Series.objects.filter(source_id=series.source_id, kind=Series.Kind.TERM).order_by(
             "-active", "term"
         )
+        watches: dict[int, dict[str, Any]] = {}
+        for watch_id, name, active in (
+            Series.objects.filter(source_id=series.source_id, kind=Series.Kind.WATCH)
+            .order_by("watch__name", "watch_id")
+            .values_list("watch_id", "watch__name", "active")
+        ):
+            seen = watches.setdefault(watch_id, {"id": watch_id, "name": name, "active": False})
+            seen["active"] = seen["active"] or active
         return Response(
             {
                 "source": SourceRefSerializer(series.source).data,
                 "kind": series.kind,
                 "term": series.term,
+                "watch": WatchRefSerializer(series.watch).data if series.watch else None,
+                "watch_terms": list(series.watch_terms),
                 "bucket_s": series.bucket_s,
                 "since": since,
                 "until": until,
@@ -212,5 +267,6 @@ class SeriesView(APIView):
                     for a in windows
                 ],
                 "terms": [{"term": t.term, "active": t.active} for t in terms],
+                "watches": sorted(watches.values(), key=lambda w: (not w["active"], w["name"])),
             }
         )

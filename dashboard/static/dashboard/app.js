@@ -7,7 +7,7 @@
  *   GET /api/trends/<id>/events/                      on click   -> posts behind a trend
  *   GET /api/streams/?page_size=100                   every 3 s  -> streams' event-time clocks
  *   GET /api/sentiment/                               every 10 s -> sentiment over time
- *   GET /api/series/?source&kind[&term]               every 30 s -> the chosen anomaly series
+ *   GET /api/series/?source&kind[&term|&watch]        every 30 s -> the chosen anomaly series
  *   GET /api/anomalies/?page_size=20                  every 30 s -> recent anomalies
  *   GET /api/sources/                                 every 5 s  -> sources' health
  *   POST /api/sources/, PATCH /api/sources/<id>/      on submit / click (owners)
@@ -528,6 +528,7 @@
   function seriesQuery() {
     const params = new URLSearchParams({ source: $('series-source').value, kind: $('series-kind').value });
     if (params.get('kind') === 'term') params.set('term', $('series-term').value);
+    if (params.get('kind') === 'watch') params.set('watch', $('series-watch').value);
     if (seriesWindow) {
       params.set('since', seriesWindow.since);
       params.set('until', seriesWindow.until);
@@ -544,6 +545,7 @@
   function renderSeries(series) {
     const points = Array.isArray(series.points) ? series.points : [];
     fillSelect($('series-term'), (series.terms || []).map((t) => [t.term, t.active ? t.term : `${t.term} (retired)`]));
+    fillSelect($('series-watch'), (series.watches || []).map((w) => [String(w.id), `watch: ${w.name}${w.active ? '' : ' (retired)'}`]));
     $('anomalies-empty').hidden = points.length > 0;
     if (!anomalyChart) return;
     const starts = points.map((p) => parseTime(p.start));
@@ -581,10 +583,18 @@
       if (![...select.options].some((o) => o.value === a.term)) select.append(h('option', { value: a.term }, a.term));
       select.value = a.term;
     }
+    if (a.kind === 'watch' && a.watch) {
+      const select = $('series-watch');
+      const id = String(a.watch.id);
+      if (![...select.options].some((o) => o.value === id)) select.append(h('option', { value: id }, `watch: ${a.watch.name}`));
+      select.value = id;
+    }
   }
 
   function anomalyRow(a) {
-    const what = a.kind === 'term' ? `${a.term} volume` : a.kind === 'negative_share' ? 'negative share' : 'post volume';
+    const what = a.kind === 'term' ? `${a.term} volume`
+      : a.kind === 'watch' ? `watch ${a.watch ? a.watch.name : ''} volume`
+        : a.kind === 'negative_share' ? 'negative share' : 'post volume';
     const fmt = (v) => (isNum(v) ? (a.kind === 'negative_share' ? `${Math.round(v * 100)}%` : String(Math.round(v * 10) / 10)) : '—');
     const show = () => {
       seriesChosen = true;
@@ -622,20 +632,22 @@
       $('anomaly-list').replaceChildren(...(items.length
         ? items.map(anomalyRow)
         : [h('li', { class: 'empty' }, 'No anomalies yet: they appear here when a series rises above its band.')]));
-      const needsTerm = $('series-kind').value === 'term';
-      $('series-term-label').hidden = !needsTerm;
-      if (!$('series-source').value || (needsTerm && !$('series-term').value)) {
+      const kind = $('series-kind').value;
+      const pick = kind === 'term' ? $('series-term') : kind === 'watch' ? $('series-watch') : null;
+      $('series-term-label').hidden = kind !== 'term';
+      $('series-watch-label').hidden = kind !== 'watch';
+      if (!$('series-source').value || (pick && !pick.value)) {
         $('anomalies-empty').hidden = false;
-        if (needsTerm && $('series-source').value) {
+        if (pick && $('series-source').value) { // the volume series lists the terms and watches
           renderSeries(await api(`${API.series}?source=${encodeURIComponent($('series-source').value)}&kind=volume`)
-            .catch(() => ({ points: [], terms: [] })));
+            .catch(() => ({ points: [], terms: [], watches: [] })));
         }
       } else {
         try {
           renderSeries(await api(seriesQuery()));
         } catch (err) {
           if (err.status !== 404) throw err;
-          renderSeries({ points: [], anomalies: [], terms: [] });
+          renderSeries({ points: [], anomalies: [], terms: [], watches: [] });
         }
       }
       showError('anomalies-error', null, null);
@@ -1359,7 +1371,7 @@
   chart = makeChart();
   sentimentChart = makeSentimentChart();
   anomalyChart = makeAnomalyChart();
-  for (const id of ['series-source', 'series-kind', 'series-term']) {
+  for (const id of ['series-source', 'series-kind', 'series-term', 'series-watch']) {
     $(id)?.addEventListener('change', () => {
       seriesChosen = true;
       seriesWindow = null;
