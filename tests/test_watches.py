@@ -274,3 +274,20 @@ def test_the_dashboards_series_picker_offers_watches(client: Any) -> None:
     page = client.get(reverse("dashboard:home")).content.decode()
 
     assert '<option value="watch">' in page and 'id="series-watch"' in page
+
+
+def test_a_team_has_at_most_anomaly_max_watches(settings: Any) -> None:
+    settings.ANOMALY_MAX_WATCHES = 2
+    personas = make_personas()
+    make_watch(personas.team, name="one")
+    owner = client_for(personas.owner)
+    body = {"team": personas.team.id, "terms": ["#flood"]}
+
+    second = owner.post("/api/watches/", {**body, "name": "two"}, format="json")
+    third = owner.post("/api/watches/", {**body, "name": "three"}, format="json")
+    edited = owner.patch(f"/api/watches/{second.json()['id']}/", {"enabled": False}, format="json")
+
+    assert second.status_code == 201
+    assert third.status_code == 400 and "at most 2 watches" in third.json()["team"][0]
+    assert edited.status_code == 200  # the cap counts new watches only
+    assert Watch.objects.filter(team=personas.team).count() == 2

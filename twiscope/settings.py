@@ -295,6 +295,8 @@ TRENDS_FEED_LATENESS_S: float = env.float("TRENDS_FEED_LATENESS_S", default=3600
 # --- Anomaly stage (event time, 5-minute buckets; see mlengine/anomaly_stage.py) -------
 # Term series per source (the terms of its trends of the last 24 h of event time).
 ANOMALY_MAX_TERMS: int = env.int("ANOMALY_MAX_TERMS", default=50)
+# Watches a team may have (each is a series in every source it covers).
+ANOMALY_MAX_WATCHES: int = env.int("ANOMALY_MAX_WATCHES", default=50)
 # Buckets one run of the stage steps per source at most (then it queues itself again).
 ANOMALY_MAX_BUCKETS: int = env.int("ANOMALY_MAX_BUCKETS", default=288)
 # Buckets one run steps over all sources at most, shared out among the sources due: a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError
 from rest_framework import serializers
 
@@ -224,6 +225,11 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
                 taken = taken.exclude(id=self.instance.id)
             if taken.exists():
                 raise serializers.ValidationError({"name": NAME_TAKEN})
+        cap = settings.ANOMALY_MAX_WATCHES
+        if self.instance is None and team is not None and team.watches.count() >= cap:
+            raise serializers.ValidationError(
+                {"team": f"a team has at most {cap} watches (ANOMALY_MAX_WATCHES)"}
+            )
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Watch:
