@@ -35,6 +35,7 @@ from ingest.selectors import (
     PENDING_BATCHES_KEY,
     SOURCE_MINUTE_KEY,
     STAGED_EVENT_TIME_KEY,
+    TERM_MAX_CHARS,
     batch_source_id,
     in_flight_events,
 )
@@ -507,15 +508,22 @@ def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, datetim
     written.
 
     ``rows`` are ``(event_id, lang, hashtags, mentions, cashtags, urls, keywords,
-    sentiment, sentiment_label)``: lists of strings, a float in [-1, 1] (VADER's
-    compound) and the label it gives (``sentiment_model`` becomes "vader"). Only events
+    sentiment, sentiment_label)``: lists of strings (terms cut to ``TERM_MAX_CHARS``,
+    their columns' length), a float in [-1, 1] (VADER's compound) and the label it gives
+    (``sentiment_model`` becomes "vader"). Only events
     not enriched yet are written (the claim is in the UPDATE), so a redelivered task
     changes nothing. One statement; the rows travel as one JSON document. Must run
     inside the caller's transaction.
     """
     if not rows:
         return []
-    document = json.dumps([dict(zip(_ENRICH_FIELDS, row, strict=True)) for row in rows])
+    records = [dict(zip(_ENRICH_FIELDS, row, strict=True)) for row in rows]
+    for record in records:
+        # A term longer than its column (a 300-character hashtag) is cut, as the trend
+        # stage cuts it: it must not fail the whole batch.
+        for name in _TERM_FIELDS:
+            record[name] = [term[:TERM_MAX_CHARS] for term in record[name]]
+    document = json.dumps(records)
     with connection.cursor() as cursor:
         cursor.execute(_ENRICH_SQL, [document])
         return [(int(r[0]), r[1]) for r in cursor.fetchall()]
@@ -532,6 +540,7 @@ _ENRICH_FIELDS = (
     "sentiment",
     "sentiment_label",
 )
+_TERM_FIELDS = ("hashtags", "mentions", "cashtags", "keywords")
 _ENRICH_SQL = """
 UPDATE ingest_event AS e SET
     lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,

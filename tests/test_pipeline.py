@@ -160,6 +160,22 @@ def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
     assert event.sentiment is not None and event.sentiment > 0.5
 
 
+def test_a_term_longer_than_its_column_is_cut_and_its_batch_enriched() -> None:
+    source = make_source(make_personas().team)
+    long_tag = "#" + "a" * 299
+    key = services.stage_batch(
+        source_id=source.id,
+        envelopes=[envelope(f"flooding {long_tag}"), envelope("a calm day")],
+    )
+    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+
+    enriched = enrichment.enrich_events(event_ids=ids)
+
+    assert sorted(enriched) == sorted(ids)  # the whole batch, not a failed statement
+    event = Event.objects.get(id=min(ids))
+    assert event.hashtags == [long_tag[:200]]
+
+
 def test_trend_counting_is_exactly_once() -> None:
     source = make_source(make_personas().team)
     run_through(source, [envelope("#storm now")])
