@@ -10,8 +10,9 @@ Replays ARCHIVE (sorted by event time) through persist, enrich and the trend sta
 plain calls in one process, in batches of ``--batch``, and prints the wall seconds spent
 in the trend stage (``mlengine.services.advance_stream``), the number of trends, and a
 SHA-1 of every trend's (term, bucket, evidence event time, events, authors, score,
-expected): two versions of the code that print the same fingerprint detected the same
-trends. ``--bucket-s`` forces the trend bucket (e.g. 604800: one bucket a week, as a busy
+expected, its story's first trend, forecast): two versions of the code that print the
+same fingerprint detected the same trends, grouped them in the same stories and
+forecast the same. ``--bucket-s`` forces the trend bucket (e.g. 604800: one bucket a week, as a busy
 live stream fills its buckets).
 
 Then, for each N of ``--streams``, one advance over N streams, each holding the
@@ -129,11 +130,21 @@ def new_source(team: Team, envelopes: Sequence[Envelope], bucket_s: int | None) 
 def fingerprint(sources: Sequence[Source]) -> tuple[int, str]:
     """How many trends ``sources`` hold, and a SHA-1 of every trend's (stream's position
     in ``sources``, term, bucket, evidence event time, events, authors, score, expected,
-    velocity, predicted)."""
+    velocity, predicted, its story's first trend (term and bucket), forecast JSON)."""
     position = {source.id: i for i, source in enumerate(sources)}
+    trends = Trend.objects.filter(source__in=list(sources))
+    story_key = {
+        trend_id: f"{term}@{start.isoformat()}"
+        for trend_id, term, start in trends.values_list("id", "term", "bucket_start")
+    }
     rows = sorted(
-        (position[row[0]], *row[1:])
-        for row in Trend.objects.filter(source__in=list(sources)).values_list(
+        (
+            position[row[0]],
+            *row[1:-2],
+            story_key.get(row[-2]),
+            json.dumps(row[-1], sort_keys=True),
+        )
+        for row in trends.values_list(
             "source_id",
             "term",
             "bucket_start",
@@ -144,6 +155,8 @@ def fingerprint(sources: Sequence[Source]) -> tuple[int, str]:
             "expected",
             "velocity",
             "predicted",
+            "story_id",
+            "forecast",
         )
     )
     digest = hashlib.sha1(json.dumps([[str(value) for value in row] for row in rows]).encode())
@@ -235,6 +248,8 @@ def measure_streams(
             )
         row["speedup"] = round(row["alone"]["wall_s"] / row["batched"]["wall_s"], 2)
         row["same_trends"] = len(prints) == 1
+        row["fingerprint"] = sorted(f"{count} trends {digest}" for count, digest in prints)
+        print(f"{n:>3} streams fingerprint: {', '.join(row['fingerprint'])}")
         out["by_streams"][str(n)] = row
     return out
 

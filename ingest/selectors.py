@@ -168,6 +168,78 @@ def volume_of_terms(
         return {int(start): int(count) for start, count in cursor.fetchall()}
 
 
+_TERMS_RANGE_SQL = """
+SELECT id, created_at,
+       floor(extract(epoch FROM created_at) / %(bucket_s)s)::bigint * %(bucket_s)s,
+       hashtags, mentions, cashtags, keywords
+FROM ingest_event
+WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at <= %(until)s
+  AND (hashtags && %(terms)s::varchar[] OR mentions && %(terms)s::varchar[]
+       OR cashtags && %(terms)s::varchar[] OR keywords && %(terms)s::varchar[])
+ORDER BY created_at, external_id
+LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TermEvent:
+    """One event as the story layer reads it in bulk (``events_with_terms``).
+
+    ``bucket``: the start (epoch s) of its ``bucket_s`` bucket, computed as
+    ``volume_of_terms`` groups; ``matched``: the asked-for terms it holds, matched as
+    ``events_for_term`` and ``volume_of_terms`` match them (a stored hashtag, mention,
+    cashtag or keyword equal to the term); ``terms``: as ``TrendInput.terms``.
+    """
+
+    id: int
+    created_at: datetime
+    bucket: int
+    matched: frozenset[str]
+    terms: tuple[str, ...]
+
+
+def events_with_terms(
+    source_id: int,
+    terms: Sequence[str],
+    *,
+    since: datetime,
+    until: datetime,
+    bucket_s: int,
+    limit: int,
+) -> list[TermEvent]:
+    """The events of ``source_id`` holding any of ``terms`` with ``since <= created_at <=
+    until``, in event-time order (ties by external id, the order of ``events_for_term``),
+    at most ``limit``: in one query, what ``events_for_term`` and ``volume_of_terms``
+    would read for any of ``terms`` in that range (``mlengine.services.assign_stories``).
+    """
+    wanted = frozenset(terms)
+    params: dict[str, Any] = {
+        "source": source_id,
+        "terms": sorted(wanted),
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+        "limit": limit,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_TERMS_RANGE_SQL, params)
+        return [
+            TermEvent(
+                id=row[0],
+                created_at=row[1],
+                bucket=int(row[2]),
+                matched=wanted.intersection((*row[3], *row[4], *row[5], *row[6])),
+                terms=_terms(row[3:7]),
+            )
+            for row in cursor.fetchall()
+        ]
+
+
+def _terms(arrays: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """``TrendInput.terms`` of an event's hashtags, mentions, cashtags and keywords."""
+    return tuple(dict.fromkeys(t[:TERM_MAX_CHARS] for array in arrays for t in array))
+
+
 def _trend_input(row: Sequence[Any]) -> TrendInput:
     from ingest.envelope import Author
 
@@ -177,9 +249,7 @@ def _trend_input(row: Sequence[Any]) -> TrendInput:
         created_at=row[2],
         received_at=row[3],
         author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
-        terms=tuple(
-            dict.fromkeys(t[:TERM_MAX_CHARS] for t in (*row[6], *row[7], *row[8], *row[9]))
-        ),
+        terms=_terms(row[6:10]),
     )
 
 

@@ -34,8 +34,9 @@ allowed lateness: DESIGN.md, "Time".
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -860,6 +861,12 @@ def story_params() -> StoryParams:
     )
 
 
+STORY_EVENTS_LIMIT = 50_000
+"""At most this many events are read in one query for one ``assign_stories`` call (a
+few hundred bytes each in memory: tens of MB at most). A call whose range holds more
+reads each trend's posts and forecast volume in queries of their own instead."""
+
+
 def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     """Put each new trend of ``source_id`` in a story, in event-time order of detection.
 
@@ -870,6 +877,12 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     already in a live story stays in it. Each trend also stores its story's forecast
     (``mlengine.forecast.forecast``) of posts per bucket holding any member, the current
     bucket projected to its end.
+
+    Four queries whatever the number of trends: the new trends, the live stories'
+    members, the events that any of their terms or the new trends' hold in the range the
+    posts and forecasts need (``_StoryEvents``: the posts and volumes are then cut from
+    them in memory, as ``events_for_term`` and ``volume_of_terms`` would read them), one
+    update of all the new trends.
 
     Side effects: ``Trend.story`` and ``Trend.forecast`` of ``trend_ids``.
     """
@@ -886,6 +899,7 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     ).values_list("story_id", "term", "bucket_start"):
         stories[story_id].add(term)
         last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
+    events = _StoryEvents.read(source_id, new, stories.values(), params)
     for trend in new:
         live = {
             sid: terms
@@ -894,47 +908,161 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         }
         joined = next((sid for sid, terms in live.items() if trend.term in terms), None)
         if joined is None:
-            joined = _closest_story(source_id, trend, live, params)
+            joined = _closest_story(events, trend, live, params)
         story_id = joined if joined is not None else trend.id
         stories[story_id].add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )
         trend.story_id = story_id
-        trend.forecast = _story_forecast(source_id, trend, sorted(stories[story_id]), params)
-        trend.save(update_fields=["story", "forecast"])
+        trend.forecast = _story_forecast(events, trend, sorted(stories[story_id]), params)
+    with connection.cursor() as cursor:
+        values = b",".join(
+            cursor.mogrify(
+                "(%s::bigint, %s::bigint, %s::jsonb)",
+                [trend.id, trend.story_id, json.dumps(trend.forecast)],
+            )
+            for trend in new
+        )
+        cursor.execute(_UPDATE_STORIES_SQL.replace("%s", values.decode()))
+
+
+_UPDATE_STORIES_SQL = """
+UPDATE mlengine_trend AS tr SET story_id = v.story_id, forecast = v.forecast
+FROM (VALUES %s) AS v(id, story_id, forecast)
+WHERE tr.id = v.id
+"""
+
+
+class _StoryEvents:
+    """The events one ``assign_stories`` call reads, held in memory: ``posts`` and
+    ``volume`` give what ``ingest.selectors.events_for_term`` and ``volume_of_terms``
+    give, and ask them instead for a read outside what is held (other terms, another
+    range or bucket size; every read when the range held more than
+    ``STORY_EVENTS_LIMIT`` events)."""
+
+    def __init__(
+        self,
+        source_id: int,
+        held: Sequence[ingest_selectors.TermEvent] | None,
+        *,
+        terms: frozenset[str] = frozenset(),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        bucket_s: int = 0,
+    ) -> None:
+        self.source_id = source_id
+        self.held = held is not None
+        self.terms, self.since, self.until, self.bucket_s = terms, since, until, bucket_s
+        # Per term, its events in event-time order (ties by external id), and their times.
+        self.by_term: dict[str, list[ingest_selectors.TermEvent]] = defaultdict(list)
+        for event in held or ():
+            for term in event.matched:
+                self.by_term[term].append(event)
+        self.times = {
+            term: [event.created_at for event in events] for term, events in self.by_term.items()
+        }
+
+    @classmethod
+    def read(
+        cls,
+        source_id: int,
+        trends: Sequence[Trend],
+        stories: Iterable[set[str]],
+        params: StoryParams,
+    ) -> _StoryEvents:
+        """One query: the events holding a term of ``trends`` or of ``stories`` from the
+        earliest bucket a trend's posts or forecast look at to the latest evidence."""
+        bucket_s = trends[0].bucket_s
+        terms = frozenset({trend.term for trend in trends}.union(*stories))
+        since = min(
+            trend.bucket_start - timedelta(seconds=trend.bucket_s * max(params.horizon + 2, 1))
+            for trend in trends
+        )
+        until = max(trend.evidence_created_at for trend in trends)
+        held = ingest_selectors.events_with_terms(
+            source_id,
+            sorted(terms),
+            since=since,
+            until=until,
+            bucket_s=bucket_s,
+            limit=STORY_EVENTS_LIMIT + 1,
+        )
+        if len(held) > STORY_EVENTS_LIMIT:
+            return cls(source_id, None)
+        return cls(source_id, held, terms=terms, since=since, until=until, bucket_s=bucket_s)
+
+    def _holds(self, terms: Iterable[str], since: datetime, until: datetime) -> bool:
+        return (
+            self.held
+            and self.since is not None
+            and self.until is not None
+            and self.since <= since
+            and until <= self.until
+            and self.terms.issuperset(terms)
+        )
+
+    def _in_range(
+        self, term: str, since: datetime, until: datetime
+    ) -> list[ingest_selectors.TermEvent]:
+        times = self.times.get(term, [])
+        return self.by_term[term][bisect_left(times, since) : bisect_right(times, until)]
+
+    def posts(
+        self, term: str, *, since: datetime, until: datetime, limit: int
+    ) -> list[tuple[int, tuple[str, ...]]]:
+        """``(id, terms)`` of ``events_for_term(term, since, until, limit)``."""
+        if not self._holds([term], since, until):
+            return [
+                (p.id, p.terms)
+                for p in ingest_selectors.events_for_term(
+                    self.source_id, term, since=since, until=until, limit=limit
+                )
+            ]
+        return [(e.id, e.terms) for e in self._in_range(term, since, until)[: max(limit, 0)]]
+
+    def volume(
+        self, terms: Sequence[str], *, since: datetime, until: datetime, bucket_s: int
+    ) -> dict[int, int]:
+        """``volume_of_terms(terms, since, until, bucket_s)``."""
+        if bucket_s != self.bucket_s or not self._holds(terms, since, until):
+            return ingest_selectors.volume_of_terms(
+                self.source_id, terms, since=since, until=until, bucket_s=bucket_s
+            )
+        buckets = {e.id: e.bucket for term in terms for e in self._in_range(term, since, until)}
+        volume: dict[int, int] = defaultdict(int)
+        for bucket in buckets.values():
+            volume[bucket] += 1
+        return dict(volume)
 
 
 def _closest_story(
-    source_id: int, trend: Trend, live: dict[int, set[str]], params: StoryParams
+    events: _StoryEvents, trend: Trend, live: dict[int, set[str]], params: StoryParams
 ) -> int | None:
     """The live story ``trend`` joins by ``choose_story``, or None."""
     if not live:
         return None
-    posts: list[TrendInput] = []
+    posts: list[tuple[int, tuple[str, ...]]] = []
     for start in (trend.bucket_start - timedelta(seconds=trend.bucket_s), trend.bucket_start):
         end = min(trend.evidence_created_at, start + timedelta(seconds=trend.bucket_s - 1e-6))
-        posts += ingest_selectors.events_for_term(
-            source_id, trend.term, since=start, until=end, limit=params.max_postings
-        )
-    term_posts = {p.id for p in posts}
+        posts += events.posts(trend.term, since=start, until=end, limit=params.max_postings)
+    term_posts = {post_id for post_id, _ in posts}
     # |A ∩ B| needs B only within A: the story's posts among the term's own.
     candidates = {
-        sid: {p.id for p in posts if terms.intersection(p.terms)} for sid, terms in live.items()
+        sid: {post_id for post_id, post_terms in posts if terms.intersection(post_terms)}
+        for sid, terms in live.items()
     }
     return choose_story(term_posts, candidates, params.min_overlap)
 
 
 def _story_forecast(
-    source_id: int, trend: Trend, terms: list[str], params: StoryParams
+    events: _StoryEvents, trend: Trend, terms: list[str], params: StoryParams
 ) -> dict[str, Any]:
     """The story's forecast at ``trend`` (``mlengine.forecast``), as JSON."""
     bucket_s = trend.bucket_s
     now = int(trend.bucket_start.timestamp())
     since = trend.bucket_start - timedelta(seconds=bucket_s * (params.horizon + 2))
-    volume = ingest_selectors.volume_of_terms(
-        source_id, terms, since=since, until=trend.evidence_created_at, bucket_s=bucket_s
-    )
+    volume = events.volume(terms, since=since, until=trend.evidence_created_at, bucket_s=bucket_s)
     result = forecast_volume(
         volume,
         bucket_start=now,
