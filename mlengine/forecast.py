@@ -121,14 +121,17 @@ def forecast(counts: Sequence[float], *, horizon: int = 4) -> Forecast:
 
 
 def project_bucket_count(
-    events: npt.ArrayLike, elapsed_s: npt.ArrayLike, bucket_s: int
+    events: npt.ArrayLike, elapsed_s: npt.ArrayLike, bucket_s: int, *, sigmas: float = 0.0
 ) -> npt.NDArray[np.float64]:
     """Counts of buckets still filling, extrapolated to the whole bucket at their rate so
-    far: ``events × bucket_s / max(elapsed_s, MIN_FRACTION × bucket_s)``, never below
-    ``events``. Arrays of shape ``(n,)`` (or scalars); seconds."""
+    far: ``(events − sigmas × √events) × bucket_s / max(elapsed_s, MIN_FRACTION ×
+    bucket_s)``, never below ``events``. ``sigmas`` > 0 projects the count that many
+    Poisson standard deviations below the one seen (a conservative projection: a handful
+    of early posts projects little). Arrays of shape ``(n,)`` (or scalars); seconds."""
     elapsed = np.maximum(np.asarray(elapsed_s, dtype=np.float64), MIN_FRACTION * bucket_s)
     counts = np.asarray(events, dtype=np.float64)
-    return np.maximum(counts * bucket_s / elapsed, counts)
+    low = counts - sigmas * np.sqrt(counts)
+    return np.maximum(low * bucket_s / elapsed, counts)
 
 
 def forecast_volume(

@@ -93,6 +93,7 @@ def params_for(bucket_s: int) -> TrendParams:
         min_score=settings.TRENDS_MIN_SCORE,
         min_events=settings.TRENDS_MIN_EVENTS,
         min_authors=settings.TRENDS_MIN_AUTHORS,
+        emerging_sigmas=settings.TRENDS_EMERGING_SIGMAS,
     )
 
 
@@ -433,7 +434,9 @@ class _Scan:
         }
         projected = None
         if settings.TRENDS_EMERGING:
-            projected = project_bucket_count(counts, np.asarray(columns[9]), params.bucket_s)
+            projected = project_bucket_count(
+                counts, np.asarray(columns[9]), params.bucket_s, sigmas=params.emerging_sigmas
+            )
         return _Windows(
             params=params,
             terms=list(columns[0]),

@@ -62,6 +62,9 @@ class TrendParams:
     min_score: float = 4.0
     min_events: int = 5
     min_authors: int = 3
+    emerging_sigmas: float = 1.0
+    """The emerging test projects a bucket from its count less this many Poisson σ
+    (``mlengine.forecast.project_bucket_count``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,7 +454,9 @@ class TermStream:
         projected: TrendScores | None = None
         if self.emerging:
             elapsed = [(p.created_at.timestamp() - self.cur_start) for p in posts_at]
-            counts = project_bucket_count(cols["events"], elapsed, params.bucket_s)
+            counts = project_bucket_count(
+                cols["events"], elapsed, params.bucket_s, sigmas=params.emerging_sigmas
+            )
             # Authors are projected with the posts, so weighing by author judges the
             # projection at the ratio of posts to authors seen so far.
             scale = counts / np.maximum(np.asarray(cols["events"], dtype=np.float64), 1.0)

@@ -94,7 +94,7 @@ def test_stories_fire_fewer_alerts_than_terms_on_real_crises(
     # keywords, where one alert per term fires 50 and 43.
     assert [r["alerts"] for r in terms["events"]] == [50, 43]
     assert [r["alerts"] for r in stories["events"]] == [1, 1]
-    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.65, 0.2]
+    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.92, 0.2]
     assert [r["keyword_precision"] for r in stories["events"]] == [1.0, 1.0]
     assert stories["median_alerts"] == 1
     assert [r["bucket_s"] for r in stories["events"]] == [21600, 21600]

@@ -327,3 +327,11 @@ def test_a_burst_that_opens_a_stream_trends_at_once_the_same_on_both_paths(setti
     opening = {term for term, start, _ in stored if start == ORIGIN}
     assert opening == {"#derailment"}  # the chatter of that bucket does not dominate it
     assert "#rescue" in {term for term, _, _ in stored}
+
+
+def test_a_conservative_projection_starts_from_the_count_less_its_poisson_sigmas() -> None:
+    # 9 posts in the first quarter of a bucket: 36 at face value, (9 - 3) * 4 = 24 with
+    # one sigma off; never below the count itself.
+    assert project_bucket_count([9], [225], 900)[0] == 36.0
+    assert project_bucket_count([9], [225], 900, sigmas=1.0)[0] == 24.0
+    assert project_bucket_count([4], [800], 900, sigmas=1.0)[0] == 4.0

@@ -283,6 +283,10 @@ TRENDS_STORY_MIN_OVERLAP: float = env.float("TRENDS_STORY_MIN_OVERLAP", default=
 # Fire a trend early, marked as a prediction, when its bucket's projected count passes
 # the test and its count grows and accelerates (mlengine.trends.TermStream, services).
 TRENDS_EMERGING: bool = env.bool("TRENDS_EMERGING", default=True)
+# The projection behind an emerging trend starts from the count so far less this many
+# Poisson standard deviations: a handful of early posts of an everyday word projects
+# little (docs/detectors.md).
+TRENDS_EMERGING_SIGMAS: float = env.float("TRENDS_EMERGING_SIGMAS", default=1.0)
 # Allowed lateness of live sources: their declared watermark is processing time minus
 # this; an event arriving later than this after its event time is late (stored, left out
 # of trends). It is also the floor of a live alert's latency. Replays declare their own
