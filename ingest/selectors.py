@@ -404,9 +404,6 @@ def scored_posts(event_ids: Sequence[int]) -> list[ScoredPost]:
     )
     posts = []
     for e in rows:
-        terms = dict.fromkeys(
-            term[:TERM_MAX_CHARS] for term in (*e.hashtags, *e.mentions, *e.cashtags, *e.keywords)
-        )
         key = e.author_key or ""
         label = f"@{e.author_handle}" if e.author_handle else (e.author_name or key)
         assert e.virality_score is not None
@@ -420,7 +417,7 @@ def scored_posts(event_ids: Sequence[int]) -> list[ScoredPost]:
                 author_label=label,
                 text=e.text,
                 url=e.url,
-                terms=tuple(terms),
+                terms=_terms((e.hashtags, e.mentions, e.cashtags, e.keywords)),
                 virality_score=e.virality_score,
                 virality_model=e.virality_model,
                 created_at=e.created_at,

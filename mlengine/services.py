@@ -919,20 +919,16 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         )
         trend.story_id = story_id
         trend.forecast = _story_forecast(events, trend, sorted(stories[story_id]), params)
+    document = json.dumps(
+        [{"id": t.id, "story_id": t.story_id, "forecast": t.forecast} for t in new]
+    )
     with connection.cursor() as cursor:
-        values = b",".join(
-            cursor.mogrify(
-                "(%s::bigint, %s::bigint, %s::jsonb)",
-                [trend.id, trend.story_id, json.dumps(trend.forecast)],
-            )
-            for trend in new
-        )
-        cursor.execute(_UPDATE_STORIES_SQL.replace("%s", values.decode()))
+        cursor.execute(_UPDATE_STORIES_SQL, [document])
 
 
 _UPDATE_STORIES_SQL = """
 UPDATE mlengine_trend AS tr SET story_id = v.story_id, forecast = v.forecast
-FROM (VALUES %s) AS v(id, story_id, forecast)
+FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, story_id bigint, forecast jsonb)
 WHERE tr.id = v.id
 """
 
