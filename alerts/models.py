@@ -97,7 +97,9 @@ class RuleTermClaim(models.Model):
 class Alert(models.Model):
     """A fired rule, persisted before it is pushed. A trend alert is its story's: later
     members of the story (``mlengine.stories``) update it (``updated_at``, the story in
-    ``evidence["story"]``) rather than fire alerts of their own.
+    ``evidence["story"]``) rather than fire alerts of their own. ``story_id`` is the
+    story's id as ``mlengine.facade.TrendView.story_id`` gave it at firing: the alerts
+    stage finds a story's alerts by it, never through the trend's row.
 
     Latency fields: ``event_received_at`` (processing time of the event that completed
     the evidence), ``created_at`` (row written), ``pushed_at`` (sent to the channel
@@ -120,6 +122,15 @@ class Alert(models.Model):
         on_delete=models.SET_NULL,
         related_name="+",
         help_text="The post of a viral_post alert.",
+    )
+    story_id = models.BigIntegerField(
+        null=True,
+        blank=True,
+        db_index=True,
+        help_text=(
+            "The story of a trend alert (its first trend's id), copied from the trend "
+            "when the alert fired: a plain value, not a key (a trend's story never changes)."
+        ),
     )
     seq = models.BigIntegerField()
     title = models.CharField(max_length=300)

@@ -156,8 +156,8 @@ def _split_story_members(
     stories = {t.story_id for _, t in pairs if t.joins_story}
     alerted = set(
         Alert.objects.filter(
-            rule_id__in={r.id for r, _ in pairs}, trend__story_id__in=stories
-        ).values_list("rule_id", "trend__story_id")
+            rule_id__in={r.id for r, _ in pairs}, story_id__in=stories
+        ).values_list("rule_id", "story_id")
     )
     may_fire, joining = [], []
     for rule, trend in pairs:
@@ -182,14 +182,13 @@ def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> l
         latest[(rule.id, trend.story_id)] = trend
     alerts = list(
         Alert.objects.select_for_update()
-        .filter(rule_id__in={k[0] for k in latest}, trend__story_id__in={k[1] for k in latest})
-        .select_related("trend")
+        .filter(rule_id__in={k[0] for k in latest}, story_id__in={k[1] for k in latest})
         .order_by("id")
     )
     now = timezone.now()
     updated = []
     for alert in alerts:
-        story_id = alert.trend.story_id if alert.trend is not None else None
+        story_id = alert.story_id
         member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
         if member is None:
             continue
@@ -214,16 +213,13 @@ def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
     now = timezone.now()
     with transaction.atomic():
         alerts = (
-            Alert.objects.select_for_update()
-            .filter(trend__story_id__in=list(by_story))
-            .select_related("trend")
-            .order_by("id")
+            Alert.objects.select_for_update().filter(story_id__in=list(by_story)).order_by("id")
         )
         for alert in alerts:
             story = alert.evidence.get("story") or {}
             if not story.get("predicted"):
                 continue
-            story_id = alert.trend.story_id if alert.trend is not None else None
+            story_id = alert.story_id
             trend = by_story.get(story_id) if story_id is not None else None
             if trend is None:
                 continue
@@ -381,7 +377,15 @@ def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int
     return _insert_alerts(
         "trend_id",
         [
-            (rule, t.id, _title(t), _evidence(t), t.evidence_received_at, t.evidence_created_at)
+            (
+                rule,
+                t.id,
+                _title(t),
+                _evidence(t),
+                t.evidence_received_at,
+                t.evidence_created_at,
+                t.story_id,
+            )
             for rule, t in firing
         ],
     )
@@ -389,11 +393,12 @@ def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int
 
 def _insert_alerts(
     target: Literal["trend_id", "anomaly_id", "event_id"],
-    firing: list[tuple[AlertRule, int, str, str, datetime, datetime]],
+    firing: list[tuple[AlertRule, int, str, str, datetime, datetime, int | None]],
 ) -> list[int]:
     """Insert one alert per ``(rule, target id, title, evidence JSON, event received,
-    event created)`` with consecutive per-team ``seq``; return their ids (one statement;
-    a ``(rule, target)`` pair already alerted is skipped)."""
+    event created, story id)`` with consecutive per-team ``seq``; return their ids (one
+    statement; a ``(rule, target)`` pair already alerted is skipped). The story id is a
+    trend's ``TrendView.story_id`` (None for the other targets)."""
     if not firing:
         return []
     counts: dict[int, int] = defaultdict(int)
@@ -402,7 +407,7 @@ def _insert_alerts(
     next_seq = _next_seqs(counts)
     now = timezone.now()
     rows = []
-    for rule, target_id, title, evidence, received_at, created_at in firing:
+    for rule, target_id, title, evidence, received_at, created_at, story_id in firing:
         seq = next_seq[rule.team_id]
         next_seq[rule.team_id] += 1
         rows.append(
@@ -410,6 +415,7 @@ def _insert_alerts(
                 rule.team_id,
                 rule.id,
                 target_id,
+                story_id,
                 seq,
                 title,
                 rule.severity,
@@ -424,14 +430,14 @@ def _insert_alerts(
             cursor.cursor,
             f"""
             INSERT INTO alerts_alert (
-                team_id, rule_id, {target}, seq, title, severity, evidence,
+                team_id, rule_id, {target}, story_id, seq, title, severity, evidence,
                 event_received_at, event_created_at, created_at
             ) VALUES %s
             ON CONFLICT (rule_id, {target}) DO NOTHING
             RETURNING id
             """,
             rows,
-            template="(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+            template="(%s, %s, %s, %s::bigint, %s, %s, %s, %s::jsonb, %s, %s, %s)",
             fetch=True,
         )
     return [row[0] for row in returned]
@@ -691,8 +697,8 @@ def _sweep_stale_alerts(now: datetime, cutoff: datetime) -> int:
     predicted_stories = {
         story_id if story_id is not None else trend_id
         for trend_id, story_id in recent.filter(
-            trend__isnull=False, evidence__story__predicted=True
-        ).values_list("trend_id", "trend__story_id")[:SWEEP_LIMIT]
+            trend_id__isnull=False, evidence__story__predicted=True
+        ).values_list("trend_id", "story_id")[:SWEEP_LIMIT]
     }
     updated = confirm_trends(trend_ids=facade.confirmed_trend_ids(sorted(predicted_stories)))
     anomalies = list(
@@ -717,6 +723,7 @@ def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -
                 _anomaly_evidence(a),
                 a.evidence_received_at,
                 a.evidence_created_at,
+                None,
             )
             for rule, a in firing
         ],
@@ -807,6 +814,7 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
                     _viral_evidence(p),
                     p.received_at,
                     p.created_at,
+                    None,
                 )
                 for rule, p in pairs
                 if (rule.id, p.id) in won

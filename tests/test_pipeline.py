@@ -379,6 +379,7 @@ def test_terms_that_surge_together_are_one_story_with_one_alert_updated_as_it_gr
     assert trends["#blizzard"].forecast["next_counts"]
     alerts = Alert.objects.filter(id__in=alert_ids).order_by("seq")
     assert [a.trend.term for a in alerts] == ["#blizzard", "#flood"]  # one per story
+    assert [a.story_id for a in alerts] == [trends["#blizzard"].id, trends["#flood"].id]
     blizzard = alerts[0]
     assert blizzard.updated_at is not None
     assert set(blizzard.evidence["story"]["terms"]) >= {"#blizzard", "#snowstorm"}
