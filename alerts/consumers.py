@@ -8,7 +8,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from alerts.push import PROTOCOL_VERSION, alerts_group
-from alerts.services import team_sequences
+from alerts.selectors import team_sequences
 from teams.models import Team
 from teams.ws_auth import CLOSE_ORIGIN_REFUSED, CLOSE_UNAUTHENTICATED
 

@@ -74,7 +74,7 @@ import websockets  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
-from alerts import services as alert_services  # noqa: E402
+from alerts import evaluation  # noqa: E402
 from alerts.models import Alert, AlertRule  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
@@ -443,7 +443,7 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
             ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
             trend_ids = ml_services.advance_stream(source_id=source.id)
-            alert_services.evaluate_trends(trend_ids=trend_ids)
+            evaluation.evaluate_trends(trend_ids=trend_ids)
     elapsed = time.time() - started
     stored = Event.objects.filter(source=source).count()
     return {

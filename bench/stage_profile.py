@@ -32,6 +32,7 @@ import django  # noqa: E402
 
 django.setup()
 
+from alerts import evaluation  # noqa: E402
 from alerts import services as alert_services  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
@@ -75,7 +76,7 @@ def one_run(envelopes: list[Envelope], team: Team) -> dict[str, dict[str, float]
                 source_id=source.id,
             )
             trends = timed("trends", ml_services.advance_stream, source_id=source.id)
-            timed("alerts", alert_services.evaluate_trends, trend_ids=trends)
+            timed("alerts", evaluation.evaluate_trends, trend_ids=trends)
     n = len(envelopes)
     return {
         "cpu_ms_per_event": {s: round(cpu[s] * 1000 / n, 4) for s in STAGES},

@@ -157,7 +157,7 @@ def fire_blizzard_alerts(team: Team) -> list[int]:
     """A source, a rule, and a "#blizzard" and a "#flood" burst (two stories) after six
     quiet buckets, run through every stage up to the alerts; returns the new alert ids
     (not yet pushed)."""
-    from alerts import services as alert_services
+    from alerts import evaluation
 
     source = make_source(team)
     make_rule(team)
@@ -167,4 +167,4 @@ def fire_blizzard_alerts(team: Team) -> list[int]:
         + burst("#blizzard", count=12, minutes=91)
         + burst("#flood", count=12, minutes=92),
     )
-    return alert_services.evaluate_trends(trend_ids=trend_ids)
+    return evaluation.evaluate_trends(trend_ids=trend_ids)

@@ -12,7 +12,7 @@ import pytest
 from django.db import OperationalError, connection
 from psycopg2 import errorcodes
 
-from alerts import services as alert_services
+from alerts import claims, evaluation
 from alerts.models import Alert, AlertRule, TrendCheck
 from ingest.models import Source
 from mlengine.models import Trend
@@ -63,7 +63,7 @@ def run_concurrently(*batches: list[int]) -> list[list[int]]:
     def work(i: int, batch: list[int]) -> None:
         try:
             barrier.wait()
-            results[i] = alert_services.evaluate_trends(trend_ids=batch)
+            results[i] = evaluation.evaluate_trends(trend_ids=batch)
         except BaseException as exc:  # reported by the test below
             errors.append(exc)
         finally:
@@ -72,7 +72,7 @@ def run_concurrently(*batches: list[int]) -> list[list[int]]:
     threads = [threading.Thread(target=work, args=(i, b)) for i, b in enumerate(batches)]
     # Patched once, here: a patch is process-wide, and two threads patching and
     # restoring it in turn would leave the mock in place for later tests.
-    with mock.patch("alerts.services._push"):
+    with mock.patch("alerts.push.push_alerts"):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -125,8 +125,8 @@ def test_the_cooldown_is_in_event_time_and_per_bucket() -> None:
     make_rule(team, name="six hours", cooldown_s=6 * 3600)
     trends = [make_trend(source, "#storm", bucket).id for bucket in (0, 1, 6, 7, 12)]
 
-    with mock.patch("alerts.services._push"):
-        fired = alert_services.evaluate_trends(trend_ids=trends)
+    with mock.patch("alerts.push.push_alerts"):
+        fired = evaluation.evaluate_trends(trend_ids=trends)
 
     buckets = sorted(
         Alert.objects.filter(id__in=fired).values_list("trend__bucket_start", flat=True)
@@ -146,7 +146,7 @@ def test_a_deadlock_is_retried_not_dropped() -> None:
 
     deadlock = OperationalError("deadlock detected")
     deadlock.__cause__ = PostgresDeadlock()
-    real = alert_services._claim_checks
+    real = claims.claim_checks
     calls = {"n": 0}
 
     def flaky(ids: list[int]) -> set[int]:
@@ -156,10 +156,10 @@ def test_a_deadlock_is_retried_not_dropped() -> None:
         return real(ids)
 
     with (
-        mock.patch("alerts.services._claim_checks", flaky),
-        mock.patch("alerts.services._push"),
+        mock.patch("alerts.claims.claim_checks", flaky),
+        mock.patch("alerts.push.push_alerts"),
     ):
-        fired = alert_services.evaluate_trends(trend_ids=[trend_id])
+        fired = evaluation.evaluate_trends(trend_ids=[trend_id])
 
     assert calls["n"] == 2
     assert len(fired) == 1
@@ -171,7 +171,7 @@ def test_the_stage_takes_a_fixed_number_of_queries_whatever_the_batch(
 ) -> None:
     _, trend_ids = three_teams_of_trends()
 
-    with mock.patch("alerts.services._push"), django_assert_max_num_queries(12):
-        fired = alert_services.evaluate_trends(trend_ids=trend_ids[:40])
+    with mock.patch("alerts.push.push_alerts"), django_assert_max_num_queries(12):
+        fired = evaluation.evaluate_trends(trend_ids=trend_ids[:40])
 
     assert len(fired) == 80

@@ -19,8 +19,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from alerts import push
-from alerts import services as alert_services
+from alerts import evaluation, push, sweeps
 from alerts.models import Alert, AlertRule
 from ingest.envelope import Envelope
 from ingest.models import Source
@@ -137,8 +136,8 @@ def test_an_anomaly_rule_fires_once_and_its_alert_is_pushed() -> None:
     assert handed == [new_ids]
 
     with TestCase.captureOnCommitCallbacks(execute=False):
-        alert_ids = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
-    again = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+        alert_ids = evaluation.evaluate_anomalies(anomaly_ids=new_ids)
+    again = evaluation.evaluate_anomalies(anomaly_ids=new_ids)
 
     alerts = Alert.objects.filter(id__in=alert_ids)
     assert again == []
@@ -177,7 +176,7 @@ def test_an_anomaly_alert_follows_its_window_as_it_grows() -> None:
     assert not volume.closed
     opened_end = volume.window_end
     with TestCase.captureOnCommitCallbacks(execute=False):
-        [alert_id] = alert_services.evaluate_anomalies(anomaly_ids=[volume.id])
+        [alert_id] = evaluation.evaluate_anomalies(anomaly_ids=[volume.id])
     first = Alert.objects.get(id=alert_id)
     assert first.evidence["window_end"] == opened_end.isoformat()
     assert first.evidence["closed"] is False
@@ -198,20 +197,20 @@ def test_an_anomaly_alert_follows_its_window_as_it_grows() -> None:
         mock.patch("alerts.push.push_updates") as push_updates,
         TestCase.captureOnCommitCallbacks(execute=True),
     ):
-        assert alert_services.update_anomaly_alerts(anomaly_ids=[volume.id]) == [alert_id]
+        assert evaluation.update_anomaly_alerts(anomaly_ids=[volume.id]) == [alert_id]
     alert = Alert.objects.get(id=alert_id)
     assert alert.evidence["window_end"] == volume.window_end.isoformat()
     assert alert.evidence["closed"] is volume.closed and alert.updated_at is not None
     assert alert.seq == first.seq  # the same alert, updated in place
     assert push_updates.call_args.kwargs == {"alert_ids": [alert_id]}
-    assert alert_services.update_anomaly_alerts(anomaly_ids=[volume.id]) == []
+    assert evaluation.update_anomaly_alerts(anomaly_ids=[volume.id]) == []
 
     # Had that message been lost, the alerts sweeper brings the alert up to date.
     Alert.objects.filter(id=alert_id).update(
         evidence=first.evidence, created_at=timezone.now() - timedelta(minutes=10)
     )
     with TestCase.captureOnCommitCallbacks(execute=False):
-        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 1
+        assert sweeps.sweep(older_than_s=120)["alerts_updated"] == 1
     assert Alert.objects.get(id=alert_id).evidence["window_end"] == volume.window_end.isoformat()
 
 
@@ -221,10 +220,10 @@ def test_a_second_run_and_a_redelivered_alert_task_double_nothing() -> None:
     spiked_source(personas)
     new_ids = advance_all()
     points = SeriesPoint.objects.count()
-    first = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+    first = evaluation.evaluate_anomalies(anomaly_ids=new_ids)
 
     assert anomaly_stage.advance_anomalies().anomaly_ids == []
-    assert alert_services.evaluate_anomalies(anomaly_ids=new_ids) == []
+    assert evaluation.evaluate_anomalies(anomaly_ids=new_ids) == []
     assert SeriesPoint.objects.count() == points
     assert Anomaly.objects.count() == len(new_ids) >= 1
     assert Alert.objects.count() == len(first) == len(new_ids)

@@ -8,7 +8,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from alerts import services as alert_services
+from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from ingest import services as ingest_services
 from mlengine.models import Trend
@@ -40,7 +40,7 @@ def world():
     source = make_source(personas.team)
     make_rule(personas.team, name="everything")
     trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
-    alert_services.evaluate_trends(trend_ids=trend_ids)
+    evaluation.evaluate_trends(trend_ids=trend_ids)
     ingest_services.record_dead_letters(
         stage="replay", source=source, items=[(f"bad row {i}", {"line": i}) for i in range(3)]
     )

@@ -16,8 +16,7 @@ from channels.layers import get_channel_layer
 from django.test import TestCase
 from django.utils import timezone
 
-from alerts import push
-from alerts import services as alert_services
+from alerts import evaluation, push, sweeps
 from alerts.models import Alert
 from ingest import selectors, services
 from ingest.envelope import Envelope
@@ -224,8 +223,8 @@ def test_a_burst_of_many_authors_becomes_a_trend_and_fires_the_rule_once() -> No
     trend_ids = run_through(
         source, quiet_history(6) + burst("#blizzard", count=12, minutes=6 * 15 + 1)
     )
-    first = alert_services.evaluate_trends(trend_ids=trend_ids)
-    again = alert_services.evaluate_trends(trend_ids=trend_ids)
+    first = evaluation.evaluate_trends(trend_ids=trend_ids)
+    again = evaluation.evaluate_trends(trend_ids=trend_ids)
 
     trend = Trend.objects.get(term="#blizzard")
     assert trend.events == 12 and trend.authors_count == 12
@@ -275,8 +274,8 @@ def test_the_cooldown_keeps_a_term_from_alerting_again_within_it() -> None:
     first = burst("#blizzard", count=12, minutes=6 * 15 + 1)
     second = burst("#blizzard", count=40, minutes=11 * 15 + 1)
 
-    alerts = alert_services.evaluate_trends(trend_ids=run_through(source, history[:60] + first))
-    alerts += alert_services.evaluate_trends(trend_ids=run_through(source, history[60:] + second))
+    alerts = evaluation.evaluate_trends(trend_ids=run_through(source, history[:60] + first))
+    alerts += evaluation.evaluate_trends(trend_ids=run_through(source, history[60:] + second))
 
     assert Trend.objects.filter(term="#blizzard").count() == 2
     assert Alert.objects.filter(id__in=alerts, trend__term="#blizzard").count() == 1
@@ -290,14 +289,14 @@ def test_rules_of_other_teams_never_fire_on_a_teams_trend() -> None:
     trend_ids = run_through(source, quiet_history(6) + burst("#blizzard", count=12, minutes=91))
 
     assert trend_ids
-    assert alert_services.evaluate_trends(trend_ids=trend_ids) == []
+    assert evaluation.evaluate_trends(trend_ids=trend_ids) == []
 
 
 def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
     personas = make_personas()
     source = make_source(personas.team)
     make_rule(personas.team)
-    alert_ids = alert_services.evaluate_trends(
+    alert_ids = evaluation.evaluate_trends(
         trend_ids=run_through(
             source,
             quiet_history(6)
@@ -370,7 +369,7 @@ def test_terms_that_surge_together_are_one_story_with_one_alert_updated_as_it_gr
     other = burst("#flood", count=12, minutes=93)
 
     trend_ids = run_through(source, quiet_history(6) + story + other)
-    alert_ids = alert_services.evaluate_trends(trend_ids=trend_ids)
+    alert_ids = evaluation.evaluate_trends(trend_ids=trend_ids)
 
     trends = {t.term: t for t in Trend.objects.filter(id__in=trend_ids)}
     assert {"#blizzard", "#snowstorm", "#flood"} <= set(trends)
@@ -400,14 +399,14 @@ def test_a_story_that_grows_after_its_alert_was_sent_pushes_alert_updated() -> N
         envelope("#snowstorm and #blizzard now", minutes=94 + i * 0.1, author=f"v{i}")
         for i in range(10)
     ]
-    created = alert_services.evaluate_trends(trend_ids=run_through(source, history + first))
+    created = evaluation.evaluate_trends(trend_ids=run_through(source, history + first))
     push.push_alerts(alert_ids=created)
 
     async def listen() -> list[dict]:
         layer = get_channel_layer()
         channel = await layer.new_channel()
         await layer.group_add(push.alerts_group(personas.team.id), channel)
-        again = await sync_to_async(alert_services.evaluate_trends)(
+        again = await sync_to_async(evaluation.evaluate_trends)(
             trend_ids=await sync_to_async(run_through)(source, later)
         )
         assert again == []  # no new alert: the story's alert was updated
@@ -453,7 +452,7 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     make_rule(personas.team)
     emerging, later = accelerating_flood()
 
-    created = alert_services.evaluate_trends(trend_ids=run_through(source, emerging))
+    created = evaluation.evaluate_trends(trend_ids=run_through(source, emerging))
     trend = Trend.objects.get(term="#flood")
     assert trend.predicted and trend.confirmed_at is None
     alert = Alert.objects.get(id__in=created)
@@ -472,7 +471,7 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
             )
         )
         with TestCase.captureOnCommitCallbacks(execute=True):
-            updated = alert_services.confirm_trends(trend_ids=confirmed)
+            updated = evaluation.confirm_trends(trend_ids=confirmed)
 
     alert.refresh_from_db()
     assert updated == [alert.id]
@@ -482,7 +481,7 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     assert push_updates.call_args.kwargs == {"alert_ids": [alert.id]}
     # The trend stage handed the confirmation to the alerts stage's side task.
     assert mock.call("ml", task="confirmations", trend_ids=confirmed) in hand_off.call_args_list
-    assert alert_services.confirm_trends(trend_ids=confirmed) == []  # nothing left to do
+    assert evaluation.confirm_trends(trend_ids=confirmed) == []  # nothing left to do
 
 
 def test_a_confirmation_whose_message_was_lost_is_applied_by_the_alerts_sweeper() -> None:
@@ -490,19 +489,19 @@ def test_a_confirmation_whose_message_was_lost_is_applied_by_the_alerts_sweeper(
     source = make_source(personas.team)
     make_rule(personas.team)
     emerging, later = accelerating_flood()
-    [alert_id] = alert_services.evaluate_trends(trend_ids=run_through(source, emerging))
+    [alert_id] = evaluation.evaluate_trends(trend_ids=run_through(source, emerging))
     run_through(source, later)  # confirmed; the confirmations task is never run
     assert Trend.objects.filter(term="#flood", confirmed_at__isnull=False).exists()
     assert Alert.objects.get(id=alert_id).evidence["story"]["predicted"] is True
 
     with TestCase.captureOnCommitCallbacks(execute=False):
-        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 0  # too fresh
+        assert sweeps.sweep(older_than_s=120)["alerts_updated"] == 0  # too fresh
     Alert.objects.filter(id=alert_id).update(created_at=timezone.now() - timedelta(minutes=10))
     with TestCase.captureOnCommitCallbacks(execute=False):
-        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 1
+        assert sweeps.sweep(older_than_s=120)["alerts_updated"] == 1
 
     alert = Alert.objects.get(id=alert_id)
     assert alert.title.startswith("Trending: #flood")
     assert alert.evidence["story"]["predicted"] is False
     with TestCase.captureOnCommitCallbacks(execute=False):
-        assert alert_services.sweep(older_than_s=120)["alerts_updated"] == 0
+        assert sweeps.sweep(older_than_s=120)["alerts_updated"] == 0

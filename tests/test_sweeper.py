@@ -15,7 +15,7 @@ from celery.contrib.testing.worker import start_worker
 from django.test import TestCase
 from django.utils import timezone
 
-from alerts import services as alert_services
+from alerts import evaluation, sweeps
 from alerts.models import Alert
 from ingest import services
 from ingest.models import Event, Source
@@ -130,7 +130,7 @@ def test_an_alert_whose_push_was_lost_is_pushed() -> None:
     alert_ids = fire_blizzard_alerts(make_personas().team)
     Alert.objects.update(created_at=timezone.now() - timedelta(minutes=10))
 
-    swept = alert_services.sweep(older_than_s=120)
+    swept = sweeps.sweep(older_than_s=120)
 
     assert swept["alerts_pushed"] == len(alert_ids) >= 1
     assert not Alert.objects.filter(pushed_at__isnull=True).exists()
@@ -143,14 +143,14 @@ def test_a_trend_never_evaluated_is_sent_to_the_alert_stage_again() -> None:
     age_dispatch_records("alerts", 600)  # sent ten minutes ago, and the queue is empty
 
     with TestCase.captureOnCommitCallbacks(execute=True):
-        swept = alert_services.sweep(older_than_s=120)
+        swept = sweeps.sweep(older_than_s=120)
     assert swept["trends"] == Trend.objects.count() >= 1
     assert queued("alerts") == 1
 
-    alert_services.evaluate_trends(trend_ids=list(Trend.objects.values_list("id", flat=True)))
+    evaluation.evaluate_trends(trend_ids=list(Trend.objects.values_list("id", flat=True)))
     get_redis().delete("alerts")
     with TestCase.captureOnCommitCallbacks(execute=True):
-        assert alert_services.sweep(older_than_s=120)["trends"] == 0  # evaluated now
+        assert sweeps.sweep(older_than_s=120)["trends"] == 0  # evaluated now
 
 
 def test_a_stream_left_behind_by_a_lost_message_is_advanced() -> None:

@@ -17,8 +17,7 @@ from django.core.management import call_command
 from django.test import TestCase
 from django.urls import reverse
 
-from alerts import push
-from alerts import services as alert_services
+from alerts import evaluation, push, sweeps
 from alerts.models import Alert, AlertRule, ViralCheck
 from ingest import services as ingest_services
 from ingest.envelope import Author, Envelope
@@ -85,7 +84,7 @@ def test_a_viral_post_rule_fires_on_posts_at_its_threshold_once_per_author_coold
     ids = score((first, 0.91), (within, 0.88), (after, 0.75), (low, 0.62), (other, 0.7))
 
     with TestCase.captureOnCommitCallbacks(execute=False):
-        created = alert_services.evaluate_viral(event_ids=ids)
+        created = evaluation.evaluate_viral(event_ids=ids)
 
     alerts = Alert.objects.filter(id__in=created).order_by("seq")
     # The author's second post falls in the rule's cooldown; the third is past it.
@@ -100,7 +99,7 @@ def test_a_viral_post_rule_fires_on_posts_at_its_threshold_once_per_author_coold
     assert alert.event_created_at == first.created_at
     assert alert.event_received_at == first.received_at
     # A redelivered task alerts nothing twice.
-    assert alert_services.evaluate_viral(event_ids=ids) == []
+    assert evaluation.evaluate_viral(event_ids=ids) == []
     assert ViralCheck.objects.filter(event_id__in=ids).count() == len(ids)
 
 
@@ -123,7 +122,7 @@ def test_source_and_terms_filter_and_other_teams_rules_never_fire() -> None:
     away = post(elsewhere, "s3", author="c", minutes=2, text="Flooding #storm")
 
     with TestCase.captureOnCommitCallbacks(execute=False):
-        created = alert_services.evaluate_viral(
+        created = evaluation.evaluate_viral(
             event_ids=score((storm, 0.9), (plain, 0.9), (away, 0.9))
         )
 
@@ -139,7 +138,7 @@ def test_the_alert_is_pushed_with_its_post(settings: Any) -> None:
     make_rule(personas.team, name="viral", kind=AlertRule.Kind.VIRAL_POST, min_score=0.8)
     hit = post(source, "p1", author="mayor", minutes=0, text="Evacuate the riverside now")
     with TestCase.captureOnCommitCallbacks(execute=False):
-        created = alert_services.evaluate_viral(event_ids=score((hit, 0.93)))
+        created = evaluation.evaluate_viral(event_ids=score((hit, 0.93)))
 
     async def push_and_listen() -> list[dict[str, Any]]:
         layer = get_channel_layer()
@@ -195,17 +194,17 @@ def test_a_scored_post_whose_alert_task_was_lost_is_sent_again_then_marked_done(
     ids = score((lost, 0.8))
     pipeline.record("alerts", [f"viral:{lost.id}"])  # written; the process died before the send
 
-    assert alert_services.sweep(older_than_s=120)["viral_posts"] == 0  # too fresh yet
+    assert sweeps.sweep(older_than_s=120)["viral_posts"] == 0  # too fresh yet
     age_dispatch_records("alerts", 600)
     with commits_without_broker() as send_task:
-        assert alert_services.sweep(older_than_s=120)["viral_posts"] == 1
+        assert sweeps.sweep(older_than_s=120)["viral_posts"] == 1
     [call] = [c for c in send_task.call_args_list if c.args[0] == "alerts.evaluate_viral"]
     assert call.kwargs["kwargs"] == {"event_ids": ids}
 
     with TestCase.captureOnCommitCallbacks(execute=True):
-        assert len(alert_services.evaluate_viral(event_ids=ids)) == 1
+        assert len(evaluation.evaluate_viral(event_ids=ids)) == 1
     age_dispatch_records("alerts", 600)
-    assert alert_services.sweep(older_than_s=120)["viral_posts"] == 0
+    assert sweeps.sweep(older_than_s=120)["viral_posts"] == 0
     assert get_redis().zcard(pipeline.DISPATCH_KEY.format(stage="alerts")) == 0
 
 

@@ -12,7 +12,7 @@ from django.test import Client, TestCase
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from alerts import services as alert_services
+from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from ingest.envelope import Envelope
 from mlengine import anomaly_stage
@@ -97,7 +97,7 @@ def test_a_burst_of_a_watch_term_is_an_anomaly_a_rule_with_its_terms_alerts_on()
 
     new_ids = advance_all()
     with TestCase.captureOnCommitCallbacks(execute=False):
-        alert_ids = alert_services.evaluate_anomalies(anomaly_ids=new_ids)
+        alert_ids = evaluation.evaluate_anomalies(anomaly_ids=new_ids)
 
     found = Anomaly.objects.get(series__kind=Series.Kind.WATCH)
     assert found.series.watch_id == watch.id and found.id in new_ids

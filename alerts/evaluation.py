@@ -1,0 +1,503 @@
+"""The alerts stage's evaluations: rules fire on new trends, anomalies and posts scored
+likely viral, and the alerts are persisted, then pushed; the alerts of a story that
+grows, of a prediction that came true and of an anomaly that changed are brought up to
+date.
+
+``evaluate_trends`` works on a whole batch of trends with a fixed number of statements,
+whatever the batch's size (the claims: ``alerts.claims``):
+
+1. claim the evaluation of each trend (``TrendCheck``: insert, conflict-ignore), so a
+   redelivered or racing task evaluates nothing twice;
+2. match the teams' enabled rules to the trends (one query for the rules);
+3. claim the cooldowns (``RuleTermClaim``: one conditional upsert), in event time: a
+   rule alerts on a term of a source once per bucket, and again only ``cooldown_s``
+   after the bucket it last alerted on;
+4. take each team's next sequence numbers (``AlertSequence``: one UPDATE);
+5. insert the alerts (one conflict-ignore insert) and push them after commit.
+
+Trends, stories and anomalies come from ``mlengine.facade`` as frozen dataclasses; a
+trend alert keeps its story's id as a plain value (``Alert.story_id``, from
+``TrendView.story_id``), by which the later members of the story find it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from django.db import transaction
+from django.utils import timezone
+
+from alerts import claims, push
+from alerts.models import Alert, AlertRule
+from ingest import selectors as ingest_selectors
+from mlengine import facade
+from twiscope import pipeline
+
+log = structlog.get_logger(__name__)
+
+
+def rule_matches(rule: AlertRule, trend: facade.TrendView) -> bool:
+    """Whether ``trend`` passes ``rule``'s filters (source, terms, thresholds)."""
+    return (
+        rule.enabled
+        and (rule.source_id is None or rule.source_id == trend.source_id)
+        and (not rule.terms or trend.term in rule.terms)
+        and trend.score >= rule.min_score
+        and trend.events >= rule.min_events
+        and trend.authors_count >= rule.min_authors
+    )
+
+
+@claims.retry_lock_conflicts
+def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
+    """Fire the matching rules of each trend's team; return the new alert ids.
+
+    Trends that are gone, or already evaluated, are skipped. A deadlock or
+    serialization failure rolls back and retries the whole batch (exponential backoff
+    with jitter, at most ``alerts.claims.RETRY_ATTEMPTS`` tries; then the error
+    propagates and the task is redelivered). Side effects after commit: the new alerts
+    are pushed to their teams' WebSocket groups (``alerts.push``), and the trends are
+    marked done for the sweeper.
+    """
+    trends = facade.trends(trend_ids)
+    with transaction.atomic():
+        fresh = claims.claim_checks([t.id for t in trends])
+        transaction.on_commit(lambda: pipeline.mark_done("alerts", trend_ids))
+        trends = [t for t in trends if t.id in fresh]
+        if not trends:
+            return []
+        rules_by_team: dict[int, list[AlertRule]] = defaultdict(list)
+        for rule in AlertRule.objects.filter(
+            team_id__in={t.team_id for t in trends},
+            enabled=True,
+            kind=AlertRule.Kind.NEW_TREND,
+        ).order_by("id"):
+            rules_by_team[rule.team_id].append(rule)
+        pairs = [
+            (rule, trend)
+            for trend in sorted(trends, key=lambda t: (t.evidence_created_at, t.id))
+            for rule in rules_by_team[trend.team_id]
+            if rule_matches(rule, trend)
+        ]
+        pairs, joining = _split_story_members(pairs)
+        won = claims.claim_cooldowns(
+            [(rule, t.source_id, t.term, t.bucket_start, t.id) for rule, t in pairs]
+        )
+        firing = [(rule, trend) for rule, trend in pairs if (rule.id, trend.id) in won]
+        created = _create_alerts(firing)
+        updated = _update_story_alerts(joining)
+        if created:
+            transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    if created or updated:
+        log.info("alerts.fired", alerts=len(created), updated=len(updated))
+    return created
+
+
+def _split_story_members(
+    pairs: list[tuple[AlertRule, facade.TrendView]],
+) -> tuple[list[tuple[AlertRule, facade.TrendView]], list[tuple[AlertRule, facade.TrendView]]]:
+    """``(pairs that may fire, pairs that update their story's alert)``.
+
+    A later member of a story (``TrendView.joins_story``) updates the alert its rule
+    gave the story, when there is one (stored, or firing in this batch from an earlier
+    member); else it may fire, as the story's first alert for that rule.
+    """
+    stories = {t.story_id for _, t in pairs if t.joins_story}
+    alerted = set(
+        Alert.objects.filter(
+            rule_id__in={r.id for r, _ in pairs}, story_id__in=stories
+        ).values_list("rule_id", "story_id")
+    )
+    may_fire, joining = [], []
+    for rule, trend in pairs:
+        key = (rule.id, trend.story_id if trend.story_id is not None else trend.id)
+        if trend.joins_story and key in alerted:
+            joining.append((rule, trend))
+        else:
+            may_fire.append((rule, trend))
+            alerted.add(key)
+    return may_fire, joining
+
+
+def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
+    """Update each story's alert with the member that joined it (the story's terms,
+    label and forecast in ``evidence["story"]``, the title, ``updated_at``); return the
+    ids of the alerts updated. The alerts are locked in id order."""
+    if not joining:
+        return []
+    latest: dict[tuple[int, int], facade.TrendView] = {}
+    for rule, trend in joining:  # in event-time order: the last member has them all
+        assert trend.story_id is not None
+        latest[(rule.id, trend.story_id)] = trend
+    alerts = list(
+        Alert.objects.select_for_update()
+        .filter(rule_id__in={k[0] for k in latest}, story_id__in={k[1] for k in latest})
+        .order_by("id")
+    )
+    now = timezone.now()
+    updated = []
+    for alert in alerts:
+        story_id = alert.story_id
+        member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
+        if member is None:
+            continue
+        alert.evidence = {**alert.evidence, "story": _story(member)}
+        alert.title = _title(member, events=max(member.events, alert.evidence.get("events", 0)))
+        alert.updated_at = now
+        alert.save(update_fields=["evidence", "title", "updated_at"])
+        updated.append(alert.id)
+    return updated
+
+
+def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
+    """Predicted trends came true: each alert of their stories that still shows a
+    prediction is updated (title, ``evidence.story.predicted`` false, ``updated_at``) and
+    pushed as ``alert.updated`` after commit; returns the ids of the alerts updated. A
+    redelivered call finds nothing left to update."""
+    confirmed = [t for t in facade.trends(trend_ids) if not t.is_prediction]
+    if not confirmed:
+        return []
+    by_story = {t.story_id if t.story_id is not None else t.id: t for t in confirmed}
+    updated = []
+    now = timezone.now()
+    with transaction.atomic():
+        alerts = (
+            Alert.objects.select_for_update().filter(story_id__in=list(by_story)).order_by("id")
+        )
+        for alert in alerts:
+            story = alert.evidence.get("story") or {}
+            if not story.get("predicted"):
+                continue
+            story_id = alert.story_id
+            trend = by_story.get(story_id) if story_id is not None else None
+            if trend is None:
+                continue
+            alert.evidence = {**alert.evidence, "story": {**story, "predicted": False}}
+            alert.title = _title(trend, events=max(trend.events, alert.evidence.get("events", 0)))
+            alert.updated_at = now
+            alert.save(update_fields=["evidence", "title", "updated_at"])
+            updated.append(alert.id)
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    return updated
+
+
+def _title(trend: facade.TrendView, *, events: int | None = None) -> str:
+    """``Trending: <the story's label> in <source>: <posts>, <score>σ above baseline``;
+    ``Emerging (predicted): …`` while the trend is a prediction not yet confirmed."""
+    label = ", ".join(trend.story_label or (trend.term,))
+    head = "Emerging (predicted)" if trend.is_prediction else "Trending"
+    return (
+        f"{head}: {label} in {trend.source_name}: {events or trend.events} posts, "
+        f"{trend.score:.1f}σ above baseline"
+    )[:300]
+
+
+def _story(trend: facade.TrendView) -> dict[str, Any]:
+    """The story part of an alert's evidence."""
+    return {
+        "id": trend.story_id if trend.story_id is not None else trend.id,
+        "label": list(trend.story_label or (trend.term,)),
+        "terms": list(trend.story_terms or (trend.term,)),
+        "forecast": trend.forecast,
+        "updated_by": trend.term,
+        "predicted": trend.is_prediction,
+    }
+
+
+def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
+    """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``; return
+    their ids (one statement; a pair already alerted is skipped)."""
+    return claims.insert_alerts(
+        "trend_id",
+        [
+            (
+                rule,
+                t.id,
+                _title(t),
+                _evidence(t),
+                t.evidence_received_at,
+                t.evidence_created_at,
+                t.story_id,
+            )
+            for rule, t in firing
+        ],
+    )
+
+
+def _evidence(trend: facade.TrendView) -> str:
+    return json.dumps(
+        {
+            "term": trend.term,
+            "events": trend.events,
+            "expected": trend.expected,
+            "score": trend.score,
+            "authors_count": trend.authors_count,
+            "velocity": trend.velocity,
+            "bucket_start": trend.bucket_start.isoformat(),
+            "bucket_s": trend.bucket_s,
+            "detected_event_time": trend.evidence_created_at.isoformat(),
+            "source": {"id": trend.source_id, "name": trend.source_name},
+            "sample_event_ids": list(trend.sample_event_ids),
+            "story": _story(trend),
+        },
+        ensure_ascii=False,
+    )
+
+
+def anomaly_rule_matches(rule: AlertRule, anomaly: facade.AnomalyView) -> bool:
+    """Whether ``anomaly`` passes ``rule``'s filters: an enabled "anomaly" rule, of the
+    anomaly's source (or every source), whose ``terms`` (when set) hold the anomaly's
+    term series' term or one of its watch series' terms (compared case-insensitively:
+    watch terms are normalised), and whose ``min_score`` the anomaly's peak score
+    reaches."""
+    return (
+        rule.enabled
+        and rule.kind == AlertRule.Kind.ANOMALY
+        and (rule.source_id is None or rule.source_id == anomaly.source_id)
+        and (not rule.terms or _anomaly_terms_match(rule.terms, anomaly))
+        and anomaly.score >= rule.min_score
+    )
+
+
+def _anomaly_terms_match(terms: Sequence[str], anomaly: facade.AnomalyView) -> bool:
+    if anomaly.kind == "term":
+        return anomaly.term in terms
+    if anomaly.kind == "watch":
+        wanted = {term.lower() for term in terms}
+        return not wanted.isdisjoint(term.lower() for term in anomaly.watch_terms)
+    return False
+
+
+@claims.retry_lock_conflicts
+def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
+    """Fire the matching "anomaly" rules of each anomaly's team; return the new alert ids.
+
+    Anomalies that are gone, or already evaluated (``AnomalyCheck``), are skipped; each
+    ``(rule, anomaly)`` alerts once (``alert_unique_anomaly``), with the team's next
+    ``seq``. Lock conflicts are retried as in ``evaluate_trends``. Side effects after
+    commit: the new alerts are pushed (``alerts.push.push_alerts``: ``alert.created``),
+    and the anomalies are marked done for the sweeper (items ``anomaly:<id>``).
+    """
+    found = facade.anomalies(anomaly_ids)
+    with transaction.atomic():
+        firing = claims.claim_and_match(
+            AlertRule.Kind.ANOMALY,
+            ("alerts_anomalycheck", "anomaly_id", "anomaly"),
+            anomaly_ids,
+            sorted(found, key=lambda a: (a.evidence_created_at, a.id)),
+            anomaly_rule_matches,
+        )
+        if not firing:
+            return []
+        created = _create_anomaly_alerts(firing)
+        if created:
+            transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+    if created:
+        log.info("alerts.anomalies_fired", alerts=len(created))
+    return created
+
+
+def _series_label(anomaly: facade.AnomalyView) -> str:
+    if anomaly.kind == "term":
+        return f"{anomaly.term} volume"
+    if anomaly.kind == "watch":
+        return f"watch {anomaly.watch_name} volume"
+    return "negative share" if anomaly.kind == "negative_share" else "post volume"
+
+
+def _fmt(anomaly: facade.AnomalyView, value: float | None) -> str:
+    if value is None:
+        return "?"
+    if anomaly.kind == "negative_share":
+        return f"{value:.0%}"
+    return f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def _anomaly_title(anomaly: facade.AnomalyView) -> str:
+    """ "Anomaly: <series> in <source>: <value> (expected <low>–<high>), <score>σ"."""
+    return (
+        f"Anomaly: {_series_label(anomaly)} in {anomaly.source_name}: "
+        f"{_fmt(anomaly, anomaly.value)} (expected {_fmt(anomaly, anomaly.low)}–"
+        f"{_fmt(anomaly, anomaly.high)}), {anomaly.score:.1f}σ"
+    )[:300]
+
+
+def _series_evidence(anomaly: facade.AnomalyView) -> dict[str, Any]:
+    """``{"kind", "term"}``, and for a watch series ``"watch": {"id", "name"}``."""
+    series: dict[str, Any] = {"kind": anomaly.kind, "term": anomaly.term}
+    if anomaly.kind == "watch":
+        series["watch"] = {"id": anomaly.watch_id, "name": anomaly.watch_name}
+    return series
+
+
+def _anomaly_evidence(anomaly: facade.AnomalyView) -> str:
+    return json.dumps(
+        {
+            "anomaly": anomaly.id,
+            "series": _series_evidence(anomaly),
+            "window_start": anomaly.window_start.isoformat(),
+            "window_end": anomaly.window_end.isoformat(),
+            "bucket_s": anomaly.bucket_s,
+            "peak_at": anomaly.peak_at.isoformat(),
+            "score": anomaly.score,
+            "value": anomaly.value,
+            "expected": anomaly.expected,
+            "low": anomaly.low,
+            "high": anomaly.high,
+            "detected_event_time": anomaly.evidence_created_at.isoformat(),
+            "closed": anomaly.closed,
+            "source": {"id": anomaly.source_id, "name": anomaly.source_name},
+        },
+        ensure_ascii=False,
+    )
+
+
+def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
+    """Anomalies whose window grew, whose peak rose, or that closed: each of their alerts
+    whose evidence no longer says what the anomaly says is updated (title, evidence,
+    ``updated_at``) and pushed as ``alert.updated`` after commit; returns the ids of
+    the alerts updated. The alerts are locked in id order; a redelivered call finds
+    nothing left to update."""
+    found = {a.id: a for a in facade.anomalies(anomaly_ids)}
+    if not found:
+        return []
+    updated = []
+    now = timezone.now()
+    with transaction.atomic():
+        for alert in (
+            Alert.objects.select_for_update().filter(anomaly_id__in=list(found)).order_by("id")
+        ):
+            assert alert.anomaly_id is not None
+            anomaly = found[alert.anomaly_id]
+            evidence = json.loads(_anomaly_evidence(anomaly))
+            title = _anomaly_title(anomaly)
+            if alert.evidence == evidence and alert.title == title:
+                continue
+            alert.evidence, alert.title, alert.updated_at = evidence, title, now
+            alert.save(update_fields=["evidence", "title", "updated_at"])
+            updated.append(alert.id)
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    return updated
+
+
+def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -> list[int]:
+    """Insert one alert per ``(rule, anomaly)`` with consecutive per-team ``seq``; return
+    their ids (one statement; a pair already alerted is skipped)."""
+    return claims.insert_alerts(
+        "anomaly_id",
+        [
+            (
+                rule,
+                a.id,
+                _anomaly_title(a),
+                _anomaly_evidence(a),
+                a.evidence_received_at,
+                a.evidence_created_at,
+                None,
+            )
+            for rule, a in firing
+        ],
+    )
+
+
+def viral_rule_matches(rule: AlertRule, post: ingest_selectors.ScoredPost) -> bool:
+    """Whether ``post`` passes ``rule``'s filters: an enabled "viral_post" rule, of the
+    post's source (or every source), whose ``terms`` (when set) share one with the post's
+    (case-insensitive), and whose ``min_score`` the post's P(viral) reaches."""
+    wanted = {term.lower() for term in rule.terms}
+    return (
+        rule.enabled
+        and rule.kind == AlertRule.Kind.VIRAL_POST
+        and (rule.source_id is None or rule.source_id == post.source_id)
+        and (not wanted or not wanted.isdisjoint(term.lower() for term in post.terms))
+        and post.virality_score >= rule.min_score
+    )
+
+
+@claims.retry_lock_conflicts
+def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
+    """Fire the matching "viral_post" rules of each scored post's team; return the new
+    alert ids.
+
+    Posts that are gone, unscored, or already evaluated (``ViralCheck``) are skipped. A
+    rule alerts on an author of a source once per ``cooldown_s`` of event time (the
+    claim ``RuleTermClaim`` keyed "author:<key>"; a post with no author key is its own
+    key), and on a post once (``alert_unique_event``), with the team's next ``seq``.
+    Lock conflicts are retried as in ``evaluate_trends``. Side effects after commit: the
+    new alerts are pushed (``alert.created``), the posts' dispatch records (items
+    ``viral:<id>``) are marked done.
+    """
+    posts = ingest_selectors.scored_posts(event_ids)  # in event-time order
+    with transaction.atomic():
+        pairs = claims.claim_and_match(
+            AlertRule.Kind.VIRAL_POST,
+            ("alerts_viralcheck", "event_id", "viral"),
+            event_ids,
+            posts,
+            viral_rule_matches,
+        )
+        if not pairs:
+            return []
+        won = claims.claim_cooldowns(
+            [
+                (rule, p.source_id, f"author:{p.author or p.id}", p.created_at, p.id)
+                for rule, p in pairs
+            ]
+        )
+        created = claims.insert_alerts(
+            "event_id",
+            [
+                (
+                    rule,
+                    p.id,
+                    _viral_title(p),
+                    _viral_evidence(p),
+                    p.received_at,
+                    p.created_at,
+                    None,
+                )
+                for rule, p in pairs
+                if (rule.id, p.id) in won
+            ],
+        )
+        if created:
+            transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+    if created:
+        log.info("alerts.viral_fired", alerts=len(created))
+    return created
+
+
+def _viral_title(post: ingest_selectors.ScoredPost) -> str:
+    """ "Likely viral (<P>%): <author> in <source>: “<text>”"."""
+    text = " ".join(post.text.split())
+    if len(text) > 120:
+        text = text[:119] + "…"
+    return (
+        f"Likely viral ({post.virality_score:.0%}): {post.author_label or 'unknown author'} "
+        f"in {post.source_name}: “{text}”"
+    )[:300]
+
+
+def _viral_evidence(post: ingest_selectors.ScoredPost) -> str:
+    return json.dumps(
+        {
+            "event": post.id,
+            "virality_score": post.virality_score,
+            "virality_model": post.virality_model,
+            "author": post.author_label,
+            "text": post.text[:1000],
+            "url": post.url,
+            "terms": list(post.terms[:20]),
+            "detected_event_time": post.created_at.isoformat(),
+            "source": {"id": post.source_id, "name": post.source_name},
+        },
+        ensure_ascii=False,
+    )
