@@ -10,9 +10,9 @@ from rest_framework import serializers
 from alerts import services
 from alerts.models import Alert, AlertRule
 from alerts.payload import alert_payload, latency_ms
-from ingest.api.serializers import check_team_and_source, limit_to_owned_teams
 from ingest.models import Source
 from mlengine import facade
+from teams.api.base import check_team_and_source, limit_to_owned_teams
 from teams.models import Team
 
 
@@ -86,7 +86,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        limit_to_owned_teams(self)
+        limit_to_owned_teams(self, source=Source.objects.all())
 
     def validate_min_score(self, value: float) -> float:
         if not math.isfinite(value):

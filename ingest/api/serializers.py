@@ -20,40 +20,12 @@ from ingest.sources.rss.adapter import (
 )
 from ingest.sources.telegram import adapter as tg_adapter
 from ingest.sources.x import adapter as x_adapter
+from teams.api.base import limit_to_owned_teams
 from teams.models import Team
-from teams.selectors import owned_team_ids_for
 
 API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X, Source.Kind.TELEGRAM)
 """The kinds a user can create through the API: those whose adapter this release runs.
 Replay sources are made by ``manage.py replay``."""
-
-
-def limit_to_owned_teams(serializer: serializers.Serializer[Any]) -> None:
-    """Make the caller's owned teams (and their sources) the only valid choices of
-    ``serializer``'s ``team`` field and, when it has one, its ``source`` field: another
-    team's id is then a 400 on the field, never an object of that team (no IDOR). Call it
-    from the serializer's ``__init__``; does nothing without a request in its context."""
-    request = serializer.context.get("request")
-    if request is None:
-        return
-    owned = owned_team_ids_for(request.user)
-    serializer.fields["team"].queryset = Team.objects.filter(id__in=owned)  # type: ignore[attr-defined]
-    if "source" in serializer.fields:
-        serializer.fields["source"].queryset = Source.objects.filter(team_id__in=owned)  # type: ignore[attr-defined]
-
-
-def check_team_and_source(attrs: dict[str, Any], instance: Any, noun: str) -> Team | None:
-    """The team of a validated object that belongs to a team and may name a source of it
-    (an alert rule, a watch): refuses moving ``instance`` to another team and a source
-    of another team, as field errors (``serializers.ValidationError``). ``noun`` names
-    the object in the messages. Returns the team (None when neither says one)."""
-    team: Team | None = attrs.get("team") or getattr(instance, "team", None)
-    if instance is not None and "team" in attrs and attrs["team"] != instance.team:
-        raise serializers.ValidationError({"team": f"a {noun} cannot move to another team"})
-    source = attrs.get("source")
-    if source is not None and team is not None and source.team_id != team.id:
-        raise serializers.ValidationError({"source": f"must belong to the {noun}'s team"})
-    return team
 
 
 class SourceSerializer(serializers.ModelSerializer[Source]):

@@ -8,10 +8,10 @@ from django.conf import settings
 from django.db import IntegrityError
 from rest_framework import serializers
 
-from ingest.api.serializers import check_team_and_source, limit_to_owned_teams
 from ingest.models import Source
 from mlengine import services
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
+from teams.api.base import check_team_and_source, limit_to_owned_teams
 from teams.models import Team
 
 WATCH_MAX_TERMS = 50
@@ -208,7 +208,7 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        limit_to_owned_teams(self)
+        limit_to_owned_teams(self, source=Source.objects.all())
 
     def validate_terms(self, value: list[str]) -> list[str]:
         terms = services.normalise_terms(value)

@@ -1,8 +1,9 @@
 """The API's base classes: every queryset is scoped to the caller's teams (no IDOR).
 
 Also the one import point of the API's shared pieces: the strict filters
-(``teams/api/filters.py``: unknown or bad query parameters answer 400) and the
-pagination classes (``teams/api/pagination.py``).
+(``teams/api/filters.py``: unknown or bad query parameters answer 400), the
+pagination classes (``teams/api/pagination.py``) and the serializers' tenancy helpers
+(``teams/api/serializers.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from teams.api.pagination import (
     NumberedPagination,
     StrictCursorPagination,
 )
+from teams.api.serializers import check_team_and_source, limit_to_owned_teams
 from teams.selectors import owned_team_ids_for, team_ids_for
 
 __all__ = [
@@ -42,7 +44,9 @@ __all__ = [
     "StrictOrderingFilter",
     "TeamScopedMixin",
     "TeamScopedReadOnlyViewSet",
+    "check_team_and_source",
     "in_callers_teams",
+    "limit_to_owned_teams",
     "refuse_unknown_query_params",
 ]
 

@@ -1,0 +1,50 @@
+"""Tenancy helpers of the API's serializers: a write names only the caller's teams, and
+the objects it links belong to the same team (no IDOR).
+
+Generic over the apps: they read a team id (``team_id``) off the objects and take the
+querysets to limit from the caller, so ``teams`` imports no project app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from rest_framework import serializers
+
+from teams.models import Team
+from teams.selectors import owned_team_ids_for
+
+
+def limit_to_owned_teams(
+    serializer: serializers.Serializer[Any], **team_scoped: QuerySet[Any]
+) -> None:
+    """Make the caller's owned teams the only valid choices of ``serializer``'s ``team``
+    field and, for each field named in ``team_scoped`` that it has, the rows of the
+    given queryset whose ``team_id`` is one of them (e.g. ``source=Source.objects.all()``):
+    another team's id is then a 400 on the field, never an object of that team (no IDOR).
+    Call it from the serializer's ``__init__``; does nothing without a request in its
+    context."""
+    request = serializer.context.get("request")
+    if request is None:
+        return
+    owned = owned_team_ids_for(request.user)
+    serializer.fields["team"].queryset = Team.objects.filter(id__in=owned)  # type: ignore[attr-defined]
+    for name, queryset in team_scoped.items():
+        if name in serializer.fields:
+            serializer.fields[name].queryset = queryset.filter(team_id__in=owned)  # type: ignore[attr-defined]
+
+
+def check_team_and_source(attrs: dict[str, Any], instance: Any, noun: str) -> Team | None:
+    """The team of a validated object that belongs to a team and may name a source of it
+    (an alert rule, a watch): refuses moving ``instance`` to another team and a source
+    (any object with a ``team_id``) of another team, as field errors
+    (``serializers.ValidationError``). ``noun`` names the object in the messages.
+    Returns the team (None when neither says one)."""
+    team: Team | None = attrs.get("team") or getattr(instance, "team", None)
+    if instance is not None and "team" in attrs and attrs["team"] != instance.team:
+        raise serializers.ValidationError({"team": f"a {noun} cannot move to another team"})
+    source = attrs.get("source")
+    if source is not None and team is not None and source.team_id != team.id:
+        raise serializers.ValidationError({"source": f"must belong to the {noun}'s team"})
+    return team
