@@ -14,7 +14,7 @@ from django.db import connection
 from django.db.models import Sum
 
 from ingest.models import DeadLetter, Source
-from ingest.services import events_rate_name
+from ingest.selectors import events_rate_name
 from mlengine import facade as ml
 from teams.selectors import team_ids_for
 from twiscope.pipeline import STAGES, queue_depths

@@ -498,6 +498,16 @@ def events_last_hour(source_id: int, *, now: float | None = None) -> int:
     return sum(int(v) for v in values if v is not None)
 
 
+def events_rate_name(team_id: int) -> str:
+    """The rolling counter of events stored for a team (see ``twiscope.redis``; added to
+    by ``ingest.services`` as batches persist)."""
+    return f"events:team:{team_id}"
+
+
+EVENTS_RATE_ALL = "events:all"
+"""The rolling counter of events stored, all teams together."""
+
+
 @dataclass(frozen=True, slots=True)
 class BucketTotals:
     """One event-time bucket of a source (the anomaly stage's input): ``events``, how

@@ -32,11 +32,13 @@ from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import (
     BATCH_KEY_PREFIX,
+    EVENTS_RATE_ALL,
     PENDING_BATCHES_KEY,
     SOURCE_MINUTE_KEY,
     STAGED_EVENT_TIME_KEY,
     TERM_MAX_CHARS,
     batch_source_id,
+    events_rate_name,
     in_flight_events,
 )
 from ingest.sources.base import PollingAdapter
@@ -463,15 +465,6 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
         dead_letters=new_dead,
     )
     return result
-
-
-def events_rate_name(team_id: int) -> str:
-    """The rolling counter of events stored for a team (see ``twiscope.redis``)."""
-    return f"events:team:{team_id}"
-
-
-EVENTS_RATE_ALL = "events:all"
-"""The rolling counter of events stored, all teams together."""
 
 
 def count_source_events(source_id: int, amount: int, *, now: float | None = None) -> None:

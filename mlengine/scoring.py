@@ -53,7 +53,7 @@ from django.db import transaction
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from ingest.services import EVENTS_RATE_ALL, events_rate_name
+from ingest.selectors import EVENTS_RATE_ALL, events_rate_name
 from mlengine import heads, training, virality
 from mlengine.models import ModelVersion
 from twiscope import pipeline

@@ -322,7 +322,7 @@ def test_the_pipeline_is_busy_while_it_has_more_in_hand_than_it_takes_at_once() 
 
 def test_a_burst_of_events_pauses_the_heads(settings) -> None:  # type: ignore[no-untyped-def]
     settings.SCORING_PAUSE_ABOVE_EPS = 100
-    from ingest.services import EVENTS_RATE_ALL
+    from ingest.selectors import EVENTS_RATE_ALL
     from twiscope.redis import add_to_rate
 
     add_to_rate(EVENTS_RATE_ALL, 150)
