@@ -6,7 +6,9 @@
 #   make test [PYTEST_ARGS="tests/test_x.py -k y"] [SERVICES_ARGS=--embedded]
 #   make bench         bench/replay_throughput.py against the local services
 #   make lint          ruff, mypy and the import contracts (lint-imports)
-#   make venv          .venv with requirements.txt (re-installed when it changes)
+#   make venv          .venv from the lock requirements/dev.txt (re-installed when it changes)
+#   make lock [LOCK_ARGS="--upgrade-package NAME"]
+#                      requirements/*.txt from requirements/*.in, with hashes (pip-tools)
 #
 # Where PostgreSQL and Redis come from: twiscope/localservices.py.
 
@@ -21,41 +23,50 @@ PYTEST_ARGS ?=
 # --embedded: private PostgreSQL/Redis even when servers answer on the default ports.
 SERVICES_ARGS ?=
 BENCH_ARGS ?=
+# Extra pip-compile options for `make lock`: --upgrade-package NAME, or --upgrade. (No
+# PIP_ prefix on these names: make exports command-line variables, and pip reads PIP_*.)
+LOCK_ARGS ?=
+LOCK_TOOL ?= $(VENV)/bin/pip-compile
+# Hashes for every file; pip and setuptools pinned too (--require-hashes refuses an
+# unpinned one); no index, find-links or host of the machine that ran it.
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host --no-emit-options
+LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARGS)
 
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
 # their environment; twiscope.run reads them from there and treats empty as unset.
 
-.PHONY: help venv run test bench lint
+.PHONY: help venv lock run test bench lint
 
 help:
-	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
-# Re-install only when requirements.txt is newer than the stamp, so a second
-# `make test` starts at once.
-$(STAMP): requirements.txt
+# Re-install only when the lock is newer than the stamp, so a second `make test` starts
+# at once. README.md ("Dependencies") says what each lock holds.
+$(STAMP): requirements/dev.txt
 	@test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
 	@touch $(STAMP)
+
+# The locks, each from its .in file; ml.txt is constrained by base.txt and dev.txt by
+# ml.txt, so a package has one version in all three. ml.txt (the ML image) is resolved
+# against the package index alone, whose torch wheel for Linux x86_64 is CUDA-enabled (the
+# GPU pool needs it); dev.txt takes the torch wheel this machine's pip finds (where pip is
+# configured with a CPU build, that one).
+lock: venv
+	$(LOCK) -o requirements/base.txt requirements/base.in
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+	  $(LOCK) -o requirements/ml.txt requirements/ml.in
+	$(LOCK) -o requirements/dev.txt requirements/dev.in
 
 # twiscope.run restarts a process that dies (supervisord); other terminals find the
 # platform through .run/env, which twiscope.localservices writes while it runs.
 run: venv
 	$(PY) -m twiscope.localservices run -- $(PY) -m twiscope.run
 
-# docker-compose (v1, Debian's package) lets tests/test_deploy.py validate
-# docker-compose.yml without a Docker engine. Installed only when missing, with apt-get,
-# as root; a failure is tolerated here: that test then skips (or fails when CI=true).
 test: venv
-	@if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-	    && [ "$$(id -u)" = 0 ]; then \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y --no-install-recommends docker-compose >/dev/null 2>&1 \
-	  || { apt-get update >/dev/null 2>&1 \
-	       && apt-get install -y --no-install-recommends docker-compose >/dev/null 2>&1; } \
-	  || echo "make: could not install docker-compose; tests/test_deploy.py will skip (or fail under CI=true)" >&2; \
-	fi
 	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
 # Its own run dir (and env file: .run/bench/env), so it works on its own data while
@@ -63,10 +74,8 @@ test: venv
 bench: venv
 	$(PY) -m twiscope.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
 
-# ruff and mypy are development tools, not dependencies of the platform: installed on
-# demand from requirements-dev.txt.
+# ruff, mypy and lint-imports come with the development lock (requirements/dev.in).
 lint: venv
-	@$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports

@@ -1,69 +1,126 @@
-"""The deployment files (docker-compose.yml, Procfile, Dockerfile) agree with each other
-and with the queues the code routes to.
+"""The deployment files (docker-compose.yml, Procfile, Dockerfile, the dependency locks)
+agree with each other and with the queues the code routes to.
 
-``docker-compose config`` (Debian's docker-compose v1 works without a Docker engine)
-validates and normalises docker-compose.yml; the tests read its output. Without
-docker-compose on PATH those tests skip, except under ``CI=true``, where they fail.
+docker-compose.yml is read as Compose reads it, without docker-compose or a Docker engine:
+YAML (anchors and merge keys resolved), variables interpolated as the Compose
+Specification says (``${VAR}``, ``$VAR``, ``${VAR:-default}``, ``${VAR-default}``,
+``${VAR:?error}``, ``${VAR?error}``, ``${VAR:+alt}``, ``${VAR+alt}``, ``$$``), then validated
+against the Specification's JSON schema (tests/compose-spec/, vendored with its licence).
+The tests read that document.
+
+The images: the Dockerfile's stages, the lock each one installs (requirements/*.txt) and
+the target each compose service builds.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import shlex
-import shutil
-import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
-from honcho.environ import parse_procfile
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from twiscope.celery import QUEUES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+COMPOSE_SCHEMA = Path(__file__).resolve().parent / "compose-spec" / "compose-spec.json"
+REQUIREMENTS_DIR = BASE_DIR / "requirements"
 # Every queue has a worker pool except `notify`, which has none yet.
 POOL_QUEUES = frozenset(QUEUES) - {"notify"}
 WORKER_SERVICES = frozenset(f"worker-{queue}" for queue in POOL_QUEUES)
+# The pools that run the models (mlengine's inference): on the ML image; all else on the
+# slim one.
+INFERENCE_SERVICES = frozenset({"worker-inference", "worker-inference-gpu"})
+# What the slim image must never install: the models' frameworks and what they pull in.
+MODEL_PACKAGES = frozenset(
+    {"torch", "transformers", "onnxruntime", "onnx", "sentence-transformers", "triton"}
+)
 COMPOSE_SECRET_KEY = "compose-config-check-not-a-real-secret-0123456789"
 COMPOSE_CREDENTIAL_KEYS = "Y29tcG9zZS1jb25maWctY2hlY2stbm90LWEtcmVhbC0="
+COMPOSE_ENV = {
+    "SECRET_KEY": COMPOSE_SECRET_KEY,
+    "TWISCOPE_CREDENTIAL_KEYS": COMPOSE_CREDENTIAL_KEYS,
+}
+
+# ``$$``, ``${NAME}`` / ``${NAME<op><word>}`` (op one of :- - :? ? :+ +), or ``$NAME``.
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<word>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
-def _docker_compose() -> str:
-    executable = shutil.which("docker-compose")
-    if executable is None:
-        reason = "docker-compose is not on PATH (make test installs it with apt-get when root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; required under CI=true")
-        pytest.skip(reason)
-    return executable
+class ComposeInterpolationError(ValueError):
+    """A required variable (``${VAR:?error}`` / ``${VAR?error}``) is missing."""
 
 
-def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_docker_compose(), "-f", "docker-compose.yml", "config"],
-        check=False,
-        cwd=BASE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _interpolate(value: str, env: Mapping[str, str]) -> str:
+    """``value`` with its variables replaced from ``env``, per the Compose Specification's
+    interpolation rules (an unset variable with no default becomes ""). Raises
+    ``ComposeInterpolationError`` with the file's message for a missing required one."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["bare"]
+        op, word = match["op"] or "", match["word"] or ""
+        current = env.get(name, "")
+        # With a colon, an empty value counts as unset.
+        present = bool(current) if op.startswith(":") else name in env
+        if op.endswith("?") and not present:
+            raise ComposeInterpolationError(f"required variable {name} is missing: {word}")
+        if op.endswith("-"):
+            return current if present else word
+        if op.endswith("+"):
+            return word if present else ""
+        return current
+
+    return _VARIABLE.sub(replace, value)
+
+
+def _interpolated(node: Any, env: Mapping[str, str]) -> Any:
+    """``node`` (parsed YAML) with every string value interpolated; keys are left as they
+    are, as the Specification says."""
+    if isinstance(node, str):
+        return _interpolate(node, env)
+    if isinstance(node, dict):
+        return {key: _interpolated(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolated(item, env) for item in node]
+    return node
+
+
+def _compose_document(env: Mapping[str, str]) -> dict[str, Any]:
+    """docker-compose.yml as Compose resolves it for ``env``: YAML with its anchors and
+    merge keys, variables interpolated. Raises ``ComposeInterpolationError``."""
+    raw = yaml.safe_load((BASE_DIR / "docker-compose.yml").read_text())
+    document: dict[str, Any] = _interpolated(raw, env)
+    return document
+
+
+def _schema_errors(document: Mapping[str, Any]) -> list[str]:
+    """Where ``document`` breaks the Compose Specification's schema (empty when valid)."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    validator = validator_class(schema)
+    return [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    """docker-compose.yml as ``docker-compose config`` normalises it."""
-    env = {
-        **os.environ,
-        "SECRET_KEY": COMPOSE_SECRET_KEY,
-        "TWISCOPE_CREDENTIAL_KEYS": COMPOSE_CREDENTIAL_KEYS,
-    }
-    result = _compose_config(env)
-    assert result.returncode == 0, result.stderr
-    config: dict[str, Any] = yaml.safe_load(result.stdout)
-    return config
+    """docker-compose.yml as Compose reads it, with both required keys set."""
+    return _compose_document(COMPOSE_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +129,16 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def _parse_procfile(text: str) -> dict[str, str]:
+    """A Procfile's ``name: command`` lines (comments and blank lines skipped)."""
+    lines = (line.strip() for line in text.splitlines())
+    pairs = (line.split(":", 1) for line in lines if line and not line.startswith("#"))
+    return {name.strip(): command.strip() for name, command in pairs}
+
+
 @pytest.fixture(scope="module")
 def procfile() -> dict[str, str]:
-    processes: dict[str, str] = dict(parse_procfile((BASE_DIR / "Procfile").read_text()).processes)
-    return processes
+    return _parse_procfile((BASE_DIR / "Procfile").read_text())
 
 
 def _argv(command: str | list[str]) -> list[str]:
@@ -94,9 +157,23 @@ def _worker_names(names: Iterable[str]) -> set[str]:
     return {name for name in names if name.startswith("worker-")}
 
 
-def test_compose_file_is_valid_and_defines_every_service(
-    services: dict[str, dict[str, Any]],
+def test_compose_file_is_valid_against_the_compose_specification(
+    compose: dict[str, Any],
 ) -> None:
+    assert _schema_errors(compose) == []
+
+
+def test_the_schema_check_rejects_what_compose_would(compose: dict[str, Any]) -> None:
+    broken = {
+        **compose,
+        "services": {**compose["services"], "web": {**compose["services"]["web"], "prots": []}},
+    }
+    assert _schema_errors(broken) == [
+        "services/web: 'prots' does not match any of the regexes: '^x-'"
+    ]
+
+
+def test_compose_file_defines_every_service(services: dict[str, dict[str, Any]]) -> None:
     expected = {
         "postgres",
         "redis",
@@ -110,19 +187,34 @@ def test_compose_file_is_valid_and_defines_every_service(
 
 
 def test_compose_refuses_to_start_without_a_secret_key() -> None:
-    env = {key: value for key, value in os.environ.items() if key != "SECRET_KEY"}
-    env["TWISCOPE_CREDENTIAL_KEYS"] = COMPOSE_CREDENTIAL_KEYS
-    result = _compose_config(env)
-    assert result.returncode != 0
-    assert "set SECRET_KEY" in result.stderr
+    env = {key: value for key, value in COMPOSE_ENV.items() if key != "SECRET_KEY"}
+    with pytest.raises(ComposeInterpolationError, match="set SECRET_KEY"):
+        _compose_document(env)
 
 
 def test_compose_refuses_to_start_without_a_credential_key() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TWISCOPE_CREDENTIAL_KEYS"}
-    env["SECRET_KEY"] = COMPOSE_SECRET_KEY
-    result = _compose_config(env)
-    assert result.returncode != 0
-    assert "set TWISCOPE_CREDENTIAL_KEYS" in result.stderr
+    env = {key: value for key, value in COMPOSE_ENV.items() if key != "TWISCOPE_CREDENTIAL_KEYS"}
+    with pytest.raises(ComposeInterpolationError, match="set TWISCOPE_CREDENTIAL_KEYS"):
+        _compose_document(env)
+
+
+@pytest.mark.parametrize(
+    ("value", "env", "expected"),
+    [
+        ("${A:-x}", {}, "x"),
+        ("${A:-x}", {"A": ""}, "x"),
+        ("${A-x}", {"A": ""}, ""),
+        ("${A:+y}", {"A": "1"}, "y"),
+        ("${A+y}", {}, ""),
+        ("$A/${B}", {"A": "a", "B": "b"}, "a/b"),
+        ("$$A ${A}", {"A": "a"}, "$A a"),
+        ("${A}", {}, ""),
+    ],
+)
+def test_compose_variables_are_interpolated_as_the_specification_says(
+    value: str, env: dict[str, str], expected: str
+) -> None:
+    assert _interpolate(value, env) == expected
 
 
 def test_every_application_service_runs_in_production_mode_with_the_secret_key(
@@ -239,7 +331,168 @@ def test_procfile_web_serves_the_asgi_app_on_port_from_the_environment(
     ]
 
 
-def test_the_image_runs_as_a_non_root_user() -> None:
-    instructions = [line.split() for line in (BASE_DIR / "Dockerfile").read_text().splitlines()]
-    users = [words[1] for words in instructions if words[:1] == ["USER"]]
+def _dockerfile_stages() -> dict[str, list[list[str]]]:
+    """The Dockerfile's named stages: name -> its instructions, each as words (continued
+    lines joined, comments dropped), the ``FROM`` first."""
+    text = re.sub(r"\\\n", " ", (BASE_DIR / "Dockerfile").read_text())
+    lines = [line.split() for line in text.splitlines()]
+    instructions = [words for words in lines if words and not words[0].startswith("#")]
+    stages: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for words in instructions:
+        if words[0] == "FROM":
+            current = []
+            stages[words[-1] if len(words) == 4 else words[1]] = current
+        current.append(words)
+    return stages
+
+
+def _stage_chain(target: str) -> list[str]:
+    """``target`` and the stages of this Dockerfile it is built ``FROM``, base first."""
+    stages = _dockerfile_stages()
+    chain = [target]
+    while (parent := stages[chain[0]][0][1]) in stages:
+        chain.insert(0, parent)
+    return chain
+
+
+def _pip_installs(target: str) -> list[list[str]]:
+    """The words of each ``RUN`` of ``target``'s image that mentions pip, in build order."""
+    stages = _dockerfile_stages()
+    runs = [words for stage in _stage_chain(target) for words in stages[stage]]
+    return [words for words in runs if words[0] == "RUN" and "pip" in " ".join(words)]
+
+
+def _installed_locks(target: str) -> list[str]:
+    """The requirement files (``-r``) that ``target``'s image installs."""
+    return [
+        words[i + 1] for words in _pip_installs(target) for i, w in enumerate(words) if w == "-r"
+    ]
+
+
+def _lock_entries(path: Path) -> list[str]:
+    """The requirement entries of a lock file: each logical line (continuations joined),
+    comments and blank lines dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = (" ".join(line.split("#", 1)[0].split()) for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _normalised(name: str) -> str:
+    """A package name as PEP 503 compares them: lower case, runs of ``-_.`` as ``-``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _locked_names(path: Path) -> set[str]:
+    """The normalised names of the packages a lock pins."""
+    return {_normalised(entry.split("==", 1)[0]) for entry in _lock_entries(path)}
+
+
+def _service_targets(services: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The Dockerfile target of each compose service that builds one."""
+    return {
+        name: service["build"]["target"] for name, service in services.items() if "build" in service
+    }
+
+
+def test_each_service_builds_the_image_it_needs(services: dict[str, dict[str, Any]]) -> None:
+    targets = _service_targets(services)
+    assert set(targets) == {"migrate", "web", "beat", "sources"} | _worker_names(services)
+    images = {(target, services[name]["image"]) for name, target in targets.items()}
+    assert {name for name, target in targets.items() if target == "ml"} == INFERENCE_SERVICES
+    assert {target for name, target in targets.items() if name not in INFERENCE_SERVICES} == {"web"}
+    assert images == {("web", "twiscope:latest"), ("ml", "twiscope-ml:latest")}
+
+
+def test_the_web_and_worker_image_installs_no_torch(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    slim_targets = {
+        target
+        for name, target in _service_targets(services).items()
+        if name not in INFERENCE_SERVICES
+    }
+    locks = {lock for target in slim_targets for lock in _installed_locks(target)}
+    names = {name for lock in locks for name in _locked_names(BASE_DIR / lock)}
+    assert locks == {"requirements/base.txt"}
+    assert {"django", "celery", "daphne", "numpy"} <= names
+    assert names & MODEL_PACKAGES == set()
+    assert {name for name in names if name.startswith(("nvidia-", "cuda-"))} == set()
+
+
+def test_the_ml_image_installs_the_models_frameworks() -> None:
+    names = {name for lock in _installed_locks("ml") for name in _locked_names(BASE_DIR / lock)}
+    assert _installed_locks("ml") == ["requirements/ml.txt"]
+    assert {"torch", "transformers", "onnxruntime", "django", "celery"} <= names
+
+
+def test_the_base_lock_is_a_subset_of_the_ml_lock_at_the_same_versions() -> None:
+    base = set(_lock_entries(REQUIREMENTS_DIR / "base.txt"))
+    ml = set(_lock_entries(REQUIREMENTS_DIR / "ml.txt"))
+    assert base - ml == set()
+
+
+def test_every_image_installs_only_its_lock_with_hashes() -> None:
+    installs = {target: _pip_installs(target) for target in ("web", "ml")}
+    assert installs == {
+        target: [["RUN", "pip", "install", "--require-hashes", "-r", f"requirements/{lock}"]]
+        for target, lock in (("web", "base.txt"), ("ml", "ml.txt"))
+    }
+
+
+@pytest.mark.parametrize("lock", ["base.txt", "ml.txt", "dev.txt"])
+def test_every_requirement_of_a_lock_is_pinned_with_a_hash(lock: str) -> None:
+    entries = _lock_entries(REQUIREMENTS_DIR / lock)
+    pinned = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==\S+( --hash=sha256:[0-9a-f]{64})+$")
+    assert len(entries) > 10
+    assert [entry for entry in entries if not pinned.match(entry)] == []
+
+
+@pytest.mark.parametrize("lock", ["base.txt", "ml.txt", "dev.txt"])
+def test_a_lock_names_no_index_path_or_host(lock: str) -> None:
+    text = (REQUIREMENTS_DIR / lock).read_text()
+    options = r"--(?:extra-)?index-url|--find-links|--trusted-host"
+    assert re.findall(rf"://|(?<![\w.-])/\w|{options}", text) == []
+
+
+@pytest.mark.parametrize("lock", ["base.txt", "ml.txt", "dev.txt"])
+def test_a_lock_satisfies_every_pin_of_its_input_file(lock: str) -> None:
+    def pins(path: Path) -> list[Requirement]:
+        """Each requirement of an input file and of those it includes (-r)."""
+        entries = _lock_entries(path)
+        included = [entry.split()[1] for entry in entries if entry.startswith("-r ")]
+        own = [Requirement(entry) for entry in entries if not entry.startswith("-")]
+        return own + [pin for name in included for pin in pins(path.parent / name)]
+
+    locked = {
+        _normalised(name): Version(version)
+        for name, version in (
+            entry.split()[0].split("==", 1) for entry in _lock_entries(REQUIREMENTS_DIR / lock)
+        )
+    }
+    wanted = pins(REQUIREMENTS_DIR / lock.replace(".txt", ".in"))
+    # A local build (torch 2.13.0+cpu) satisfies ==2.13.0, as pip reads it.
+    unmet = [
+        str(pin)
+        for pin in wanted
+        if _normalised(pin.name) not in locked or locked[_normalised(pin.name)] not in pin.specifier
+    ]
+    assert len(wanted) > 10
+    assert unmet == []
+
+
+def test_make_installs_the_development_lock_with_hashes() -> None:
+    makefile = (BASE_DIR / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements/dev.txt" in makefile
+    assert "$(STAMP): requirements/dev.txt" in makefile
+
+
+def test_the_images_carry_no_development_package_tests_or_benchmarks() -> None:
+    ignored = set((BASE_DIR / ".dockerignore").read_text().splitlines())
+    assert {"devtools", "tests", "bench"} <= ignored
+
+
+@pytest.mark.parametrize("target", ["web", "ml"])
+def test_the_image_runs_as_a_non_root_user(target: str) -> None:
+    users = [words[1] for words in _dockerfile_stages()[target] if words[0] == "USER"]
     assert users[-1:] == ["twiscope"]
