@@ -8,7 +8,7 @@
 #   make lint          ruff, mypy and the import contracts (lint-imports)
 #   make venv          .venv with requirements.txt (re-installed when it changes)
 #
-# Where PostgreSQL and Redis come from: twiscope/localservices.py.
+# Where PostgreSQL and Redis come from: devtools/localservices.py.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -23,7 +23,7 @@ SERVICES_ARGS ?=
 BENCH_ARGS ?=
 
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
-# their environment; twiscope.run reads them from there and treats empty as unset.
+# their environment; devtools.run reads them from there and treats empty as unset.
 
 .PHONY: help venv run test bench lint
 
@@ -39,10 +39,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
-# twiscope.run restarts a process that dies (supervisord); other terminals find the
-# platform through .run/env, which twiscope.localservices writes while it runs.
+# devtools.run restarts a process that dies (supervisord, devtools/supervisord.conf); other
+# terminals find the platform through .run/env, which devtools.localservices writes.
 run: venv
-	$(PY) -m twiscope.localservices run -- $(PY) -m twiscope.run
+	$(PY) -m devtools.localservices run -- $(PY) -m devtools.run
 
 # docker-compose (v1, Debian's package) lets tests/test_deploy.py validate
 # docker-compose.yml without a Docker engine. Installed only when missing, with apt-get,
@@ -56,12 +56,12 @@ test: venv
 	       && apt-get install -y --no-install-recommends docker-compose >/dev/null 2>&1; } \
 	  || echo "make: could not install docker-compose; tests/test_deploy.py will skip (or fail under CI=true)" >&2; \
 	fi
-	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
 # Its own run dir (and env file: .run/bench/env), so it works on its own data while
 # `make run` is up and leaves that platform's .run/env alone.
 bench: venv
-	$(PY) -m twiscope.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
+	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
 
 # ruff and mypy are development tools, not dependencies of the platform: installed on
 # demand from requirements-dev.txt.
@@ -70,4 +70,4 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .
+	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .
