@@ -11,9 +11,10 @@ Steps, each in a child process with this environment:
 1. the web port (``PORT``) must be free on 127.0.0.1, or it stops here with exit status
    1 and a line that names the port and how to pick another (``make run PORT=...``);
 2. ``manage.py migrate --noinput``; ``manage.py collectstatic --noinput`` (quiet);
-3. ``manage.py bootstrap_demo`` (unless ``--skip-bootstrap``): creates the demo user
-   and API token, prints ``{"username", "password", "token"}`` as JSON on its last
-   stdout line and writes the token to ``<run-dir>/api-token``;
+3. ``manage.py bootstrap_demo`` (unless ``--skip-bootstrap``): creates the demo team,
+   user (its password set only then) and API token, prints ``{"username", "password",
+   "token", "team"}`` as JSON on its last stdout line (``password`` is null once it no
+   longer opens the account) and writes the token to ``<run-dir>/api-token``;
 4. every program of ``devtools/supervisord.conf`` (web, one Celery worker per queue,
    the sources, beat; and, when ``REPLAY`` is set, the one-shot ``replay`` of
    ``devtools/supervisord-replay.conf``) under supervisord, in the foreground
@@ -76,10 +77,12 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoLogin:
-    """What ``bootstrap_demo`` reports: the demo user's login and API token."""
+    """What ``bootstrap_demo`` reports: the demo user's login and API token.
+    ``password`` is ``None`` when the one kept in the run dir no longer opens the
+    account (changed with ``manage.py changepassword``)."""
 
     username: str
-    password: str
+    password: str | None
     token: str
 
 
@@ -184,7 +187,7 @@ def parse_bootstrap_output(stdout: str) -> DemoLogin:
     """The ``DemoLogin`` in ``bootstrap_demo``'s last non-empty stdout line.
 
     Raises ``RunError`` when that line is missing, not a JSON object, or lacks one of
-    ``username``, ``password``, ``token`` (strings).
+    ``username``, ``token`` (strings) or ``password`` (a string or null).
     """
     lines = [line for line in stdout.splitlines() if line.strip()]
     if not lines:
@@ -195,10 +198,15 @@ def parse_bootstrap_output(stdout: str) -> DemoLogin:
         raise RunError(
             f"manage.py bootstrap_demo's last line is not JSON: {lines[-1][:200]!r}"
         ) from exc
-    fields = ("username", "password", "token")
-    if not isinstance(data, dict) or not all(isinstance(data.get(f), str) for f in fields):
+    fields = ("username", "token")
+    if (
+        not isinstance(data, dict)
+        or not all(isinstance(data.get(f), str) for f in fields)
+        or not isinstance(data.get("password", 0), str | None)
+    ):
         raise RunError(
-            f"manage.py bootstrap_demo's JSON must have string fields {', '.join(fields)}"
+            "manage.py bootstrap_demo's JSON must have string fields username, token "
+            "and a password (a string, or null)"
         )
     return DemoLogin(username=data["username"], password=data["password"], token=data["token"])
 
@@ -207,7 +215,8 @@ def prepare(env: Mapping[str, str], *, bootstrap: bool, run_dir: Path) -> DemoLo
     """Migrate, collect static files and (when ``bootstrap``) create the demo login.
 
     Side effects: schema changes in the database, files in ``STATIC_ROOT``, the demo
-    user and token (and ``<run_dir>/api-token``). Raises ``RunError`` on a failed step.
+    team, user and token (and ``<run_dir>/api-token``). Raises ``RunError`` on a
+    failed step.
     """
     manage(["migrate", "--noinput"], env)
     manage(["collectstatic", "--noinput", "--verbosity", "0"], env)
@@ -234,8 +243,14 @@ def banner(
     if demo is None:
         rows.append(("Login", "(demo bootstrap skipped)"))
     else:
+        password = demo.password
+        if password is None:
+            password = (
+                f"(changed since {short_path(run_dir / 'demo-password')}; "
+                f"reset it with manage.py changepassword {demo.username})"
+            )
         rows += [
-            ("Login", f"{demo.username} / {demo.password}"),
+            ("Login", f"{demo.username} / {password}"),
             ("API token", demo.token),
             ("Token file", short_path(run_dir / "api-token")),
         ]
