@@ -324,6 +324,8 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # Which AES library it found, at INFO, as every command starts: noise.
+        "telethon.crypto.aes": {"level": "WARNING"},
     },
 }
 
