@@ -525,6 +525,21 @@ class Platform:
             conn.close()
         return int(count)
 
+    def team_of(self, source: str) -> str:
+        """The slug of the team that owns the source of that name."""
+        conn = psycopg2.connect(self.services()["DATABASE_URL"], connect_timeout=5)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT t.slug FROM ingest_source s JOIN teams_team t ON t.id = s.team_id "
+                    "WHERE s.name = %s",
+                    [source],
+                )
+                (slug,) = cursor.fetchone()
+        finally:
+            conn.close()
+        return str(slug)
+
     def worker_master(self, queue: str) -> psutil.Process | None:
         """The Celery master process consuming ``queue``."""
         for process in psutil.Process(self.process.pid).children(recursive=True):
@@ -663,6 +678,38 @@ def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -
     assert result.returncode == 0, result.stderr[-4000:]
     expected = _distinct_posts(archive)
     _wait_for(lambda: platform.stored("airline") == expected, 60, f"{expected} events stored")
+
+
+@pytest.mark.slow
+def test_with_a_second_team_the_readme_commands_still_work_as_typed(platform: Platform) -> None:
+    """The README's ``create_user ... --create-team`` in a new terminal prints its own
+    lines only (no log records around them), and then the README's replay, typed
+    without ``--team``, still works: it goes to the demo team and says so."""
+    python = ".venv/bin/python"
+    created = platform.type_in_second_shell(
+        [
+            *(python, "manage.py", "create_user", "lead", "--team", "desk"),
+            *("--create-team", "News desk", "--role", "owner"),
+        ],
+        timeout=120,
+    )
+    replayed = platform.type_in_second_shell(
+        [python, "manage.py", "replay", "tests/samples/x_v1.jsonl", "--speed", "max"],
+        timeout=120,
+    )
+    _wait_for(lambda: platform.stored("x_v1") == 4, 60, "the 4 posts stored")
+
+    assert created.returncode == 0, created.stderr
+    assert created.stderr == ""
+    assert created.stdout.splitlines()[:3] == [
+        'created team "News desk" (desk); it has no alert rules yet: add them in the admin '
+        "(/admin/alerts/alertrule/) or through /api/rules/",
+        "created user lead",
+        'added lead to team "News desk" (desk) as owner',
+    ]
+    assert replayed.returncode == 0, replayed.stderr[-4000:]
+    assert 'replay into team "Demo" (demo): the team make run creates' in replayed.stderr
+    assert platform.team_of("x_v1") == "demo"
 
 
 @pytest.mark.slow

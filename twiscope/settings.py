@@ -189,6 +189,9 @@ CELERY_TASK_ALWAYS_EAGER: bool = False
 INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=500)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
 REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
+# The team `manage.py replay` replays into when no --team is given (a slug; empty: the
+# only team, else the demo team that `make run` creates).
+TWISCOPE_TEAM: str = env.str("TWISCOPE_TEAM", default="")
 
 # Trained classifier heads (``manage.py train``): their artefacts live here; each has a
 # ModelVersion row in this platform's database, so in development the folder is the
