@@ -60,11 +60,10 @@ from devtools.supervise import (
     programs,
     supervise,
 )
-from twiscope.platform_env import platform_run_dir
+from twiscope.platform_env import DEFAULT_RUN_DIR, platform_run_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = BASE_DIR / ".run"
 DEFAULT_PORT = "8000"
 SUPERVISORCTL = Path(sys.executable).parent / "supervisorctl"
 # How far above a taken port to look for a free one to suggest.

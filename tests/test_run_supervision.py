@@ -510,35 +510,36 @@ class Platform:
     def states(self) -> dict[str, dict[str, Any]]:
         return _states(self.files)
 
-    def stored(self, source: str) -> int:
-        """Rows in ``ingest_event`` for the source of that name."""
+    def _one(self, query: str, source: str) -> Any:
+        """The one value ``query`` selects for the source of that name."""
         conn = psycopg2.connect(self.services()["DATABASE_URL"], connect_timeout=5)
         try:
             with conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM ingest_event e JOIN ingest_source s "
-                    "ON s.id = e.source_id WHERE s.name = %s",
-                    [source],
-                )
-                (count,) = cursor.fetchone()
+                cursor.execute(query, [source])
+                (value,) = cursor.fetchone()
         finally:
             conn.close()
-        return int(count)
+        return value
+
+    def stored(self, source: str) -> int:
+        """Rows in ``ingest_event`` for the source of that name."""
+        return int(
+            self._one(
+                "SELECT count(*) FROM ingest_event e JOIN ingest_source s "
+                "ON s.id = e.source_id WHERE s.name = %s",
+                source,
+            )
+        )
 
     def team_of(self, source: str) -> str:
         """The slug of the team that owns the source of that name."""
-        conn = psycopg2.connect(self.services()["DATABASE_URL"], connect_timeout=5)
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT t.slug FROM ingest_source s JOIN teams_team t ON t.id = s.team_id "
-                    "WHERE s.name = %s",
-                    [source],
-                )
-                (slug,) = cursor.fetchone()
-        finally:
-            conn.close()
-        return str(slug)
+        return str(
+            self._one(
+                "SELECT t.slug FROM ingest_source s JOIN teams_team t ON t.id = s.team_id "
+                "WHERE s.name = %s",
+                source,
+            )
+        )
 
     def worker_master(self, queue: str) -> psutil.Process | None:
         """The Celery master process consuming ``queue``."""
