@@ -10,7 +10,7 @@
 #   make lock [LOCK_ARGS="--upgrade-package NAME"]
 #                      requirements/*.txt from requirements/*.in, with hashes (pip-tools)
 #
-# Where PostgreSQL and Redis come from: twiscope/localservices.py.
+# Where PostgreSQL and Redis come from: devtools/localservices.py.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -34,7 +34,7 @@ LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
 LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARGS)
 
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
-# their environment; twiscope.run reads them from there and treats empty as unset.
+# their environment; devtools.run reads them from there and treats empty as unset.
 
 .PHONY: help venv lock run test bench lint
 
@@ -61,22 +61,22 @@ lock: venv
 	  $(LOCK) -o requirements/ml.txt requirements/ml.in
 	$(LOCK) -o requirements/dev.txt requirements/dev.in
 
-# twiscope.run restarts a process that dies (supervisord); other terminals find the
-# platform through .run/env, which twiscope.localservices writes while it runs.
+# devtools.run restarts a process that dies (supervisord, devtools/supervisord.conf); other
+# terminals find the platform through .run/env, which devtools.localservices writes.
 run: venv
-	$(PY) -m twiscope.localservices run -- $(PY) -m twiscope.run
+	$(PY) -m devtools.localservices run -- $(PY) -m devtools.run
 
 test: venv
-	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
 # Its own run dir (and env file: .run/bench/env), so it works on its own data while
 # `make run` is up and leaves that platform's .run/env alone.
 bench: venv
-	$(PY) -m twiscope.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
+	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
 
 # ruff, mypy and lint-imports come with the development lock (requirements/dev.in).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m twiscope.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .
+	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .

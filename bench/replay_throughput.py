@@ -1,8 +1,9 @@
 """Benchmark: a real archive replayed at full speed through the whole platform.
 
-Starts the Procfile's processes (web, one Celery worker per queue, beat: what
-``make run`` starts) with honcho against the PostgreSQL and Redis that ``make bench``
-provides, connects a WebSocket client to ``/ws/alerts/``, and replays the archive with
+Starts the processes of ``devtools/supervisord.conf`` (web, one Celery worker per
+queue, the sources, beat: what ``make run`` starts, with ``python -m devtools.run
+--skip-bootstrap``) against the PostgreSQL and Redis that ``make bench`` provides,
+connects a WebSocket client to ``/ws/alerts/``, and replays the archive with
 ``manage.py replay --speed max`` several times, each run into a new source. It
 measures, per run:
 
@@ -146,7 +147,8 @@ class WsListener:
 
 
 class Platform:
-    """The Procfile's processes under honcho, in their own session (stopped as one)."""
+    """``make run``'s processes under supervisord (``python -m devtools.run``, the demo
+    login left to this script), in their own session (stopped as one)."""
 
     def __init__(self, port: int, log_path: Path) -> None:
         self.port = port
@@ -158,7 +160,7 @@ class Platform:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile")],
+            [sys.executable, "-m", "devtools.run", "--skip-bootstrap"],
             cwd=ROOT,
             env=env,
             stdout=self.log,
@@ -212,8 +214,10 @@ def process_label(proc: psutil.Process) -> str:
         return "web"
     if " beat" in cmd:
         return "beat"
-    if "honcho" in cmd:
-        return "honcho"
+    if "supervisord" in cmd:
+        return "supervisord"
+    if "devtools.run" in cmd:
+        return "runner (log relay)"
     if "replay" in cmd:
         return "replay"
     return proc.name()

@@ -10,6 +10,10 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+DEMO_TEAM_SLUG = "demo"
+"""The team ``make run`` creates (``manage.py bootstrap_demo``). A command that takes a
+team (``manage.py replay``) falls back to it when there are several."""
+
 
 class Team(models.Model):
     """A group of analysts sharing sources, alert rules and alerts."""

@@ -1,6 +1,6 @@
 """What the API answers to what it cannot serve: unknown and bad query parameters,
 bad pagination, the error responses in the OpenAPI schema, and over-long request lines
-(at the ASGI level, and on a real daphne, as the Procfile runs it)."""
+(at the ASGI level, and on a real daphne, as ``make run`` runs it)."""
 
 from __future__ import annotations
 
@@ -376,7 +376,7 @@ def _free_port() -> int:
 
 @contextmanager
 def running_daphne() -> Iterator[int]:
-    """daphne serving ``twiscope.asgi:application`` on a free port, as the Procfile runs
+    """daphne serving ``twiscope.asgi:application`` on a free port, as ``make run`` runs
     it (``daphne -b 127.0.0.1 -p $PORT twiscope.asgi:application``); yields the port."""
     port = _free_port()
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "twiscope.settings_test"}

@@ -1,5 +1,6 @@
-"""The deployment files (docker-compose.yml, Procfile, Dockerfile, the dependency locks)
-agree with each other and with the queues the code routes to.
+"""The deployment files (docker-compose.yml, devtools/supervisord.conf for ``make run``,
+Dockerfile, the dependency locks) agree with each other and with the queues the code
+routes to.
 
 docker-compose.yml is read as Compose reads it, without docker-compose or a Docker engine:
 YAML (anchors and merge keys resolved), variables interpolated as the Compose
@@ -14,7 +15,9 @@ the target each compose service builds.
 
 from __future__ import annotations
 
+import configparser
 import json
+import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -129,16 +132,17 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return result
 
 
-def _parse_procfile(text: str) -> dict[str, str]:
-    """A Procfile's ``name: command`` lines (comments and blank lines skipped)."""
-    lines = (line.strip() for line in text.splitlines())
-    pairs = (line.split(":", 1) for line in lines if line and not line.startswith("#"))
-    return {name.strip(): command.strip() for name, command in pairs}
-
-
 @pytest.fixture(scope="module")
-def procfile() -> dict[str, str]:
-    return _parse_procfile((BASE_DIR / "Procfile").read_text())
+def make_run() -> dict[str, str]:
+    """The programs of ``make run`` (devtools/supervisord.conf) and their command lines,
+    as written there (``%(ENV_PORT)s``: supervisord fills it in from ``PORT``)."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read(BASE_DIR / "devtools" / "supervisord.conf")
+    return {
+        section.removeprefix("program:"): parser[section]["command"]
+        for section in parser.sections()
+        if section.startswith("program:")
+    }
 
 
 def _argv(command: str | list[str]) -> list[str]:
@@ -292,41 +296,41 @@ def test_postgres_keeps_its_data_in_a_volume_and_reports_health(
     assert postgres["healthcheck"]["test"]
 
 
-def test_procfile_runs_web_beat_sources_and_one_worker_per_queue_but_notify(
-    procfile: dict[str, str],
+def test_make_run_runs_web_beat_sources_and_one_worker_per_queue_but_notify(
+    make_run: dict[str, str],
 ) -> None:
-    assert set(procfile) == {"web", "beat", "sources"} | WORKER_SERVICES
-    assert _argv(procfile["sources"]) == ["python", "manage.py", "run_sources"]
+    assert set(make_run) == {"web", "beat", "sources"} | WORKER_SERVICES
+    assert _argv(make_run["sources"]) == ["python", "manage.py", "run_sources"]
 
 
-def test_every_procfile_worker_consumes_the_queue_it_is_named_after(
-    procfile: dict[str, str],
+def test_every_make_run_worker_consumes_the_queue_it_is_named_after(
+    make_run: dict[str, str],
 ) -> None:
-    queues = {name: _queues(procfile[name]) for name in WORKER_SERVICES}
+    queues = {name: _queues(make_run[name]) for name in WORKER_SERVICES}
     assert queues == {name: [name.removeprefix("worker-")] for name in WORKER_SERVICES}
 
 
-def test_procfile_and_compose_run_the_same_worker_pools(
-    procfile: dict[str, str], services: dict[str, dict[str, Any]]
+def test_make_run_and_compose_run_the_same_worker_pools(
+    make_run: dict[str, str], services: dict[str, dict[str, Any]]
 ) -> None:
-    procfile_queues = {
-        queue for name in _worker_names(procfile) for queue in _queues(procfile[name])
+    make_run_queues = {
+        queue for name in _worker_names(make_run) for queue in _queues(make_run[name])
     }
     compose_queues = {
         queue for name in _worker_names(services) for queue in _queues(services[name]["command"])
     }
-    assert procfile_queues == compose_queues == POOL_QUEUES
+    assert make_run_queues == compose_queues == POOL_QUEUES
 
 
-def test_procfile_web_serves_the_asgi_app_on_port_from_the_environment(
-    procfile: dict[str, str],
+def test_make_run_web_serves_the_asgi_app_on_port_from_the_environment(
+    make_run: dict[str, str],
 ) -> None:
-    assert _argv(procfile["web"]) == [
+    assert _argv(make_run["web"]) == [
         "daphne",
         "-b",
         "127.0.0.1",
         "-p",
-        "$PORT",
+        "%(ENV_PORT)s",
         "twiscope.asgi:application",
     ]
 

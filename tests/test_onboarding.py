@@ -7,6 +7,7 @@ operator would and read the rows it left.
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -43,6 +44,26 @@ def test_it_creates_the_user_the_membership_and_a_token_and_prints_the_token_las
     assert user.email == "ana@example.com"
     assert "created user ana" in lines
     assert 'added ana to team "Newsroom" (newsroom) as member' in lines
+
+
+def test_its_output_is_the_human_lines_only_no_log_records(
+    team: Team, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        lines = create_user("ana", "--team", "newsroom", "--create-team", "Newsroom")
+
+    assert caplog.records == []
+    assert lines[:2] == ["created user ana", 'added ana to team "Newsroom" (newsroom) as member']
+    assert logging.getLogger("teams").isEnabledFor(logging.INFO)  # silenced only while it ran
+
+
+def test_verbosity_2_shows_the_log_records_too(
+    team: Team, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        create_user("ana", "--team", "newsroom", "--verbosity", "2")
+
+    assert "teams.user_created" in caplog.text
 
 
 def test_a_new_user_has_no_password_and_is_told_how_to_set_one(team: Team) -> None:

@@ -302,8 +302,69 @@ def test_it_asks_which_team_when_there_are_several(captured: Captured) -> None:
     make_team("alpha")
     make_team("beta")
 
-    with pytest.raises(CommandError, match="pass --team with one of: alpha, beta"):
+    with pytest.raises(
+        CommandError, match=r"pass --team with one of: alpha, beta \(or set TWISCOPE_TEAM\)"
+    ):
         replay(str(SAMPLES / "x_v1.jsonl"))
+
+
+def test_with_several_teams_it_replays_into_the_demo_team_and_says_so(
+    captured: Captured,
+) -> None:
+    """``make run`` creates the demo team; a second team (``create_user --create-team``)
+    must not break the README's replay commands, typed without ``--team``."""
+    make_team("desk")
+    demo = make_team("demo")
+    err = io.StringIO()
+
+    replay_err(str(SAMPLES / "x_v1.jsonl"), stderr=err)
+
+    assert Source.objects.get().team == demo
+    assert err.getvalue().splitlines()[0] == (
+        'replay into team "Demo" (demo): the team make run creates, of 2 teams; '
+        "pick another with --team SLUG or TWISCOPE_TEAM=SLUG"
+    )
+
+
+def test_twiscope_team_picks_the_team_when_no_slug_is_given(
+    captured: Captured, settings: Settings
+) -> None:
+    make_team("demo")
+    desk = make_team("desk")
+    settings.TWISCOPE_TEAM = "desk"
+    err = io.StringIO()
+
+    replay_err(str(SAMPLES / "x_v1.jsonl"), stderr=err)
+
+    assert Source.objects.get().team == desk
+    assert 'replay into team "Desk" (desk): set by TWISCOPE_TEAM' in err.getvalue()
+
+
+def test_a_slug_given_wins_over_twiscope_team(captured: Captured, settings: Settings) -> None:
+    beta = make_team("beta")
+    make_team("desk")
+    settings.TWISCOPE_TEAM = "desk"
+
+    replay(str(SAMPLES / "x_v1.jsonl"), "--team", "beta")
+
+    assert Source.objects.get().team == beta
+
+
+def test_an_unknown_twiscope_team_is_named_as_such(captured: Captured, settings: Settings) -> None:
+    make_team("demo")
+    settings.TWISCOPE_TEAM = "ghost"
+
+    with pytest.raises(CommandError, match=r"'ghost' \(set by TWISCOPE_TEAM\) \(teams: demo\)"):
+        replay(str(SAMPLES / "x_v1.jsonl"))
+
+
+def test_the_only_team_is_used_without_a_word(team: Team, captured: Captured) -> None:
+    err = io.StringIO()
+
+    replay_err(str(SAMPLES / "x_v1.jsonl"), stderr=err)
+
+    assert Source.objects.get().team == team
+    assert "team" not in err.getvalue()
 
 
 def test_it_names_the_teams_when_the_slug_is_unknown(team: Team, captured: Captured) -> None:

@@ -1,9 +1,9 @@
-"""``make run`` under supervision: the configuration generated from the Procfile, the
-log relay, restarts, a second shell, and stopping.
+"""``make run`` under supervision: the static supervisord configuration as supervisord
+reads it, the log relay, restarts, the banner, a second shell, and stopping.
 
 The slow tests run real processes. Those marked ``platform`` start the whole platform
-the way ``make run`` does (``python -m twiscope.localservices run --run-dir DIR --
-python -m twiscope.run``), once for the module, with a private run dir under the
+the way ``make run`` does (``python -m devtools.localservices run --run-dir DIR --
+python -m devtools.run``), once for the module, with a private run dir under the
 repository's ``.run/pytest/`` (the embedded PostgreSQL runs as a system user when the
 tests run as root and must reach its data dir, which pytest's 0700 temporary root
 would not allow), a free web port and private embedded PostgreSQL and Redis: a
@@ -37,22 +37,25 @@ import psutil
 import psycopg2
 import pytest
 
-from tests.test_heads import write_generated_split
-from twiscope.localservices import free_port, load_platform_env
-from twiscope.run import (
+from devtools.base import free_port
+from devtools.logrelay import LogRelay
+from devtools.supervise import (
+    CONFIG,
+    REPLAY_CONFIG,
     REPLAY_NAME,
-    LogRelay,
-    Program,
-    RunError,
     SupervisorFiles,
+    control_config,
     process_states,
-    programs_from,
-    supervisord_config,
+    programs,
+    supervisord_environment,
 )
+from tests.test_heads import write_generated_split
+from twiscope.platform_env import load_platform_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SAMPLES = BASE_DIR / "tests" / "samples"
-PROCFILE_PROGRAMS = {
+# The processes of one platform (the Procfile's, before it became devtools/supervisord.conf).
+PLATFORM_PROGRAMS = {
     "web",
     "worker-ingest",
     "worker-enrich",
@@ -106,6 +109,21 @@ def _port_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _answers(port: int) -> bool:
+    """Whether an HTTP server answers ``GET /`` on 127.0.0.1:``port`` (any status)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/")
+        connection.getresponse().read()
+    except OSError:
+        return False
+    finally:
+        connection.close()
+    return True
+
+
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     path = BASE_DIR / ".run" / "pytest" / uuid.uuid4().hex[:12]
@@ -114,44 +132,127 @@ def run_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# --- the configuration --------------------------------------------------------------------
+# --- the configuration, as supervisord reads it ----------------------------------------------
+
+READ_CONFIG = """
+import json, os, sys
+from supervisor.options import ServerOptions
+options = ServerOptions()
+options.realize(args=["-c", sys.argv[1]])
+print(json.dumps({
+    "uid": options.uid,
+    "criticals": options.parse_criticals,
+    "socket": options.server_configs[0]["file"],
+    "groups": {
+        group.name: [
+            {
+                "name": p.name,
+                "command": p.command,
+                "directory": os.path.realpath(p.directory),
+                "autostart": p.autostart,
+                "priority": p.priority,
+                "autorestart": p.autorestart.__name__ if isinstance(p.autorestart, type)
+                else p.autorestart,
+                "startsecs": p.startsecs,
+                "stopwaitsecs": p.stopwaitsecs,
+                "killasgroup": p.killasgroup,
+                "stdout_logfile": p.stdout_logfile,
+            }
+            for p in group.process_configs
+        ]
+        for group in options.process_group_configs
+    },
+}))
+"""
 
 
-def _config(programs: list[Program], tmp_path: Path) -> configparser.RawConfigParser:
-    text = supervisord_config(programs, SupervisorFiles(tmp_path), password="pw", as_root=False)
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
-    parser.read_string(text)
-    return parser
+def _as_supervisord_reads_it(
+    run_dir: Path, *, replay: bool = False, as_root: bool = False, port: str = "8123"
+) -> dict[str, Any]:
+    """``devtools/supervisord.conf`` parsed by supervisord's own reader, in the
+    environment ``devtools.supervise`` gives it (a child process: the reader takes
+    ``%(ENV_...)s`` from ``os.environ``)."""
+    files = SupervisorFiles(run_dir)
+    for directory in (files.control.parent, files.log_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    files.control.write_text(control_config(files, password="pw", as_root=as_root))
+    includes = [REPLAY_CONFIG] if replay else []
+    env = supervisord_environment(_shell_environment(PORT=port), files, includes=includes)
+    result = subprocess.run(
+        [sys.executable, "-c", READ_CONFIG, str(CONFIG)],
+        check=False,
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
 
 
-def test_every_procfile_process_is_restarted_and_the_replay_runs_once(tmp_path: Path) -> None:
-    programs = programs_from(BASE_DIR / "Procfile", replay=True)
-    config = _config(programs, tmp_path)
+def test_one_group_holds_every_platform_process(run_dir: Path) -> None:
+    parsed = _as_supervisord_reads_it(run_dir)
+    names = [p["name"] for p in parsed["groups"]["twiscope"]]
 
-    restart = {p.name: config[f"program:{p.name}"]["autorestart"] for p in programs}
-    assert restart == {**dict.fromkeys(PROCFILE_PROGRAMS, "true"), REPLAY_NAME: "false"}
-    assert config["group:twiscope"]["programs"].split(",") == [p.name for p in programs]
-    assert {config[f"program:{p.name}"]["killasgroup"] for p in programs} == {"true"}
-
-
-def test_a_procfile_process_replaces_its_shell_and_percent_signs_survive(tmp_path: Path) -> None:
-    config = _config([Program("worker", "celery worker -n ingest@%h")], tmp_path)
-
-    assert config["program:worker"]["command"] == "/bin/sh -c 'exec celery worker -n ingest@%%h'"
+    assert set(parsed["groups"]) == {"twiscope"}
+    assert set(names) == PLATFORM_PROGRAMS
+    assert [p.name for p in programs()] == names
 
 
-def test_a_command_supervisord_would_cut_at_a_comment_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(RunError, match="move the command into a script"):
-        _config([Program("web", "serve --flag # note")], tmp_path)
+def test_every_platform_process_is_restarted_and_the_replay_runs_once(run_dir: Path) -> None:
+    parsed = _as_supervisord_reads_it(run_dir, replay=True)
+    group = {p["name"]: p for p in parsed["groups"]["twiscope"]}
+    (replay,) = parsed["groups"][REPLAY_NAME]
+    every = [*group.values(), replay]
+
+    assert set(group) == PLATFORM_PROGRAMS
+    assert {p["autorestart"] for p in group.values()} == {"RestartUnconditionally"}
+    assert {(p["autostart"], p["startsecs"], p["stopwaitsecs"]) for p in group.values()} == {
+        (True, 10, 10)
+    }
+    assert (replay["autostart"], replay["autorestart"], replay["startsecs"]) == (True, False, 0)
+    # Stopped first: supervisord stops the group with the highest priority number first.
+    assert replay["priority"] > max(p["priority"] for p in group.values())
+    assert {p["killasgroup"] for p in every} == {True}
+    assert {p["directory"] for p in every} == {str(BASE_DIR.resolve())}
+    assert {p["stdout_logfile"] for p in every} == {
+        str(run_dir / "log" / f"{p['name']}.log") for p in every
+    }
+    assert [p.name for p in programs(includes=[REPLAY_CONFIG]) if p.one_shot] == [REPLAY_NAME]
 
 
-def test_supervisord_runs_as_root_without_a_warning_only_when_root(tmp_path: Path) -> None:
-    files = SupervisorFiles(tmp_path)
-    as_root = supervisord_config([Program("a", "true")], files, password="pw", as_root=True)
-    as_user = supervisord_config([Program("a", "true")], files, password="pw", as_root=False)
+def test_each_process_runs_the_command_the_procfile_had(run_dir: Path) -> None:
+    parsed = _as_supervisord_reads_it(run_dir, replay=True, port="8123")
+    commands = {p["name"]: p["command"] for group in parsed["groups"].values() for p in group}
+    worker = "celery -A twiscope worker -Q {0} -n {0}@%h --pool=prefork --concurrency=1"
+
+    assert commands == {
+        "web": "daphne -b 127.0.0.1 -p 8123 twiscope.asgi:application",
+        "worker-ingest": f"{worker.format('ingest')} --loglevel=INFO",
+        "worker-enrich": f"{worker.format('enrich')} --loglevel=INFO",
+        "worker-ml": f"{worker.format('ml')} --loglevel=INFO",
+        "worker-inference": f"{worker.format('inference')} --prefetch-multiplier=1 --loglevel=INFO",
+        "worker-alerts": f"{worker.format('alerts')} --loglevel=INFO",
+        "sources": "python manage.py run_sources",
+        "beat": "celery -A twiscope beat --loglevel=INFO "
+        f'--schedule "{run_dir}/celerybeat-schedule"',
+        REPLAY_NAME: commands[REPLAY_NAME],
+    }
+    assert commands[REPLAY_NAME].startswith('/bin/sh -c \'python manage.py replay "$REPLAY"')
+
+
+def test_supervisord_runs_as_root_without_a_warning_only_when_root(run_dir: Path) -> None:
+    files = SupervisorFiles(run_dir)
+    as_root = control_config(files, password="pw", as_root=True)
+    as_user = control_config(files, password="pw", as_root=False)
+    parsed = _as_supervisord_reads_it(run_dir, as_root=os.geteuid() == 0)
 
     assert "\nuser=root\n" in as_root
     assert "user=" not in as_user
+    assert parsed["criticals"] == []
+    assert parsed["socket"] == str(files.socket)
 
 
 def test_a_deep_run_dir_gets_a_control_socket_that_fits(tmp_path: Path) -> None:
@@ -159,6 +260,15 @@ def test_a_deep_run_dir_gets_a_control_socket_that_fits(tmp_path: Path) -> None:
 
     assert len(str(SupervisorFiles(deep).socket)) <= 100
     assert SupervisorFiles(tmp_path).socket.parent == tmp_path / "supervisor"
+
+
+def test_a_run_dir_with_a_space_keeps_its_control_file_where_supervisord_can_include_it(
+    tmp_path: Path,
+) -> None:
+    spaced = tmp_path / "my platform"
+
+    assert " " not in str(SupervisorFiles(spaced).control)
+    assert SupervisorFiles(tmp_path).control == tmp_path / "supervisor" / "control.conf"
 
 
 # --- the log relay -------------------------------------------------------------------------
@@ -183,14 +293,30 @@ def test_the_relay_prefixes_new_lines_and_follows_a_rotated_file(tmp_path: Path)
     ]
 
 
-# --- supervise(): restarts and stopping, with small programs --------------------------------
+def test_an_announcement_goes_between_relayed_lines(tmp_path: Path) -> None:
+    log = tmp_path / "web.log"
+    out = io.StringIO()
+    relay = LogRelay({"web": log}, out)
+    log.write_text("listening\n")
+    relay.start()
+    _wait_for(lambda: out.getvalue(), 10, "the first line relayed")
+
+    relay.announce("=== banner ===")
+    with log.open("a") as fh:
+        fh.write("serving\n")
+    relay.stop()
+
+    assert out.getvalue().splitlines() == ["web | listening", "=== banner ===", "web | serving"]
+
+
+# --- supervise(): restarts, the banner and stopping, with small programs --------------------
 
 
 def _states(files: SupervisorFiles) -> dict[str, dict[str, Any]]:
     """supervisord's view of each process, by name; empty while it does not answer. The
-    control password is in the generated configuration, as for supervisorctl."""
+    control password is in the control file, as for supervisorctl."""
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
-    if not parser.read(files.config):
+    if not parser.read(files.control):
         return {}
     try:
         states = process_states(files.socket, parser["supervisorctl"]["password"])
@@ -200,18 +326,45 @@ def _states(files: SupervisorFiles) -> dict[str, dict[str, Any]]:
 
 
 SUPERVISE = """
-import os, sys
+import configparser, os, sys
 from pathlib import Path
-from twiscope.run import Program, SupervisorFiles, supervise
-programs = [Program(*spec.split("=", 1)) for spec in sys.argv[2:]]
-programs.append(Program("once", "echo once done", one_shot=True))
-sys.exit(supervise(programs, dict(os.environ), SupervisorFiles(Path(sys.argv[1]))))
+from devtools.supervise import CONFIG, REPLAY_CONFIG, Announcement, SupervisorFiles, supervise
+
+# devtools/supervisord.conf with its programs replaced by small ones: the same
+# supervisord settings, and each program supervised as the platform's are (the
+# options of [program:web]; the one-shot's of supervisord-replay.conf's [program:replay]).
+run_dir, announce_port, specs = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+parser.read(CONFIG)
+long_running = dict(parser["program:web"])
+parser.read(REPLAY_CONFIG)
+one_shot = dict(parser["program:replay"])
+for section in parser.sections():
+    if section.startswith(("program:", "group:")):
+        parser.remove_section(section)
+names = []
+for spec in [*specs, "once=echo once done"]:
+    name, command = spec.split("=", 1)
+    parser[f"program:{name}"] = {
+        **(one_shot if name == "once" else long_running), "command": command,
+    }
+    names.append(name)
+parser["group:twiscope"] = {"programs": ",".join(names)}
+config = run_dir / "supervisord.conf"
+with config.open("w") as fh:
+    parser.write(fh)
+announcement = None
+if announce_port != "-":
+    announcement = Announcement(f"http://127.0.0.1:{announce_port}/", "=== ANNOUNCED ===")
+files = SupervisorFiles(run_dir)
+sys.exit(supervise(dict(os.environ), files, config=config, announcement=announcement))
 """
 
 
 @dataclass
 class Runner:
-    """``twiscope.run.supervise`` in a child process (signals need its main thread)."""
+    """``devtools.supervise.supervise`` in a child process (signals need its main
+    thread)."""
 
     process: subprocess.Popen[str]
     files: SupervisorFiles
@@ -227,9 +380,9 @@ class Runner:
         return self.process.returncode
 
 
-def _start_runner(run_dir: Path, *programs: str) -> Runner:
+def _start_runner(run_dir: Path, *programs: str, announce_port: int | None = None) -> Runner:
     process = subprocess.Popen(
-        [sys.executable, "-c", SUPERVISE, str(run_dir), *programs],
+        [sys.executable, "-c", SUPERVISE, str(run_dir), str(announce_port or "-"), *programs],
         cwd=BASE_DIR,
         env=_shell_environment(),
         stdout=subprocess.PIPE,
@@ -286,6 +439,30 @@ def test_a_process_that_cannot_start_stops_the_platform_with_status_1(run_dir: P
     assert _gone([steady])
 
 
+@pytest.mark.slow
+def test_the_banner_comes_once_the_web_server_answers(run_dir: Path) -> None:
+    """A web server that takes 3 s to listen: the announcement must not come before
+    it answers (the test asks the server the moment the banner shows)."""
+    port = free_port()
+    web = f"web=/bin/sh -c 'sleep 3; exec {sys.executable} -m http.server {port} --bind 127.0.0.1'"
+    runner = _start_runner(run_dir, web, announce_port=port)
+    started = time.monotonic()
+    assert runner.process.stdout is not None
+    try:
+        for line in runner.process.stdout:
+            if line.strip() == "=== ANNOUNCED ===":
+                answered, waited = _answers(port), time.monotonic() - started
+                break
+        else:
+            pytest.fail("the runner ended without announcing")
+    finally:
+        status = runner.stop()
+
+    assert answered
+    assert waited >= 3
+    assert status == 128 + signal.SIGTERM
+
+
 # --- the whole platform, as `make run` starts it -----------------------------------------
 
 
@@ -333,20 +510,36 @@ class Platform:
     def states(self) -> dict[str, dict[str, Any]]:
         return _states(self.files)
 
-    def stored(self, source: str) -> int:
-        """Rows in ``ingest_event`` for the source of that name."""
+    def _one(self, query: str, source: str) -> Any:
+        """The one value ``query`` selects for the source of that name."""
         conn = psycopg2.connect(self.services()["DATABASE_URL"], connect_timeout=5)
         try:
             with conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM ingest_event e JOIN ingest_source s "
-                    "ON s.id = e.source_id WHERE s.name = %s",
-                    [source],
-                )
-                (count,) = cursor.fetchone()
+                cursor.execute(query, [source])
+                (value,) = cursor.fetchone()
         finally:
             conn.close()
-        return int(count)
+        return value
+
+    def stored(self, source: str) -> int:
+        """Rows in ``ingest_event`` for the source of that name."""
+        return int(
+            self._one(
+                "SELECT count(*) FROM ingest_event e JOIN ingest_source s "
+                "ON s.id = e.source_id WHERE s.name = %s",
+                source,
+            )
+        )
+
+    def team_of(self, source: str) -> str:
+        """The slug of the team that owns the source of that name."""
+        return str(
+            self._one(
+                "SELECT t.slug FROM ingest_source s JOIN teams_team t ON t.id = s.team_id "
+                "WHERE s.name = %s",
+                source,
+            )
+        )
 
     def worker_master(self, queue: str) -> psutil.Process | None:
         """The Celery master process consuming ``queue``."""
@@ -374,8 +567,8 @@ def platform() -> Iterator[Platform]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "twiscope.localservices", "run"),
-                *("--run-dir", str(run_dir), "--", sys.executable, "-m", "twiscope.run"),
+                *(sys.executable, "-m", "devtools.localservices", "run"),
+                *("--run-dir", str(run_dir), "--", sys.executable, "-m", "devtools.run"),
             ],
             cwd=BASE_DIR,
             env=_shell_environment(PORT=str(port)),
@@ -389,12 +582,12 @@ def platform() -> Iterator[Platform]:
         if process.poll() is not None:
             pytest.fail(f"the platform ended ({process.returncode}):\n{platform.log()[-4000:]}")
         states = platform.states()
-        return set(states) == PROCFILE_PROGRAMS and all(
+        return set(states) == PLATFORM_PROGRAMS and all(
             s["statename"] == "RUNNING" for s in states.values()
         )
 
     try:
-        _wait_for(ready, 120, "every Procfile process RUNNING", poll_s=0.5)
+        _wait_for(ready, 120, "every platform process RUNNING", poll_s=0.5)
         yield platform
     finally:
         if process.poll() is None:
@@ -405,6 +598,63 @@ def platform() -> Iterator[Platform]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_taken_web_port_is_refused_before_anything_starts(run_dir: Path) -> None:
+    """Another program listens on the web port: ``make run`` says so at once (naming
+    the port and how to pick another) instead of a banner and a platform that gives up
+    a minute later. Nothing is needed for that check: no database, no Redis."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "devtools.run"],
+            check=False,
+            cwd=BASE_DIR,
+            env=_shell_environment(PORT=str(port), TWISCOPE_RUN_DIR=str(run_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - started
+
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use by another program" in result.stderr
+    assert "pick another port: make run PORT=" in result.stderr
+    assert "Twiscope is" not in result.stdout
+    assert took < 30
+    assert not (run_dir / "log").exists()
+
+
+@pytest.mark.slow
+def test_the_banner_comes_once_the_platform_answers_and_names_what_a_second_shell_uses(
+    platform: Platform,
+) -> None:
+    """The banner of a real ``make run``: printed once the dashboard answers, with the
+    demo login that opens it, and the ``supervisorctl`` line, typed in a new terminal,
+    shows every process."""
+    _wait_for(lambda: "Twiscope is running" in platform.log(), 60, "the banner")
+    log = platform.log()
+    banner = log[log.index("Twiscope is running") :].split("=" * 72)[0]
+    # "  Label       value": the label in 11 columns after two spaces.
+    rows = {line[2:13].strip(): line[14:] for line in banner.splitlines()[1:] if line.strip()}
+    password = (platform.run_dir / "demo-password").read_text().strip()
+    processes = rows["Processes"].split()
+
+    status = platform.type_in_second_shell(processes, timeout=60)
+
+    assert rows["Dashboard"] == f"http://127.0.0.1:{platform.port}/"
+    assert _answers(platform.port)
+    assert rows["Login"] == f"demo / {password}"
+    assert processes[1] == "-c" and processes[3:] == ["status"]
+    assert BASE_DIR / processes[2] == platform.run_dir / "supervisor" / "control.conf"
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert {line.split()[0] for line in status.stdout.splitlines()} == {
+        f"twiscope:{name}" for name in PLATFORM_PROGRAMS
+    }
+    assert {line.split()[1] for line in status.stdout.splitlines()} == {"RUNNING"}
 
 
 @pytest.mark.slow
@@ -429,6 +679,38 @@ def test_the_readme_replay_command_works_in_a_second_shell(platform: Platform) -
     assert result.returncode == 0, result.stderr[-4000:]
     expected = _distinct_posts(archive)
     _wait_for(lambda: platform.stored("airline") == expected, 60, f"{expected} events stored")
+
+
+@pytest.mark.slow
+def test_with_a_second_team_the_readme_commands_still_work_as_typed(platform: Platform) -> None:
+    """The README's ``create_user ... --create-team`` in a new terminal prints its own
+    lines only (no log records around them), and then the README's replay, typed
+    without ``--team``, still works: it goes to the demo team and says so."""
+    python = ".venv/bin/python"
+    created = platform.type_in_second_shell(
+        [
+            *(python, "manage.py", "create_user", "lead", "--team", "desk"),
+            *("--create-team", "News desk", "--role", "owner"),
+        ],
+        timeout=120,
+    )
+    replayed = platform.type_in_second_shell(
+        [python, "manage.py", "replay", "tests/samples/x_v1.jsonl", "--speed", "max"],
+        timeout=120,
+    )
+    _wait_for(lambda: platform.stored("x_v1") == 4, 60, "the 4 posts stored")
+
+    assert created.returncode == 0, created.stderr
+    assert created.stderr == ""
+    assert created.stdout.splitlines()[:3] == [
+        'created team "News desk" (desk); it has no alert rules yet: add them in the admin '
+        "(/admin/alerts/alertrule/) or through /api/rules/",
+        "created user lead",
+        'added lead to team "News desk" (desk) as owner',
+    ]
+    assert replayed.returncode == 0, replayed.stderr[-4000:]
+    assert 'replay into team "Demo" (demo): the team make run creates' in replayed.stderr
+    assert platform.team_of("x_v1") == "demo"
 
 
 @pytest.mark.slow
@@ -592,7 +874,7 @@ def test_sigterm_stops_every_process_and_the_services(platform: Platform) -> Non
     status = platform.process.wait(60)
 
     assert status == 128 + signal.SIGTERM, platform.log()[-4000:]
-    assert len(descendants) > len(PROCFILE_PROGRAMS)
+    assert len(descendants) > len(PLATFORM_PROGRAMS)
     assert _gone(descendants)
     assert all(port is not None and _port_closed(port) for port in ports)
     assert not (platform.run_dir / "env").exists()

@@ -1,12 +1,12 @@
 """A second terminal beside ``make run``: where commands find the running platform.
 
-``make run`` (``twiscope.localservices run``) writes ``<run-dir>/env``; the development
-settings read it (``load_platform_env``) when ``DATABASE_URL``, ``REDIS_URL`` or
-``SECRET_KEY`` is unset. These tests use their own run dirs (``TWISCOPE_RUN_DIR`` or
-a mapping that names one), never the repository's ``.run/env``, which belongs to a
-developer's running platform. The whole path (a platform started as ``make run`` does
-and the README's replay command typed in a clean shell) is in
-``tests/test_run_supervision.py``.
+``make run`` (``devtools.localservices run``) writes ``<run-dir>/env``; the development
+settings read it (``twiscope.platform_env.load_platform_env``) when ``DATABASE_URL``,
+``REDIS_URL`` or ``SECRET_KEY`` is unset. These tests use their own run dirs
+(``TWISCOPE_RUN_DIR`` or a mapping that names one), never the repository's
+``.run/env``, which belongs to a developer's running platform. The whole path (a
+platform started as ``make run`` does and the README's replay command typed in a clean
+shell) is in ``tests/test_run_supervision.py``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from twiscope.localservices import (
+from devtools.envfile import platform_env_file, write_platform_env
+from twiscope.platform_env import (
     BASE_DIR,
     PLATFORM_PID_VARIABLE,
     PlatformNotRunning,
     load_platform_env,
-    platform_env_file,
     platform_env_path,
-    write_platform_env,
 )
 
 PLATFORM = {

@@ -4,7 +4,7 @@ Queues (DESIGN.md): ``ingest`` (persist raw batches), ``enrich`` (language, enti
 sentiment), ``ml`` (trend detection), ``inference`` (the transformer heads' labels of
 new events, newest first; the pool that may own a GPU),
 ``alerts`` (rule evaluation, persistence and push), ``notify`` (outbound integrations).
-Pool sizes live in the Procfile and docker-compose.yml, not here.
+Pool sizes live in devtools/supervisord.conf and docker-compose.yml, not here.
 
 Delivery: ``acks_late`` + ``reject_on_worker_lost`` give at-least-once delivery; every
 task is idempotent at the database, so a redelivery changes nothing.

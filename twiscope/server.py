@@ -1,7 +1,7 @@
 """Limits on the request line, answered with a status instead of a dropped connection.
 
 Two layers, both installed by ``twiscope/asgi.py``, so every way of serving the app
-with daphne (the Procfile's and docker-compose's ``daphne … twiscope.asgi:application``,
+with daphne (``make run``'s and docker-compose's ``daphne … twiscope.asgi:application``,
 ``manage.py runserver``) has them without a different command line:
 
 - ``RequestTargetLimit``: ASGI middleware answering ``414 URI Too Long`` (DRF's error

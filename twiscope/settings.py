@@ -6,7 +6,7 @@ is refused, and any secret may instead be given as ``<KEY>_FILE`` (a path whose
 contents are the value, as with Docker secrets).
 
 Required: ``SECRET_KEY``, ``DATABASE_URL``, ``REDIS_URL``. ``make run`` and
-``make test`` provide all three (see ``twiscope/localservices.py``). In development
+``make test`` provide all three (see ``devtools/localservices.py``). In development
 (``TWISCOPE_ENV`` unset or ``development``), any of them left unset is taken from the
 running ``make run``'s env file (``.run/env``, or ``$TWISCOPE_RUN_DIR/env``), so commands
 typed in a second terminal reach that platform; never in production or test settings,
@@ -32,7 +32,7 @@ if TWISCOPE_ENV not in {"development", "production", "test"}:
         f"TWISCOPE_ENV must be development, production or test, not {TWISCOPE_ENV!r}"
     )
 if TWISCOPE_ENV == "development":
-    from twiscope.localservices import load_platform_env
+    from twiscope.platform_env import load_platform_env
 
     load_platform_env()
 DEBUG: bool = env.bool("DJANGO_DEBUG", default=False)
@@ -189,15 +189,18 @@ CELERY_TASK_ALWAYS_EAGER: bool = False
 INGEST_BATCH_SIZE: int = env.int("INGEST_BATCH_SIZE", default=500)
 # Back-pressure of a full-speed replay: at most this many events in flight at once.
 REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
+# The team `manage.py replay` replays into when no --team is given (a slug; empty: the
+# only team, else the demo team that `make run` creates).
+TWISCOPE_TEAM: str = env.str("TWISCOPE_TEAM", default="")
 
 # Trained classifier heads (``manage.py train``): their artefacts live here; each has a
 # ModelVersion row in this platform's database, so in development the folder is the
 # platform's run dir's (``make run``: .run/models; ``make bench``: .run/bench/models).
 # A volume in docker-compose.
 if TWISCOPE_ENV == "development":
-    from twiscope.localservices import run_dir_for
+    from twiscope.platform_env import platform_run_dir
 
-    _MODELS_DEFAULT = run_dir_for("run", os.environ) / "models"
+    _MODELS_DEFAULT = platform_run_dir(os.environ) / "models"
 else:
     _MODELS_DEFAULT = BASE_DIR / ".run" / "models"
 MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(_MODELS_DEFAULT)))
@@ -324,6 +327,8 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # Which AES library it found, at INFO, as every command starts: noise.
+        "telethon.crypto.aes": {"level": "WARNING"},
     },
 }
 

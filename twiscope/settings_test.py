@@ -1,6 +1,6 @@
 """Test settings: the real PostgreSQL, Redis and channel layer, on their own databases.
 
-``make test`` sets ``DATABASE_URL`` / ``REDIS_URL`` (see ``twiscope/localservices.py``);
+``make test`` sets ``DATABASE_URL`` / ``REDIS_URL`` (see ``devtools/localservices.py``);
 the defaults below are the local services' default ports.
 """
 

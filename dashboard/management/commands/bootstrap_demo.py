@@ -1,8 +1,11 @@
 """``manage.py bootstrap_demo``: the demo team, user, API token and default rule.
 
 Idempotent. The password is generated once and kept in ``.run/demo-password`` (mode
-0600) so a restart keeps the login; the token is written to ``.run/api-token``. The
-last line of stdout is JSON: ``{"username", "password", "token", "team"}``.
+0600), and set only when the user is created (or has no usable password): a restart
+never re-hashes it, so the analyst's open dashboards stay logged in and a password
+changed with ``manage.py changepassword`` stays changed. The token is written to
+``.run/api-token``. The last line of stdout is JSON: ``{"username", "password",
+"token", "team"}``; ``password`` is null when the kept one no longer opens the account.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import check_password
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
 from alerts.services import ensure_default_rule
-from teams.models import Membership, Team
+from teams.models import DEMO_TEAM_SLUG, Membership, Team
 
 
 def _secret_file(path: Path) -> str:
@@ -33,7 +37,10 @@ def _secret_file(path: Path) -> str:
 
 
 class Command(BaseCommand):
-    help = "Create (or refresh) the demo team, user, API token and default alert rule."
+    help = (
+        "Create the demo team, user, API token and default alert rule where missing; "
+        "the user's password is set only when the user is created."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--username", default="demo")
@@ -43,10 +50,11 @@ class Command(BaseCommand):
         run_dir = Path(options["run_dir"])
         password = _secret_file(run_dir / "demo-password")
         with transaction.atomic():
-            team, _ = Team.objects.get_or_create(slug="demo", defaults={"name": "Demo"})
-            user, _ = get_user_model().objects.get_or_create(username=options["username"])
-            user.set_password(password)
-            user.save(update_fields=["password"])
+            team, _ = Team.objects.get_or_create(slug=DEMO_TEAM_SLUG, defaults={"name": "Demo"})
+            user, created = get_user_model().objects.get_or_create(username=options["username"])
+            if created or not user.has_usable_password():
+                user.set_password(password)
+                user.save(update_fields=["password"])
             Membership.objects.update_or_create(
                 user=user, team=team, defaults={"role": Membership.Role.OWNER}
             )
@@ -59,7 +67,8 @@ class Command(BaseCommand):
             json.dumps(
                 {
                     "username": user.username,
-                    "password": password,
+                    # The hashers' check_password, not the user's: it never re-hashes.
+                    "password": password if check_password(password, user.password) else None,
                     "token": token.key,
                     "team": team.slug,
                 }

@@ -41,7 +41,7 @@ from ingest.sources.replay.formats import (
     detect_format,
     read_archive,
 )
-from teams.models import Team
+from teams.models import DEMO_TEAM_SLUG, Team
 from twiscope import celery, pipeline
 
 log = structlog.get_logger(__name__)
@@ -51,6 +51,9 @@ FLUSH_WINDOW_S = 0.2
 so no event waits longer than about this for its batch to fill."""
 DEAD_LETTER_CHUNK = 1_000
 SOURCE_NAME_MAX = 100
+TEAM_VARIABLE = "TWISCOPE_TEAM"
+"""The environment variable behind ``settings.TWISCOPE_TEAM``: the team a replay goes to
+when ``--team`` is not given (see ``_team``)."""
 DEFAULT_WAIT_S = 600.0
 """``--wait`` with no value: how long to wait for the pipeline to drain, in seconds."""
 DRAIN_POLL_S = 0.5
@@ -295,7 +298,11 @@ class Command(BaseCommand):
             "--source", dest="source_name", default=None, help="source name (default: file stem)"
         )
         parser.add_argument(
-            "--team", default=None, help="team slug (default: the only team, if one)"
+            "--team",
+            default=None,
+            metavar="SLUG",
+            help=f"the team whose source it is (default: ${TEAM_VARIABLE}, else the only "
+            f"team, else the team {DEMO_TEAM_SLUG!r} that make run creates)",
         )
         parser.add_argument(
             "--wait-workers",
@@ -347,7 +354,12 @@ class Command(BaseCommand):
             raise CommandError(f"{exc}; pass --format to name it") from exc
         except OSError as exc:
             raise CommandError(f"cannot read {path}: {exc}") from exc
-        team = _team(options["team"])
+        team, why = _team(options["team"], settings.TWISCOPE_TEAM)
+        if why is not None:
+            self.stderr.write(
+                f'replay into team "{team.name}" ({team.slug}): {why}; pick another with '
+                f"--team SLUG or {TEAM_VARIABLE}=SLUG"
+            )
         name = (options["source_name"] or path.stem)[:SOURCE_NAME_MAX]
         envelopes, errors = _read(path, fmt, options["limit"])
         self._wait_for_workers(options["wait_workers"])
@@ -534,24 +546,41 @@ class Command(BaseCommand):
             )
 
 
-def _team(slug: str | None) -> Team:
-    """The team named by ``slug``, else the only team.
+def _team(slug: str | None, default: str) -> tuple[Team, str | None]:
+    """The team to replay into, and why it was chosen when that is worth saying.
+
+    In order: ``slug`` (``--team``); ``default`` (``settings.TWISCOPE_TEAM``, from the
+    environment variable of that name), when not empty; the only team; with
+    several, the demo team that ``make run`` creates (``DEMO_TEAM_SLUG``), so that the
+    README's commands work as typed once a second team exists. The reason is ``None``
+    for ``--team`` and for the only team (nothing to explain).
 
     Raises:
-        CommandError: no such slug, no team at all, or several teams and no slug.
+        CommandError: no such slug, no team at all, or several teams, none of them the
+            demo team, and no slug.
     """
     slugs = list(Team.objects.order_by("slug").values_list("slug", flat=True))
-    if slug is None and len(slugs) == 1:
+    why: str | None = None
+    origin = ""
+    if slug is None and default:
+        slug, why = default, f"set by {TEAM_VARIABLE}"
+        origin = f" (set by {TEAM_VARIABLE})"
+    elif slug is None and len(slugs) == 1:
         slug = slugs[0]
+    elif slug is None and DEMO_TEAM_SLUG in slugs:
+        slug, why = DEMO_TEAM_SLUG, f"the team make run creates, of {len(slugs)} teams"
     if slug is None and not slugs:
         raise CommandError("no team exists yet: create one before replaying into it")
     if slug is None:
-        raise CommandError(f"there are several teams; pass --team with one of: {', '.join(slugs)}")
+        raise CommandError(
+            f"there are several teams; pass --team with one of: {', '.join(slugs)} "
+            f"(or set {TEAM_VARIABLE})"
+        )
     team = Team.objects.filter(slug=slug).first()
     if team is None:
         known = ", ".join(slugs) or "none"
-        raise CommandError(f"no team with slug {slug!r} (teams: {known})")
-    return team
+        raise CommandError(f"no team with slug {slug!r}{origin} (teams: {known})")
+    return team, why
 
 
 def _read(path: Path, fmt: str, limit: int | None) -> tuple[list[Envelope], list[RowError]]:

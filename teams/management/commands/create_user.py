@@ -6,10 +6,17 @@ an API token, and prints it. What it did goes to stdout first, one line each; th
 ``| tail -n 1``. Idempotent: running it again changes nothing and prints the same
 token. A new user has no password (the API works with the token); set one for the
 dashboard with ``manage.py changepassword USERNAME``.
+
+Its output is those lines only: the log records of the work it does (``teams.
+user_created`` and the like, INFO) are silenced while it runs; warnings and errors still
+show, and ``--verbosity 2`` shows everything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -42,14 +49,16 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        quiet = _info_logs_off() if options["verbosity"] < 2 else contextlib.nullcontext()
         try:
-            done = services.onboard_user(
-                username=options["username"],
-                team_slug=options["team"],
-                role=options["role"],
-                email=options["email"],
-                create_team_name=options["create_team"],
-            )
+            with quiet:
+                done = services.onboard_user(
+                    username=options["username"],
+                    team_slug=options["team"],
+                    role=options["role"],
+                    email=options["email"],
+                    create_team_name=options["create_team"],
+                )
         except services.OnboardingError as exc:
             raise CommandError(str(exc)) from exc
         name = done.user.get_username()
@@ -80,3 +89,15 @@ class Command(BaseCommand):
             "(send it as 'Authorization: Token <key>'):"
         )
         self.stdout.write(done.token)
+
+
+@contextlib.contextmanager
+def _info_logs_off() -> Iterator[None]:
+    """No log record at INFO or below for the block (``logging.disable``, process-wide),
+    then the level disabled before it."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
