@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import configparser
 import json
-import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping
