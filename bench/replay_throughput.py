@@ -80,8 +80,8 @@ from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.heads import TASKS  # noqa: E402
 from mlengine.models import (  # noqa: E402
     ModelVersion,

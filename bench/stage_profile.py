@@ -36,9 +36,9 @@ from alerts import services as alert_services  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
-from mlengine.text import warm_up  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
+from mlengine.enrichment.text import warm_up  # noqa: E402
 from teams.models import Team  # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "airline_tweets" / "Tweets.csv"

@@ -53,8 +53,8 @@ from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.models import BucketCount, StreamClock, Trend  # noqa: E402
 from mlengine.trends import score_terms  # noqa: E402
 from teams.models import Team  # noqa: E402

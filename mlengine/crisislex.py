@@ -8,7 +8,7 @@ it, with production's code and parameters:
 
 - a post per labelled tweet: event time from the snowflake id (``ms = (id >> 22) +
   1288834974657``, ``ingest.sources.replay.formats.snowflake_time``), terms from
-  ``mlengine.text.enrich_text`` exactly as the enrich stage and
+  ``mlengine.enrichment.text.enrich_text`` exactly as the enrich stage and
   ``ingest.selectors.events_for_trends`` make them, author key ``Author().key(id)`` (the
   set has no author: each post is its own author, as a replay of it is); posts in event
   order, ties by external id;
@@ -48,10 +48,10 @@ from ingest.envelope import Author
 from ingest.selectors import TERM_MAX_CHARS
 from ingest.services import events_per_active_day
 from ingest.sources.replay.formats import snowflake_time
+from mlengine.enrichment.text import Enrichment, enrich_text
 from mlengine.services import params_for
 from mlengine.services import story_params as production_story_params
 from mlengine.stories import StoryDetector, StoryParams
-from mlengine.text import Enrichment, enrich_text
 from mlengine.trends import TermStream, TrendParams, suggest_bucket_s
 
 Detector = Literal["terms", "stories"]

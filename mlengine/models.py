@@ -180,7 +180,7 @@ class Watch(models.Model):
 
     ``terms``: at least one hashtag ("#flood"), mention ("@x"), cashtag ("$TSLA") or
     keyword, normalised as events' ``hashtags``/``mentions``/``cashtags``/``keywords``
-    are (``mlengine.text.normalise_term``: lower case, cashtags upper case),
+    are (``mlengine.enrichment.text.normalise_term``: lower case, cashtags upper case),
     de-duplicated. ``source``: the one source it covers, or null for every source of the
     team. An enabled watch has one ``Series`` (kind ``watch``) per source it covers:
     the events per bucket holding any of its terms. Written through

@@ -54,10 +54,10 @@ from ingest import selectors as ingest_selectors
 from ingest.models import Source
 from ingest.selectors import TrendInput
 from mlengine import anomaly_stage
+from mlengine.enrichment.text import normalise_term
 from mlengine.forecast import forecast_volume, project_bucket_count
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend, Watch
 from mlengine.stories import StoryParams, choose_story
-from mlengine.text import normalise_term
 from mlengine.trends import (
     BoolArray,
     FloatArray,
@@ -1135,7 +1135,7 @@ def _reconcile_progress(source_ids: Sequence[int]) -> None:
 
 
 def normalise_terms(terms: Sequence[str]) -> list[str]:
-    """A watch's terms as stored: each through ``mlengine.text.normalise_term``, blanks
+    """A watch's terms as stored: each through ``mlengine.enrichment.text.normalise_term``, blanks
     dropped, duplicates dropped (first kept), in the order given."""
     return list(dict.fromkeys(t for t in (normalise_term(term) for term in terms) if t))
 

@@ -1,7 +1,7 @@
 """Celery entry points of the ``enrich`` and ``ml`` queues: thin shells.
 
 Each re-reads its rows and quietly does nothing if they are gone or already done (see
-``mlengine.enrichment`` and ``mlengine.services``), so ``acks_late`` redelivery is safe.
+``mlengine.enrichment.stage`` and ``mlengine.services``), so ``acks_late`` redelivery is safe.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import anomaly_stage, enrichment, scoring, services, training, virality
+from mlengine import anomaly_stage, scoring, services, training, virality
+from mlengine.enrichment import stage as enrich_stage
+from mlengine.enrichment.text import warm_up
 from mlengine.heads import TASKS
-from mlengine.text import warm_up
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -59,13 +60,13 @@ def _warm_up_heads(**_: object) -> None:
 @shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)
 def enrich_events(*, event_ids: list[int], source_id: int | None = None) -> int:
     """Enrich events (language, entities, sentiment); returns how many it enriched."""
-    return len(enrichment.enrich_events(event_ids=event_ids, source_id=source_id))
+    return len(enrich_stage.enrich_events(event_ids=event_ids, source_id=source_id))
 
 
 @shared_task(name="enrich.sweep", soft_time_limit=25, time_limit=30)
 def sweep_enrich() -> int:
     """Periodic: re-send unenriched events that are really stuck; returns how many."""
-    return enrichment.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
+    return enrich_stage.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
 
 
 @shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)

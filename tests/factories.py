@@ -134,8 +134,8 @@ def run_through(
     that nothing is sent to the broker (the test runs each stage itself). Returns the
     ids of the new trends."""
     from ingest import services
-    from mlengine import enrichment
     from mlengine import services as ml_services
+    from mlengine.enrichment import stage as enrichment
 
     def one(batch: list[Envelope], watermark: datetime | None) -> list[int]:
         with commits_without_broker():

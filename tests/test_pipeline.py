@@ -22,8 +22,8 @@ from alerts.models import Alert
 from ingest import selectors, services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Event, Source
-from mlengine import enrichment
 from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from tests.factories import (
     ORIGIN,
@@ -347,7 +347,7 @@ def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:
     ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
     calls = mock.Mock(wraps=enrichment.enrich_text)
 
-    with mock.patch("mlengine.enrichment.enrich_text", calls):
+    with mock.patch("mlengine.enrichment.stage.enrich_text", calls):
         enriched = enrichment.enrich_events(event_ids=ids)
 
     assert calls.call_count == 2

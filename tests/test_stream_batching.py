@@ -21,8 +21,8 @@ from django.db import connection, transaction
 from ingest import selectors, services
 from ingest.envelope import Envelope
 from ingest.models import Event, Source
-from mlengine import enrichment
 from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
 from mlengine.models import BucketCount, StreamClock, Trend
 from mlengine.trends import TermStream, score_terms
 from teams.models import Team

@@ -19,8 +19,9 @@ from alerts import services as alert_services
 from alerts.models import Alert
 from ingest import services
 from ingest.models import Event, Source
-from mlengine import enrichment, text
 from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
+from mlengine.enrichment import text
 from mlengine.models import StreamClock, Trend
 from tests.factories import (
     burst,
@@ -212,7 +213,7 @@ def test_a_backlog_behind_a_stopped_enrich_pool_is_enriched_exactly_once() -> No
 
     calls = mock.Mock(wraps=text.enrich_text)
     with (
-        mock.patch("mlengine.enrichment.enrich_text", calls),
+        mock.patch("mlengine.enrichment.stage.enrich_text", calls),
         start_worker(
             app,
             pool="solo",

@@ -1,7 +1,7 @@
 """The enrich stage: language, entities, keywords and lexicon sentiment of new events.
 
 It sits between ``ingest`` (which stores events) and the trend stage: it reads the
-events' texts through ``ingest.selectors``, runs ``mlengine.text`` on them, and writes
+events' texts through ``ingest.selectors``, runs ``mlengine.enrichment.text`` on them, and writes
 the results through ``ingest.services.save_enrichments`` (the events table is
 ingest's). After commit it hands the source on to the trend stage.
 """
@@ -19,7 +19,7 @@ from django.utils import timezone
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
 from mlengine import scoring
-from mlengine.text import Enrichment, enrich_text, vader_label
+from mlengine.enrichment.text import Enrichment, enrich_text, vader_label
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
