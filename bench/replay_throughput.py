@@ -27,7 +27,7 @@ each (``/api/events/``, with and without a text filter, ``/api/trends/?current=t
 Then, with ``--coverage``, each other real archive the replay reads is replayed once
 and checked: stored events, trends, alerts, alerts received on the WebSocket.
 
-The transformer heads (``mlengine.scoring``, the ``inference`` worker): with
+The transformer heads (``mlengine.inference.scoring``, the ``inference`` worker): with
 ``--heads``, each task without an active head is first trained with ``manage.py
 train``'s defaults on ``../shared/data/tweeteval/<task>`` (once: the bench database and
 models folder keep them). Each run then also reports the share of its events the heads
@@ -82,7 +82,7 @@ from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
 from mlengine import services as ml_services  # noqa: E402
 from mlengine.enrichment import stage as enrichment  # noqa: E402
-from mlengine.heads import TASKS  # noqa: E402
+from mlengine.inference.heads import TASKS  # noqa: E402
 from mlengine.models import (  # noqa: E402
     ModelVersion,
     StreamClock,

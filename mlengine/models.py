@@ -143,10 +143,10 @@ class Trend(models.Model):
 
 
 class ModelVersion(models.Model):
-    """One trained classifier head (``mlengine.heads``): what it was trained on, how it
+    """One trained classifier head (``mlengine.inference.heads``): what it was trained on, how it
     measured, where its artefact is, and whether it is its task's active head.
 
-    ``metrics`` are its scores on the evaluation split (``mlengine.heads.metrics``, plus
+    ``metrics`` are its scores on the evaluation split (``mlengine.inference.heads.metrics``, plus
     the split's name and size); ``trained_on`` names the data folder, the splits and
     their sizes; ``artefact`` is the ``.npz`` path relative to ``settings.MODELS_DIR``.
     At most one version per task is active.

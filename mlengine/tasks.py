@@ -13,10 +13,11 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import anomaly_stage, scoring, services, training, virality
+from mlengine import anomaly_stage, services
 from mlengine.enrichment import stage as enrich_stage
 from mlengine.enrichment.text import warm_up
-from mlengine.heads import TASKS
+from mlengine.inference import scoring, training, virality_model
+from mlengine.inference.heads import TASKS
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ def _warm_up_heads(**_: object) -> None:
             continue
         loaded.append(f"{version.name} v{version.version}")
     with contextlib.suppress(training.NoTrainedModel):
-        loaded.append(virality.active_model().version)
+        loaded.append(virality_model.active_model().version)
     log.info("inference.models_loaded", heads=loaded, cpu_policy=policy)
 
 
@@ -90,7 +91,7 @@ def advance_anomalies() -> int:
 
 @shared_task(name="inference.score_backlog", soft_time_limit=90, time_limit=120)
 def score_backlog() -> int:
-    """Label the newest waiting events with the active heads (``mlengine.scoring``);
+    """Label the newest waiting events with the active heads (``mlengine.inference.scoring``);
     returns how many it labelled."""
     return scoring.score_backlog().scored
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mlengine import encoder
+from mlengine.inference import encoder
 
 BATCH_SIZES = (1, 8, 32, 128)
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"

@@ -8,7 +8,7 @@ detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
 
 ``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
 active virality model on a trump_tweets-layout CSV's posts from DATE on
-(``mlengine.virality``)."""
+(``mlengine.inference.virality_training``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mlengine import heads, training
+from mlengine.inference import heads, training
 
 
 class Command(BaseCommand):
@@ -124,21 +124,23 @@ class Command(BaseCommand):
 
     def _virality(self, options: dict[str, Any]) -> None:
         """``evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
-        active virality model (``mlengine.virality``)."""
+        active virality model (``mlengine.inference.virality_training``)."""
         from tqdm import tqdm
 
-        from mlengine import virality
+        from mlengine.inference import virality_features, virality_training
 
         if options["data"] is None:
             raise CommandError("evaluate virality needs --data CSV (trump_tweets layout)")
         try:
-            since = virality.parse_date(options["since"]) if options["since"] else None
+            since = virality_features.parse_date(options["since"]) if options["since"] else None
         except ValueError as exc:
             raise CommandError(f"--since: {exc}") from exc
         bar = tqdm(desc="embedding", unit="text", file=self.stderr, disable=None, leave=False)
         try:
-            result = virality.evaluate(options["data"], since=since, embed_progress=bar.update)
-        except (virality.DataError, training.NoTrainedModel) as exc:
+            result = virality_training.evaluate(
+                options["data"], since=since, embed_progress=bar.update
+            )
+        except (virality_features.DataError, training.NoTrainedModel) as exc:
             raise CommandError(str(exc)) from exc
         finally:
             bar.close()
