@@ -212,7 +212,7 @@ class Watch(models.Model):
 
 
 class Series(models.Model):
-    """One series the anomaly stage watches (``mlengine.anomaly_stage``): a source's
+    """One series the anomaly stage watches (``mlengine.anomalies.stage``): a source's
     event volume, its negative-sentiment share, the volume of one of its active terms,
     or the volume of one of its team's watches (``watch``: events holding any of
     ``watch_terms``, the watch's terms, sorted, when the series started).
@@ -220,7 +220,7 @@ class Series(models.Model):
     Every series of a source advances together, one 5-minute event-time bucket at a time
     (``bucket_s``); ``last_bucket`` is the start of the last bucket stepped (the source's
     cursor is its volume series'). ``state`` is the detector's state of this series
-    (``mlengine.anomaly.Detector.state`` rows, as a compressed ``.npz``); a term series
+    (``mlengine.anomalies.detector.Detector.state`` rows, as a compressed ``.npz``); a term series
     that is no longer active (no trend of its term in the last 24 h of event time) is
     retired: ``active`` false, ``state`` null, its points kept until their retention.
     A watch series is retired when its watch is disabled or no longer covers the source,

@@ -13,7 +13,8 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import anomaly_stage, services
+from mlengine import services
+from mlengine.anomalies import stage as anomaly_stage
 from mlengine.enrichment import stage as enrich_stage
 from mlengine.enrichment.text import warm_up
 from mlengine.inference import scoring, training, virality_model
@@ -81,7 +82,7 @@ def advance_stream(*, source_id: int) -> int:
 @shared_task(name="ml.advance_anomalies", soft_time_limit=90, time_limit=120)
 def advance_anomalies() -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
-    detector (``mlengine.anomaly_stage``); queues itself again while buckets remain.
+    detector (``mlengine.anomalies.stage``); queues itself again while buckets remain.
     Returns how many new anomalies."""
     result = anomaly_stage.advance_anomalies()
     if result.more:
