@@ -77,12 +77,12 @@ class BucketCount(models.Model):
 class Trend(models.Model):
     """A term whose count in an event-time bucket rose well above its baseline.
 
-    Trends that surge together are one story (``mlengine.stories``): ``story`` is the
+    Trends that surge together are one story (``mlengine.trends.stories``): ``story`` is the
     story's first trend, whose alert the later members update; ``forecast`` is the
     story's volume forecast when this member joined.
 
     ``score`` is the deviation from the expected count in units of its Poisson
-    standard deviation (see ``mlengine/trends.py``); ``velocity`` is the change in
+    standard deviation (see ``mlengine/trends/detector.py``); ``velocity`` is the change in
     events per minute from the previous bucket. The evidence fields name the event whose
     arrival, in event-time order, first made the bucket-so-far cross the thresholds:
     ``evidence_created_at`` is the event time of the detection (the same at any replay
@@ -184,7 +184,7 @@ class Watch(models.Model):
     de-duplicated. ``source``: the one source it covers, or null for every source of the
     team. An enabled watch has one ``Series`` (kind ``watch``) per source it covers:
     the events per bucket holding any of its terms. Written through
-    ``mlengine.services.save_watch``/``delete_watch``.
+    ``mlengine.anomalies.watches.save_watch``/``delete_watch``.
     """
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="watches")

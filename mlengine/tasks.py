@@ -1,7 +1,8 @@
 """Celery entry points of the ``enrich`` and ``ml`` queues: thin shells.
 
 Each re-reads its rows and quietly does nothing if they are gone or already done (see
-``mlengine.enrichment.stage`` and ``mlengine.services``), so ``acks_late`` redelivery is safe.
+``mlengine.enrichment.stage`` and ``mlengine.trends.stage``), so ``acks_late`` redelivery
+is safe.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import services
 from mlengine.anomalies import stage as anomaly_stage
 from mlengine.enrichment import stage as enrich_stage
 from mlengine.enrichment.text import warm_up
 from mlengine.inference import scoring, training, virality_model
 from mlengine.inference.heads import TASKS
+from mlengine.trends import stage as trend_stage
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -74,9 +75,9 @@ def sweep_enrich() -> int:
 @shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
 def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark, with other streams' pending work
-    (``services.advance_stream``); returns how many new trends of this stream."""
+    (``mlengine.trends.stage.advance_stream``); returns how many new trends of this stream."""
     pipeline.started("ml", f"source:{source_id}")
-    return len(services.advance_stream(source_id=source_id))
+    return len(trend_stage.advance_stream(source_id=source_id))
 
 
 @shared_task(name="ml.advance_anomalies", soft_time_limit=90, time_limit=120)
@@ -100,4 +101,4 @@ def score_backlog() -> int:
 @shared_task(name="ml.sweep", soft_time_limit=25, time_limit=30)
 def sweep_streams() -> int:
     """Periodic: advance active streams a lost message left behind; recount late events."""
-    return services.sweep_streams(active_within_s=ACTIVE_WITHIN_S)
+    return trend_stage.sweep_streams(active_within_s=ACTIVE_WITHIN_S)
