@@ -4,7 +4,7 @@ official metric for its active head on a TweetEval-layout split, with per-class 
 
 ``manage.py evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: the anomaly
 detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
-(``mlengine.anomaly_eval``).
+(``mlengine.evaluation.nab_harness``).
 
 ``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
 active virality model on a trump_tweets-layout CSV's posts from DATE on
@@ -79,17 +79,17 @@ class Command(BaseCommand):
     def _anomaly(self, options: dict[str, Any]) -> None:
         """``evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: NAB scores of
         the anomaly detector's own decisions on ``DIR/realTweets/*.csv``."""
-        from mlengine import anomaly_eval, nab
+        from mlengine.evaluation import nab, nab_harness
 
         if options["nab"] is None:
             raise CommandError("evaluate anomaly needs --nab DIR (a NAB folder)")
         try:
-            result = anomaly_eval.run(options["nab"], options["detections"])
+            result = nab_harness.run(options["nab"], options["detections"])
         except nab.NabDataError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
             f"anomaly ({result['detector']}) on {result['files']} NAB files: "
-            + ", ".join(f"{p} {result[p]:.2f}" for p in anomaly_eval.PROFILES)
+            + ", ".join(f"{p} {result[p]:.2f}" for p in nab_harness.PROFILES)
         )
         for name, row in result["per_file"].items():
             self.stdout.write(
@@ -100,8 +100,8 @@ class Command(BaseCommand):
 
     def _trends(self, options: dict[str, Any]) -> None:
         """``evaluate trends --crisislex DIR [--detector stories|terms] [--json OUT]``: the
-        trend detector replayed on each CrisisLexT26 event (``mlengine.crisislex``)."""
-        from mlengine import crisislex
+        trend detector replayed on each CrisisLexT26 event (``mlengine.evaluation.crisislex``)."""
+        from mlengine.evaluation import crisislex
 
         if options["crisislex"] is None:
             raise CommandError("evaluate trends needs --crisislex DIR (CrisisLexT26 events)")

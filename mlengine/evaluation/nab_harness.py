@@ -1,5 +1,5 @@
 """``evaluate anomaly --nab DIR``: run the anomaly detector over NAB's realTweets files and
-score its own 0/1 decisions with NAB's scorer (``mlengine.nab``).
+score its own 0/1 decisions with NAB's scorer (``mlengine.evaluation.nab``).
 
 Reads ``DIR/realTweets/*.csv``, ``DIR/labels/combined_windows.json`` and
 ``DIR/config/profiles.json``. Optionally writes NAB-format result files
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import nab
 from mlengine.anomalies import detector
+from mlengine.evaluation import nab
 
 DETECTOR_NAME = "twiscopeSeasonalMad"
 """The detector's name in result file names (NAB names must not contain ``_``)."""
