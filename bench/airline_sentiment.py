@@ -31,8 +31,8 @@ import django  # noqa: E402
 django.setup()
 
 from mlengine import facade  # noqa: E402
-from mlengine.heads import metrics, task  # noqa: E402
-from mlengine.text import _vader  # noqa: E402
+from mlengine.enrichment.text import _vader  # noqa: E402
+from mlengine.inference.heads import metrics, task  # noqa: E402
 
 LABELS = ("negative", "neutral", "positive")
 

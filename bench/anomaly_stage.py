@@ -73,12 +73,14 @@ from django.utils import timezone  # noqa: E402
 from psycopg2.extras import execute_values  # noqa: E402
 
 from ingest.models import Source  # noqa: E402
-from mlengine import anomaly_stage  # noqa: E402
+from mlengine.anomalies import persistence  # noqa: E402
+from mlengine.anomalies import stage as anomaly_stage  # noqa: E402
+from mlengine.anomalies.series import BUCKET_S  # noqa: E402
 from mlengine.models import Anomaly, Series, StreamClock, Trend  # noqa: E402
 from teams.models import Team  # noqa: E402
 
 ORIGIN = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
-BUCKET = timedelta(seconds=anomaly_stage.BUCKET_S)
+BUCKET = timedelta(seconds=BUCKET_S)
 SLUG = "bench-anomaly-"
 BACKGROUND_TAGS = 400
 BACKGROUND_WORDS = 300
@@ -106,7 +108,7 @@ def stream_rows(
     counts = rng.poisson(lam)
     n = int(counts.sum())
     bucket_of = np.repeat(b, counts)
-    epoch = ORIGIN.timestamp() + bucket_of * anomaly_stage.BUCKET_S + rng.uniform(0, 300, n)
+    epoch = ORIGIN.timestamp() + bucket_of * BUCKET_S + rng.uniform(0, 300, n)
     labels = rng.choice(3, n, p=[0.25, 0.45, 0.30])
     zipf = 1.0 / np.arange(1, len(terms) + 1)
     trend_pick = rng.choice(len(terms), n, p=zipf / zipf.sum()) if terms else np.zeros(n, int)
@@ -177,7 +179,7 @@ def setup(count: int, options: argparse.Namespace) -> tuple[list[int], dict[str,
     team = Team.objects.create(name=f"bench anomaly {run}", slug=f"{SLUG}{run}")
     terms = trending_terms(options.terms)
     # One bucket more than the beats: the profiled beat's.
-    buckets = int(options.hours * 3600) // anomaly_stage.BUCKET_S + options.beats + 1
+    buckets = int(options.hours * 3600) // BUCKET_S + options.beats + 1
     rng = np.random.default_rng(options.seed)
     now = timezone.now()
     ids: list[int] = []
@@ -459,7 +461,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 def revision() -> str:
     """HEAD, and the files of the code measured that differ from it."""
-    measured = ["mlengine/anomaly.py", "mlengine/anomaly_stage.py", "ingest/selectors.py"]
+    measured = ["mlengine/anomalies", "ingest/selectors.py"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -532,7 +534,7 @@ def main() -> int:
     try:
         with (
             mock.patch("twiscope.pipeline.app.send_task"),
-            mock.patch.object(anomaly_stage, "execute_values", bulk),
+            mock.patch.object(persistence, "execute_values", bulk),
         ):
             for n in sizes:
                 reps = [

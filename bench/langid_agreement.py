@@ -3,13 +3,13 @@
 Reads every post of the real archives (``--data``, ``../shared/data`` beside the repo):
 the airline tweets, every CrisisLexT26 ``*-tweets_labeled.csv``, the Trump tweets and the
 Telegram channels, with the replay's own parsers (``ingest.sources.replay.formats``), and
-takes each text as ``mlengine.text.enrich_text`` gives it to ``detect_language`` (URLs,
+takes each text as ``mlengine.enrichment.text.enrich_text`` gives it to ``detect_language`` (URLs,
 cashtags, hashtags and mentions replaced by spaces). It reports:
 
 - agreement with the reference, Lingua's high-accuracy mode over
   ``settings.ENRICH_LANGUAGES``, per archive and overall, over all posts and over the
   posts with at least 3 letters (the others are "und" for every method), of
-  ``mlengine.text.detect_language`` (fastText ``lid.176.ftz``, Lingua high accuracy when
+  ``mlengine.enrichment.text.detect_language`` (fastText ``lid.176.ftz``, Lingua high accuracy when
   fastText is unsure) and of the Lingua hybrid it replaced (high accuracy below 60
   letters, low accuracy above);
 - the fallback threshold sweep: for each fastText probability threshold, the agreement
@@ -18,7 +18,7 @@ cashtags, hashtags and mentions replaced by spaces). It reports:
   threshold of the sweep, on an evenly spaced sample of all archives; median of
   ``--runs`` runs in this process, the methods interleaved within each run;
 - the rest of the enrich stage on the airline archive (µs per post, median of ``--runs``):
-  VADER stock and ``mlengine.text._Vader``, entities, the plain text, keywords, and the
+  VADER stock and ``mlengine.enrichment.text._Vader``, entities, the plain text, keywords, and the
   whole ``enrich_text`` before (the Lingua hybrid, stock VADER and the look-behind-first
   entity patterns swapped back in: ``old_parts``) and after;
 - checks that the faster parts changed nothing: VADER's scores (all four) and the
@@ -58,7 +58,7 @@ from lingua import IsoCode639_1, LanguageDetector, LanguageDetectorBuilder  # no
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # noqa: E402
 
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import text as textmod  # noqa: E402
+from mlengine.enrichment import text as textmod  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -129,7 +129,8 @@ def lingua_code(detector: LanguageDetector, text: str) -> str:
 
 
 def make_hybrid(high: LanguageDetector, low: LanguageDetector) -> Callable[[str], str]:
-    """The detector the enrich stage used before fastText (``mlengine/text.py`` history)."""
+    """The detector the enrich stage used before fastText (``mlengine/enrichment/text.py``
+    history)."""
 
     def hybrid(text: str) -> str:
         count = letters(text)
@@ -248,8 +249,8 @@ def time_per_item(
 
 @contextmanager
 def old_parts(hybrid: Callable[[str], str], stock: SentimentIntensityAnalyzer) -> Iterator[None]:
-    """``mlengine.text`` as it was before fastText: the Lingua hybrid, stock VADER and the
-    look-behind-first entity patterns, swapped in for the block."""
+    """``mlengine.enrichment.text`` as it was before fastText: the Lingua hybrid, stock VADER
+    and the look-behind-first entity patterns, swapped in for the block."""
     names = ["detect_language", "_vader", *OLD_PATTERNS]
     saved = {name: getattr(textmod, name) for name in names}
     textmod.detect_language = hybrid

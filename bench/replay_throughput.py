@@ -28,7 +28,7 @@ each (``/api/events/``, with and without a text filter, ``/api/trends/?current=t
 Then, with ``--coverage``, each other real archive the replay reads is replayed once
 and checked: stored events, trends, alerts, alerts received on the WebSocket.
 
-The transformer heads (``mlengine.scoring``, the ``inference`` worker): with
+The transformer heads (``mlengine.inference.scoring``, the ``inference`` worker): with
 ``--heads``, each task without an active head is first trained with ``manage.py
 train``'s defaults on ``../shared/data/tweeteval/<task>`` (once: the bench database and
 models folder keep them). Each run then also reports the share of its events the heads
@@ -81,14 +81,14 @@ from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
-from mlengine import services as ml_services  # noqa: E402
-from mlengine.heads import TASKS  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
+from mlengine.inference.heads import TASKS  # noqa: E402
 from mlengine.models import (  # noqa: E402
     ModelVersion,
     StreamClock,
     Trend,
 )
+from mlengine.trends import stage as trend_stage  # noqa: E402
 from teams.models import Team  # noqa: E402
 from twiscope.celery import QUEUES  # noqa: E402
 from twiscope.pipeline import STAGES as PIPELINE_QUEUES  # noqa: E402
@@ -446,7 +446,7 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
         with mock.patch("twiscope.pipeline.app.send_task"):
             ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
-            trend_ids = ml_services.advance_stream(source_id=source.id)
+            trend_ids = trend_stage.advance_stream(source_id=source.id)
             evaluation.evaluate_trends(trend_ids=trend_ids)
     elapsed = time.time() - started
     stored = Event.objects.filter(source=source).count()

@@ -33,13 +33,12 @@ import django  # noqa: E402
 django.setup()
 
 from alerts import evaluation  # noqa: E402
-from alerts import services as alert_services  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
-from mlengine import services as ml_services  # noqa: E402
-from mlengine.text import warm_up  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
+from mlengine.enrichment.text import warm_up  # noqa: E402
+from mlengine.trends import stage as trend_stage  # noqa: E402
 from teams.models import Team  # noqa: E402
 
 DEFAULT = ROOT.parent / "shared" / "data" / "airline_tweets" / "Tweets.csv"
@@ -75,7 +74,7 @@ def one_run(envelopes: list[Envelope], team: Team) -> dict[str, dict[str, float]
                 event_ids=ids.inserted_ids,
                 source_id=source.id,
             )
-            trends = timed("trends", ml_services.advance_stream, source_id=source.id)
+            trends = timed("trends", trend_stage.advance_stream, source_id=source.id)
             timed("alerts", evaluation.evaluate_trends, trend_ids=trends)
     n = len(envelopes)
     return {

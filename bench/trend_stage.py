@@ -8,7 +8,7 @@ sources there)::
 
 Replays ARCHIVE (sorted by event time) through persist, enrich and the trend stage as
 plain calls in one process, in batches of ``--batch``, and prints the wall seconds spent
-in the trend stage (``mlengine.services.advance_stream``), the number of trends, and a
+in the trend stage (``mlengine.trends.stage.advance_stream``), the number of trends, and a
 SHA-1 of every trend's (term, bucket, evidence event time, events, authors, score,
 expected, its story's first trend, forecast): two versions of the code that print the
 same fingerprint detected the same trends, grouped them in the same stories and
@@ -53,10 +53,11 @@ from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
-from mlengine import enrichment  # noqa: E402
-from mlengine import services as ml_services  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.models import BucketCount, StreamClock, Trend  # noqa: E402
-from mlengine.trends import score_terms  # noqa: E402
+from mlengine.trends import scan  # noqa: E402
+from mlengine.trends import stage as trend_stage  # noqa: E402
+from mlengine.trends.detector import score_terms  # noqa: E402
 from teams.models import Team  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main() -> int:
             stored = services.persist_batch(batch_key=key, source_id=source.id)
             enrichment.enrich_events(event_ids=stored.inserted_ids, source_id=source.id)
             started = time.perf_counter()
-            ml_services.advance_stream(source_id=source.id)
+            trend_stage.advance_stream(source_id=source.id)
             trend_s += time.perf_counter() - started
     trends, print_ = fingerprint([source])
     result: dict[str, Any] = {
@@ -187,7 +188,7 @@ def measure_streams(
     sources = [new_source(team, envelopes, bucket_s) for _ in range(max(counts))]
     with mock.patch("twiscope.pipeline.app.send_task"):
         for source in sources:
-            ml_services.advance_stream(source_id=source.id)  # its clock, before any post
+            trend_stage.advance_stream(source_id=source.id)  # its clock, before any post
         for source in sources:
             key = services.stage_batch(
                 source_id=source.id,
@@ -196,9 +197,9 @@ def measure_streams(
             )
             stored = services.persist_batch(batch_key=key, source_id=source.id)
             enrichment.enrich_events(event_ids=stored.inserted_ids, source_id=source.id)
-        with mock.patch.object(ml_services, "MAX_STREAMS_PER_ADVANCE", 0):
+        with mock.patch.object(trend_stage, "MAX_STREAMS_PER_ADVANCE", 0):
             for source in sources:
-                ml_services.advance_stream(source_id=source.id)  # all counted: none waits
+                trend_stage.advance_stream(source_id=source.id)  # all counted: none waits
     out: dict[str, Any] = {"posts_per_stream": len(envelopes), "runs": runs, "by_streams": {}}
     for n in counts:
         group = sources[:n]
@@ -222,12 +223,12 @@ def measure_streams(
 
                 with (
                     mock.patch("twiscope.pipeline.app.send_task"),
-                    mock.patch.object(ml_services, "MAX_STREAMS_PER_ADVANCE", others),
-                    mock.patch.object(ml_services, "score_terms", side_effect=counted),
+                    mock.patch.object(trend_stage, "MAX_STREAMS_PER_ADVANCE", others),
+                    mock.patch.object(scan, "score_terms", side_effect=counted),
                 ):
                     started = time.perf_counter()
                     for source in group[: 1 if others else n]:
-                        ml_services.advance_stream(source_id=source.id)
+                        trend_stage.advance_stream(source_id=source.id)
                     walls.append(time.perf_counter() - started)
                 inside.append(scoring)
             prints.add(fingerprint(group))

@@ -6,7 +6,7 @@ times, over batches of ``--batch`` consecutive events whose author has at least 
 predecessors:
 
 - ``history_query``: ``ingest.selectors.virality_inputs`` alone (the one query);
-- ``score_with_vectors``: ``mlengine.scoring.score_virality`` when a head already
+- ``score_with_vectors``: ``mlengine.inference.scoring.score_virality`` when a head already
   embedded the batch (the shared encoder's vectors are reused);
 - ``score_embedding``: the same when no head did (it embeds the scored texts itself);
 - ``embed_only``: the shared encoder on the batch's texts, for scale (what the heads
@@ -40,7 +40,13 @@ from django.db import transaction  # noqa: E402
 from ingest import selectors, services  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import TRUMP_CSV, RowError, read_archive  # noqa: E402
-from mlengine import encoder, enrichment, scoring, virality  # noqa: E402
+from mlengine.enrichment import stage as enrichment  # noqa: E402
+from mlengine.inference import (  # noqa: E402
+    encoder,
+    scoring,
+    virality_features,
+    virality_model,
+)
 from teams.models import Team  # noqa: E402
 
 
@@ -79,11 +85,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args()
 
-    model = virality.active_model()
+    model = virality_model.active_model()
     source = _store(args.data, args.rows)
     ids = list(
         Event.objects.filter(source=source).order_by("created_at").values_list("id", flat=True)
-    )[virality.HISTORY_MIN :]
+    )[virality_features.HISTORY_MIN :]
     timings: dict[str, list[float]] = {
         k: [] for k in ("history_query", "score_with_vectors", "score_embedding", "embed_only")
     }
@@ -96,7 +102,7 @@ def main() -> None:
         batch = ids[start : start + args.batch]
         texts = sorted({t for _, t, _ in selectors.texts_for_scoring(batch)})
         t0 = time.perf_counter()
-        selectors.virality_inputs(batch, window=virality.HISTORY_WINDOW)
+        selectors.virality_inputs(batch, window=virality_features.HISTORY_WINDOW)
         timings["history_query"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         vectors = shared.embed(texts)
@@ -116,7 +122,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": model.version,
-                "rows": len(ids) + virality.HISTORY_MIN,
+                "rows": len(ids) + virality_features.HISTORY_MIN,
                 "batch": args.batch,
                 "batches": len(timings["write"]),
                 "scored": scored,

@@ -1,6 +1,6 @@
 """Admin of the trend stage's state and the trained heads, read-only: each stream's
 event-time clock, the trends detected, the model versions (only their stages write
-them); and the teams' watches, editable, saved through ``mlengine.services``."""
+them); and the teams' watches, editable, saved through ``mlengine.anomalies.watches``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from mlengine import services
+from mlengine.anomalies import watches
 from mlengine.models import ModelVersion, StreamClock, Trend, Watch
 from teams.admin import ReadOnlyAdmin
 
@@ -67,14 +67,14 @@ class WatchForm(forms.ModelForm):
         team, source = data.get("team"), data.get("source")
         if team is not None and source is not None and source.team_id != team.id:
             self.add_error("source", f'source "{source.name}" belongs to another team')
-        if "terms" in data and not services.normalise_terms(data["terms"] or []):
+        if "terms" in data and not watches.normalise_terms(data["terms"] or []):
             self.add_error("terms", "at least one non-blank term is required")
         return data
 
 
 @admin.register(Watch)
 class WatchAdmin(admin.ModelAdmin):
-    """Watches, saved and deleted through ``mlengine.services`` like the API's."""
+    """Watches, saved and deleted through ``mlengine.anomalies.watches`` like the API's."""
 
     form = WatchForm
     list_display = ["name", "team", "source", "enabled", "created_at"]
@@ -92,15 +92,15 @@ class WatchAdmin(admin.ModelAdmin):
         )
         data = {name: form.cleaned_data[name] for name in fields}
         if not change:
-            saved = services.save_watch(watch=None, data=data)
+            saved = watches.save_watch(watch=None, data=data)
             obj.pk = saved.pk
             obj.created_at = saved.created_at
         elif data:
-            services.save_watch(watch=obj, data=data)
+            watches.save_watch(watch=obj, data=data)
 
     def delete_model(self, request: HttpRequest, obj: Watch) -> None:
-        services.delete_watch(watch=obj)
+        watches.delete_watch(watch=obj)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Watch]) -> None:
         for watch in queryset:
-            services.delete_watch(watch=watch)
+            watches.delete_watch(watch=watch)

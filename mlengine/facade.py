@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import encoder, heads, scoring, training, virality
+from mlengine.inference import encoder, heads, scoring, training, virality_model
 from mlengine.models import Anomaly, Trend
 
 __all__ = [
@@ -38,7 +38,7 @@ NoTrainedModel = training.NoTrainedModel
 UnknownTask = heads.UnknownTask
 ScoringStats = scoring.ScoringStats
 scoring_stats = scoring.scoring_stats
-VIRAL_ALERT_MIN_SCORE = virality.ALERT_MIN_SCORE
+VIRAL_ALERT_MIN_SCORE = virality_model.ALERT_MIN_SCORE
 """The least P(viral) a "viral_post" alert rule may ask for: posts scored lower never
 reach the alerts stage."""
 

@@ -77,12 +77,12 @@ class BucketCount(models.Model):
 class Trend(models.Model):
     """A term whose count in an event-time bucket rose well above its baseline.
 
-    Trends that surge together are one story (``mlengine.stories``): ``story`` is the
+    Trends that surge together are one story (``mlengine.trends.stories``): ``story`` is the
     story's first trend, whose alert the later members update; ``forecast`` is the
     story's volume forecast when this member joined.
 
     ``score`` is the deviation from the expected count in units of its Poisson
-    standard deviation (see ``mlengine/trends.py``); ``velocity`` is the change in
+    standard deviation (see ``mlengine/trends/detector.py``); ``velocity`` is the change in
     events per minute from the previous bucket. The evidence fields name the event whose
     arrival, in event-time order, first made the bucket-so-far cross the thresholds:
     ``evidence_created_at`` is the event time of the detection (the same at any replay
@@ -143,10 +143,10 @@ class Trend(models.Model):
 
 
 class ModelVersion(models.Model):
-    """One trained classifier head (``mlengine.heads``): what it was trained on, how it
+    """One trained classifier head (``mlengine.inference.heads``): what it was trained on, how it
     measured, where its artefact is, and whether it is its task's active head.
 
-    ``metrics`` are its scores on the evaluation split (``mlengine.heads.metrics``, plus
+    ``metrics`` are its scores on the evaluation split (``mlengine.inference.heads.metrics``, plus
     the split's name and size); ``trained_on`` names the data folder, the splits and
     their sizes; ``artefact`` is the ``.npz`` path relative to ``settings.MODELS_DIR``.
     At most one version per task is active.
@@ -180,11 +180,11 @@ class Watch(models.Model):
 
     ``terms``: at least one hashtag ("#flood"), mention ("@x"), cashtag ("$TSLA") or
     keyword, normalised as events' ``hashtags``/``mentions``/``cashtags``/``keywords``
-    are (``mlengine.text.normalise_term``: lower case, cashtags upper case),
+    are (``mlengine.enrichment.text.normalise_term``: lower case, cashtags upper case),
     de-duplicated. ``source``: the one source it covers, or null for every source of the
     team. An enabled watch has one ``Series`` (kind ``watch``) per source it covers:
     the events per bucket holding any of its terms. Written through
-    ``mlengine.services.save_watch``/``delete_watch``.
+    ``mlengine.anomalies.watches.save_watch``/``delete_watch``.
     """
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="watches")
@@ -212,7 +212,7 @@ class Watch(models.Model):
 
 
 class Series(models.Model):
-    """One series the anomaly stage watches (``mlengine.anomaly_stage``): a source's
+    """One series the anomaly stage watches (``mlengine.anomalies.stage``): a source's
     event volume, its negative-sentiment share, the volume of one of its active terms,
     or the volume of one of its team's watches (``watch``: events holding any of
     ``watch_terms``, the watch's terms, sorted, when the series started).
@@ -220,7 +220,7 @@ class Series(models.Model):
     Every series of a source advances together, one 5-minute event-time bucket at a time
     (``bucket_s``); ``last_bucket`` is the start of the last bucket stepped (the source's
     cursor is its volume series'). ``state`` is the detector's state of this series
-    (``mlengine.anomaly.Detector.state`` rows, as a compressed ``.npz``); a term series
+    (``mlengine.anomalies.detector.Detector.state`` rows, as a compressed ``.npz``); a term series
     that is no longer active (no trend of its term in the last 24 h of event time) is
     retired: ``active`` false, ``state`` null, its points kept until their retention.
     A watch series is retired when its watch is disabled or no longer covers the source,

@@ -1,7 +1,8 @@
 """Celery entry points of the ``enrich`` and ``ml`` queues: thin shells.
 
 Each re-reads its rows and quietly does nothing if they are gone or already done (see
-``mlengine.enrichment`` and ``mlengine.services``), so ``acks_late`` redelivery is safe.
+``mlengine.enrichment.stage`` and ``mlengine.trends.stage``), so ``acks_late`` redelivery
+is safe.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from mlengine import anomaly_stage, enrichment, scoring, services, training, virality
-from mlengine.heads import TASKS
-from mlengine.text import warm_up
+from mlengine.anomalies import stage as anomaly_stage
+from mlengine.enrichment import stage as enrich_stage
+from mlengine.enrichment.text import warm_up
+from mlengine.inference import scoring, training, virality_model
+from mlengine.inference.heads import TASKS
+from mlengine.trends import stage as trend_stage
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -52,34 +56,34 @@ def _warm_up_heads(**_: object) -> None:
             continue
         loaded.append(f"{version.name} v{version.version}")
     with contextlib.suppress(training.NoTrainedModel):
-        loaded.append(virality.active_model().version)
+        loaded.append(virality_model.active_model().version)
     log.info("inference.models_loaded", heads=loaded, cpu_policy=policy)
 
 
 @shared_task(name="enrich.enrich_events", soft_time_limit=60, time_limit=90)
 def enrich_events(*, event_ids: list[int], source_id: int | None = None) -> int:
     """Enrich events (language, entities, sentiment); returns how many it enriched."""
-    return len(enrichment.enrich_events(event_ids=event_ids, source_id=source_id))
+    return len(enrich_stage.enrich_events(event_ids=event_ids, source_id=source_id))
 
 
 @shared_task(name="enrich.sweep", soft_time_limit=25, time_limit=30)
 def sweep_enrich() -> int:
     """Periodic: re-send unenriched events that are really stuck; returns how many."""
-    return enrichment.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
+    return enrich_stage.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
 
 
 @shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
 def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark, with other streams' pending work
-    (``services.advance_stream``); returns how many new trends of this stream."""
+    (``mlengine.trends.stage.advance_stream``); returns how many new trends of this stream."""
     pipeline.started("ml", f"source:{source_id}")
-    return len(services.advance_stream(source_id=source_id))
+    return len(trend_stage.advance_stream(source_id=source_id))
 
 
 @shared_task(name="ml.advance_anomalies", soft_time_limit=90, time_limit=120)
 def advance_anomalies() -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
-    detector (``mlengine.anomaly_stage``); queues itself again while buckets remain.
+    detector (``mlengine.anomalies.stage``); queues itself again while buckets remain.
     Returns how many new anomalies."""
     result = anomaly_stage.advance_anomalies()
     if result.more:
@@ -89,7 +93,7 @@ def advance_anomalies() -> int:
 
 @shared_task(name="inference.score_backlog", soft_time_limit=90, time_limit=120)
 def score_backlog() -> int:
-    """Label the newest waiting events with the active heads (``mlengine.scoring``);
+    """Label the newest waiting events with the active heads (``mlengine.inference.scoring``);
     returns how many it labelled."""
     return scoring.score_backlog().scored
 
@@ -97,4 +101,4 @@ def score_backlog() -> int:
 @shared_task(name="ml.sweep", soft_time_limit=25, time_limit=30)
 def sweep_streams() -> int:
     """Periodic: advance active streams a lost message left behind; recount late events."""
-    return services.sweep_streams(active_within_s=ACTIVE_WITHIN_S)
+    return trend_stage.sweep_streams(active_within_s=ACTIVE_WITHIN_S)

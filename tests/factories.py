@@ -98,7 +98,7 @@ def burst(term: str, *, count: int, minutes: float, authors: int | None = None) 
     """``count`` posts about ``term`` at ``minutes``, by ``authors`` distinct authors.
 
     The posts hold no other term, so two bursts of different terms are two stories
-    (``mlengine.stories``); posts that mix terms make one."""
+    (``mlengine.trends.stories``); posts that mix terms make one."""
     n_authors = authors or count
     return [
         envelope(
@@ -134,15 +134,15 @@ def run_through(
     that nothing is sent to the broker (the test runs each stage itself). Returns the
     ids of the new trends."""
     from ingest import services
-    from mlengine import enrichment
-    from mlengine import services as ml_services
+    from mlengine.enrichment import stage as enrichment
+    from mlengine.trends import stage as trend_stage
 
     def one(batch: list[Envelope], watermark: datetime | None) -> list[int]:
         with commits_without_broker():
             key = services.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
             ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
-            return ml_services.advance_stream(source_id=source.id)
+            return trend_stage.advance_stream(source_id=source.id)
 
     trend_ids: list[int] = []
     for i in range(0, len(envelopes), batch_size):

@@ -1,5 +1,5 @@
-"""The streaming anomaly detector (mlengine.anomaly) on generated series with known
-anomalies, and ``evaluate anomaly`` on a slice of NAB's public realTweets data."""
+"""The streaming anomaly detector (mlengine.anomalies.detector) on generated series with
+known anomalies, and ``evaluate anomaly`` on a slice of NAB's public realTweets data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from mlengine.anomaly import Detector, Params, detect_series
+from mlengine.anomalies.detector import Detector, Params, detect_series
 
 DAY = 288  # 5-minute buckets
 BURST_AT = DAY * 8 + 100

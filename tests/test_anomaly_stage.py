@@ -23,8 +23,9 @@ from alerts import evaluation, push, sweeps
 from alerts.models import Alert, AlertRule
 from ingest.envelope import Envelope
 from ingest.models import Source
-from mlengine import anomaly_stage
-from mlengine.anomaly import Detector
+from mlengine.anomalies import series as anomaly_series
+from mlengine.anomalies import stage as anomaly_stage
+from mlengine.anomalies.detector import Detector
 from mlengine.models import Anomaly, Series, SeriesPoint
 from tests.factories import (
     ORIGIN,
@@ -341,7 +342,7 @@ def test_the_dashboard_has_the_anomalies_panel(client: Any) -> None:
 def test_a_series_state_saved_before_the_likelihood_gate_loads_and_steps_on() -> None:
     """A blob written before the likelihood's arrays existed resumes: its robust
     baseline is kept, the likelihood starts fresh."""
-    params = anomaly_stage.params_for(anomaly_stage.COUNTS)
+    params = anomaly_series.params_for(anomaly_series.COUNTS)
     detector = Detector(1, params)
     for value in [3.0, 4.0, 2.0] * 200:
         detector.update(np.array([value]))
@@ -350,8 +351,8 @@ def test_a_series_state_saved_before_the_likelihood_gate_loads_and_steps_on() ->
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: state[k][0] for k in old_keys})
 
-    loaded = anomaly_stage.load_state(buf.getvalue())
-    group = anomaly_stage._Group(params)
+    loaded = anomaly_series.load_state(buf.getvalue())
+    group = anomaly_series.Group(params)
     [row] = group.add([loaded])
     step = group.step(np.array([3.0]))
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from mlengine import crisislex
+from mlengine.evaluation import crisislex
 from tests.factories import ORIGIN
 
 SLICE = ("2013_LA_airport_shootings", "2013_NY_train_crash")

@@ -16,7 +16,8 @@ import pytest
 import torch
 from django.core.management import call_command
 
-from mlengine import encoder, facade, quantized
+from mlengine import facade
+from mlengine.inference import encoder, quantized
 
 TEXTS = [
     "@united my flight was delayed three hours and nobody told us why",
@@ -73,9 +74,9 @@ def test_the_cpu_default_is_bf16_only_on_amx(
 
 def test_the_fp32_graph_computes_what_the_model_does() -> None:
     # The ONNX graph's wiring, without quantisation: the same vectors as transformers.
-    model = encoder._load_model("cpu", torch.float32)
-    graph = quantized.OnnxEncoder(model, encoder._tokenizer(), quantize=False)
-    batch = encoder._tokenizer()(
+    model = encoder.load_model("cpu", torch.float32)
+    graph = quantized.OnnxEncoder(model, encoder.load_tokenizer(), quantize=False)
+    batch = encoder.load_tokenizer()(
         TEXTS, padding=True, truncation=True, max_length=encoder.MAX_TOKENS, return_tensors="np"
     )
     hidden = graph.hidden(batch["input_ids"], batch["attention_mask"])

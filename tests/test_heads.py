@@ -12,7 +12,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from rest_framework.test import APIClient
 
-from mlengine import facade, heads
+from mlengine import facade
+from mlengine.inference import heads
 from mlengine.models import ModelVersion
 from tests.factories import make_personas
 from tests.test_api import client_for

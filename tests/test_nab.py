@@ -1,4 +1,4 @@
-"""NAB's scoring rules (mlengine.nab) on hand-computed cases.
+"""NAB's scoring rules (mlengine.evaluation.nab) on hand-computed cases.
 
 Every file below has 100 rows at 5-minute steps, so NAB's probationary period is
 floor(0.15 * 100) = 15 rows, and one labelled window covers rows 40..49 (10 rows).
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlengine import nab
+from mlengine.evaluation import nab
 
 T0 = datetime(2015, 3, 1)
 STANDARD = nab.Profile("standard", tp_weight=1.0, fp_weight=0.11, fn_weight=1.0)

@@ -21,9 +21,9 @@ from alerts.models import Alert
 from ingest import selectors, services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Event, Source
-from mlengine import enrichment
-from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
+from mlengine.trends import stage as trend_stage
 from tests.factories import (
     ORIGIN,
     burst,
@@ -179,7 +179,7 @@ def test_trend_counting_is_exactly_once() -> None:
     source = make_source(make_personas().team)
     run_through(source, [envelope("#storm now")])
 
-    ml_services.advance_stream(source_id=source.id)  # a redelivered task
+    trend_stage.advance_stream(source_id=source.id)  # a redelivered task
 
     bucket = BucketCount.objects.get(source=source)
     assert bucket.term_events("#storm") == 1
@@ -201,14 +201,14 @@ def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
         services.persist_batch(batch_key=late, source_id=source.id)  # overtakes the early one
 
     assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
-    ml_services.advance_stream(source_id=source.id)
+    trend_stage.advance_stream(source_id=source.id)
     assert BucketCount.objects.filter(source=source).count() == 0  # nothing final yet
 
     with commits_without_broker():
         ids = services.persist_batch(batch_key=early, source_id=source.id).inserted_ids
     assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
     enrichment.enrich_events(event_ids=ids)
-    ml_services.advance_stream(source_id=source.id)
+    trend_stage.advance_stream(source_id=source.id)
 
     # The minute-5 event waits: the source promised only "nothing before minute 5".
     assert BucketCount.objects.get(source=source).term_events("#a") == 1
@@ -259,7 +259,7 @@ def test_events_behind_the_watermark_are_late_and_not_counted() -> None:
 
     run_through(source, [envelope("straggler #a", minutes=1)])
 
-    ml_services.count_late_events(source_ids=[source.id])
+    trend_stage.count_late_events(source_ids=[source.id])
 
     assert StreamClock.objects.get(source=source).late_events == 1
     first = BucketCount.objects.filter(source=source).earliest("bucket_start")
@@ -346,7 +346,7 @@ def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:
     ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
     calls = mock.Mock(wraps=enrichment.enrich_text)
 
-    with mock.patch("mlengine.enrichment.enrich_text", calls):
+    with mock.patch("mlengine.enrichment.stage.enrich_text", calls):
         enriched = enrichment.enrich_events(event_ids=ids)
 
     assert calls.call_count == 2

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from ingest import services as ingest_services
 from ingest.models import Event
-from mlengine import scoring
+from mlengine.inference import scoring
 from tests.factories import (
     commits_without_broker,
     envelope,
@@ -275,7 +275,7 @@ def test_a_scoring_task_lost_before_it_started_holds_the_next_back_only_for_the_
 
 def test_the_inference_process_leaves_the_cpu_to_the_pipeline() -> None:
     code = (
-        "import os; from mlengine import scoring; print(scoring.yield_cpu());"
+        "import os; from mlengine.inference import scoring; print(scoring.yield_cpu());"
         " print(os.sched_getscheduler(0) == os.SCHED_IDLE)"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "twiscope.settings"}

@@ -11,11 +11,11 @@ import pytest
 from django.core.management import call_command
 
 from ingest import selectors
-from mlengine import services as ml_services
-from mlengine.forecast import forecast, project_bucket_count, theil_sen_slope
 from mlengine.models import Trend
-from mlengine.stories import StoryDetector, StoryParams
-from mlengine.trends import TermStream, TermWindow, TrendParams, score_term, score_terms
+from mlengine.trends import params as trend_params
+from mlengine.trends.detector import TermStream, TermWindow, TrendParams, score_term, score_terms
+from mlengine.trends.forecast import forecast, project_bucket_count, theil_sen_slope
+from mlengine.trends.stories import StoryDetector, StoryParams
 from tests.factories import (
     ORIGIN,
     burst,
@@ -160,7 +160,7 @@ def test_the_database_path_groups_trends_into_the_detectors_stories() -> None:
         source.id, since=None, until=ORIGIN + timedelta(days=1), limit=10_000
     )
 
-    events = StoryDetector(TrendParams(bucket_s=900), ml_services.story_params()).step(posts)
+    events = StoryDetector(TrendParams(bucket_s=900), trend_params.story_params()).step(posts)
 
     replayed: dict[int, set[str]] = {}
     for event in events:

@@ -1,6 +1,6 @@
 """Story assignment reads the events of a whole call at once, with the same results.
 
-``mlengine.services.assign_stories`` reads, in one query, the events that any term of
+``mlengine.trends.story_assignment.assign_stories`` reads, in one query, the events that any term of
 its new trends or live stories holds in the range their posts and forecasts need, and
 cuts each trend's posts and each story's volume from them in memory. Each case is
 checked against the per-trend reads it replaced (``reference_assign_stories``: two
@@ -25,10 +25,11 @@ from ingest import selectors as ingest_selectors
 from ingest.envelope import Envelope
 from ingest.models import Source
 from ingest.selectors import TrendInput
-from mlengine import services as ml_services
-from mlengine.forecast import forecast_volume
 from mlengine.models import Trend
-from mlengine.stories import StoryParams, choose_story
+from mlengine.trends import stage as trend_stage
+from mlengine.trends import story_assignment
+from mlengine.trends.forecast import forecast_volume
+from mlengine.trends.stories import StoryParams, choose_story
 from tests.factories import (
     burst,
     envelope,
@@ -48,7 +49,7 @@ def reference_assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     new = list(Trend.objects.filter(id__in=list(trend_ids)).order_by("evidence_created_at", "id"))
     if not new:
         return
-    params = ml_services.story_params()
+    params = story_assignment.story_params()
     bucket_s = new[0].bucket_s
     ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
     stories: dict[int, set[str]] = defaultdict(set)
@@ -214,14 +215,14 @@ def run_recording(batch_size: int) -> tuple[list[Source], list[tuple[int, list[i
     and each ``assign_stories`` call made, in order."""
     team = make_personas().team
     calls: list[tuple[int, list[int]]] = []
-    real = ml_services.assign_stories
+    real = story_assignment.assign_stories
 
     def record(source_id: int, trend_ids: Sequence[int]) -> None:
         calls.append((source_id, list(trend_ids)))
         real(source_id, trend_ids)
 
     sources = []
-    with mock.patch.object(ml_services, "assign_stories", side_effect=record):
+    with mock.patch.object(trend_stage, "assign_stories", side_effect=record):
         for name, (bucket_s, posts) in feeds().items():
             source = make_source(team, name=f"{name}-{batch_size}", bucket_s=bucket_s)
             run_through(source, posts, batch_size=batch_size)
@@ -254,18 +255,18 @@ def replay(sources: Sequence[Source], calls: list[tuple[int, list[int]]], assign
     ],
     ids=["default", "postings-3", "postings-3-overlap-0.25", "postings-5-overlap-0.2"],
 )
-@pytest.mark.parametrize("events_limit", [ml_services.STORY_EVENTS_LIMIT, 5])
+@pytest.mark.parametrize("events_limit", [story_assignment.STORY_EVENTS_LIMIT, 5])
 def test_story_ids_and_forecasts_are_those_of_the_per_trend_reads(
     batch_size: int, params: StoryParams, events_limit: int
 ) -> None:
     with (
-        mock.patch.object(ml_services, "story_params", return_value=params),
-        mock.patch.object(ml_services, "STORY_EVENTS_LIMIT", events_limit),
+        mock.patch.object(story_assignment, "story_params", return_value=params),
+        mock.patch.object(story_assignment, "STORY_EVENTS_LIMIT", events_limit),
     ):
         sources, calls = run_recording(batch_size)
         produced = stories_of(sources)
         expected = replay(sources, calls, reference_assign_stories)
-        batched = replay(sources, calls, ml_services.assign_stories)
+        batched = replay(sources, calls, story_assignment.assign_stories)
 
     assert len(expected) > 20 and len(calls) >= len(sources)
     assert batched == expected
@@ -289,7 +290,7 @@ def test_a_call_makes_the_same_few_queries_whatever_its_number_of_trends() -> No
     for n in (1, 3, len(trend_ids)):
         Trend.objects.filter(source=beta).update(story=None, forecast={})
         with CaptureQueriesContext(connection) as queries:
-            ml_services.assign_stories(beta.id, trend_ids[:n])
+            story_assignment.assign_stories(beta.id, trend_ids[:n])
         counts.append(len(queries))
     # The new trends, the live stories, the events, one update of them all.
     assert counts == [4, 4, 4]

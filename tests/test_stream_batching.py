@@ -1,6 +1,6 @@
 """One trend task advances several streams, scoring their windows together.
 
-``mlengine.services.advance_stream`` takes, besides its own stream, other streams with
+``mlengine.trends.stage.advance_stream`` takes, besides its own stream, other streams with
 work pending whose clocks it can lock at once, steps them bucket by bucket in lockstep
 and scores each round's windows of all of them in one ``score_terms`` call. Every
 stream must end exactly as advancing it alone leaves it: counts, trends, stories,
@@ -21,10 +21,12 @@ from django.db import connection, transaction
 from ingest import selectors, services
 from ingest.envelope import Envelope
 from ingest.models import Event, Source
-from mlengine import enrichment
-from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
 from mlengine.models import BucketCount, StreamClock, Trend
-from mlengine.trends import TermStream, score_terms
+from mlengine.trends import counts, scan
+from mlengine.trends import params as trend_params
+from mlengine.trends import stage as trend_stage
+from mlengine.trends.detector import TermStream, score_terms
 from teams.models import Team
 from tests.factories import (
     ORIGIN,
@@ -79,7 +81,7 @@ def stored_sources(
     sources = []
     for name, (bucket_s, _) in feeds.items():
         source = make_source(team, name=name + suffix, bucket_s=bucket_s)
-        ml_services.advance_stream(source_id=source.id)
+        trend_stage.advance_stream(source_id=source.id)
         sources.append(source)
     for source, (_, posts) in zip(sources, feeds.values(), strict=True):
         with commits_without_broker():
@@ -149,7 +151,7 @@ def streamed_detections(source: Source, bucket_s: int, emerging: bool) -> set[tu
         source.id, since=None, until=ORIGIN + timedelta(days=30), limit=10_000
     )
     first: dict[tuple[Any, ...], Any] = {}
-    for t in TermStream(ml_services.params_for(bucket_s), emerging=emerging).step(posts):
+    for t in TermStream(trend_params.params_for(bucket_s), emerging=emerging).step(posts):
         first.setdefault((t.term, t.bucket_start), t)
     return {
         (*key, t.evidence_created_at, t.predicted, t.expected, t.velocity)
@@ -176,7 +178,7 @@ def count_all(sources: list[Source]) -> None:
     """Call ``advance_stream`` for ``sources[0]`` until every stream is counted."""
     stored = Event.objects.filter(source__in=sources).count()
     for _ in range(100):
-        ml_services.advance_stream(source_id=sources[0].id)
+        trend_stage.advance_stream(source_id=sources[0].id)
         counted = StreamClock.objects.filter(source__in=sources).values_list(
             "counted_events", flat=True
         )
@@ -195,14 +197,14 @@ def test_one_advance_leaves_each_stream_as_advancing_it_alone(
     data = feeds()
     together = stored_sources(team, data)
     with (
-        mock.patch.object(ml_services, "MAX_EVENTS_PER_ADVANCE", max_events),
+        mock.patch.object(trend_stage, "MAX_EVENTS_PER_ADVANCE", max_events),
         commits_without_broker() as sent_together,
     ):
         count_all(together)
     alone = stored_sources(team, data, suffix="-alone")
     with (
-        mock.patch.object(ml_services, "MAX_EVENTS_PER_ADVANCE", max_events),
-        mock.patch.object(ml_services, "MAX_STREAMS_PER_ADVANCE", 0),
+        mock.patch.object(trend_stage, "MAX_EVENTS_PER_ADVANCE", max_events),
+        mock.patch.object(trend_stage, "MAX_STREAMS_PER_ADVANCE", 0),
         commits_without_broker() as sent_alone,
     ):
         for source in alone:
@@ -223,16 +225,16 @@ def test_a_round_scores_the_windows_of_every_stream_in_one_call() -> None:
     team = make_personas().team
     data = feeds()
     together = stored_sources(team, data)
-    with mock.patch.object(ml_services, "score_terms", wraps=score_terms) as batched:
-        trend_ids = ml_services.advance_stream(source_id=together[1].id)
+    with mock.patch.object(scan, "score_terms", wraps=score_terms) as batched:
+        trend_ids = trend_stage.advance_stream(source_id=together[1].id)
     alone_calls = []
     for name, feed in data.items():
         (source,) = stored_sources(team, {name: feed}, suffix="-alone")
         with (
-            mock.patch.object(ml_services, "MAX_STREAMS_PER_ADVANCE", 0),
-            mock.patch.object(ml_services, "score_terms", wraps=score_terms) as scored,
+            mock.patch.object(trend_stage, "MAX_STREAMS_PER_ADVANCE", 0),
+            mock.patch.object(scan, "score_terms", wraps=score_terms) as scored,
         ):
-            ml_services.advance_stream(source_id=source.id)
+            trend_stage.advance_stream(source_id=source.id)
         alone_calls.append(scored.call_count)
 
     # Every bucket of every stream has candidate windows: one call (two with the
@@ -252,10 +254,10 @@ def test_an_advance_takes_no_more_streams_once_it_holds_its_budget_of_events() -
     budget = Event.objects.filter(source__in=[alpha, beta]).count()
 
     with (
-        mock.patch.object(ml_services, "MAX_EVENTS_PER_BATCH", budget),
+        mock.patch.object(trend_stage, "MAX_EVENTS_PER_BATCH", budget),
         commits_without_broker(),
     ):
-        ml_services.advance_stream(source_id=alpha.id)
+        trend_stage.advance_stream(source_id=alpha.id)
 
     counted = [StreamClock.objects.get(source=s).counted_events for s in (alpha, beta, gamma)]
     stored = [Event.objects.filter(source=s).count() for s in (alpha, beta)]
@@ -266,7 +268,7 @@ def test_an_advance_takes_no_more_streams_once_it_holds_its_budget_of_events() -
 def test_a_stream_that_cannot_be_counted_does_not_stall_the_others() -> None:
     team = make_personas().team
     alpha, beta, gamma = stored_sources(team, feeds())
-    load = ml_services._History.load
+    load = counts.History.load
 
     def broken(source_id: int, **kwargs: Any) -> Any:
         if source_id == beta.id:
@@ -274,14 +276,14 @@ def test_a_stream_that_cannot_be_counted_does_not_stall_the_others() -> None:
         return load(source_id, **kwargs)
 
     with (
-        mock.patch.object(ml_services._History, "load", side_effect=broken),
+        mock.patch.object(counts.History, "load", side_effect=broken),
         commits_without_broker(),
     ):
-        ml_services.advance_stream(source_id=alpha.id)  # with beta: rolled back, alone
+        trend_stage.advance_stream(source_id=alpha.id)  # with beta: rolled back, alone
         counted_alone = [StreamClock.objects.get(source=s).counted_events for s in (beta, gamma)]
-        ml_services.advance_stream(source_id=gamma.id)
+        trend_stage.advance_stream(source_id=gamma.id)
         with pytest.raises(RuntimeError):
-            ml_services.advance_stream(source_id=beta.id)
+            trend_stage.advance_stream(source_id=beta.id)
 
     assert counted_alone == [0, 0]
     assert (
@@ -313,13 +315,13 @@ def test_a_stream_another_worker_holds_is_left_to_its_own_task() -> None:
     try:
         assert held.wait(10)
         with commits_without_broker():
-            ml_services.advance_stream(source_id=alpha.id)
+            trend_stage.advance_stream(source_id=alpha.id)
         beta_while_held = StreamClock.objects.get(source=beta).watermark
     finally:
         release.set()
         worker.join()
     with commits_without_broker():
-        ml_services.advance_stream(source_id=beta.id)
+        trend_stage.advance_stream(source_id=beta.id)
 
     assert beta_while_held is None
     for source in (alpha, beta, gamma):

@@ -19,9 +19,10 @@ from alerts import evaluation, sweeps
 from alerts.models import Alert
 from ingest import services
 from ingest.models import Event, Source
-from mlengine import enrichment, text
-from mlengine import services as ml_services
+from mlengine.enrichment import stage as enrichment
+from mlengine.enrichment import text
 from mlengine.models import StreamClock, Trend
+from mlengine.trends import stage as trend_stage
 from tests.factories import (
     burst,
     envelope,
@@ -160,7 +161,7 @@ def test_a_stream_left_behind_by_a_lost_message_is_advanced() -> None:
     Source.objects.filter(id=source.id).update(last_received_at=timezone.now())
 
     with TestCase.captureOnCommitCallbacks(execute=True):
-        swept = ml_services.sweep_streams(active_within_s=3600)
+        swept = trend_stage.sweep_streams(active_within_s=3600)
 
     assert swept == 1
     assert queued("ml") == 1
@@ -212,7 +213,7 @@ def test_a_backlog_behind_a_stopped_enrich_pool_is_enriched_exactly_once() -> No
 
     calls = mock.Mock(wraps=text.enrich_text)
     with (
-        mock.patch("mlengine.enrichment.enrich_text", calls),
+        mock.patch("mlengine.enrichment.stage.enrich_text", calls),
         start_worker(
             app,
             pool="solo",
@@ -260,6 +261,6 @@ def test_the_stream_sweep_corrects_a_skewed_in_flight_count() -> None:
     assert selectors.in_flight_events(source.id) == 500
 
     with TestCase.captureOnCommitCallbacks(execute=True):
-        ml_services.sweep_streams(active_within_s=3600)
+        trend_stage.sweep_streams(active_within_s=3600)
 
     assert selectors.in_flight_events(source.id) == 0

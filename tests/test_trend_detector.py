@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from ingest.services import events_per_active_day
-from mlengine.trends import (
+from mlengine.trends.detector import (
     TermWindow,
     TrendParams,
     bucket_start,

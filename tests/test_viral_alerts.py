@@ -22,7 +22,7 @@ from alerts.models import Alert, AlertRule, ViralCheck
 from ingest import services as ingest_services
 from ingest.envelope import Author, Envelope
 from ingest.models import Event, Source
-from mlengine import scoring
+from mlengine.inference import scoring
 from tests.factories import (
     ORIGIN,
     commits_without_broker,

@@ -1,5 +1,6 @@
-"""Virality at posting time (``mlengine.virality``): the label rule, features from
-predecessors only, the tree artefact, scoring, and ``train``/``evaluate virality``."""
+"""Virality at posting time (``mlengine.inference.virality_features``,
+``virality_model``, ``virality_training``): the label rule, features from predecessors
+only, the tree artefact, scoring, and ``train``/``evaluate virality``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from mlengine import virality
+from mlengine.inference import virality_features, virality_model
+from mlengine.inference.virality_features import Post
 from mlengine.models import ModelVersion
-from mlengine.virality import Post
 
 ORIGIN = datetime(2020, 1, 1, tzinfo=UTC)
 
@@ -42,10 +43,10 @@ def test_a_post_is_viral_at_twice_the_median_of_its_previous_100() -> None:
     history = [_post(i, i + 1) for i in range(100)]  # median 50.5: viral from 101
     at, above, below = _post(100, 101), _post(101, 101), _post(100, 100)
 
-    assert virality.labels([at], {"a": [*history, at]}).tolist() == [1]
-    assert virality.labels([below], {"a": [*history, below]}).tolist() == [0]
+    assert virality_features.labels([at], {"a": [*history, at]}).tolist() == [1]
+    assert virality_features.labels([below], {"a": [*history, below]}).tolist() == [0]
     # The 101st post has 101 predecessors, the last 100 of which (2..101) have median 51.5.
-    assert virality.labels([above], {"a": [*history, at, above]}).tolist() == [0]
+    assert virality_features.labels([above], {"a": [*history, at, above]}).tolist() == [0]
 
 
 def test_only_the_latest_100_predecessors_set_the_median() -> None:
@@ -53,7 +54,7 @@ def test_only_the_latest_100_predecessors_set_the_median() -> None:
     recent = [_post(50 + i, 10) for i in range(100)]
     post = _post(150, 20)
 
-    assert virality.labels([post], {"a": [*old, *recent]}).tolist() == [1]
+    assert virality_features.labels([post], {"a": [*old, *recent]}).tolist() == [1]
 
 
 def test_posts_with_fewer_than_100_predecessors_are_not_scored() -> None:
@@ -62,42 +63,44 @@ def test_posts_with_fewer_than_100_predecessors_are_not_scored() -> None:
     # One more post, at the very same time as the scored one: not a predecessor.
     same_time = _post(0, 5, hours=99)
 
-    assert virality.labels([post], {"a": [*history, same_time]}).tolist() == [-1]
-    rows, scored = virality.feature_rows([post], {"a": [*history, same_time]})
+    assert virality_features.labels([post], {"a": [*history, same_time]}).tolist() == [-1]
+    rows, scored = virality_features.feature_rows([post], {"a": [*history, same_time]})
     assert scored.tolist() == [False] and np.isnan(rows).all()
-    assert virality.labels([post], {"b": _history(300)}).tolist() == [-1]
+    assert virality_features.labels([post], {"b": _history(300)}).tolist() == [-1]
 
 
 def test_features_and_label_use_only_strictly_earlier_posts() -> None:
     history = _history(300)
     post = history[150]
-    before_x, _ = virality.feature_rows([post], {"a": history})
-    before_y = virality.labels([post], {"a": history})
+    before_x, _ = virality_features.feature_rows([post], {"a": history})
+    before_y = virality_features.labels([post], {"a": history})
 
     rng = random.Random(7)
     changed = history[:150] + [replace(p, retweet_count=10**6) for p in history[151:]]
     changed.append(replace(history[0], created_at=post.created_at, retweet_count=10**7, key="z"))
     rng.shuffle(changed)
     changed.insert(rng.randrange(len(changed)), post)
-    after_x, scored = virality.feature_rows([post], {"a": changed})
+    after_x, scored = virality_features.feature_rows([post], {"a": changed})
 
     assert scored.tolist() == [True]
     np.testing.assert_array_equal(after_x, before_x)
-    assert virality.labels([post], {"a": changed}).tolist() == before_y.tolist()
+    assert virality_features.labels([post], {"a": changed}).tolist() == before_y.tolist()
     # A predecessor's count does move them.
     earlier = [*history[:149], replace(history[149], retweet_count=10**6), *history[150:]]
-    moved, _ = virality.feature_rows([post], {"a": earlier})
+    moved, _ = virality_features.feature_rows([post], {"a": earlier})
     assert not np.array_equal(moved, before_x, equal_nan=True)
 
 
-def _fitted(seed: int = 0) -> tuple[virality.ViralityModel, np.ndarray, np.ndarray, np.ndarray]:
+def _fitted(
+    seed: int = 0,
+) -> tuple[virality_model.ViralityModel, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = 400
-    rows = rng.normal(size=(n, len(virality.FEATURES)))
+    rows = rng.normal(size=(n, len(virality_features.FEATURES)))
     rows[rng.random(rows.shape) < 0.1] = np.nan
     vectors = rng.normal(size=(n, 384)).astype(np.float32)
     y = ((np.nan_to_num(rows[:, 0]) + vectors[:, 0] + rng.normal(size=n)) > 0.5).astype(int)
-    return virality.fit(rows, vectors, y), rows, vectors, y
+    return virality_model.fit(rows, vectors, y), rows, vectors, y
 
 
 def test_the_saved_trees_predict_as_scikit_learn_does(tmp_path: Path) -> None:
@@ -105,9 +108,9 @@ def test_the_saved_trees_predict_as_scikit_learn_does(tmp_path: Path) -> None:
 
     model, rows, vectors, y = _fitted()
     design = model.design(rows, vectors)
-    reference = HistGradientBoostingClassifier(**virality.HYPER_PARAMETERS).fit(design, y)
+    reference = HistGradientBoostingClassifier(**virality_model.HYPER_PARAMETERS).fit(design, y)
     model.save(tmp_path / "model.npz")
-    loaded = virality.ViralityModel.load(tmp_path / "model.npz", version="virality-hgb v9")
+    loaded = virality_model.ViralityModel.load(tmp_path / "model.npz", version="virality-hgb v9")
 
     expected = reference.predict_proba(design)[:, 1]
     np.testing.assert_allclose(model.probabilities(design), expected, rtol=1e-9)
@@ -124,14 +127,14 @@ def test_score_posts_scores_each_post_from_its_own_history() -> None:
     early = replace(history[50], retweet_count=None)
     vectors = np.random.default_rng(1).normal(size=(3, 384)).astype(np.float32)
 
-    scores = virality.score_posts(
+    scores = virality_model.score_posts(
         model, [fresh, newcomer, early], {"a": history, "b": history[:10]}, vectors
     )
 
     assert [s.model_version for s in scores] == ["virality-hgb v3"] * 3
     assert scores[1].score is None and scores[2].score is None
     assert scores[0].score is not None and 0.0 <= scores[0].score <= 1.0
-    rows, _ = virality.feature_rows([fresh], {"a": history})
+    rows, _ = virality_features.feature_rows([fresh], {"a": history})
     expected = model.probabilities(model.design(rows, vectors[:1]))[0]
     assert scores[0].score == round(float(expected), 4)
 

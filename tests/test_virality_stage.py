@@ -1,5 +1,5 @@
 """Virality on every event: the ml pool scores it with the active virality model from
-the author's earlier events of the same source (``mlengine.scoring.score_virality``,
+the author's earlier events of the same source (``mlengine.inference.scoring.score_virality``,
 ``ingest.selectors.virality_inputs``); the events API shows and filters it. A tiny
 model is trained on a generated CSV (``tests.test_virality``) with the real encoder."""
 
@@ -19,7 +19,9 @@ from django.test.utils import CaptureQueriesContext
 from ingest import services as ingest_services
 from ingest.envelope import Author, Envelope
 from ingest.models import Event
-from mlengine import scoring, virality
+from mlengine.inference import scoring
+from mlengine.inference.virality_features import Post
+from mlengine.inference.virality_model import active_model, score_posts
 from mlengine.models import ModelVersion
 from tests.factories import ORIGIN, make_personas, make_source, run_through
 from tests.test_api import client_for
@@ -78,10 +80,10 @@ def _posts(author: str, n: int, *, start_h: float = 0.0, seed: int = 1) -> list[
 
 
 def _expected(envelopes: list[Envelope], post: Envelope) -> float | None:
-    """``virality.score_posts`` on ``post`` with ``envelopes`` as its author's posts."""
+    """``score_posts`` on ``post`` with ``envelopes`` as its author's posts."""
 
-    def as_post(e: Envelope, counts: bool) -> virality.Post:
-        return virality.Post(
+    def as_post(e: Envelope, counts: bool) -> Post:
+        return Post(
             author="a",
             created_at=e.created_at,
             text=e.text,
@@ -91,7 +93,7 @@ def _expected(envelopes: list[Envelope], post: Envelope) -> float | None:
         )
 
     history = [as_post(e, True) for e in envelopes]
-    [score] = virality.score_posts(virality.active_model(), [as_post(post, False)], {"a": history})
+    [score] = score_posts(active_model(), [as_post(post, False)], {"a": history})
     return score.score
 
 

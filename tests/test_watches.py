@@ -15,8 +15,8 @@ from rest_framework.test import APIClient
 from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from ingest.envelope import Envelope
-from mlengine import anomaly_stage
-from mlengine import services as ml_services
+from mlengine.anomalies import stage as anomaly_stage
+from mlengine.anomalies import watches
 from mlengine.models import Anomaly, Series, SeriesPoint, Watch
 from tests.factories import envelope, make_personas, make_rule, make_source, run_through
 from tests.test_anomaly_stage import (
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 def make_watch(team: Any, **fields: Any) -> Watch:
     data: dict[str, Any] = {"team": team, "name": "floods", "terms": ["#flood"]}
-    return ml_services.save_watch(watch=None, data=data | fields)
+    return watches.save_watch(watch=None, data=data | fields)
 
 
 def posts(texts: list[str], *, in_bucket: int) -> list[Envelope]:
@@ -140,15 +140,15 @@ def test_disabling_a_watch_retires_its_series_and_new_terms_restart_it() -> None
 
     anomaly_stage.advance_anomalies(max_buckets=10)
     first = watch_series(watch).get()
-    ml_services.save_watch(watch=watch, data={"enabled": False})
+    watches.save_watch(watch=watch, data={"enabled": False})
     anomaly_stage.advance_anomalies(max_buckets=10)
     first.refresh_from_db()
     retired = (first.active, first.state, SeriesPoint.objects.filter(series=first).count())
-    ml_services.save_watch(watch=watch, data={"enabled": True})
+    watches.save_watch(watch=watch, data={"enabled": True})
     anomaly_stage.advance_anomalies(max_buckets=10)
     first.refresh_from_db()
     reactivated = (first.active, SeriesPoint.objects.filter(series=first).count())
-    ml_services.save_watch(watch=watch, data={"terms": ["#Storm", "#flood"]})
+    watches.save_watch(watch=watch, data={"terms": ["#Storm", "#flood"]})
     anomaly_stage.advance_anomalies(max_buckets=10)
 
     assert retired == (False, None, 10)
@@ -160,7 +160,7 @@ def test_disabling_a_watch_retires_its_series_and_new_terms_restart_it() -> None
     assert restarted.first_bucket == bucket(30)
     assert SeriesPoint.objects.filter(series=restarted).count() == 10
 
-    ml_services.delete_watch(watch=watch)
+    watches.delete_watch(watch=watch)
 
     assert not Series.objects.filter(kind=Series.Kind.WATCH).exists()
     assert Series.objects.filter(source=source).count() == 2  # volume, negative share

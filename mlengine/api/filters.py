@@ -8,7 +8,7 @@ import django_filters
 from django.db.models import Max, Q, QuerySet
 
 from ingest.api.filters import scoped_sources
-from mlengine.heads import TASKS
+from mlengine.inference.heads import TASKS
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
 from teams.api.base import BooleanFilter, StrictFilterSet, in_callers_teams
 from teams.models import Team

@@ -9,7 +9,7 @@ from django.db import IntegrityError
 from rest_framework import serializers
 
 from ingest.models import Source
-from mlengine import services
+from mlengine.anomalies.watches import normalise_terms, save_watch
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
 from teams.api.base import check_team_and_source, limit_to_owned_teams
 from teams.models import Team
@@ -186,7 +186,7 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
     """A watch; ``team`` must be a team the caller owns and ``source`` (null: every
     source of the team) one of that team's. ``terms``: 1 to ``WATCH_MAX_TERMS``
     non-blank strings of at most 200 characters (hashtags "#x", mentions "@x",
-    cashtags "$X", keywords), stored normalised (``mlengine.services.normalise_terms``:
+    cashtags "$X", keywords), stored normalised (``mlengine.anomalies.watches.normalise_terms``:
     lower case, cashtags upper case, duplicates dropped). ``name`` is unique in the
     team. A refused value is a 400 with DRF's field errors."""
 
@@ -211,7 +211,7 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
         limit_to_owned_teams(self, source=Source.objects.all())
 
     def validate_terms(self, value: list[str]) -> list[str]:
-        terms = services.normalise_terms(value)
+        terms = normalise_terms(value)
         if not terms:
             raise serializers.ValidationError("at least one non-blank term is required")
         return terms
@@ -234,12 +234,12 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
 
     def create(self, validated_data: dict[str, Any]) -> Watch:
         try:
-            return services.save_watch(watch=None, data=validated_data)
+            return save_watch(watch=None, data=validated_data)
         except IntegrityError as exc:  # a concurrent watch took the name
             raise serializers.ValidationError({"name": NAME_TAKEN}) from exc
 
     def update(self, instance: Watch, validated_data: dict[str, Any]) -> Watch:
         try:
-            return services.save_watch(watch=instance, data=validated_data)
+            return save_watch(watch=instance, data=validated_data)
         except IntegrityError as exc:
             raise serializers.ValidationError({"name": NAME_TAKEN}) from exc

@@ -19,7 +19,7 @@ from ingest.api.filters import term_q
 from ingest.api.serializers import EventSerializer
 from ingest.api.views import EventCursorPagination
 from ingest.models import Event
-from mlengine import services
+from mlengine.anomalies.watches import delete_watch
 from mlengine.api.filters import (
     AnomalyFilter,
     ModelVersionFilter,
@@ -117,7 +117,7 @@ class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet[ModelVersion]):
 
 
 class AnomalyViewSet(TeamScopedReadOnlyViewSet):
-    """Anomalies of the caller's teams' series (``mlengine.anomaly_stage``), newest
+    """Anomalies of the caller's teams' series (``mlengine.anomalies.stage``), newest
     window first; ``ordering`` by score, window start or detection time."""
 
     team_field = "source__team"
@@ -137,7 +137,7 @@ MAX_SERIES_POINTS = 7 * 288
 class WatchViewSet(TeamScopedMixin, viewsets.ModelViewSet[Watch]):
     """Watches of the caller's teams: members read, owners create, change and delete.
     Another team's watch is a 404. Each enabled watch gets a series of kind ``watch`` in
-    every source it covers (``mlengine.anomaly_stage``)."""
+    every source it covers (``mlengine.anomalies.stage``)."""
 
     queryset = Watch.objects.order_by("id")
     serializer_class = WatchSerializer
@@ -145,7 +145,7 @@ class WatchViewSet(TeamScopedMixin, viewsets.ModelViewSet[Watch]):
     filterset_class = WatchFilter
 
     def perform_destroy(self, instance: Watch) -> None:
-        services.delete_watch(watch=instance)
+        delete_watch(watch=instance)
 
 
 class SeriesQuery(serializers.Serializer[dict[str, Any]]):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mlengine import encoder
+from mlengine.inference import encoder
 
 BATCH_SIZES = (1, 8, 32, 128)
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -156,7 +156,7 @@ class Command(BaseCommand):
         for ``score_terms`` (one call) and for ``score_term`` (a Python loop, the way the
         database path scored before), median of ``--runs``; windows drawn from a seeded
         generator over the ranges a busy stream's bucket shows."""
-        from mlengine.trends import TermWindow, TrendParams, score_term, score_terms
+        from mlengine.trends.detector import TermWindow, TrendParams, score_term, score_terms
 
         params = TrendParams()
         rng = np.random.default_rng(7)

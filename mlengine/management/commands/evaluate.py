@@ -4,11 +4,11 @@ official metric for its active head on a TweetEval-layout split, with per-class 
 
 ``manage.py evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: the anomaly
 detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
-(``mlengine.anomaly_eval``).
+(``mlengine.evaluation.nab_harness``).
 
 ``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
 active virality model on a trump_tweets-layout CSV's posts from DATE on
-(``mlengine.virality``)."""
+(``mlengine.inference.virality_training``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mlengine import heads, training
+from mlengine.inference import heads, training
 
 
 class Command(BaseCommand):
@@ -79,17 +79,17 @@ class Command(BaseCommand):
     def _anomaly(self, options: dict[str, Any]) -> None:
         """``evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: NAB scores of
         the anomaly detector's own decisions on ``DIR/realTweets/*.csv``."""
-        from mlengine import anomaly_eval, nab
+        from mlengine.evaluation import nab, nab_harness
 
         if options["nab"] is None:
             raise CommandError("evaluate anomaly needs --nab DIR (a NAB folder)")
         try:
-            result = anomaly_eval.run(options["nab"], options["detections"])
+            result = nab_harness.run(options["nab"], options["detections"])
         except nab.NabDataError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
             f"anomaly ({result['detector']}) on {result['files']} NAB files: "
-            + ", ".join(f"{p} {result[p]:.2f}" for p in anomaly_eval.PROFILES)
+            + ", ".join(f"{p} {result[p]:.2f}" for p in nab_harness.PROFILES)
         )
         for name, row in result["per_file"].items():
             self.stdout.write(
@@ -100,8 +100,8 @@ class Command(BaseCommand):
 
     def _trends(self, options: dict[str, Any]) -> None:
         """``evaluate trends --crisislex DIR [--detector stories|terms] [--json OUT]``: the
-        trend detector replayed on each CrisisLexT26 event (``mlengine.crisislex``)."""
-        from mlengine import crisislex
+        trend detector replayed on each CrisisLexT26 event (``mlengine.evaluation.crisislex``)."""
+        from mlengine.evaluation import crisislex
 
         if options["crisislex"] is None:
             raise CommandError("evaluate trends needs --crisislex DIR (CrisisLexT26 events)")
@@ -124,21 +124,23 @@ class Command(BaseCommand):
 
     def _virality(self, options: dict[str, Any]) -> None:
         """``evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
-        active virality model (``mlengine.virality``)."""
+        active virality model (``mlengine.inference.virality_training``)."""
         from tqdm import tqdm
 
-        from mlengine import virality
+        from mlengine.inference import virality_features, virality_training
 
         if options["data"] is None:
             raise CommandError("evaluate virality needs --data CSV (trump_tweets layout)")
         try:
-            since = virality.parse_date(options["since"]) if options["since"] else None
+            since = virality_features.parse_date(options["since"]) if options["since"] else None
         except ValueError as exc:
             raise CommandError(f"--since: {exc}") from exc
         bar = tqdm(desc="embedding", unit="text", file=self.stderr, disable=None, leave=False)
         try:
-            result = virality.evaluate(options["data"], since=since, embed_progress=bar.update)
-        except (virality.DataError, training.NoTrainedModel) as exc:
+            result = virality_training.evaluate(
+                options["data"], since=since, embed_progress=bar.update
+            )
+        except (virality_features.DataError, training.NoTrainedModel) as exc:
             raise CommandError(str(exc)) from exc
         finally:
             bar.close()

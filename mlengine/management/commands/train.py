@@ -1,8 +1,10 @@
 """``manage.py train <task> --data DIR [--splits a,b] [--eval-split NAME] [--epochs N]``:
-train a classifier head on the sentence encoder and register it (``mlengine.training``).
+train a classifier head on the sentence encoder and register it
+(``mlengine.inference.training``).
 
 ``manage.py train virality --data CSV [--until DATE]``: the virality model on a
-trump_tweets-layout CSV's posts before DATE (``mlengine.virality``).
+trump_tweets-layout CSV's posts before DATE
+(``mlengine.inference.virality_training``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from mlengine import heads, training
+from mlengine.inference import heads, training
 
 
 class Command(BaseCommand):
@@ -111,17 +113,18 @@ class Command(BaseCommand):
             )
 
     def _virality(self, data: Path, until_text: str | None) -> None:
-        """``train virality --data CSV [--until DATE]`` (``mlengine.virality``)."""
-        from mlengine import virality
+        """``train virality --data CSV [--until DATE]``
+        (``mlengine.inference.virality_training``)."""
+        from mlengine.inference import virality_features, virality_training
 
         try:
-            until = virality.parse_date(until_text) if until_text else None
+            until = virality_features.parse_date(until_text) if until_text else None
         except ValueError as exc:
             raise CommandError(f"--until: {exc}") from exc
         bar = tqdm(desc="embedding", unit="text", file=self.stderr, disable=None, leave=False)
         try:
-            outcome = virality.train(data, until=until, embed_progress=bar.update)
-        except virality.DataError as exc:
+            outcome = virality_training.train(data, until=until, embed_progress=bar.update)
+        except virality_features.DataError as exc:
             raise CommandError(str(exc)) from exc
         finally:
             bar.close()

@@ -2,11 +2,11 @@
 
 A story is what an analyst means by "a trend": ``explosion``, ``plant``, ``waco``,
 ``#prayfortexas`` of one event, not four. It is built on the term-level detector
-(``mlengine.trends.TermStream``, the production one) and is pure: in memory, in event
+(``mlengine.trends.detector.TermStream``, the production one) and is pure: in memory, in event
 time, no database.
 
 - Membership by co-occurrence. When a term trends (or is predicted to: "emerging", see
-  ``mlengine.forecast``), its recent posts (the posts holding it in its bucket so far and
+  ``mlengine.trends.forecast``), its recent posts (the posts holding it in its bucket so far and
   in the bucket before) are compared with each live story's recent posts (the union of
   its members'). The term joins the story holding the largest share of its posts, when
   that share is at least ``StoryParams.min_overlap``; else it starts a story. The share
@@ -20,7 +20,7 @@ time, no database.
   story, is an "updated" event of the same story: its alert is updated, not duplicated.
 - A story lives while it grows: it closes ``ttl_buckets`` buckets (default: the
   baseline window) after its last new member, when its terms have left the baseline.
-- Each event carries the story's forecast (``mlengine.forecast.forecast``) of its volume
+- Each event carries the story's forecast (``mlengine.trends.forecast.forecast``) of its volume
   (posts holding any member, per bucket; the current bucket projected to its end).
 
 Bot resistance is the term detector's: a term trends only with ``min_authors`` distinct
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeVar
 
-from mlengine.forecast import Forecast, forecast_volume
-from mlengine.trends import StreamPost, TermStream, TermTrend, TrendParams
+from mlengine.trends.detector import StreamPost, TermStream, TermTrend, TrendParams
+from mlengine.trends.forecast import Forecast, forecast_volume
 
 StoryKind = Literal["new", "emerging", "updated"]
 K = TypeVar("K")
@@ -122,7 +122,7 @@ def choose_story(
     when that share is at least ``min_overlap`` (0–1); else None (the term starts a
     story). Ties go to the first story in ``stories``' order. The one rule of both the
     in-memory detector (``StoryDetector``) and the database path
-    (``mlengine.services.assign_stories``)."""
+    (``mlengine.trends.story_assignment.assign_stories``)."""
     best: K | None = None
     best_share = 0.0
     for key, posts in stories.items():

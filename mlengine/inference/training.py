@@ -1,4 +1,4 @@
-"""Training, evaluation and serving of classifier heads (``mlengine.heads``), with their
+"""Training, evaluation and serving of classifier heads (``mlengine.inference.heads``), with their
 ``ModelVersion`` rows and artefacts under ``settings.MODELS_DIR``."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Max
 
-from mlengine import encoder, heads
-from mlengine.finetune import finetune
+from mlengine.inference import encoder, heads
+from mlengine.inference.finetune import finetune
 from mlengine.models import ModelVersion
 
 log = structlog.get_logger(__name__)
@@ -82,7 +82,7 @@ def train(
 
     ``method``: "frozen" (logistic regression on the frozen sentence vectors),
     "finetune" (the encoder fine-tuned with the head for ``epochs`` epochs,
-    ``mlengine.finetune``), or "auto": both, when there are at most
+    ``mlengine.inference.finetune``), or "auto": both, when there are at most
     ``FINETUNE_MAX_TEXTS`` training texts (else frozen), keeping whichever measures
     better on the evaluation texts. The new version becomes the task's active one only
     if it beats the active version on the same evaluation texts.
@@ -151,7 +151,7 @@ def train(
     head.save(staging / "head.npz")
     if model is not None:
         model.save_pretrained(staging, safe_serialization=True)
-    digest = _digest(staging)
+    digest = artefact_digest(staging)
     with transaction.atomic():
         # One registration per task at a time: the version number and its folder.
         with connection.cursor() as cursor:
@@ -224,7 +224,7 @@ def train(
     )
 
 
-def _digest(folder: Path) -> str:
+def artefact_digest(folder: Path) -> str:
     """SHA-256 over the files of an artefact folder, by name."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):

@@ -1,7 +1,7 @@
 """Classifier heads on the sentence encoder: tasks, data, training, metrics, artefacts.
 
 A head is multinomial logistic regression on all-MiniLM-L6-v2's frozen, L2-normalised
-sentence vectors (``mlengine.encoder``): ``p = softmax(W·x + b)``, with class weights
+sentence vectors (``mlengine.inference.encoder``): ``p = softmax(W·x + b)``, with class weights
 inversely proportional to class frequency (so that macro-averaged metrics, not the
 majority class, drive it) and its regularisation strength picked on the evaluation
 split. The tasks are TweetEval's (Barbieri et al., "TweetEval: Unified Benchmark and

@@ -47,8 +47,8 @@ window), ``likelihood_every=96`` buckets (8 h, about NuPIC's re-estimation perio
 records), ``likelihood_epsilon=1e-5`` (the paper's threshold). The likelihood parameters
 are the paper's and NuPIC's defaults, not tuned here.
 
-Measured on the 5 public NAB realTweets files with ``mlengine.nab`` (standard profile,
-each detector's own 0/1 decisions, refractory 1 day unless said):
+Measured on the 5 public NAB realTweets files with ``mlengine.evaluation.nab`` (standard
+profile, each detector's own 0/1 decisions, refractory 1 day unless said):
 
 - log1p + seasonal median/MAD, no Poisson floor, best of thresholds 4..8: 60 to 65
 - Anscombe + seasonal median, scale = std of smoothed residual: 70 to 81, unstable in

@@ -18,7 +18,7 @@ with two parametric fits that need no training data:
   counts, extrapolated as exponential growth over the horizon, whose last bucket is then
   the expected peak (a lower bound on the time to peak).
 - ``project_bucket_count``: a bucket still filling, extrapolated to a whole bucket at its
-  rate so far. ``mlengine.trends.TermStream`` (with ``emerging=True``) scores that
+  rate so far. ``mlengine.trends.detector.TermStream`` (with ``emerging=True``) scores that
   projection with the production formula: a term whose projected count passes every
   threshold while the one so far does not, and whose count is growing and accelerating
   against its previous buckets, is "emerging": a prediction, marked as such, that the

@@ -8,7 +8,7 @@ it, with production's code and parameters:
 
 - a post per labelled tweet: event time from the snowflake id (``ms = (id >> 22) +
   1288834974657``, ``ingest.sources.replay.formats.snowflake_time``), terms from
-  ``mlengine.text.enrich_text`` exactly as the enrich stage and
+  ``mlengine.enrichment.text.enrich_text`` exactly as the enrich stage and
   ``ingest.selectors.events_for_trends`` make them, author key ``Author().key(id)`` (the
   set has no author: each post is its own author, as a replay of it is); posts in event
   order, ties by external id;
@@ -16,9 +16,9 @@ it, with production's code and parameters:
   events per active day), the other thresholds from settings (``params_for``);
 - two detectors: ``terms`` (the detector before the story layer: every term trend is a
   candidate alert, and the default "New trend" rule fires once per term per 24 h of
-  event time) and ``stories`` (``mlengine.stories.StoryDetector`` with production's
-  ``story_params()``: one alert per story, as ``mlengine.services.assign_stories`` and
-  the alerts stage give one).
+  event time) and ``stories`` (``mlengine.trends.stories.StoryDetector`` with production's
+  ``story_params()``: one alert per story, as
+  ``mlengine.trends.story_assignment.assign_stories`` and the alerts stage give one).
 
 Per event: ``alerts`` fired; ``first_alert_delay_h``, hours from the onset (the event
 time of the earliest tweet that holds every word of one of the event's keywords, words
@@ -48,11 +48,11 @@ from ingest.envelope import Author
 from ingest.selectors import TERM_MAX_CHARS
 from ingest.services import events_per_active_day
 from ingest.sources.replay.formats import snowflake_time
-from mlengine.services import params_for
-from mlengine.services import story_params as production_story_params
-from mlengine.stories import StoryDetector, StoryParams
-from mlengine.text import Enrichment, enrich_text
-from mlengine.trends import TermStream, TrendParams, suggest_bucket_s
+from mlengine.enrichment.text import Enrichment, enrich_text
+from mlengine.trends.detector import TermStream, TrendParams, suggest_bucket_s
+from mlengine.trends.params import params_for
+from mlengine.trends.params import story_params as production_story_params
+from mlengine.trends.stories import StoryDetector, StoryParams
 
 Detector = Literal["terms", "stories"]
 DETECTORS: tuple[Detector, ...] = ("terms", "stories")
@@ -67,7 +67,7 @@ class CrisisLexError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Post:
-    """One labelled tweet as the trend stage sees it (``mlengine.trends.StreamPost``)."""
+    """One labelled tweet as the trend stage sees it (``mlengine.trends.detector.StreamPost``)."""
 
     id: int
     external_id: str
@@ -189,8 +189,8 @@ def load_event(folder: Path, *, enrich: dict[str, Enrichment] | None = None) -> 
 
 def production_params(posts: Sequence[Post]) -> TrendParams:
     """The parameters production gives a replayed stream of ``posts``: the bucket of
-    ``mlengine.services.bucket_s_for`` (a replay records its events per active day), the
-    rest from settings."""
+    ``mlengine.trends.params.bucket_s_for`` (a replay records its events per active day),
+    the rest from settings."""
     per_day = events_per_active_day([p.created_at for p in posts])
     return params_for(suggest_bucket_s(per_day, min_events=settings.TRENDS_MIN_EVENTS))
 

@@ -1,4 +1,4 @@
-"""The anomaly stage: the streaming detector (``mlengine.anomaly``) on every source's
+"""The anomaly stage: the streaming detector (``mlengine.anomalies.detector``) on every source's
 series, in event time, writing series points and anomalies.
 
 Series, per source (``mlengine.models.Series``):
@@ -42,153 +42,47 @@ when its bucket is stepped (the transformer heads may relabel after VADER; DESIG
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
-from psycopg2.extras import execute_values
 
 from ingest import selectors as ingest_selectors
 from ingest.models import Source
-from mlengine.anomaly import Detector, Params, Step
+from mlengine.anomalies.detector import Detector, Step
+from mlengine.anomalies.persistence import RunWrites
+from mlengine.anomalies.series import (
+    BUCKET_S,
+    COUNTS,
+    SHARES,
+    STATE_KEYS,
+    Group,
+    Open,
+    Plan,
+    Slot,
+    State,
+    backfill_buckets,
+    load_state,
+    params_for,
+)
 from mlengine.models import Anomaly, Series, StreamClock, Trend, Watch
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
 
-BUCKET_S = 300
-"""The detector's bucket, seconds of event time (its parameters are tuned on it)."""
 ACTIVE_TERM_S = 24 * 3600
 """A term is watched while it had a trend in this many seconds of event time before."""
 LOCK_KEY = 7_406_310_001
 """The stage's PostgreSQL advisory lock (one run at a time)."""
-COUNTS, SHARES = "counts", "shares"
-_STATE_KEYS = Detector.STATE_KEYS
-
-State = dict[str, npt.NDArray[Any]]
 K = TypeVar("K", str, int)
 """A new series' key while it is warmed up: a term, or a watch id."""
-
-
-def params_for(group: str) -> Params:
-    """The detector parameters of a group: counts (volume, terms) take the tuned
-    defaults; shares take no transform and ``ANOMALY_SHARE_NOISE`` as noise floor."""
-    if group == COUNTS:
-        return Params()
-    return Params(transform="identity", noise_sd=settings.ANOMALY_SHARE_NOISE)
-
-
-def backfill_buckets(params: Params) -> int:
-    """Buckets of history a new term series is warmed up on: two days. A series has a
-    score once its seasonal median has a day behind it and its MAD scale half a day of
-    residuals (``period * 1.5 + slot_spread`` buckets: about 36 hours)."""
-    return 2 * params.period
-
-
-def dump_state(state: State, row: int) -> bytes:
-    """One row of a detector state, as a compressed ``.npz`` (exact float64)."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: state[k][row] for k in _STATE_KEYS})
-    return buf.getvalue()
-
-
-def load_state(blob: bytes | memoryview) -> State:
-    """A row saved by ``dump_state``, with a leading axis of length 1. A key missing from
-    an older blob (the anomaly likelihood's) is left out; ``_Group.add`` starts it fresh."""
-    with np.load(io.BytesIO(bytes(blob))) as saved:
-        return {k: np.asarray(saved[k])[None, ...] for k in _STATE_KEYS if k in saved.files}
-
-
-@dataclass
-class _Open:
-    """An anomaly being written: new (``id`` None) or an open one read back."""
-
-    series_id: int
-    source_id: int
-    window_start: datetime
-    window_end: datetime
-    peak_at: datetime
-    score: float
-    value: float
-    expected: float | None
-    low: float | None
-    high: float | None
-    evidence_created_at: datetime
-    evidence_received_at: datetime
-    id: int | None = None
-    closed: bool = False
-    changed: bool = False
-
-
-@dataclass
-class _Slot:
-    """A series in this run: its row in its group's detector and what changed."""
-
-    series_id: int
-    source_id: int
-    kind: str
-    term: str
-    group: str
-    row: int
-    active: bool = True
-    last_bucket: datetime | None = None
-    open: _Open | None = None
-    watch_id: int | None = None
-    watch_terms: tuple[str, ...] = ()
-
-
-@dataclass
-class _Plan:
-    """One source's work in this run: ``n`` buckets from ``start``."""
-
-    source_id: int
-    first_bucket: datetime
-    start: datetime
-    n: int
-    more: bool
-    totals: dict[int, ingest_selectors.BucketTotals] = field(default_factory=dict)
-    trends: list[tuple[str, datetime, datetime]] = field(default_factory=list)
-    term_counts: dict[tuple[int, str], int] = field(default_factory=dict)
-    terms: dict[str, _Slot] = field(default_factory=dict)
-    watches: dict[int, _Slot] = field(default_factory=dict)
-    watch_counts: dict[tuple[int, int], int] = field(default_factory=dict)
-
-
-class _Group:
-    """One detector over the rows of a value transform; rows are only ever added."""
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
-        self.detector: Detector | None = None
-        self.size = 0
-
-    def add(self, states: Sequence[State | None]) -> list[int]:
-        """Append rows (a saved state, or None for a fresh series); returns their rows."""
-        if not states:
-            return []
-        fresh = Detector(1, self.params).state()
-        parts: list[State] = [self.detector.state()] if self.detector is not None else []
-        parts += [{k: fresh[k] for k in _STATE_KEYS} | (s or {}) for s in states]
-        stacked: dict[str, npt.NDArray[Any]] = {
-            k: np.concatenate([p[k] for p in parts], axis=0) for k in _STATE_KEYS
-        }
-        stacked["params"] = np.array(asdict(self.params), dtype=object)
-        self.detector = Detector.from_state(stacked)
-        rows = list(range(self.size, self.size + len(states)))
-        self.size += len(states)
-        return rows
-
-    def step(self, values: npt.NDArray[np.float64]) -> Step | None:
-        return self.detector.update(values) if self.detector is not None else None
 
 
 @dataclass(frozen=True)
@@ -249,24 +143,24 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
     return AdvanceResult(stepped, new_ids, any(p.more for p in run.plans))
 
 
-class _Run:
+class _Run(RunWrites):
     """One run of the stage (inside its transaction, holding its lock)."""
 
     def __init__(self, limit: int) -> None:
         self.now = timezone.now()
         self.bucket = timedelta(seconds=BUCKET_S)
-        self.groups = {COUNTS: _Group(params_for(COUNTS)), SHARES: _Group(params_for(SHARES))}
-        self.slots: list[_Slot] = []
-        self.base: dict[int, tuple[_Slot, _Slot]] = {}
+        self.groups = {COUNTS: Group(params_for(COUNTS)), SHARES: Group(params_for(SHARES))}
+        self.slots: list[Slot] = []
+        self.base: dict[int, tuple[Slot, Slot]] = {}
         self.points: list[tuple[Any, ...]] = []
-        self.opens: dict[int, _Open] = {}  # by id(): the anomalies this run touched
+        self.opens: dict[int, Open] = {}  # by id(): the anomalies this run touched
         self.updated_ids: list[int] = []  # stored anomalies that grew or closed
-        self.open_series: dict[int, _Open] = {}
+        self.open_series: dict[int, Open] = {}
         self.plans = self._plan(limit)
         if self.plans:
             self._load()
 
-    def _plan(self, limit: int) -> list[_Plan]:
+    def _plan(self, limit: int) -> list[Plan]:
         """The sources with complete buckets to step, and their volume/share series
         (created on a source's first run). Each source steps at most ``limit`` buckets,
         and at most ``ANOMALY_MAX_STEPS`` divided among the sources due (at least one)."""
@@ -310,7 +204,7 @@ class _Run:
                         created_at=self.now,
                     )
             n = min(complete, limit)
-            plans.append(_Plan(source_id, first, start, n, more=complete > n))
+            plans.append(Plan(source_id, first, start, n, more=complete > n))
         return sorted(plans, key=lambda p: p.source_id)
 
     def _load(self) -> None:
@@ -318,7 +212,7 @@ class _Run:
         anomalies; the watch series retired, started or restarted (``_update_watches``)."""
         source_ids = [p.source_id for p in self.plans]
         for opened in Anomaly.objects.filter(source_id__in=source_ids, closed=False):
-            self.open_series[opened.series_id] = _Open(
+            self.open_series[opened.series_id] = Open(
                 series_id=opened.series_id,
                 source_id=opened.source_id,
                 window_start=opened.window_start,
@@ -406,7 +300,7 @@ class _Run:
                     wanted.setdefault(covered, {})[watch_id] = tuple(sorted(set(terms)))
         return wanted
 
-    def _retire(self, slot: _Slot) -> None:
+    def _retire(self, slot: Slot) -> None:
         """Stop stepping ``slot``'s series; close its open anomaly."""
         slot.active = False
         if slot.open is not None and not slot.open.closed:
@@ -415,7 +309,7 @@ class _Run:
 
     def _warmed_rows(
         self,
-        plan: _Plan,
+        plan: Plan,
         start: datetime,
         keys: Sequence[K],
         counts_since: Callable[[datetime], Mapping[tuple[int, K], int]],
@@ -435,10 +329,10 @@ class _Run:
             warm.update(np.array([counts.get((epoch, k), 0) for k in keys], dtype=np.float64))
         state = warm.state()
         return self.groups[COUNTS].add(
-            [{k: state[k][j : j + 1] for k in _STATE_KEYS} for j in range(len(keys))]
+            [{k: state[k][j : j + 1] for k in STATE_KEYS} for j in range(len(keys))]
         )
 
-    def _update_watches(self, plan: _Plan, wanted: dict[int, tuple[str, ...]]) -> None:
+    def _update_watches(self, plan: Plan, wanted: dict[int, tuple[str, ...]]) -> None:
         """At the run's first bucket: retire the watch series of ``plan``'s source whose
         watch is gone, disabled, elsewhere or counts other terms now; start (warmed up
         on the two days before, as new term series) those of the watches ``wanted``
@@ -486,13 +380,13 @@ class _Run:
 
     def _adopt(
         self, series_id: int, source_id: int, kind: str, term: str, group: str, row: int
-    ) -> _Slot:
-        slot = _Slot(series_id, source_id, kind, term, group, row)
+    ) -> Slot:
+        slot = Slot(series_id, source_id, kind, term, group, row)
         slot.open = self.open_series.get(series_id)
         self.slots.append(slot)
         return slot
 
-    def _candidates(self, plan: _Plan, end: datetime) -> list[str]:
+    def _candidates(self, plan: Plan, end: datetime) -> list[str]:
         """The terms to watch at the bucket ending ``end``, latest trend first, capped."""
         since = end - timedelta(seconds=ACTIVE_TERM_S)
         latest: dict[str, datetime] = {}
@@ -506,7 +400,7 @@ class _Run:
         kept = [t for t in ranked if t in plan.terms][:cap]
         return kept + [t for t in ranked if t not in plan.terms][: cap - len(kept)]
 
-    def _update_terms(self, plan: _Plan, start: datetime) -> None:
+    def _update_terms(self, plan: Plan, start: datetime) -> None:
         """Retire the term series no longer watched at ``start``'s bucket; add (and warm
         up) the new ones."""
         wanted = self._candidates(plan, start + self.bucket)
@@ -587,11 +481,11 @@ class _Run:
 
     def _record(
         self,
-        slot: _Slot,
+        slot: Slot,
         step: Step,
         value: float,
         start: datetime,
-        plans: dict[int, _Plan],
+        plans: dict[int, Plan],
         epoch: int,
     ) -> None:
         """The point of ``slot`` at ``start``, and its anomaly opened, grown or closed."""
@@ -610,7 +504,7 @@ class _Run:
             if opened is not None and not opened.closed:
                 opened.closed = opened.changed = True
             totals = plans[slot.source_id].totals.get(epoch)
-            slot.open = _Open(
+            slot.open = Open(
                 series_id=slot.series_id,
                 source_id=slot.source_id,
                 window_start=start,
@@ -637,119 +531,3 @@ class _Run:
         for touched in (opened, slot.open):
             if touched is not None and touched.changed:
                 self.opens[id(touched)] = touched
-
-    def save(self) -> list[int]:
-        """Write the series, points and anomalies; prune old points; return the ids of
-        the anomalies this run opened."""
-        final: dict[int, _Slot] = {}
-        for slot in self.slots:
-            if slot.last_bucket is not None or not slot.active:
-                final[slot.series_id] = slot  # a later slot of a series wins
-        # One copy of each group's state, whose rows are then saved one by one (a copy
-        # per series made a beat quadratic in the series: bench/anomaly_stage.py).
-        states = {
-            name: group.detector.state()
-            for name, group in self.groups.items()
-            if group.detector is not None
-        }
-        updates = []
-        for series_id, slot in sorted(final.items()):
-            state = dump_state(states[slot.group], slot.row) if slot.active else None
-            updates.append((series_id, slot.active, slot.last_bucket, state))
-        with connection.cursor() as cursor:
-            if updates:
-                execute_values(
-                    cursor.cursor,
-                    """
-                    UPDATE mlengine_series AS s SET
-                        active = v.active,
-                        last_bucket = COALESCE(v.last_bucket, s.last_bucket),
-                        state = v.state
-                    FROM (VALUES %s) AS v(id, active, last_bucket, state)
-                    WHERE s.id = v.id
-                    """,
-                    updates,
-                    template="(%s::bigint, %s::boolean, %s::timestamptz, %s::bytea)",
-                )
-            if self.points:
-                execute_values(
-                    cursor.cursor,
-                    """
-                    INSERT INTO mlengine_seriespoint
-                        (series_id, bucket_start, value, expected, low, high, score, anomaly)
-                    VALUES %s ON CONFLICT (series_id, bucket_start) DO NOTHING
-                    """,
-                    self.points,
-                    page_size=2000,
-                )
-        new_ids = self._save_anomalies()
-        retention = timedelta(seconds=settings.ANOMALY_RETENTION_S)
-        with connection.cursor() as cursor:
-            for plan in self.plans:
-                cutoff = plan.start + (plan.n - 1) * self.bucket - retention
-                cursor.execute(
-                    """
-                    DELETE FROM mlengine_seriespoint p USING mlengine_series s
-                    WHERE p.series_id = s.id AND s.source_id = %s AND p.bucket_start < %s
-                    """,
-                    [plan.source_id, cutoff],
-                )
-        return new_ids
-
-    def _save_anomalies(self) -> list[int]:
-        """Update the anomalies read back that changed; insert the new ones (conflict-
-        ignore); return the new ids."""
-        new_rows = []
-        for opened in self.opens.values():
-            if opened.id is not None:
-                self.updated_ids.append(opened.id)
-                Anomaly.objects.filter(id=opened.id).update(
-                    window_end=opened.window_end,
-                    peak_at=opened.peak_at,
-                    score=opened.score,
-                    value=opened.value,
-                    expected=opened.expected,
-                    low=opened.low,
-                    high=opened.high,
-                    closed=opened.closed,
-                    updated_at=self.now,
-                )
-                continue
-            new_rows.append(
-                (
-                    opened.series_id,
-                    opened.source_id,
-                    opened.window_start,
-                    opened.window_end,
-                    BUCKET_S,
-                    opened.peak_at,
-                    opened.score,
-                    opened.value,
-                    opened.expected,
-                    opened.low,
-                    opened.high,
-                    opened.closed,
-                    opened.evidence_created_at,
-                    opened.evidence_received_at,
-                    self.now,
-                    self.now,
-                )
-            )
-        if not new_rows:
-            return []
-        with connection.cursor() as cursor:
-            returned = execute_values(
-                cursor.cursor,
-                """
-                INSERT INTO mlengine_anomaly (
-                    series_id, source_id, window_start, window_end, bucket_s, peak_at, score,
-                    value, expected, low, high, closed, evidence_created_at,
-                    evidence_received_at, detected_at, updated_at
-                ) VALUES %s
-                ON CONFLICT (series_id, window_start) DO NOTHING
-                RETURNING id
-                """,
-                new_rows,
-                fetch=True,
-            )
-        return sorted(row[0] for row in returned)

@@ -15,11 +15,11 @@ that may own a GPU) drains it:
    takes only the CPU the pipeline leaves idle;
 3. the newest ``settings.SCORING_BATCH_SIZE`` events are taken (``ZPOPMAX``), their
    distinct texts embedded once per encoder and labelled by every task's active head
-   (sentiment, emotion, offensive; ``mlengine.training.active_model``) and, with an
+   (sentiment, emotion, offensive; ``mlengine.inference.training.active_model``) and, with an
    active virality model, scored for virality where the author has at least 100 earlier
    posts in the source (``score_virality``, reusing the shared encoder's vectors), and
    written in one statement (``ingest.services.save_labels``); the posts scored at
-   least ``virality.ALERT_MIN_SCORE`` go on to the alerts stage's "viral_post" rules;
+   least ``virality_model.ALERT_MIN_SCORE`` go on to the alerts stage's "viral_post" rules;
 4. again, until the backlog is empty or the task has run ``SCORING_BUDGET_S``; then it
    queues itself again if work is left. Sends are coalesced: while a scoring task waits
    in the queue no other is sent, and a task lost before it started holds the next one
@@ -54,7 +54,7 @@ from django.db import transaction
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
 from ingest.selectors import EVENTS_RATE_ALL, events_rate_name
-from mlengine import heads, training, virality
+from mlengine.inference import heads, training, virality_features, virality_model
 from mlengine.models import ModelVersion
 from twiscope import pipeline
 from twiscope.redis import add_to_rate, get_redis, rate_total
@@ -222,7 +222,7 @@ def score_events(event_ids: Sequence[int]) -> int:
 
     Events that are gone are skipped; a task with no active head is left out (its
     columns keep what they hold). Side effects: the ``scored_rate_name`` counters; the
-    events scored at least ``virality.ALERT_MIN_SCORE`` go to the alerts stage's
+    events scored at least ``virality_model.ALERT_MIN_SCORE`` go to the alerts stage's
     "viral_post" rules after commit (``alerts.evaluate_viral``).
     """
     rows = ingest_selectors.texts_for_scoring(event_ids)
@@ -246,7 +246,7 @@ def score_events(event_ids: Sequence[int]) -> int:
     likely_viral = [
         event_id
         for event_id, columns in viral.items()
-        if columns["virality_score"] >= virality.ALERT_MIN_SCORE
+        if columns["virality_score"] >= virality_model.ALERT_MIN_SCORE
     ]
     with transaction.atomic():
         written = ingest_services.save_labels(values)
@@ -272,26 +272,26 @@ def score_virality(
     event_ids: Sequence[int], texts: Sequence[str], vectors: dict[int, np.ndarray]
 ) -> dict[int, dict[str, Any]]:
     """The active virality model's scores of the events among ``event_ids`` that have at
-    least ``virality.HISTORY_MIN`` earlier posts (same source and author, with a repost
+    least ``virality_features.HISTORY_MIN`` earlier posts (same source and author, with a repost
     count), as ``ingest.services.save_labels`` columns by event id: ``virality_score``
     (0-1, 4 decimals) and ``virality_model`` ("name vN"). Others are left out (their
     columns stay NULL / ""); so is everything when no virality model is active.
 
     The history is read in one query (``ingest.selectors.virality_inputs``: the latest
-    ``virality.HISTORY_WINDOW`` predecessors of each event). ``texts``/``vectors``: the
+    ``virality_features.HISTORY_WINDOW`` predecessors of each event). ``texts``/``vectors``: the
     batch's distinct texts and ``label_texts``' cache of their vectors by encoder; the
     shared encoder's are reused when a head computed them, else the scored posts alone
     are embedded here (blocking: the ml pool only).
     """
     try:
-        model = virality.active_model()
+        model = virality_model.active_model()
     except training.NoTrainedModel:
         return {}
-    inputs = ingest_selectors.virality_inputs(event_ids, window=virality.HISTORY_WINDOW)
-    histories: dict[str, list[virality.Post]] = defaultdict(list)
+    inputs = ingest_selectors.virality_inputs(event_ids, window=virality_features.HISTORY_WINDOW)
+    histories: dict[str, list[virality_features.Post]] = defaultdict(list)
     for row in inputs.history:
         histories[row.author].append(
-            virality.Post(
+            virality_features.Post(
                 author=row.author,
                 created_at=row.created_at,
                 text="",
@@ -301,7 +301,7 @@ def score_virality(
             )
         )
     posts = [
-        virality.Post(
+        virality_features.Post(
             author=p.author,
             created_at=p.created_at,
             text=p.text,
@@ -309,7 +309,7 @@ def score_virality(
             key=f"{p.id:020d}",
         )
         for p in inputs.posts
-        if len(histories.get(p.author, ())) >= virality.HISTORY_MIN
+        if len(histories.get(p.author, ())) >= virality_features.HISTORY_MIN
     ]
     if not posts:
         return {}
@@ -318,7 +318,7 @@ def score_virality(
     if shared is not None:
         index = {text: i for i, text in enumerate(texts)}
         picked = shared[[index[p.text] for p in posts]]
-    scores = virality.score_posts(model, posts, histories, picked)
+    scores = virality_model.score_posts(model, posts, histories, picked)
     return {
         int(post.key): {"virality_score": s.score, "virality_model": s.model_version}
         for post, s in zip(posts, scores, strict=True)

@@ -1,7 +1,7 @@
 """The enrich stage: language, entities, keywords and lexicon sentiment of new events.
 
 It sits between ``ingest`` (which stores events) and the trend stage: it reads the
-events' texts through ``ingest.selectors``, runs ``mlengine.text`` on them, and writes
+events' texts through ``ingest.selectors``, runs ``mlengine.enrichment.text`` on them, and writes
 the results through ``ingest.services.save_enrichments`` (the events table is
 ingest's). After commit it hands the source on to the trend stage.
 """
@@ -18,8 +18,8 @@ from django.utils import timezone
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from mlengine import scoring
-from mlengine.text import Enrichment, enrich_text, vader_label
+from mlengine.enrichment.text import Enrichment, enrich_text, vader_label
+from mlengine.inference import scoring
 from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
@@ -33,7 +33,7 @@ def enrich_events(*, event_ids: Sequence[int], source_id: int | None = None) -> 
 
     The claim is in the UPDATE (``enriched_at IS NULL``), so a redelivered task writes
     nothing twice. Side effects after commit: marks the ids done for the sweeper, puts
-    the enriched events in the transformer's scoring backlog (``mlengine.scoring``), and
+    the enriched events in the transformer's scoring backlog (``mlengine.inference.scoring``), and
     hands ``source_id`` to the trend stage (also with no ids: the persisted batch may
     have moved the source's watermark).
     """

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import encoder, heads
+from mlengine.inference import encoder, heads
 
 SCALE = 10.0
 HEAD_LR = 1e-3
@@ -54,8 +54,8 @@ def finetune(
         raise ValueError("fine-tuning needs texts, epochs ≥ 1 and batch_size ≥ 1")
     torch.manual_seed(seed)
     device = "cuda" if encoder.pick_device() == "cuda" else "cpu"
-    tokenizer = encoder._tokenizer()
-    model = encoder._load_model(device, torch.float32)
+    tokenizer = encoder.load_tokenizer()
+    model = encoder.load_model(device, torch.float32)
     model.train()
     head = torch.nn.Linear(encoder.DIMENSIONS, len(the_task.labels)).to(device)
     counts = np.bincount(np.asarray(labels), minlength=len(the_task.labels)).astype(np.float64)

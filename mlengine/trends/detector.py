@@ -44,7 +44,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from mlengine.forecast import project_bucket_count
+from mlengine.trends.forecast import project_bucket_count
 
 BUCKET_LADDER_S = (60, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600)
 AUTHORS_CAP = 200
@@ -64,7 +64,7 @@ class TrendParams:
     min_authors: int = 3
     emerging_sigmas: float = 1.0
     """The emerging test projects a bucket from its count less this many Poisson σ
-    (``mlengine.forecast.project_bucket_count``)."""
+    (``mlengine.trends.forecast.project_bucket_count``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +283,7 @@ class _PastBucket:
 
 class TermStream:
     """The trend detector over one stream, in memory, in event time: the same verdicts as
-    ``mlengine.services.advance_stream`` (``tests/test_stories.py`` checks it on the
+    ``mlengine.trends.stage.advance_stream`` (``tests/test_stories.py`` checks it on the
     database path), from the same ``TrendParams`` and the same ``score_terms``.
 
     Feed it posts in event-time order (ties in any fixed order, e.g. by external id):

@@ -1,5 +1,5 @@
 """``evaluate anomaly --nab DIR``: run the anomaly detector over NAB's realTweets files and
-score its own 0/1 decisions with NAB's scorer (``mlengine.nab``).
+score its own 0/1 decisions with NAB's scorer (``mlengine.evaluation.nab``).
 
 Reads ``DIR/realTweets/*.csv``, ``DIR/labels/combined_windows.json`` and
 ``DIR/config/profiles.json``. Optionally writes NAB-format result files
@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import anomaly, nab
+from mlengine.anomalies import detector
+from mlengine.evaluation import nab
 
 DETECTOR_NAME = "twiscopeSeasonalMad"
 """The detector's name in result file names (NAB names must not contain ``_``)."""
@@ -52,7 +53,7 @@ def write_results(
     path: Path,
     timestamps: list[Any],
     values: np.ndarray,
-    result: anomaly.SeriesResult,
+    result: detector.SeriesResult,
     threshold: float,
 ) -> None:
     """Write one NAB result file. Side effect: creates ``path``'s folder."""
@@ -66,7 +67,7 @@ def write_results(
 
 
 def run(
-    nab_dir: Path, detections_dir: Path | None = None, params: anomaly.Params | None = None
+    nab_dir: Path, detections_dir: Path | None = None, params: detector.Params | None = None
 ) -> dict[str, Any]:
     """Detect on every ``realTweets/*.csv`` in ``nab_dir`` and score with NAB's profiles.
 
@@ -77,7 +78,7 @@ def run(
     without labelled windows. Side effect: writes result files when ``detections_dir``.
     """
     where = locate(nab_dir)
-    params = params or anomaly.Params()
+    params = params or detector.Params()
     windows = nab.load_windows(where.windows)
     profiles = nab.load_profiles(where.profiles)
     missing = [p for p in PROFILES if p not in profiles]
@@ -90,7 +91,7 @@ def run(
         if key not in windows:
             raise nab.NabDataError(f"no labelled windows for {key} in {where.windows}")
         timestamps, values = nab.load_series(path)
-        result = anomaly.detect_series(values, params)
+        result = detector.detect_series(values, params)
         files[key] = (timestamps, result.anomaly)
         if detections_dir is not None:
             out = Path(detections_dir) / "realTweets" / f"{DETECTOR_NAME}_{path.name}"

@@ -16,7 +16,7 @@ Two ways to run it, both in this module:
 - ``Encoder.embed``, the production path: texts are tokenised once, sorted by token
   length and cut into batches of similar length (length bucketing: padding is not
   computed). On a CPU they run through an **int8** ONNX Runtime graph with per-token
-  activation scales and SmoothQuant (``mlengine.quantized``), or in torch in
+  activation scales and SmoothQuant (``mlengine.inference.quantized``), or in torch in
   **bfloat16** where the CPU has AMX tiles (``default_cpu_dtype``); on CUDA in
   **fp16**. ``dtype`` also offers fp32 in torch. Measured choices, with the numbers
   in docs/models.md: per-tensor dynamic int8 (ONNX Runtime's ``quantize_dynamic``) moved
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from mlengine import quantized
+from mlengine.inference import quantized
 
 DIMENSIONS = 384
 MAX_TOKENS = 256
@@ -80,13 +80,15 @@ def pick_device() -> str:
 
 
 @cache
-def _tokenizer() -> Any:
+def load_tokenizer() -> Any:
+    """The encoder's tokenizer, from the package (loaded once per process; never
+    downloads)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
 
 
-def _load_model(device: str, dtype: Any, path: Path | None = None) -> Any:
+def load_model(device: str, dtype: Any, path: Path | None = None) -> Any:
     """The encoder's weights from ``path`` (a fine-tuned copy) or the package, on
     ``device`` in ``dtype``, in eval mode."""
     from transformers import AutoModel
@@ -125,7 +127,7 @@ def mean_pool_array(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 @cache
 def _reference_model() -> Any:
-    return _load_model("cpu", _torch().float32)
+    return load_model("cpu", _torch().float32)
 
 
 def reference_embed(texts: Sequence[str], *, batch_size: int = REFERENCE_BATCH) -> np.ndarray:
@@ -134,7 +136,7 @@ def reference_embed(texts: Sequence[str], *, batch_size: int = REFERENCE_BATCH) 
     Slow by design: it is the yardstick of ``Encoder.embed``, not a production path."""
     torch = _torch()
     model = _reference_model()
-    tokenizer = _tokenizer()
+    tokenizer = load_tokenizer()
     out = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
@@ -148,7 +150,7 @@ def reference_embed(texts: Sequence[str], *, batch_size: int = REFERENCE_BATCH) 
 
 
 DTYPES = ("int8", "bfloat16", "float16", "float32")
-"""What ``Encoder`` computes in: int8 is a CPU path (``mlengine.quantized``, ONNX
+"""What ``Encoder`` computes in: int8 is a CPU path (``mlengine.inference.quantized``, ONNX
 Runtime); the float types run the transformers model in torch. The CPU's default is
 ``default_cpu_dtype()``."""
 
@@ -178,7 +180,7 @@ class Encoder:
     """The production encoder (see the module docstring). One per process: building
     the int8 graph takes a few seconds; ``get_encoder()`` keeps it.
 
-    ``model_path``: a fine-tuned copy of the weights (``mlengine.finetune``; default:
+    ``model_path``: a fine-tuned copy of the weights (``mlengine.inference.finetune``; default:
     the packaged model); ``model``: weights already loaded (a transformers model; moved
     to the device and dtype in place; int8 builds its graph from them and keeps only
     that). ``device``: "cpu" or "cuda" (default: ``pick_device()``). ``dtype``: one of
@@ -214,12 +216,12 @@ class Encoder:
         self._onnx: quantized.OnnxEncoder | None = None
         self._model: Any = None
         if dtype == "int8":
-            fp32 = model if model is not None else _load_model("cpu", torch.float32, model_path)
+            fp32 = model if model is not None else load_model("cpu", torch.float32, model_path)
             fp32.eval()
             fp32 = fp32.to(device=torch.device("cpu"), dtype=torch.float32)
-            self._onnx = quantized.OnnxEncoder(fp32, _tokenizer())
+            self._onnx = quantized.OnnxEncoder(fp32, load_tokenizer())
         elif model is None:
-            self._model = _load_model(self.device, getattr(torch, dtype), model_path)
+            self._model = load_model(self.device, getattr(torch, dtype), model_path)
         else:
             model.eval()
             self._model = model.to(device=torch.device(self.device), dtype=getattr(torch, dtype))
@@ -244,7 +246,7 @@ class Encoder:
         if not len(texts):
             return out
         torch = _torch()
-        tokenizer = _tokenizer()
+        tokenizer = load_tokenizer()
         encoded = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)
         ids, masks = encoded["input_ids"], encoded["attention_mask"]
         order = np.argsort([len(row) for row in ids], kind="stable")
@@ -276,7 +278,8 @@ class Encoder:
 def default_cpu_dtype() -> str:
     """The production dtype on this CPU: "bfloat16" where it has AMX tiles and
     AVX512-BF16 (Intel Sapphire Rapids and later: oneDNN runs torch's bf16 matrix
-    products on the tiles), else "int8" (the ONNX Runtime graph of ``mlengine.quantized``).
+    products on the tiles), else "int8" (the ONNX Runtime graph of
+    ``mlengine.inference.quantized``).
 
     Measured on 2 cores of a Sapphire Rapids Xeon, 512 real posts, batch 32, against
     the fp32 reference's 181 texts/s: bf16 661 texts/s (min cosine 0.99992), int8 489
