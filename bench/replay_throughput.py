@@ -90,8 +90,8 @@ from mlengine.models import (  # noqa: E402
 )
 from mlengine.trends import stage as trend_stage  # noqa: E402
 from teams.models import Team  # noqa: E402
-from twiscope.celery import QUEUES  # noqa: E402
-from twiscope.pipeline import STAGES as PIPELINE_QUEUES  # noqa: E402
+from twiscope.queues import NAMES as QUEUES  # noqa: E402
+from twiscope.queues import STAGES as PIPELINE_QUEUES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

@@ -33,6 +33,7 @@ import django  # noqa: E402
 django.setup()
 
 from alerts import evaluation  # noqa: E402
+from alerts import services as alert_services  # noqa: E402
 from ingest import services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402

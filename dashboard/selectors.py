@@ -17,7 +17,8 @@ from ingest.models import DeadLetter, Source
 from ingest.selectors import events_rate_name
 from mlengine import facade as ml
 from teams.selectors import team_ids_for
-from twiscope.pipeline import STAGES, queue_depths
+from twiscope.pipeline import queue_depths
+from twiscope.queues import NAMES, QUEUES
 from twiscope.redis import rate_total
 
 LATENCY_WINDOW = 1000
@@ -28,8 +29,10 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
 
     Returns ``events_total`` (events stored), ``events_per_s`` (events stored in the
     last 60 s of processing time, per second, from a rolling counter in Redis),
-    ``queue_lag`` (messages waiting per pipeline queue and in the inference queue: the
-    broker is shared by all teams), ``alert_latency_ms`` (``p50``, ``p95``, ``p99`` of
+    ``queue_lag`` (messages waiting per queue: the broker is shared by all teams),
+    ``queues`` (the same, in flow order, each with its ``name``, the ``work`` that runs
+    on it and ``waiting``: the one definition of ``twiscope.queues``),
+    ``alert_latency_ms`` (``p50``, ``p95``, ``p99`` of
     ``pushed_at − event_received_at`` over the team's last 1,000 pushed alerts, and
     ``n``), ``dead_letters_total``, ``sources_total``, and ``scoring``: the transformer
     heads' worker (``mlengine.facade.ScoringStats``: the share of the last minute's
@@ -56,10 +59,15 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
         )
         percentiles, n = cursor.fetchone()
     p50, p95, p99 = (round(float(p), 1) for p in percentiles) if percentiles else (None,) * 3
+    waiting = queue_depths(NAMES)
     return {
         "events_total": int(events_total),
         "events_per_s": round(last_minute / 60, 2),
-        "queue_lag": queue_depths((*STAGES, "inference")),
+        "queue_lag": waiting,
+        "queues": [
+            {"name": queue.name, "work": queue.work, "waiting": waiting[queue.name]}
+            for queue in QUEUES
+        ],
         "alert_latency_ms": {"p50": p50, "p95": p95, "p99": p99, "n": int(n)},
         "dead_letters_total": DeadLetter.objects.filter(source__team_id__in=teams).count(),
         "sources_total": sources.count(),

@@ -202,7 +202,7 @@ class DeadLetter(models.Model):
         SOURCE = "source"
         INGEST = "ingest"
         ENRICH = "enrich"
-        ML = "ml"
+        DETECT = "detect"
         ALERTS = "alerts"
 
     stage = models.CharField(max_length=16, choices=Stage.choices)

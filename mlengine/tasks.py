@@ -21,6 +21,7 @@ from mlengine.inference import scoring, training, virality_model
 from mlengine.inference.heads import TASKS
 from mlengine.trends import stage as trend_stage
 from twiscope import pipeline
+from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
 
@@ -72,15 +73,15 @@ def sweep_enrich() -> int:
     return enrich_stage.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
 
 
-@shared_task(name="ml.advance_stream", soft_time_limit=60, time_limit=90)
+@shared_task(name="detect.advance_stream", soft_time_limit=60, time_limit=90)
 def advance_stream(*, source_id: int) -> int:
     """Count a stream's events up to its low watermark, with other streams' pending work
     (``mlengine.trends.stage.advance_stream``); returns how many new trends of this stream."""
-    pipeline.started("ml", f"source:{source_id}")
+    pipeline.started(DETECT, f"source:{source_id}")
     return len(trend_stage.advance_stream(source_id=source_id))
 
 
-@shared_task(name="ml.advance_anomalies", soft_time_limit=90, time_limit=120)
+@shared_task(name="detect.advance_anomalies", soft_time_limit=90, time_limit=120)
 def advance_anomalies() -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
     detector (``mlengine.anomalies.stage``); queues itself again while buckets remain.
@@ -98,7 +99,7 @@ def score_backlog() -> int:
     return scoring.score_backlog().scored
 
 
-@shared_task(name="ml.sweep", soft_time_limit=25, time_limit=30)
+@shared_task(name="detect.sweep", soft_time_limit=25, time_limit=30)
 def sweep_streams() -> int:
     """Periodic: advance active streams a lost message left behind; recount late events."""
     return trend_stage.sweep_streams(active_within_s=ACTIVE_WITHIN_S)

@@ -37,7 +37,8 @@ def celery_worker() -> Iterator[None]:
     pipeline queue, on an empty test Redis."""
     from celery.contrib.testing.worker import start_worker
 
-    from twiscope.celery import QUEUES, app
+    from twiscope.celery import app
+    from twiscope.queues import NAMES
     from twiscope.redis import get_redis
 
     get_redis().flushdb()
@@ -46,7 +47,7 @@ def celery_worker() -> Iterator[None]:
         pool="solo",
         concurrency=1,
         perform_ping_check=False,
-        queues=list(QUEUES),
+        queues=list(NAMES),
         loglevel="WARNING",
         shutdown_timeout=30,
     ):

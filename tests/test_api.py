@@ -254,7 +254,15 @@ def test_stats_report_volume_queues_and_alert_latency(world) -> None:
     stats = client_for(personas.member).get("/api/stats/").json()
 
     assert stats["events_total"] == 72
-    assert set(stats["queue_lag"]) == {"ingest", "enrich", "ml", "inference", "alerts"}
+    assert set(stats["queue_lag"]) == {"ingest", "enrich", "detect", "inference", "alerts"}
+    assert [queue["name"] for queue in stats["queues"]] == [
+        "ingest",
+        "enrich",
+        "detect",
+        "inference",
+        "alerts",
+    ]
+    assert all(queue["work"] and queue["waiting"] >= 0 for queue in stats["queues"])
     assert stats["alert_latency_ms"]["n"] == Alert.objects.filter(team=personas.team).count()
     assert stats["alert_latency_ms"]["p95"] is not None
     assert stats["sources_total"] == 1

@@ -29,13 +29,13 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from twiscope.celery import QUEUES
+from twiscope.queues import NAMES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 COMPOSE_SCHEMA = Path(__file__).resolve().parent / "compose-spec" / "compose-spec.json"
 REQUIREMENTS_DIR = BASE_DIR / "requirements"
-# Every queue has a worker pool except `notify`, which has none yet.
-POOL_QUEUES = frozenset(QUEUES) - {"notify"}
+# Every queue of twiscope.queues has a worker pool, named after it.
+POOL_QUEUES = frozenset(NAMES)
 WORKER_SERVICES = frozenset(f"worker-{queue}" for queue in POOL_QUEUES)
 # The pools that run the models (mlengine's inference): on the ML image; all else on the
 # slim one.
@@ -257,7 +257,7 @@ def test_every_compose_worker_consumes_the_queue_it_is_named_after(
     assert queues == {name: [name.removeprefix("worker-")] for name in WORKER_SERVICES}
 
 
-def test_compose_has_a_worker_pool_for_every_queue_but_notify(
+def test_compose_has_a_worker_pool_for_every_queue(
     services: dict[str, dict[str, Any]],
 ) -> None:
     consumed = {
@@ -295,7 +295,7 @@ def test_postgres_keeps_its_data_in_a_volume_and_reports_health(
     assert postgres["healthcheck"]["test"]
 
 
-def test_make_run_runs_web_beat_sources_and_one_worker_per_queue_but_notify(
+def test_make_run_runs_web_beat_sources_and_one_worker_per_queue(
     make_run: dict[str, str],
 ) -> None:
     assert set(make_run) == {"web", "beat", "sources"} | WORKER_SERVICES

@@ -50,7 +50,7 @@ def worker_pools(enrich_concurrency: int):  # type: ignore[no-untyped-def]
     """The pipeline's pools as real processes: ingest, ml and alerts with one worker
     each, enrich with ``enrich_concurrency`` (prefork)."""
     return worker_processes(
-        (["ingest"], 1), (["enrich"], enrich_concurrency), (["ml"], 1), (["alerts"], 1)
+        (["ingest"], 1), (["enrich"], enrich_concurrency), (["detect"], 1), (["alerts"], 1)
     )
 
 

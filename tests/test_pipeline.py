@@ -480,7 +480,7 @@ def test_an_accelerating_term_alerts_as_a_prediction_then_its_alert_is_confirmed
     assert alert.updated_at is not None
     assert push_updates.call_args.kwargs == {"alert_ids": [alert.id]}
     # The trend stage handed the confirmation to the alerts stage's side task.
-    assert mock.call("ml", task="confirmations", trend_ids=confirmed) in hand_off.call_args_list
+    assert mock.call("detect", task="confirmations", trend_ids=confirmed) in hand_off.call_args_list
     assert evaluation.confirm_trends(trend_ids=confirmed) == []  # nothing left to do
 
 

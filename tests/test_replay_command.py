@@ -498,7 +498,7 @@ def test_it_waits_for_missing_worker_pools_then_replays_anyway(
 
     def nobody_consumes(*args: object, **kwargs: object) -> set[str]:
         asked.append(1)
-        return {"enrich", "ml"}
+        return {"enrich", "detect"}
 
     monkeypatch.setattr(celery, "missing_consumers", nobody_consumes)
     err = io.StringIO()

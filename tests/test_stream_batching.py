@@ -130,7 +130,9 @@ def outcome(source: Source) -> dict[str, Any]:
         "clock": StreamClock.objects.filter(source=source)
         .values_list("watermark", "counted_events", "late_events")
         .get(),
-        "progress": get_redis().get(pipeline.PROGRESS_KEY.format(stage="ml", source_id=source.id)),
+        "progress": get_redis().get(
+            pipeline.PROGRESS_KEY.format(stage="detect", source_id=source.id)
+        ),
     }
 
 

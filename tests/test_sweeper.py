@@ -164,7 +164,7 @@ def test_a_stream_left_behind_by_a_lost_message_is_advanced() -> None:
         swept = trend_stage.sweep_streams(active_within_s=3600)
 
     assert swept == 1
-    assert queued("ml") == 1
+    assert queued("detect") == 1
 
 
 def test_a_quiet_live_source_declares_progress_but_a_replay_does_not() -> None:
@@ -243,12 +243,12 @@ def test_hand_offs_to_the_trend_stage_are_coalesced_per_stream() -> None:
         for _ in range(5):
             pipeline.hand_off("enrich", source_id=source.id)
         pipeline.hand_off("enrich", source_id=other.id)
-    assert queued("ml") == 2
+    assert queued("detect") == 2
 
-    pipeline.started("ml", f"source:{source.id}")  # the worker took it
+    pipeline.started("detect", f"source:{source.id}")  # the worker took it
     with TestCase.captureOnCommitCallbacks(execute=True):
         pipeline.hand_off("enrich", source_id=source.id)
-    assert queued("ml") == 3
+    assert queued("detect") == 3
 
 
 def test_the_stream_sweep_corrects_a_skewed_in_flight_count() -> None:

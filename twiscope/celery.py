@@ -1,9 +1,7 @@
 """The Celery application: queues by kind of work, routes, delivery semantics.
 
-Queues (DESIGN.md): ``ingest`` (persist raw batches), ``enrich`` (language, entities,
-sentiment), ``ml`` (trend detection), ``inference`` (the transformer heads' labels of
-new events, newest first; the pool that may own a GPU),
-``alerts`` (rule evaluation, persistence and push), ``notify`` (outbound integrations).
+Queues (DESIGN.md): one per kind of work, defined once in ``twiscope.queues``; a task
+runs on the queue its name starts with (``detect.advance_stream`` on ``detect``).
 Pool sizes live in devtools/supervisord.conf and docker-compose.yml, not here.
 
 Delivery: ``acks_late`` + ``reject_on_worker_lost`` give at-least-once delivery; every
@@ -20,23 +18,17 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun
 from kombu import Queue
 
+from twiscope.queues import NAMES, STAGES
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
 
-QUEUES = ("ingest", "enrich", "ml", "inference", "alerts", "notify")
 
 app = Celery("twiscope")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.update(
-    task_queues=[Queue(name) for name in QUEUES],
-    task_default_queue="ingest",
-    task_routes={
-        "ingest.*": {"queue": "ingest"},
-        "enrich.*": {"queue": "enrich"},
-        "ml.*": {"queue": "ml"},
-        "inference.*": {"queue": "inference"},
-        "alerts.*": {"queue": "alerts"},
-        "notify.*": {"queue": "notify"},
-    },
+    task_queues=[Queue(name) for name in NAMES],
+    task_default_queue=NAMES[0],
+    task_routes={f"{name}.*": {"queue": name} for name in NAMES},
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
@@ -72,16 +64,11 @@ def _recycle_db_connections(**_: Any) -> None:
     close_old_connections()
 
 
-PIPELINE_QUEUES = ("ingest", "enrich", "ml", "alerts")
-
-
 class _AllConsumed(Exception):
     """Raised from a reply callback to stop collecting replies early."""
 
 
-def missing_consumers(
-    queues: tuple[str, ...] = PIPELINE_QUEUES, timeout_s: float = 0.3
-) -> set[str]:
+def missing_consumers(queues: tuple[str, ...] = STAGES, timeout_s: float = 0.3) -> set[str]:
     """The ``queues`` no running worker consumes.
 
     Asks every worker (``inspect().active_queues()``) and returns as soon as the replies

@@ -2,10 +2,12 @@
 
 ::
 
-    ingest ──► enrich ──► ml ──► alerts
-    (persist)  (language,  (trends)  (rules, push)
-               entities,
-               sentiment)
+    ingest ──► enrich ──► detect ──► alerts
+    (persist)  (language,  (trends,    (rules, push)
+               entities,   stories,
+               sentiment)  anomalies)
+
+The stages and their queues are defined once, in ``twiscope.queues``.
 
 A stage never imports the next stage's tasks: it calls ``hand_off(from_stage, ...)``,
 which sends the next stage's task **by name**, after the current transaction commits
@@ -25,6 +27,7 @@ handed the same work twice.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -35,28 +38,26 @@ from celery.signals import task_received
 from django.db import transaction
 
 from twiscope.celery import app
+from twiscope.queues import ALERTS, DETECT, ENRICH, INFERENCE, INGEST, STAGES
 from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("ingest", "enrich", "ml", "alerts")
-"""The pipeline's stages in flow order; each is also the name of its Celery queue."""
-
 ENTRY_TASKS = {
-    "ingest": "ingest.persist_batch",
-    "enrich": "enrich.enrich_events",
-    "ml": "ml.advance_stream",
-    "alerts": "alerts.evaluate_trends",
-    "inference": "inference.score_backlog",
+    INGEST: "ingest.persist_batch",
+    ENRICH: "enrich.enrich_events",
+    DETECT: "detect.advance_stream",
+    ALERTS: "alerts.evaluate_trends",
+    INFERENCE: "inference.score_backlog",
 }
 """The task that takes a stage's input, by stage. Task kwargs, by stage:
 ``ingest``: ``batch_key``, ``source_id``; ``enrich``: ``event_ids``, ``source_id``;
-``ml``: ``source_id``; ``alerts``: ``trend_ids``. ``inference`` is a branch off the
+``detect``: ``source_id``; ``alerts``: ``trend_ids``. ``inference`` is a branch off the
 chain, not a stage of it (nothing waits for it): the transformer labels of enriched
 events, from ``mlengine.scoring``'s backlog; no kwargs."""
 
 SIDE_TASKS = {
-    "alerts": {
+    ALERTS: {
         "anomalies": "alerts.evaluate_anomalies",
         "confirmations": "alerts.confirm_trends",
         "anomaly_updates": "alerts.update_anomaly_alerts",
@@ -70,9 +71,10 @@ SIDE_TASKS = {
 closed; ``alerts``/``viral`` takes ``event_ids`` of posts the virality model scored
 high (dispatch records ``viral:<id>``, written before the scores commit: ``record``)."""
 
-NEXT_STAGE = {"ingest": "enrich", "enrich": "ml", "ml": "alerts"}
+NEXT_STAGE = dict(itertools.pairwise(STAGES))
+"""The stage after each stage but the last (``STAGES`` is in flow order)."""
 
-ITEM_KWARGS = {"ingest": "batch_key", "enrich": "event_ids", "alerts": "trend_ids"}
+ITEM_KWARGS = {INGEST: "batch_key", ENRICH: "event_ids", ALERTS: "trend_ids"}
 """The task kwarg naming a stage's items (dispatch records), by stage."""
 STAGE_OF_TASK = {task: stage for stage, task in ENTRY_TASKS.items()}
 
@@ -94,7 +96,7 @@ def hand_off(
     task that is not the stage's.
     """
     stage = NEXT_STAGE[from_stage]
-    if stage == "ml" and "source_id" in kwargs:
+    if stage == DETECT and "source_id" in kwargs:
         # One waiting trend task per stream does the work of every hand-off before it.
         kwargs.setdefault("coalesce", f"source:{kwargs['source_id']}")
     send(stage, items=items, task=task, **kwargs)
@@ -164,7 +166,7 @@ def add_progress(stage: str, source_id: int, events: int) -> None:
         get_redis().incrby(PROGRESS_KEY.format(stage=stage, source_id=source_id), events)
 
 
-def in_flight(source_id: int, *, first: str = "ingest", last: str = "ml") -> int:
+def in_flight(source_id: int, *, first: str = INGEST, last: str = DETECT) -> int:
     """Events of ``source_id`` that ``first`` reported and ``last`` has not yet (never
     below 0: the counters live in Redis and start again from 0 if Redis loses them)."""
     done_first, done_last = cast(
@@ -178,7 +180,7 @@ def in_flight(source_id: int, *, first: str = "ingest", last: str = "ml") -> int
 
 
 def reconcile_progress(
-    source_id: int, true_in_flight: int, *, first: str = "ingest", last: str = "ml"
+    source_id: int, true_in_flight: int, *, first: str = INGEST, last: str = DETECT
 ) -> None:
     """Set ``last``'s counter so that ``in_flight`` says ``true_in_flight`` (the stage
     that knows it, from its tables, corrects counts a crash or a lost Redis skewed)."""

@@ -20,9 +20,9 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "options": {"expires": 55},
     },
     "enrich.sweep": {"task": "enrich.sweep", "schedule": 30.0, "options": {"expires": 25}},
-    "ml.sweep": {"task": "ml.sweep", "schedule": 30.0, "options": {"expires": 25}},
-    "ml.advance_anomalies": {
-        "task": "ml.advance_anomalies",
+    "detect.sweep": {"task": "detect.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "detect.advance_anomalies": {
+        "task": "detect.advance_anomalies",
         "schedule": 30.0,
         "options": {"expires": 25},
     },

@@ -48,6 +48,14 @@ _Scoring = inline_serializer(
 )
 
 
+class _Queue(serializers.Serializer[dict[str, Any]]):
+    """One queue of ``twiscope.queues``, in flow order, with its messages waiting."""
+
+    name = serializers.CharField()
+    work = serializers.CharField(help_text="What runs on the queue.")
+    waiting = serializers.IntegerField(help_text="Messages waiting in the broker.")
+
+
 class StatsView(APIView):
     """Live pipeline numbers for the caller's teams (see ``dashboard.selectors.stats_for``)."""
 
@@ -58,6 +66,7 @@ class StatsView(APIView):
                 "events_total": serializers.IntegerField(),
                 "events_per_s": serializers.FloatField(),
                 "queue_lag": serializers.DictField(child=serializers.IntegerField()),
+                "queues": serializers.ListField(child=_Queue()),
                 "alert_latency_ms": _Latency,
                 "dead_letters_total": serializers.IntegerField(),
                 "sources_total": serializers.IntegerField(),

@@ -74,6 +74,7 @@ from mlengine.anomalies.series import (
 )
 from mlengine.models import Anomaly, Series, StreamClock, Trend, Watch
 from twiscope import pipeline
+from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
 
@@ -127,7 +128,7 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
         new_ids = run.save()
         if new_ids:
             pipeline.hand_off(
-                "ml",
+                DETECT,
                 items=[f"anomaly:{i}" for i in new_ids],
                 task="anomalies",
                 anomaly_ids=new_ids,
@@ -136,10 +137,10 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
             # Their alerts follow the window (``alert.updated``); a lost message is
             # made good by the alerts sweeper, which compares alert and anomaly.
             pipeline.hand_off(
-                "ml", task="anomaly_updates", anomaly_ids=sorted(set(run.updated_ids))
+                DETECT, task="anomaly_updates", anomaly_ids=sorted(set(run.updated_ids))
             )
     stepped = sum(p.n for p in run.plans)
-    log.info("ml.anomalies_advanced", buckets=stepped, sources=len(run.plans), new=len(new_ids))
+    log.info("detect.anomalies_advanced", buckets=stepped, sources=len(run.plans), new=len(new_ids))
     return AdvanceResult(stepped, new_ids, any(p.more for p in run.plans))
 
 

@@ -52,6 +52,7 @@ from mlengine.trends.params import bucket_s_for
 from mlengine.trends.scan import Stream, count_streams
 from mlengine.trends.story_assignment import assign_stories
 from twiscope import pipeline
+from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
 
@@ -101,11 +102,13 @@ def advance_stream(*, source_id: int) -> list[int]:
     try:
         streams = _advance(source, others=MAX_STREAMS_PER_ADVANCE)
     except Exception:
-        log.exception("ml.batch_failed", source_id=source_id)
+        log.exception("detect.batch_failed", source_id=source_id)
         streams = _advance(source, others=0)
     for stream in streams:
         if stream.new_trends:
-            log.info("ml.trends_detected", source_id=stream.source_id, new=len(stream.new_trends))
+            log.info(
+                "detect.trends_detected", source_id=stream.source_id, new=len(stream.new_trends)
+            )
     own = next((s for s in streams if s.source_id == source_id), None)
     return own.new_trends if own is not None else []
 
@@ -182,13 +185,13 @@ def _close(stream: Stream) -> None:
         counted_events=F("counted_events") + counted,
         advanced_at=timezone.now(),
     )
-    transaction.on_commit(lambda: pipeline.add_progress("ml", source_id, counted))
+    transaction.on_commit(lambda: pipeline.add_progress(DETECT, source_id, counted))
     if stream.new_trends:
-        pipeline.hand_off("ml", items=stream.new_trends, trend_ids=stream.new_trends)
+        pipeline.hand_off(DETECT, items=stream.new_trends, trend_ids=stream.new_trends)
     if stream.confirmed:
-        pipeline.hand_off("ml", task="confirmations", trend_ids=stream.confirmed)
+        pipeline.hand_off(DETECT, task="confirmations", trend_ids=stream.confirmed)
     if stream.more:
-        pipeline.send("ml", source_id=source_id)
+        pipeline.send(DETECT, source_id=source_id)
 
 
 def count_late_events(*, source_ids: Sequence[int]) -> int:
@@ -226,7 +229,7 @@ def sweep_streams(*, active_within_s: float) -> int:
             behind.append(source_id)
     with transaction.atomic():
         for source_id in behind:
-            pipeline.send("ml", source_id=source_id)
+            pipeline.send(DETECT, source_id=source_id)
     count_late_events(source_ids=ids)
     _reconcile_progress(ids)
     return len(behind)

@@ -56,7 +56,6 @@
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 30000;
   const HIGHLIGHT_MS = 4000;
-  const QUEUE_ORDER = ['ingest', 'enrich', 'ml', 'inference', 'alerts'];
   const SEVERITIES = new Set(['info', 'warning', 'critical']);
   const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
@@ -314,21 +313,17 @@
     return made;
   }
 
-  function renderQueueLag(lag) {
+  /** The queues of GET /api/stats/, in flow order as the server defines them. */
+  function renderQueueLag(queues) {
     const list = $('tile-queue-lag');
-    const entries = Object.entries(lag || {});
-    entries.sort(([a], [b]) => {
-      const ia = QUEUE_ORDER.indexOf(a);
-      const ib = QUEUE_ORDER.indexOf(b);
-      return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
-    });
-    if (!entries.length) {
+    if (!Array.isArray(queues) || !queues.length) {
       list.replaceChildren(h('li', { class: 'muted' }, '—'));
       return;
     }
-    list.replaceChildren(...entries.map(([queue, n]) => h('li', {
-      class: isNum(n) && n > 0 ? 'lag lag-busy' : 'lag',
-    }, h('span', { class: 'lag-name' }, queue), h('span', { class: 'lag-n' }, fmtInt(n)))));
+    list.replaceChildren(...queues.map((q) => h('li', {
+      class: isNum(q.waiting) && q.waiting > 0 ? 'lag lag-busy' : 'lag',
+      title: q.work,
+    }, h('span', { class: 'lag-name' }, q.name), h('span', { class: 'lag-n' }, fmtInt(q.waiting)))));
   }
 
   function renderStats(s) {
@@ -350,7 +345,7 @@
     setText('tile-latency-n', isNum(lat.n) && lat.n > 0
       ? `over ${fmtInt(lat.n)} alerts${isNum(lat.p99) ? ` · p99 ${fmtInt(lat.p99)} ms` : ''}`
       : 'no alerts measured yet');
-    renderQueueLag(s.queue_lag);
+    renderQueueLag(s.queues);
     renderScoring(s.scoring);
     setText('tile-dead-letters', fmtInt(s.dead_letters_total));
     const dead = $('tile-dead-letters');
