@@ -204,7 +204,7 @@ if TWISCOPE_ENV == "development":
 else:
     _MODELS_DEFAULT = BASE_DIR / ".run" / "models"
 MODELS_DIR = Path(env.str("TWISCOPE_MODELS_DIR", default=str(_MODELS_DEFAULT)))
-# Transformer labels of new events (mlengine/scoring.py, the `inference` queue): an
+# Transformer labels of new events (mlengine/inference/scoring.py, the `inference` queue): an
 # event that waited longer than SCORING_LAG_S seconds keeps its VADER label; a model
 # batch holds at most SCORING_BATCH_SIZE events; one task runs at most SCORING_BUDGET_S
 # seconds before it queues the next.
@@ -270,7 +270,7 @@ ENRICH_LANGUAGES: list[str] = env.list(
     ],
 )
 
-# --- Trend detection (event time; see mlengine/trends.py) ------------------------------
+# --- Trend detection (event time; see mlengine/trends/detector.py) ------------------------------
 TRENDS_BUCKET_S: int = env.int("TRENDS_BUCKET_S", default=900)
 TRENDS_BASELINE_BUCKETS: int = env.int("TRENDS_BASELINE_BUCKETS", default=24)
 # Buckets of history a stream needs before a term may trend. 0: none; a stream's first
@@ -299,7 +299,7 @@ TRENDS_LIVE_LATENESS_S: float = env.float("TRENDS_LIVE_LATENESS_S", default=1.0)
 # before they appear in the feed).
 TRENDS_FEED_LATENESS_S: float = env.float("TRENDS_FEED_LATENESS_S", default=3600.0)
 
-# --- Anomaly stage (event time, 5-minute buckets; see mlengine/anomaly_stage.py) -------
+# --- Anomaly stage (event time, 5-minute buckets; see mlengine/anomalies/stage.py) -------
 # Term series per source (the terms of its trends of the last 24 h of event time).
 ANOMALY_MAX_TERMS: int = env.int("ANOMALY_MAX_TERMS", default=50)
 # Watches a team may have (each is a series in every source it covers).

@@ -197,7 +197,7 @@ def production_params(posts: Sequence[Post]) -> TrendParams:
 
 def term_alerts(posts: Sequence[Post], params: TrendParams) -> list[Alert]:
     """Alerts of the term-level detector: each term trend, through the default rule's
-    per-term cooldown (event time, by bucket start, as ``alerts.services`` claims it)."""
+    per-term cooldown (event time, by bucket start, as ``alerts.claims`` claims it)."""
     last: dict[str, datetime] = {}
     alerts = []
     cooldown = timedelta(seconds=DEFAULT_RULE_COOLDOWN_S)
