@@ -39,7 +39,8 @@ from django.db import transaction  # noqa: E402
 
 from ingest import selectors, services  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
-from ingest.sources.replay.formats import TRUMP_CSV, RowError, read_archive  # noqa: E402
+from ingest.sources.replay.formats import TRUMP_CSV, read_archive  # noqa: E402
+from ingest.sources.replay.rows import RowError  # noqa: E402
 from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.inference import (  # noqa: E402
     encoder,

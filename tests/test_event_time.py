@@ -21,7 +21,8 @@ from django.test import override_settings
 
 from ingest import services
 from ingest.models import Event, Source
-from ingest.sources.replay.formats import RowError, read_archive
+from ingest.sources.replay.formats import read_archive
+from ingest.sources.replay.rows import RowError
 from mlengine.models import StreamClock, Trend
 from tests.conftest import worker_processes
 from tests.factories import (

@@ -37,10 +37,10 @@ from ingest.sources.replay.adapter import ReplayAdapter
 from ingest.sources.replay.formats import (
     FORMATS,
     ArchiveFormatError,
-    RowError,
     detect_format,
     read_archive,
 )
+from ingest.sources.replay.rows import RowError
 from teams.models import DEMO_TEAM_SLUG, Team
 from twiscope import celery, pipeline
 
