@@ -30,7 +30,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 from tqdm import tqdm
 
-from ingest import selectors, services
+from ingest import counters, persistence, selectors, services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
 from ingest.sources.replay.adapter import ReplayAdapter
@@ -400,7 +400,7 @@ class Command(BaseCommand):
 
         batches = self._send(source, envelopes, speed, rate)
         if envelopes:
-            services.end_of_stream(source=source, event_time=envelopes[-1].created_at)
+            persistence.end_of_stream(source=source, event_time=envelopes[-1].created_at)
 
         elapsed = time.monotonic() - started
         reasons = Counter(error.category for error in errors)
@@ -473,14 +473,14 @@ class Command(BaseCommand):
                 # pipeline, so "max" means as fast as the pipeline takes them and an
                 # event's latency is the pipeline's, not a backlog's.
                 try:
-                    services.wait_for_capacity(
+                    persistence.wait_for_capacity(
                         source=source, max_in_flight=settings.REPLAY_MAX_IN_FLIGHT
                     )
                 except TimeoutError as exc:
                     raise CommandError(f"replay stalled after {batches} batches: {exc}") from exc
                 # Sorted by event time: every later event is at or after this batch's
                 # last, which is the source's watermark.
-                services.enqueue_envelopes(
+                persistence.enqueue_envelopes(
                     source=source, envelopes=batch, watermark=batch[-1].created_at
                 )
                 batches += 1
@@ -502,7 +502,7 @@ class Command(BaseCommand):
             bar_format="waiting for the pipeline to drain{postfix} [{elapsed}]",
         ) as bar:
             while True:
-                in_flight = selectors.in_flight_events(source.id)
+                in_flight = counters.in_flight_events(source.id)
                 quiet = quiet + 1 if in_flight == 0 and pipeline.is_idle() else 0
                 waited = time.monotonic() - started
                 if quiet >= DRAIN_QUIET_POLLS:
@@ -514,8 +514,8 @@ class Command(BaseCommand):
 
     def _backlog(self, source: Source) -> str:
         """What is still in the pipeline, in words (for the timeout message)."""
-        staged = selectors.staged_batches(source.id)
-        in_flight = selectors.in_flight_events(source.id)
+        staged = counters.staged_batches(source.id)
+        in_flight = counters.in_flight_events(source.id)
         depths = pipeline.queue_depths()
         dispatched = {stage: pipeline.dispatched_count(stage) for stage in pipeline.STAGES}
         return (
