@@ -20,8 +20,8 @@ from pytest_django.fixtures import Settings
 
 from ingest import counters, persistence
 from ingest.envelope import Envelope
-from ingest.management.commands.replay import FLUSH_WINDOW_S, Outcome, paced_batches
 from ingest.models import DeadLetter, Event, Source
+from ingest.replaying import FLUSH_WINDOW_S, Outcome, paced_batches
 from teams.models import Team
 from tests.factories import commits_without_broker, make_team
 from twiscope import celery, pipeline
