@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from alerts import claims, push
 from alerts.models import Alert, AlertRule
-from ingest import selectors as ingest_selectors
+from ingest import virality_reads as ingest_virality_reads
 from mlengine import facade
 from twiscope import pipeline
 
@@ -408,7 +408,7 @@ def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -
     )
 
 
-def viral_rule_matches(rule: AlertRule, post: ingest_selectors.ScoredPost) -> bool:
+def viral_rule_matches(rule: AlertRule, post: ingest_virality_reads.ScoredPost) -> bool:
     """Whether ``post`` passes ``rule``'s filters: an enabled "viral_post" rule, of the
     post's source (or every source), whose ``terms`` (when set) share one with the post's
     (case-insensitive), and whose ``min_score`` the post's P(viral) reaches."""
@@ -435,7 +435,7 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
     new alerts are pushed (``alert.created``), the posts' dispatch records (items
     ``viral:<id>``) are marked done.
     """
-    posts = ingest_selectors.scored_posts(event_ids)  # in event-time order
+    posts = ingest_virality_reads.scored_posts(event_ids)  # in event-time order
     with transaction.atomic():
         pairs = claims.claim_and_match(
             AlertRule.Kind.VIRAL_POST,
@@ -475,7 +475,7 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
     return created
 
 
-def _viral_title(post: ingest_selectors.ScoredPost) -> str:
+def _viral_title(post: ingest_virality_reads.ScoredPost) -> str:
     """ "Likely viral (<P>%): <author> in <source>: “<text>”"."""
     text = " ".join(post.text.split())
     if len(text) > 120:
@@ -486,7 +486,7 @@ def _viral_title(post: ingest_selectors.ScoredPost) -> str:
     )[:300]
 
 
-def _viral_evidence(post: ingest_selectors.ScoredPost) -> str:
+def _viral_evidence(post: ingest_virality_reads.ScoredPost) -> str:
     return json.dumps(
         {
             "event": post.id,

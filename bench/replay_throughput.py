@@ -77,7 +77,7 @@ from django.core.management import call_command  # noqa: E402
 
 from alerts import evaluation  # noqa: E402
 from alerts.models import Alert, AlertRule  # noqa: E402
-from ingest import services  # noqa: E402
+from ingest import persistence, services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
@@ -441,10 +441,10 @@ def baseline(path: Path, team: Team, name: str) -> dict[str, Any]:
     for n, batch in enumerate(batches):
         last = n == len(batches) - 1
         watermark = batch[-1].created_at + (timedelta(microseconds=1) if last else timedelta())
-        key = services.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
+        key = persistence.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
         # The stages' on-commit hand-offs are not sent: this process runs each stage.
         with mock.patch("twiscope.pipeline.app.send_task"):
-            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
             trend_ids = trend_stage.advance_stream(source_id=source.id)
             evaluation.evaluate_trends(trend_ids=trend_ids)

@@ -34,7 +34,7 @@ django.setup()
 
 from alerts import evaluation  # noqa: E402
 from alerts import services as alert_services  # noqa: E402
-from ingest import services  # noqa: E402
+from ingest import persistence, services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
 from mlengine.enrichment import stage as enrichment  # noqa: E402
@@ -65,10 +65,10 @@ def one_run(envelopes: list[Envelope], team: Team) -> dict[str, dict[str, float]
     with mock.patch("twiscope.pipeline.app.send_task"):
         for n, batch in enumerate(batches):
             end = timedelta(microseconds=1) if n == len(batches) - 1 else timedelta()
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id, envelopes=batch, watermark=batch[-1].created_at + end
             )
-            ids = timed("persist", services.persist_batch, batch_key=key, source_id=source.id)
+            ids = timed("persist", persistence.persist_batch, batch_key=key, source_id=source.id)
             timed(
                 "enrich",
                 enrichment.enrich_events,

@@ -49,7 +49,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from ingest import services  # noqa: E402
+from ingest import persistence, services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Source  # noqa: E402
 from ingest.sources.replay.formats import read_archive  # noqa: E402
@@ -82,10 +82,10 @@ def main() -> int:
     with mock.patch("twiscope.pipeline.app.send_task"):
         for n, batch in enumerate(batches):
             end = timedelta(microseconds=1) if n == len(batches) - 1 else timedelta()
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id, envelopes=batch, watermark=batch[-1].created_at + end
             )
-            stored = services.persist_batch(batch_key=key, source_id=source.id)
+            stored = persistence.persist_batch(batch_key=key, source_id=source.id)
             enrichment.enrich_events(event_ids=stored.inserted_ids, source_id=source.id)
             started = time.perf_counter()
             trend_stage.advance_stream(source_id=source.id)
@@ -190,12 +190,12 @@ def measure_streams(
         for source in sources:
             trend_stage.advance_stream(source_id=source.id)  # its clock, before any post
         for source in sources:
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id,
                 envelopes=envelopes,
                 watermark=envelopes[-1].created_at + timedelta(microseconds=1),
             )
-            stored = services.persist_batch(batch_key=key, source_id=source.id)
+            stored = persistence.persist_batch(batch_key=key, source_id=source.id)
             enrichment.enrich_events(event_ids=stored.inserted_ids, source_id=source.id)
         with mock.patch.object(trend_stage, "MAX_STREAMS_PER_ADVANCE", 0):
             for source in sources:

@@ -5,7 +5,7 @@ into a fresh replay source as plain stage calls (persist and enrich, no workers)
 times, over batches of ``--batch`` consecutive events whose author has at least 100
 predecessors:
 
-- ``history_query``: ``ingest.selectors.virality_inputs`` alone (the one query);
+- ``history_query``: ``ingest.virality_reads.virality_inputs`` alone (the one query);
 - ``score_with_vectors``: ``mlengine.inference.scoring.score_virality`` when a head already
   embedded the batch (the shared encoder's vectors are reused);
 - ``score_embedding``: the same when no head did (it embeds the scored texts itself);
@@ -37,9 +37,10 @@ django.setup()
 
 from django.db import transaction  # noqa: E402
 
-from ingest import selectors, services  # noqa: E402
+from ingest import persistence, selectors, services, virality_reads  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
-from ingest.sources.replay.formats import TRUMP_CSV, RowError, read_archive  # noqa: E402
+from ingest.sources.replay.formats import TRUMP_CSV, read_archive  # noqa: E402
+from ingest.sources.replay.rows import RowError  # noqa: E402
 from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.inference import (  # noqa: E402
     encoder,
@@ -62,10 +63,10 @@ def _store(data: Path, rows: int) -> Source:
     for start in range(0, len(envelopes), 500):
         batch = envelopes[start : start + 500]
         with transaction.atomic():
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id, envelopes=batch, watermark=batch[-1].created_at
             )
-            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
     return source
 
@@ -102,7 +103,7 @@ def main() -> None:
         batch = ids[start : start + args.batch]
         texts = sorted({t for _, t, _ in selectors.texts_for_scoring(batch)})
         t0 = time.perf_counter()
-        selectors.virality_inputs(batch, window=virality_features.HISTORY_WINDOW)
+        virality_reads.virality_inputs(batch, window=virality_features.HISTORY_WINDOW)
         timings["history_query"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         vectors = shared.embed(texts)

@@ -13,8 +13,8 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
 from django.db.models import Sum
 
+from ingest.counters import events_rate_name
 from ingest.models import DeadLetter, Source
-from ingest.selectors import events_rate_name
 from mlengine import facade as ml
 from teams.selectors import team_ids_for
 from twiscope.pipeline import queue_depths

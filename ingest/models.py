@@ -175,7 +175,7 @@ class Event(models.Model):
                 condition=models.Q(enriched_at__isnull=True),
             ),
             # An author's latest posts with a repost count (the virality history,
-            # ``ingest.selectors.virality_inputs``): without it each lookup walks the
+            # ``ingest.virality_reads.virality_inputs``): without it each lookup walks the
             # source's whole past. Only rows with counts (not RSS, Telegram, most webhooks).
             models.Index(
                 "source",

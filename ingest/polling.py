@@ -23,7 +23,8 @@ from django.conf import settings
 from django.db.models import Q
 
 from ingest.models import Source
-from ingest.services import enqueue_envelopes, only_new, poll_interval_s, polling_adapter
+from ingest.persistence import enqueue_envelopes
+from ingest.services import only_new, poll_interval_s, polling_adapter
 from ingest.sources.base import SourceError
 from twiscope.redis import get_redis
 

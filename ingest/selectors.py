@@ -1,26 +1,24 @@
-"""Reads of the ingest app: staged work, the stream's input progress, events by time."""
+"""Reads of the ingest app: the stream's input progress, events by time, sources.
+
+Redis key names and counters (staged batches, events in flight, per-minute counts,
+event rates) are in ``ingest.counters``; the virality model's and the viral-post
+rules' reads in ``ingest.virality_reads``.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from django.conf import settings
 from django.db import connection
 from django.db.models import Min
 
-from ingest.models import AUTHOR_KEY, AUTHOR_KEY_SQL, DeadLetter, Event, Source
-from twiscope import pipeline
+from ingest.counters import STAGED_EVENT_TIME_KEY
+from ingest.models import DeadLetter, Event, Source
 from twiscope.redis import get_redis
-
-BATCH_KEY_PREFIX = "twiscope:batch:"
-"""Staged batch keys: ``twiscope:batch:<source id>:<uuid>``."""
-PENDING_BATCHES_KEY = "twiscope:pending-batches"
-STAGED_EVENT_TIME_KEY = "twiscope:staged-event-time:{source_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +40,6 @@ class TrendInput:
 
 TERM_MAX_CHARS = 200
 """The longest term the trend stage counts (a key of ``mlengine.BucketCount.terms``)."""
-
-
-def batch_source_id(batch_key: str) -> int | None:
-    """The source id in a staged batch's key, or None for a key of another shape."""
-    _, _, rest = batch_key.partition(BATCH_KEY_PREFIX)
-    source_id, _, _ = rest.partition(":")
-    return int(source_id) if source_id.isdigit() else None
-
-
-def staged_batches(source_id: int) -> int:
-    """How many batches of ``source_id`` are staged and not yet persisted."""
-    return cast(int, get_redis().zcard(STAGED_EVENT_TIME_KEY.format(source_id=source_id)))
 
 
 def input_low_watermark(source_id: int) -> datetime | None:
@@ -229,13 +215,13 @@ def events_with_terms(
                 created_at=row[1],
                 bucket=int(row[2]),
                 matched=wanted.intersection((*row[3], *row[4], *row[5], *row[6])),
-                terms=_terms(row[3:7]),
+                terms=distinct_terms(row[3:7]),
             )
             for row in cursor.fetchall()
         ]
 
 
-def _terms(arrays: Sequence[Sequence[str]]) -> tuple[str, ...]:
+def distinct_terms(arrays: Sequence[Sequence[str]]) -> tuple[str, ...]:
     """``TrendInput.terms`` of an event's hashtags, mentions, cashtags and keywords."""
     return tuple(dict.fromkeys(t[:TERM_MAX_CHARS] for array in arrays for t in array))
 
@@ -249,7 +235,7 @@ def _trend_input(row: Sequence[Any]) -> TrendInput:
         created_at=row[2],
         received_at=row[3],
         author=Author(id=row[4], handle=row[5]).key(row[1])[:128],
-        terms=_terms(row[6:10]),
+        terms=distinct_terms(row[6:10]),
     )
 
 
@@ -280,153 +266,6 @@ def texts_for_scoring(event_ids: Sequence[int]) -> list[tuple[int, str, int]]:
         return cursor.fetchall()
 
 
-@dataclass(frozen=True, slots=True)
-class ViralityPost:
-    """A post to score for virality, or one of its author's earlier posts.
-
-    ``author``: ``"<source id>:<author key>"`` (``ingest.models.AUTHOR_KEY``): a history
-    is one author's within one source. ``created_at``: event time. ``text`` and
-    ``is_reply`` (``reply_to`` set, or the payload's v1.1 ``in_reply_to_user_id_str``)
-    are "" / False on history rows; ``reposts`` / ``likes`` (the event's ``metrics``)
-    are None on posts to score, and ``likes`` also where the source did not count them.
-    """
-
-    id: int
-    author: str
-    created_at: datetime
-    text: str = ""
-    is_reply: bool = False
-    reposts: int | None = None
-    likes: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ViralityInputs:
-    """``posts``: the events among the ids asked for that exist and have an author key;
-    ``history``: for each of them, its author's latest earlier posts with a repost count
-    (each row once, however many posts share it), in no particular order."""
-
-    posts: list[ViralityPost]
-    history: list[ViralityPost]
-
-
-def virality_inputs(event_ids: Sequence[int], *, window: int) -> ViralityInputs:
-    """The events among ``event_ids`` and their authors' trailing history, in one query.
-
-    For each event: up to ``window`` of the latest events of the same source and author
-    (``AUTHOR_KEY``) with a ``metrics["reposts"]`` (a count: the envelope admits only
-    non-negative integers) and a strictly earlier ``created_at``: a LATERAL join on the
-    ``event_author_reposts_time`` index (about ``window`` index entries per event,
-    whatever the source's size), deduplicated by id before the counts are read. Events
-    with no author key get no history. Read only.
-    """
-    author = AUTHOR_KEY_SQL.format(t="e")
-    earlier_author = AUTHOR_KEY_SQL.format(t="p")
-    sql = f"""
-WITH ev AS MATERIALIZED (
-    SELECT e.id, e.source_id, e.created_at, e.text, {author} AS author,
-           e.reply_to <> '' OR COALESCE(e.raw->>'in_reply_to_user_id_str', '')
-                               NOT IN ('', 'NA') AS is_reply
-    FROM ingest_event e WHERE e.id = ANY(%s::bigint[])
-), earlier AS (
-    SELECT DISTINCT ev.source_id, ev.author, h.id
-    FROM ev CROSS JOIN LATERAL (
-        SELECT p.id FROM ingest_event p
-        WHERE p.source_id = ev.source_id AND {earlier_author} = ev.author
-          AND p.metrics ? 'reposts' AND p.created_at < ev.created_at
-        ORDER BY p.created_at DESC
-        LIMIT %s
-    ) h
-), hist AS (
-    SELECT earlier.*, p.created_at, (p.metrics->>'reposts')::float8 AS reposts,
-           CASE WHEN jsonb_typeof(p.metrics->'likes') = 'number'
-                THEN (p.metrics->>'likes')::float8 END AS likes
-    FROM earlier JOIN ingest_event p ON p.id = earlier.id
-)
-SELECT true, ev.id, ev.source_id, ev.author, ev.created_at, ev.text, ev.is_reply, NULL, NULL
-FROM ev WHERE ev.author IS NOT NULL
-UNION ALL
-SELECT false, id, source_id, author, created_at, '', false, reposts, likes FROM hist
-"""
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [[int(event_id) for event_id in event_ids], int(window)])
-        rows = cursor.fetchall()
-    posts: list[ViralityPost] = []
-    history: list[ViralityPost] = []
-    for to_score, id_, source_id, key, created_at, text, is_reply, reposts, likes in rows:
-        post = ViralityPost(
-            id=id_,
-            author=f"{source_id}:{key}",
-            created_at=created_at,
-            text=text,
-            is_reply=bool(is_reply),
-            reposts=None if reposts is None else int(reposts),
-            likes=None if likes is None else int(likes),
-        )
-        (posts if to_score else history).append(post)
-    return ViralityInputs(posts=posts, history=history)
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredPost:
-    """A post the virality model scored, as the "viral_post" alert rules read it.
-
-    ``author``: the distinct-author key (``ingest.models.AUTHOR_KEY``, "" when the
-    source tells none); ``author_label``: "@handle", else the name, else the key.
-    ``terms``: its distinct hashtags, mentions, cashtags and keywords (as
-    ``TrendInput.terms``). ``virality_score``: P(viral), 0-1; ``virality_model``:
-    "name vN". ``created_at``: event time; ``received_at``: processing time.
-    """
-
-    id: int
-    source_id: int
-    source_name: str
-    team_id: int
-    author: str
-    author_label: str
-    text: str
-    url: str
-    terms: tuple[str, ...]
-    virality_score: float
-    virality_model: str
-    created_at: datetime
-    received_at: datetime
-
-
-def scored_posts(event_ids: Sequence[int]) -> list[ScoredPost]:
-    """The events among ``event_ids`` that exist and carry a virality score, ordered by
-    event time then id (one query). Read only."""
-    rows = (
-        Event.objects.filter(id__in=[int(i) for i in event_ids], virality_score__isnull=False)
-        .select_related("source")
-        .annotate(author_key=AUTHOR_KEY)
-        .order_by("created_at", "id")
-    )
-    posts = []
-    for e in rows:
-        key = e.author_key or ""
-        label = f"@{e.author_handle}" if e.author_handle else (e.author_name or key)
-        assert e.virality_score is not None
-        posts.append(
-            ScoredPost(
-                id=e.id,
-                source_id=e.source_id,
-                source_name=e.source.name,
-                team_id=e.source.team_id,
-                author=key,
-                author_label=label,
-                text=e.text,
-                url=e.url,
-                terms=_terms((e.hashtags, e.mentions, e.cashtags, e.keywords)),
-                virality_score=e.virality_score,
-                virality_model=e.virality_model,
-                created_at=e.created_at,
-                received_at=e.received_at,
-            )
-        )
-    return posts
-
-
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
     """``(id, source_id)`` of events received before ``received_before`` and still not
     enriched, oldest first, at most ``limit``."""
@@ -435,24 +274,6 @@ def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[in
         .order_by("received_at")
         .values_list("id", "source_id")[:limit]
     )
-
-
-def in_flight_events(source_id: int, *, redis_only: bool = False) -> int:
-    """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
-
-    Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
-    Redis call); stored events not yet counted by the trend stage come from the
-    pipeline's progress counters (``twiscope.pipeline.in_flight``), and are at least
-    the stored, unenriched ones (a PostgreSQL count, skipped with ``redis_only``: a
-    cheaper estimate that may be low when Redis lost its counters).
-    """
-    staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
-    stored = pipeline.in_flight(source_id)
-    if not redis_only:
-        stored = max(
-            stored, Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count()
-        )
-    return staged + stored
 
 
 def source_counts(source_id: int) -> dict[str, int]:
@@ -480,32 +301,6 @@ def source_state(source: Source) -> str:
     if isinstance(retry_at, str) and datetime.fromisoformat(retry_at) > datetime.now(UTC):
         return "backing_off"
     return "running"
-
-
-SOURCE_MINUTE_KEY = "twiscope:source-events:{source_id}:{minute}"
-"""Events stored for a source in one minute (unix minute), kept a little over an hour."""
-
-
-def events_last_hour(source_id: int, *, now: float | None = None) -> int:
-    """Events stored for ``source_id`` in the last 60 whole minutes (processing time),
-    from the per-minute counts ``ingest.services.count_source_events`` keeps."""
-    minute = int((time.time() if now is None else now) // 60)
-    keys = [
-        SOURCE_MINUTE_KEY.format(source_id=source_id, minute=m)
-        for m in range(minute - 59, minute + 1)
-    ]
-    values = cast("list[bytes | None]", get_redis().mget(keys))
-    return sum(int(v) for v in values if v is not None)
-
-
-def events_rate_name(team_id: int) -> str:
-    """The rolling counter of events stored for a team (see ``twiscope.redis``; added to
-    by ``ingest.services`` as batches persist)."""
-    return f"events:team:{team_id}"
-
-
-EVENTS_RATE_ALL = "events:all"
-"""The rolling counter of events stored, all teams together."""
 
 
 @dataclass(frozen=True, slots=True)

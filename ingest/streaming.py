@@ -47,8 +47,9 @@ from telethon import events
 from ingest import credentials
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
+from ingest.persistence import enqueue_envelopes
 from ingest.polling import poll_source, record_failure, retry_at_of
-from ingest.services import enqueue_envelopes, only_new, poll_interval_s, record_dead_letters
+from ingest.services import only_new, poll_interval_s, record_dead_letters
 from ingest.sources.base import SourceError
 from ingest.sources.telegram.adapter import (
     TelegramAdapter,

@@ -1,4 +1,5 @@
-"""Celery entry points of the ``ingest`` queue: thin shells around ``ingest.services``.
+"""Celery entry points of the ``ingest`` queue: thin shells around
+``ingest.persistence`` and ``ingest.services``.
 
 Each re-reads its rows and quietly does nothing if they are gone or already done, so
 ``acks_late`` redelivery is safe.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from ingest import services
+from ingest import persistence, services
 
 SWEEP_AFTER_S = 120
 
@@ -16,14 +17,14 @@ SWEEP_AFTER_S = 120
 @shared_task(name="ingest.persist_batch", soft_time_limit=60, time_limit=90)
 def persist_batch(*, batch_key: str, source_id: int) -> int:
     """Persist a staged raw batch; returns how many new events were stored."""
-    return len(services.persist_batch(batch_key=batch_key, source_id=source_id).inserted_ids)
+    return len(persistence.persist_batch(batch_key=batch_key, source_id=source_id).inserted_ids)
 
 
 @shared_task(name="ingest.sweep", soft_time_limit=25, time_limit=30)
 def sweep() -> int:
     """Periodic: re-send staged batches stuck for ``SWEEP_AFTER_S`` seconds (never sent,
     or lost while the ingest queue is empty); returns how many."""
-    return services.sweep_staged_batches(older_than_s=SWEEP_AFTER_S)
+    return persistence.sweep_staged_batches(older_than_s=SWEEP_AFTER_S)
 
 
 @shared_task(name="ingest.analyze_growing_tables", soft_time_limit=50, time_limit=60)

@@ -27,7 +27,8 @@ from django.conf import settings
 
 from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import Source
-from ingest.services import enqueue_envelopes, only_new
+from ingest.persistence import enqueue_envelopes
+from ingest.services import only_new
 
 SIGNATURE_HEADER = "X-Twiscope-Signature"
 TIMESTAMP_HEADER = "X-Twiscope-Timestamp"

@@ -17,6 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from rest_framework.authtoken.models import Token
 
 from alerts.models import AlertRule
+from ingest import persistence
 from ingest.envelope import Author, Envelope
 from ingest.models import Source
 from teams.models import Membership, Team
@@ -133,14 +134,13 @@ def run_through(
     complete. On-commit side effects run as the stages' commits would run them, except
     that nothing is sent to the broker (the test runs each stage itself). Returns the
     ids of the new trends."""
-    from ingest import services
     from mlengine.enrichment import stage as enrichment
     from mlengine.trends import stage as trend_stage
 
     def one(batch: list[Envelope], watermark: datetime | None) -> list[int]:
         with commits_without_broker():
-            key = services.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
-            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            key = persistence.stage_batch(source_id=source.id, envelopes=batch, watermark=watermark)
+            ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
             return trend_stage.advance_stream(source_id=source.id)
 

@@ -18,7 +18,7 @@ from django.core.management import call_command
 from rest_framework.authtoken.models import Token
 
 from alerts.models import Alert
-from ingest import services
+from ingest import persistence
 from ingest.models import DeadLetter, Event, Source
 from mlengine.models import StreamClock, Trend
 from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
@@ -41,8 +41,10 @@ def _enqueue(source, envelopes) -> None:
     as the source's watermark, then the end of the stream."""
     for i in range(0, len(envelopes), 50):
         batch = envelopes[i : i + 50]
-        services.enqueue_envelopes(source=source, envelopes=batch, watermark=batch[-1].created_at)
-    services.end_of_stream(source=source, event_time=envelopes[-1].created_at)
+        persistence.enqueue_envelopes(
+            source=source, envelopes=batch, watermark=batch[-1].created_at
+        )
+    persistence.end_of_stream(source=source, event_time=envelopes[-1].created_at)
 
 
 def _wait_until_counted(source, count: int, timeout_s: float = 30) -> None:
@@ -88,7 +90,7 @@ def test_a_redelivered_replay_stores_each_event_once(celery_worker) -> None:
 
     _enqueue(source, envelopes)
     _enqueue(source, envelopes)
-    services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
+    persistence.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
     _wait_until_counted(source, 40)
 
     assert Event.objects.filter(source=source).count() == 40
@@ -123,7 +125,7 @@ def test_a_broken_archive_loses_none_of_its_good_rows(celery_worker, tmp_path) -
         stderr=io.StringIO(),
     )
     source = Source.objects.get(name="channel")
-    services.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
+    persistence.wait_for_capacity(source=source, max_in_flight=1, timeout_s=30)
 
     stored = set(Event.objects.filter(source=source).values_list("external_id", flat=True))
     assert {f"{m['sender_id']}/{m['message_id']}" for m in items} <= stored

@@ -19,9 +19,10 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 
-from ingest import services
+from ingest import counters, persistence
 from ingest.models import Event, Source
-from ingest.sources.replay.formats import RowError, read_archive
+from ingest.sources.replay.formats import read_archive
+from ingest.sources.replay.rows import RowError
 from mlengine.models import StreamClock, Trend
 from tests.conftest import worker_processes
 from tests.factories import (
@@ -121,7 +122,6 @@ def _envelopes_of(path: Path) -> list:
 def test_batches_persisted_out_of_order_give_the_same_trends() -> None:
     """Batches overtaking each other between the stages (as with 4 enrich workers)
     change nothing: the watermark waits for the earliest batch still in flight."""
-    from ingest import selectors
     from mlengine.enrichment import stage as enrichment
     from mlengine.trends import stage as trend_stage
 
@@ -135,12 +135,12 @@ def test_batches_persisted_out_of_order_give_the_same_trends() -> None:
         for i in range(0, len(events), batch_size):
             batch = events[i : i + batch_size]
             keys.append(
-                services.stage_batch(
+                persistence.stage_batch(
                     source_id=source.id, envelopes=batch, watermark=batch[-1].created_at
                 )
             )
         keys.append(
-            services.stage_batch(
+            persistence.stage_batch(
                 source_id=source.id,
                 envelopes=[],
                 watermark=events[-1].created_at + timedelta(seconds=1),
@@ -151,12 +151,12 @@ def test_batches_persisted_out_of_order_give_the_same_trends() -> None:
             random.Random(7).shuffle(order)
         for key in order:  # each stage after the previous one's commit, as the pipeline
             with commits_without_broker():
-                ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+                ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             with commits_without_broker():
                 enrichment.enrich_events(event_ids=ids, source_id=source.id)
             with commits_without_broker():
                 trend_stage.advance_stream(source_id=source.id)
-        assert selectors.staged_batches(source.id) == 0
+        assert counters.staged_batches(source.id) == 0
         return verdicts(source)
 
     in_order = run("in-order", 40, shuffle=False)

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from alerts import evaluation, push, sweeps
 from alerts.models import Alert
-from ingest import selectors, services
+from ingest import counters, persistence, selectors
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Event, Source
 from mlengine.enrichment import stage as enrichment
@@ -43,12 +43,12 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 def test_a_redelivered_batch_stores_nothing_twice() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a"), envelope("b")])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a"), envelope("b")])
     raw = get_redis().get(key)
 
-    first = services.persist_batch(batch_key=key, source_id=source.id)
+    first = persistence.persist_batch(batch_key=key, source_id=source.id)
     get_redis().set(key, raw)  # the same message delivered again
-    second = services.persist_batch(batch_key=key, source_id=source.id)
+    second = persistence.persist_batch(batch_key=key, source_id=source.id)
 
     assert len(first.inserted_ids) == 2
     assert second.inserted_ids == [] and second.duplicates == 2
@@ -62,7 +62,7 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
     no_time = {**envelope("x").to_json(), "created_at": "yesterday"}
     naive = {**envelope("y").to_json(), "created_at": "2015-02-20T12:00:00"}
     nul = {**envelope("nul \x00 byte").to_json()}
-    key = services.stage_batch(source_id=source.id, envelopes=[])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[])
     get_redis().set(
         key,
         json.dumps(
@@ -74,7 +74,7 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
         ),
     )
 
-    result = services.persist_batch(batch_key=key, source_id=source.id)
+    result = persistence.persist_batch(batch_key=key, source_id=source.id)
 
     assert len(result.inserted_ids) == 2
     reasons = sorted(DeadLetter.objects.values_list("reason", flat=True))
@@ -87,7 +87,7 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
 
 def test_a_redelivered_batch_parks_no_second_dead_letter() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[])
     raw = json.dumps(
         {
             "source_id": source.id,
@@ -96,10 +96,10 @@ def test_a_redelivered_batch_parks_no_second_dead_letter() -> None:
         }
     )
     get_redis().set(key, raw)
-    first = services.persist_batch(batch_key=key, source_id=source.id)
+    first = persistence.persist_batch(batch_key=key, source_id=source.id)
     get_redis().set(key, raw)  # the same message delivered again
 
-    second = services.persist_batch(batch_key=key, source_id=source.id)
+    second = persistence.persist_batch(batch_key=key, source_id=source.id)
 
     assert first.dead_letters == 2 and second.dead_letters == 0
     assert DeadLetter.objects.count() == 2
@@ -108,14 +108,14 @@ def test_a_redelivered_batch_parks_no_second_dead_letter() -> None:
 
 def test_last_received_at_only_moves_forward() -> None:
     source = make_source(make_personas().team)
-    new_key = services.stage_batch(source_id=source.id, envelopes=[envelope("new")])
-    old_key = services.stage_batch(source_id=source.id, envelopes=[envelope("old")])
+    new_key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("new")])
+    old_key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("old")])
     old_raw = json.loads(get_redis().get(old_key))
     get_redis().set(old_key, json.dumps({**old_raw, "received_at": ORIGIN.isoformat()}))
 
-    services.persist_batch(batch_key=new_key, source_id=source.id)
+    persistence.persist_batch(batch_key=new_key, source_id=source.id)
     newest = Source.objects.get(id=source.id).last_received_at
-    services.persist_batch(batch_key=old_key, source_id=source.id)  # an old batch, swept late
+    persistence.persist_batch(batch_key=old_key, source_id=source.id)  # an old batch, swept late
 
     assert Source.objects.get(id=source.id).last_received_at == newest > ORIGIN
 
@@ -123,7 +123,7 @@ def test_last_received_at_only_moves_forward() -> None:
 def test_a_missing_batch_key_is_counted_and_stores_nothing() -> None:
     source = make_source(make_personas().team)
 
-    result = services.persist_batch(batch_key="twiscope:batch:gone", source_id=source.id)
+    result = persistence.persist_batch(batch_key="twiscope:batch:gone", source_id=source.id)
 
     assert result.inserted_ids == []
     assert int(get_redis().get("twiscope:metric:batch_missing")) == 1
@@ -131,10 +131,10 @@ def test_a_missing_batch_key_is_counted_and_stores_nothing() -> None:
 
 def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_callbacks) -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
 
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        services.persist_batch(batch_key=key, source_id=source.id)
+        persistence.persist_batch(batch_key=key, source_id=source.id)
 
     assert len(callbacks) == 2  # hand the ids to the enrich stage; forget the batch
     assert get_redis().exists(key) == 1  # deleted only once the commit went through
@@ -142,11 +142,11 @@ def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_ca
 
 def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(
+    key = persistence.stage_batch(
         source_id=source.id,
         envelopes=[envelope("@JetBlue our fleet is on fleek!! #Fleek love it http://t.co/x")],
     )
-    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
 
     first = enrichment.enrich_events(event_ids=ids)
     second = enrichment.enrich_events(event_ids=ids)
@@ -162,11 +162,11 @@ def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
 def test_a_term_longer_than_its_column_is_cut_and_its_batch_enriched() -> None:
     source = make_source(make_personas().team)
     long_tag = "#" + "a" * 299
-    key = services.stage_batch(
+    key = persistence.stage_batch(
         source_id=source.id,
         envelopes=[envelope(f"flooding {long_tag}"), envelope("a calm day")],
     )
-    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
 
     enriched = enrichment.enrich_events(event_ids=ids)
 
@@ -189,23 +189,23 @@ def test_trend_counting_is_exactly_once() -> None:
 
 def test_the_watermark_waits_for_staged_and_unenriched_events() -> None:
     source = make_source(make_personas().team)
-    early = services.stage_batch(
+    early = persistence.stage_batch(
         source_id=source.id, envelopes=[envelope("#a", minutes=1)], watermark=ORIGIN
     )
-    late = services.stage_batch(
+    late = persistence.stage_batch(
         source_id=source.id,
         envelopes=[envelope("#a", minutes=5)],
         watermark=ORIGIN + timedelta(minutes=5),
     )
     with commits_without_broker():
-        services.persist_batch(batch_key=late, source_id=source.id)  # overtakes the early one
+        persistence.persist_batch(batch_key=late, source_id=source.id)  # overtakes the early one
 
     assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
     trend_stage.advance_stream(source_id=source.id)
     assert BucketCount.objects.filter(source=source).count() == 0  # nothing final yet
 
     with commits_without_broker():
-        ids = services.persist_batch(batch_key=early, source_id=source.id).inserted_ids
+        ids = persistence.persist_batch(batch_key=early, source_id=source.id).inserted_ids
     assert selectors.input_low_watermark(source.id) == ORIGIN + timedelta(minutes=1)
     enrichment.enrich_events(event_ids=ids)
     trend_stage.advance_stream(source_id=source.id)
@@ -328,22 +328,22 @@ def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
 def test_a_staged_batch_names_its_source_in_its_key() -> None:
     source = make_source(make_personas().team)
 
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
 
-    assert selectors.batch_source_id(key) == source.id
-    assert selectors.staged_batches(source.id) == 1
-    assert selectors.staged_batches(source.id + 1) == 0
-    assert selectors.batch_source_id("twiscope:batch:not-a-source") is None
+    assert counters.batch_source_id(key) == source.id
+    assert counters.staged_batches(source.id) == 1
+    assert counters.staged_batches(source.id + 1) == 0
+    assert counters.batch_source_id("twiscope:batch:not-a-source") is None
 
 
 def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:
     source = make_source(make_personas().team)
     text = "Our flight to #Boston is delayed again @united"
-    key = services.stage_batch(
+    key = persistence.stage_batch(
         source_id=source.id,
         envelopes=[envelope(text), envelope(text), envelope(text), envelope("other #x")],
     )
-    ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+    ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
     calls = mock.Mock(wraps=enrichment.enrich_text)
 
     with mock.patch("mlengine.enrichment.stage.enrich_text", calls):

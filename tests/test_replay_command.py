@@ -18,10 +18,10 @@ import pytest
 from django.core.management import CommandError, call_command
 from pytest_django.fixtures import Settings
 
-from ingest import selectors, services
+from ingest import counters, persistence
 from ingest.envelope import Envelope
-from ingest.management.commands.replay import FLUSH_WINDOW_S, Outcome, paced_batches
 from ingest.models import DeadLetter, Event, Source
+from ingest.replaying import FLUSH_WINDOW_S, Outcome, paced_batches
 from teams.models import Team
 from tests.factories import commits_without_broker, make_team
 from twiscope import celery, pipeline
@@ -60,8 +60,8 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
         sink.ends.append((source.id, event_time))
 
     monkeypatch.setattr(celery, "missing_consumers", lambda *a, **k: set())
-    monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
-    monkeypatch.setattr(services, "end_of_stream", end_of_stream)
+    monkeypatch.setattr(persistence, "enqueue_envelopes", enqueue)
+    monkeypatch.setattr(persistence, "end_of_stream", end_of_stream)
     return sink
 
 
@@ -84,14 +84,14 @@ def synchronous_ingest(
         captured.batches.append(list(envelopes))
         captured.watermarks.append(watermark)
         with commits_without_broker():
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id, envelopes=envelopes, watermark=watermark
             )
-            services.persist_batch(batch_key=key, source_id=source.id)
+            persistence.persist_batch(batch_key=key, source_id=source.id)
         return key
 
-    monkeypatch.setattr(services, "enqueue_envelopes", enqueue)
-    monkeypatch.setattr(selectors, "in_flight_events", lambda source_id, **_: 0)
+    monkeypatch.setattr(persistence, "enqueue_envelopes", enqueue)
+    monkeypatch.setattr(counters, "in_flight_events", lambda source_id, **_: 0)
     monkeypatch.setattr(pipeline, "is_idle", lambda: True)
     return captured
 

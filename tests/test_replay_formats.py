@@ -21,14 +21,8 @@ from ingest.models import Source
 from ingest.sources.base import SourceError
 from ingest.sources.registry import adapter_for
 from ingest.sources.replay.adapter import ReplayAdapter
-from ingest.sources.replay.formats import (
-    MAX_RAW_CHARS,
-    ArchiveFormatError,
-    RowError,
-    detect_format,
-    read_archive,
-    snowflake_time,
-)
+from ingest.sources.replay.formats import ArchiveFormatError, detect_format, read_archive
+from ingest.sources.replay.rows import MAX_RAW_CHARS, RowError, snowflake_time
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 

@@ -18,7 +18,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from ingest import services as ingest_services
+from ingest import persistence as ingest_persistence
 from ingest.models import Event
 from mlengine.inference import scoring
 from tests.factories import (
@@ -238,7 +238,7 @@ def test_through_real_workers_enriched_events_are_labelled_by_the_inference_queu
     source = make_source(make_personas().team)
     envelopes = [envelope(text, minutes=i) for i, text in enumerate(TEXTS * 4)]
 
-    ingest_services.enqueue_envelopes(
+    ingest_persistence.enqueue_envelopes(
         source=source, envelopes=envelopes, watermark=envelopes[-1].created_at
     )
 
@@ -322,7 +322,7 @@ def test_the_pipeline_is_busy_while_it_has_more_in_hand_than_it_takes_at_once() 
 
 def test_a_burst_of_events_pauses_the_heads(settings) -> None:  # type: ignore[no-untyped-def]
     settings.SCORING_PAUSE_ABOVE_EPS = 100
-    from ingest.selectors import EVENTS_RATE_ALL
+    from ingest.counters import EVENTS_RATE_ALL
     from twiscope.redis import add_to_rate
 
     add_to_rate(EVENTS_RATE_ALL, 150)

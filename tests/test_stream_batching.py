@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 from django.db import connection, transaction
 
-from ingest import selectors, services
+from ingest import persistence, selectors
 from ingest.envelope import Envelope
 from ingest.models import Event, Source
 from mlengine.enrichment import stage as enrichment
@@ -85,12 +85,12 @@ def stored_sources(
         sources.append(source)
     for source, (_, posts) in zip(sources, feeds.values(), strict=True):
         with commits_without_broker():
-            key = services.stage_batch(
+            key = persistence.stage_batch(
                 source_id=source.id,
                 envelopes=posts,
                 watermark=posts[-1].created_at + timedelta(microseconds=1),
             )
-            ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+            ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
             enrichment.enrich_events(event_ids=ids, source_id=source.id)
     return sources
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from alerts import evaluation, sweeps
 from alerts.models import Alert
-from ingest import services
+from ingest import counters, persistence, services
 from ingest.models import Event, Source
 from mlengine.enrichment import stage as enrichment
 from mlengine.enrichment import text
@@ -56,11 +56,11 @@ def age_dispatch_records(stage: str, seconds: float) -> None:
 def persisted_long_ago(source: Source, count: int, *, dispatched: bool) -> list[int]:
     """``count`` events stored 10 minutes ago; their enrich task queued (for real, on
     the broker) when ``dispatched``, else lost between commit and dispatch."""
-    key = services.stage_batch(
+    key = persistence.stage_batch(
         source_id=source.id, envelopes=[envelope(f"post {i}") for i in range(count)]
     )
     with TestCase.captureOnCommitCallbacks(execute=dispatched):
-        ids = services.persist_batch(batch_key=key, source_id=source.id).inserted_ids
+        ids = persistence.persist_batch(batch_key=key, source_id=source.id).inserted_ids
     Event.objects.filter(id__in=ids).update(received_at=timezone.now() - timedelta(minutes=10))
     age_dispatch_records("enrich", 600)
     return ids
@@ -102,26 +102,26 @@ def test_events_whose_message_was_lost_are_sent_again_once_the_queue_is_empty() 
 
 def test_fresh_work_is_left_alone() -> None:
     source = make_source(make_personas().team)
-    key = services.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
     with TestCase.captureOnCommitCallbacks(execute=False):
-        services.persist_batch(batch_key=key, source_id=source.id)
+        persistence.persist_batch(batch_key=key, source_id=source.id)
 
     with TestCase.captureOnCommitCallbacks(execute=True):
         assert enrichment.sweep_unenriched(older_than_s=120) == 0
-        assert services.sweep_staged_batches(older_than_s=120) == 0
+        assert persistence.sweep_staged_batches(older_than_s=120) == 0
     assert queued("enrich") == 0
 
 
 def test_a_staged_batch_whose_task_was_lost_is_persisted_later() -> None:
     source = make_source(make_personas().team)
     with TestCase.captureOnCommitCallbacks(execute=True):
-        key = services.enqueue_envelopes(source=source, envelopes=[envelope("a")])
+        key = persistence.enqueue_envelopes(source=source, envelopes=[envelope("a")])
     get_redis().delete("ingest")  # lost
-    get_redis().zadd(services.PENDING_BATCHES_KEY, {key: time.time() - 600})
+    get_redis().zadd(counters.PENDING_BATCHES_KEY, {key: time.time() - 600})
     age_dispatch_records("ingest", 600)
 
     with TestCase.captureOnCommitCallbacks(execute=True):
-        swept = services.sweep_staged_batches(older_than_s=120)
+        swept = persistence.sweep_staged_batches(older_than_s=120)
 
     assert swept == 1
     assert queued("ingest") == 1
@@ -197,11 +197,11 @@ def test_a_backlog_behind_a_stopped_enrich_pool_is_enriched_exactly_once() -> No
     text is enriched once: the sweeper re-sent nothing."""
     source = make_source(make_personas().team)
     for start in range(0, 20_000, 250):
-        key = services.stage_batch(
+        key = persistence.stage_batch(
             source_id=source.id,
             envelopes=[envelope(f"backlog post {i}") for i in range(start, start + 250)],
         )
-        services.persist_batch(batch_key=key, source_id=source.id)
+        persistence.persist_batch(batch_key=key, source_id=source.id)
     assert queued("enrich") == 80
     # The backlog has waited ten minutes: far past the sweeper's 120 s.
     Event.objects.update(received_at=timezone.now() - timedelta(minutes=10))
@@ -252,15 +252,14 @@ def test_hand_offs_to_the_trend_stage_are_coalesced_per_stream() -> None:
 
 
 def test_the_stream_sweep_corrects_a_skewed_in_flight_count() -> None:
-    from ingest import selectors
 
     source = make_source(make_personas().team)
     run_through(source, [envelope("a", minutes=0), envelope("b", minutes=1)])
     Source.objects.filter(id=source.id).update(last_received_at=timezone.now())
     pipeline.add_progress("ingest", source.id, 500)  # as if counts were lost in a crash
-    assert selectors.in_flight_events(source.id) == 500
+    assert counters.in_flight_events(source.id) == 500
 
     with TestCase.captureOnCommitCallbacks(execute=True):
         trend_stage.sweep_streams(active_within_s=3600)
 
-    assert selectors.in_flight_events(source.id) == 0
+    assert counters.in_flight_events(source.id) == 0

@@ -1,6 +1,6 @@
 """Virality on every event: the ml pool scores it with the active virality model from
 the author's earlier events of the same source (``mlengine.inference.scoring.score_virality``,
-``ingest.selectors.virality_inputs``); the events API shows and filters it. A tiny
+``ingest.virality_reads.virality_inputs``); the events API shows and filters it. A tiny
 model is trained on a generated CSV (``tests.test_virality``) with the real encoder."""
 
 from __future__ import annotations

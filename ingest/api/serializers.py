@@ -9,8 +9,9 @@ from django.core.validators import URLValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from ingest.counters import events_last_hour
 from ingest.models import DeadLetter, Event, Source
-from ingest.selectors import events_last_hour, source_state
+from ingest.selectors import source_state
 from ingest.sources.base import SourceError
 from ingest.sources.http import UnsafeURL, check_url
 from ingest.sources.rss.adapter import (

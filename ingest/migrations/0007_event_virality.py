@@ -3,7 +3,7 @@
 ``virality_score`` stays NULL until the ml pool scores the event (and for good when it
 cannot: no active virality model, fewer than 100 earlier posts with a repost count).
 The index (``ingest.models.AUTHOR_KEY``) serves the history lookup of
-``ingest.selectors.virality_inputs``; it is partial (rows with a repost count only) and
+``ingest.virality_reads.virality_inputs``; it is partial (rows with a repost count only) and
 built concurrently, so a large events table keeps taking writes meanwhile.
 """
 

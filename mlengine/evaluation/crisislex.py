@@ -7,7 +7,7 @@ keywords. Each ``DIR/<event>/`` is one stream, replayed as production would live
 it, with production's code and parameters:
 
 - a post per labelled tweet: event time from the snowflake id (``ms = (id >> 22) +
-  1288834974657``, ``ingest.sources.replay.formats.snowflake_time``), terms from
+  1288834974657``, ``ingest.sources.replay.rows.snowflake_time``), terms from
   ``mlengine.enrichment.text.enrich_text`` exactly as the enrich stage and
   ``ingest.selectors.events_for_trends`` make them, author key ``Author().key(id)`` (the
   set has no author: each post is its own author, as a replay of it is); posts in event
@@ -47,7 +47,7 @@ from django.conf import settings
 from ingest.envelope import Author
 from ingest.selectors import TERM_MAX_CHARS
 from ingest.services import events_per_active_day
-from ingest.sources.replay.formats import snowflake_time
+from ingest.sources.replay.rows import snowflake_time
 from mlengine.enrichment.text import Enrichment, enrich_text
 from mlengine.trends.detector import TermStream, TrendParams, suggest_bucket_s
 from mlengine.trends.params import params_for

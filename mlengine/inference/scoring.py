@@ -53,7 +53,8 @@ from django.db import transaction
 
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
-from ingest.selectors import EVENTS_RATE_ALL, events_rate_name
+from ingest import virality_reads as ingest_virality_reads
+from ingest.counters import EVENTS_RATE_ALL, events_rate_name
 from mlengine.inference import heads, training, virality_features, virality_model
 from mlengine.models import ModelVersion
 from twiscope import pipeline
@@ -277,7 +278,7 @@ def score_virality(
     (0-1, 4 decimals) and ``virality_model`` ("name vN"). Others are left out (their
     columns stay NULL / ""); so is everything when no virality model is active.
 
-    The history is read in one query (``ingest.selectors.virality_inputs``: the latest
+    The history is read in one query (``ingest.virality_reads.virality_inputs``: the latest
     ``virality_features.HISTORY_WINDOW`` predecessors of each event). ``texts``/``vectors``: the
     batch's distinct texts and ``label_texts``' cache of their vectors by encoder; the
     shared encoder's are reused when a head computed them, else the scored posts alone
@@ -287,7 +288,9 @@ def score_virality(
         model = virality_model.active_model()
     except training.NoTrainedModel:
         return {}
-    inputs = ingest_selectors.virality_inputs(event_ids, window=virality_features.HISTORY_WINDOW)
+    inputs = ingest_virality_reads.virality_inputs(
+        event_ids, window=virality_features.HISTORY_WINDOW
+    )
     histories: dict[str, list[virality_features.Post]] = defaultdict(list)
     for row in inputs.history:
         histories[row.author].append(

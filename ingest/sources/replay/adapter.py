@@ -18,7 +18,8 @@ import structlog
 from ingest.envelope import Envelope
 from ingest.sources.base import SourceAdapter, SourceError
 from ingest.sources.registry import register
-from ingest.sources.replay.formats import ArchiveFormatError, RowError, read_archive
+from ingest.sources.replay.formats import ArchiveFormatError, read_archive
+from ingest.sources.replay.rows import RowError
 
 if TYPE_CHECKING:
     from ingest.models import Source
