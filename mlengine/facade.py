@@ -71,14 +71,14 @@ def classify(task: str, texts: Sequence[str]) -> list[Prediction]:
 
 
 def embed(texts: Sequence[str]) -> np.ndarray:
-    """Sentence vectors of ``texts`` from all-MiniLM-L6-v2 (``mlengine.encoder``).
+    """Sentence vectors of ``texts`` from all-MiniLM-L6-v2 (``mlengine.inference.encoder``).
 
     Returns a float32 array of shape ``(len(texts), 384)``, each row L2-normalised (so a
     dot product is a cosine), in input order; ``(0, 384)`` for no texts. Texts longer than
     256 tokens are truncated. Runs on this process's encoder, created on first use
     (a few seconds): CUDA in fp16 when torch sees a GPU, else the CPU: in bfloat16 where
-    it has AMX tiles, else through the int8 ONNX Runtime graph (``mlengine.quantized``;
-    ``mlengine.encoder.default_cpu_dtype``; ``TWISCOPE_ML_DEVICE`` overrides the device).
+    it has AMX tiles, else through the int8 ONNX Runtime graph (``mlengine.inference.quantized``;
+    ``mlengine.inference.encoder.default_cpu_dtype``; ``TWISCOPE_ML_DEVICE`` overrides the device).
     Blocking; call it from a worker, never in a request.
 
     Raises:
@@ -135,7 +135,7 @@ STORY_LABEL_TERMS = 3
 
 def trends(trend_ids: Sequence[int]) -> list[TrendView]:
     """The trends among ``trend_ids`` that still exist, ordered by id, each with its
-    story (``mlengine.stories``): ``story_id`` (the story's first trend), its member
+    story (``mlengine.trends.stories``): ``story_id`` (the story's first trend), its member
     terms up to this trend in order of detection, its label (the
     ``STORY_LABEL_TERMS`` members with the most events) and its ``forecast`` (two
     queries)."""
@@ -216,7 +216,7 @@ def confirmed_trend_ids(story_ids: Sequence[int]) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class AnomalyView:
-    """An anomaly of a series (``mlengine.anomaly_stage``), as other stages see it.
+    """An anomaly of a series (``mlengine.anomalies.stage``), as other stages see it.
 
     ``kind``: "volume" (events per bucket), "negative_share" (share of labelled events
     labelled negative, 0..1), "term" (events holding ``term``; "" for the others) or

@@ -513,7 +513,7 @@ def test_it_waits_for_missing_worker_pools_then_replays_anyway(
     )
 
     assert len(asked) >= 2
-    assert "waiting for worker pools: enrich, ml" in err.getvalue()
+    assert "waiting for worker pools: detect, enrich" in err.getvalue()
     assert "replaying anyway" in err.getvalue()
     assert captured.envelopes
 
