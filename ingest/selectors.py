@@ -196,7 +196,8 @@ def events_with_terms(
     """The events of ``source_id`` holding any of ``terms`` with ``since <= created_at <=
     until``, in event-time order (ties by external id, the order of ``events_for_term``),
     at most ``limit``: in one query, what ``events_for_term`` and ``volume_of_terms``
-    would read for any of ``terms`` in that range (``mlengine.trends.story_assignment.assign_stories``).
+    would read for any of ``terms`` in that range
+    (``mlengine.trends.story_assignment.assign_stories``).
     """
     wanted = frozenset(terms)
     params: dict[str, Any] = {
