@@ -466,11 +466,13 @@ def open_dead_letter_keys(keys: Sequence[str]) -> set[str]:
     """The keys among ``keys`` of dead letters still parked (not requeued)."""
     if not keys:
         return set()
-    return set(
-        DeadLetter.objects.filter(key__in=list(keys), requeued_at__isnull=True).values_list(
-            "key", flat=True
-        )
-    )
+    return {
+        key
+        for key in DeadLetter.objects.filter(
+            key__in=list(keys), requeued_at__isnull=True
+        ).values_list("key", flat=True)
+        if key is not None
+    }
 
 
 def parked_sources(stage: str) -> set[int]:

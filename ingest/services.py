@@ -386,20 +386,23 @@ def requeue_dead_letters(letters: QuerySet[DeadLetter]) -> list[int]:
         counters = [
             (letter.stage, letter.payload["scope"], letter.payload["item"]) for letter in chosen
         ]
-        transaction.on_commit(
-            lambda: [guard.forget_attempts(stage, scope, [item]) for stage, scope, item in counters]
-        )
+        transaction.on_commit(lambda: _forget_attempts(counters))
         for (stage, task, kwarg, fixed), ids in groups.items():
-            kwargs = json.loads(fixed)
+            kwargs: dict[str, Any] = json.loads(fixed)
             if kwarg is None:
                 pipeline.send(stage, task=task, **kwargs)
                 continue
             for i in range(0, len(ids), REQUEUE_CHUNK):
                 chunk = ids[i : i + REQUEUE_CHUNK]
                 records = chunk if task is None else ()
-                pipeline.send(stage, task=task, items=records, **{kwarg: chunk}, **kwargs)
+                pipeline.send(stage, task=task, items=records, **{**kwargs, kwarg: chunk})
     log.info("ingest.dead_letters_requeued", count=len(chosen), events=len(event_ids))
     return [letter.id for letter in chosen]
+
+
+def _forget_attempts(counters: Sequence[tuple[str, str, Any]]) -> None:
+    for stage, scope, item in counters:
+        guard.forget_attempts(stage, scope, [item])
 
 
 def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, datetime]]:

@@ -6,6 +6,7 @@ plain calls, their on-commit hand-offs captured (``commits_without_broker``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from io import StringIO
@@ -42,7 +43,7 @@ from tests.factories import (
     quiet_history,
     run_through,
 )
-from twiscope import guard
+from twiscope import guard, pipeline
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -515,3 +516,49 @@ def test_a_poison_event_in_a_10000_event_replay_is_parked_and_the_trends_are_unc
     assert (clock.counted_events, clock.late_events) == (9_999, 1)
     assert _trends(dirty) == _trends(clean)
     assert timezone.now() > DeadLetter.objects.get().requeued_at
+
+
+# --- through a real Celery worker --------------------------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not {what} after {timeout_s} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_parks_a_poison_event_on_the_sweepers_third_delivery(celery_worker) -> None:
+    source = make_source(make_team("desk"))
+    posts = sorted([*quiet_history(4), envelope(POISON, minutes=20)], key=lambda e: e.created_at)
+
+    with poisoned():
+        persistence.enqueue_envelopes(
+            source=source, envelopes=posts, watermark=posts[-1].created_at
+        )
+        persistence.end_of_stream(source=source, event_time=posts[-1].created_at)
+        _wait_for(
+            lambda: Event.objects.filter(source=source, enriched_at__isnull=False).count() == 40,
+            "40 events enriched",
+        )
+        poison = Event.objects.get(text=POISON)
+        for delivery in (2, 3):
+            _wait_for(lambda: pipeline.queue_depth("enrich") == 0, "the enrich queue empty")
+            enrichment.sweep_unenriched(older_than_s=0)
+            _wait_for(
+                lambda n=delivery: (
+                    DeadLetter.objects.exists()
+                    or guard.attempts("enrich", "events", poison.id) == n
+                ),
+                f"delivery {delivery} done",
+            )
+        _wait_for(
+            lambda: StreamClock.objects.filter(source=source, counted_events=40).exists(),
+            "the stream counted past the poison event",
+        )
+
+    letter = DeadLetter.objects.get()
+    assert (letter.stage, letter.attempts, letter.source_id) == ("enrich", 3, source.id)
+    assert Event.objects.get(id=poison.id).parked_at is not None
