@@ -475,11 +475,17 @@ def open_dead_letter_keys(keys: Sequence[str]) -> set[str]:
     }
 
 
-def parked_sources(stage: str) -> set[int]:
-    """Ids of the sources with an open dead letter of ``stage`` (for ``detect``: the
-    streams parked until an operator requeues them)."""
-    return set(
-        DeadLetter.objects.filter(stage=stage, requeued_at__isnull=True, source__isnull=False)
+def parked_sources(stage: str, *, scope: str = "stream") -> set[int]:
+    """Ids of the sources with an open dead letter of ``stage`` whose items are of
+    ``scope`` (keys ``<stage>:<scope>:...``; for ``detect``, ``stream``: the streams the
+    trend stage parked, ``anomalies``: the sources the anomaly stage parked), until an
+    operator requeues them."""
+    return {
+        source_id
+        for source_id in DeadLetter.objects.filter(
+            stage=stage, requeued_at__isnull=True, key__startswith=f"{stage}:{scope}:"
+        )
         .values_list("source_id", flat=True)
         .distinct()
-    )
+        if source_id is not None
+    }

@@ -562,3 +562,36 @@ def test_a_real_worker_parks_a_poison_event_on_the_sweepers_third_delivery(celer
     letter = DeadLetter.objects.get()
     assert (letter.stage, letter.attempts, letter.source_id) == ("enrich", 3, source.id)
     assert Event.objects.get(id=poison.id).parked_at is not None
+
+
+# --- detect: the anomaly stage ---------------------------------------------------------------
+
+
+def test_a_source_whose_anomaly_series_cannot_step_is_parked_and_the_others_step() -> None:
+    from mlengine.anomalies import stage as anomaly_stage
+    from mlengine.models import Series
+
+    team = make_team("desk")
+    bad, good = make_source(team, "bad"), make_source(team, "good")
+    for source in (bad, good):
+        run_through(source, [envelope(f"post {i}", minutes=i * 5) for i in range(48)])
+    real = ingest_selectors.bucket_totals
+
+    def totals(source_id: int, **kwargs: Any) -> Any:
+        if source_id == bad.id:
+            raise ArithmeticError("this source's buckets cannot be summed")
+        return real(source_id, **kwargs)
+
+    with mock.patch.object(ingest_selectors, "bucket_totals", totals), commits_without_broker():
+        runs = [anomaly_stage.advance_anomalies(max_buckets=10) for _ in range(4)]
+
+    letter = DeadLetter.objects.get()
+    assert [run.buckets for run in runs] == [10, 10, 10, 10]
+    assert (letter.key, letter.source_id, letter.attempts) == (
+        f"detect:anomalies:{bad.id}",
+        bad.id,
+        3,
+    )
+    assert ingest_selectors.parked_sources("detect", scope="anomalies") == {bad.id}
+    assert ingest_selectors.parked_sources("detect") == set()
+    assert not Series.objects.filter(source=bad).exists()
