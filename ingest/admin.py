@@ -157,8 +157,8 @@ class EventAdmin(ReadOnlyAdmin):
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
-    list_display = ["id", "stage", "source", "reason", "created_at"]
-    list_filter = ["stage", "source"]
+    list_display = ["id", "stage", "source", "reason", "attempts", "created_at", "requeued_at"]
+    list_filter = ["stage", "source", ("requeued_at", admin.EmptyFieldListFilter)]
     list_select_related = ["source"]
     search_fields = ["reason", "key"]
     ordering = ["-id"]

@@ -40,14 +40,17 @@ def in_flight_events(source_id: int, *, redis_only: bool = False) -> int:
     Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
     Redis call); stored events not yet counted by the trend stage come from the
     pipeline's progress counters (``twiscope.pipeline.in_flight``), and are at least
-    the stored, unenriched ones (a PostgreSQL count, skipped with ``redis_only``: a
+    the stored, unenriched ones not parked (a PostgreSQL count, skipped with ``redis_only``: a
     cheaper estimate that may be low when Redis lost its counters).
     """
     staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
     stored = pipeline.in_flight(source_id)
     if not redis_only:
         stored = max(
-            stored, Event.objects.filter(source_id=source_id, enriched_at__isnull=True).count()
+            stored,
+            Event.objects.filter(
+                source_id=source_id, enriched_at__isnull=True, parked_at__isnull=True
+            ).count(),
         )
     return staged + stored
 

@@ -156,6 +156,13 @@ class Event(models.Model):
         db_default="",
         help_text='"name vN" of the virality model that scored it ("" when not scored).',
     )
+    parked_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the enrich stage parked it as a dead letter (it failed "
+        "DEAD_LETTER_MAX_ATTEMPTS times): the stream's watermark no longer waits for it and "
+        "the trend and anomaly counts leave it out; null once requeued.",
+    )
 
     class Meta:
         constraints = [
@@ -194,7 +201,15 @@ class DeadLetter(models.Model):
     """Input the pipeline could not take, kept with its reason and raw payload.
 
     A dead letter never stops the rest of its batch; an operator can inspect and
-    re-drive it. ``key`` makes parking idempotent.
+    re-drive it (``manage.py requeue``). ``key`` makes parking idempotent.
+
+    Stages after ingest (enrich, detect, alerts) park an item that failed alone
+    ``attempts`` times (``twiscope.guard``): ``key`` is ``<stage>:<scope>:<item>``,
+    ``error`` the exception's type, message and last frames, and ``payload`` the item
+    (an event's envelope, a stream step, a trend id) with ``resend``, the task that
+    takes it again. Requeueing sets ``requeued_at`` and counts ``requeues``; the row
+    stays as the audit trail, and parking the same item again reopens it
+    (``requeued_at`` back to null). A dead letter with ``requeued_at`` null is open.
     """
 
     class Stage(models.TextChoices):
@@ -218,8 +233,28 @@ class DeadLetter(models.Model):
         help_text="Where the item came from (a staged batch key and index): a redelivered"
         " batch adds no second dead letter.",
     )
+    error = models.TextField(
+        blank=True, default="", db_default="", help_text="Exception type, message, last frames."
+    )
+    attempts = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="Times the item failed alone before it was parked."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
+    requeued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it was last re-driven (null: still parked)."
+    )
+    requeues = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="How many times it was re-driven."
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["key"], name="deadletter_unique_key")]
-        indexes = [models.Index(fields=["-created_at"], name="deadletter_time")]
+        indexes = [
+            models.Index(fields=["-created_at"], name="deadletter_time"),
+            # The open dead letters of a stage (parked streams, parked alert items).
+            models.Index(
+                fields=["stage", "source"],
+                name="deadletter_open",
+                condition=models.Q(requeued_at__isnull=True),
+            ),
+        ]

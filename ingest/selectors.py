@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from django.db import connection
-from django.db.models import Min
+from django.db.models import Count, Min
 
 from ingest.counters import STAGED_EVENT_TIME_KEY
 from ingest.models import DeadLetter, Event, Source
@@ -47,7 +47,8 @@ def input_low_watermark(source_id: int) -> datetime | None:
 
     The minimum of the source's declared ``input_watermark``, the earliest event time of
     its staged batches, and the earliest event time of its stored but unenriched events
-    (a low watermark, as in MillWheel: Akidau et al., VLDB 2013). None until the source
+    (a low watermark, as in MillWheel: Akidau et al., VLDB 2013); a parked event (a dead
+    letter of the enrich stage, ``Event.parked_at``) is not waited for. None until the source
     declared any progress. Read in this order (declared, staged, stored) so that a batch
     moving from Redis to PostgreSQL between the reads is seen in one of them.
     """
@@ -63,9 +64,9 @@ def input_low_watermark(source_id: int) -> datetime | None:
     )
     if staged:
         low = min(low, datetime.fromtimestamp(staged[0][1], tz=UTC))
-    unenriched = Event.objects.filter(source_id=source_id, enriched_at__isnull=True).aggregate(
-        first=Min("created_at")
-    )["first"]
+    unenriched = Event.objects.filter(
+        source_id=source_id, enriched_at__isnull=True, parked_at__isnull=True
+    ).aggregate(first=Min("created_at"))["first"]
     if unenriched is not None:
         low = min(low, unenriched)
     return low
@@ -75,7 +76,7 @@ _RANGE_SQL = """
 SELECT id, external_id, created_at, received_at, author_id, author_handle,
        hashtags, mentions, cashtags, keywords
 FROM ingest_event
-WHERE source_id = %s AND created_at >= %s AND created_at < %s
+WHERE source_id = %s AND created_at >= %s AND created_at < %s AND parked_at IS NULL
 ORDER BY created_at, external_id
 LIMIT %s
 """
@@ -86,8 +87,9 @@ def events_for_trends(
 ) -> list[TrendInput]:
     """Events of ``source_id`` with ``since <= created_at < until`` (all before ``until``
     when ``since`` is None), in event-time order (ties by external id), at most
-    ``limit``. Callers pass ``until`` at or below ``input_low_watermark`` so every event
-    returned is enriched and no earlier one can still arrive."""
+    ``limit``, parked events left out. Callers pass ``until`` at or below
+    ``input_low_watermark`` so every event returned is enriched and no earlier one can
+    still arrive."""
     with connection.cursor() as cursor:
         cursor.execute(
             _RANGE_SQL,
@@ -241,7 +243,7 @@ def _trend_input(row: Sequence[Any]) -> TrendInput:
 
 
 def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:
-    """``(id, text, lang)`` of the events among ``event_ids`` not enriched yet.
+    """``(id, text, lang)`` of the events among ``event_ids`` not enriched yet nor parked.
 
     One query with the ids as one array parameter (the ORM's ``id__in`` prepares each of
     a batch's hundreds of ids in Python: a tenth of the enrich stage's time).
@@ -249,7 +251,7 @@ def unenriched_texts(event_ids: Sequence[int]) -> list[tuple[int, str, str]]:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT id, text, lang FROM ingest_event"
-            " WHERE id = ANY(%s::bigint[]) AND enriched_at IS NULL",
+            " WHERE id = ANY(%s::bigint[]) AND enriched_at IS NULL AND parked_at IS NULL",
             [[int(event_id) for event_id in event_ids]],
         )
         return cursor.fetchall()
@@ -267,11 +269,31 @@ def texts_for_scoring(event_ids: Sequence[int]) -> list[tuple[int, str, int]]:
         return cursor.fetchall()
 
 
+def source_of_events(event_ids: Sequence[int]) -> dict[int, int]:
+    """``{event id: source id}`` of the events among ``event_ids`` that exist."""
+    return dict(Event.objects.filter(id__in=list(event_ids)).values_list("id", "source_id"))
+
+
+def parked_events(source_ids: Sequence[int]) -> dict[int, int]:
+    """``{source id: events parked}``: the open dead letters of the enrich stage (each an
+    event with ``parked_at`` set), per source among ``source_ids`` (absent: none)."""
+    return dict(
+        DeadLetter.objects.filter(
+            stage="enrich", requeued_at__isnull=True, source_id__in=list(source_ids)
+        )
+        .values("source_id")
+        .annotate(n=Count("id"))
+        .values_list("source_id", "n")
+    )
+
+
 def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
     """``(id, source_id)`` of events received before ``received_before`` and still not
-    enriched, oldest first, at most ``limit``."""
+    enriched (nor parked), oldest first, at most ``limit``."""
     return list(
-        Event.objects.filter(enriched_at__isnull=True, received_at__lt=received_before)
+        Event.objects.filter(
+            enriched_at__isnull=True, parked_at__isnull=True, received_at__lt=received_before
+        )
         .order_by("received_at")
         .values_list("id", "source_id")[:limit]
     )
@@ -286,8 +308,11 @@ def source_counts(source_id: int) -> dict[str, int]:
 
 
 def events_before(source_id: int, moment: datetime) -> int:
-    """How many events of ``source_id`` are stored with an event time before ``moment``."""
-    return Event.objects.filter(source_id=source_id, created_at__lt=moment).count()
+    """How many events of ``source_id`` are stored with an event time before ``moment``,
+    parked events left out (the trend stage counts them neither counted nor late)."""
+    return Event.objects.filter(
+        source_id=source_id, created_at__lt=moment, parked_at__isnull=True
+    ).count()
 
 
 def source_state(source: Source) -> str:
@@ -324,6 +349,7 @@ SELECT floor(extract(epoch FROM created_at) / %(bucket_s)s)::bigint * %(bucket_s
        max(received_at)
 FROM ingest_event
 WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at < %(until)s
+  AND parked_at IS NULL
 GROUP BY 1
 """
 
@@ -332,8 +358,8 @@ def bucket_totals(
     source_id: int, *, since: datetime, until: datetime, bucket_s: int
 ) -> dict[int, BucketTotals]:
     """Events of ``source_id`` with ``since <= created_at < until`` per ``bucket_s``
-    bucket: ``{bucket start (epoch s): BucketTotals}``; empty buckets are absent. One
-    query. Callers pass ``until`` at or below the stream's watermark."""
+    bucket: ``{bucket start (epoch s): BucketTotals}``; empty buckets are absent; parked
+    events left out. One query. Callers pass ``until`` at or below the stream's watermark."""
     params: dict[str, Any] = {
         "source": source_id,
         "since": since,
@@ -434,3 +460,32 @@ def first_event_time(source_id: int, *, before: datetime) -> datetime | None:
             first=Min("created_at")
         )["first"],
     )
+
+
+def open_dead_letter_keys(keys: Sequence[str]) -> set[str]:
+    """The keys among ``keys`` of dead letters still parked (not requeued)."""
+    if not keys:
+        return set()
+    return {
+        key
+        for key in DeadLetter.objects.filter(
+            key__in=list(keys), requeued_at__isnull=True
+        ).values_list("key", flat=True)
+        if key is not None
+    }
+
+
+def parked_sources(stage: str, *, scope: str = "stream") -> set[int]:
+    """Ids of the sources with an open dead letter of ``stage`` whose items are of
+    ``scope`` (keys ``<stage>:<scope>:...``; for ``detect``, ``stream``: the streams the
+    trend stage parked, ``anomalies``: the sources the anomaly stage parked), until an
+    operator requeues them."""
+    return {
+        source_id
+        for source_id in DeadLetter.objects.filter(
+            stage=stage, requeued_at__isnull=True, key__startswith=f"{stage}:{scope}:"
+        )
+        .values_list("source_id", flat=True)
+        .distinct()
+        if source_id is not None
+    }

@@ -12,24 +12,26 @@ import json
 import statistics
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F, QuerySet
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from psycopg2.extras import Json, execute_values
 
 from ingest import credentials as credentials_box
 from ingest.envelope import Envelope
-from ingest.models import Event, Source
+from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import TERM_MAX_CHARS
 from ingest.sources.base import PollingAdapter
 from ingest.sources.registry import adapter_for
 from teams.models import Team
-from twiscope import pipeline
+from twiscope import guard, pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -232,6 +234,175 @@ def record_dead_letters(
     if created:
         log.warning("ingest.dead_lettered", stage=stage, count=len(created))
     return len(created)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedItem:
+    """An item a stage gives up on (``twiscope.guard``), for ``park_items``.
+
+    ``key``: ``<stage>:<scope>:<item>`` (unique: parking twice writes one row);
+    ``reason``: one line for an operator; ``error``: the exception's summary and last
+    frames; ``attempts``: times it failed alone; ``payload``: JSON naming the item, with
+    ``scope`` and ``item`` (its attempt counter) and ``resend`` (``task``: None for the
+    stage's entry task or a ``twiscope.pipeline.SIDE_TASKS`` key; ``kwarg``: the list
+    kwarg the item's id goes in, or None; ``kwargs``: the other kwargs), which is how
+    ``requeue_dead_letters`` sends it again; ``event_id``: the event it is, when it is
+    one (the event is marked parked, its envelope added to the payload, and its source
+    taken when ``source_id`` is None).
+    """
+
+    key: str
+    source_id: int | None
+    reason: str
+    error: str
+    attempts: int
+    payload: dict[str, Any]
+    event_id: int | None = None
+
+
+_ENVELOPE_FIELDS = (
+    "id",
+    "source_id",
+    "external_id",
+    "created_at",
+    "received_at",
+    "author_id",
+    "author_handle",
+    "text",
+    "lang",
+    "url",
+    "raw",
+)
+
+
+def park_items(*, stage: str, items: Sequence[ParkedItem]) -> int:
+    """Write dead letters of ``stage`` for ``items``; mark the events among them parked
+    (``Event.parked_at``: the stream's watermark stops waiting for them, the counts leave
+    them out). Returns how many dead letters were written or reopened.
+
+    Idempotent on ``key``: an item parked and not requeued is not written again; one
+    that was requeued and fails again reopens its row (``requeued_at`` back to null,
+    ``requeues`` kept as the trail). One transaction.
+    """
+    if not items:
+        return 0
+    event_ids = [item.event_id for item in items if item.event_id is not None]
+    envelopes = {
+        row["id"]: {k: _jsonable(v) for k, v in row.items()}
+        for row in Event.objects.filter(id__in=event_ids).values(*_ENVELOPE_FIELDS)
+    }
+    now = timezone.now()
+    rows = [
+        (
+            stage,
+            item.source_id
+            if item.source_id is not None
+            else envelopes.get(item.event_id, {}).get("source_id"),
+            item.reason[:2000],
+            item.error[:8000],
+            item.attempts,
+            Json(
+                {**item.payload, "event": envelopes[item.event_id]}
+                if item.event_id in envelopes
+                else item.payload
+            ),
+            item.key,
+            now,
+        )
+        for item in items
+    ]
+    with transaction.atomic(), connection.cursor() as cursor:
+        if event_ids:
+            Event.objects.filter(id__in=event_ids, enriched_at__isnull=True).update(parked_at=now)
+        written = execute_values(
+            cursor.cursor,
+            """
+            INSERT INTO ingest_deadletter
+                (stage, source_id, reason, error, attempts, payload, key, created_at,
+                 requeues)
+            VALUES %s
+            ON CONFLICT (key) DO UPDATE SET
+                reason = EXCLUDED.reason, error = EXCLUDED.error,
+                attempts = EXCLUDED.attempts, payload = EXCLUDED.payload,
+                created_at = EXCLUDED.created_at, requeued_at = NULL
+            WHERE ingest_deadletter.requeued_at IS NOT NULL
+            RETURNING id
+            """,
+            rows,
+            template="(%s, %s, %s, %s, %s, %s, %s, %s, 0)",
+            fetch=True,
+        )
+    log.warning("ingest.items_parked", stage=stage, count=len(written), keys=[i.key for i in items])
+    return len(written)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+REQUEUE_STAGES = ("enrich", "detect", "alerts")
+"""The stages whose dead letters ``requeue_dead_letters`` can send again (those parked
+by ``twiscope.guard``; ingest's and sources' are bad input, not failed work)."""
+REQUEUE_CHUNK = 250
+
+
+def requeue_dead_letters(letters: QuerySet[DeadLetter]) -> list[int]:
+    """Send the open dead letters among ``letters`` of ``REQUEUE_STAGES`` back to their
+    stage; return their ids.
+
+    Each is marked requeued (``requeued_at``, ``requeues`` + 1; the row stays), its
+    event un-parked, its attempt counter forgotten, and its ``payload["resend"]`` task
+    sent after commit, items grouped into tasks of at most ``REQUEUE_CHUNK``. An item
+    that fails again is parked again, after ``DEAD_LETTER_MAX_ATTEMPTS`` new attempts.
+    """
+    chosen = list(
+        letters.filter(stage__in=REQUEUE_STAGES, requeued_at__isnull=True)
+        .exclude(payload__resend__isnull=True)
+        .order_by("id")
+    )
+    if not chosen:
+        return []
+    groups: dict[tuple[str, str | None, str | None, str], list[Any]] = {}
+    for letter in chosen:
+        resend = letter.payload["resend"]
+        group = (
+            letter.stage,
+            resend.get("task"),
+            resend.get("kwarg"),
+            json.dumps(resend.get("kwargs") or {}, sort_keys=True),
+        )
+        ids = groups.setdefault(group, [])
+        if resend.get("kwarg"):
+            ids.append(letter.payload["item"])
+    event_ids = [
+        int(letter.payload["event"]["id"]) for letter in chosen if "event" in letter.payload
+    ]
+    with transaction.atomic():
+        DeadLetter.objects.filter(id__in=[letter.id for letter in chosen]).update(
+            requeued_at=timezone.now(), requeues=F("requeues") + 1
+        )
+        if event_ids:
+            Event.objects.filter(id__in=event_ids).update(parked_at=None)
+        counters = [
+            (letter.stage, letter.payload["scope"], letter.payload["item"]) for letter in chosen
+        ]
+        transaction.on_commit(lambda: _forget_attempts(counters))
+        for (stage, task, kwarg, fixed), ids in groups.items():
+            kwargs: dict[str, Any] = json.loads(fixed)
+            if kwarg is None:
+                pipeline.send(stage, task=task, **kwargs)
+                continue
+            for i in range(0, len(ids), REQUEUE_CHUNK):
+                chunk = ids[i : i + REQUEUE_CHUNK]
+                records = chunk if task is None else ()
+                pipeline.send(stage, task=task, items=records, **{**kwargs, kwarg: chunk})
+    log.info("ingest.dead_letters_requeued", count=len(chosen), events=len(event_ids))
+    return [letter.id for letter in chosen]
+
+
+def _forget_attempts(counters: Sequence[tuple[str, str, Any]]) -> None:
+    for stage, scope, item in counters:
+        guard.forget_attempts(stage, scope, [item])
 
 
 def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, datetime]]:

@@ -192,6 +192,11 @@ REPLAY_MAX_IN_FLIGHT: int = env.int("REPLAY_MAX_IN_FLIGHT", default=750)
 # The team `manage.py replay` replays into when no --team is given (a slug; empty: the
 # only team, else the demo team that `make run` creates).
 TWISCOPE_TEAM: str = env.str("TWISCOPE_TEAM", default="")
+# An item (an event, a trend, a stream step) that fails alone this many times in a
+# stage is parked as a dead letter instead of being sent again (``twiscope.guard``).
+DEAD_LETTER_MAX_ATTEMPTS: int = env.int("DEAD_LETTER_MAX_ATTEMPTS", default=3)
+if DEAD_LETTER_MAX_ATTEMPTS < 1:
+    raise ImproperlyConfigured("DEAD_LETTER_MAX_ATTEMPTS must be at least 1")
 
 # Trained classifier heads (``manage.py train``): their artefacts live here; each has a
 # ModelVersion row in this platform's database, so in development the folder is the

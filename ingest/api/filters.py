@@ -6,7 +6,7 @@ import django_filters
 from django.db.models import Q, QuerySet
 
 from ingest.models import DeadLetter, Event, Source
-from teams.api.base import StrictFilterSet, in_callers_teams
+from teams.api.base import BooleanFilter, StrictFilterSet, in_callers_teams
 
 
 def term_q(term: str) -> Q:
@@ -70,9 +70,13 @@ class EventFilter(StrictFilterSet):
 
 
 class DeadLetterFilter(StrictFilterSet):
-    """``stage`` (a pipeline stage) and ``source`` (id, in scope)."""
+    """``stage`` (a pipeline stage), ``source`` (id, in scope) and ``open`` (true: still
+    parked; false: requeued)."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
+    open = BooleanFilter(
+        field_name="requeued_at", lookup_expr="isnull", label="Still parked (not requeued)."
+    )
 
     class Meta:
         model = DeadLetter

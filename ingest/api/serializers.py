@@ -317,7 +317,18 @@ class EventSerializer(serializers.ModelSerializer[Event]):
 class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):
     class Meta:
         model = DeadLetter
-        fields = ["id", "stage", "source", "reason", "payload", "created_at"]
+        fields = [
+            "id",
+            "stage",
+            "source",
+            "reason",
+            "error",
+            "attempts",
+            "payload",
+            "created_at",
+            "requeued_at",
+            "requeues",
+        ]
         read_only_fields = fields
 
 

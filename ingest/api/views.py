@@ -204,7 +204,9 @@ class EventViewSet(TeamScopedReadOnlyViewSet):
 
 
 class DeadLetterViewSet(TeamScopedReadOnlyViewSet):
-    """Input the pipeline parked, with its reason and payload, newest first."""
+    """Input the pipeline parked, with its reason, error, attempts and payload, newest
+    first: the caller's teams' sources' only (a dead letter of no source is an
+    operator's, seen with ``manage.py requeue``). Read-only: requeue with the command."""
 
     team_field = "source__team"
     queryset = DeadLetter.objects.all()

@@ -42,7 +42,7 @@ when its bucket is stepped (the transformer heads may relabel after VADER; DESIG
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -55,6 +55,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ingest import selectors as ingest_selectors
+from ingest import services as ingest_services
 from ingest.models import Source
 from mlengine.anomalies.detector import Detector, Step
 from mlengine.anomalies.persistence import RunWrites
@@ -73,7 +74,7 @@ from mlengine.anomalies.series import (
     params_for,
 )
 from mlengine.models import Anomaly, Series, StreamClock, Trend, Watch
-from twiscope import pipeline
+from twiscope import guard, pipeline
 from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
@@ -105,6 +106,10 @@ def _num(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
 
+SCOPE = "anomalies"
+"""The anomaly stage's items, for ``twiscope.guard``: source ids (a source's series)."""
+
+
 def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
     """Step every source's complete, unstepped buckets through the detectors; write the
     series' state, points and anomalies; return what it did.
@@ -114,6 +119,15 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
     ``SeriesPoint`` (pruned past ``ANOMALY_RETENTION_S`` behind each source's latest
     bucket), ``Anomaly``; after commit, the new anomalies go to the alerts stage, and
     those that grew or closed to its alert updates (``alerts.update_anomaly_alerts``).
+
+    Should the run fail, it is rolled back and run again per source, bisecting the
+    sources (``twiscope.guard.run_guarded``), so one source whose series cannot be
+    stepped does not stop every other source's; a source that fails alone
+    ``DEAD_LETTER_MAX_ATTEMPTS`` times (over runs) is parked (a dead letter of the
+    ``detect`` stage, key ``detect:anomalies:<source id>``) and left out of later runs
+    until it is requeued.
+
+    Raises: ``twiscope.guard.TRANSIENT_ERRORS`` (the database or Redis away).
     """
     limit = max_buckets or settings.ANOMALY_MAX_BUCKETS
     with transaction.atomic():
@@ -121,33 +135,95 @@ def advance_anomalies(*, max_buckets: int | None = None) -> AdvanceResult:
             cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
             if not cursor.fetchone()[0]:
                 return AdvanceResult(0, [], False)
-        run = _Run(limit)
-        if not run.plans:
-            return AdvanceResult(0, [], False)
-        run.step_all()
-        new_ids = run.save()
-        if new_ids:
-            pipeline.hand_off(
+        parked = ingest_selectors.parked_sources(DETECT, scope=SCOPE)
+        try:
+            with transaction.atomic():
+                runs = [_advance(limit, exclude=parked)]
+        except guard.TRANSIENT_ERRORS:
+            raise
+        except Exception:  # one source's, maybe: step them apart to find it
+            log.exception("detect.anomaly_run_failed")
+            sources = list(
+                StreamClock.objects.filter(watermark__isnull=False)
+                .exclude(source_id__in=parked)
+                .order_by("source_id")
+                .values_list("source_id", flat=True)
+            )
+            runs = guard.run_guarded(
                 DETECT,
-                items=[f"anomaly:{i}" for i in new_ids],
-                task="anomalies",
-                anomaly_ids=new_ids,
+                SCOPE,
+                sources,
+                lambda ids: [_advance(limit, only=set(ids))],
+                park=_park_sources,
+            ).results
+    stepped = sum(run.buckets for run in runs)
+    new_ids = [i for run in runs for i in run.anomaly_ids]
+    log.info("detect.anomalies_advanced", buckets=stepped, runs=len(runs), new=len(new_ids))
+    return AdvanceResult(stepped, new_ids, any(run.more for run in runs))
+
+
+def _advance(
+    limit: int,
+    *,
+    exclude: Collection[int] = (),
+    only: Collection[int] | None = None,
+) -> AdvanceResult:
+    """One run over the sources due (those in ``only`` when given, none in ``exclude``),
+    inside the caller's transaction; hands new and changed anomalies on after commit."""
+    run = _Run(limit, exclude=exclude, only=only)
+    if not run.plans:
+        return AdvanceResult(0, [], False)
+    run.step_all()
+    new_ids = run.save()
+    if new_ids:
+        pipeline.hand_off(
+            DETECT,
+            items=[f"anomaly:{i}" for i in new_ids],
+            task="anomalies",
+            anomaly_ids=new_ids,
+        )
+    if run.updated_ids:
+        # Their alerts follow the window (``alert.updated``); a lost message is
+        # made good by the alerts sweeper, which compares alert and anomaly.
+        pipeline.hand_off(DETECT, task="anomaly_updates", anomaly_ids=sorted(set(run.updated_ids)))
+    return AdvanceResult(sum(p.n for p in run.plans), new_ids, any(p.more for p in run.plans))
+
+
+def _park_sources(failures: list[guard.Failure[int]]) -> None:
+    """Dead-letter the sources whose series failed ``DEAD_LETTER_MAX_ATTEMPTS`` runs."""
+    ingest_services.park_items(
+        stage=DETECT,
+        items=[
+            ingest_services.ParkedItem(
+                key=f"{DETECT}:{SCOPE}:{failure.item}",
+                source_id=failure.item,
+                reason=f"stepping the source's anomaly series failed {failure.attempts} "
+                f"times: {failure.summary}; its series are parked until requeued",
+                error=failure.short_traceback,
+                attempts=failure.attempts,
+                payload={
+                    "scope": SCOPE,
+                    "item": failure.item,
+                    # The periodic run takes the source again once requeued; the stream's
+                    # advance is sent so that something runs at once.
+                    "resend": {"task": None, "kwarg": None, "kwargs": {"source_id": failure.item}},
+                },
             )
-        if run.updated_ids:
-            # Their alerts follow the window (``alert.updated``); a lost message is
-            # made good by the alerts sweeper, which compares alert and anomaly.
-            pipeline.hand_off(
-                DETECT, task="anomaly_updates", anomaly_ids=sorted(set(run.updated_ids))
-            )
-    stepped = sum(p.n for p in run.plans)
-    log.info("detect.anomalies_advanced", buckets=stepped, sources=len(run.plans), new=len(new_ids))
-    return AdvanceResult(stepped, new_ids, any(p.more for p in run.plans))
+            for failure in failures
+        ],
+    )
 
 
 class _Run(RunWrites):
     """One run of the stage (inside its transaction, holding its lock)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        exclude: Collection[int] = (),
+        only: Collection[int] | None = None,
+    ) -> None:
         self.now = timezone.now()
         self.bucket = timedelta(seconds=BUCKET_S)
         self.groups = {COUNTS: Group(params_for(COUNTS)), SHARES: Group(params_for(SHARES))}
@@ -157,6 +233,7 @@ class _Run(RunWrites):
         self.opens: dict[int, Open] = {}  # by id(): the anomalies this run touched
         self.updated_ids: list[int] = []  # stored anomalies that grew or closed
         self.open_series: dict[int, Open] = {}
+        self.exclude, self.only = exclude, only
         self.plans = self._plan(limit)
         if self.plans:
             self._load()
@@ -172,9 +249,12 @@ class _Run(RunWrites):
             ).values_list("source_id", "first_bucket", "last_bucket")
         }
         due: list[tuple[int, datetime, datetime, int]] = []
-        for source_id, watermark in StreamClock.objects.filter(watermark__isnull=False).values_list(
-            "source_id", "watermark"
-        ):
+        clocks = StreamClock.objects.filter(watermark__isnull=False).exclude(
+            source_id__in=self.exclude
+        )
+        if self.only is not None:
+            clocks = clocks.filter(source_id__in=self.only)
+        for source_id, watermark in clocks.values_list("source_id", "watermark"):
             if watermark is None:
                 continue
             if source_id in cursors:

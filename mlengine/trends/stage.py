@@ -38,7 +38,7 @@ reads and writes, ``mlengine.trends.counts``; the stories of new trends,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from django.db import connection, transaction
@@ -46,12 +46,13 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from ingest import selectors as ingest_selectors
+from ingest import services as ingest_services
 from ingest.models import Source
 from mlengine.models import StreamClock
 from mlengine.trends.params import bucket_s_for
 from mlengine.trends.scan import Stream, count_streams
 from mlengine.trends.story_assignment import assign_stories
-from twiscope import pipeline
+from twiscope import guard, pipeline
 from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
@@ -81,29 +82,60 @@ def _lock_clock(source: Source) -> StreamClock:
     return StreamClock.objects.select_for_update().get(source_id=source.id)
 
 
+SCOPE = "stream"
+"""The trend stage's items, for ``twiscope.guard``: a stream's step, named
+``<source id>@<clock watermark, ISO>`` (the step the stream failed to take)."""
+
+
 def advance_stream(*, source_id: int) -> list[int]:
     """Count ``source_id``'s events up to its low watermark, and those of up to
     ``MAX_STREAMS_PER_ADVANCE`` other streams with work pending (no more once it holds
     ``MAX_EVENTS_PER_BATCH`` events); return the ids of ``source_id``'s new trends.
 
-    Does nothing for a stream whose source is gone, declared no progress, or whose
-    watermark cannot move. Counts at most ``MAX_EVENTS_PER_ADVANCE`` events of each
-    stream (never splitting one event time) and queues that stream's advance again for
-    the rest. One transaction for all the streams taken. Side effects after commit, per
-    stream: its progress count, its new trends and confirmations to the alerts stage.
+    Does nothing for a stream whose source is gone, declared no progress, whose
+    watermark cannot move, or that is parked (an open dead letter of this stage).
+    Counts at most ``MAX_EVENTS_PER_ADVANCE`` events of each stream (never splitting
+    one event time) and queues that stream's advance again for the rest. One
+    transaction for all the streams taken. Side effects after commit, per stream: its
+    progress count, its new trends and confirmations to the alerts stage.
 
-    Should the batch fail, it is rolled back whole and ``source_id`` is advanced alone,
-    so that one stream that cannot be counted does not stall every stream batched with
-    it (the failure is logged; that of ``source_id`` alone is raised).
+    Should the batch fail, it is rolled back whole and ``source_id`` is advanced alone
+    (``twiscope.guard.run_guarded``), so that one stream that cannot be counted does not
+    stall every stream batched with it. A stream whose step fails alone
+    ``DEAD_LETTER_MAX_ATTEMPTS`` times (over deliveries; the same step: the clock does
+    not move) is parked: a dead letter names the source and the step, and no advance
+    takes the stream until ``manage.py requeue`` re-drives it, from where it stopped,
+    so nothing is skipped or counted twice. Fewer failures are logged and left for the
+    next hand-off or the sweeper.
+
+    Raises: ``twiscope.guard.TRANSIENT_ERRORS`` (the database or Redis away).
     """
     source = Source.objects.filter(id=source_id).first()
     if source is None:
         return []
+    parked = ingest_selectors.parked_sources(DETECT)
+    if source_id in parked:
+        log.info("detect.stream_parked", source_id=source_id)
+        return []
     try:
-        streams = _advance(source, others=MAX_STREAMS_PER_ADVANCE)
-    except Exception:
+        streams = _advance(source, others=MAX_STREAMS_PER_ADVANCE, parked=parked)
+    except guard.TRANSIENT_ERRORS:
+        raise
+    except Exception:  # one stream of the batch, maybe not this one: try it alone
         log.exception("detect.batch_failed", source_id=source_id)
-        streams = _advance(source, others=0)
+        watermark = (
+            StreamClock.objects.filter(source_id=source_id)
+            .values_list("watermark", flat=True)
+            .first()
+        )
+        step = f"{source_id}@{watermark.isoformat() if watermark is not None else 'start'}"
+        streams = guard.run_guarded(
+            DETECT,
+            SCOPE,
+            [step],
+            lambda _: _advance(source, others=0, parked=parked),
+            park=lambda failures: _park_stream(source_id, watermark, failures),
+        ).results
     for stream in streams:
         if stream.new_trends:
             log.info(
@@ -113,13 +145,48 @@ def advance_stream(*, source_id: int) -> list[int]:
     return own.new_trends if own is not None else []
 
 
-def _advance(source: Source, *, others: int) -> list[Stream]:
-    """Advance ``source``'s stream and up to ``others`` other streams with work pending,
+def _park_stream(
+    source_id: int, watermark: datetime | None, failures: list[guard.Failure[str]]
+) -> None:
+    """Dead-letter the stream step that failed ``DEAD_LETTER_MAX_ATTEMPTS`` times: the
+    stream is parked (``ingest.selectors.parked_sources``) until requeued."""
+    target = ingest_selectors.input_low_watermark(source_id)
+    ingest_services.park_items(
+        stage=DETECT,
+        items=[
+            ingest_services.ParkedItem(
+                key=f"{DETECT}:{SCOPE}:{failure.item}",
+                source_id=source_id,
+                reason=f"counting the stream failed {failure.attempts} times from its "
+                f"watermark {watermark.isoformat() if watermark else '(start)'}: "
+                f"{failure.summary}; the stream is parked until requeued",
+                error=failure.short_traceback,
+                attempts=failure.attempts,
+                payload={
+                    "scope": SCOPE,
+                    "item": failure.item,
+                    "source_id": source_id,
+                    "watermark": watermark.isoformat() if watermark else None,
+                    "target": target.isoformat() if target else None,
+                    "resend": {"task": None, "kwarg": None, "kwargs": {"source_id": source_id}},
+                },
+            )
+            for failure in failures
+        ],
+    )
+
+
+def _advance(source: Source, *, others: int, parked: set[int]) -> list[Stream]:
+    """Advance ``source``'s stream and up to ``others`` other streams with work pending
+    (none of the ``parked`` ones),
     in one transaction, taking no more once ``MAX_EVENTS_PER_BATCH`` events are held;
     return the streams that had work (``source``'s first when it had). Side effects:
     counts, trends, stories and clocks of those streams; their hand-offs after commit."""
     with transaction.atomic():
-        clocks = [_lock_clock(source), *_lock_pending_clocks(exclude=source.id, limit=others)]
+        clocks = [
+            _lock_clock(source),
+            *_lock_pending_clocks(exclude={source.id, *parked}, limit=others),
+        ]
         streams: list[Stream] = []
         for clock in clocks:
             if sum(len(stream.events) for stream in streams) >= MAX_EVENTS_PER_BATCH:
@@ -133,8 +200,8 @@ def _advance(source: Source, *, others: int) -> list[Stream]:
     return streams
 
 
-def _lock_pending_clocks(*, exclude: int, limit: int) -> list[StreamClock]:
-    """Up to ``limit`` clocks of streams other than ``exclude`` that may have work
+def _lock_pending_clocks(*, exclude: set[int], limit: int) -> list[StreamClock]:
+    """Up to ``limit`` clocks of streams not in ``exclude`` that may have work
     pending, least recently advanced first, locked ``FOR UPDATE SKIP LOCKED`` (one
     query, never waits: a clock another worker holds is left to it).
 
@@ -149,7 +216,7 @@ def _lock_pending_clocks(*, exclude: int, limit: int) -> list[StreamClock]:
         StreamClock.objects.select_for_update(skip_locked=True, of=("self",))
         .filter(source__input_watermark__isnull=False)
         .filter(Q(watermark__isnull=True) | Q(watermark__lt=F("source__input_watermark")))
-        .exclude(source_id=exclude)
+        .exclude(source_id__in=exclude)
         .order_by(F("advanced_at").asc(nulls_first=True), "source_id")[:limit]
     )
 
@@ -221,8 +288,11 @@ def sweep_streams(*, active_within_s: float) -> int:
     clocks = dict(
         StreamClock.objects.filter(source_id__in=ids).values_list("source_id", "watermark")
     )
+    parked = ingest_selectors.parked_sources(DETECT)
     behind = []
     for source_id in ids:
+        if source_id in parked:
+            continue
         target = ingest_selectors.input_low_watermark(source_id)
         current = clocks.get(source_id)
         if target is not None and (current is None or target > current):
@@ -237,10 +307,15 @@ def sweep_streams(*, active_within_s: float) -> int:
 
 def _reconcile_progress(source_ids: Sequence[int]) -> None:
     """Correct the pipeline's in-flight count of each stream from the tables: events
-    stored, minus those counted, minus the late ones (never counted)."""
+    stored, minus those counted, minus the late ones (never counted), minus the parked
+    ones (dead letters of the enrich stage: never counted either)."""
     stored = dict(Source.objects.filter(id__in=source_ids).values_list("id", "events_total"))
+    parked = ingest_selectors.parked_events(source_ids)
     for clock in StreamClock.objects.filter(source_id__in=source_ids):
         pipeline.reconcile_progress(
             clock.source_id,
-            stored.get(clock.source_id, 0) - clock.counted_events - clock.late_events,
+            stored.get(clock.source_id, 0)
+            - clock.counted_events
+            - clock.late_events
+            - parked.get(clock.source_id, 0),
         )
