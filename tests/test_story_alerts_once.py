@@ -122,7 +122,7 @@ def test_a_story_whose_every_member_is_cooling_down_says_why_it_did_not_alert() 
 
 @pytest.mark.django_db
 def test_members_of_a_story_already_alerted_update_it_and_claim_no_cooldown() -> None:
-    source, rule = a_desk()
+    source, _ = a_desk()
     first = make_trend(source, "#storm", hours=0)
     (fired,) = evaluate([first.id])
     member = make_trend(source, "#blizzard", hours=0, story=first, minute=5)
