@@ -56,12 +56,16 @@ def rule_matches(rule: AlertRule, trend: facade.TrendView) -> bool:
 def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
     """Fire the matching rules of each trend's team; return the new alert ids.
 
-    Trends that are gone, or already evaluated, are skipped. A deadlock or
-    serialization failure rolls back and retries the whole batch (exponential backoff
-    with jitter, at most ``alerts.claims.RETRY_ATTEMPTS`` tries; then the error
-    propagates and the task is redelivered). Side effects after commit: the new alerts
-    are pushed to their teams' WebSocket groups (``alerts.push``), and the trends are
-    marked done for the sweeper.
+    Trends that are gone, or already evaluated, are skipped. A rule alerts on a story
+    once (``alert_unique_story``): its members are decided in event-time order, after
+    the cooldown claims (``_decide``); a member of a story whose alert exists (stored,
+    fired by an earlier member of the batch, or committed meanwhile by another worker)
+    updates that alert instead (``_update_story_alerts``). A deadlock or serialization
+    failure rolls back and retries the whole batch (exponential backoff with jitter, at
+    most ``alerts.claims.RETRY_ATTEMPTS`` tries; then the error propagates and the task
+    is redelivered). Side effects after commit: the new alerts are pushed
+    (``alert.created``) and the updated ones (``alert.updated``) to their teams'
+    WebSocket groups (``alerts.push``), and the trends are marked done for the sweeper.
     """
     trends = facade.trends(trend_ids)
     with transaction.atomic():
@@ -83,12 +87,27 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
             for rule in rules_by_team[trend.team_id]
             if rule_matches(rule, trend)
         ]
-        pairs, joining = _split_story_members(pairs)
-        won = claims.claim_cooldowns(
-            [(rule, t.source_id, t.term, t.bucket_start, t.id) for rule, t in pairs]
-        )
-        firing = [(rule, trend) for rule, trend in pairs if (rule.id, trend.id) in won]
-        created = _create_alerts(firing)
+        firing, joining, waiting = _decide(pairs)
+        inserted = _create_alerts(firing)
+        created = inserted.ids
+        # Another worker's alert of the story committed meanwhile: every member of the
+        # batch joins it (its cooldown claim stays spent: the term did alert, in its story).
+        joining += [
+            (rule, t)
+            for rule, t in firing + [m for members in waiting.values() for m in members]
+            if (rule.id, t.story_id) in inserted.taken
+        ]
+        joining.sort(key=lambda pair: (pair[1].evidence_created_at, pair[1].id))
+        for (rule_id, story_id), members in waiting.items():
+            if (rule_id, story_id) not in inserted.taken:
+                log.info(
+                    "alerts.story_not_alerted",
+                    reason="cooldown",
+                    rule_id=rule_id,
+                    story_id=story_id,
+                    trend_ids=[t.id for _, t in members],
+                    terms=[t.term for _, t in members],
+                )
         updated = _update_story_alerts(joining)
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
@@ -99,36 +118,69 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
     return created
 
 
-def _split_story_members(
-    pairs: list[tuple[AlertRule, facade.TrendView]],
-) -> tuple[list[tuple[AlertRule, facade.TrendView]], list[tuple[AlertRule, facade.TrendView]]]:
-    """``(pairs that may fire, pairs that update their story's alert)``.
+Pair = tuple[AlertRule, facade.TrendView]
 
-    A later member of a story (``TrendView.joins_story``) updates the alert its rule
-    gave the story, when there is one (stored, or firing in this batch from an earlier
-    member); else it may fire, as the story's first alert for that rule.
+
+def _decide(pairs: list[Pair]) -> tuple[list[Pair], list[Pair], dict[tuple[int, int], list[Pair]]]:
+    """``(firing, joining, waiting)`` of ``pairs`` (in event-time order), inside the
+    caller's transaction.
+
+    A trend with no story fires if it wins its rule's cooldown on its term. The members
+    of a story (``TrendView.story_id``) are taken in event-time order, for each rule: a
+    member of a story the rule has alerted on (a stored alert, one query) joins it; else
+    the member claims the cooldown of its term, and the first that wins fires as the
+    story's alert and the members after it join it. The members before it (or all, when
+    none won) lost their cooldowns: ``waiting``, by ``(rule id, story id)``, holds them
+    while no member fired; a later member, in this batch or a later one, may still fire
+    for the story. Two statements for the cooldowns (``alerts.claims.Cooldowns``),
+    whatever the number of members.
     """
-    stories = {t.story_id for _, t in pairs if t.joins_story}
-    alerted = set(
-        Alert.objects.filter(
-            rule_id__in={r.id for r, _ in pairs}, story_id__in=stories
-        ).values_list("rule_id", "story_id")
+    keys = {(rule.id, t.story_id) for rule, t in pairs if t.story_id is not None}
+    alerted = (
+        set(
+            Alert.objects.filter(
+                rule_id__in={k[0] for k in keys}, story_id__in={k[1] for k in keys}
+            ).values_list("rule_id", "story_id")
+        )
+        if keys
+        else set()
     )
-    may_fire, joining = [], []
-    for rule, trend in pairs:
-        key = (rule.id, trend.story_id if trend.story_id is not None else trend.id)
-        if trend.joins_story and key in alerted:
-            joining.append((rule, trend))
-        else:
-            may_fire.append((rule, trend))
-            alerted.add(key)
-    return may_fire, joining
+    cooldowns = claims.Cooldowns.lock(
+        [
+            (rule.id, t.source_id, t.term)
+            for rule, t in pairs
+            if (rule.id, t.story_id) not in alerted
+        ]
+    )
+    firing: list[Pair] = []
+    joining: list[Pair] = []
+    waiting: dict[tuple[int, int], list[Pair]] = defaultdict(list)
+    for rule, t in pairs:
+        story = (rule.id, t.story_id) if t.story_id is not None else None
+        if story is not None and story in alerted:
+            joining.append((rule, t))
+        elif cooldowns.claim(rule, t.source_id, t.term, t.bucket_start):
+            firing.append((rule, t))
+            if story is not None:
+                alerted.add(story)
+                waiting.pop(story, None)
+        elif story is not None:
+            waiting[story].append((rule, t))
+    cooldowns.save()
+    return firing, joining, dict(waiting)
 
 
-def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
-    """Update each story's alert with the member that joined it (the story's terms,
-    label and forecast in ``evidence["story"]``, the title, ``updated_at``); return the
-    ids of the alerts updated. The alerts are locked in id order."""
+def _update_story_alerts(joining: list[Pair]) -> list[int]:
+    """Update each story's alert with the members that joined it (``joining``, in event
+    time order); return the ids of the alerts updated. The alerts are locked in id
+    order, one UPDATE each.
+
+    The story's terms in ``evidence["story"]`` become the union of the alert's and the
+    latest member's (in order of detection); the rest of the story (label, forecast,
+    ``updated_by``, ``predicted``) and the title are the latest member's when it is no
+    older (event time) than the alert's evidence, so a member that joins late, out of
+    order, never takes the story back; ``updated_at`` is now.
+    """
     if not joining:
         return []
     latest: dict[tuple[int, int], facade.TrendView] = {}
@@ -147,8 +199,14 @@ def _update_story_alerts(joining: list[tuple[AlertRule, facade.TrendView]]) -> l
         member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
         if member is None:
             continue
-        alert.evidence = {**alert.evidence, "story": _story(member)}
-        alert.title = _title(member, events=max(member.events, alert.evidence.get("events", 0)))
+        shown = alert.evidence.get("story") or {}
+        story = _story(member)
+        terms = list(dict.fromkeys([*shown.get("terms", []), *story["terms"]]))
+        if member.evidence_created_at >= alert.event_created_at:
+            alert.evidence = {**alert.evidence, "story": {**story, "terms": terms}}
+            alert.title = _title(member, events=max(member.events, alert.evidence.get("events", 0)))
+        else:
+            alert.evidence = {**alert.evidence, "story": {**shown, "terms": terms}}
         alert.updated_at = now
         alert.save(update_fields=["evidence", "title", "updated_at"])
         updated.append(alert.id)
@@ -211,9 +269,10 @@ def _story(trend: facade.TrendView) -> dict[str, Any]:
     }
 
 
-def _create_alerts(firing: list[tuple[AlertRule, facade.TrendView]]) -> list[int]:
-    """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``; return
-    their ids (one statement; a pair already alerted is skipped)."""
+def _create_alerts(firing: list[Pair]) -> claims.Inserted:
+    """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``, each with
+    its story's id (``alerts.claims.insert_alerts``: a pair whose story the rule alerted
+    on meanwhile is not inserted but reported in ``taken``)."""
     return claims.insert_alerts(
         "trend_id",
         [
@@ -405,7 +464,7 @@ def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -
             )
             for rule, a in firing
         ],
-    )
+    ).ids
 
 
 def viral_rule_matches(rule: AlertRule, post: ingest_virality_reads.ScoredPost) -> bool:
@@ -467,7 +526,7 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
                 for rule, p in pairs
                 if (rule.id, p.id) in won
             ],
-        )
+        ).ids
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
     if created:

@@ -99,7 +99,8 @@ class Alert(models.Model):
     members of the story (``mlengine.stories``) update it (``updated_at``, the story in
     ``evidence["story"]``) rather than fire alerts of their own. ``story_id`` is the
     story's id as ``mlengine.facade.TrendView.story_id`` gave it at firing: the alerts
-    stage finds a story's alerts by it, never through the trend's row.
+    stage finds a story's alerts by it, never through the trend's row. A rule alerts on a
+    story once (``alert_unique_story``).
 
     Latency fields: ``event_received_at`` (processing time of the event that completed
     the evidence), ``created_at`` (row written), ``pushed_at`` (sent to the channel
@@ -150,6 +151,12 @@ class Alert(models.Model):
             models.UniqueConstraint(fields=["rule", "anomaly"], name="alert_unique_anomaly"),
             models.UniqueConstraint(fields=["rule", "event"], name="alert_unique_event"),
             models.UniqueConstraint(fields=["team", "seq"], name="alert_unique_seq"),
+            # A rule alerts on a story once: the later members join that alert.
+            models.UniqueConstraint(
+                fields=["rule", "story_id"],
+                condition=models.Q(story_id__isnull=False),
+                name="alert_unique_story",
+            ),
         ]
         indexes = [models.Index(fields=["team", "-id"], name="alert_team_recent")]
 

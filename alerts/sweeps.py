@@ -5,11 +5,14 @@ but never pushed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from django.db import transaction
+from django.db.models import BigIntegerField, QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from alerts import evaluation, push
@@ -19,64 +22,83 @@ from twiscope import pipeline
 
 log = structlog.get_logger(__name__)
 
-SWEEP_LIMIT = 5000
+SWEEP_PAGE = 5000
+"""Items read per query: every sweep pages through all its candidates, however many."""
 
 
 def sweep(*, older_than_s: float) -> dict[str, int]:
     """Re-send trends and anomalies detected over ``older_than_s`` ago (within a day),
     and scored posts (``viral:<id>`` records) that long ago, that no rule evaluation
-    claimed and that are really stuck (``twiscope.pipeline.stuck``); bring up to date
-    the alerts a lost confirmation or anomaly update left stale; push alerts persisted
-    that long ago but never pushed. Returns the counts."""
+    claimed and that are really stuck (``twiscope.pipeline.stuck``: also under load,
+    once past ``PIPELINE_LOST_AFTER_S``); bring up to date the alerts a lost
+    confirmation or anomaly update left stale; push alerts persisted that long ago but
+    never pushed. Every candidate is read, page after page (``SWEEP_PAGE``), never the
+    first page alone. Returns the counts."""
     now = timezone.now()
     cutoff = now - timedelta(seconds=older_than_s)
-    detected = facade.trend_ids_detected_before(
-        cutoff, since=now - timedelta(days=1), limit=SWEEP_LIMIT
+    trends = _sweep_detected(
+        facade.trend_ids_detected_before, TrendCheck, "trend_id", now, cutoff, older_than_s
     )
-    checked = set(
-        TrendCheck.objects.filter(trend_id__in=detected).values_list("trend_id", flat=True)
+    anomalies = _sweep_detected(
+        facade.anomaly_ids_detected_before, AnomalyCheck, "anomaly_id", now, cutoff, older_than_s
     )
-    unchecked = [trend_id for trend_id in detected if trend_id not in checked]
-    resend = [int(m) for m in pipeline.stuck("alerts", unchecked, older_than_s=older_than_s)]
-    with transaction.atomic():
-        for i in range(0, len(resend), 250):
-            chunk = resend[i : i + 250]
-            pipeline.send("alerts", items=chunk, trend_ids=chunk)
-    pipeline.mark_done("alerts", [t for t in detected if t in checked])
-    anomalies = _sweep_anomalies(now, cutoff, older_than_s)
     viral = _sweep_viral(older_than_s)
     stale = _sweep_stale_alerts(now, cutoff)
-    unpushed = list(
-        Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff).values_list(
-            "id", flat=True
-        )[:SWEEP_LIMIT]
-    )
-    if unpushed:
-        push.push_alerts(alert_ids=unpushed)
+    unpushed = _sweep_unpushed(cutoff)
     swept = {
-        "trends": len(resend),
+        "trends": trends,
         "anomalies": anomalies,
         "viral_posts": viral,
         "alerts_updated": stale,
-        "alerts_pushed": len(unpushed),
+        "alerts_pushed": unpushed,
     }
     if any(swept.values()):
         log.warning("alerts.swept", **swept)
     return swept
 
 
-def _sweep_anomalies(now: datetime, cutoff: datetime, older_than_s: float) -> int:
-    """Re-send anomalies detected before ``cutoff`` (within a day) that no evaluation
-    claimed and that are really stuck; returns how many."""
-    detected = facade.anomaly_ids_detected_before(
-        cutoff, since=now - timedelta(days=1), limit=SWEEP_LIMIT
-    )
-    checked = set(
-        AnomalyCheck.objects.filter(anomaly_id__in=detected).values_list("anomaly_id", flat=True)
-    )
-    pipeline.mark_done("alerts", [f"anomaly:{i}" for i in detected if i in checked])
-    unchecked = [i for i in detected if i not in checked]
-    return _resend_stuck("anomaly", "anomalies", "anomaly_ids", unchecked, older_than_s)
+_KINDS: dict[str, tuple[str, str, str]] = {
+    "trend_id": ("", "", "trend_ids"),
+    "anomaly_id": ("anomaly", "anomalies", "anomaly_ids"),
+}
+"""By check column: ``(dispatch record prefix, task key in SIDE_TASKS, task kwarg)``."""
+
+
+def _sweep_detected(
+    pages: Callable[..., facade.DetectedPage],
+    check: type[TrendCheck] | type[AnomalyCheck],
+    column: str,
+    now: datetime,
+    cutoff: datetime,
+    older_than_s: float,
+) -> int:
+    """Re-send the trends (or anomalies) detected before ``cutoff`` within a day that no
+    evaluation claimed and that are really stuck; mark the claimed ones done. Pages
+    through the day's items (keyset, ``SWEEP_PAGE`` a query, ``pages`` from
+    ``mlengine.facade``), and filters each page against the check table: the checks are
+    alerts' and the items mlengine's, so they meet here, page by page. Returns how many
+    it sent."""
+    prefix, task, kwarg = _KINDS[column]
+    unchecked: list[int] = []
+    after = None
+    while True:
+        page = pages(cutoff, since=now - timedelta(days=1), limit=SWEEP_PAGE, after=after)
+        checked = set(
+            check.objects.filter(**{f"{column}__in": page.ids}).values_list(column, flat=True)
+        )
+        pipeline.mark_done("alerts", [f"{prefix}:{i}" if prefix else i for i in checked])
+        unchecked += [i for i in page.ids if i not in checked]
+        if page.after is None:
+            break
+        after = page.after
+    if not prefix:
+        resend = [int(m) for m in pipeline.stuck("alerts", unchecked, older_than_s=older_than_s)]
+        with transaction.atomic():
+            for i in range(0, len(resend), 250):
+                chunk = resend[i : i + 250]
+                pipeline.send("alerts", items=chunk, trend_ids=chunk)
+        return len(resend)
+    return _resend_stuck(prefix, task, kwarg, unchecked, older_than_s)
 
 
 def _resend_stuck(prefix: str, task: str, kwarg: str, ids: list[int], older_than_s: float) -> int:
@@ -98,36 +120,61 @@ def _resend_stuck(prefix: str, task: str, kwarg: str, ids: list[int], older_than
 def _sweep_viral(older_than_s: float) -> int:
     """Re-send the scored posts whose dispatch record (``viral:<id>``, written before
     their scores committed) is over ``older_than_s`` old, that no evaluation claimed,
-    and that are really stuck; mark the claimed ones done. Returns how many."""
-    items = pipeline.recorded(
-        "alerts", prefix="viral:", older_than_s=older_than_s, limit=SWEEP_LIMIT
-    )
+    and that are really stuck; mark the claimed ones done. Reads every such record
+    (``twiscope.pipeline.recorded``), and checks them ``SWEEP_PAGE`` at a time. Returns
+    how many."""
+    items = pipeline.recorded("alerts", prefix="viral:", older_than_s=older_than_s)
     ids = [int(item.partition(":")[2]) for item in items]
-    checked = set(ViralCheck.objects.filter(event_id__in=ids).values_list("event_id", flat=True))
-    pipeline.mark_done("alerts", [f"viral:{i}" for i in ids if i in checked])
-    unchecked = [i for i in ids if i not in checked]
+    unchecked: list[int] = []
+    for start in range(0, len(ids), SWEEP_PAGE):
+        page = ids[start : start + SWEEP_PAGE]
+        checked = set(
+            ViralCheck.objects.filter(event_id__in=page).values_list("event_id", flat=True)
+        )
+        pipeline.mark_done("alerts", [f"viral:{i}" for i in checked])
+        unchecked += [i for i in page if i not in checked]
     return _resend_stuck("viral", "viral", "event_ids", unchecked, older_than_s)
+
+
+def _pages(rows: QuerySet[Alert], field: str) -> Iterator[list[Any]]:
+    """``field`` of ``rows``, ``SWEEP_PAGE`` at a time, by alert id (keyset): all of
+    them, however many (one query a page)."""
+    after = 0
+    while True:
+        page = list(rows.filter(id__gt=after).order_by("id").values_list("id", field)[:SWEEP_PAGE])
+        if page:
+            yield [value for _, value in page]
+        if len(page) < SWEEP_PAGE:
+            return
+        after = page[-1][0]
+
+
+def _sweep_unpushed(cutoff: datetime) -> int:
+    """Push the alerts persisted before ``cutoff`` and never pushed; returns how many."""
+    pushed = 0
+    for ids in _pages(Alert.objects.filter(pushed_at__isnull=True, created_at__lt=cutoff), "id"):
+        push.push_alerts(alert_ids=ids)
+        pushed += len(ids)
+    return pushed
 
 
 def _sweep_stale_alerts(now: datetime, cutoff: datetime) -> int:
     """Bring up to date the alerts created within a day and before ``cutoff`` that a lost
     update left behind: a prediction whose trend was confirmed (``confirm_trends``) and
-    an anomaly that grew or closed since (``update_anomaly_alerts``); returns how many
-    alerts it updated."""
+    an anomaly that grew or closed since (``update_anomaly_alerts``), page by page;
+    returns how many alerts it updated."""
     recent = Alert.objects.filter(created_at__gte=now - timedelta(days=1), created_at__lt=cutoff)
-    predicted_stories = {
-        story_id if story_id is not None else trend_id
-        for trend_id, story_id in recent.filter(
-            trend_id__isnull=False, evidence__story__predicted=True
-        ).values_list("trend_id", "story_id")[:SWEEP_LIMIT]
-    }
-    updated = evaluation.confirm_trends(
-        trend_ids=facade.confirmed_trend_ids(sorted(predicted_stories))
-    )
-    anomalies = list(
-        recent.filter(anomaly__isnull=False, evidence__closed=False).values_list(
-            "anomaly_id", flat=True
-        )[:SWEEP_LIMIT]
-    )
-    updated += evaluation.update_anomaly_alerts(anomaly_ids=anomalies) if anomalies else []
-    return len(updated)
+    updated = 0
+    predicted = recent.filter(trend_id__isnull=False, evidence__story__predicted=True)
+    for stories in _pages(
+        predicted.annotate(story=Coalesce("story_id", "trend_id", output_field=BigIntegerField())),
+        "story",
+    ):
+        updated += len(
+            evaluation.confirm_trends(trend_ids=facade.confirmed_trend_ids(sorted(set(stories))))
+        )
+    for anomalies in _pages(
+        recent.filter(anomaly__isnull=False, evidence__closed=False), "anomaly_id"
+    ):
+        updated += len(evaluation.update_anomaly_alerts(anomaly_ids=anomalies))
+    return updated

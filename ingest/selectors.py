@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from django.db import connection
-from django.db.models import Count, Min
+from django.db.models import Count, Min, Q
 
 from ingest.counters import STAGED_EVENT_TIME_KEY
 from ingest.models import DeadLetter, Event, Source
@@ -287,15 +287,20 @@ def parked_events(source_ids: Sequence[int]) -> dict[int, int]:
     )
 
 
-def unenriched_before(received_before: datetime, *, limit: int) -> list[tuple[int, int]]:
-    """``(id, source_id)`` of events received before ``received_before`` and still not
-    enriched (nor parked), oldest first, at most ``limit``."""
+def unenriched_before(
+    received_before: datetime, *, limit: int, after: tuple[datetime, int] | None = None
+) -> list[tuple[int, int, datetime]]:
+    """``(id, source_id, received_at)`` of events received before ``received_before``
+    and still not enriched (nor parked), oldest first (by ``(received_at, id)``), at most ``limit``,
+    after the cursor ``after`` (the ``(received_at, id)`` of the previous page's last
+    row): a reader pages through them all, however many there are."""
+    rows = Event.objects.filter(
+        enriched_at__isnull=True, parked_at__isnull=True, received_at__lt=received_before
+    )
+    if after is not None:
+        rows = rows.filter(Q(received_at__gt=after[0]) | Q(received_at=after[0], id__gt=after[1]))
     return list(
-        Event.objects.filter(
-            enriched_at__isnull=True, parked_at__isnull=True, received_at__lt=received_before
-        )
-        .order_by("received_at")
-        .values_list("id", "source_id")[:limit]
+        rows.order_by("received_at", "id").values_list("id", "source_id", "received_at")[:limit]
     )
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+from django.db.models import Q, QuerySet
 
 from mlengine.inference import encoder, heads, scoring, training, virality_model
 from mlengine.models import Anomaly, Trend
@@ -19,6 +20,8 @@ from mlengine.models import Anomaly, Trend
 __all__ = [
     "VIRAL_ALERT_MIN_SCORE",
     "AnomalyView",
+    "Cursor",
+    "DetectedPage",
     "NoTrainedModel",
     "Prediction",
     "ScoringStats",
@@ -193,14 +196,41 @@ def trends(trend_ids: Sequence[int]) -> list[TrendView]:
     return views
 
 
-def trend_ids_detected_before(moment: datetime, *, since: datetime, limit: int) -> list[int]:
-    """Ids of trends first detected (processing time) in ``[since, moment)``, oldest
-    first, at most ``limit``."""
-    return list(
-        Trend.objects.filter(detected_at__gte=since, detected_at__lt=moment)
-        .order_by("detected_at")
-        .values_list("id", flat=True)[:limit]
+Cursor = tuple[datetime, int]
+"""``(detected_at, id)`` of the last item of a page: where the next page starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class DetectedPage:
+    """One page of ids in order of detection (processing time, then id): ``ids``, and
+    ``after``, the cursor to pass for the next page (None: this page is the last)."""
+
+    ids: tuple[int, ...]
+    after: Cursor | None
+
+
+def _detected_page(
+    rows: QuerySet[Any], moment: datetime, since: datetime, limit: int, after: Cursor | None
+) -> DetectedPage:
+    """Keyset pagination over ``rows`` detected in ``[since, moment)`` by ``(detected_at,
+    id)`` (one query; the ``*_detected`` index)."""
+    rows = rows.filter(detected_at__gte=since, detected_at__lt=moment)
+    if after is not None:
+        rows = rows.filter(Q(detected_at__gt=after[0]) | Q(detected_at=after[0], id__gt=after[1]))
+    page = list(rows.order_by("detected_at", "id").values_list("detected_at", "id")[:limit])
+    return DetectedPage(
+        ids=tuple(item_id for _, item_id in page),
+        after=page[-1] if len(page) == limit else None,
     )
+
+
+def trend_ids_detected_before(
+    moment: datetime, *, since: datetime, limit: int, after: Cursor | None = None
+) -> DetectedPage:
+    """A page of the ids of trends first detected (processing time) in ``[since,
+    moment)``, in order of detection, at most ``limit``, after the cursor ``after``: a
+    reader pages through them all (``DetectedPage.after``), however many there are."""
+    return _detected_page(Trend.objects.all(), moment, since, limit, after)
 
 
 def confirmed_trend_ids(story_ids: Sequence[int]) -> list[int]:
@@ -285,11 +315,9 @@ def anomalies(anomaly_ids: Sequence[int]) -> list[AnomalyView]:
     ]
 
 
-def anomaly_ids_detected_before(moment: datetime, *, since: datetime, limit: int) -> list[int]:
-    """Ids of anomalies first detected (processing time) in ``[since, moment)``, oldest
-    first, at most ``limit``."""
-    return list(
-        Anomaly.objects.filter(detected_at__gte=since, detected_at__lt=moment)
-        .order_by("detected_at", "id")
-        .values_list("id", flat=True)[:limit]
-    )
+def anomaly_ids_detected_before(
+    moment: datetime, *, since: datetime, limit: int, after: Cursor | None = None
+) -> DetectedPage:
+    """A page of the ids of anomalies first detected (processing time) in ``[since,
+    moment)``, as ``trend_ids_detected_before`` for trends."""
+    return _detected_page(Anomaly.objects.all(), moment, since, limit, after)

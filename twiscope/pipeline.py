@@ -18,11 +18,13 @@ Every dispatch records when it was sent, per item (an event id, a trend id, a ba
 key), in a Redis sorted set of its stage (``twiscope:dispatched:<stage>``, score: epoch
 seconds); a stage marks its items done when it has handled them. A stage's sweeper
 asks ``stuck()`` which of its unfinished items really are stuck: never dispatched
-(the process died between commit and send), or dispatched long ago while the stage's
-queue is empty (the message was lost). A worker that takes a message refreshes its
-items' records (``task_received``), so work a worker holds is not taken for lost
-either. Items merely waiting behind a backlog are not re-sent, so a slow pool is never
-handed the same work twice.
+(the process died between commit and send), dispatched long ago while the stage's
+queue is empty (the message was lost), or dispatched so long ago that no worker can
+hold the message any more (``PIPELINE_LOST_AFTER_S``: lost, even under sustained
+load). A worker that takes a message refreshes its items' records
+(``task_received``), so work a worker holds is not taken for lost either. Items
+merely waiting behind a backlog are not re-sent before that bound, so a slow pool is
+not handed the same work twice.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, cast
 import structlog
 from amqp.exceptions import ChannelError
 from celery.signals import task_received
+from django.conf import settings
 from django.db import transaction
 
 from twiscope.celery import app
@@ -77,6 +80,14 @@ NEXT_STAGE = dict(itertools.pairwise(STAGES))
 ITEM_KWARGS = {INGEST: "batch_key", ENRICH: "event_ids", ALERTS: "trend_ids"}
 """The task kwarg naming a stage's items (dispatch records), by stage."""
 STAGE_OF_TASK = {task: stage for stage, task in ENTRY_TASKS.items()}
+
+RECORDS_OF_TASK = {
+    **{ENTRY_TASKS[stage]: (stage, kwarg, "") for stage, kwarg in ITEM_KWARGS.items()},
+    SIDE_TASKS[ALERTS]["anomalies"]: (ALERTS, "anomaly_ids", "anomaly:"),
+    SIDE_TASKS[ALERTS]["viral"]: (ALERTS, "event_ids", "viral:"),
+}
+"""``task name: (stage, kwarg, record prefix)``: the dispatch records a task's message
+carries (``<prefix><item>`` for each item of the kwarg), refreshed when a worker takes it."""
 
 DISPATCH_KEY = "twiscope:dispatched:{stage}"
 PENDING_KEY = "twiscope:pending:{stage}:{key}"
@@ -141,12 +152,16 @@ def send(
 @task_received.connect
 def _touch_on_receipt(request: Any = None, **_: Any) -> None:
     """A worker took a message (to run now, or prefetched to run next): refresh its items'
-    dispatch records, so they are not taken for lost while a worker holds them."""
-    stage = STAGE_OF_TASK.get(getattr(request, "name", ""))
-    if stage is None or stage not in ITEM_KWARGS:
+    dispatch records (``RECORDS_OF_TASK``), so they are not taken for lost while a
+    worker holds them. Records already marked done are not written again."""
+    found = RECORDS_OF_TASK.get(getattr(request, "name", ""))
+    if found is None:
         return
-    value = (getattr(request, "kwargs", None) or {}).get(ITEM_KWARGS[stage])
-    members = [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    stage, kwarg, prefix = found
+    value = (getattr(request, "kwargs", None) or {}).get(kwarg)
+    members = [
+        f"{prefix}{v}" for v in (value if isinstance(value, list) else [value]) if v is not None
+    ]
     if members:
         get_redis().zadd(
             DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()), xx=True
@@ -211,15 +226,18 @@ def record(stage: str, items: Iterable[int | str]) -> None:
         get_redis().zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()))
 
 
-def recorded(stage: str, *, prefix: str, older_than_s: float, limit: int) -> list[str]:
+def recorded(
+    stage: str, *, prefix: str, older_than_s: float, limit: int | None = None
+) -> list[str]:
     """Dispatch records of ``stage`` starting with ``prefix`` written (or refreshed) over
-    ``older_than_s`` seconds ago, oldest first, at most ``limit``: unfinished work
-    whose only trace is its record (``record``)."""
+    ``older_than_s`` seconds ago, oldest first, at most ``limit`` (None: all of them):
+    unfinished work whose only trace is its record (``record``). Reads the stage's
+    records 1,000 at a time."""
     cutoff = time.time() - older_than_s
     found: list[str] = []
     offset, page = 0, 1000
     redis = get_redis()
-    while len(found) < limit:
+    while limit is None or len(found) < limit:
         members = cast(
             "list[bytes]",
             redis.zrangebyscore(
@@ -230,7 +248,7 @@ def recorded(stage: str, *, prefix: str, older_than_s: float, limit: int) -> lis
         if len(members) < page:
             break
         offset += page
-    return found[:limit]
+    return found if limit is None else found[:limit]
 
 
 def mark_done(stage: str, items: Iterable[int | str]) -> None:
@@ -241,28 +259,58 @@ def mark_done(stage: str, items: Iterable[int | str]) -> None:
         get_redis().zrem(DISPATCH_KEY.format(stage=stage), *members)
 
 
-def stuck(stage: str, items: Sequence[int | str], *, older_than_s: float) -> list[str]:
-    """Which of ``items`` (unfinished work of ``stage``) to send again.
+def stuck(
+    stage: str,
+    items: Sequence[int | str],
+    *,
+    older_than_s: float,
+    lost_after_s: float | None = None,
+) -> list[str]:
+    """Which of ``items`` (unfinished work of ``stage``) to send again; returns them as
+    strings, in input order.
 
-    An item is stuck when it has no dispatch record (never sent), or its record is older
-    than ``older_than_s`` seconds while ``stage``'s queue holds no message (nothing
-    queued could still deliver it). Returns the stuck items as strings, in input order.
+    An item is stuck when:
+
+    - it has no dispatch record (never sent: the process died between commit and send);
+    - its record is older than ``older_than_s`` seconds while ``stage``'s queue holds no
+      message (nothing queued could still deliver it);
+    - or its record is older than ``lost_after_s`` seconds (default: the setting
+      ``PIPELINE_LOST_AFTER_S``, 2 × (visibility timeout + longest task time limit) =
+      7,440 s), whatever the queue holds. A record is refreshed when a worker takes the
+      message (``task_received``, prefetched ones too). A worker that dies holding it
+      leaves it unacknowledged, and Redis hands it out again after the visibility
+      timeout, when the next worker refreshes it again; a task runs at most its time
+      limit. So past that bound no worker holds the message and none will get it back:
+      it was lost, or it has waited in the queue behind a backlog that long. Under
+      sustained load the queue is never empty, and without this bound a lost message
+      would hold its stream's watermark for good; the cost of the second case is one
+      more message per item per bound, which the idempotent task does nothing with.
     """
     if not items:
         return []
+    lost_after_s = settings.PIPELINE_LOST_AFTER_S if lost_after_s is None else lost_after_s
     members = [str(item) for item in items]
     scores = cast(
         "list[float | None]", get_redis().zmscore(DISPATCH_KEY.format(stage=stage), members)
     )
-    never_sent = [m for m, score in zip(members, scores, strict=True) if score is None]
-    cutoff = time.time() - older_than_s
+    now = time.time()
+    resend = {m for m, score in zip(members, scores, strict=True) if score is None}
+    lost = {
+        m
+        for m, score in zip(members, scores, strict=True)
+        if score is not None and score < now - lost_after_s
+    }
+    if lost:
+        log.warning("pipeline.lost", stage=stage, items=len(lost), lost_after_s=lost_after_s)
+    resend |= lost
     old = [
-        m for m, score in zip(members, scores, strict=True) if score is not None and score < cutoff
+        m
+        for m, score in zip(members, scores, strict=True)
+        if score is not None and score < now - older_than_s
     ]
     if old and queue_depth(stage) == 0:
-        resend = set(old) | set(never_sent)
-        return [m for m in members if m in resend]
-    return never_sent
+        resend |= set(old)
+    return [m for m in members if m in resend]
 
 
 def dispatched_count(stage: str) -> int:

@@ -227,6 +227,11 @@ SCORING_BUSY_POLL_S: float = 0.05
 SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=300.0)
 # Seconds a raw batch waits in Redis for its persist task before it expires.
 INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
+# Seconds after which a dispatched item whose record no worker refreshed is taken for
+# lost and sent again even while its queue is busy (twiscope.pipeline.stuck). Twice the
+# broker's visibility timeout (3600 s, twiscope.celery) plus the longest task time limit
+# (120 s): past it, no worker holds the message nor will Redis redeliver it.
+PIPELINE_LOST_AFTER_S: float = env.float("PIPELINE_LOST_AFTER_S", default=2 * (3600 + 120))
 
 # --- Sources ---------------------------------------------------------------------------
 # Fernet keys (comma-separated, newest first) that encrypt source credentials at rest;

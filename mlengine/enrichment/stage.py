@@ -25,7 +25,7 @@ from twiscope.queues import DETECT, ENRICH
 
 log = structlog.get_logger(__name__)
 
-SWEEP_LIMIT = 5000
+SWEEP_PAGE = 5000
 SWEEP_CHUNK = 250
 
 
@@ -124,14 +124,20 @@ def _park(failures: list[guard.Failure[int]]) -> None:
 
 def sweep_unenriched(*, older_than_s: float) -> int:
     """Re-send events received more than ``older_than_s`` ago and still not enriched,
-    when they are really stuck (``twiscope.pipeline.stuck``); returns how many."""
-    candidates = ingest_selectors.unenriched_before(
-        timezone.now() - timedelta(seconds=older_than_s), limit=SWEEP_LIMIT
-    )
-    source_of = dict(candidates)
-    resend = pipeline.stuck(
-        ENRICH, [event_id for event_id, _ in candidates], older_than_s=older_than_s
-    )
+    when they are really stuck (``twiscope.pipeline.stuck``: also under load, once past
+    ``PIPELINE_LOST_AFTER_S``); returns how many. Reads every such event, ``SWEEP_PAGE``
+    a query (keyset on ``(received_at, id)``), so events that wait long (a backlog,
+    events that fail) never hide a lost one behind them."""
+    before = timezone.now() - timedelta(seconds=older_than_s)
+    source_of: dict[int, int] = {}
+    after = None
+    while True:
+        page = ingest_selectors.unenriched_before(before, limit=SWEEP_PAGE, after=after)
+        source_of.update((event_id, source_id) for event_id, source_id, _ in page)
+        if len(page) < SWEEP_PAGE:
+            break
+        after = (page[-1][2], page[-1][0])
+    resend = pipeline.stuck(ENRICH, list(source_of), older_than_s=older_than_s)
     by_source: dict[int, list[int]] = defaultdict(list)
     for member in resend:
         by_source[source_of[int(member)]].append(int(member))
