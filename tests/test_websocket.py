@@ -10,16 +10,13 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import OperationalError
 from django.db.backends.utils import CursorWrapper
-from django.db.models import F
 from django.test import override_settings
-from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from alerts import consumers, push
-from alerts.models import Alert, AlertSequence
-from tests.factories import fire_blizzard_alerts, make_personas, make_rule
+from tests.factories import fire_blizzard_alerts, make_alerts, make_personas
 from twiscope.asgi import application
 from twiscope.redis import get_redis
 
@@ -187,35 +184,9 @@ async def test_a_socket_quiet_for_longer_than_a_redis_timeout_still_receives(per
 # --- Nothing lost between the join and the hello; bad frames; outages -------------------
 
 
-def _new_alerts(team, count: int) -> list[int]:
-    """``count`` committed alerts of ``team`` with its next sequence numbers (its seq row
-    locked until commit, as the alerts stage does), not yet pushed; returns their ids."""
-    rule = make_rule(team)
-    with transaction.atomic():
-        sequence, _ = AlertSequence.objects.select_for_update().get_or_create(team=team)
-        first = sequence.last_seq + 1
-        AlertSequence.objects.filter(team=team).update(last_seq=F("last_seq") + count)
-        now = timezone.now()
-        created = Alert.objects.bulk_create(
-            Alert(
-                team=team,
-                rule=rule,
-                seq=first + i,
-                title=f"alert {first + i}",
-                severity="info",
-                evidence={},
-                event_received_at=now,
-                event_created_at=now,
-                created_at=now,
-            )
-            for i in range(count)
-        )
-    return [alert.id for alert in created]
-
-
 def _fire(team, count: int = 1) -> list[int]:
     """Commit ``count`` alerts of ``team`` and push them, as the alerts stage does."""
-    ids = _new_alerts(team, count)
+    ids = make_alerts(team, count)
     push.push_alerts(alert_ids=ids)
     return ids
 
