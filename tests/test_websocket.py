@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -353,3 +357,47 @@ def _closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A ``redis-server`` of this test's own on a free port (never the shared one), so
+    the test may kill it; yields its URL and process."""
+    port = int(_closed_port_url().rsplit(":", 1)[1].split("/")[0])
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", process
+    process.kill()
+    process.wait(timeout=10)
+
+
+async def test_an_open_socket_is_closed_with_4503_when_redis_dies(personas, private_redis) -> None:
+    url, server = private_redis
+    token = await database_sync_to_async(_token)(personas.member)
+    layers = {
+        "default": {
+            **settings.CHANNEL_LAYERS["default"],
+            "CONFIG": {**settings.CHANNEL_LAYERS["default"]["CONFIG"], "hosts": [url]},
+        }
+    }
+
+    with override_settings(CHANNEL_LAYERS=layers):
+        communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+        assert (await communicator.connect())[0]
+        hello = await communicator.receive_json_from()
+        server.kill()
+        closed = await communicator.receive_output(timeout=10)
+
+    assert hello["type"] == "hello"
+    assert (closed["type"], closed.get("code")) == ("websocket.close", 4503)
