@@ -9,9 +9,11 @@ Contract, version 1 (``"v": 1``), on the group ``ws.<team id>.alerts``:
   alert sent before, changed (a new member joined its story: ``evidence["story"]``,
   ``title``, ``updated_at``); ``seq`` is the alert's own, not a new one.
 
-``seq`` is the team's alert sequence number, consecutive per team over
-``alert.created``. The channel layer is at most once: a client that sees a gap reloads
-``GET /api/alerts/``.
+``seq`` is the team's alert sequence number, increasing per team over ``alert.created``
+(consecutive, but a reserved number may go unused). The channel layer is at most once:
+a client that reconnects, or sees a gap, fetches what it missed with
+``GET /api/alerts/?team=<id>&after_seq=<last seq held>&ordering=seq``, page after page
+(``alerts.consumers.AlertsConsumer`` has the connect order and the close codes).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ missing ``Origin``; the user is anonymous). The consumer accepts the handshake a
 then closes the socket with ``CLOSE_ORIGIN_REFUSED`` (4403) or
 ``CLOSE_UNAUTHENTICATED`` (4401): a close before the accept reaches the client as a
 bare HTTP 403, whatever the code.
+
+While the database or Redis is down (an error of ``UNAVAILABLE_ERRORS``: the token or
+session lookup here, the channel layer or the sequence read in the consumer), the
+socket is accepted and closed with ``CLOSE_UNAVAILABLE`` (4503), never answered with an
+HTTP 500 at the handshake: the client retries with backoff and catches up over REST.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis.exceptions
+import structlog
+from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.http.request import split_domain_port, validate_host
 from django.utils.http import is_same_domain
 from rest_framework.authtoken.models import Token
@@ -33,6 +42,45 @@ CLOSE_UNAUTHENTICATED = 4401
 """Close code of a socket with no valid credentials (no token, a bad token, no session)."""
 CLOSE_ORIGIN_REFUSED = 4403
 """Close code of a socket offering a session cookie from an origin that is not allowed."""
+CLOSE_UNAVAILABLE = 4503
+"""Close code of a socket refused or dropped because the database or Redis is down:
+"service unavailable, retry" (the WebSocket analogue of HTTP 503 + ``Retry-After``).
+The client reconnects with backoff and, once in, catches up over REST."""
+
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+"""The errors that mean "a dependency is down, retry later" (the database unreachable or
+its connection lost; Redis refusing or timing out), as opposed to a bug."""
+
+log = structlog.get_logger(__name__)
+
+
+async def release_connections() -> None:
+    """Close this scope's database connections that are broken or past their age.
+
+    What channels does before each message (``aclose_old_connections``); a socket ended
+    by an outage gets no further message, and its task may be cancelled once the close
+    is sent, so it is done before. Django's function is called directly: channels'
+    test communicator turns its own into a no-op, which would leave the test database
+    held open.
+    """
+    await sync_to_async(close_old_connections)()
+
+
+async def close_unavailable(send: Any, *, accepted: bool) -> None:
+    """Accept the handshake unless ``accepted``, then close with ``CLOSE_UNAVAILABLE``.
+
+    Side effects: sends ``websocket.accept`` (when not ``accepted``) and
+    ``websocket.close`` through the ASGI ``send``. Accepting first is what carries the
+    code to a browser: a close before the accept reaches it as a bare HTTP 403.
+    """
+    if not accepted:
+        await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": CLOSE_UNAVAILABLE})
 
 
 @database_sync_to_async
@@ -98,15 +146,54 @@ class TokenOrSessionAuthMiddleware:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.session_stack = AuthMiddlewareStack(inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """Resolve the caller, then run the inner app.
+
+        When the token or session lookup fails with one of ``UNAVAILABLE_ERRORS`` (the
+        database is down), the socket is accepted and closed with ``CLOSE_UNAVAILABLE``
+        (4503) instead of the inner app running; an error raised by the inner app itself
+        propagates (the consumer handles its own).
+        """
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         if token:
-            user = await _user_for_token(token)
+            try:
+                user = await _user_for_token(token)
+            except UNAVAILABLE_ERRORS as exc:
+                return await self._unavailable(scope, receive, send, exc)
             return await self.inner(dict(scope, user=user, auth="token"), receive, send)
         if origin_allowed(scope):
-            return await self.session_stack(dict(scope, auth="session"), receive, send)
+            reached = False
+
+            async def inner(inner_scope: dict[str, Any], receive: Any, send: Any) -> Any:
+                nonlocal reached
+                reached = True
+                return await self.inner(inner_scope, receive, send)
+
+            try:
+                return await AuthMiddlewareStack(inner)(dict(scope, auth="session"), receive, send)
+            except UNAVAILABLE_ERRORS as exc:
+                if reached:
+                    raise
+                return await self._unavailable(scope, receive, send, exc)
         auth = "origin-refused" if _has_session_cookie(scope) else "none"
         return await self.inner(dict(scope, user=AnonymousUser(), auth=auth), receive, send)
+
+    @staticmethod
+    async def _unavailable(
+        scope: dict[str, Any], receive: Any, send: Any, exc: BaseException
+    ) -> None:
+        """Log the outage, then answer the handshake (``websocket.connect``) with an
+        accept and a 4503 close; a client already gone gets nothing."""
+        log.warning(
+            "ws.auth.unavailable",
+            path=scope.get("path"),
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+            close_code=CLOSE_UNAVAILABLE,
+        )
+        await release_connections()
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await close_unavailable(send, accepted=False)

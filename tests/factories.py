@@ -14,9 +14,12 @@ from unittest import mock
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from alerts.models import AlertRule
+from alerts.models import Alert, AlertRule, AlertSequence
 from ingest import persistence
 from ingest.envelope import Author, Envelope
 from ingest.models import Source
@@ -168,3 +171,30 @@ def fire_blizzard_alerts(team: Team) -> list[int]:
         + burst("#flood", count=12, minutes=92),
     )
     return evaluation.evaluate_trends(trend_ids=trend_ids)
+
+
+def make_alerts(team: Team, count: int) -> list[int]:
+    """``count`` committed alerts of ``team`` (under a new rule) with its next sequence
+    numbers, its sequence row locked until commit as the alerts stage locks it; not yet
+    pushed. Returns their ids in ``seq`` order."""
+    rule = make_rule(team)
+    with transaction.atomic():
+        sequence, _ = AlertSequence.objects.select_for_update().get_or_create(team=team)
+        first = sequence.last_seq + 1
+        AlertSequence.objects.filter(team=team).update(last_seq=F("last_seq") + count)
+        now = timezone.now()
+        created = Alert.objects.bulk_create(
+            Alert(
+                team=team,
+                rule=rule,
+                seq=first + i,
+                title=f"alert {first + i}",
+                severity="info",
+                evidence={},
+                event_received_at=now,
+                event_created_at=now,
+                created_at=now,
+            )
+            for i in range(count)
+        )
+    return [alert.id for alert in created]

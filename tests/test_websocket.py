@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+from django.db import OperationalError
+from django.db.backends.utils import CursorWrapper
 from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
-from alerts import push
-from tests.factories import fire_blizzard_alerts, make_personas
+from alerts import consumers, push
+from tests.factories import fire_blizzard_alerts, make_alerts, make_personas
 from twiscope.asgi import application
 from twiscope.redis import get_redis
 
@@ -173,3 +183,221 @@ async def test_a_socket_quiet_for_longer_than_a_redis_timeout_still_receives(per
 
     assert (await member.receive_json_from(timeout=5))["type"] == "alert.created"
     await member.disconnect()
+
+
+# --- Nothing lost between the join and the hello; bad frames; outages -------------------
+
+
+def _fire(team, count: int = 1) -> list[int]:
+    """Commit ``count`` alerts of ``team`` and push them, as the alerts stage does."""
+    ids = make_alerts(team, count)
+    push.push_alerts(alert_ids=ids)
+    return ids
+
+
+async def _messages_until_quiet(communicator: WebsocketCommunicator) -> list[dict]:
+    """Every JSON message the socket sends until it is quiet for half a second."""
+    messages = []
+    while not await communicator.receive_nothing(timeout=0.5):
+        messages.append(await communicator.receive_json_from())
+    return messages
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+async def test_an_alert_committed_while_the_socket_joins_its_groups_is_not_lost(
+    personas, monkeypatch, moment: str
+) -> None:
+    # The alert is committed and pushed just before or just after the consumer joins its
+    # team's group: it must be counted in hello's seq (the client fetches it over REST)
+    # or be pushed to the socket, or both (a duplicate the client drops by seq).
+    token = await database_sync_to_async(_token)(personas.member)
+    join = RedisChannelLayer.group_add
+    fired: list[int] = []
+
+    async def group_add(layer: RedisChannelLayer, group: str, channel: str) -> None:
+        if moment == "after":
+            await join(layer, group, channel)
+        fired.extend(await database_sync_to_async(_fire)(personas.team))
+        if moment == "before":
+            await join(layer, group, channel)
+
+    monkeypatch.setattr(RedisChannelLayer, "group_add", group_add)
+    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+
+    connected, _ = await communicator.connect()
+    messages = await _messages_until_quiet(communicator)
+    await communicator.disconnect()
+
+    hello = next(m for m in messages if m["type"] == "hello")
+    pushed = {m["seq"] for m in messages if m["type"] == "alert.created"}
+    assert connected is True and len(fired) == 1
+    assert hello["teams"][str(personas.team.id)] >= 1 or 1 in pushed
+
+
+async def test_an_alert_pushed_before_the_hello_is_within_the_hellos_seq(
+    personas, monkeypatch
+) -> None:
+    # The duplicate side of joining first: what arrives before hello is also counted in
+    # it, so a client that drops a seq ≤ hello's (it fetches those over REST) holds it once.
+    token = await database_sync_to_async(_token)(personas.member)
+    join = RedisChannelLayer.group_add
+
+    async def group_add(layer: RedisChannelLayer, group: str, channel: str) -> None:
+        await join(layer, group, channel)
+        await database_sync_to_async(_fire)(personas.team, 3)
+
+    monkeypatch.setattr(RedisChannelLayer, "group_add", group_add)
+    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+
+    assert (await communicator.connect())[0]
+    messages = await _messages_until_quiet(communicator)
+    await communicator.disconnect()
+
+    hello_at = [m["type"] for m in messages].index("hello")
+    early = [m["seq"] for m in messages[:hello_at]]
+    assert messages[hello_at]["teams"] == {str(personas.team.id): 3}
+    assert all(seq <= 3 for seq in early)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "websocket.receive", "text": "not json {"},
+        {"type": "websocket.receive", "text": ""},
+        {"type": "websocket.receive", "bytes": b"\x00\xffbinary"},
+        {"type": "websocket.receive", "text": '{"type": "subscribe"}'},
+    ],
+    ids=["not-json", "empty-text", "binary", "json"],
+)
+async def test_a_frame_from_the_client_is_ignored_and_the_socket_keeps_delivering(
+    personas, frame
+) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    assert (await communicator.connect())[0]
+    await communicator.receive_json_from()
+
+    await communicator.send_input(frame)
+    assert await communicator.receive_nothing(timeout=0.3) is True
+    ids = await database_sync_to_async(_fire)(personas.team)
+    message = await communicator.receive_json_from(timeout=5)
+    await communicator.disconnect()
+
+    assert (message["type"], message["alert"]["id"]) == ("alert.created", ids[0])
+
+
+def _database_down(monkeypatch) -> None:
+    """Every query fails as when the PostgreSQL server is gone (in every thread)."""
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("connection to server failed: Connection refused")
+
+    monkeypatch.setattr(CursorWrapper, "execute", refuse)
+    monkeypatch.setattr(CursorWrapper, "executemany", refuse)
+
+
+async def test_a_token_socket_is_closed_with_4503_while_the_database_is_down(
+    personas, monkeypatch
+) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    _database_down(monkeypatch)
+
+    assert (
+        await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}")) == 4503
+    )
+
+
+async def test_a_session_socket_is_closed_with_4503_while_the_database_is_down(
+    personas, monkeypatch
+) -> None:
+    cookie = await sync_to_async(_logged_in_cookie)(personas.member)
+    _database_down(monkeypatch)
+    communicator = _session_socket(cookie, origin=b"http://127.0.0.1:8000", host=b"127.0.0.1:8000")
+
+    assert await _close_code(communicator) == 4503
+
+
+async def test_the_socket_is_closed_with_4503_when_the_sequence_read_fails(
+    personas, monkeypatch
+) -> None:
+    # Authenticated, joined, then the database goes: no hello, a 4503 (retry) close.
+    token = await database_sync_to_async(_token)(personas.member)
+
+    def down(team_ids):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(consumers, "team_sequences", down)
+
+    assert (
+        await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}")) == 4503
+    )
+
+
+async def test_the_socket_is_closed_with_4503_while_redis_is_down(personas) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    nowhere = {
+        "default": {
+            **settings.CHANNEL_LAYERS["default"],
+            "CONFIG": {
+                **settings.CHANNEL_LAYERS["default"]["CONFIG"],
+                "hosts": [_closed_port_url()],
+            },
+        }
+    }
+
+    with override_settings(CHANNEL_LAYERS=nowhere):
+        code = await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}"))
+
+    assert code == 4503
+
+
+def _closed_port_url() -> str:
+    """A Redis URL on a local port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A ``redis-server`` of this test's own on a free port (never the shared one), so
+    the test may kill it; yields its URL and process."""
+    port = int(_closed_port_url().rsplit(":", 1)[1].split("/")[0])
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", process
+    process.kill()
+    process.wait(timeout=10)
+
+
+async def test_an_open_socket_is_closed_with_4503_when_redis_dies(personas, private_redis) -> None:
+    url, server = private_redis
+    token = await database_sync_to_async(_token)(personas.member)
+    layers = {
+        "default": {
+            **settings.CHANNEL_LAYERS["default"],
+            "CONFIG": {**settings.CHANNEL_LAYERS["default"]["CONFIG"], "hosts": [url]},
+        }
+    }
+
+    with override_settings(CHANNEL_LAYERS=layers):
+        communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+        assert (await communicator.connect())[0]
+        hello = await communicator.receive_json_from()
+        server.kill()
+        closed = await communicator.receive_output(timeout=10)
+
+    assert hello["type"] == "hello"
+    assert (closed["type"], closed.get("code")) == ("websocket.close", 4503)

@@ -11,7 +11,9 @@ from teams.api.base import (
     IntegerFilter,
     IsTeamOwnerOrReadOnly,
     NewestFirstCursorPagination,
+    StrictFilterBackend,
     StrictFilterSet,
+    StrictOrderingFilter,
     TeamScopedMixin,
     TeamScopedReadOnlyViewSet,
     in_callers_teams,
@@ -38,11 +40,23 @@ class AlertFilter(StrictFilterSet):
 
 
 class AlertViewSet(TeamScopedReadOnlyViewSet):
-    """Alerts of the caller's teams, newest first (cursor pagination)."""
+    """Alerts of the caller's teams, newest first (cursor pagination).
+
+    ``ordering=seq`` lists them oldest first by sequence number instead: the catch-up
+    of a client that missed pushes, ``?team=<id>&after_seq=<last seq held>&ordering=seq``,
+    following ``next`` until it is null (pages of ``page_size``, 50 by default, up to
+    500). Within a team ``seq`` is unique and an alert is visible only once every
+    smaller ``seq`` of its team is (the sequence row is locked until commit), so the
+    pages hold every alert after ``after_seq`` in order, each once. ``ordering`` also
+    takes ``id`` and ``-seq``; the default is ``-id``.
+    """
 
     queryset = Alert.objects.select_related("rule")
     serializer_class = AlertSerializer
     filterset_class = AlertFilter
+    filter_backends = [StrictFilterBackend, StrictOrderingFilter]
+    ordering_fields = ["id", "seq"]
+    ordering = ["-id"]
     pagination_class = NewestFirstCursorPagination
 
 

@@ -11,14 +11,22 @@
  *   GET /api/anomalies/?page_size=20                  every 30 s -> recent anomalies
  *   GET /api/sources/                                 every 5 s  -> sources' health
  *   POST /api/sources/, PATCH /api/sources/<id>/      on submit / click (owners)
- *   GET /api/alerts/                                  snapshot on load, on reconnect, on a gap
+ *   GET /api/alerts/                                  snapshot (newest page) on load
+ *   GET /api/alerts/?team&after_seq&ordering=seq      catch-up, page after page (`next`)
  *   WS  /ws/alerts/   {"type": "hello", "v": 1, "teams": {"<team>": <last seq>}}
  *                     {"type": "alert.created", "v": 1, "team", "seq", "alert": {...}}
  *                     {"type": "alert.updated", ...}: a story's alert grew, same seq
+ *                     close 4503: the server's database or Redis is down, retry;
+ *                     4401 / 4403: not signed in / origin refused
  *
- * The channel layer is at most once, so the feed is a REST snapshot plus pushed alerts:
- * every (re)connect reloads the snapshot, and a per-team sequence number that is not
- * last + 1 means a message was dropped, which also reloads it.
+ * The channel layer is at most once, so the feed is a REST snapshot plus pushed alerts,
+ * and the client keeps, per team, the seq up to which it holds every alert (`heldSeq`).
+ * A hello after a reconnect whose seq is past it, or a pushed seq past it + 1 (a gap),
+ * starts a catch-up: GET ?team=<t>&after_seq=<held>&ordering=seq, following `next`
+ * until it is null, so every missed alert arrives, oldest first, however many. Alerts
+ * are de-duplicated by id, and a pushed seq ≤ held is a duplicate (the server joins
+ * the groups before it reads the seqs for hello, so an alert may come both ways).
+ * While the socket is down the header says "reconnecting" and it retries with backoff.
  *
  * User content (post text, handles, terms, titles) is only ever written with
  * textContent / text nodes, never parsed as HTML.
@@ -53,6 +61,10 @@
   const SENTIMENT_COLOURS = { negative: '#c0392b', neutral: '#9aa3b0', positive: '#2e8b57' };
   const RATE_WINDOW_MS = 5 * 60 * 1000;
   const MAX_ALERTS = 200;
+  const CATCH_UP_PAGE = 100; // alerts per catch-up request (the API takes 1 to 500)
+  const CLOSE_UNAVAILABLE = 4503; // the server's database or Redis is down: retry
+  const CLOSE_UNAUTHENTICATED = 4401;
+  const CLOSE_ORIGIN_REFUSED = 4403;
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 30000;
   const HIGHLIGHT_MS = 4000;
@@ -1066,7 +1078,11 @@
 
   const alerts = new Map(); // alert id -> alert
   const alertEls = new Map(); // alert id -> <li>
-  const lastSeq = new Map(); // team id (string) -> last seq seen on the socket
+  // team id (string) -> the seq up to which every alert of the team is held (or was
+  // never written: a seq may be skipped). Set by the first hello; moved on by
+  // contiguous pushes and by catch-ups.
+  const heldSeq = new Map();
+  const wantSeq = new Map(); // team id -> the highest seq known to exist (hello, push)
 
   /** Processing-time latency: pushed_at − event_received_at, in ms. */
   function alertLatencyMs(a) {
@@ -1081,7 +1097,10 @@
     const ev = a.evidence || {};
     const latency = alertLatencyMs(a);
     const evidenceTime = a.event_created_at || ev.bucket_start;
-    const li = h('li', { class: `alert sev-${sev}${fresh ? ' is-new' : ''}`, dataset: { id: String(a.id) } },
+    const li = h('li', {
+      class: `alert sev-${sev}${fresh ? ' is-new' : ''}`,
+      dataset: { id: String(a.id), team: String(a.team ?? ''), seq: String(a.seq ?? '') },
+    },
       h('div', { class: 'alert-head' },
         h('span', { class: `badge badge-${sev}` }, sev),
         h('span', { class: 'alert-title' }, a.title ?? '')),
@@ -1215,7 +1234,9 @@
   let snapshotAgain = false;
   let snapshotsLoaded = 0;
 
-  /** Load the REST snapshot (newest first) and merge it; coalesces overlapping calls. */
+  /** Load the REST snapshot (the newest page, for display) and merge it; coalesces
+   * overlapping calls. It does not move `heldSeq`: a page of the newest alerts says
+   * nothing of the ones before it (catchUp does). */
   function loadAlertSnapshot() {
     if (snapshotLoading) {
       snapshotAgain = true;
@@ -1245,6 +1266,79 @@
     return snapshotLoading;
   }
 
+  const catchUps = new Map(); // team id -> { promise, again } of the running catch-up
+  const catchUpRetry = new Map(); // team id -> timer of a catch-up to retry
+  const catchUpAttempts = new Map(); // team id -> failed catch-ups in a row
+
+  function catchUpUrl(team) {
+    const q = new URLSearchParams({
+      team,
+      after_seq: String(heldSeq.get(team) ?? 0),
+      ordering: 'seq',
+      page_size: String(CATCH_UP_PAGE),
+    });
+    return `${API.alerts}?${q}`;
+  }
+
+  /** Fetch every alert of `team` after `heldSeq`, oldest first, page after page until
+   * `next` is null; each one is merged once (by id) and moves `heldSeq` on. Overlapping
+   * calls for a team coalesce into one more round. On a failure `heldSeq` stays at the
+   * last alert merged and the catch-up is retried with backoff (and on the next hello). */
+  function catchUp(team) {
+    const running = catchUps.get(team);
+    if (running) {
+      running.again = true;
+      return running.promise;
+    }
+    const state = { again: false, promise: null };
+    catchUps.set(team, state);
+    window.clearTimeout(catchUpRetry.get(team));
+    catchUpRetry.delete(team);
+    state.promise = (async () => {
+      try {
+        do {
+          state.again = false;
+          // Everything up to `want` was committed before this round's first request.
+          const want = wantSeq.get(team) ?? 0;
+          let url = catchUpUrl(team);
+          while (url) {
+            const page = await api(url);
+            for (const a of Array.isArray(page.results) ? page.results : []) {
+              if (String(a.team) !== team || !isNum(a.seq)) continue;
+              upsertAlert(a, !alerts.has(String(a.id)));
+              if (a.seq > (heldSeq.get(team) ?? 0)) heldSeq.set(team, a.seq);
+            }
+            renderAlerts();
+            url = sameOriginPath(page.next);
+          }
+          // Past the last page, a seq up to `want` with no alert was never written.
+          if (want > (heldSeq.get(team) ?? 0)) heldSeq.set(team, want);
+        } while (state.again);
+        catchUpAttempts.delete(team);
+        showError('alerts-error', null, null);
+        markUpdated('alerts-updated');
+      } catch (err) {
+        const failures = (catchUpAttempts.get(team) ?? 0) + 1;
+        catchUpAttempts.set(team, failures);
+        const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** failures);
+        showError('alerts-error', 'missed alerts', err, 'Retrying…');
+        catchUpRetry.set(team, window.setTimeout(() => {
+          catchUpRetry.delete(team);
+          catchUp(team);
+        }, Math.round(delay * (0.8 + Math.random() * 0.4))));
+      } finally {
+        catchUps.delete(team);
+      }
+    })();
+    return state.promise;
+  }
+
+  /** Note that alerts up to `seq` exist for `team`; catch up when some are not held. */
+  function expectSeq(team, seq) {
+    if (seq > (wantSeq.get(team) ?? 0)) wantSeq.set(team, seq);
+    if (seq > (heldSeq.get(team) ?? 0)) catchUp(team);
+  }
+
   // ------------------------------------------------------------- WebSocket
 
   const conn = $('conn');
@@ -1262,34 +1356,50 @@
     attempt = 0;
     setConn('live', 'live');
     const teams = msg.teams && typeof msg.teams === 'object' ? msg.teams : {};
-    // After a reconnect anything may have been missed; on the first connect only what
-    // arrived between the page's snapshot and the subscription.
-    let stale = hellos > 0;
-    lastSeq.clear();
-    for (const [team, seq] of Object.entries(teams)) {
+    let reload = false;
+    for (const [key, seq] of Object.entries(teams)) {
       const n = Number(seq);
       if (!Number.isFinite(n)) continue;
-      lastSeq.set(String(team), n);
-      if (n > knownMaxSeq(String(team))) stale = true;
+      const team = String(key);
+      if (!heldSeq.has(team)) {
+        // First sight of the team (page load, or a team joined since): what came
+        // before is history, shown by the newest-first snapshot; only what comes after
+        // this hello is caught up.
+        heldSeq.set(team, n);
+        wantSeq.set(team, n);
+        if (n > knownMaxSeq(team)) reload = true;
+        continue;
+      }
+      // A hello lower than what is held: the server's data was reset; start over there.
+      if (n < heldSeq.get(team)) heldSeq.set(team, n);
+      expectSeq(team, n);
     }
     hellos += 1;
-    if (stale) loadAlertSnapshot();
+    if (reload) loadAlertSnapshot();
   }
 
   function onAlertCreated(msg) {
     const team = String(msg.team);
     const seq = Number(msg.seq);
     if (!msg.alert || !Number.isFinite(seq)) return;
-    const last = lastSeq.get(team);
-    let gap = false;
-    if (last === undefined || seq > last) {
-      gap = last !== undefined && seq !== last + 1;
-      lastSeq.set(team, seq);
+    const held = heldSeq.get(team);
+    if (held !== undefined && seq <= held) {
+      // A duplicate (it also came in hello's seq, or in a catch-up): merged by id, so
+      // it is shown once; news only if this copy is the first to arrive.
+      upsertAlert(msg.alert, !alerts.has(String(msg.alert.id)));
+      renderAlerts();
+      return;
     }
     upsertAlert(msg.alert, true);
     renderAlerts();
     $('alerts-empty').hidden = true;
-    if (gap) loadAlertSnapshot();
+    if (held === undefined) return; // before the hello: it will say where the team stands
+    if (seq === held + 1) {
+      heldSeq.set(team, seq);
+      if (seq > (wantSeq.get(team) ?? 0)) wantSeq.set(team, seq);
+    } else {
+      expectSeq(team, seq); // a gap: some alert before this one was dropped
+    }
   }
 
   function onSocketMessage(raw) {
@@ -1316,12 +1426,23 @@
     renderAlerts();
   }
 
-  function scheduleReconnect() {
+  /** Why the socket closed, for the header: the server's own codes, else nothing. */
+  function closeReason(code) {
+    if (code === CLOSE_UNAVAILABLE) return 'server unavailable';
+    if (code === CLOSE_UNAUTHENTICATED) return 'signed out';
+    if (code === CLOSE_ORIGIN_REFUSED) return 'origin refused';
+    return '';
+  }
+
+  function scheduleReconnect(code) {
     if (reconnectTimer !== null) return;
     const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
     const delay = Math.round(base * (0.8 + Math.random() * 0.4));
     attempt += 1;
-    setConn('reconnecting', `reconnecting in ${Math.max(1, Math.round(delay / 1000))} s`);
+    const why = closeReason(code);
+    if (code === CLOSE_UNAUTHENTICATED || code === CLOSE_ORIGIN_REFUSED) $('auth-notice').hidden = false;
+    setConn('reconnecting',
+      `reconnecting in ${Math.max(1, Math.round(delay / 1000))} s${why ? ` (${why})` : ''}`);
     reconnectTimer = window.setTimeout(() => {
       reconnectTimer = null;
       connect();
@@ -1337,17 +1458,17 @@
       sock = new WebSocket(`${scheme}//${window.location.host}${WS_PATH}`);
     } catch (err) {
       console.warn('twiscope.ws.open_failed', err);
-      scheduleReconnect();
+      scheduleReconnect(null);
       return;
     }
     socket = sock;
     sock.addEventListener('message', (ev) => {
       if (socket === sock) onSocketMessage(ev.data);
     });
-    sock.addEventListener('close', () => {
+    sock.addEventListener('close', (ev) => {
       if (socket !== sock) return;
       socket = null;
-      scheduleReconnect();
+      scheduleReconnect(ev.code);
     });
   }
 
