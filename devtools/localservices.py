@@ -228,18 +228,18 @@ def provide(
 ) -> Iterator[dict[str, str]]:
     """Provide PostgreSQL and Redis for ``mode``; yield the child's environment.
 
-        The yielded dict is a copy of ``environ`` plus ``DATABASE_URL``, ``REDIS_URL`` and,
-        in ``run`` mode, ``TWISCOPE_RUN_DIR`` and (without ``SECRET_KEY``/``SECRET_KEY_FILE``)
-        a development ``SECRET_KEY``. In ``run`` mode ``<run-dir>/env`` tells other shells
-        about them for the duration of the block (see the module docstring). Embedded
-        servers are stopped when the block exits, however it exits, after the env file is
-        removed. While the block runs, an embedded server that dies is started again on the
-        same port and data dir (``devtools.watchdog``, with a log line). ``run_dir``
-        defaults to ``run_dir_for(mode, environ)``; ``choices`` to
-        ``choose(mode, environ, use_local=use_local)``.
+    The yielded dict is a copy of ``environ`` plus ``DATABASE_URL``, ``REDIS_URL`` and,
+    in ``run`` mode, ``TWISCOPE_RUN_DIR`` and (without ``SECRET_KEY``/``SECRET_KEY_FILE``)
+    a development ``SECRET_KEY``. In ``run`` mode ``<run-dir>/env`` tells other shells
+    about them for the duration of the block (see the module docstring). Embedded
+    servers are stopped when the block exits, however it exits, after the env file is
+    removed. While the block runs, an embedded server that dies is started again on the
+    same port and data dir (``devtools.watchdog``, with a log line). ``run_dir``
+    defaults to ``run_dir_for(mode, environ)``; ``choices`` to
+    ``choose(mode, environ, use_local=use_local)``.
 
-        Raises ``RunDirBusyError`` / ``LocalServicesError`` when an embedded server is
-        needed and cannot start (anything already started is stopped first).
+    Raises ``RunDirBusyError`` / ``LocalServicesError`` when an embedded server is
+    needed and cannot start (anything already started is stopped first).
     """
     run_dir = run_dir_for(mode, environ, run_dir)
     postgres_choice, redis_choice = choices or choose(mode, environ, use_local=use_local)
