@@ -476,7 +476,8 @@ def test_embedded_servers_that_die_are_restarted_on_their_port_with_their_data(
             cursor.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)")
         database.close()
         time.sleep(1.5)  # the append-only file is fsynced every second
-        redis_pid = int(Path(cache.config_get("pidfile")["pidfile"]).read_text())
+        pidfile = cache.config_get("pidfile")["pidfile"]  # type: ignore[index]
+        redis_pid = int(Path(pidfile).read_text())
         postmaster_pid = int((run_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
 
         os.kill(redis_pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ each test. The whole platform under a killed server is ``tests/test_outage_platf
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, cast
 
 import pytest
 import redis
@@ -25,6 +26,9 @@ from tests.factories import make_personas
 from twiscope import outage
 from twiscope.outage import DependencyUnavailableMiddleware, dependency_down, wait_out
 from twiscope.redis import get_redis
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,7 +89,8 @@ def client() -> APIClient:
     """A client with the owner persona's API token."""
     personas = make_personas()
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=personas.owner).key}")
+    owner = cast("User", personas.owner)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=owner).key}")
     return client
 
 
@@ -112,7 +117,7 @@ def test_a_middleware_that_fails_on_the_database_gives_a_503_too(
     personas = make_personas()
     # As a server does: Django's test client would re-raise what a middleware raised.
     client = APIClient(raise_request_exception=False)
-    client.force_login(personas.owner)
+    client.force_login(cast("User", personas.owner))
     request.getfixturevalue("database_down")
 
     with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, f"{__name__}.ReadsTheUserMiddleware"]):

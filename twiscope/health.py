@@ -50,7 +50,7 @@ def health(request: HttpRequest) -> HttpResponse:
     """The dependencies' state (see the module docstring)."""
     checks = {"database": _database(), "redis": _redis()}
     down = [name for name, state in checks.items() if state != "ok"]
-    body = {"status": "unavailable" if down else "ok", **checks}
+    body: dict[str, object] = {"status": "unavailable" if down else "ok", **checks}
     if down:
         body["down"] = down
     response = HttpResponse(
