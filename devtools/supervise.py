@@ -15,7 +15,15 @@ that exits is restarted at once; one that exits within ``START_SECONDS`` of bein
 started counts as a failed start and is retried after 1, 2, 3, ... seconds; after 5
 failed starts in a row supervisord gives up on it (state ``FATAL``), and then
 ``supervise()`` stops the platform (exit status 1: a process that cannot run at all,
-such as a web port already taken, is an error to fix, not a platform to keep half up).
+such as a web port already taken, is an error to fix, not a platform to keep half up),
+unless a dependency explains it: when PostgreSQL or Redis (the ``DATABASE_URL`` and
+``REDIS_URL`` of the environment) did not accept a TCP connection at some poll in the
+last ``DEPENDENCY_GRACE_S`` seconds, the program is left ``FATAL`` with a log line and
+started again (``supervisor.startProcess``) once every dependency has accepted
+connections for ``DEPENDENCY_SETTLE_S`` seconds. The programs themselves wait for a
+dependency that is down (Celery's broker retries, ``run_sources``' backoff), so this
+is the rule of last resort: a dependency's outage, however long, never stops the
+platform; a program that fails with every dependency up still does.
 Every exit and restart is logged (``exited: worker-ingest (terminated by SIGKILL; not
 expected)``, ``spawned: 'worker-ingest' with pid 1234``). A one-shot program (the
 replay: ``autorestart=false``) is never restarted and its end never stops the platform.
@@ -50,8 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, cast
+from urllib.parse import urlsplit
 
-from devtools.base import BASE_DIR, short_path
+from devtools.base import BASE_DIR, port_open, short_path
 from devtools.logrelay import LogRelay
 
 logger = logging.getLogger(__name__)
@@ -71,6 +80,10 @@ PR_SET_PDEATHSIG = 1
 REPLAY_NAME = "replay"
 # How long the web server may take to answer before a line says where to look.
 SLOW_ANNOUNCEMENT_S = 60.0
+# A FATAL this soon after a dependency was seen down is blamed on it, not the program.
+DEPENDENCY_GRACE_S = 120.0
+# How long every dependency must answer before a program it stopped is started again.
+DEPENDENCY_SETTLE_S = 3.0
 
 
 class SuperviseError(RuntimeError):
@@ -258,6 +271,74 @@ class _UnixTransport(xmlrpc.client.Transport):
         super().send_headers(connection, [*headers, self._authorization])
 
 
+def start_process(socket_path: Path, password: str, name: str) -> None:
+    """supervisord's ``startProcess(<group>:<name>, wait=False)``. Raises ``OSError`` /
+    ``xmlrpc.client.Error`` when supervisord does not answer or refuses."""
+    proxy = xmlrpc.client.ServerProxy(
+        "http://localhost", transport=_UnixTransport(socket_path, password)
+    )
+    proxy.supervisor.startProcess(f"{SUPERVISOR_GROUP}:{name}", False)
+
+
+class Dependencies:
+    """Whether PostgreSQL and Redis accept TCP connections, and when each last did not.
+
+    ``addresses``: ``{name: (host, port)}``, from ``dependency_addresses(env)``.
+    ``clock``: seconds, monotonic (a parameter for tests).
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, tuple[str, int]],
+        clock: Callable[[], float] = time.monotonic,
+        probe: Callable[[str, int], bool] = port_open,
+    ) -> None:
+        self._addresses = dict(addresses)
+        self._clock = clock
+        self._probe = probe
+        self._last_down: dict[str, float] = {}
+        self._down_now: set[str] = set()
+
+    def check(self) -> None:
+        """Probe each dependency once; log a line when one goes down or comes back."""
+        now = self._clock()
+        for name, (host, port) in self._addresses.items():
+            if self._probe(host, port):
+                if name in self._down_now:
+                    self._down_now.discard(name)
+                    logger.info("run: %s answers again", name)
+                continue
+            if name not in self._down_now:
+                logger.warning("run: %s does not answer on %s:%s", name, host, port)
+            self._down_now.add(name)
+            self._last_down[name] = now
+
+    def recently_down(self, within_s: float = DEPENDENCY_GRACE_S) -> list[str]:
+        """The dependencies seen down in the last ``within_s`` seconds."""
+        now = self._clock()
+        return sorted(n for n, when in self._last_down.items() if now - when <= within_s)
+
+    def settled(self, for_s: float = DEPENDENCY_SETTLE_S) -> bool:
+        """Whether every dependency has answered at every check of the last ``for_s``."""
+        now = self._clock()
+        return not self._down_now and all(now - w >= for_s for w in self._last_down.values())
+
+
+def dependency_addresses(env: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+    """``{"postgres": (host, port), "redis": (host, port)}`` from ``DATABASE_URL`` and
+    ``REDIS_URL`` in ``env`` (default ports 5432 and 6379); a URL that is unset or has
+    no host (a Unix socket) is left out."""
+    found = {}
+    for name, key, default in (
+        ("postgres", "DATABASE_URL", 5432),
+        ("redis", "REDIS_URL", 6379),
+    ):
+        parts = urlsplit(env.get(key) or "")
+        if parts.hostname:
+            found[name] = (parts.hostname, parts.port or default)
+    return found
+
+
 def process_states(socket_path: Path, password: str) -> list[dict[str, Any]]:
     """supervisord's ``getAllProcessInfo()``: one dict per process (``name``,
     ``statename``, ``pid``, ...). Raises ``OSError`` / ``xmlrpc.client.Error`` when
@@ -406,6 +487,8 @@ def supervise(
     one_shot = {program.name for program in listed if program.one_shot}
     pids: dict[str, int] = {}
     failed: str | None = None
+    dependencies = Dependencies(dependency_addresses(env))
+    parked: set[str] = set()
     with stop.installed():
         supervisord = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(config)],
@@ -419,8 +502,23 @@ def supervise(
         try:
             while supervisord.poll() is None:
                 if stop.signum is None and failed is None:
+                    dependencies.check()
                     states = _states(files.socket, password)
-                    failed = _watch(states, one_shot, pids)
+                    failed = _watch(states, one_shot | parked, pids)
+                    blamed = dependencies.recently_down()
+                    if failed is not None and blamed:
+                        logger.warning(
+                            "run: supervisord gave up on %s while %s %s down; starting it "
+                            "again once %s answer",
+                            failed,
+                            " and ".join(blamed),
+                            "is" if len(blamed) == 1 else "are",
+                            "they" if len(blamed) > 1 else "it",
+                        )
+                        parked.add(failed)
+                        failed = None
+                    if parked and dependencies.settled():
+                        _restart_parked(files, password, parked)
                     if failed is not None:
                         logger.error(
                             "run: supervisord gave up on %s (it kept exiting within %s s "
@@ -468,6 +566,24 @@ def _watch(states: list[dict[str, Any]], one_shot: set[str], pids: dict[str, int
             pids[state["name"]] = state["pid"]
     fatal = [s["name"] for s in states if s["statename"] == "FATAL" and s["name"] not in one_shot]
     return fatal[0] if fatal else None
+
+
+def _restart_parked(files: SupervisorFiles, password: str, parked: set[str]) -> None:
+    """Start again each program of ``parked`` (left ``FATAL`` during an outage). One
+    supervisord does not answer for stays for the next poll; one it refuses (already
+    started by hand, say) is left to the usual rule."""
+    for name in sorted(parked):
+        try:
+            start_process(files.socket, password, name)
+        except xmlrpc.client.Fault as exc:
+            logger.warning("run: supervisord would not start %s again: %s", name, exc)
+            parked.discard(name)
+            continue
+        except (OSError, xmlrpc.client.Error) as exc:
+            logger.warning("run: could not start %s again yet: %s", name, exc)
+            continue
+        logger.info("run: starting %s again: its dependencies answer", name)
+        parked.discard(name)
 
 
 def _wait_or_kill(process: subprocess.Popen[bytes], timeout_s: float) -> None:

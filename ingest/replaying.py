@@ -1,19 +1,23 @@
 """The replay's pacing and reporting, apart from its command (``manage.py replay``):
 batches released in event time (``paced_batches``), the progress bar in event time
-(``EventTimeBar``) and what the pipeline did with a replay (``Outcome``).
+(``EventTimeBar``), what the pipeline did with a replay (``Outcome``), and staging that
+rides out an outage of PostgreSQL or Redis (``OutageProofStager``).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
 from ingest.envelope import Envelope
+from twiscope.outage import Dependency, wait_out
 
 FLUSH_WINDOW_S = 0.2
 """With ``--speed``, a batch spans at most this much wall time of the replay schedule,
@@ -178,3 +182,98 @@ def paced_batches(
             batch = []
     if batch:
         yield batch
+
+
+RESEND_WINDOW_S = 5.0
+"""After an outage, the batches staged in the last this-many seconds before it are
+staged again: a store that acknowledged them may have lost them (Redis with its
+append-only file fsynced every second loses up to about a second of writes)."""
+OUTAGE_GIVE_UP_S = 900.0
+"""A replay waits this long (seconds) for a dependency to come back, then fails."""
+
+
+class OutageProofStager:
+    """Stage a replay's batches through ``stage(batch)``, riding out outages.
+
+    ``stage`` is the staging call (``persistence.enqueue_envelopes`` with the source
+    bound); it may fail on an unreachable PostgreSQL or Redis
+    (``twiscope.outage.DEPENDENCY_ERRORS``). Each call to ``send(batch)`` then waits
+    with backoff (``twiscope.outage.wait_out``) and tries again, and does not return
+    before the batch is staged: the replay resumes at the batch it was at, never from
+    the start. Before that batch, the batches it staged in the ``resend_window_s``
+    seconds before the failure are staged again, since the store may have lost them
+    with the server; those come twice at worst, which the database ignores (events
+    are unique on source and external id). ``on_wait(dependency, exc, delay_s)`` is
+    told of every wait (to tell the user). Raises the dependency error after
+    ``give_up_after_s`` seconds of one outage; other errors at once.
+    """
+
+    def __init__(
+        self,
+        stage: Callable[[Sequence[Envelope]], Any],
+        *,
+        resend_window_s: float = RESEND_WINDOW_S,
+        give_up_after_s: float = OUTAGE_GIVE_UP_S,
+        on_wait: Callable[[Dependency, BaseException, float], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stage = stage
+        self._window_s = resend_window_s
+        self._give_up_after_s = give_up_after_s
+        self._on_wait = on_wait
+        self._sleep = sleep
+        self._clock = clock
+        self._recent: deque[tuple[float, Sequence[Envelope]]] = deque()
+        self._resend: list[Sequence[Envelope]] = []
+        self._in_outage = False
+        self.outages = 0
+        """How many outages were ridden out (a run of failed tries is one)."""
+        self.resent_batches = 0
+        """How many batches were staged again after an outage."""
+
+    def send(self, batch: Sequence[Envelope]) -> None:
+        """Stage ``batch`` (after any batches to stage again), waiting out outages."""
+        wait_out(
+            lambda: self._attempt(batch),
+            what="replay.stage",
+            give_up_after_s=self._give_up_after_s,
+            on_wait=self._waiting,
+            sleep=self._sleep,
+        )
+        self._in_outage = False
+        now = self._clock()
+        self._recent.append((now, batch))
+        while self._recent and now - self._recent[0][0] > self._window_s:
+            self._recent.popleft()
+
+    def call(self, what: str, function: Callable[[], Any]) -> Any:
+        """``function()``, retried the same way (for the replay's other reads and
+        writes: back-pressure, end of stream, drain); its outages count too."""
+        result = wait_out(
+            function,
+            what=what,
+            give_up_after_s=self._give_up_after_s,
+            on_wait=self._waiting,
+            sleep=self._sleep,
+        )
+        self._in_outage = False
+        return result
+
+    def _attempt(self, batch: Sequence[Envelope]) -> None:
+        while self._resend:
+            self._stage(self._resend[0])
+            self._resend.pop(0)
+            self.resent_batches += 1
+        self._stage(batch)
+
+    def _waiting(self, dependency: Dependency, exc: BaseException, delay_s: float) -> None:
+        if not self._in_outage:
+            # First failure of this outage: what it may have taken with it.
+            self._in_outage = True
+            self.outages += 1
+            now = self._clock()
+            self._resend += [b for t, b in self._recent if now - t <= self._window_s]
+            self._recent.clear()
+        if self._on_wait is not None:
+            self._on_wait(dependency, exc, delay_s)

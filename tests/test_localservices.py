@@ -16,9 +16,11 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import psycopg2
@@ -33,11 +35,14 @@ from devtools.localservices import (
     Choice,
     child_environment,
     choose,
+    provide,
     redact,
     run_dir_for,
 )
 from devtools.postgres import EmbeddedPostgres, postgres_answers
 from devtools.redis import EmbeddedRedis, redis_answers
+
+T = TypeVar("T")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "SECRET_KEY_FILE")
@@ -455,3 +460,53 @@ def test_test_mode_writes_no_env_file(run_dir: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == "None -\n"
+
+
+@pytest.mark.slow
+def test_embedded_servers_that_die_are_restarted_on_their_port_with_their_data(
+    run_dir: Path,
+) -> None:
+    """SIGKILL to each embedded server while ``provide`` runs: each comes back on the
+    same port (every process's URL names it) with what it had stored."""
+    with provide("run", environ={}, run_dir=run_dir) as env:
+        cache = redis.Redis.from_url(env["REDIS_URL"], socket_timeout=5)
+        cache.set("kept", "yes")
+        database = psycopg2.connect(env["DATABASE_URL"])
+        with database, database.cursor() as cursor:
+            cursor.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)")
+        database.close()
+        time.sleep(1.5)  # the append-only file is fsynced every second
+        pidfile = cache.config_get("pidfile")["pidfile"]  # type: ignore[index]
+        redis_pid = int(Path(pidfile).read_text())
+        postmaster_pid = int((run_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+        os.kill(redis_pid, signal.SIGKILL)
+        os.kill(postmaster_pid, signal.SIGKILL)
+        kept = _eventually(lambda: cache.get("kept"), redis.RedisError)
+        rows = _eventually(
+            lambda: _select(env["DATABASE_URL"], "SELECT x FROM kept"), psycopg2.Error
+        )
+
+    assert kept == b"yes"
+    assert rows == [(1,)]
+
+
+def _eventually(read: Callable[[], T], errors: type[Exception], timeout_s: float = 60) -> T:
+    """``read()`` once it stops raising ``errors`` (the server is back)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return read()
+        except errors:
+            assert time.monotonic() < deadline, "the server did not come back"
+            time.sleep(0.2)
+
+
+def _select(url: str, query: str) -> list[tuple[object, ...]]:
+    conn = psycopg2.connect(url, connect_timeout=2)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(query)
+            return list(cursor.fetchall())
+    finally:
+        conn.close()

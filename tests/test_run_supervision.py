@@ -380,11 +380,13 @@ class Runner:
         return self.process.returncode
 
 
-def _start_runner(run_dir: Path, *programs: str, announce_port: int | None = None) -> Runner:
+def _start_runner(
+    run_dir: Path, *programs: str, announce_port: int | None = None, **env: str
+) -> Runner:
     process = subprocess.Popen(
         [sys.executable, "-c", SUPERVISE, str(run_dir), str(announce_port or "-"), *programs],
         cwd=BASE_DIR,
-        env=_shell_environment(),
+        env=_shell_environment(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -437,6 +439,44 @@ def test_a_process_that_cannot_start_stops_the_platform_with_status_1(run_dir: P
     assert "gave up: broken entered FATAL state" in log
     assert "run: supervisord gave up on broken" in log
     assert _gone([steady])
+
+
+@pytest.mark.slow
+def test_a_process_that_gave_up_while_redis_was_down_starts_again_once_it_answers(
+    run_dir: Path,
+) -> None:
+    """A program that exits at once while nothing listens on REDIS_URL's port goes
+    FATAL (5 failed starts, about 15 s), as ``sources`` did during a Redis outage; the
+    platform keeps running, and once the port answers the program is started again."""
+    port = free_port()
+    needs_redis = (
+        f"needs={sys.executable} -c 'import socket, time; "
+        f'socket.create_connection(("127.0.0.1", {port})).close(); time.sleep(600)\''
+    )
+    runner = _start_runner(
+        run_dir, needs_redis, "steady=sleep 600", REDIS_URL=f"redis://127.0.0.1:{port}/0"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as redis_back:
+        try:
+            _wait_for(
+                lambda: runner.states().get("needs", {}).get("statename") == "FATAL",
+                60,
+                "needs FATAL",
+            )
+            time.sleep(2 * 0.5)  # two of supervise()'s polls: it would have stopped by now
+            alive_while_down = runner.process.poll() is None
+            redis_back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            redis_back.bind(("127.0.0.1", port))
+            redis_back.listen(16)
+            again = _wait_for(lambda: _running_pid(runner, "needs"), 60, "needs RUNNING again")
+        finally:
+            status = runner.stop()
+    log = "".join(runner.output)
+
+    assert alive_while_down
+    assert again
+    assert "run: supervisord gave up on needs while redis is down" in log
+    assert status == 128 + signal.SIGTERM
 
 
 @pytest.mark.slow

@@ -40,6 +40,11 @@ app.conf.update(
     worker_prefetch_multiplier=4,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # A worker, beat or producer waits out a broker (Redis) restart, however long,
+    # instead of exiting after 100 tries (twiscope/outage.py; docs/operations.md).
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,
+    broker_channel_error_retry=True,
     # A task not acknowledged within this many seconds is redelivered (Redis transport).
     broker_transport_options={"visibility_timeout": 3600},
     timezone="UTC",

@@ -8,6 +8,12 @@ Unusable rows become dead letters (stage ``replay``). Each batch declares its la
 time as the source's watermark; at the end the trend stage is told the stream is
 complete, so its last buckets close.
 
+An outage of PostgreSQL or Redis while it sends or waits does not end it: it says so on
+stderr, waits with backoff, stages again the batches of the last seconds before the
+outage (the store may have lost them; the database ignores what comes twice) and goes
+on from the batch it was at (``ingest.replaying.OutageProofStager``); it fails only
+after ``OUTAGE_GIVE_UP_S`` of one outage, with a message, not a traceback.
+
 On a terminal, a progress bar on stderr shows the event time reached (its length is the
 archive's event-time span) and the events sent; it is silent when stderr is not a TTY.
 stdout gets the summary: what was read, sent and skipped, then, with ``--wait``, what
@@ -30,7 +36,14 @@ from tqdm import tqdm
 from ingest import counters, persistence, selectors, services
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Source
-from ingest.replaying import BarStream, EventTimeBar, Outcome, paced_batches
+from ingest.replaying import (
+    OUTAGE_GIVE_UP_S,
+    BarStream,
+    EventTimeBar,
+    OutageProofStager,
+    Outcome,
+    paced_batches,
+)
 from ingest.sources.replay.adapter import ReplayAdapter
 from ingest.sources.replay.formats import (
     FORMATS,
@@ -41,6 +54,7 @@ from ingest.sources.replay.formats import (
 from ingest.sources.replay.rows import RowError
 from teams.models import DEMO_TEAM_SLUG, Team
 from twiscope import celery, pipeline
+from twiscope.outage import DEPENDENCY_ERRORS, Dependency
 
 log = structlog.get_logger(__name__)
 
@@ -233,9 +247,27 @@ class Command(BaseCommand):
             speed=speed or (f"{rate:g}/s" if rate else "max"),
         )
 
-        batches = self._send(source, envelopes, speed, rate)
-        if envelopes:
-            persistence.end_of_stream(source=source, event_time=envelopes[-1].created_at)
+        stager = OutageProofStager(
+            lambda batch: persistence.enqueue_envelopes(
+                source=source, envelopes=batch, watermark=batch[-1].created_at
+            ),
+            on_wait=self._tell_waiting,
+        )
+        try:
+            batches = self._send(source, envelopes, speed, rate, stager)
+            if envelopes:
+                stager.call(
+                    "replay.end_of_stream",
+                    lambda: persistence.end_of_stream(
+                        source=source, event_time=envelopes[-1].created_at
+                    ),
+                )
+        except DEPENDENCY_ERRORS as exc:
+            raise CommandError(
+                f"gave up after {OUTAGE_GIVE_UP_S:.0f} s of an outage: {exc}; the batches "
+                "staged so far are kept, and replaying the file again stores only what is "
+                "missing"
+            ) from exc
 
         elapsed = time.monotonic() - started
         reasons = Counter(error.category for error in errors)
@@ -245,6 +277,8 @@ class Command(BaseCommand):
             enqueued=len(envelopes),
             batches=batches,
             skipped=len(errors),
+            outages=stager.outages,
+            resent_batches=stager.resent_batches,
             seconds=round(elapsed, 3),
         )
         self.stdout.write(
@@ -259,10 +293,17 @@ class Command(BaseCommand):
                 "(new, duplicates, dead letters)"
             )
             return
-        drained, waited = self._drain(source, wait_s)
+        try:
+            drained, waited = self._drain(source, wait_s, stager)
+            after = stager.call("replay.counts", lambda: selectors.source_counts(source.id))
+        except DEPENDENCY_ERRORS as exc:
+            raise CommandError(
+                f"gave up waiting for the pipeline after {OUTAGE_GIVE_UP_S:.0f} s of an "
+                f"outage: {exc}"
+            ) from exc
         outcome = Outcome.between(
             before,
-            selectors.source_counts(source.id),
+            after,
             sent=len(envelopes),
             replay_dead=replay_dead,
             repeated_in_archive=len(envelopes) - len({e.external_id for e in envelopes}),
@@ -285,12 +326,24 @@ class Command(BaseCommand):
             "are the worker pools running? (the numbers above are not final)"
         )
 
+    def _tell_waiting(self, dependency: Dependency, exc: BaseException, delay_s: float) -> None:
+        self.stderr.write(
+            f"replay: the {dependency} is unavailable ({type(exc).__name__}); "
+            f"trying again in {delay_s:.1f} s"
+        )
+
     def _send(
-        self, source: Source, envelopes: list[Envelope], speed: float | None, rate: float | None
+        self,
+        source: Source,
+        envelopes: list[Envelope],
+        speed: float | None,
+        rate: float | None,
+        stager: OutageProofStager,
     ) -> int:
         """Hand ``envelopes`` (sorted by event time) to the ingest queue, paced by
         ``speed`` or ``rate`` (``paced_batches``), each batch declaring its last event
-        time as the source's watermark. Returns how many batches."""
+        time as the source's watermark, through ``stager`` (which waits out outages).
+        Returns how many batches."""
         if not envelopes:
             return 0
         bar = EventTimeBar(
@@ -308,26 +361,30 @@ class Command(BaseCommand):
                 # pipeline, so "max" means as fast as the pipeline takes them and an
                 # event's latency is the pipeline's, not a backlog's.
                 try:
-                    persistence.wait_for_capacity(
-                        source=source, max_in_flight=settings.REPLAY_MAX_IN_FLIGHT
+                    stager.call(
+                        "replay.wait_for_capacity",
+                        lambda: persistence.wait_for_capacity(
+                            source=source, max_in_flight=settings.REPLAY_MAX_IN_FLIGHT
+                        ),
                     )
                 except TimeoutError as exc:
                     raise CommandError(f"replay stalled after {batches} batches: {exc}") from exc
                 # Sorted by event time: every later event is at or after this batch's
-                # last, which is the source's watermark.
-                persistence.enqueue_envelopes(
-                    source=source, envelopes=batch, watermark=batch[-1].created_at
-                )
+                # last, which is the source's watermark (the stager's ``stage``).
+                stager.send(batch)
                 batches += 1
                 bar.advance(batch[-1].created_at, len(batch))
         finally:
             bar.close()
         return batches
 
-    def _drain(self, source: Source, timeout_s: float) -> tuple[bool, float]:
+    def _drain(
+        self, source: Source, timeout_s: float, stager: OutageProofStager
+    ) -> tuple[bool, float]:
         """Wait until no batch of ``source`` is staged, none of its events is waiting for
         enrichment, and ``twiscope.pipeline.is_idle()`` held for ``DRAIN_QUIET_POLLS``
-        polls in a row. Returns ``(drained, seconds waited)``."""
+        polls in a row (each poll waits out an outage through ``stager``). Returns
+        ``(drained, seconds waited)``."""
         started = time.monotonic()
         quiet = 0
         with tqdm(
@@ -337,8 +394,11 @@ class Command(BaseCommand):
             bar_format="waiting for the pipeline to drain{postfix} [{elapsed}]",
         ) as bar:
             while True:
-                in_flight = counters.in_flight_events(source.id)
-                quiet = quiet + 1 if in_flight == 0 and pipeline.is_idle() else 0
+                in_flight, idle = stager.call(
+                    "replay.drain",
+                    lambda: (counters.in_flight_events(source.id), pipeline.is_idle()),
+                )
+                quiet = quiet + 1 if in_flight == 0 and idle else 0
                 waited = time.monotonic() - started
                 if quiet >= DRAIN_QUIET_POLLS:
                     return True, waited
