@@ -569,7 +569,9 @@ class Clients:
                         continue
                     if self._take(record, json.loads(raw)):
                         await self._catch_up(record)
-        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+        except (OSError, TimeoutError, ValueError, websockets.WebSocketException) as exc:
+            # A refused handshake, a dropped socket, a frame that is not JSON: recorded,
+            # and the loop connects again.
             record.failed_connects += 1
             if len(record.errors) < 20:
                 record.errors.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -690,6 +692,7 @@ class Replay:
         self.log_path = run_dir / f"chaos-replay-{source}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.crashes: list[dict[str, Any]] = []
+        self.given_up = False
 
     def start(self, pace: list[str] | None = None) -> None:
         with self.log_path.open("ab") as log_file:
@@ -740,6 +743,7 @@ class Chaos:
         self.faults: list[Fault] = []
         self.events: list[dict[str, Any]] = []  # platform stops, replay deaths, timeouts
         self.platform_restarts = 0
+        self.replay_lock = threading.Lock()
 
     # -- helpers
 
@@ -808,16 +812,9 @@ class Chaos:
         quiet = 0
         while time.monotonic() < deadline:
             self.keep_platform_up()
-            if replay is not None and replay.finished() is False:
-                replay.crashes.append({"at_s": self.now(), "log_tail": replay.log_tail()})
-                self.note("replay_died", source=name, log_tail=replay.log_tail(600))
-                if len(replay.crashes) > self.o.replay_restarts:
-                    return False
-                wait_for(
-                    lambda: self.services.redis_answers() and self.services.postgres_answers(),
-                    60,
-                )
-                replay.start(["--speed", "max"])
+            dead = replay is not None and replay.finished() is False
+            if dead and replay is not None and not self.restart_replay(replay, name):
+                return False
             source_id = self.source_id(name)
             pending = self.pending(source_id, expected) if source_id else {"source": 1}
             done = replay is None or replay.finished() is True
@@ -1059,6 +1056,8 @@ class Chaos:
         rate = max(1.0, expected / self.o.duration)
         replay = Replay(archive, name, ["--rate", f"{rate:.2f}"], self.run_dir)
         replay.start()
+        stop_watch = threading.Event()
+        watcher = self.watch_replay(replay, name, stop_watch)
         source_id = wait_for(lambda: self.source_id(name), 90)
         self.sampler.source_id = source_id
         started = time.monotonic()
@@ -1075,8 +1074,6 @@ class Chaos:
             for kind, target in plan:
                 slot_end = time.monotonic() + spacing
                 self.keep_platform_up()
-                if replay.finished() is False:
-                    self.drain_replay_death(replay, name)
                 self.faults.append(self.inject(kind, target, replay))
                 if self.left() < 90:
                     break
@@ -1088,15 +1085,40 @@ class Chaos:
             self.left() - 45,
         )
         drained = self.drain(name, expected, budget, replay=replay)
+        stop_watch.set()
+        watcher.join(90)
         replay.stop()
         return {"rate": round(rate, 2), "rounds": rounds, "drained": drained, "replay": replay}
 
-    def drain_replay_death(self, replay: Replay, name: str) -> None:
-        replay.crashes.append({"at_s": self.now(), "log_tail": replay.log_tail()})
-        self.note("replay_died", source=name, log_tail=replay.log_tail(600))
-        if len(replay.crashes) <= self.o.replay_restarts:
+    def restart_replay(self, replay: Replay, name: str) -> bool:
+        """Note a dead replay and start it again at full speed once both servers answer
+        (ingest is idempotent: what it had sent is stored once); False when it died
+        more than ``--replay-restarts`` times (it is left dead)."""
+        with self.replay_lock:
+            if replay.finished() is not False:
+                return True
+            if replay.given_up:
+                return False
+            replay.crashes.append({"at_s": self.now(), "log_tail": replay.log_tail()})
+            self.note("replay_died", source=name, log_tail=replay.log_tail(600))
+            if len(replay.crashes) > self.o.replay_restarts:
+                replay.given_up = True
+                return False
             wait_for(lambda: self.services.redis_answers() and self.services.postgres_answers(), 60)
             replay.start(["--speed", "max"])
+            return True
+
+    def watch_replay(self, replay: Replay, name: str, stop: threading.Event) -> threading.Thread:
+        """A thread that restarts the replay as soon as it dies (``restart_replay``)."""
+
+        def run() -> None:
+            while not stop.wait(1.0):
+                if replay.finished() is False and not self.restart_replay(replay, name):
+                    return
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
 
     # -- checks
 
