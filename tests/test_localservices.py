@@ -234,6 +234,25 @@ def test_embedded_redis_starts_answers_on_tcp_and_stops(run_dir: Path) -> None:
     assert pid is not None and not _alive(pid)
 
 
+def test_the_embedded_redis_refuses_writes_when_full_rather_than_evict(run_dir: Path) -> None:
+    """``make run``'s Redis holds Celery's queues and the staged work: with a memory
+    limit reached it must answer an error, never drop a key to make room."""
+    server = EmbeddedRedis(run_dir / "redis", durable=False)
+    try:
+        client = redis.Redis.from_url(server.start(), socket_timeout=5)
+        policy = client.config_get("maxmemory-policy")
+        client.set("queued-task", "kept")
+        client.config_set("maxmemory", "1")
+        with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+            client.set("another", "x" * 1000)
+        kept = client.get("queued-task")
+        client.close()
+    finally:
+        server.stop()
+    assert policy == {"maxmemory-policy": "noeviction"}
+    assert kept == b"kept"
+
+
 def test_servers_left_running_by_a_killed_supervisor_are_replaced(
     run_dir: Path,
 ) -> None:
