@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 """The real public data sets, beside the repo (``../shared/data``); never copied into it."""
@@ -29,6 +32,56 @@ def shared_data() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(f"real data sets missing at {SHARED_DATA} (required when CI=true)")
     pytest.skip(f"real data sets not found at {SHARED_DATA}; run beside ../shared/data")
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+"""The Chromium the browser tests drive: Debian's package ``chromium``, or the executable
+named by ``CHROMIUM``. Playwright never downloads a browser of its own here."""
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for the whole session, driven by Playwright.
+
+    Playwright's async API on pytest-asyncio's session event loop, not its sync API: the
+    sync API marks its own event loop as running in the test's thread from its first call
+    until it stops, so while a session-wide browser lived, Django would refuse every ORM
+    call (``SynchronousOnlyOperation``) and every later ``async def`` test would fail
+    (``Runner.run() cannot be called from a running event loop``). A test that uses this
+    fixture or ``page`` is ``async def`` and marked
+    ``@pytest.mark.asyncio(loop_scope="session")``, and reaches the database through
+    ``database_sync_to_async``.
+
+    Skips the test when :data:`CHROMIUM` is not an executable (``apt-get install
+    chromium``), except under CI (``CI=true``), where its absence fails the test.
+    """
+    executable = shutil.which(CHROMIUM)
+    if executable is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Chromium missing at {CHROMIUM} (required when CI=true)")
+        pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium, or set CHROMIUM")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox"]
+        )
+        yield launched
+        await launched.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
+    """A tab of :func:`browser` in a fresh context (no cookies, storage or cache shared
+    with other tests); the context is closed after the test.
+
+    Fails the test at once, naming the fix, unless it runs on the session event loop
+    (Playwright would fail later with a "Future attached to a different loop").
+    """
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is None or marker.kwargs.get("loop_scope") != "session":
+        pytest.fail('a test that uses `page` needs @pytest.mark.asyncio(loop_scope="session")')
+    context = await browser.new_context()
+    yield await context.new_page()
+    await context.close()
 
 
 @pytest.fixture
