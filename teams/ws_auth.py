@@ -26,17 +26,18 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import redis.exceptions
 import structlog
 from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import close_old_connections
 from django.http.request import split_domain_port, validate_host
 from django.utils.http import is_same_domain
 from rest_framework.authtoken.models import Token
+
+from twiscope.outage import DEPENDENCY_ERRORS
 
 CLOSE_UNAUTHENTICATED = 4401
 """Close code of a socket with no valid credentials (no token, a bad token, no session)."""
@@ -47,14 +48,10 @@ CLOSE_UNAVAILABLE = 4503
 "service unavailable, retry" (the WebSocket analogue of HTTP 503 + ``Retry-After``).
 The client reconnects with backoff and, once in, catches up over REST."""
 
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
+UNAVAILABLE_ERRORS = DEPENDENCY_ERRORS
 """The errors that mean "a dependency is down, retry later" (the database unreachable or
-its connection lost; Redis refusing or timing out), as opposed to a bug."""
+its connection lost; Redis or the broker refusing or timing out), as opposed to a bug:
+the platform's one list, ``twiscope.outage.DEPENDENCY_ERRORS``."""
 
 log = structlog.get_logger(__name__)
 

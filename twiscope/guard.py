@@ -32,13 +32,12 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import redis.exceptions
 import structlog
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
-from kombu.exceptions import OperationalError as BrokerError
+from django.db import transaction
 
+from twiscope.outage import DEPENDENCY_ERRORS
 from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
@@ -51,11 +50,7 @@ ATTEMPTS_TTL_S = 7 * 24 * 3600
 """An item's attempt count is forgotten this long after its last failure (seconds)."""
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    BrokerError,
+    *DEPENDENCY_ERRORS,
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
 )
