@@ -220,8 +220,6 @@ SCORING_BUSY_POLL_S: float = 0.05
 # ...and while events arrive faster than this (events/s over the last 2 s, all sources):
 # a burst is far beyond what the heads label on a CPU, and the pipeline needs the cores.
 SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=300.0)
-# Seconds a raw batch waits in Redis for its persist task before it expires.
-INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 
 # --- Sources ---------------------------------------------------------------------------
 # Fernet keys (comma-separated, newest first) that encrypt source credentials at rest;
