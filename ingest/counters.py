@@ -1,8 +1,9 @@
-"""Redis keys and counters of the ingest app: staged batches, events in flight, events
-stored per minute and the teams' event rates.
+"""Counters of the ingest app: staged batches, events in flight, events stored per
+minute and the teams' event rates.
 
-The staging writes (``ingest.persistence``) and the reads (``ingest.selectors``, the
-replay's back-pressure) share the key names defined here.
+The staged batches are rows (``ingest.models.StagedBatch``); the other counts are Redis
+keys, written by ``ingest.persistence`` and read by ``ingest.selectors`` and the
+replay's back-pressure, which share the key names defined here.
 """
 
 from __future__ import annotations
@@ -12,40 +13,28 @@ from typing import cast
 
 from django.conf import settings
 
-from ingest.models import Event
+from ingest.models import Event, StagedBatch
 from twiscope import pipeline
 from twiscope.redis import get_redis
-
-BATCH_KEY_PREFIX = "twiscope:batch:"
-"""Staged batch keys: ``twiscope:batch:<source id>:<uuid>``."""
-PENDING_BATCHES_KEY = "twiscope:pending-batches"
-STAGED_EVENT_TIME_KEY = "twiscope:staged-event-time:{source_id}"
-
-
-def batch_source_id(batch_key: str) -> int | None:
-    """The source id in a staged batch's key, or None for a key of another shape."""
-    _, _, rest = batch_key.partition(BATCH_KEY_PREFIX)
-    source_id, _, _ = rest.partition(":")
-    return int(source_id) if source_id.isdigit() else None
 
 
 def staged_batches(source_id: int) -> int:
     """How many batches of ``source_id`` are staged and not yet persisted."""
-    return cast(int, get_redis().zcard(STAGED_EVENT_TIME_KEY.format(source_id=source_id)))
+    return StagedBatch.objects.filter(source_id=source_id).count()
 
 
-def in_flight_events(source_id: int, *, redis_only: bool = False) -> int:
+def in_flight_events(source_id: int, *, quick: bool = False) -> int:
     """Events of ``source_id`` accepted but not yet through the trend stage (approx.).
 
     Staged batches count ``INGEST_BATCH_SIZE`` each (an upper bound that costs one
-    Redis call); stored events not yet counted by the trend stage come from the
+    index-only count); stored events not yet counted by the trend stage come from the
     pipeline's progress counters (``twiscope.pipeline.in_flight``), and are at least
-    the stored, unenriched ones not parked (a PostgreSQL count, skipped with ``redis_only``: a
+    the stored, unenriched ones not parked (a count of events, skipped with ``quick``: a
     cheaper estimate that may be low when Redis lost its counters).
     """
     staged = staged_batches(source_id) * settings.INGEST_BATCH_SIZE
     stored = pipeline.in_flight(source_id)
-    if not redis_only:
+    if not quick:
         stored = max(
             stored,
             Event.objects.filter(

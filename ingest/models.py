@@ -1,4 +1,5 @@
-"""Sources, the events they deliver (the envelope of DESIGN.md), and the dead letters.
+"""Sources, the events they deliver (the envelope of DESIGN.md), the batches accepted
+and not yet stored (staged), and the dead letters.
 
 Event time (``Event.created_at``: when it was posted at the source) and processing
 time (``Event.received_at``: when Twiscope accepted it) are separate fields and are
@@ -6,6 +7,8 @@ never mixed.
 """
 
 from __future__ import annotations
+
+import uuid
 
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
@@ -258,3 +261,41 @@ class DeadLetter(models.Model):
                 condition=models.Q(requeued_at__isnull=True),
             ),
         ]
+
+
+class StagedBatch(models.Model):
+    """A raw batch Twiscope accepted and has not yet stored as events: the ingest
+    stage's staging table (an outbox in PostgreSQL, the system of record).
+
+    Written, and committed, before a webhook answers 202 and before a source moves its
+    cursor past the batch (``ingest.persistence.stage_batch``); deleted by the very
+    transaction that stores its events (``ingest.persistence.persist_batch``), so a
+    batch is either staged or stored, never neither, whatever process or server dies.
+
+    ``key`` names the batch in the persist task's kwargs (``batch_key``) and in the
+    pipeline's dispatch records; ``received_at`` is its processing time (when Twiscope
+    accepted it, also the sweeper's measure of age); ``watermark`` the source's promise
+    that every later event has an event time at or after it (None: none made);
+    ``earliest_event_at`` the least event time of its items (None for an empty batch),
+    which holds the stream's watermark back until the batch is stored; ``items`` its
+    envelopes as one JSON array, each as ``Envelope.to_json`` gives it. ``items`` is
+    text, not jsonb: jsonb refuses ``\u0000``, which a source's raw payload may hold
+    (the persist stage dead-letters such an item; staging must not refuse the batch),
+    and a staged batch is written once and read once, never queried inside.
+    """
+
+    key = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="+")
+    received_at = models.DateTimeField()
+    watermark = models.DateTimeField(null=True, blank=True)
+    earliest_event_at = models.DateTimeField(null=True, blank=True)
+    items = models.TextField(default="[]", blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["source", "earliest_event_at"], name="stagedbatch_source_time"),
+            models.Index(fields=["received_at"], name="stagedbatch_received"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source_id}/{self.key}"

@@ -1,7 +1,13 @@
-"""Writes of the ingest app's staged batches: stage a raw batch in Redis, persist it as
-events, sweep the stuck, and hold a replay back while too many are in flight.
+"""Writes of the ingest app's staged batches: stage a raw batch in PostgreSQL, persist
+it as events, sweep the stuck, and hold a replay back while too many are in flight.
 
-The persist stage (``persist_batch``) is the pipeline's edge into PostgreSQL: it turns
+Accepted means durable: a batch is staged as a ``StagedBatch`` row, committed before a
+webhook answers 202 or a source moves its cursor past it, and the transaction that
+stores its events deletes it. Redis carries only the persist task (the broker) and
+its dispatch record; when Redis loses them, the sweeper sends the task again from the
+table (``sweep_staged_batches``).
+
+The persist stage (``persist_batch``) is the pipeline's edge into ``Event``: it turns
 a staged raw batch into ``Event`` rows with one conflict-ignore insert, dead-letters
 what cannot be stored, and after commit hands the new ids on (``twiscope.pipeline``).
 """
@@ -17,34 +23,24 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from django.conf import settings
 from django.db import DataError, connection, transaction
 from django.db.models import F
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from ingest.counters import (
-    BATCH_KEY_PREFIX,
     EVENTS_RATE_ALL,
-    PENDING_BATCHES_KEY,
-    STAGED_EVENT_TIME_KEY,
-    batch_source_id,
     count_source_events,
     events_rate_name,
     in_flight_events,
 )
 from ingest.envelope import Envelope, EnvelopeError
-from ingest.models import DeadLetter, Source
+from ingest.models import DeadLetter, Source, StagedBatch
 from ingest.services import live_lateness_s, record_dead_letters
 from twiscope import pipeline
-from twiscope.redis import add_to_rate, get_bytes, get_redis, incr_metric
+from twiscope.redis import add_to_rate
 
 log = structlog.get_logger(__name__)
-
-# Staged batch keys are ``twiscope:batch:<source id>:<uuid>`` (the source is readable
-# from the key alone); PENDING_BATCHES_KEY is the sorted set of staged keys by staging
-# time (epoch s); STAGED_EVENT_TIME_KEY, per source, the same keys by their batch's
-# earliest event time, whose minimum holds the stream's watermark back.
 
 
 @dataclass(frozen=True)
@@ -59,30 +55,23 @@ class PersistResult:
 def stage_batch(
     *, source_id: int, envelopes: Sequence[Envelope], watermark: datetime | None = None
 ) -> str:
-    """Store a raw batch in Redis (with ``INGEST_BATCH_TTL_S`` expiry); return its key.
+    """Stage a raw batch as a ``StagedBatch`` row; return its key (a UUID, as text).
 
     The batch's processing time (``received_at``) is now: the moment Twiscope accepted
     it. ``watermark``, when given, is the source's promise that every later event has an
-    event time at or after it (applied when the batch is persisted). Side effects: the
-    key joins the pending set the sweeper watches and the source's staged set (scored
-    by the batch's earliest event time, which holds the stream's watermark back until
-    the batch is stored).
+    event time at or after it (applied when the batch is persisted). The row commits
+    with the caller's transaction (at once outside one): callers answer a sender or move
+    a cursor only after that. The row's earliest event time holds the stream's
+    watermark back until the batch is stored (``ingest.selectors.input_low_watermark``).
     """
-    key = f"{BATCH_KEY_PREFIX}{source_id}:{uuid.uuid4().hex}"
-    payload = {
-        "source_id": source_id,
-        "received_at": timezone.now().isoformat(),
-        "watermark": watermark.isoformat() if watermark is not None else None,
-        "items": [envelope.to_json() for envelope in envelopes],
-    }
-    earliest = min((e.created_at.timestamp() for e in envelopes), default=None)
-    pipe = get_redis().pipeline()
-    pipe.set(key, json.dumps(payload, ensure_ascii=False), ex=settings.INGEST_BATCH_TTL_S)
-    pipe.zadd(PENDING_BATCHES_KEY, {key: time.time()})
-    if earliest is not None:
-        pipe.zadd(STAGED_EVENT_TIME_KEY.format(source_id=source_id), {key: earliest})
-    pipe.execute()
-    return key
+    batch = StagedBatch.objects.create(
+        source_id=source_id,
+        received_at=timezone.now(),
+        watermark=watermark,
+        earliest_event_at=min((e.created_at for e in envelopes), default=None),
+        items=json.dumps([envelope.to_json() for envelope in envelopes], ensure_ascii=False),
+    )
+    return str(batch.key)
 
 
 def enqueue_envelopes(
@@ -166,40 +155,73 @@ def _insert(source_id: int, received_at: datetime, rows: list[dict[str, Any]]) -
 def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
     """Store a staged raw batch as events, exactly once in effect.
 
-    Re-reads everything: a missing batch key (expired or already persisted) is logged
-    and counted; a missing or disabled source drops the batch quietly. Items that fail
-    validation, and rows PostgreSQL refuses, become dead letters keyed by the batch key
-    and item index (a redelivered batch parks nothing twice); the rest of the batch is
-    stored. Inserts are conflict-ignore on ``(source, external_id)``, so a redelivered
-    batch stores nothing twice. ``Source.last_received_at`` and ``input_watermark``
-    only move forward.
+    Takes the ``StagedBatch`` row ``batch_key`` with ``SELECT … FOR UPDATE`` (a second
+    delivery of the same task waits for the first, then finds the row gone), stores its
+    events and deletes it in one transaction. A missing row means the batch is already
+    stored (or its source was deleted with it): logged, nothing done. A disabled source
+    drops its staged batch (logged). Items that fail validation, and rows PostgreSQL
+    refuses, become dead letters keyed by the batch key and item index; the rest of the
+    batch is stored. Inserts are conflict-ignore on ``(source, external_id)``, so an
+    event staged twice (a sender's retry, a re-polled feed) is stored once.
+    ``Source.last_received_at`` and ``input_watermark`` only move forward.
+    ``source_id`` is the task's routing information; the row's own source is used.
 
     Side effects after commit: hands the new ids to the enrich stage (also when there
     are none: the batch may carry a watermark the trend stage must see), counts them
-    in the team's rate, and forgets the batch key.
+    in the team's rate, and marks the batch's dispatch record done.
     """
-    raw = get_bytes(batch_key)
-    if raw is None:
-        log.warning("ingest.batch_missing", batch_key=batch_key, source_id=source_id)
-        incr_metric("batch_missing")
-        _forget_batch(batch_key, source_id)
-        return PersistResult()
-    source = Source.objects.filter(id=source_id, enabled=True).first()
-    if source is None:
-        log.info("ingest.batch_dropped_source_gone", batch_key=batch_key, source_id=source_id)
-        _forget_batch(batch_key, source_id)
-        return PersistResult()
+    with transaction.atomic():
+        staged = _take_staged(batch_key)
+        if staged is None:
+            log.info("ingest.batch_already_stored", batch_key=batch_key, source_id=source_id)
+            transaction.on_commit(lambda: pipeline.mark_done("ingest", [batch_key]))
+            return PersistResult()
+        source = Source.objects.filter(id=staged.source_id, enabled=True).first()
+        if source is None:
+            log.info(
+                "ingest.batch_dropped_source_disabled",
+                batch_key=batch_key,
+                source_id=staged.source_id,
+            )
+            staged.delete()
+            transaction.on_commit(lambda: pipeline.mark_done("ingest", [batch_key]))
+            return PersistResult()
+        result = _store(staged, source, batch_key)
+        staged.delete()
 
-    batch = json.loads(raw)
-    received_at = datetime.fromisoformat(batch["received_at"])
-    watermark = datetime.fromisoformat(batch["watermark"]) if batch.get("watermark") else None
+    log.info(
+        "ingest.batch_persisted",
+        source_id=source.id,
+        inserted=len(result.inserted_ids),
+        duplicates=result.duplicates,
+        dead_letters=result.dead_letters,
+    )
+    return result
+
+
+def _take_staged(batch_key: str) -> StagedBatch | None:
+    """The staged row ``batch_key``, locked until the transaction ends; None when it is
+    gone (stored already) or ``batch_key`` is not a UUID (no row can have it)."""
+    try:
+        key = uuid.UUID(batch_key)
+    except ValueError:
+        log.warning("ingest.batch_key_invalid", batch_key=batch_key)
+        return None
+    return StagedBatch.objects.select_for_update().filter(key=key).first()
+
+
+def _store(staged: StagedBatch, source: Source, batch_key: str) -> PersistResult:
+    """Insert ``staged``'s events for ``source`` and park what cannot be stored; queue
+    the after-commit work. Runs inside ``persist_batch``'s transaction."""
+    received_at = staged.received_at
+    watermark = staged.watermark
     if watermark is None and source.kind != Source.Kind.REPLAY:
         watermark = received_at - timedelta(seconds=live_lateness_s(source))
     dead: list[tuple[str, dict[str, Any]]] = []
     dead_keys: list[str | None] = []
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for index, item in enumerate(batch["items"]):
+    for index, item in enumerate(json.loads(staged.items)):
         try:
             env = Envelope.from_json(item)
         except EnvelopeError as exc:
@@ -213,50 +235,38 @@ def persist_batch(*, batch_key: str, source_id: int) -> PersistResult:
         seen.add(env.external_id)
         rows.append(_row(env))
 
-    with transaction.atomic():
-        try:
-            with transaction.atomic():
-                inserted = _insert(source.id, received_at, rows) if rows else []
-        except DataError:
-            inserted = []
-            for row in rows:
-                try:
-                    with transaction.atomic():
-                        inserted.extend(_insert(source.id, received_at, [row]))
-                except DataError as exc:
-                    external_id = row["external_id"]
-                    dead.append(
-                        (f"refused by database: {exc}".strip(), {"external_id": external_id})
-                    )
-                    dead_keys.append(f"{batch_key}:id:{external_id}"[:200])
-        new_dead = record_dead_letters(
-            stage=DeadLetter.Stage.INGEST, source=source, items=dead, keys=dead_keys
+    try:
+        with transaction.atomic():
+            inserted = _insert(source.id, received_at, rows) if rows else []
+    except DataError:
+        inserted = []
+        for row in rows:
+            try:
+                with transaction.atomic():
+                    inserted.extend(_insert(source.id, received_at, [row]))
+            except DataError as exc:
+                external_id = row["external_id"]
+                dead.append((f"refused by database: {exc}".strip(), {"external_id": external_id}))
+                dead_keys.append(f"{batch_key}:id:{external_id}"[:200])
+    new_dead = record_dead_letters(
+        stage=DeadLetter.Stage.INGEST, source=source, items=dead, keys=dead_keys
+    )
+    changes: dict[str, Any] = {}
+    if inserted:
+        changes["events_total"] = F("events_total") + len(inserted)
+        changes["last_received_at"] = Greatest(
+            Coalesce("last_received_at", received_at), received_at
         )
-        changes: dict[str, Any] = {}
-        if inserted:
-            changes["events_total"] = F("events_total") + len(inserted)
-            changes["last_received_at"] = Greatest(
-                Coalesce("last_received_at", received_at), received_at
-            )
-        if watermark is not None:
-            changes["input_watermark"] = Greatest(Coalesce("input_watermark", watermark), watermark)
-        if changes:
-            Source.objects.filter(id=source.id).update(**changes)
-        pipeline.hand_off("ingest", items=inserted, event_ids=inserted, source_id=source.id)
-        team_id = source.team_id
-        transaction.on_commit(lambda: _after_persist(batch_key, source_id, inserted, team_id))
-
-    result = PersistResult(
+    if watermark is not None:
+        changes["input_watermark"] = Greatest(Coalesce("input_watermark", watermark), watermark)
+    if changes:
+        Source.objects.filter(id=source.id).update(**changes)
+    pipeline.hand_off("ingest", items=inserted, event_ids=inserted, source_id=source.id)
+    source_id, team_id = source.id, source.team_id
+    transaction.on_commit(lambda: _after_persist(batch_key, source_id, inserted, team_id))
+    return PersistResult(
         inserted_ids=inserted, duplicates=len(rows) - len(inserted), dead_letters=new_dead
     )
-    log.info(
-        "ingest.batch_persisted",
-        source_id=source.id,
-        inserted=len(inserted),
-        duplicates=result.duplicates,
-        dead_letters=new_dead,
-    )
-    return result
 
 
 def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id: int) -> None:
@@ -265,15 +275,6 @@ def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id
         add_to_rate(events_rate_name(team_id), len(event_ids))
         add_to_rate(EVENTS_RATE_ALL, len(event_ids))
         pipeline.add_progress("ingest", source_id, len(event_ids))
-    _forget_batch(batch_key, source_id)
-
-
-def _forget_batch(batch_key: str, source_id: int) -> None:
-    pipe = get_redis().pipeline()
-    pipe.delete(batch_key)
-    pipe.zrem(PENDING_BATCHES_KEY, batch_key)
-    pipe.zrem(STAGED_EVENT_TIME_KEY.format(source_id=source_id), batch_key)
-    pipe.execute()
     pipeline.mark_done("ingest", [batch_key])
 
 
@@ -290,10 +291,10 @@ def wait_for_capacity(
         TimeoutError: the pipeline did not drain within ``timeout_s`` (no workers?).
     """
     start = time.monotonic()
-    # Poll the Redis counters alone while over the cap; confirm with the full estimate
-    # (which also counts unenriched events in PostgreSQL) once they say there is room.
+    # Poll the quick estimate while over the cap; confirm with the full one (which also
+    # counts every unenriched event of the source) once it says there is room.
     while (
-        in_flight_events(source.id, redis_only=True) >= max_in_flight
+        in_flight_events(source.id, quick=True) >= max_in_flight
         or in_flight_events(source.id) >= max_in_flight
     ):
         waited = time.monotonic() - start
@@ -307,21 +308,21 @@ def wait_for_capacity(
 
 
 def sweep_staged_batches(*, older_than_s: float) -> int:
-    """Re-send the persist task of staged batches that are really stuck (see
-    ``twiscope.pipeline.stuck``); forget keys whose batch expired. Returns how many."""
-    redis = get_redis()
-    keys = [
-        k.decode()
-        for k in redis.zrangebyscore(PENDING_BATCHES_KEY, "-inf", time.time() - older_than_s)  # type: ignore[union-attr]
-    ]
-    alive = []
-    for key in keys:
-        source_id = batch_source_id(key)
-        if source_id is not None and redis.exists(key):
-            alive.append(key)
-        else:
-            _forget_batch(key, source_id or 0)
-    resend = pipeline.stuck("ingest", alive, older_than_s=older_than_s)
+    """Re-send the persist task of staged batches received over ``older_than_s`` seconds
+    ago that are really stuck (see ``twiscope.pipeline.stuck``: never sent, or sent
+    long ago while the ingest queue is empty; a Redis that lost its data lost their
+    dispatch records too, so they count as never sent). Reads keys only, never items.
+    Returns how many were sent again."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    staged = {
+        str(key): source_id
+        for key, source_id in StagedBatch.objects.filter(received_at__lt=cutoff)
+        .order_by("received_at")
+        .values_list("key", "source_id")
+    }
+    resend = pipeline.stuck("ingest", list(staged), older_than_s=older_than_s)
     for key in resend:
-        pipeline.send("ingest", items=[key], batch_key=key, source_id=batch_source_id(key))
+        pipeline.send("ingest", items=[key], batch_key=key, source_id=staged[key])
+    if resend:
+        log.info("ingest.batches_resent", batches=len(resend))
     return len(resend)

@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from django.conf import settings
 from django.db.models import Q
+from redis.exceptions import LockNotOwnedError
+from redis.lock import Lock
 
 from ingest.models import Source
 from ingest.persistence import enqueue_envelopes
@@ -34,7 +36,10 @@ POLLING_KINDS = (Source.Kind.RSS, Source.Kind.X, Source.Kind.TELEGRAM)
 BACKOFF_BASE_S = 30.0
 BACKOFF_MAX_S = 3600.0
 LOCK_TTL_S = 120
-"""One poll of a source at a time, across processes (a Redis lock, in seconds)."""
+"""One poll of a source at a time, across processes: the lock's expiry, in seconds."""
+POLL_LOCK_KEY = "twiscope:poll:{source_id}"
+"""The Redis key of a source's poll lock (redis-py ``Lock``: its value is the holder's
+token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +95,34 @@ def poll_source(source: Source) -> PollOutcome:
     own failures: they are recorded on it and returned.
 
     Side effects: staged batches and ingest tasks; the source's cursor,
-    ``last_polled_at`` and error fields saved.
+    ``last_polled_at`` and error fields saved. One poll of a source at a time across
+    processes: a token-checked Redis lock (redis-py ``Lock``, expiring after
+    ``LOCK_TTL_S``); a poll that finds it held is skipped.
     """
-    lock = f"twiscope:poll:{source.id}"
-    if not get_redis().set(lock, "1", nx=True, ex=LOCK_TTL_S):
+    lock = get_redis().lock(
+        POLL_LOCK_KEY.format(source_id=source.id), timeout=LOCK_TTL_S, blocking=False
+    )
+    if not lock.acquire():
         return PollOutcome(skipped=True)
     try:
         return _poll(source)
     finally:
-        get_redis().delete(lock)
+        release_poll_lock(lock, source.id)
+
+
+def release_poll_lock(lock: Lock, source_id: int) -> None:
+    """Release ``lock`` if this holder still owns it.
+
+    redis-py's release deletes the key only while it holds this holder's token. A poll
+    that outlived ``LOCK_TTL_S`` lost its lock to the expiry, and the key may now be
+    another process's: it is left alone, and the overrun logged
+    (``sources.poll_lock_lost``). Its staged batches and cursor stand: staging is
+    idempotent by ``external_id``.
+    """
+    try:
+        lock.release()
+    except LockNotOwnedError:
+        log.warning("sources.poll_lock_lost", source_id=source_id, ttl_s=LOCK_TTL_S)
 
 
 def _poll(source: Source) -> PollOutcome:

@@ -1,7 +1,7 @@
 """Reads of the ingest app: the stream's input progress, events by time, sources.
 
-Redis key names and counters (staged batches, events in flight, per-minute counts,
-event rates) are in ``ingest.counters``; the virality model's and the viral-post
+Counters (staged batches, events in flight, per-minute counts, event rates) are in
+``ingest.counters``; the virality model's and the viral-post
 rules' reads in ``ingest.virality_reads``.
 """
 
@@ -16,9 +16,7 @@ from typing import Any, cast
 from django.db import connection
 from django.db.models import Count, Min, Q
 
-from ingest.counters import STAGED_EVENT_TIME_KEY
-from ingest.models import DeadLetter, Event, Source
-from twiscope.redis import get_redis
+from ingest.models import DeadLetter, Event, Source, StagedBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +46,20 @@ def input_low_watermark(source_id: int) -> datetime | None:
     The minimum of the source's declared ``input_watermark``, the earliest event time of
     its staged batches, and the earliest event time of its stored but unenriched events
     (a low watermark, as in MillWheel: Akidau et al., VLDB 2013); a parked event (a dead
-    letter of the enrich stage, ``Event.parked_at``) is not waited for. None until the source
-    declared any progress. Read in this order (declared, staged, stored) so that a batch
-    moving from Redis to PostgreSQL between the reads is seen in one of them.
+    letter of the enrich stage, ``Event.parked_at``) is not waited for. None until the
+    source declared any progress. Read in this order (declared, staged, stored): a batch
+    is stored by the transaction that deletes its staged row, so one moving between the
+    reads is seen in one of them.
     """
     declared = Source.objects.filter(id=source_id).values_list("input_watermark", flat=True).first()
     if declared is None:
         return None
     low = declared
-    staged = cast(
-        "list[tuple[bytes, float]]",
-        get_redis().zrange(
-            STAGED_EVENT_TIME_KEY.format(source_id=source_id), 0, 0, withscores=True
-        ),
-    )
-    if staged:
-        low = min(low, datetime.fromtimestamp(staged[0][1], tz=UTC))
+    staged = StagedBatch.objects.filter(source_id=source_id).aggregate(
+        first=Min("earliest_event_at")
+    )["first"]
+    if staged is not None:
+        low = min(low, staged)
     unenriched = Event.objects.filter(
         source_id=source_id, enriched_at__isnull=True, parked_at__isnull=True
     ).aggregate(first=Min("created_at"))["first"]

@@ -10,6 +10,8 @@ refused, so a captured request cannot be replayed later.
 The body is one envelope (``ingest.envelope.Envelope.to_json``'s shape) or a list of up
 to ``WEBHOOK_MAX_EVENTS``. Each item is validated on its own: the valid ones are staged
 (one batch, one persist task), the others reported by index with their field errors.
+The 202 is sent only once the batch is committed to PostgreSQL (``StagedBatch``): an
+accepted item survives the loss of Redis or of any one process.
 Idempotent by ``external_id``: an id the source already stored, or one repeated in the
 request, counts as a duplicate and is not staged again (an id still in flight in the
 pipeline is caught when its batch is stored, by the events' unique key).
@@ -92,7 +94,8 @@ def deliver(source: Source, items: list[Any]) -> Delivery:
     """Validate ``items`` (decoded JSON objects), stage the valid new ones for
     ``source`` and queue their persist task. Returns the ``Delivery``.
 
-    Side effects: one Redis batch and one ingest task when anything is accepted.
+    Side effects: one staged batch (committed before this returns) and one ingest task
+    when anything is accepted.
     """
     result = Delivery()
     valid: list[Envelope] = []

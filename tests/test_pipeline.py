@@ -6,13 +6,16 @@ captured on-commit callbacks, and the tests run each stage in order themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import uuid
 from datetime import timedelta
 from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.db import OperationalError
 from django.test import TestCase
 from django.utils import timezone
 
@@ -20,7 +23,7 @@ from alerts import evaluation, push, sweeps
 from alerts.models import Alert
 from ingest import counters, persistence, selectors
 from ingest.envelope import Envelope
-from ingest.models import DeadLetter, Event, Source
+from ingest.models import DeadLetter, Event, Source, StagedBatch
 from mlengine.enrichment import stage as enrichment
 from mlengine.models import TOTAL_TERM, BucketCount, StreamClock, Trend
 from mlengine.trends import stage as trend_stage
@@ -36,7 +39,6 @@ from tests.factories import (
     run_through,
 )
 from twiscope import pipeline
-from twiscope.redis import get_redis
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
@@ -44,11 +46,23 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 def test_a_redelivered_batch_stores_nothing_twice() -> None:
     source = make_source(make_personas().team)
     key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a"), envelope("b")])
-    raw = get_redis().get(key)
 
     first = persistence.persist_batch(batch_key=key, source_id=source.id)
-    get_redis().set(key, raw)  # the same message delivered again
-    second = persistence.persist_batch(batch_key=key, source_id=source.id)
+    second = persistence.persist_batch(batch_key=key, source_id=source.id)  # delivered again
+
+    assert len(first.inserted_ids) == 2
+    assert second == persistence.PersistResult()
+    assert Event.objects.filter(source=source).count() == 2
+    assert Source.objects.get(id=source.id).events_total == 2
+
+
+def test_events_staged_twice_are_stored_once() -> None:
+    source = make_source(make_personas().team)
+    batch = [envelope("a"), envelope("b")]
+    # A sender's retry, a feed polled again before its first batch was stored:
+    keys = [persistence.stage_batch(source_id=source.id, envelopes=batch) for _ in range(2)]
+
+    first, second = (persistence.persist_batch(batch_key=k, source_id=source.id) for k in keys)
 
     assert len(first.inserted_ids) == 2
     assert second.inserted_ids == [] and second.duplicates == 2
@@ -63,15 +77,8 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
     naive = {**envelope("y").to_json(), "created_at": "2015-02-20T12:00:00"}
     nul = {**envelope("nul \x00 byte").to_json()}
     key = persistence.stage_batch(source_id=source.id, envelopes=[])
-    get_redis().set(
-        key,
-        json.dumps(
-            {
-                "source_id": source.id,
-                "received_at": ORIGIN.isoformat(),
-                "items": [good, no_time, "not an object", naive, nul],
-            }
-        ),
+    StagedBatch.objects.filter(key=key).update(
+        received_at=ORIGIN, items=json.dumps([good, no_time, "not an object", naive, nul])
     )
 
     result = persistence.persist_batch(batch_key=key, source_id=source.id)
@@ -85,19 +92,26 @@ def test_bad_items_are_dead_lettered_and_the_rest_of_the_batch_is_stored() -> No
     assert Event.objects.get(id__in=result.inserted_ids, text__startswith="nul").text == "nul  byte"
 
 
-def test_a_redelivered_batch_parks_no_second_dead_letter() -> None:
+def test_a_raw_payload_holding_a_nul_is_staged_and_only_its_item_dead_lettered() -> None:
+    source = make_source(make_personas().team)
+    bad = dataclasses.replace(envelope("fine text"), raw={"note": "nul \x00 in the raw"})
+
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("good"), bad])
+    result = persistence.persist_batch(batch_key=key, source_id=source.id)
+
+    assert len(result.inserted_ids) == 1 and result.dead_letters == 1
+    assert DeadLetter.objects.get().payload == {"external_id": bad.external_id}
+    assert not StagedBatch.objects.exists()
+
+
+def test_a_batch_persisted_again_parks_no_second_dead_letter() -> None:
     source = make_source(make_personas().team)
     key = persistence.stage_batch(source_id=source.id, envelopes=[])
-    raw = json.dumps(
-        {
-            "source_id": source.id,
-            "received_at": ORIGIN.isoformat(),
-            "items": [envelope("fine").to_json(), "not an object", {"external_id": "x"}],
-        }
-    )
-    get_redis().set(key, raw)
+    items = [envelope("fine").to_json(), "not an object", {"external_id": "x"}]
+    StagedBatch.objects.filter(key=key).update(received_at=ORIGIN, items=json.dumps(items))
+    staged = StagedBatch.objects.get(key=key)
     first = persistence.persist_batch(batch_key=key, source_id=source.id)
-    get_redis().set(key, raw)  # the same message delivered again
+    staged.save()  # staged again under the same key (a restored backup, say)
 
     second = persistence.persist_batch(batch_key=key, source_id=source.id)
 
@@ -110,8 +124,7 @@ def test_last_received_at_only_moves_forward() -> None:
     source = make_source(make_personas().team)
     new_key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("new")])
     old_key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("old")])
-    old_raw = json.loads(get_redis().get(old_key))
-    get_redis().set(old_key, json.dumps({**old_raw, "received_at": ORIGIN.isoformat()}))
+    StagedBatch.objects.filter(key=old_key).update(received_at=ORIGIN)
 
     persistence.persist_batch(batch_key=new_key, source_id=source.id)
     newest = Source.objects.get(id=source.id).last_received_at
@@ -120,13 +133,27 @@ def test_last_received_at_only_moves_forward() -> None:
     assert Source.objects.get(id=source.id).last_received_at == newest > ORIGIN
 
 
-def test_a_missing_batch_key_is_counted_and_stores_nothing() -> None:
+@pytest.mark.parametrize("batch_key", [str(uuid.uuid4()), "twiscope:batch:7:not-a-uuid"])
+def test_a_batch_key_naming_no_staged_batch_stores_nothing(batch_key: str) -> None:
     source = make_source(make_personas().team)
 
-    result = persistence.persist_batch(batch_key="twiscope:batch:gone", source_id=source.id)
+    with commits_without_broker() as send_task:
+        result = persistence.persist_batch(batch_key=batch_key, source_id=source.id)
 
-    assert result.inserted_ids == []
-    assert int(get_redis().get("twiscope:metric:batch_missing")) == 1
+    assert result == persistence.PersistResult()
+    assert send_task.call_count == 0
+    assert Event.objects.count() == 0
+
+
+def test_a_disabled_sources_staged_batch_is_dropped() -> None:
+    source = make_source(make_personas().team)
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+    Source.objects.filter(id=source.id).update(enabled=False)
+
+    result = persistence.persist_batch(batch_key=key, source_id=source.id)
+
+    assert result == persistence.PersistResult()
+    assert not StagedBatch.objects.exists() and not Event.objects.exists()
 
 
 def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_callbacks) -> None:
@@ -136,8 +163,24 @@ def test_persist_queues_enrichment_only_after_commit(django_capture_on_commit_ca
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         persistence.persist_batch(batch_key=key, source_id=source.id)
 
-    assert len(callbacks) == 2  # hand the ids to the enrich stage; forget the batch
-    assert get_redis().exists(key) == 1  # deleted only once the commit went through
+    assert len(callbacks) == 2  # hand the ids to the enrich stage; count and mark done
+    # The staged row went with the transaction that stored its event.
+    assert not StagedBatch.objects.filter(key=key).exists()
+    assert Event.objects.filter(source=source).count() == 1
+
+
+def test_a_batch_whose_store_fails_stays_staged() -> None:
+    source = make_source(make_personas().team)
+    key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
+
+    with (
+        mock.patch("ingest.persistence.record_dead_letters", side_effect=OperationalError),
+        pytest.raises(OperationalError),
+    ):
+        persistence.persist_batch(batch_key=key, source_id=source.id)
+
+    assert StagedBatch.objects.filter(key=key).exists()
+    assert not Event.objects.exists()
 
 
 def test_enrichment_extracts_entities_language_and_sentiment_once() -> None:
@@ -325,15 +368,16 @@ def test_alerts_are_pushed_to_the_teams_group_with_consecutive_seq() -> None:
     assert push.push_alerts(alert_ids=alert_ids) == 0
 
 
-def test_a_staged_batch_names_its_source_in_its_key() -> None:
+def test_a_staged_batch_is_counted_for_its_source_until_stored() -> None:
     source = make_source(make_personas().team)
 
     key = persistence.stage_batch(source_id=source.id, envelopes=[envelope("a")])
 
-    assert counters.batch_source_id(key) == source.id
     assert counters.staged_batches(source.id) == 1
     assert counters.staged_batches(source.id + 1) == 0
-    assert counters.batch_source_id("twiscope:batch:not-a-source") is None
+    with commits_without_broker():
+        persistence.persist_batch(batch_key=key, source_id=source.id)
+    assert counters.staged_batches(source.id) == 0
 
 
 def test_copies_of_a_text_in_a_batch_are_enriched_once() -> None:

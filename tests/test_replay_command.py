@@ -74,7 +74,7 @@ def team() -> Team:
 def synchronous_ingest(
     captured: Captured, monkeypatch: pytest.MonkeyPatch, clean_redis: None
 ) -> Captured:
-    """The persist stage run on each batch as it is sent (real staging in Redis, real
+    """The persist stage run on each batch as it is sent (real staging, real
     conflict-ignore inserts and dead letters, its on-commit effects run without a
     broker); the drain's predicates report an empty pipeline."""
 

@@ -18,13 +18,14 @@ from django.utils import timezone
 from alerts import evaluation, sweeps
 from alerts.models import Alert
 from ingest import counters, persistence, services
-from ingest.models import Event, Source
+from ingest.models import Event, Source, StagedBatch
 from mlengine.enrichment import stage as enrichment
 from mlengine.enrichment import text
 from mlengine.models import StreamClock, Trend
 from mlengine.trends import stage as trend_stage
 from tests.factories import (
     burst,
+    commits_without_broker,
     envelope,
     fire_blizzard_alerts,
     make_personas,
@@ -112,19 +113,55 @@ def test_fresh_work_is_left_alone() -> None:
     assert queued("enrich") == 0
 
 
-def test_a_staged_batch_whose_task_was_lost_is_persisted_later() -> None:
-    source = make_source(make_personas().team)
+def stage_long_ago(source: Source, *, seconds: float = 600) -> str:
+    """Stage and queue a one-event batch (for real, on the broker), as if ``seconds``
+    ago; returns its key."""
     with TestCase.captureOnCommitCallbacks(execute=True):
         key = persistence.enqueue_envelopes(source=source, envelopes=[envelope("a")])
+    StagedBatch.objects.filter(key=key).update(
+        received_at=timezone.now() - timedelta(seconds=seconds)
+    )
+    age_dispatch_records("ingest", seconds)
+    return key
+
+
+def test_a_staged_batch_whose_task_was_lost_is_persisted_later() -> None:
+    source = make_source(make_personas().team)
+    stage_long_ago(source)
     get_redis().delete("ingest")  # lost
-    get_redis().zadd(counters.PENDING_BATCHES_KEY, {key: time.time() - 600})
-    age_dispatch_records("ingest", 600)
 
     with TestCase.captureOnCommitCallbacks(execute=True):
         swept = persistence.sweep_staged_batches(older_than_s=120)
 
     assert swept == 1
     assert queued("ingest") == 1
+
+
+def test_a_staged_batch_waiting_behind_a_backlog_is_not_sent_again() -> None:
+    source = make_source(make_personas().team)
+    stage_long_ago(source)
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = persistence.sweep_staged_batches(older_than_s=120)
+
+    assert swept == 0
+    assert queued("ingest") == 1  # the original message, still waiting
+
+
+def test_staged_batches_survive_a_redis_that_lost_everything() -> None:
+    source = make_source(make_personas().team)
+    key = stage_long_ago(source)
+    get_redis().flushdb()  # the broker's queue and the dispatch records, gone
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        swept = persistence.sweep_staged_batches(older_than_s=120)
+    with commits_without_broker():
+        stored = persistence.persist_batch(batch_key=key, source_id=source.id)
+
+    assert swept == 1
+    assert queued("ingest") == 1
+    assert len(stored.inserted_ids) == 1
+    assert not StagedBatch.objects.exists()
 
 
 def test_an_alert_whose_push_was_lost_is_pushed() -> None:

@@ -6,6 +6,12 @@ Pool sizes live in devtools/supervisord.conf and docker-compose.yml, not here.
 
 Delivery: ``acks_late`` + ``reject_on_worker_lost`` give at-least-once delivery; every
 task is idempotent at the database, so a redelivery changes nothing.
+
+Retries: every task of the app (``Task``, the app's base class) retries the errors that
+may pass by themselves (``TRANSIENT_ERRORS``: a database or broker connection lost, a
+timeout) with exponential backoff and full jitter, up to ``Task.max_retries`` times;
+any other error fails the task at once. Each stage's sweeper stays the last resort for
+work whose retries ran out or whose retry could not be sent.
 """
 
 from __future__ import annotations
@@ -14,16 +20,48 @@ import contextlib
 import os
 from typing import Any
 
+import amqp.exceptions
 from celery import Celery
+from celery import Task as CeleryTask
 from celery.signals import task_postrun, task_prerun
 from kombu import Queue
 
+from twiscope.outage import DEPENDENCY_ERRORS
 from twiscope.queues import NAMES, STAGES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twiscope.settings")
 
 
-app = Celery("twiscope")
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    *DEPENDENCY_ERRORS,  # PostgreSQL, Redis, the broker through kombu (twiscope.outage)
+    amqp.exceptions.RecoverableConnectionError,  # RabbitMQ
+)
+"""Errors a task retries: the database or the broker was unreachable or timed out.
+Programming and data errors (``ProgrammingError``, ``IntegrityError``, ``DataError``,
+``ValueError`` …) are not among them: they would fail again."""
+
+
+class Task(CeleryTask):
+    """The base class of every task of the app: retries ``TRANSIENT_ERRORS``.
+
+    Celery reads these attributes when it builds each task (``autoretry_for`` wraps
+    ``run``; celery.app.autoretry): a transient error re-queues the task after a
+    countdown drawn uniformly from [0, min(``retry_backoff_max``, ``retry_backoff`` ×
+    2^retries)] seconds ("full jitter", AWS Architecture Blog, "Exponential Backoff and
+    Jitter", 2015): at most 1, 2, 4, … 32 s, about a minute in all; after
+    ``max_retries`` retries the error is raised and the task fails. A task's own
+    decorator options override them. Tasks are idempotent (see the module docstring),
+    so running one again is safe.
+    """
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 1
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = 6
+
+
+app = Celery("twiscope", task_cls=Task)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.update(
     task_queues=[Queue(name) for name in NAMES],

@@ -227,8 +227,6 @@ SCORING_BUSY_POLL_S: float = 0.05
 # ...and while events arrive faster than this (events/s over the last 2 s, all sources):
 # a burst is far beyond what the heads label on a CPU, and the pipeline needs the cores.
 SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=300.0)
-# Seconds a raw batch waits in Redis for its persist task before it expires.
-INGEST_BATCH_TTL_S: int = env.int("INGEST_BATCH_TTL_S", default=24 * 3600)
 # Seconds after which a dispatched item whose record no worker refreshed is taken for
 # lost and sent again even while its queue is busy (twiscope.pipeline.stuck). Twice the
 # broker's visibility timeout (3600 s, twiscope.celery) plus the longest task time limit
