@@ -16,16 +16,6 @@ def get_redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
 
 
-def incr_metric(name: str, amount: int = 1) -> None:
-    """Add to a process-independent counter ``twiscope:metric:<name>`` (for /api/stats/)."""
-    get_redis().incrby(f"twiscope:metric:{name}", amount)
-
-
-def get_bytes(key: str) -> bytes | None:
-    """``GET key`` (the sync client's stubs type it as possibly awaitable)."""
-    return cast("bytes | None", get_redis().get(key))
-
-
 RATE_KEY = "twiscope:rate:{name}:{second}"
 RATE_KEEP_S = 180
 
