@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import pytest
@@ -48,7 +48,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 def queued(queue: str) -> int:
-    return int(get_redis().llen(queue))
+    return int(cast(int, get_redis().llen(queue)))
 
 
 def send_ingest(keys: list[str], *, countdown: float | None = None) -> None:
@@ -62,7 +62,9 @@ def age_records(stage: str, seconds: float) -> None:
     """Make every dispatch record of ``stage`` ``seconds`` older."""
     key = pipeline.DISPATCH_KEY.format(stage=stage)
     redis = get_redis()
-    for member, score in redis.zrange(key, 0, -1, withscores=True):
+    for member, score in cast(
+        "list[tuple[bytes, float]]", redis.zrange(key, 0, -1, withscores=True)
+    ):
         redis.zadd(key, {member: score - seconds})
 
 

@@ -849,8 +849,9 @@ def test_a_killed_worker_is_restarted_and_the_replay_stores_every_event_once(
     stay unacknowledged (Redis redelivers them after an hour), so a batch it was
     persisting comes back only through the ingest sweeper (once its record is
     ``PIPELINE_STUCK_AFTER_S`` old, no longer refreshed by the dead worker's heartbeat;
-    run every 15 s). Measured with the former 120 s bound and 30 s sweeps: about 50 s for the whole test when the
-    kill lands between batches, about 150 s when it lands on one. Exactly once: the
+    run every 15 s). Measured with the former 120 s bound and 30 s sweeps: about 50 s
+    for the whole test when the kill lands between batches, about 150 s when it lands
+    on one. Exactly once: the
     events table is unique on (source, external id), and the stored count is compared
     with the archive's distinct ids.
     """
