@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from celery import shared_task
+from django.conf import settings
 
 from alerts import evaluation, sweeps
 from ingest import selectors as ingest_selectors
@@ -20,8 +21,6 @@ from ingest import services as ingest_services
 from mlengine import facade
 from twiscope import guard, pipeline
 from twiscope.queues import ALERTS
-
-SWEEP_AFTER_S = 120
 
 
 def _guarded(
@@ -172,4 +171,4 @@ def evaluate_viral(*, event_ids: list[int]) -> int:
 def sweep() -> dict[str, int]:
     """Periodic: re-send trends, anomalies and scored posts never evaluated; update alerts
     left stale; push alerts never pushed."""
-    return sweeps.sweep(older_than_s=SWEEP_AFTER_S)
+    return sweeps.sweep(older_than_s=settings.PIPELINE_STUCK_AFTER_S)

@@ -8,10 +8,9 @@ Each re-reads its rows and quietly does nothing if they are gone or already done
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from ingest import persistence, services
-
-SWEEP_AFTER_S = 120
 
 
 @shared_task(name="ingest.persist_batch", soft_time_limit=60, time_limit=90)
@@ -22,9 +21,9 @@ def persist_batch(*, batch_key: str, source_id: int) -> int:
 
 @shared_task(name="ingest.sweep", soft_time_limit=25, time_limit=30)
 def sweep() -> int:
-    """Periodic: re-send staged batches stuck for ``SWEEP_AFTER_S`` seconds (never sent,
-    or lost while the ingest queue is empty); returns how many."""
-    return persistence.sweep_staged_batches(older_than_s=SWEEP_AFTER_S)
+    """Periodic: re-send staged batches stuck for ``PIPELINE_STUCK_AFTER_S`` seconds
+    (never sent, or lost: see ``twiscope.pipeline.stuck``); returns how many."""
+    return persistence.sweep_staged_batches(older_than_s=settings.PIPELINE_STUCK_AFTER_S)
 
 
 @shared_task(name="ingest.analyze_growing_tables", soft_time_limit=50, time_limit=60)

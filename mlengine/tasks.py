@@ -25,7 +25,6 @@ from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
 
-SWEEP_AFTER_S = 120
 ACTIVE_WITHIN_S = 3600
 
 
@@ -70,7 +69,7 @@ def enrich_events(*, event_ids: list[int], source_id: int | None = None) -> int:
 @shared_task(name="enrich.sweep", soft_time_limit=25, time_limit=30)
 def sweep_enrich() -> int:
     """Periodic: re-send unenriched events that are really stuck; returns how many."""
-    return enrich_stage.sweep_unenriched(older_than_s=SWEEP_AFTER_S)
+    return enrich_stage.sweep_unenriched(older_than_s=settings.PIPELINE_STUCK_AFTER_S)
 
 
 @shared_task(name="detect.advance_stream", soft_time_limit=60, time_limit=90)

@@ -116,10 +116,11 @@ def clean_redis() -> None:
 
 
 @contextmanager
-def worker_processes(*pools: tuple[list[str], int]) -> Iterator[None]:
+def worker_processes(*pools: tuple[list[str], int]) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Real Celery workers as separate processes (prefork, as ``make run`` starts them),
-    on the test database and Redis: one per ``(queues, concurrency)``. Waits until each
-    queue has a consumer; stops them (SIGTERM, then SIGKILL) on exit.
+    on the test database and Redis: one per ``(queues, concurrency)``, each the leader of
+    its own process group (its master's pid). Waits until each queue has a consumer;
+    yields the masters' processes; stops them (SIGTERM, then SIGKILL) on exit.
 
     Use inside a ``django_db(transaction=True)`` test: the workers see committed rows.
     """
@@ -170,7 +171,7 @@ def worker_processes(*pools: tuple[list[str], int]) -> Iterator[None]:
                 raise RuntimeError(f"workers for {wanted} did not start within 60 s")
             if any(p.poll() is not None for p in processes):
                 raise RuntimeError("a worker process exited at start")
-        yield
+        yield processes
     finally:
         for process in processes:
             with suppress(ProcessLookupError):

@@ -166,7 +166,7 @@ def test_every_event_accepted_before_redis_is_sigkilled_is_stored_once(tmp_path:
         worker += ["-n", f"durable-{os.getpid()}@%h", "--pool=prefork", "--concurrency=2"]
         worker += ["--loglevel=WARNING", "--without-gossip", "--without-mingle"]
         with process(worker, env):
-            # Past the sweeper's SWEEP_AFTER_S, as two minutes later; then its periodic
+            # Past the sweeper's PIPELINE_STUCK_AFTER_S, as minutes later; then its periodic
             # task runs (as beat sends it), twice.
             StagedBatch.objects.update(received_at=timezone.now() - timedelta(minutes=10))
             for _ in range(2):

@@ -1,6 +1,7 @@
 """The sweepers read all their unfinished work, page after page, so a lost hand-off is
 found however much finished work the day holds; and a lost message is sent again under
-sustained load too, once its dispatch record is past ``PIPELINE_LOST_AFTER_S``.
+sustained load too: on Redis at once (its queue is read), on another broker once its
+dispatch record is past ``PIPELINE_LOST_AFTER_S``.
 
 Real PostgreSQL and Redis (the broker: a queue is a Redis list named after it)."""
 
@@ -109,7 +110,12 @@ def stored_long_ago(source: Source, texts: list[str], *, dispatched: bool) -> li
     return ids
 
 
-def test_a_lost_message_is_sent_again_under_load_once_past_the_bound() -> None:
+def test_a_lost_message_is_sent_again_under_load_once_past_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a broker whose queue cannot be read (RabbitMQ: ``queued_items`` is None); on
+    Redis the sweeper reads the queue and finds it lost at once (tests/test_heartbeat.py)."""
+    monkeypatch.setattr(pipeline, "queued_items", lambda stage: None)
     source = make_source(make_personas().team)
     stored_long_ago(source, ["waiting 1", "waiting 2"], dispatched=True)  # the load
     (lost,) = stored_long_ago(source, ["lost"], dispatched=False)

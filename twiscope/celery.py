@@ -94,6 +94,9 @@ app.conf.update(
 # recycled the way Django does between requests (``_recycle_db_connections``).
 app.conf.update({"CELERY_DB_REUSE_MAX": 1_000_000})
 app.autodiscover_tasks()
+# Every worker refreshes the dispatch records of the messages it holds, so the sweepers
+# can tell held work from lost work within seconds (twiscope.pipeline's docstring).
+app.steps["consumer"].add("twiscope.pipeline:HeldWorkHeartbeat")
 
 
 @task_prerun.connect

@@ -16,31 +16,45 @@ it without an import running back up the flow.
 
 Every dispatch records when it was sent, per item (an event id, a trend id, a batch
 key), in a Redis sorted set of its stage (``twiscope:dispatched:<stage>``, score: epoch
-seconds); a stage marks its items done when it has handled them. A stage's sweeper
-asks ``stuck()`` which of its unfinished items really are stuck: never dispatched
-(the process died between commit and send), dispatched long ago while the stage's
-queue is empty (the message was lost), or dispatched so long ago that no worker can
-hold the message any more (``PIPELINE_LOST_AFTER_S``: lost, even under sustained
-load). A worker that takes a message refreshes its items' records
-(``task_received``), so work a worker holds is not taken for lost either. Items
-merely waiting behind a backlog are not re-sent before that bound, so a slow pool is
-not handed the same work twice.
+seconds); a stage marks its items done when it has handled them. While a worker holds a
+message (prefetched, waiting for its countdown, or running), its main process refreshes
+the message's records every ``PIPELINE_HEARTBEAT_S`` seconds (5 s; ``HeldWorkHeartbeat``, a bootstep
+of every worker's consumer; and once on receipt, ``task_received``). So a record older
+than a few heartbeats (``PIPELINE_STUCK_AFTER_S``, 30 s) belongs to a message no live
+worker holds: one waiting in its queue, or one lost (never sent, dropped by a broker
+that lost its data, or taken by a worker that was killed; Redis would hand that one
+out again only after its visibility timeout, an hour later).
+
+A stage's sweeper asks ``stuck()`` which of its unfinished items really are stuck:
+never dispatched (the process died between commit and send); dispatched over
+``PIPELINE_STUCK_AFTER_S`` ago and not waiting in the stage's queue (on Redis, the
+queue's messages are read: ``queued_items``; on a broker whose queue cannot be read,
+only while the queue is empty); or dispatched so long ago that no worker can hold the
+message any more (``PIPELINE_LOST_AFTER_S``, the last resort). Items merely waiting
+behind a backlog are not re-sent, so a slow pool is not handed the same work twice.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
+import json
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import structlog
 from amqp.exceptions import ChannelError
+from celery import bootsteps
 from celery.signals import task_received
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.db import transaction
 
 from twiscope.celery import app
+from twiscope.outage import DEPENDENCY_ERRORS
 from twiscope.queues import ALERTS, DETECT, ENRICH, INFERENCE, INGEST, STAGES
 from twiscope.redis import get_redis
 
@@ -149,23 +163,108 @@ def send(
     transaction.on_commit(dispatch)
 
 
+def _records_of(requests: Iterable[Any]) -> dict[str, list[str]]:
+    """The dispatch records the task messages ``requests`` carry (``RECORDS_OF_TASK``),
+    by stage; ``requests`` are Celery requests (``name``, ``kwargs``) or anything alike."""
+    found: dict[str, list[str]] = {}
+    for request in requests:
+        records = RECORDS_OF_TASK.get(getattr(request, "name", "") or "")
+        if records is None:
+            continue
+        stage, kwarg, prefix = records
+        found.setdefault(stage, []).extend(
+            _members(prefix, (getattr(request, "kwargs", None) or {}).get(kwarg))
+        )
+    return {stage: members for stage, members in found.items() if members}
+
+
+def _members(prefix: str, value: Any) -> list[str]:
+    """``<prefix><item>`` for each item of a task kwarg's value (one item or a list)."""
+    return [
+        f"{prefix}{v}" for v in (value if isinstance(value, list) else [value]) if v is not None
+    ]
+
+
+def refresh(requests: Iterable[Any]) -> int:
+    """Refresh the dispatch records of the task messages ``requests`` (a worker holds
+    them): their score becomes now. Records already marked done are not written again
+    (``ZADD XX``). One Redis round trip; returns how many records it named."""
+    found = _records_of(requests)
+    if not found:
+        return 0
+    now = time.time()
+    pipe = get_redis().pipeline(transaction=False)
+    for stage, members in found.items():
+        pipe.zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, now), xx=True)
+    pipe.execute()
+    return sum(len(members) for members in found.values())
+
+
 @task_received.connect
 def _touch_on_receipt(request: Any = None, **_: Any) -> None:
     """A worker took a message (to run now, or prefetched to run next): refresh its items'
-    dispatch records (``RECORDS_OF_TASK``), so they are not taken for lost while a
-    worker holds them. Records already marked done are not written again."""
-    found = RECORDS_OF_TASK.get(getattr(request, "name", ""))
-    if found is None:
-        return
-    stage, kwarg, prefix = found
-    value = (getattr(request, "kwargs", None) or {}).get(kwarg)
-    members = [
-        f"{prefix}{v}" for v in (value if isinstance(value, list) else [value]) if v is not None
-    ]
-    if members:
-        get_redis().zadd(
-            DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, time.time()), xx=True
+    dispatch records at once (``refresh``); ``HeldWorkHeartbeat`` keeps them fresh
+    while the worker holds it."""
+    refresh([request])
+
+
+def held_requests() -> list[Any]:
+    """The task requests this worker process holds, unacknowledged: prefetched
+    (``reserved_requests``), waiting for their countdown (``scheduled_requests``) and
+    running (``active_requests``), from ``celery.worker.state`` (kept by the worker's
+    main process, prefork pool included). Safe to call from another thread than the
+    consumer's: a set that changed while it was copied is copied again."""
+    for _attempt in range(10):
+        try:
+            return [
+                *tuple(worker_state.reserved_requests),
+                *tuple(worker_state.scheduled_requests),
+                *tuple(worker_state.active_requests),
+            ]
+        except RuntimeError:  # "Set changed size during iteration": the consumer wrote
+            continue
+    return []
+
+
+class HeldWorkHeartbeat(bootsteps.StartStopStep):
+    """A bootstep of the worker's consumer (``app.steps["consumer"]``, see
+    ``twiscope.celery``): a daemon thread of the worker's main process that refreshes,
+    every ``PIPELINE_HEARTBEAT_S`` seconds, the dispatch records of every message the worker
+    holds (``held_requests``, ``refresh``). A thread rather than the consumer's timer,
+    so that a task running in the consumer's own thread (the solo pool) does not stop
+    the beat. It starts with the consumer and stops with it (a restart after a broker
+    outage starts a new one). A Redis error is logged (``pipeline.heartbeat_failed``)
+    and the next beat tries again."""
+
+    label = "twiscope heartbeat"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name="twiscope-heartbeat", daemon=True
         )
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=settings.PIPELINE_HEARTBEAT_S)
+            self._thread = None
+
+    shutdown = stop
+
+    @staticmethod
+    def _run(stop: threading.Event) -> None:
+        while not stop.wait(settings.PIPELINE_HEARTBEAT_S):
+            try:
+                refresh(held_requests())
+            except DEPENDENCY_ERRORS as exc:
+                log.warning("pipeline.heartbeat_failed", error=repr(exc))
 
 
 PROGRESS_KEY = "twiscope:progress:{stage}:{source_id}"
@@ -263,7 +362,7 @@ def stuck(
     stage: str,
     items: Sequence[int | str],
     *,
-    older_than_s: float,
+    older_than_s: float | None = None,
     lost_after_s: float | None = None,
 ) -> list[str]:
     """Which of ``items`` (unfinished work of ``stage``) to send again; returns them as
@@ -272,27 +371,31 @@ def stuck(
     An item is stuck when:
 
     - it has no dispatch record (never sent: the process died between commit and send);
-    - its record is older than ``older_than_s`` seconds while ``stage``'s queue holds no
-      message (nothing queued could still deliver it);
+    - its record is older than ``older_than_s`` seconds (default: the setting
+      ``PIPELINE_STUCK_AFTER_S``, 30 s) and no message in ``stage``'s queue carries it
+      (``queued_items``; on a broker whose queue cannot be read, while the queue holds
+      no message at all). A worker that holds a message refreshes its records every
+      ``PIPELINE_HEARTBEAT_S`` (5 s) seconds (``HeldWorkHeartbeat``), so such a record belongs
+      to a message no live worker holds, and none waits in the queue: it was lost
+      (taken by a worker that died, dropped by the broker), even while the queue is
+      long. The queue is read after the records, and the records of the items it does
+      not hold are read again, so a message a worker took meanwhile is not taken for
+      lost;
     - or its record is older than ``lost_after_s`` seconds (default: the setting
       ``PIPELINE_LOST_AFTER_S``, 2 × (visibility timeout + longest task time limit) =
-      7,440 s), whatever the queue holds. A record is refreshed when a worker takes the
-      message (``task_received``, prefetched ones too). A worker that dies holding it
-      leaves it unacknowledged, and Redis hands it out again after the visibility
-      timeout, when the next worker refreshes it again; a task runs at most its time
-      limit. So past that bound no worker holds the message and none will get it back:
-      it was lost, or it has waited in the queue behind a backlog that long. Under
-      sustained load the queue is never empty, and without this bound a lost message
-      would hold its stream's watermark for good; the cost of the second case is one
-      more message per item per bound, which the idempotent task does nothing with.
+      7,440 s), whatever the queue holds: the last resort, for a broker whose queue
+      cannot be read and is never empty under sustained load (past that bound no worker
+      holds the message and none will get it back). Its cost, if the message was in
+      fact waiting, is one more message per item, which the idempotent task does
+      nothing with.
     """
     if not items:
         return []
+    older_than_s = settings.PIPELINE_STUCK_AFTER_S if older_than_s is None else older_than_s
     lost_after_s = settings.PIPELINE_LOST_AFTER_S if lost_after_s is None else lost_after_s
+    key = DISPATCH_KEY.format(stage=stage)
     members = [str(item) for item in items]
-    scores = cast(
-        "list[float | None]", get_redis().zmscore(DISPATCH_KEY.format(stage=stage), members)
-    )
+    scores = cast("list[float | None]", get_redis().zmscore(key, members))
     now = time.time()
     resend = {m for m, score in zip(members, scores, strict=True) if score is None}
     lost = {
@@ -306,11 +409,90 @@ def stuck(
     old = [
         m
         for m, score in zip(members, scores, strict=True)
-        if score is not None and score < now - older_than_s
+        if score is not None and score < now - older_than_s and m not in lost
     ]
-    if old and queue_depth(stage) == 0:
-        resend |= set(old)
+    if old:
+        resend |= _not_waiting(stage, old, older_than_s=older_than_s)
     return [m for m in members if m in resend]
+
+
+def _not_waiting(stage: str, old: list[str], *, older_than_s: float) -> set[str]:
+    """Of ``old`` (records of ``stage`` older than ``older_than_s``), those no message in
+    the stage's queue carries and no worker refreshed while the queue was read."""
+    waiting = queued_items(stage)
+    if waiting is None:
+        return set(old) if queue_depth(stage) == 0 else set()
+    absent = [m for m in old if m not in waiting]
+    if not absent:
+        return set()
+    cutoff = time.time() - older_than_s
+    scores = cast(
+        "list[float | None]", get_redis().zmscore(DISPATCH_KEY.format(stage=stage), absent)
+    )
+    lost = {
+        m for m, score in zip(absent, scores, strict=True) if score is not None and score < cutoff
+    }
+    if lost:
+        log.warning("pipeline.lost_from_queue", stage=stage, items=len(lost))
+    return lost
+
+
+QUEUE_PAGE = 500
+REDIS_PRIORITY_SEP = "\x06\x16"
+"""kombu's Redis transport keeps a queue's messages of priority step ``p`` > 0 in the
+list ``<queue><sep><p>`` (``kombu.transport.redis``, ``Channel._q_for_pri``)."""
+
+
+def queued_items(stage: str) -> set[str] | None:
+    """The dispatch records (``<prefix><item>``, ``RECORDS_OF_TASK``) that the messages
+    waiting in ``stage``'s queue carry; None where the broker's queue cannot be read
+    (not a Redis broker).
+
+    kombu's Redis transport keeps a queue as Redis lists of JSON messages (the plain
+    list and one per priority step); each message is ``{"body", "headers",
+    "properties"}``, ``headers["task"]`` names the task and the body (base64 of JSON
+    when ``properties["body_encoding"]`` says so) is Celery's protocol-2 ``[args,
+    kwargs, embed]``. The lists are read ``QUEUE_PAGE`` messages at a time (LRANGE), so
+    a long queue costs many short round trips, never one huge one. A message that
+    cannot be decoded is skipped (logged: ``pipeline.undecodable_message``). Messages
+    a worker holds are not in the queue (that is the heartbeat's business)."""
+    if not app.conf.broker_url or not str(app.conf.broker_url).startswith(
+        ("redis://", "rediss://", "redis+socket://")
+    ):
+        return None
+    steps = app.conf.broker_transport_options.get("priority_steps", [0, 3, 6, 9])
+    lists = [stage] + [f"{stage}{REDIS_PRIORITY_SEP}{p}" for p in steps if p]
+    found: set[str] = set()
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        for name in lists:
+            offset = 0
+            while True:
+                page = cast("list[bytes]", client.lrange(name, offset, offset + QUEUE_PAGE - 1))
+                for raw in page:
+                    found.update(_records_of_message(raw))
+                if len(page) < QUEUE_PAGE:
+                    break
+                offset += QUEUE_PAGE
+    return found
+
+
+def _records_of_message(raw: bytes) -> list[str]:
+    """The dispatch records one raw message of kombu's Redis transport carries."""
+    try:
+        message = json.loads(raw)
+        records = RECORDS_OF_TASK.get(message.get("headers", {}).get("task", ""))
+        if records is None:
+            return []
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        log.warning("pipeline.undecodable_message", error=repr(exc))
+        return []
+    _stage, kwarg, prefix = records
+    return _members(prefix, kwargs.get(kwarg))
 
 
 def dispatched_count(stage: str) -> int:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+SWEEP_EVERY_S = 15.0
+"""Seconds between two sweeps of a stage: with ``PIPELINE_STUCK_AFTER_S`` (30 s), lost
+work is sent again within about 45 s."""
+
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
-    "ingest.sweep": {"task": "ingest.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "ingest.sweep": {"task": "ingest.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
     "ingest.declare_live_progress": {
         "task": "ingest.declare_live_progress",
         "schedule": 5.0,
@@ -19,12 +23,12 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 60.0,
         "options": {"expires": 55},
     },
-    "enrich.sweep": {"task": "enrich.sweep", "schedule": 30.0, "options": {"expires": 25}},
-    "detect.sweep": {"task": "detect.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "enrich.sweep": {"task": "enrich.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
+    "detect.sweep": {"task": "detect.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
     "detect.advance_anomalies": {
         "task": "detect.advance_anomalies",
         "schedule": 30.0,
         "options": {"expires": 25},
     },
-    "alerts.sweep": {"task": "alerts.sweep", "schedule": 30.0, "options": {"expires": 25}},
+    "alerts.sweep": {"task": "alerts.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
 }

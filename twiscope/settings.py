@@ -227,8 +227,17 @@ SCORING_BUSY_POLL_S: float = 0.05
 # ...and while events arrive faster than this (events/s over the last 2 s, all sources):
 # a burst is far beyond what the heads label on a CPU, and the pipeline needs the cores.
 SCORING_PAUSE_ABOVE_EPS: float = env.float("SCORING_PAUSE_ABOVE_EPS", default=300.0)
+# Seconds between two refreshes, by a worker's main process, of the dispatch records of
+# the messages it holds (prefetched, waiting for a countdown, running).
+PIPELINE_HEARTBEAT_S: float = env.float("PIPELINE_HEARTBEAT_S", default=5.0)
+# Seconds after which a dispatched item whose record no worker refreshed, and that no
+# message in its queue carries, is taken for lost and sent again (twiscope.pipeline.
+# stuck). A worker refreshes the records of the messages it holds every 5 s
+# (PIPELINE_HEARTBEAT_S), so 30 s is several missed heartbeats: no live worker holds it.
+PIPELINE_STUCK_AFTER_S: float = env.float("PIPELINE_STUCK_AFTER_S", default=30.0)
 # Seconds after which a dispatched item whose record no worker refreshed is taken for
-# lost and sent again even while its queue is busy (twiscope.pipeline.stuck). Twice the
+# lost and sent again even while its queue is busy and cannot be read (a broker other
+# than Redis; the last resort, twiscope.pipeline.stuck). Twice the
 # broker's visibility timeout (3600 s, twiscope.celery) plus the longest task time limit
 # (120 s): past it, no worker holds the message nor will Redis redeliver it.
 PIPELINE_LOST_AFTER_S: float = env.float("PIPELINE_LOST_AFTER_S", default=2 * (3600 + 120))
