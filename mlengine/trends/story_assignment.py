@@ -39,15 +39,14 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     the stories in the order they were founded, so the stories and forecasts are a
     function of the events alone: the same whichever calls the trends arrive in
     (full speed or paced, any batch boundaries) and whatever order the rows lie in.
-    Each trend also stores its story's forecast
-    (``mlengine.trends.forecast.forecast``) of posts per bucket holding any member, the current
-    bucket projected to its end.
+    Each trend also stores its story's forecast (``mlengine.trends.forecast.forecast``)
+    of posts per bucket holding any member, the current bucket projected to its end.
 
     Four queries whatever the number of trends: the new trends, the live stories'
-    members (``live_stories``), the events that any of their terms or the new trends' hold in the range the
-    posts and forecasts need (``_StoryEvents``: the posts and volumes are then cut from
-    them in memory, as ``events_for_term`` and ``volume_of_terms`` would read them), one
-    update of all the new trends.
+    members (``live_stories``), the events that any of their terms or the new trends'
+    hold in the range the posts and forecasts need (``_StoryEvents``: the posts and
+    volumes are then cut from them in memory, as ``events_for_term`` and
+    ``volume_of_terms`` would read them), one update of all the new trends.
 
     Side effects: ``Trend.story`` and ``Trend.forecast`` of ``trend_ids``.
     """
