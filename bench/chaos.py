@@ -1239,7 +1239,15 @@ class Chaos:
             checks["same_alerts"] = {
                 "passed": ref == got,
                 "detail": f"{len(got)} alerts, {len(ref)} without faults; only with faults "
-                f"{len(got - ref)}, only without {len(ref - got)}",
+                f"{len(got - ref)}, only without {len(ref - got)}"
+                + "".join(
+                    f"; {label}: " + ", ".join(" ".join(map(str, k)) for k in sorted(diff)[:10])
+                    for label, diff in (("only with", got - ref), ("only without", ref - got))
+                    if diff
+                ),
+                # [rule, kind, what fired it, window] of each alert the other run lacks.
+                "only_with_faults": [list(k) for k in sorted(got - ref)],
+                "only_without_faults": [list(k) for k in sorted(ref - got)],
             }
 
         windows = [

@@ -6,19 +6,24 @@ cuts each trend's posts and each story's volume from them in memory. Each case i
 checked against the per-trend reads it replaced (``reference_assign_stories``: two
 ``events_for_term`` and one ``volume_of_terms`` a trend, one ``save`` a trend), replayed
 call by call on the same stored trends: every ``story_id`` and ``forecast`` must be equal.
+
+And the stories are a function of the events alone: the same events stored in one call
+or in many, with the stored rows updated in another order, give the same stories and
+forecasts (``test_the_same_events_give_the_same_stories_whatever_the_calls``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from unittest import mock
 
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from ingest import selectors as ingest_selectors
@@ -31,6 +36,7 @@ from mlengine.trends import story_assignment
 from mlengine.trends.forecast import forecast_volume
 from mlengine.trends.stories import StoryParams, choose_story
 from tests.factories import (
+    ORIGIN,
     burst,
     envelope,
     make_personas,
@@ -46,19 +52,20 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
 
 
 def reference_assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
-    new = list(Trend.objects.filter(id__in=list(trend_ids)).order_by("evidence_created_at", "id"))
+    new = list(
+        Trend.objects.filter(id__in=list(trend_ids)).order_by(
+            "evidence_created_at", "bucket_start", "term", "id"
+        )
+    )
     if not new:
         return
     params = story_assignment.story_params()
     bucket_s = new[0].bucket_s
     ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
-    stories: dict[int, set[str]] = defaultdict(set)
-    last_bucket: dict[int, datetime] = {}
-    for story_id, term, start in Trend.objects.filter(
-        source_id=source_id, story__isnull=False, bucket_start__gte=new[0].bucket_start - ttl
-    ).values_list("story_id", "term", "bucket_start"):
-        stories[story_id].add(term)
-        last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
+    live_stories, last_bucket = story_assignment.live_stories(
+        source_id, since=new[0].bucket_start - ttl
+    )
+    stories: dict[int, set[str]] = defaultdict(set, live_stories)
     for trend in new:
         live = {
             sid: terms
@@ -299,3 +306,99 @@ def test_a_call_makes_the_same_few_queries_whatever_its_number_of_trends() -> No
     with CaptureQueriesContext(connection) as queries:
         reference_assign_stories(beta.id, trend_ids)
     assert len(queries) >= 2 * len(trend_ids)
+
+
+# --- The same events, other calls -----------------------------------------------------
+
+
+def founders_feed() -> list[Envelope]:
+    """ "#zebra" then "#apple" trend alone in one bucket (two stories, "#zebra" founded
+    first, "#apple" first by term and by the id one insert gives it); in the next bucket
+    "#storm" trends in posts holding both: an exact tie, which goes to the story
+    founded first, as in ``StoryDetector``."""
+    return sorted(
+        quiet_history(8)
+        + burst("#zebra", count=12, minutes=8 * 15 + 1)
+        + burst("#apple", count=12, minutes=8 * 15 + 5)
+        + mixed(["#storm with #zebra and #apple"], minutes=9 * 15 + 1, repeat=12, author="s"),
+        key=lambda e: e.created_at,
+    )
+
+
+def old_member_feed() -> list[Envelope]:
+    """ "#fire" trends alone (bucket 8); "#smoke" joins its story in bucket 20, in posts
+    two in three of which hold "#fire" (too few for "#fire" to trend again); "#fire"
+    trends alone again in bucket 34, its first trend now older than the baseline window
+    but its story still live (its last member, bucket 20, is within it): "#fire" is a
+    member of a live story and stays in it."""
+    smoke = ["#smoke near the #fire", "#smoke near the #fire", "#smoke rising"]
+    return sorted(
+        quiet_history(36)
+        + burst("#fire", count=12, minutes=8 * 15 + 1)
+        + mixed(smoke * 2 + ["#smoke rising"] * 2, minutes=20 * 15 + 1, repeat=1, author="k")
+        + burst("#fire", count=12, minutes=34 * 15 + 1),
+        key=lambda e: e.created_at,
+    )
+
+
+def in_calls(source: Source, posts: list[Envelope], cuts: Sequence[float]) -> None:
+    """``posts`` through the pipeline in one batch per span between ``cuts`` (minutes
+    after the first bucket of ``quiet_history``), then the stream closed. Before each
+    batch after the first, every stored trend of ``source`` is updated in reverse order
+    of detection (as later members and confirmations touch their rows), so the rows lie
+    in the table in another order than they were inserted."""
+    edges = [ORIGIN + timedelta(minutes=m) for m in cuts]
+    spans = [
+        [e for e in posts if lo <= e.created_at < hi]
+        for lo, hi in zip(
+            [ORIGIN - timedelta(days=1), *edges],
+            [*edges, ORIGIN + timedelta(days=30)],
+            strict=True,
+        )
+    ]
+    for n, span in enumerate(spans, start=1):
+        for trend in Trend.objects.filter(source=source).order_by("-evidence_created_at"):
+            Trend.objects.filter(pk=trend.pk).update(score=F("score"))
+        run_through(source, span, batch_size=len(span), close=n == len(spans))
+
+
+def verdicts_of(source: Source) -> dict[str, tuple[str, bool, Any]]:
+    """``{term@bucket: (its story's first trend as term@bucket, predicted, forecast)}``."""
+    trends = Trend.objects.filter(source=source)
+    key = {
+        t: f"{term}@{start:%d %H:%M}"
+        for t, term, start in trends.values_list("id", "term", "bucket_start")
+    }
+    return {
+        key[trend_id]: (key[story_id], predicted, forecast)
+        for trend_id, story_id, predicted, forecast in trends.values_list(
+            "id", "story_id", "predicted", "forecast"
+        )
+    }
+
+
+@pytest.mark.parametrize(
+    ("feed", "cuts", "joins"),
+    [
+        (founders_feed, [8 * 15 + 3, 8 * 15 + 10], ("#storm", "#zebra")),
+        (old_member_feed, [20 * 15, 34 * 15], ("#fire", "#fire")),
+    ],
+    ids=["tie-to-the-first-founded", "a-member-older-than-the-window"],
+)
+def test_the_same_events_give_the_same_stories_whatever_the_calls(
+    feed: Any, cuts: list[float], joins: tuple[str, str]
+) -> None:
+    team = make_personas().team
+    posts = feed()
+    whole = make_source(team, name="whole")
+    run_through(whole, posts, batch_size=len(posts))
+    cut = make_source(team, name="cut")
+    in_calls(cut, posts, cuts)
+
+    assert verdicts_of(cut) == verdicts_of(whole)
+    term, founder = joins
+    stories_of_term = {
+        story for key, (story, _, _) in verdicts_of(whole).items() if key.startswith(f"{term}@")
+    }
+    assert len(verdicts_of(whole)) >= 3
+    assert [story.split("@")[0] for story in stories_of_term] == [founder]

@@ -33,32 +33,34 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     The rule is ``mlengine.trends.stories.choose_story``, on the same posts as the in-memory
     ``StoryDetector``: the trend's posts in its bucket up to its evidence and in the
     bucket before (at most ``max_postings`` a bucket), against each live story's. A live
-    story is one with a member in the ``ttl`` before (the baseline window). A term
-    already in a live story stays in it. Each trend also stores its story's forecast
-    (``mlengine.trends.forecast.forecast``) of posts per bucket holding any member, the current
-    bucket projected to its end.
+    story is one with a member in the ``ttl`` before (the baseline window); it holds all
+    its members, however old (``live_stories``). A term already in a live story stays
+    in it. The trends are taken by evidence event time (ties: bucket, then term) and
+    the stories in the order they were founded, so the stories and forecasts are a
+    function of the events alone: the same whichever calls the trends arrive in
+    (full speed or paced, any batch boundaries) and whatever order the rows lie in.
+    Each trend also stores its story's forecast (``mlengine.trends.forecast.forecast``)
+    of posts per bucket holding any member, the current bucket projected to its end.
 
     Four queries whatever the number of trends: the new trends, the live stories'
-    members, the events that any of their terms or the new trends' hold in the range the
-    posts and forecasts need (``_StoryEvents``: the posts and volumes are then cut from
-    them in memory, as ``events_for_term`` and ``volume_of_terms`` would read them), one
-    update of all the new trends.
+    members (``live_stories``), the events that any of their terms or the new trends'
+    hold in the range the posts and forecasts need (``_StoryEvents``: the posts and
+    volumes are then cut from them in memory, as ``events_for_term`` and
+    ``volume_of_terms`` would read them), one update of all the new trends.
 
     Side effects: ``Trend.story`` and ``Trend.forecast`` of ``trend_ids``.
     """
-    new = list(Trend.objects.filter(id__in=list(trend_ids)).order_by("evidence_created_at", "id"))
+    new = list(
+        Trend.objects.filter(id__in=list(trend_ids)).order_by(
+            "evidence_created_at", "bucket_start", "term", "id"
+        )
+    )
     if not new:
         return
     params = story_params()
     bucket_s = new[0].bucket_s
     ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
-    stories: dict[int, set[str]] = defaultdict(set)
-    last_bucket: dict[int, datetime] = {}
-    for story_id, term, start in Trend.objects.filter(
-        source_id=source_id, story__isnull=False, bucket_start__gte=new[0].bucket_start - ttl
-    ).values_list("story_id", "term", "bucket_start"):
-        stories[story_id].add(term)
-        last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
+    stories, last_bucket = live_stories(source_id, since=new[0].bucket_start - ttl)
     events = _StoryEvents.read(source_id, new, stories.values(), params)
     for trend in new:
         live = {
@@ -70,7 +72,7 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         if joined is None:
             joined = _closest_story(events, trend, live, params)
         story_id = joined if joined is not None else trend.id
-        stories[story_id].add(trend.term)
+        stories.setdefault(story_id, set()).add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )
@@ -81,6 +83,43 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     )
     with connection.cursor() as cursor:
         cursor.execute(_UPDATE_STORIES_SQL, [document])
+
+
+def live_stories(
+    source_id: int, *, since: datetime
+) -> tuple[dict[int, set[str]], dict[int, datetime]]:
+    """The stories of ``source_id`` with a member in a bucket starting at ``since`` or
+    later, each with **all** its member terms (however old: a story keeps its members
+    while it lives, as ``StoryDetector`` does) and the start of its latest member's
+    bucket: ``({story id: terms}, {story id: last bucket start})``. One query.
+
+    The stories come in the order they were founded: by their first trend's evidence
+    event time, then its bucket and term (the story id last). That is a function of the
+    events alone, as is the order of ``StoryDetector.stories``, so ``choose_story``'s
+    ties go the same way whatever the batch boundaries of the calls that stored them,
+    the ids the database gave, or the physical order of the rows.
+    """
+    live = Trend.objects.filter(
+        source_id=source_id, story__isnull=False, bucket_start__gte=since
+    ).values("story_id")
+    members = (
+        Trend.objects.filter(source_id=source_id, story_id__in=live)
+        .order_by(
+            "story__evidence_created_at",
+            "story__bucket_start",
+            "story__term",
+            "story_id",
+            "bucket_start",
+            "term",
+        )
+        .values_list("story_id", "term", "bucket_start")
+    )
+    stories: dict[int, set[str]] = defaultdict(set)
+    last_bucket: dict[int, datetime] = {}
+    for story_id, term, start in members:
+        stories[story_id].add(term)
+        last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
+    return dict(stories), last_bucket
 
 
 _UPDATE_STORIES_SQL = """
