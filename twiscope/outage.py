@@ -38,7 +38,7 @@ import structlog
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django import db
 from django.core.signals import got_request_exception
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 log = structlog.get_logger(__name__)
 
@@ -117,10 +117,11 @@ class DependencyUnavailableMiddleware:
         if iscoroutinefunction(self):
             return self._acall(request)
         response = self.get_response(request)
-        assert isinstance(response, HttpResponse)
+        # Any response: a file (whitenoise) or a stream is not an HttpResponse.
+        assert isinstance(response, HttpResponseBase)
         return self._replace(request, response)
 
-    async def _acall(self, request: HttpRequest) -> HttpResponse:
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)  # type: ignore[misc]
         return self._replace(request, response)
 
@@ -132,7 +133,7 @@ class DependencyUnavailableMiddleware:
         return self._answer(request, dependency, repr(exception)[:300])
 
     @classmethod
-    def _replace(cls, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    def _replace(cls, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         """``response``, or the 503 when it is the 500 of a noted dependency error."""
         note = getattr(request, _NOTE, None)
         if note is None or response.status_code != 500:
