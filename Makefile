@@ -71,6 +71,7 @@ run: venv
 	$(PY) -m devtools.localservices run -- $(PY) -m devtools.run
 
 test: venv
+	@devtools/ensure-chromium
 	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
 # Its own run dir (and env file: .run/bench/env), so it works on its own data while
