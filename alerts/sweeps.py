@@ -33,7 +33,8 @@ def sweep(*, older_than_s: float) -> dict[str, int]:
     once past ``PIPELINE_LOST_AFTER_S``); bring up to date the alerts a lost
     confirmation or anomaly update left stale; push alerts persisted that long ago but
     never pushed. Every candidate is read, page after page (``SWEEP_PAGE``), never the
-    first page alone. Returns the counts."""
+    first page alone. Forgets the dispatch records of trends and anomalies already
+    evaluated or gone (``twiscope.pipeline.forget_finished``). Returns the counts."""
     now = timezone.now()
     cutoff = now - timedelta(seconds=older_than_s)
     trends = _sweep_detected(
@@ -91,6 +92,15 @@ def _sweep_detected(
         if page.after is None:
             break
         after = page.after
+    if prefix:
+        pipeline.forget_finished(
+            "alerts",
+            [f"{prefix}:{i}" for i in unchecked],
+            older_than_s=2 * older_than_s,
+            prefix=f"{prefix}:",
+        )
+    else:
+        pipeline.forget_finished("alerts", unchecked, older_than_s=2 * older_than_s, numeric=True)
     if not prefix:
         resend = [int(m) for m in pipeline.stuck("alerts", unchecked, older_than_s=older_than_s)]
         with transaction.atomic():

@@ -312,6 +312,7 @@ def sweep_staged_batches(*, older_than_s: float) -> int:
     ago that are really stuck (see ``twiscope.pipeline.stuck``: never sent, or sent
     long ago while the ingest queue is empty; a Redis that lost its data lost their
     dispatch records too, so they count as never sent). Reads keys only, never items.
+    Forgets the records of batches already persisted (``pipeline.forget_finished``).
     Returns how many were sent again."""
     cutoff = timezone.now() - timedelta(seconds=older_than_s)
     staged = {
@@ -321,6 +322,7 @@ def sweep_staged_batches(*, older_than_s: float) -> int:
         .values_list("key", "source_id")
     }
     resend = pipeline.stuck("ingest", list(staged), older_than_s=older_than_s)
+    pipeline.forget_finished("ingest", staged, older_than_s=2 * older_than_s)
     for key in resend:
         pipeline.send("ingest", items=[key], batch_key=key, source_id=staged[key])
     if resend:

@@ -159,3 +159,42 @@ def test_a_worker_taking_an_anomaly_refreshes_its_dispatch_record() -> None:
     key = pipeline.DISPATCH_KEY.format(stage="alerts")
     assert time.time() - cast(float, get_redis().zscore(key, "anomaly:7")) < 5
     assert get_redis().zscore(key, "anomaly:8") is None  # done: not written again
+
+
+def dispatched_items(stage: str) -> set[str]:
+    key = pipeline.DISPATCH_KEY.format(stage=stage)
+    return {m.decode() for m in cast("list[bytes]", get_redis().zrange(key, 0, -1))}
+
+
+def test_records_a_killed_worker_left_on_finished_events_are_forgotten() -> None:
+    # Killed between its commit and the on_commit that marks the events done: enriched
+    # events keep their records. So does an event whose transaction rolled back.
+    source = make_source(make_personas().team)
+    enriched, waiting = stored_long_ago(source, ["done", "not yet"], dispatched=False)
+    Event.objects.filter(id=enriched).update(enriched_at=timezone.now())
+    never_committed = waiting + 1000
+    young_orphan = waiting + 1001
+    for item in (enriched, waiting, never_committed):
+        set_dispatched("enrich", item, seconds_ago=600)
+    set_dispatched("enrich", young_orphan, seconds_ago=150)  # maybe not committed yet
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        enrichment.sweep_unenriched(older_than_s=120)
+
+    assert dispatched_items("enrich") == {str(waiting), str(young_orphan)}
+
+
+def test_records_of_evaluated_or_vanished_trends_are_forgotten() -> None:
+    source = make_source(make_personas().team)
+    evaluated, unevaluated = trends(source, 2, detected_ago_s=600)
+    TrendCheck.objects.create(trend_id=evaluated, checked_at=timezone.now())
+    for item in (evaluated, unevaluated, unevaluated + 1000, "anomaly:99", "viral:5"):
+        set_dispatched("alerts", item, seconds_ago=600)
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        sweeps.sweep(older_than_s=120)
+
+    left = dispatched_items("alerts")
+    assert str(evaluated) not in left and str(unevaluated + 1000) not in left
+    assert "anomaly:99" not in left  # no such anomaly
+    assert str(unevaluated) in left  # still to evaluate: sent again, record refreshed

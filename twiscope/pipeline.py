@@ -358,6 +358,36 @@ def mark_done(stage: str, items: Iterable[int | str]) -> None:
         get_redis().zrem(DISPATCH_KEY.format(stage=stage), *members)
 
 
+def forget_finished(
+    stage: str,
+    unfinished: Iterable[int | str],
+    *,
+    older_than_s: float,
+    prefix: str = "",
+    numeric: bool = False,
+) -> int:
+    """Forget the dispatch records of ``stage`` (starting with ``prefix``; with
+    ``numeric``, only plain ids) written over ``older_than_s`` seconds ago whose item is
+    not among ``unfinished``: the stage's sweeper read its unfinished work before calling
+    this, so such an item was handled, parked, or never committed. Returns how many.
+
+    Such records are left by a process killed between its commit and its
+    ``transaction.on_commit`` that marks the items done, and by a transaction that
+    rolled back after ``record``; nothing else would ever remove them. Pass an
+    ``older_than_s`` well past the sweeper's own cutoff (twice it), so that an item too
+    young to be among ``unfinished`` is never taken for finished. Forgetting a record
+    wrongly costs one message at most: an item with no record counts as never sent
+    (``stuck``), and ``send`` writes the record again.
+    """
+    keep = {str(item) for item in unfinished}
+    old = recorded(stage, prefix=prefix, older_than_s=older_than_s)
+    gone = [m for m in old if m not in keep and (not numeric or m.isdigit())]
+    mark_done(stage, gone)
+    if gone:
+        log.info("pipeline.records_forgotten", stage=stage, records=len(gone))
+    return len(gone)
+
+
 def stuck(
     stage: str,
     items: Sequence[int | str],

@@ -127,7 +127,8 @@ def sweep_unenriched(*, older_than_s: float) -> int:
     when they are really stuck (``twiscope.pipeline.stuck``: also under load, once past
     ``PIPELINE_LOST_AFTER_S``); returns how many. Reads every such event, ``SWEEP_PAGE``
     a query (keyset on ``(received_at, id)``), so events that wait long (a backlog,
-    events that fail) never hide a lost one behind them."""
+    events that fail) never hide a lost one behind them. Forgets the dispatch records of
+    events already handled (``twiscope.pipeline.forget_finished``)."""
     before = timezone.now() - timedelta(seconds=older_than_s)
     source_of: dict[int, int] = {}
     after = None
@@ -138,6 +139,7 @@ def sweep_unenriched(*, older_than_s: float) -> int:
             break
         after = (page[-1][2], page[-1][0])
     resend = pipeline.stuck(ENRICH, list(source_of), older_than_s=older_than_s)
+    pipeline.forget_finished(ENRICH, source_of, older_than_s=2 * older_than_s)
     by_source: dict[int, list[int]] = defaultdict(list)
     for member in resend:
         by_source[source_of[int(member)]].append(int(member))
