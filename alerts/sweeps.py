@@ -96,11 +96,11 @@ def _sweep_detected(
         pipeline.forget_finished(
             "alerts",
             [f"{prefix}:{i}" for i in unchecked],
-            older_than_s=2 * older_than_s,
+            older_than_s=older_than_s,
             prefix=f"{prefix}:",
         )
     else:
-        pipeline.forget_finished("alerts", unchecked, older_than_s=2 * older_than_s, numeric=True)
+        pipeline.forget_finished("alerts", unchecked, older_than_s=older_than_s, numeric=True)
     if not prefix:
         resend = [int(m) for m in pipeline.stuck("alerts", unchecked, older_than_s=older_than_s)]
         with transaction.atomic():

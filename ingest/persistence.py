@@ -322,7 +322,7 @@ def sweep_staged_batches(*, older_than_s: float) -> int:
         .values_list("key", "source_id")
     }
     resend = pipeline.stuck("ingest", list(staged), older_than_s=older_than_s)
-    pipeline.forget_finished("ingest", staged, older_than_s=2 * older_than_s)
+    pipeline.forget_finished("ingest", staged, older_than_s=older_than_s)
     for key in resend:
         pipeline.send("ingest", items=[key], batch_key=key, source_id=staged[key])
     if resend:

@@ -176,7 +176,7 @@ def test_records_a_killed_worker_left_on_finished_events_are_forgotten() -> None
     young_orphan = waiting + 1001
     for item in (enriched, waiting, never_committed):
         set_dispatched("enrich", item, seconds_ago=600)
-    set_dispatched("enrich", young_orphan, seconds_ago=150)  # maybe not committed yet
+    set_dispatched("enrich", young_orphan, seconds_ago=125)  # maybe not committed yet
 
     with TestCase.captureOnCommitCallbacks(execute=True):
         enrichment.sweep_unenriched(older_than_s=120)

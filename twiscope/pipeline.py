@@ -358,6 +358,11 @@ def mark_done(stage: str, items: Iterable[int | str]) -> None:
         get_redis().zrem(DISPATCH_KEY.format(stage=stage), *members)
 
 
+FORGET_MARGIN_S = 10.0
+"""``forget_finished`` forgets only records this much older than the sweeper's cutoff, so
+an item written just before the cutoff but read by the sweeper as too young is kept."""
+
+
 def forget_finished(
     stage: str,
     unfinished: Iterable[int | str],
@@ -367,20 +372,19 @@ def forget_finished(
     numeric: bool = False,
 ) -> int:
     """Forget the dispatch records of ``stage`` (starting with ``prefix``; with
-    ``numeric``, only plain ids) written over ``older_than_s`` seconds ago whose item is
-    not among ``unfinished``: the stage's sweeper read its unfinished work before calling
-    this, so such an item was handled, parked, or never committed. Returns how many.
+    ``numeric``, only plain ids) written over ``older_than_s`` + ``FORGET_MARGIN_S``
+    seconds ago whose item is not among ``unfinished``: the unfinished work the stage's
+    sweeper read, with the cutoff ``older_than_s``, before calling this. Such an item was
+    handled, parked, or never committed. Returns how many records it forgot.
 
     Such records are left by a process killed between its commit and its
     ``transaction.on_commit`` that marks the items done, and by a transaction that
-    rolled back after ``record``; nothing else would ever remove them. Pass an
-    ``older_than_s`` well past the sweeper's own cutoff (twice it), so that an item too
-    young to be among ``unfinished`` is never taken for finished. Forgetting a record
-    wrongly costs one message at most: an item with no record counts as never sent
-    (``stuck``), and ``send`` writes the record again.
+    rolled back after ``record``; nothing else would ever remove them. Forgetting a
+    record wrongly costs one message at most: an item with no record counts as never
+    sent (``stuck``), and ``send`` writes the record again.
     """
     keep = {str(item) for item in unfinished}
-    old = recorded(stage, prefix=prefix, older_than_s=older_than_s)
+    old = recorded(stage, prefix=prefix, older_than_s=older_than_s + FORGET_MARGIN_S)
     gone = [m for m in old if m not in keep and (not numeric or m.isdigit())]
     mark_done(stage, gone)
     if gone:

@@ -139,7 +139,7 @@ def sweep_unenriched(*, older_than_s: float) -> int:
             break
         after = (page[-1][2], page[-1][0])
     resend = pipeline.stuck(ENRICH, list(source_of), older_than_s=older_than_s)
-    pipeline.forget_finished(ENRICH, source_of, older_than_s=2 * older_than_s)
+    pipeline.forget_finished(ENRICH, source_of, older_than_s=older_than_s)
     by_source: dict[int, list[int]] = defaultdict(list)
     for member in resend:
         by_source[source_of[int(member)]].append(int(member))
