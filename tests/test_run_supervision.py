@@ -584,15 +584,16 @@ class Platform:
     def worker_master(self, queue: str) -> psutil.Process | None:
         """The Celery master process consuming ``queue``."""
         for process in psutil.Process(self.process.pid).children(recursive=True):
-            try:
+            try:  # any of them may exit (or be a zombie) meanwhile
                 command = process.cmdline()
                 parent = process.parent()
+                parent_command = parent.cmdline() if parent else []
             except psutil.Error:
                 continue
             if (
                 "worker" in command
                 and queue in command
-                and "supervisord" in " ".join(parent.cmdline() if parent else [])
+                and "supervisord" in " ".join(parent_command)
             ):
                 return process
         return None
