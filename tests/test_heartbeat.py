@@ -95,6 +95,52 @@ def test_messages_a_worker_holds_stay_fresh_and_are_lost_once_it_is_killed(
         assert queued("ingest") == 3
 
 
+def pending_key_alive(source_id: int) -> bool:
+    key = pipeline.PENDING_KEY.format(stage="detect", key=f"source:{source_id}")
+    return bool(get_redis().exists(key))
+
+
+def hand_off_detect(source_id: int, *, lease_s: float) -> None:
+    """A coalesced trend task for ``source_id`` (for real, on the broker), as
+    ``pipeline.hand_off`` sends it, held back 600 s (a countdown) so it waits in the
+    worker that takes it."""
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        pipeline.send(
+            "detect",
+            countdown=600,
+            coalesce=f"source:{source_id}",
+            coalesce_expiry_s=lease_s,
+            source_id=source_id,
+        )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_coalesced_task_lost_with_its_worker_holds_hand_offs_back_one_lease_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a worker holds a stream's coalesced trend task, the stream's key lives on
+    (later hand-offs are folded into that task); once the worker is SIGKILLed, the key
+    lapses within one lease and the next hand-off is sent, instead of the stream waiting
+    for the broker's visibility timeout."""
+    monkeypatch.setenv("PIPELINE_HEARTBEAT_S", "0.25")
+    lease_s = pipeline.COALESCE_LEASE_HEARTBEATS * 0.25
+    with worker_processes((["detect"], 1)) as (master,):
+        hand_off_detect(7, lease_s=lease_s)
+        wait_for(lambda: queued("detect") == 0, 30, "the worker to take the task")
+        time.sleep(4 * lease_s)
+
+        assert pending_key_alive(7)  # renewed by the heartbeat of the worker holding it
+        hand_off_detect(7, lease_s=lease_s)
+        assert queued("detect") == 0  # folded into the held task
+
+        os.killpg(master.pid, signal.SIGKILL)
+        master.wait()
+        wait_for(lambda: not pending_key_alive(7), 10 * lease_s, "the key to lapse")
+        hand_off_detect(7, lease_s=lease_s)
+
+        assert queued("detect") == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_task_running_past_the_bound_and_the_messages_behind_it_are_not_resent(
     settings: Any,

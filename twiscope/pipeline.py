@@ -105,8 +105,19 @@ carries (``<prefix><item>`` for each item of the kwarg), refreshed when a worker
 
 DISPATCH_KEY = "twiscope:dispatched:{stage}"
 PENDING_KEY = "twiscope:pending:{stage}:{key}"
-COALESCE_EXPIRY_S = 60
-"""A coalesced task lost before it started holds its key back for at most this long."""
+COALESCE_LEASE_HEARTBEATS = 3
+"""A coalesced task's key (``send``) lives this many ``PIPELINE_HEARTBEAT_S`` (15 s), and
+the heartbeat of a worker holding the task renews it; so a task lost with a killed
+worker holds later hand-offs back for at most that long."""
+
+COALESCED_TASKS = {ENTRY_TASKS[DETECT]: (DETECT, "source_id", "source:")}
+"""``task name: (stage, kwarg, key prefix)``: the coalesce key (``<prefix><kwarg's
+value>``) a task's message holds, renewed by ``refresh`` while a worker holds it."""
+
+
+def coalesce_lease_s() -> float:
+    """Seconds a coalesce key lives unless a worker's heartbeat renews it."""
+    return COALESCE_LEASE_HEARTBEATS * float(settings.PIPELINE_HEARTBEAT_S)
 
 
 def hand_off(
@@ -133,7 +144,7 @@ def send(
     items: Sequence[int | str] = (),
     countdown: float | None = None,
     coalesce: str | None = None,
-    coalesce_expiry_s: float = COALESCE_EXPIRY_S,
+    coalesce_expiry_s: float | None = None,
     task: str | None = None,
     **kwargs: Any,
 ) -> None:
@@ -142,18 +153,21 @@ def send(
 
     ``countdown`` delays the task by that many seconds. With ``coalesce``, the task is
     not sent while one sent with the same key is still waiting (not yet ``started``):
-    a burst of hand-offs for one stream becomes one task that does all their work. A
-    task lost before it started holds the key back for ``coalesce_expiry_s`` seconds.
+    a burst of hand-offs for one stream becomes one task that does all their work. The
+    key lives ``coalesce_expiry_s`` seconds (default ``coalesce_lease_s()``, 15 s),
+    renewed while a worker holds the task (``refresh``, ``COALESCED_TASKS``): a task lost
+    before it started (its worker killed) holds the key back for at most that long.
     """
     task_name = ENTRY_TASKS[stage] if task is None else SIDE_TASKS[stage][task]
     members = [str(item) for item in items]
+    expiry_s = coalesce_lease_s() if coalesce_expiry_s is None else coalesce_expiry_s
 
     def dispatch() -> None:
         if coalesce is not None and not get_redis().set(
             PENDING_KEY.format(stage=stage, key=coalesce),
             1,
             nx=True,
-            px=max(1, int(coalesce_expiry_s * 1000)),
+            px=max(1, int(expiry_s * 1000)),
         ):
             return
         app.send_task(task_name, kwargs=kwargs, countdown=countdown)
@@ -185,17 +199,35 @@ def _members(prefix: str, value: Any) -> list[str]:
     ]
 
 
+def _coalesce_keys_of(requests: Iterable[Any]) -> set[str]:
+    """The coalesce keys (``PENDING_KEY``) the task messages ``requests`` hold
+    (``COALESCED_TASKS``)."""
+    keys: set[str] = set()
+    for request in requests:
+        held = COALESCED_TASKS.get(getattr(request, "name", "") or "")
+        value = (getattr(request, "kwargs", None) or {}).get(held[1]) if held else None
+        if held is not None and value is not None:
+            keys.add(PENDING_KEY.format(stage=held[0], key=f"{held[2]}{value}"))
+    return keys
+
+
 def refresh(requests: Iterable[Any]) -> int:
-    """Refresh the dispatch records of the task messages ``requests`` (a worker holds
-    them): their score becomes now. Records already marked done are not written again
-    (``ZADD XX``). One Redis round trip; returns how many records it named."""
+    """Refresh what the task messages ``requests`` (a worker holds them) stand for: their
+    dispatch records' score becomes now (records already marked done are not written
+    again: ``ZADD XX``), and the coalesce keys of their streams live another
+    ``coalesce_lease_s()`` (a key already gone stays gone). One Redis round trip;
+    returns how many records it named."""
+    requests = list(requests)
     found = _records_of(requests)
-    if not found:
+    keys = _coalesce_keys_of(requests)
+    if not found and not keys:
         return 0
     now = time.time()
     pipe = get_redis().pipeline(transaction=False)
     for stage, members in found.items():
         pipe.zadd(DISPATCH_KEY.format(stage=stage), dict.fromkeys(members, now), xx=True)
+    for key in keys:
+        pipe.pexpire(key, max(1, int(coalesce_lease_s() * 1000)))
     pipe.execute()
     return sum(len(members) for members in found.values())
 
