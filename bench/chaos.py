@@ -1413,7 +1413,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument(
         "--pools",
-        default="enrich,alerts,ingest,detect,inference",
+        default="enrich,alerts,ingest,detect,anomalies,inference",
         help="worker pools to kill, in this order (default: all of twiscope.queues)",
     )
     parser.add_argument(

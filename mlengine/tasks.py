@@ -80,7 +80,7 @@ def advance_stream(*, source_id: int) -> int:
     return len(trend_stage.advance_stream(source_id=source_id))
 
 
-@shared_task(name="detect.advance_anomalies", soft_time_limit=90, time_limit=120)
+@shared_task(name="anomalies.advance", soft_time_limit=90, time_limit=120)
 def advance_anomalies() -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
     detector (``mlengine.anomalies.stage``); queues itself again while buckets remain.

@@ -271,9 +271,9 @@ def test_a_rise_of_the_negative_share_is_an_anomaly_of_that_series() -> None:
 
 
 def test_the_stage_runs_on_beat() -> None:
-    entry = BEAT_SCHEDULE["detect.advance_anomalies"]
+    entry = BEAT_SCHEDULE["anomalies.advance"]
 
-    assert entry["task"] == "detect.advance_anomalies"
+    assert entry["task"] == "anomalies.advance"
     assert entry["schedule"] <= 60 and entry["options"]["expires"] < entry["schedule"]
 
 
@@ -336,7 +336,7 @@ def test_the_dashboard_has_the_anomalies_panel(client: Any) -> None:
     page = client.get(reverse("dashboard:home")).content.decode()
 
     assert 'id="anomalies"' in page and 'id="anomaly-chart"' in page
-    assert 'id="series-kind"' in page and "detect.advance_anomalies" in page
+    assert 'id="series-kind"' in page and "anomalies.advance" in page
 
 
 def test_a_series_state_saved_before_the_likelihood_gate_loads_and_steps_on() -> None:

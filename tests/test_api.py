@@ -254,11 +254,19 @@ def test_stats_report_volume_queues_and_alert_latency(world) -> None:
     stats = client_for(personas.member).get("/api/stats/").json()
 
     assert stats["events_total"] == 72
-    assert set(stats["queue_lag"]) == {"ingest", "enrich", "detect", "inference", "alerts"}
+    assert set(stats["queue_lag"]) == {
+        "ingest",
+        "enrich",
+        "detect",
+        "anomalies",
+        "inference",
+        "alerts",
+    }
     assert [queue["name"] for queue in stats["queues"]] == [
         "ingest",
         "enrich",
         "detect",
+        "anomalies",
         "inference",
         "alerts",
     ]

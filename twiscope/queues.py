@@ -17,6 +17,7 @@ from dataclasses import dataclass
 INGEST = "ingest"
 ENRICH = "enrich"
 DETECT = "detect"
+ANOMALIES = "anomalies"
 INFERENCE = "inference"
 ALERTS = "alerts"
 
@@ -36,10 +37,11 @@ class QueueSpec:
 QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec(INGEST, "persist raw batches: every post stored once", stage=True),
     QueueSpec(ENRICH, "language, entities and VADER sentiment of new events", stage=True),
+    QueueSpec(DETECT, "trends and stories: counting in SQL and numpy, no models", stage=True),
     QueueSpec(
-        DETECT,
-        "trends, stories and anomalies: counting in SQL and numpy, no models",
-        stage=True,
+        ANOMALIES,
+        "anomaly series in 5-minute buckets: its catch-up never delays the trend stage",
+        stage=False,
     ),
     QueueSpec(
         INFERENCE,

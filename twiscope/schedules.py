@@ -25,8 +25,8 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     },
     "enrich.sweep": {"task": "enrich.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
     "detect.sweep": {"task": "detect.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
-    "detect.advance_anomalies": {
-        "task": "detect.advance_anomalies",
+    "anomalies.advance": {
+        "task": "anomalies.advance",
         "schedule": 30.0,
         "options": {"expires": 25},
     },
