@@ -44,8 +44,9 @@ reported as ``recovered: false``, never a crash of this script):
    Without ``--rounds`` the cycle of faults repeats while the replay runs; ``--short``
    is one round. Faults stop after the first ``FAULT_SHARE`` (three quarters) of the
    replay's span, so its end is a fault-free stretch for ``alert_latency``; a planned
-   fault with no time left is skipped and listed (``faults_skipped``). Each fault records ``back_s`` (the process answers again: a new
-   worker master consuming its queue, Redis answering PING, PostgreSQL a query) and
+   fault with no time left is skipped and listed (``faults_skipped``). Each fault
+   records ``back_s`` (the process answers again: a new worker master consuming its
+   queue, Redis answering PING, PostgreSQL a query) and
    ``progress_s`` (the events counted by the trend stage advance again, or all are).
    A replay that dies is started again once the services answer (a failure: the
    replay should ride through), and a platform that stops is started again once (a
