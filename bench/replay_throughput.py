@@ -598,7 +598,7 @@ def age_platform(
         time.sleep(2)
     setup = {
         "setup_s": round(time.time() - started, 1),
-        "feeds": [server.url(n).rsplit("/", 1)[-1] for n in aged_platform.OLD_FEEDS],
+        "feeds": list(aged_platform.OLD_FEEDS),
         "replays": replays,
     }
     behind = sum(s["anomaly_buckets_behind"] or 0 for s in state)
