@@ -37,8 +37,20 @@ labelled (the rest kept VADER's label past ``SCORING_LAG_S``), the wait from
 ``--rates 25,50``, the first ``--rate-seconds`` of the archive are also replayed at each
 steady rate (``manage.py replay --rate``), to find the rate the pool keeps up with.
 
-Results: ``bench/results/replay_throughput.json`` and ``replay_throughput.png``.
-Usage: ``make bench`` (``BENCH_ARGS="--runs 5 --coverage"``).
+With ``--aged``, the same measurement twice in one invocation, each in a database
+created for it on the same server (``<name>_fresh``, ``<name>_aged``, dropped and
+created again each time) and its own Redis database: first on a fresh platform, then
+on an aged one, which before its timed runs is given old sources through the product's
+own paths (``bench/aged_platform.py``: archives of 2009–2016, 2012 and 2013 replayed
+with ``manage.py replay``, and feeds with items of 2014–2018 served on loopback and
+added through ``POST /api/sources/``), waits until they have drained through the
+pipeline and the anomaly stage has started stepping their years of buckets, and then
+runs. The result holds both and the ratio aged ÷ fresh of the median events/s (within
+10% is the target) and of the alert latency percentiles.
+
+Results: ``bench/results/replay_throughput.json`` and ``replay_throughput.png`` (with
+``--aged`` also ``replay_throughput-fresh/-aged.json`` and ``.png``, each mode's own).
+Usage: ``make bench`` (``BENCH_ARGS="--runs 5 --coverage"``, ``BENCH_ARGS="--aged"``).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -74,9 +87,11 @@ django.setup()
 import websockets  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.db.models import Count, Max, Min  # noqa: E402
 
 from alerts import evaluation  # noqa: E402
 from alerts.models import Alert, AlertRule  # noqa: E402
+from bench import aged_platform  # noqa: E402
 from ingest import persistence, services  # noqa: E402
 from ingest.envelope import Envelope  # noqa: E402
 from ingest.models import Event, Source  # noqa: E402
@@ -85,6 +100,7 @@ from mlengine.enrichment import stage as enrichment  # noqa: E402
 from mlengine.inference.heads import TASKS  # noqa: E402
 from mlengine.models import (  # noqa: E402
     ModelVersion,
+    Series,
     StreamClock,
     Trend,
 )
@@ -94,6 +110,8 @@ from twiscope.queues import NAMES as QUEUES  # noqa: E402
 from twiscope.queues import STAGES as PIPELINE_QUEUES  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+PHASES = ("fresh", "aged")
+"""The modes of ``--aged``, in the order they run."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -183,6 +201,17 @@ class Platform:
             f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Token {token}"}
         )
         with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def post(self, path: str, token: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` as JSON to ``path`` with ``token``; the decoded answer."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
     def processes(self) -> list[psutil.Process]:
@@ -468,6 +497,217 @@ def coverage_files() -> list[Path]:
     return files
 
 
+def old_sources_state(source_ids: list[int]) -> list[dict[str, Any]]:
+    """Each old source of the aged platform as it stands: its events (stored, counted by
+    the trend stage), event-time span, watermark, and the anomaly stage's progress on it
+    (buckets stepped, and complete buckets left to step)."""
+    state = []
+    for source in Source.objects.filter(id__in=source_ids).order_by("id"):
+        events = Event.objects.filter(source=source).aggregate(
+            n=Count("id"), first=Min("created_at"), last=Max("created_at")
+        )
+        clock = StreamClock.objects.filter(source=source).first()
+        volume = Series.objects.filter(source=source, kind=Series.Kind.VOLUME).first()
+        stepped = 0
+        if volume is not None and volume.last_bucket >= volume.first_bucket:
+            stepped = int((volume.last_bucket - volume.first_bucket).total_seconds()) // 300 + 1
+        behind = None
+        if clock is not None and clock.watermark is not None and events["first"] is not None:
+            behind = aged_platform.buckets_behind(
+                volume.last_bucket.timestamp() if volume is not None and stepped else None,
+                clock.watermark.timestamp(),
+                events["first"].timestamp(),
+            )
+        state.append(
+            {
+                "name": source.name,
+                "kind": source.kind,
+                "events": events["n"],
+                "counted": clock.counted_events if clock else 0,
+                "first_event": events["first"],
+                "last_event": events["last"],
+                "watermark": clock.watermark if clock else None,
+                "last_error": source.last_error,
+                "anomaly_buckets_stepped": stepped,
+                "anomaly_buckets_behind": behind,
+            }
+        )
+    return state
+
+
+def age_platform(
+    platform: Platform, token: str, stamp: str, timeout_s: float
+) -> tuple[list[int], aged_platform.FeedServer, dict[str, Any]]:
+    """Give the running platform its old sources (``bench/aged_platform.py``) as a user
+    would: each feed served on loopback and added with ``POST /api/sources/`` (the
+    ``sources`` process polls it), each archive replayed with ``manage.py replay
+    --speed max --wait``. Returns once every old source's events are stored and counted
+    and the anomaly stage has stepped at least one bucket of each: the old sources' ids,
+    the feed server (left serving: the feeds are polled again each minute), and what the
+    setup did. Raises ``RuntimeError`` when a replay fails or the wait passes
+    ``timeout_s``."""
+    started = time.time()
+    server = aged_platform.FeedServer(DATA / "rss_feeds")
+    server.start()
+    ids = []
+    for name in aged_platform.OLD_FEEDS:
+        created = platform.post(
+            "/api/sources/",
+            token,
+            {
+                "kind": "rss",
+                "name": f"aged-{stamp}-{Path(name).stem}",
+                "config": {"url": server.url(name), "poll_interval_s": 60},
+            },
+        )
+        ids.append(int(created["id"]))
+    replays = []
+    for relative in aged_platform.OLD_ARCHIVES:
+        path = DATA / relative
+        name = f"aged-{stamp}-{path.stem}"[:100]
+        done = subprocess.run(
+            [
+                *(sys.executable, "manage.py", "replay", str(path), "--speed", "max"),
+                *("--source", name, "--wait", str(int(timeout_s))),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=timeout_s + 120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"replay of {path.name} failed: {done.stderr[-2000:]}")
+        summary = done.stdout.strip().splitlines()
+        replays.append({"archive": path.name, "summary": summary[-1] if summary else ""})
+        print(f"aged: replayed {path.name}: {replays[-1]['summary']}")
+        ids.append(Source.objects.get(name=name).id)
+    deadline = time.time() + timeout_s
+    while True:
+        state = old_sources_state(ids)
+        failing = [s for s in state if s["last_error"]]
+        if failing:
+            raise RuntimeError(f"aged: a feed failed: {failing}")
+        if all(
+            s["events"] and s["counted"] >= s["events"] and s["anomaly_buckets_stepped"]
+            for s in state
+        ):
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"aged: old sources not drained in {timeout_s:g} s: {state}")
+        time.sleep(2)
+    setup = {
+        "setup_s": round(time.time() - started, 1),
+        "feeds": list(aged_platform.OLD_FEEDS),
+        "replays": replays,
+    }
+    behind = sum(s["anomaly_buckets_behind"] or 0 for s in state)
+    print(
+        f"aged: {len(ids)} old sources, {sum(s['events'] for s in state)} events, drained "
+        f"in {setup['setup_s']} s; anomaly stage {behind} buckets behind"
+    )
+    return ids, server, setup
+
+
+def cpu_description() -> dict[str, Any]:
+    """This machine's CPU model and AVX-512 flags (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    return aged_platform.cpu_description(text)
+
+
+def run_phases(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--aged``: run this script once per mode of ``PHASES`` (``--phase``), each in a
+    database created for it on the server of ``DATABASE_URL`` (``<name>_<mode>``,
+    dropped first) and a Redis database of its own (``--phase-redis-dbs``); then write
+    both results, their comparison (``aged_platform.compare``) and a plot."""
+    import psycopg2
+    from psycopg2 import sql
+
+    base_url = os.environ["DATABASE_URL"]
+    base_name = urllib.parse.urlsplit(base_url).path.lstrip("/") or "twiscope"
+    redis_dbs = [int(d) for d in args.phase_redis_dbs.split(",")]
+    passthrough = [a for a in argv if a != "--aged"]
+    results: dict[str, Any] = {}
+    for phase, redis_db in zip(PHASES, redis_dbs, strict=True):
+        name = f"{base_name}_{phase}"
+        conn = psycopg2.connect(aged_platform.database_url_for(base_url, "postgres"))
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.close()
+        env = dict(
+            os.environ,
+            DATABASE_URL=aged_platform.database_url_for(base_url, name),
+            REDIS_URL=aged_platform.redis_url_for(os.environ["REDIS_URL"], redis_db),
+        )
+        import redis
+
+        redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+        print(f"== {phase} platform (database {name}, Redis db {redis_db})", flush=True)
+        code = subprocess.call(
+            [sys.executable, str(Path(__file__).resolve()), *passthrough, "--phase", phase],
+            env=env,
+        )
+        if code != 0:
+            print(f"the {phase} run failed (exit {code})", file=sys.stderr)
+            return code
+        results[phase] = json.loads((args.out / f"replay_throughput-{phase}.json").read_text())
+    comparison = aged_platform.compare(results["fresh"]["median"], results["aged"]["median"])
+    combined = {
+        "mode": "fresh then aged",
+        "archive": results["fresh"]["archive"],
+        "runs_per_mode": args.runs,
+        "measured_at": datetime.now(UTC).isoformat(),
+        "machine": results["aged"]["machine"],
+        "aged_vs_fresh": comparison,
+        "fresh": results["fresh"],
+        "aged": results["aged"],
+    }
+    (args.out / "replay_throughput.json").write_text(json.dumps(combined, indent=2, default=str))
+    plot_comparison(combined, args.out / "replay_throughput.png")
+    print(json.dumps(comparison, indent=2))
+    print(f"results: {args.out / 'replay_throughput.json'} and replay_throughput.png")
+    return 0
+
+
+def plot_comparison(combined: dict[str, Any], out: Path) -> None:
+    """Fresh against aged: events/s of each run, the median alert latency percentiles,
+    and the aged platform's anomaly backlog before and after its runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for offset, phase in ((-0.2, "fresh"), (0.2, "aged")):
+        rates = [r["events_per_s"] for r in combined[phase]["runs"]]
+        axes[0].bar([i + offset for i in range(len(rates))], rates, width=0.4, label=phase)
+        median = combined[phase]["median"]
+        keys = ("alert_latency_p50_ms", "alert_latency_p95_ms", "alert_latency_p99_ms")
+        axes[1].bar(
+            [i + offset for i in range(3)], [median[k] or 0 for k in keys], width=0.4, label=phase
+        )
+    axes[0].set(title="Events/s end to end, per run", xlabel="run", ylabel="events/s")
+    axes[1].set(title="Alert latency, median of the runs", ylabel="ms")
+    axes[1].set_xticks(range(3), ["p50", "p95", "p99"])
+    for ax in axes:
+        ax.legend(fontsize=8)
+    comparison = combined["aged_vs_fresh"]
+    fig.suptitle(
+        f"{combined['archive']}: aged ÷ fresh events/s = {comparison['events_per_s_ratio']} "
+        f"({comparison['events_per_s']['aged']} / {comparison['events_per_s']['fresh']}); "
+        f"within {comparison['tolerance']:.0%}: {comparison['within_tolerance']}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -494,7 +734,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     axes[2].barh(names[::-1], [cpu[n] for n in names][::-1])
     axes[2].set(title="CPU seconds during the run (median run)", xlabel="s")
     fig.suptitle(
-        f"Replay of {result['archive']} at --speed max: median "
+        f"Replay of {result['archive']} at --speed max ({result['mode']}): median "
         f"{result['median']['events_per_s']} events/s, alert p95 "
         f"{result['median']['alert_latency_p95_ms']} ms"
     )
@@ -543,8 +783,28 @@ def main() -> int:
     parser.add_argument(
         "--rate-seconds", type=float, default=60, help="length of each steady-rate run, s"
     )
+    parser.add_argument(
+        "--aged",
+        action="store_true",
+        help="measure a fresh platform, then one holding old sources (see the docstring)",
+    )
+    parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase-redis-dbs",
+        default="1,2",
+        help="with --aged: the Redis databases of the fresh and the aged run (flushed first)",
+    )
+    parser.add_argument(
+        "--aged-timeout",
+        type=float,
+        default=900,
+        help="with --aged: the longest wait for the old sources to drain, s",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    if args.aged and args.phase is None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return run_phases(args, sys.argv[1:])
     if args.max_in_flight:
         os.environ["REPLAY_MAX_IN_FLIGHT"] = str(args.max_in_flight)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -574,7 +834,13 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     coverage: list[dict[str, Any]] = []
     steady: list[dict[str, Any]] = []
+    old_ids: list[int] = []
+    feed_server: aged_platform.FeedServer | None = None
+    aged: dict[str, Any] | None = None
     try:
+        if args.phase == "aged":
+            old_ids, feed_server, aged = age_platform(platform, token, stamp, args.aged_timeout)
+            aged["before_runs"] = old_sources_state(old_ids)
         time.sleep(10)
         rest_rss = rss_mb(platform.processes())
         services_rss = rss_mb(service_processes())
@@ -623,12 +889,20 @@ def main() -> int:
                     f"trends {run['trends']}, alerts {run['alerts']}, "
                     f"ws {run['ws_alerts_received']}"
                 )
+        if aged is not None:
+            aged["after_runs"] = old_sources_state(old_ids)
+            for when in ("before_runs", "after_runs"):
+                aged[f"anomaly_buckets_behind_{when}"] = sum(
+                    s["anomaly_buckets_behind"] or 0 for s in aged[when]
+                )
         stats = platform.api("/api/stats/", token)
         api = api_latency(platform, token, args.api_requests)
         for path, summary in api.items():
             print(f"GET {path}: p50 {summary['p50']} ms, p95 {summary['p95']} ms")
     finally:
         platform.stop()
+        if feed_server is not None:
+            feed_server.stop()
 
     def med(key: str, sub: str | None = None) -> Any:
         values = [r[key][sub] if sub else r[key] for r in runs]
@@ -636,12 +910,14 @@ def main() -> int:
         return round(statistics.median(values), 1) if values else None
 
     result = {
+        "mode": args.phase or "bench database",
         "archive": args.archive.name,
         "max_in_flight": int(os.environ.get("REPLAY_MAX_IN_FLIGHT", "750")),
         "measured_at": datetime.now(UTC).isoformat(),
         "machine": {
             "cpus": psutil.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "cpu": cpu_description(),
         },
         "baseline": base,
         "median": {
@@ -672,14 +948,17 @@ def main() -> int:
         "runs": runs,
         "steady_rates": steady,
         "coverage": coverage,
+        "aged_platform": aged,
     }
     suffix = f"-{args.max_in_flight}" if args.max_in_flight else ""
+    if args.phase:
+        suffix = f"-{args.phase}"
     (args.out / f"replay_throughput{suffix}.json").write_text(
         json.dumps(result, indent=2, default=str)
     )
     plot(result, args.out / f"replay_throughput{suffix}.png")
     print(json.dumps(result["median"], indent=2))
-    print(f"results: {args.out / 'replay_throughput.json'} and replay_throughput.png")
+    print(f"results: {args.out / f'replay_throughput{suffix}.json'} and .png")
     return 0
 
 
