@@ -78,6 +78,7 @@ caller can persist it per series and resume with ``Detector.from_state``. Pure n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
@@ -514,14 +515,11 @@ class Detector:
         and a finite score below the threshold (so the Step repeats and flags nothing)."""
         p = self.params
         n_rows = len(rows)
-        expected_y = _nanmedian(np.repeat(y[:, None], len(p.lags), axis=1))
-        resid = y - expected_y
-        ring = np.repeat(resid[:, None], p.smooth, axis=1)
-        with np.errstate(invalid="ignore"):
-            n_res = np.sum(~np.isnan(ring), axis=1)
-            smoothed = np.where(n_res > 0, np.nansum(ring, axis=1) / np.maximum(n_res, 1), np.nan)
-        scale = _scale_of(np.repeat(smoothed[:, None], p.scale_window, axis=1), p)
-        score = smoothed / np.maximum(scale, p.noise_sd / np.sqrt(p.smooth))
+        resid, smoothed, scale, score = (
+            np.array([_steady_rings(p, bits) for bits in y.view(np.int64).tolist()])
+            .reshape(n_rows, 4)
+            .T
+        )
 
         def same(a: FloatArray, b: FloatArray) -> BoolArray:
             return np.asarray(a.view(np.int64) == b.reshape(n_rows, -1).view(np.int64))
@@ -762,6 +760,23 @@ def _put(step: Step, cols: npt.NDArray[np.int64], values: Step) -> None:
         getattr(step, f)[cols] = getattr(values, f)
 
 
+@functools.lru_cache(maxsize=64)
+def _steady_rings(p: Params, y_bits: int) -> tuple[float, float, float, float]:
+    """The steady state of a live value whose transform has the float64 bits ``y_bits``
+    (``Detector._steady``): the residual, smoothed residual and scale rings full of one
+    value, and the score, computed as ``update`` computes them (on rows of one value)."""
+    y = np.array([y_bits], dtype=np.int64).view(np.float64)
+    expected_y = _nanmedian(np.repeat(y[:, None], len(p.lags), axis=1))
+    resid = y - expected_y
+    ring = np.repeat(resid[:, None], p.smooth, axis=1)
+    with np.errstate(invalid="ignore"):
+        n_res = np.sum(~np.isnan(ring), axis=1)
+        smoothed = np.where(n_res > 0, np.nansum(ring, axis=1) / np.maximum(n_res, 1), np.nan)
+    scale = _scale_of(np.repeat(smoothed[:, None], p.scale_window, axis=1), p)
+    score = smoothed / np.maximum(scale, p.noise_sd / np.sqrt(p.smooth))
+    return float(resid[0]), float(smoothed[0]), float(scale[0]), float(score[0])
+
+
 def _lik_record(
     p: Params,
     count: int,
@@ -774,8 +789,9 @@ def _lik_record(
 ) -> tuple[int, FloatArray, FloatArray, FloatArray | None]:
     """Record ``n`` scores (``scores``: shape (n,), or one score ``n`` times) into one
     series' likelihood window as ``Detector._usual`` does one at a time: ``count``
-    scores recorded so far, ``blocks`` (likelihood_blocks, 3), ``fit`` (2,). Returns the new count, blocks and fit, and (``want_fits``) the fit in force
-    before each record, shape (n, 2).
+    scores recorded so far, ``blocks`` (likelihood_blocks, 3), ``fit`` (2,). Returns
+    the new count, blocks and fit, and (``want_fits``) the fit in force before each
+    record, shape (n, 2).
 
     The records fall in segments, one per block: the current block's rest, then whole
     blocks. A block's sums are the same sequential float additions (``cumsum`` along
