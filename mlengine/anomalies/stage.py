@@ -277,6 +277,7 @@ class _Run(RunWrites):
         self.jump = jump
         self.steps = self.jumps = 0
         self._busy_cache: dict[int, tuple[tuple[int, int, int], npt.NDArray[np.int64]]] = {}
+        self._totals: dict[int, tuple[int, dict[int, ingest_selectors.BucketTotals]]] = {}
         self.bucket = timedelta(seconds=BUCKET_S)
         self.groups = {COUNTS: Group(params_for(COUNTS)), SHARES: Group(params_for(SHARES))}
         self.slots: list[Slot] = []
@@ -325,11 +326,15 @@ class _Run(RunWrites):
         # not make one run (one transaction) outlast the task's time limit.
         if due:
             limit = max(1, min(limit, settings.ANOMALY_MAX_STEPS // len(due)))
+        # A jump's cost is per series (``_extent``); no source can jump in the beat.
+        jumping = [d[0] for d in due if self.jump and d[3] >= JUMP_MIN]
         series = dict(
-            Series.objects.filter(source_id__in=[d[0] for d in due], active=True)
+            Series.objects.filter(source_id__in=jumping, active=True)
             .values("source_id")
             .annotate(n=Count("id"))
             .values_list("source_id", "n")
+            if jumping
+            else []
         )
         plans = []
         for source_id, first, start, complete in due:
@@ -359,33 +364,32 @@ class _Run(RunWrites):
         least ``JUMP_MIN`` empty buckets, cut where the terms may change: ``_jump``)
         ``ANOMALY_JUMP_COST`` per series, and at least one move.
 
-        Reads the buckets with events page by page (``ingest.selectors.event_buckets``:
-        32, then twice as many each time, at most ``budget + 1``), and the source's trends
-        of each page, until the budget is spent: two queries for a sparse source, a few
-        more for one with an event in every bucket. An estimate: the run itself cuts its
-        jumps where its own counts say (``_empty_run``)."""
-        if not self.jump:
+        Reads the source's buckets with events in the first ``budget + 1`` buckets (the
+        run's own totals query, kept for ``_load``, when the run ends inside them: so a
+        source with an event in every bucket pays nothing more), then, while budget is
+        left, beyond them page by page (``ingest.selectors.event_buckets``: 32 buckets
+        with events, then twice as many each time), and the trends of each page with an
+        empty run. An estimate: the run itself cuts its jumps where its own counts say
+        (``_empty_run``)."""
+        if not self.jump or complete < JUMP_MIN:
             return min(complete, budget)
         price = settings.ANOMALY_JUMP_COST * max(series, 2)
-        cost, at, limit = 0, 0, 32
-        while True:
-            found = ingest_selectors.event_buckets(
-                source_id,
-                since=start + at * self.bucket,
-                until=start + complete * self.bucket,
-                bucket_s=BUCKET_S,
-                limit=limit,
-            )
-            base = int(start.timestamp())
-            busy = {(b - base) // BUCKET_S for b in found}
-            end = max(busy) + 1 if len(found) == limit else complete
-            trends = Trend.objects.filter(
-                source_id=source_id,
-                evidence_created_at__lt=start + end * self.bucket,
-                bucket_start__gte=start + at * self.bucket - timedelta(seconds=ACTIVE_TERM_S),
-            ).values_list("bucket_start", "evidence_created_at")
-            changes = {c for c in _term_changes(trends, start, end).tolist() if c >= at}
-            for mark in [*sorted(busy | changes), end]:
+        cost, at = 0, 0
+
+        def walk(busy: set[int], end: int) -> int | None:
+            """Spend the budget on the buckets ``at..end-1`` (``busy``: those with events);
+            the run's extent if it runs out there."""
+            nonlocal cost, at
+            marks = set(busy)
+            bounds = itertools.pairwise([at - 1, *sorted(busy), end])
+            if any(b - a - 1 >= JUMP_MIN for a, b in bounds):  # a jump: trends may cut it
+                trends = Trend.objects.filter(
+                    source_id=source_id,
+                    evidence_created_at__lt=start + end * self.bucket,
+                    bucket_start__gte=start + at * self.bucket - timedelta(seconds=ACTIVE_TERM_S),
+                ).values_list("bucket_start", "evidence_created_at")
+                marks |= {c for c in _term_changes(trends, start, end).tolist() if c >= at}
+            for mark in [*sorted(marks), end]:
                 if mark > at:  # the empty buckets before the mark: a jump, or steps
                     gap = mark - at
                     charge = price if gap >= JUMP_MIN else gap
@@ -396,9 +400,28 @@ class _Run(RunWrites):
                     if cost + 1 > budget:
                         return at
                     cost, at = cost + 1, mark + 1
-            if end == complete:
-                return complete
+            return None
+
+        base = int(start.timestamp())
+        window = min(complete, budget + 1)
+        totals = ingest_selectors.bucket_totals(
+            source_id, since=start, until=start + window * self.bucket, bucket_s=BUCKET_S
+        )
+        self._totals[source_id] = (window, totals)
+        extent = walk({(b - base) // BUCKET_S for b in totals}, window)
+        limit = 32
+        while extent is None and at < complete:
+            found = ingest_selectors.event_buckets(
+                source_id,
+                since=start + at * self.bucket,
+                until=start + complete * self.bucket,
+                bucket_s=BUCKET_S,
+                limit=limit,
+            )
+            busy = {(b - base) // BUCKET_S for b in found}
+            extent = walk(busy, max(busy) + 1 if len(found) == limit else complete)
             limit = min(2 * limit, budget + 1)
+        return at if extent is None else extent
 
     def _load(self) -> None:
         """Each planned source's counts, trends, watches, active series and open
@@ -450,9 +473,14 @@ class _Run(RunWrites):
         for plan in self.plans:
             self.base[plan.source_id] = (volume[plan.source_id], share[plan.source_id])
             end = plan.start + plan.n * self.bucket
-            plan.totals = ingest_selectors.bucket_totals(
-                plan.source_id, since=plan.start, until=end, bucket_s=BUCKET_S
-            )
+            window, totals = self._totals.get(plan.source_id, (0, {}))
+            if plan.n <= window:  # read by ``_extent``
+                last = int(end.timestamp())
+                plan.totals = {b: t for b, t in totals.items() if b < last}
+            else:
+                plan.totals = ingest_selectors.bucket_totals(
+                    plan.source_id, since=plan.start, until=end, bucket_s=BUCKET_S
+                )
             plan.trends = list(
                 Trend.objects.filter(
                     source_id=plan.source_id,
