@@ -57,6 +57,7 @@ when its bucket is stepped (the transformer heads may relabel after VADER; DESIG
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -543,16 +544,26 @@ class _Run(RunWrites):
         """Rows of the counts group for new series of ``keys`` (terms, watch ids), each
         warmed up on its counts of the two days before ``start``
         (``backfill_buckets``, not before the source's first bucket): ``counts_since(since)``
-        gives ``{(bucket start in epoch s, key): events}`` from ``since`` to ``start``."""
+        gives ``{(bucket start in epoch s, key): events}`` from ``since`` to ``start``.
+        With ``jump``, a run of ``JUMP_MIN`` or more buckets where every key counts 0 is
+        held in one move (``Detector.hold``: the same state as stepping it)."""
         params = self.groups[COUNTS].params
         since = max(plan.first_bucket, start - backfill_buckets(params) * self.bucket)
         history = int((start - since).total_seconds()) // BUCKET_S
         warm = Detector(len(keys), params)
         counts = counts_since(since)
         base = int(since.timestamp())
-        for i in range(history):
+        busy = sorted({(epoch - base) // BUCKET_S for epoch, _ in counts} | {history})
+        i = 0
+        while i < history:
+            following = busy[bisect.bisect_left(busy, i)]
+            if self.jump and following - i >= JUMP_MIN:
+                warm.hold(np.arange(len(keys)), np.zeros(len(keys)), following - i)
+                i = following
+                continue
             epoch = base + i * BUCKET_S
             warm.update(np.array([counts.get((epoch, k), 0) for k in keys], dtype=np.float64))
+            i += 1
         state = warm.state()
         return self.groups[COUNTS].add(
             [{k: state[k][j : j + 1] for k in STATE_KEYS} for j in range(len(keys))]
