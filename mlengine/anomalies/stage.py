@@ -143,12 +143,12 @@ def advance_anomalies(*, max_buckets: int | None = None, jump: bool = True) -> A
     series' state, points and anomalies; return what it did.
 
     At most ``max_buckets`` (default ``ANOMALY_MAX_BUCKETS``) buckets per source, where
-    a run of empty buckets crossed at once (``jump``, see ``_Run``) counts as
-    ``ANOMALY_JUMP_COST``; ``jump=False`` steps every bucket one at a time (the same
-    results, slower: for tests and benchmarks). Does nothing when another run holds the
-    stage's lock. Side effects: ``Series``,
-    ``SeriesPoint`` (pruned past ``ANOMALY_RETENTION_S`` behind each source's latest
-    bucket), ``Anomaly``; after commit, the new anomalies go to the alerts stage, and
+    a run of empty buckets crossed in one move (``jump``: the module docstring) counts as
+    ``ANOMALY_JUMP_COST`` per series of the source; ``jump=False`` steps every bucket
+    one at a time (the same results, slower: for tests and benchmarks). Does nothing
+    when another run holds the stage's lock. Side effects: ``Series``, ``SeriesPoint``
+    (pruned past ``ANOMALY_RETENTION_S`` behind each source's latest bucket),
+    ``Anomaly``; after commit, the new anomalies go to the alerts stage, and
     those that grew or closed to its alert updates (``alerts.update_anomaly_alerts``).
 
     Should the run fail, it is rolled back and run again per source, bisecting the
