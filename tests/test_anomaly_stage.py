@@ -546,3 +546,29 @@ def test_a_source_over_five_years_catches_up_in_runs_bounded_by_its_events(
     assert volume.last_bucket == bucket(last - 1)
     kept = SeriesPoint.objects.filter(series=volume).count()
     assert kept == settings.ANOMALY_RETENTION_S // 300 + 1  # the last 14 days, every bucket
+
+
+def test_a_run_writes_at_most_its_share_of_points_however_far_it_jumps(settings: Any) -> None:
+    settings.ANOMALY_MAX_POINTS = 4_000  # a week of its 2 series: two weeks are kept
+    rng = np.random.default_rng(5)
+    minutes = np.sort(rng.uniform(0, 60 * DAY_MIN, 20))
+    posts = [envelope(f"feed item {i}", minutes=float(m)) for i, m in enumerate(minutes)]
+    source = make_source(make_personas().team, name="old feed")
+    run_through(source, posts, batch_size=500)
+    volume = Series.objects.filter(source=source, kind=Series.Kind.VOLUME)
+
+    runs, written = [], []
+    while not runs or runs[-1].more:
+        since = volume.get().last_bucket if volume.exists() else ORIGIN - timedelta(days=1)
+        runs.append(anomaly_stage.advance_anomalies())
+        points = SeriesPoint.objects.filter(series__source=source, bucket_start__gt=since)
+        written.append(points.count())
+    capped = stage_results(source)
+    Series.objects.filter(source=source).delete()
+    settings.ANOMALY_MAX_POINTS = 10_000_000
+    uncapped = catch_up(jump=True, max_buckets=settings.ANOMALY_MAX_BUCKETS)
+
+    assert stage_results(source) == capped  # the same, in more runs
+    assert len(runs) > len(uncapped) >= 1
+    # Each run's own points: the jumped buckets' within the cap, and the stepped ones'.
+    assert all(n <= 4_000 + 2 * r.steps for n, r in zip(written, runs, strict=True))

@@ -42,8 +42,10 @@ at most); the points of the run's buckets that the run keeps are written in bulk
 (those before the run's pruning cutoff would be deleted in the same transaction, so
 they are not written at all), and anomalies are opened, grown and closed at the buckets
 where the Steps say so, in the order stepping would. A run's budget counts a jump as
-``ANOMALY_JUMP_COST`` buckets per series of the source, so a run stays about as long
-whatever the spacing of the events, and a sparse source catches up in a few runs.
+``ANOMALY_JUMP_COST`` buckets per series of the source, and the points of the jumped
+buckets it keeps (two weeks of every series, once it jumps that far) count against
+``ANOMALY_MAX_POINTS``, so a run stays about as long whatever the spacing of the events
+and the number of series, and a sparse source catches up in a few runs.
 
 Everything is a function of the events' event times and of the trends (themselves
 final once the watermark passes them), so a replay at any speed, in any number of
@@ -363,7 +365,11 @@ class _Run(RunWrites):
         with ``series`` active series: ``budget`` of them, or (``jump``) as many as fit in
         ``budget`` when a bucket stepped one at a time counts 1 and a jump (a run of at
         least ``JUMP_MIN`` empty buckets, cut where the terms may change: ``_jump``)
-        ``ANOMALY_JUMP_COST`` per series, and at least one move.
+        ``ANOMALY_JUMP_COST`` per series, and at least one move. The points of the
+        jumped buckets the run keeps (its last ``ANOMALY_RETENTION_S``: every series'
+        point of every bucket) count apart, against ``ANOMALY_MAX_POINTS`` (in the
+        share of it that ``budget`` is of ``ANOMALY_MAX_BUCKETS``): a source with many
+        series jumps less far per run rather than write two weeks of all of them.
 
         Reads the source's buckets with events in the first ``budget + 1`` buckets (the
         run's own totals query, kept for ``_load``, when the run ends inside them: so a
@@ -374,13 +380,16 @@ class _Run(RunWrites):
         (``_empty_run``)."""
         if not self.jump or complete < JUMP_MIN:
             return min(complete, budget)
-        price = settings.ANOMALY_JUMP_COST * max(series, 2)
-        cost, at = 0, 0
+        series = max(series, 2)
+        price = settings.ANOMALY_JUMP_COST * series
+        kept = settings.ANOMALY_RETENTION_S // BUCKET_S + 1
+        cap = settings.ANOMALY_MAX_POINTS * budget // settings.ANOMALY_MAX_BUCKETS
+        cost, at, jumped = 0, 0, 0
 
         def walk(busy: set[int], end: int) -> int | None:
             """Spend the budget on the buckets ``at..end-1`` (``busy``: those with events);
             the run's extent if it runs out there."""
-            nonlocal cost, at
+            nonlocal cost, at, jumped
             marks = set(busy)
             bounds = itertools.pairwise([at - 1, *sorted(busy), end])
             if any(b - a - 1 >= JUMP_MIN for a, b in bounds):  # a jump: trends may cut it
@@ -393,10 +402,15 @@ class _Run(RunWrites):
             for mark in [*sorted(marks), end]:
                 if mark > at:  # the empty buckets before the mark: a jump, or steps
                     gap = mark - at
-                    charge = price if gap >= JUMP_MIN else gap
-                    if cost and cost + charge > budget:
-                        return at if gap >= JUMP_MIN else at + budget - cost
-                    cost, at = cost + charge, mark
+                    if gap >= JUMP_MIN:
+                        points = series * min(jumped + gap, kept)
+                        if cost and (cost + price > budget or points > cap):
+                            return at
+                        cost, at, jumped = cost + price, mark, jumped + gap
+                    else:
+                        if cost and cost + gap > budget:
+                            return at + budget - cost
+                        cost, at = cost + gap, mark
                 if mark in busy:
                     if cost + 1 > budget:
                         return at
