@@ -886,6 +886,7 @@ def main_sparse(options: argparse.Namespace) -> int:
             "seed": options.seed,
             "max_buckets": settings.ANOMALY_MAX_BUCKETS,
             "jump_cost": settings.ANOMALY_JUMP_COST,
+            "max_points": settings.ANOMALY_MAX_POINTS,
             "jump_min": anomaly_stage.JUMP_MIN,
             "revision": revision(),
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -73,7 +73,10 @@ profile, each detector's own 0/1 decisions, refractory 1 day unless said):
   Twitter ADVec 66.0.
 
 The state is a small dict of numpy arrays (``Detector.state()``), one row per series, so a
-caller can persist it per series and resume with ``Detector.from_state``. Pure numpy: no I/O.
+caller can persist it per series and resume with ``Detector.from_state``. A run of buckets
+in which series hold one value each (a zero count, a missing share) can be stepped at once
+with ``Detector.hold``: the same Steps and state as stepping it, bit for bit, at the cost
+of its first two weeks at most. Pure numpy: no I/O.
 """
 
 from __future__ import annotations
@@ -252,7 +255,8 @@ class Detector:
 
     Feed one bucket at a time with ``update(values)``, ``values`` of shape (N,) in event
     time order, NaN for a series with no value in that bucket (its state is left as is
-    and nothing is flagged). Raises ValueError on a wrongly shaped input.
+    and nothing is flagged), or ``k`` buckets of one value per series with
+    ``hold(rows, values, k)``. Raises ValueError on a wrongly shaped input.
     """
 
     STATE_KEYS = (
