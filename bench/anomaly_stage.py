@@ -5,6 +5,8 @@ events and trends there, and deletes them at the end)::
 
     python bench/anomaly_stage.py [--sources 1,10,50] [--rate 20] [--hours 37] [--terms 20]
                                   [--beats 5] [--runs 3] [--json OUT] [--plot OUT.png]
+    python bench/anomaly_stage.py --sparse [--sparse-years 5] [--sparse-events 300]
+                                  [--baseline-days 30] [--runs 3] [--json OUT] [--plot OUT.png]
 
 Creates max(``--sources``) sources, each with ``--hours`` of event time at about ``--rate``
 events per 5-minute bucket (Poisson, with a daily swing of +/-40%), plus ``--beats``
@@ -28,11 +30,20 @@ first; the source's cursor is its volume series' ``last_bucket``, so that resets
   (one new complete bucket per source every 5 minutes). ``--profile`` adds one more beat
   of the largest N under cProfile and reports its top functions.
 
+``--sparse`` measures instead one source whose ``--sparse-events`` events (enriched, no
+terms) lie at random over ``--sparse-years`` of event time, as an RSS feed with items
+back years or a replayed archive: per repetition (state deleted first), the catch-up of
+its first ``--baseline-days`` stepping every bucket (``advance_anomalies(jump=False)``)
+and jumping (``jump=True``; the two must leave the same points, anomalies and states:
+``identical``), and the catch-up of the whole span jumping. Stepping the whole span
+would take minutes per repetition, so its time is extrapolated from the baseline's
+seconds per bucket (stepping costs the same for every bucket: said so in the output).
+
 Per call: wall and CPU seconds of this process (the rest is waiting on PostgreSQL),
 buckets stepped, series-buckets (``SeriesPoint`` rows written), microseconds per
 series-bucket, and round trips: the queries Django saw (``CaptureQueriesContext``) plus
-the statements of the stage's ``execute_values`` calls (which go to psycopg2 directly and
-so escape the capture). Figures are medians over the repetitions (the steady beat: of
+the statements of the stage's ``execute_values`` and ``COPY`` calls (which go to psycopg2
+directly and so escape the capture). Figures are medians over the repetitions (the steady beat: of
 each repetition's median beat); ratios are against the smallest N of the same run.
 """
 
@@ -44,6 +55,7 @@ import io
 import json
 import math
 import os
+import platform
 import pstats
 import statistics
 import subprocess
@@ -75,6 +87,7 @@ from psycopg2.extras import execute_values  # noqa: E402
 from ingest.models import Source  # noqa: E402
 from mlengine.anomalies import persistence  # noqa: E402
 from mlengine.anomalies import stage as anomaly_stage  # noqa: E402
+from mlengine.anomalies.persistence import copy_points  # noqa: E402
 from mlengine.anomalies.series import BUCKET_S  # noqa: E402
 from mlengine.models import Anomaly, Series, StreamClock, Trend  # noqa: E402
 from teams.models import Team  # noqa: E402
@@ -235,7 +248,9 @@ def points_of(source_ids: list[int]) -> int:
 
 
 class BulkStatements:
-    """``execute_values`` that counts the statements it sends (one per page)."""
+    """``execute_values`` that counts the statements it sends (one per page); ``copy``
+    wraps ``persistence.copy_points`` to count its ``COPY`` (its other two statements go
+    through Django's cursor and are captured)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -245,15 +260,19 @@ class BulkStatements:
         self.count += math.ceil(len(rows) / kwargs.get("page_size", 100))
         return execute_values(cur, sql, rows, **kwargs)
 
+    def copy(self, cursor: Any, points: list[tuple[Any, ...]]) -> None:
+        self.count += 1
+        copy_points(cursor, points)
 
-def timed_call(active: list[int], bulk: BulkStatements) -> dict[str, Any]:
+
+def timed_call(active: list[int], bulk: BulkStatements, *, jump: bool = True) -> dict[str, Any]:
     """One ``advance_anomalies`` call, timed, with its round trips and points written."""
     before = points_of(active)
     bulk.count = 0
     reset_queries()  # the log keeps 9,000 queries: a full one would count none
     with CaptureQueriesContext(connection) as queries:
         cpu, wall = time.process_time(), time.perf_counter()
-        result = anomaly_stage.advance_anomalies()
+        result = anomaly_stage.advance_anomalies(jump=jump)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     series_buckets = points_of(active) - before
     by_statement: dict[str, float] = {}
@@ -274,6 +293,8 @@ def timed_call(active: list[int], bulk: BulkStatements) -> dict[str, Any]:
         "slowest_statements": [[sql, round(t, 4)] for sql, t in slowest],
         "anomalies": len(result.anomaly_ids),
         "more": result.more,
+        "steps": result.steps,
+        "jumps": result.jumps,
     }
 
 
@@ -499,6 +520,241 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  {row['cumulative_s']:8.3f} s {row['calls']:7d}  {row['function']}")
 
 
+# ---- one sparse source over years (--sparse) ---------------------------------------------
+
+
+def sparse_rows(source_id: int, n: int, years: float, rng: np.random.Generator) -> str:
+    """``n`` enriched events (labels as the stream's, no terms) at random over the
+    ``years`` of event time before ``ORIGIN``, as COPY text rows, oldest first."""
+    span = years * 365 * 86400
+    epochs = ORIGIN.timestamp() - span + np.sort(rng.uniform(0, span, n))
+    labels = rng.choice(3, n, p=[0.25, 0.45, 0.30])
+    lines = []
+    for i in range(n):
+        created = datetime.fromtimestamp(float(epochs[i]), UTC)
+        received = (created + timedelta(seconds=2)).isoformat()
+        label = LABELS[labels[i]]
+        lines.append(
+            f"{source_id}\titem-{i}\t{created.isoformat()}\t{received}\t"
+            f"a{i}\tuser{i}\tUser {i}\tfeed item {i}\ten\t\t\t\t\t"
+            f"{{}}\t{{}}\t{{}}\t{{}}\t{{}}\t{{}}\t{{}}\t"
+            f"{SENTIMENT[label]}\t{received}\t{label}\tvader\n"
+        )
+    return "".join(lines)
+
+
+def sparse_setup(options: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """The sparse source and its events; its id and a summary."""
+    run = uuid.uuid4().hex[:8]
+    team = Team.objects.create(name=f"bench anomaly {run}", slug=f"{SLUG}{run}")
+    source = Source.objects.create(team=team, kind="rss", name=f"sparse-{run}")
+    StreamClock.objects.create(source=source, watermark=None, bucket_s=900)
+    text = sparse_rows(
+        source.id, options.sparse_events, options.sparse_years, np.random.default_rng(options.seed)
+    )
+    with connection.cursor() as cursor:
+        cursor.cursor.copy_expert(f"COPY ingest_event ({COLUMNS}) FROM STDIN", io.StringIO(text))
+        cursor.execute("ANALYZE ingest_event")
+    return source.id, {"events": options.sparse_events, "years": options.sparse_years}
+
+
+def stage_snapshot(source_id: int) -> dict[str, Any]:
+    """What the stage wrote for the source (points, anomalies, states), without ids."""
+    key = dict(Series.objects.filter(source_id=source_id).values_list("id", "kind"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT p.series_id, p.bucket_start, p.value, p.expected, p.low, p.high, p.score, "
+            "p.anomaly FROM mlengine_seriespoint p JOIN mlengine_series s "
+            "ON p.series_id = s.id WHERE s.source_id = %s",
+            [source_id],
+        )
+        points = {(key[r[0]], r[1]): r[2:] for r in cursor.fetchall()}
+    anomalies = {
+        (key[a[0]], a[1]): a[2:]
+        for a in Anomaly.objects.filter(source_id=source_id).values_list(
+            "series_id", "window_start", "window_end", "score", "value", "closed"
+        )
+    }
+    states = {
+        key[i]: (bytes(state) if state is not None else None, last)
+        for i, state, last in Series.objects.filter(source_id=source_id).values_list(
+            "id", "state", "last_bucket"
+        )
+    }
+    return {"points": points, "anomalies": anomalies, "states": states}
+
+
+def catch_up_timed(
+    source_id: int, watermark: datetime, bulk: BulkStatements, *, jump: bool
+) -> dict[str, Any]:
+    """The source's stage state deleted, its clock set to ``watermark``, and calls until
+    no complete bucket is left: their figures summed (and the largest call's)."""
+    reset_state([source_id])
+    StreamClock.objects.filter(source_id=source_id).update(watermark=watermark)
+    calls = [timed_call([source_id], bulk, jump=jump)]
+    while calls[-1]["more"]:
+        calls.append(timed_call([source_id], bulk, jump=jump))
+    buckets = sum(c["buckets"] for c in calls)
+    wall = sum(c["wall_s"] for c in calls)
+    return {
+        "calls": len(calls),
+        "wall_s": round(wall, 3),
+        "cpu_s": round(sum(c["cpu_s"] for c in calls), 3),
+        "max_call_wall_s": max(c["wall_s"] for c in calls),
+        "buckets": buckets,
+        "steps": sum(c["steps"] for c in calls),
+        "jumps": sum(c["jumps"] for c in calls),
+        "queries": sum(c["queries"] for c in calls),
+        "us_per_bucket": round(wall * 1e6 / max(buckets, 1), 2),
+        "call_wall_s": [c["wall_s"] for c in calls],
+    }
+
+
+def sparse_scenario(
+    source_id: int, options: argparse.Namespace, bulk: BulkStatements
+) -> dict[str, Any]:
+    """``--runs`` repetitions of: the first ``--baseline-days`` stepped and jumped (and
+    compared), the whole span jumped. Medians, and the whole span stepped, extrapolated."""
+    first = Source.objects.get(id=source_id).events.order_by("created_at").first()
+    assert first is not None
+    prefix_end = first.created_at + timedelta(days=options.baseline_days)
+    full_end = ORIGIN
+    reps = []
+    for _ in range(options.runs):
+        stepped = catch_up_timed(source_id, prefix_end, bulk, jump=False)
+        reference = stage_snapshot(source_id)
+        jumped = catch_up_timed(source_id, prefix_end, bulk, jump=True)
+        identical = stage_snapshot(source_id) == reference
+        full = catch_up_timed(source_id, full_end, bulk, jump=True)
+        reps.append(
+            {
+                "prefix_stepped": stepped,
+                "prefix_jumped": jumped,
+                "identical": identical,
+                "full_jumped": full,
+            }
+        )
+        print(
+            f"prefix {stepped['buckets']} buckets: stepped {stepped['wall_s']} s, jumped "
+            f"{jumped['wall_s']} s (identical: {identical}); {full['buckets']} buckets jumped "
+            f"in {full['wall_s']} s, {full['calls']} calls",
+            flush=True,
+        )
+
+    def med(part: str, field: str) -> float:
+        return round(statistics.median(r[part][field] for r in reps), 4)
+
+    per_bucket = med("prefix_stepped", "wall_s") / reps[0]["prefix_stepped"]["buckets"]
+    full_buckets = reps[0]["full_jumped"]["buckets"]
+    summary = {
+        "prefix": {
+            "days": options.baseline_days,
+            "buckets": reps[0]["prefix_stepped"]["buckets"],
+            "stepped": {
+                f: med("prefix_stepped", f)
+                for f in ("wall_s", "cpu_s", "calls", "steps", "queries")
+            },
+            "jumped": {
+                f: med("prefix_jumped", f)
+                for f in ("wall_s", "cpu_s", "calls", "steps", "jumps", "queries")
+            },
+            "identical": all(r["identical"] for r in reps),
+        },
+        "full": {
+            "years": options.sparse_years,
+            "buckets": full_buckets,
+            "jumped": {
+                f: med("full_jumped", f)
+                for f in (
+                    "wall_s",
+                    "cpu_s",
+                    "calls",
+                    "steps",
+                    "jumps",
+                    "queries",
+                    "max_call_wall_s",
+                )
+            },
+            "stepped_extrapolated_s": round(per_bucket * full_buckets, 1),
+        },
+        "repetitions": reps,
+    }
+    summary["prefix"]["speedup"] = round(
+        summary["prefix"]["stepped"]["wall_s"] / summary["prefix"]["jumped"]["wall_s"], 1
+    )
+    summary["full"]["speedup_extrapolated"] = round(
+        summary["full"]["stepped_extrapolated_s"] / summary["full"]["jumped"]["wall_s"], 1
+    )
+    return summary
+
+
+def plot_sparse(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparse = result["sparse"]
+    prefix, full = sparse["prefix"], sparse["full"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [
+        f"first {prefix['days']} days\nstepped",
+        f"first {prefix['days']} days\njumped",
+        f"{full['years']:g} years\njumped",
+        f"{full['years']:g} years\nstepped (extrapolated)",
+    ]
+    seconds = [
+        prefix["stepped"]["wall_s"],
+        prefix["jumped"]["wall_s"],
+        full["jumped"]["wall_s"],
+        full["stepped_extrapolated_s"],
+    ]
+    bars = axes[0].bar(labels, seconds, color=["#999", "#2a7", "#2a7", "#ccc"])
+    bars[3].set_hatch("//")
+    for bar, value in zip(bars, seconds, strict=True):
+        axes[0].annotate(
+            f"{value:.2f} s",
+            (bar.get_x() + bar.get_width() / 2, value),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    axes[0].set(title="Catch-up, stage wall seconds", ylabel="s", yscale="log")
+    axes[0].tick_params(axis="x", labelsize=8)
+    calls = sparse["repetitions"][-1]["full_jumped"]["call_wall_s"]
+    axes[1].bar(range(1, len(calls) + 1), [c * 1000 for c in calls], color="#2a7")
+    axes[1].set(title=f"{full['years']:g} years jumped: each call", xlabel="call", ylabel="wall ms")
+    config = result["config"]
+    fig.suptitle(
+        f"advance_anomalies, one source: {config['sparse_events']} events over "
+        f"{config['sparse_years']:g} years; medians of {config['runs']} runs; "
+        f"{config['cpu']['model']}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU this ran on: its model (``lscpu``) and whether it has AVX-512 (numpy's
+    runtime detection)."""
+    model = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in out.splitlines()
+                if line.startswith("Model name")
+            ),
+            model,
+        )
+    except OSError:
+        pass
+    from numpy._core._multiarray_umath import __cpu_features__ as features  # type: ignore[attr-defined]
+
+    return {"model": model, "cores": os.cpu_count(), "avx512f": bool(features.get("AVX512F"))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", default="1,10,50", help="comma-separated N")
@@ -514,6 +770,14 @@ def main() -> int:
         help="after the largest N's last repetition, one more beat under cProfile",
     )
     parser.add_argument("--keep", action="store_true", help="keep the bench data at the end")
+    parser.add_argument(
+        "--sparse", action="store_true", help="one source with events years apart instead"
+    )
+    parser.add_argument("--sparse-years", type=float, default=5.0)
+    parser.add_argument("--sparse-events", type=int, default=300)
+    parser.add_argument(
+        "--baseline-days", type=int, default=30, help="days stepped bucket by bucket (--sparse)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     options = parser.parse_args()
@@ -523,6 +787,8 @@ def main() -> int:
     if foreign:
         print(f"{foreign} other sources have a stream clock: use a scratch database")
         return 2
+    if options.sparse:
+        return main_sparse(options)
     source_ids, data = setup(max(sizes), options)
     print(
         f"{data['events']} events ({data['events_per_source']}/source), {data['trends']} trends, "
@@ -535,6 +801,7 @@ def main() -> int:
         with (
             mock.patch("twiscope.pipeline.app.send_task"),
             mock.patch.object(persistence, "execute_values", bulk),
+            mock.patch.object(persistence, "copy_points", bulk.copy),
         ):
             for n in sizes:
                 reps = [
@@ -578,6 +845,7 @@ def main() -> int:
             "max_terms": settings.ANOMALY_MAX_TERMS,
             "revision": revision(),
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cpu": cpu(),
         },
         "data": data,
         "results": results,
@@ -593,6 +861,65 @@ def main() -> int:
     if options.plot:
         plot(result, options.plot)
     return 0
+
+
+def main_sparse(options: argparse.Namespace) -> int:
+    """The ``--sparse`` scenario: set up, measure, report (table, JSON, plot)."""
+    source_id, data = sparse_setup(options)
+    bulk = BulkStatements()
+    try:
+        with (
+            mock.patch("twiscope.pipeline.app.send_task"),
+            mock.patch.object(persistence, "execute_values", bulk),
+            mock.patch.object(persistence, "copy_points", bulk.copy),
+        ):
+            sparse = sparse_scenario(source_id, options, bulk)
+    finally:
+        if not options.keep:
+            remove_bench_data()
+    result = {
+        "config": {
+            "sparse_years": options.sparse_years,
+            "sparse_events": options.sparse_events,
+            "baseline_days": options.baseline_days,
+            "runs": options.runs,
+            "seed": options.seed,
+            "max_buckets": settings.ANOMALY_MAX_BUCKETS,
+            "jump_cost": settings.ANOMALY_JUMP_COST,
+            "max_points": settings.ANOMALY_MAX_POINTS,
+            "jump_min": anomaly_stage.JUMP_MIN,
+            "revision": revision(),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cpu": cpu(),
+        },
+        "data": data,
+        "sparse": sparse,
+    }
+    prefix, full = sparse["prefix"], sparse["full"]
+    print(
+        "\n| span | buckets | stepped s | jumped s | speed-up | calls (stepped / jumped) | "
+        "bucket steps + jumps | largest call s |"
+    )
+    print("|---" * 8 + "|")
+    print(
+        f"| first {prefix['days']} days | {prefix['buckets']} | "
+        f"{prefix['stepped']['wall_s']:.2f} | {prefix['jumped']['wall_s']:.2f} | "
+        f"{prefix['speedup']}× | "
+        f"{prefix['stepped']['calls']:g} / {prefix['jumped']['calls']:g} | "
+        f"{prefix['jumped']['steps']:g} + {prefix['jumped']['jumps']:g} | |"
+    )
+    print(
+        f"| {full['years']:g} years | {full['buckets']} | {full['stepped_extrapolated_s']:.0f} "
+        f"(extrapolated) | {full['jumped']['wall_s']:.2f} | {full['speedup_extrapolated']}× | "
+        f"– / {full['jumped']['calls']:g} | {full['jumped']['steps']:g} + "
+        f"{full['jumped']['jumps']:g} | {full['jumped']['max_call_wall_s']:.2f} |"
+    )
+    print(f"identical results: {prefix['identical']}; cpu: {result['config']['cpu']}")
+    if options.json:
+        options.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if options.plot:
+        plot_sparse(result, options.plot)
+    return 0 if prefix["identical"] else 1
 
 
 if __name__ == "__main__":

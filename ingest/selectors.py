@@ -453,6 +453,43 @@ def watch_bucket_counts(
         return {(int(b), int(w)): int(n) for w, b, n in cursor.fetchall()}
 
 
+_EVENT_BUCKETS_SQL = """
+WITH RECURSIVE hit(b) AS (
+    (SELECT floor(extract(epoch FROM created_at) / %(bucket_s)s)::bigint * %(bucket_s)s
+     FROM ingest_event
+     WHERE source_id = %(source)s AND created_at >= %(since)s AND created_at < %(until)s
+     ORDER BY created_at LIMIT 1)
+    UNION ALL
+    SELECT (SELECT floor(extract(epoch FROM e.created_at) / %(bucket_s)s)::bigint * %(bucket_s)s
+            FROM ingest_event e
+            WHERE e.source_id = %(source)s AND e.created_at < %(until)s
+              AND e.created_at >= to_timestamp(hit.b + %(bucket_s)s)
+            ORDER BY e.created_at LIMIT 1)
+    FROM hit WHERE hit.b IS NOT NULL
+)
+SELECT b FROM hit WHERE b IS NOT NULL LIMIT %(limit)s
+"""
+
+
+def event_buckets(
+    source_id: int, *, since: datetime, until: datetime, bucket_s: int, limit: int
+) -> list[int]:
+    """The first ``limit`` ``bucket_s`` buckets of ``source_id`` holding an event with
+    ``since <= created_at < until`` (parked events included): their starts in epoch
+    seconds, ascending. One query that probes the source's time index once per bucket
+    found (a loose index scan), so its cost is ``limit``, not the events in the range."""
+    params: dict[str, Any] = {
+        "source": source_id,
+        "since": since,
+        "until": until,
+        "bucket_s": bucket_s,
+        "limit": limit,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_EVENT_BUCKETS_SQL, params)
+        return [int(b) for (b,) in cursor.fetchall()]
+
+
 def first_event_time(source_id: int, *, before: datetime) -> datetime | None:
     """The earliest event time of ``source_id`` before ``before`` (None: no event)."""
     return cast(

@@ -210,3 +210,139 @@ def test_evaluate_anomaly_names_a_missing_realtweets_folder(tmp_path: Path) -> N
 def test_evaluate_anomaly_needs_a_nab_folder() -> None:
     with pytest.raises(CommandError, match="--nab"):
         call_command("evaluate", "anomaly")
+
+
+# ---- many buckets of one value at once (Detector.hold) ----------------------------------
+
+SMALL = Params(
+    period=24,
+    days=2,
+    slot_spread=1,
+    smooth=3,
+    scale_days=2,
+    scale_every=4,
+    refractory=6,
+    warmup=24,
+    likelihood_days=3,
+    likelihood_every=6,
+)
+"""Short horizons: a run of a few thousand buckets crosses every ring many times."""
+
+
+def bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+def stepped(det: Detector, rows: list[int], values: list[float], k: int) -> list[np.ndarray]:
+    """``k`` updates feeding ``values`` to ``rows`` (NaN elsewhere): the Steps' arrays
+    for those rows, each of shape (k, len(rows)), in ``Step`` field order."""
+    x = np.full(det.n, np.nan)
+    x[rows] = values
+    steps = [det.update(x) for _ in range(k)]
+    fields = ("score", "anomaly", "expected", "low", "high")
+    return [np.stack([getattr(s, f)[rows] for s in steps]) for f in fields]
+
+
+def sparse_counts(n: int, seed: int) -> np.ndarray:
+    """Mostly empty buckets, a few with posts, and one 3-bucket burst."""
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random(n) < 0.05, rng.poisson(3.0, n), 0).astype(float)
+    x[n // 2 : n // 2 + 3] += 30
+    return x
+
+
+HOLD_CASES = {
+    # name: (params, history per row (rows, buckets), held rows, held values, k)
+    "zero after a bursty week and a half: reaches the steady state": (
+        Params(),
+        np.stack([bursty_counts(0, 15.0, days=9)[0], counts(5.0, 1, days=9)]),
+        [0],
+        [0.0],
+        4200,
+    ),
+    "a burst held after a sparse day: flags": (
+        Params(),
+        np.stack([sparse_counts(DAY * 2, 2), sparse_counts(DAY * 2, 3)]),
+        [1, 0],
+        [40.0, 0.0],
+        400,
+    ),
+    "a fresh series: lags not yet seen, no scale": (Params(), np.zeros((2, 0)), [0], [0.0], 700),
+    "missing shares and a zero, short horizons, many rings over": (
+        SMALL,
+        np.stack([sparse_counts(300, 4), sparse_counts(300, 5), sparse_counts(300, 6)]),
+        [2, 0, 1],
+        [np.nan, 0.0, 0.0],
+        3000,
+    ),
+    "refractory 0: zeros after a burst are flagged": (
+        Params(refractory=0),
+        np.stack([sparse_counts(DAY * 2, 7)[: DAY * 2 - 30]]),
+        [0],
+        [0.0],
+        200,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOLD_CASES)
+def test_holding_a_value_gives_the_steps_and_state_of_stepping_it_bit_for_bit(case: str) -> None:
+    params, history, rows, values, k = HOLD_CASES[case]
+    det = Detector(len(history), params)
+    for i in range(history.shape[1]):
+        det.update(history[:, i])
+    twin = Detector.from_state(det.state())
+
+    held = twin.hold(rows, values, k)
+    reference = stepped(det, rows, values, k)
+
+    got = held.between(0, k)
+    for field, want in zip(("score", "anomaly", "expected", "low", "high"), reference, strict=True):
+        assert bits(getattr(got, field)) == bits(want), field
+    for key in Detector.STATE_KEYS:
+        assert bits(getattr(twin, key)) == bits(getattr(det, key)), key
+    assert held.m <= k
+
+
+def test_a_hold_flags_where_stepping_flags() -> None:
+    _, history, rows, values, k = HOLD_CASES["a burst held after a sparse day: flags"]
+    det = Detector(2)
+    for i in range(history.shape[1]):
+        det.update(history[:, i])
+    assert det.hold(rows, values, k).between(0, k).anomaly.any()
+
+
+def test_a_long_empty_run_costs_its_transient_not_its_length() -> None:
+    x = bursty_counts(1, 15.0, days=9)[0]
+    year = DAY * 365
+    det, twin = Detector(1), Detector(1)
+    for v in x:
+        det.update([v])
+        twin.update([v])
+
+    held = det.hold([0], [0.0], year)
+    split = twin.hold([0], [0.0], 5000)
+    rest = twin.hold([0], [0.0], year - 5000)
+
+    p = Params()
+    assert held.m <= p.history + p.smooth + p.scale_window + p.scale_every
+    for key in Detector.STATE_KEYS:
+        assert bits(getattr(twin, key)) == bits(getattr(det, key)), key
+    tail = held.between(year - 3, year)
+    assert bits(tail.score) == bits(rest.between(year - 5003, year - 5000).score)
+    assert int(det.count[0]) == len(x) + year
+    assert split.m < 5000 and rest.m == 0  # steady within the first run, so all the second
+
+
+def test_it_rejects_a_bad_hold() -> None:
+    det = Detector(2)
+    with pytest.raises(ValueError, match="distinct"):
+        det.hold([0, 0], [0.0, 0.0], 3)
+    with pytest.raises(ValueError, match="distinct"):
+        det.hold([2], [0.0], 3)
+    with pytest.raises(ValueError, match="finite"):
+        det.hold([0], [np.inf], 3)
+    with pytest.raises(ValueError, match="alike"):
+        det.hold([0, 1], [0.0], 3)
+    with pytest.raises(ValueError, match="outside"):
+        det.hold([0], [0.0], 3).between(2, 4)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.db import connection
 from django.test import TestCase
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -25,6 +27,7 @@ from ingest.envelope import Envelope
 from ingest.models import Source
 from mlengine.anomalies import series as anomaly_series
 from mlengine.anomalies import stage as anomaly_stage
+from mlengine.anomalies import watches as anomaly_watches
 from mlengine.anomalies.detector import Detector
 from mlengine.models import Anomaly, Series, SeriesPoint
 from tests.factories import (
@@ -380,3 +383,184 @@ def test_a_run_shares_its_buckets_among_the_sources_catching_up(settings: Any) -
     while anomaly_stage.advance_anomalies(max_buckets=288).more:
         pass
     assert SeriesPoint.objects.filter(series__kind=Series.Kind.VOLUME).count() == 2 * 29
+
+
+# --- jumping over empty time ------------------------------------------------------------
+
+DAY_MIN = 24 * 60
+
+
+def storm(at_min: float, *, buckets: int = 3, per_bucket: int = 25) -> list[Envelope]:
+    """A "#storm" burst from ``at_min``: ``per_bucket`` posts (a third negative) in each
+    of ``buckets`` buckets, after 7 hours of a post a bucket (the trend stage's baseline),
+    and then a post 2, 5, 11 and 23 hours later."""
+    lead = [envelope(f"the wind {b}", minutes=at_min - 420 + b * BUCKET_MIN) for b in range(84)]
+    posts = [
+        envelope(
+            f"{'this is terrible awful news' if i % 3 == 0 else 'look at the sky'} #storm",
+            minutes=at_min + b * BUCKET_MIN + i * 0.01,
+            author=f"fan{i}",
+        )
+        for b in range(buckets)
+        for i in range(per_bucket)
+    ]
+    after = [envelope(f"a quiet word {h}", minutes=at_min + h * 60) for h in (2, 5, 11, 23)]
+    return lead + posts + after
+
+
+def bursts_apart(days: tuple[int, ...]) -> list[Envelope]:
+    """A steady day and a half, then a "#storm" burst on each of ``days``."""
+    posts = steady(HISTORY_BUCKETS + 12) + [e for d in days for e in storm(d * DAY_MIN + 7)]
+    return sorted(posts, key=lambda e: e.created_at)
+
+
+def catch_up(*, jump: bool, max_buckets: int = 2000) -> list[anomaly_stage.AdvanceResult]:
+    """Run the stage until no complete bucket is left; every run's result."""
+    runs = [anomaly_stage.advance_anomalies(max_buckets=max_buckets, jump=jump)]
+    while runs[-1].more:
+        runs.append(anomaly_stage.advance_anomalies(max_buckets=max_buckets, jump=jump))
+    return runs
+
+
+def state_bits(blob: Any) -> dict[str, bytes] | None:
+    if blob is None:
+        return None
+    return {k: a.tobytes() for k, a in anomaly_series.load_state(blob).items()}
+
+
+def stage_results(source: Source) -> dict[str, Any]:
+    """What the stage wrote for ``source``, by series (kind, term, watch and its terms)
+    and bucket, without ids and processing times (an anomaly opened in an empty bucket
+    takes the run's as its evidence's): each series' activity, first and last bucket and
+    detector state (its float64 bits), its points and its anomalies."""
+    rows = list(Series.objects.filter(source=source))
+    key = {s.id: (s.kind, s.term, s.watch_id, tuple(s.watch_terms)) for s in rows}
+    points = SeriesPoint.objects.filter(series__source=source).values_list(
+        "series_id", "bucket_start", "value", "expected", "low", "high", "score", "anomaly"
+    )
+    anomalies = Anomaly.objects.filter(source=source).values_list(
+        "series_id",
+        "window_start",
+        "window_end",
+        "peak_at",
+        "score",
+        "value",
+        "expected",
+        "low",
+        "high",
+        "closed",
+        "evidence_created_at",
+    )
+    return {
+        "series": {
+            key[s.id]: (s.active, s.first_bucket, s.last_bucket, state_bits(s.state)) for s in rows
+        },
+        "points": {(key[p[0]], p[1]): p[2:] for p in points},
+        "anomalies": {(key[a[0]], a[1]): a[2:] for a in anomalies},
+    }
+
+
+def jumped_and_stepped(source: Source) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """The stage's results for ``source`` stepped bucket by bucket, then afresh (its
+    series deleted) with jumps; and the jumping runs."""
+    catch_up(jump=False)
+    stepped = stage_results(source)
+    Series.objects.filter(source=source).delete()
+    runs = catch_up(jump=True)
+    return stepped, stage_results(source), runs
+
+
+def test_jumping_over_weeks_without_events_writes_what_stepping_every_bucket_writes() -> None:
+    personas = make_personas()
+    source = make_source(personas.team)
+    anomaly_watches.save_watch(
+        watch=None, data={"team": personas.team, "name": "storms", "terms": ["#storm"]}
+    )
+    run_through(source, bursts_apart((3, 6, 20)), batch_size=500)
+
+    stepped, jumped, runs = jumped_and_stepped(source)
+
+    assert jumped == stepped
+    kinds = {k[0] for k in stepped["series"]}
+    assert kinds == {"volume", "negative_share", "term", "watch"}
+    assert len(stepped["points"]) > 3 * 288 * 14  # the last 14 days of three series at least
+    assert {series[0] for series, _ in stepped["anomalies"]} >= {"volume", "term", "watch"}
+    assert sum(r.jumps for r in runs) >= 3
+    # The stepping runs stepped every bucket; the jumping ones a fraction of them.
+    assert sum(r.buckets for r in runs) > 20 * 288
+    assert sum(r.steps for r in runs) < sum(r.buckets for r in runs) / 4
+
+
+def test_an_anomaly_opened_and_closed_inside_a_jump_is_the_one_stepping_opens() -> None:
+    # With no refractory period the empty buckets just after a burst are flagged too:
+    # they open (and close) anomalies inside runs of empty buckets.
+    shares = anomaly_series.params_for(anomaly_series.SHARES)
+    no_refractory = anomaly_series.Params(refractory=0)
+    params = {anomaly_series.COUNTS: no_refractory, anomaly_series.SHARES: shares}
+    counts = mock.patch.object(anomaly_stage, "params_for", params.__getitem__)
+    source = make_source(make_personas().team)
+    run_through(source, bursts_apart((3, 5)), batch_size=500)
+
+    with counts:
+        stepped, jumped, runs = jumped_and_stepped(source)
+
+    assert jumped == stepped
+    opened_empty = [at for at in stepped["anomalies"] if stepped["points"][at][0] == 0]
+    assert opened_empty and sum(r.jumps for r in runs) >= 2
+
+
+def test_a_source_over_five_years_catches_up_in_runs_bounded_by_its_events(
+    settings: Any,
+) -> None:
+    rng = np.random.default_rng(3)
+    minutes = np.sort(rng.uniform(0, 5 * 365 * DAY_MIN, 300))
+    posts = [envelope(f"feed item {i}", minutes=float(m)) for i, m in enumerate(minutes)]
+    source = make_source(make_personas().team, name="old feed")
+    run_through(source, posts, batch_size=500)
+    busy = len({int(m) // BUCKET_MIN for m in minutes})
+
+    with CaptureQueriesContext(connection) as queries:
+        runs = catch_up(jump=True, max_buckets=settings.ANOMALY_MAX_BUCKETS)
+
+    buckets = sum(r.buckets for r in runs)
+    steps, jumps = sum(r.steps for r in runs), sum(r.jumps for r in runs)
+    first, last = int(minutes[0]) // BUCKET_MIN, int(minutes[-1]) // BUCKET_MIN
+    assert buckets == last - first > 5 * 365 * 288 * 0.99  # all of it (the last incomplete), ...
+    assert steps <= busy * anomaly_stage.JUMP_MIN  # ... stepping only the buckets near events
+    assert jumps <= busy + 1
+    # Each run but the last spends its budget but for less than a jump (2 series).
+    jump = 2 * settings.ANOMALY_JUMP_COST
+    cost = steps + jumps * jump
+    assert len(runs) <= cost // (settings.ANOMALY_MAX_BUCKETS - jump) + 1
+    assert len(queries) <= 40 * len(runs)
+    volume = Series.objects.get(source=source, kind=Series.Kind.VOLUME)
+    assert volume.last_bucket == bucket(last - 1)
+    kept = SeriesPoint.objects.filter(series=volume).count()
+    assert kept == settings.ANOMALY_RETENTION_S // 300 + 1  # the last 14 days, every bucket
+
+
+def test_a_run_writes_at_most_its_share_of_points_however_far_it_jumps(settings: Any) -> None:
+    settings.ANOMALY_MAX_POINTS = 4_000  # a week of its 2 series: two weeks are kept
+    rng = np.random.default_rng(5)
+    minutes = np.sort(rng.uniform(0, 60 * DAY_MIN, 20))
+    posts = [envelope(f"feed item {i}", minutes=float(m)) for i, m in enumerate(minutes)]
+    source = make_source(make_personas().team, name="old feed")
+    run_through(source, posts, batch_size=500)
+    volume = Series.objects.filter(source=source, kind=Series.Kind.VOLUME)
+
+    runs = [anomaly_stage.advance_anomalies()]
+    written = [SeriesPoint.objects.filter(series__source=source).count()]
+    while runs[-1].more:
+        since = volume.get().last_bucket
+        runs.append(anomaly_stage.advance_anomalies())
+        points = SeriesPoint.objects.filter(series__source=source, bucket_start__gt=since)
+        written.append(points.count())
+    capped = stage_results(source)
+    Series.objects.filter(source=source).delete()
+    settings.ANOMALY_MAX_POINTS = 10_000_000
+    uncapped = catch_up(jump=True, max_buckets=settings.ANOMALY_MAX_BUCKETS)
+
+    assert stage_results(source) == capped  # the same, in more runs
+    assert len(runs) > len(uncapped) >= 1
+    # Each run's own points: the jumped buckets' within the cap, and the stepped ones'.
+    assert all(n <= 4_000 + 2 * r.steps for n, r in zip(written, runs, strict=True))

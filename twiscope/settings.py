@@ -328,6 +328,14 @@ ANOMALY_MAX_BUCKETS: int = env.int("ANOMALY_MAX_BUCKETS", default=288)
 # Buckets one run steps over all sources at most, shared out among the sources due: a
 # run stays well inside the task's time limit when many sources catch up at once.
 ANOMALY_MAX_STEPS: int = env.int("ANOMALY_MAX_STEPS", default=2880)
+# What a run of empty buckets that the stage crosses in closed form (a jump) counts for
+# against those two budgets, per series of the source, in buckets stepped one at a time:
+# about its cost (bench/anomaly_stage.py --sparse-years).
+ANOMALY_JUMP_COST: int = env.int("ANOMALY_JUMP_COST", default=4)
+# Points a run writes at most for the buckets it jumps, per source (in its share of the
+# run): a run that jumps past two weeks keeps two weeks of points of every series. About
+# a second of COPY on 2 cores; sources of up to 12 series never reach it.
+ANOMALY_MAX_POINTS: int = env.int("ANOMALY_MAX_POINTS", default=50_000)
 # Series points are kept this long behind their source's latest bucket (event time).
 ANOMALY_RETENTION_S: int = env.int("ANOMALY_RETENTION_S", default=14 * 86400)
 # Noise floor of the negative-share detector, in share units (the volume detector's is

@@ -73,11 +73,15 @@ profile, each detector's own 0/1 decisions, refractory 1 day unless said):
   Twitter ADVec 66.0.
 
 The state is a small dict of numpy arrays (``Detector.state()``), one row per series, so a
-caller can persist it per series and resume with ``Detector.from_state``. Pure numpy: no I/O.
+caller can persist it per series and resume with ``Detector.from_state``. A run of buckets
+in which series hold one value each (a zero count, a missing share) can be stepped at once
+with ``Detector.hold``: the same Steps and state as stepping it, bit for bit, at the cost
+of its first two weeks at most. Pure numpy: no I/O.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
@@ -185,6 +189,36 @@ class Step:
     high: FloatArray
 
 
+@dataclass(frozen=True)
+class Held:
+    """What the detector says about ``k`` consecutive buckets in each of which R series
+    hold the same value (``Detector.hold``): the Steps of the first ``m`` buckets
+    (``head``: arrays of shape (m, R)) and the Step that every later bucket repeats
+    (``tail``: arrays of shape (R,); unused when ``m == k``)."""
+
+    k: int
+    head: Step
+    tail: Step
+
+    @property
+    def m(self) -> int:
+        """Buckets in ``head``; every bucket from ``m`` to ``k - 1`` is ``tail``."""
+        return len(self.head.score)
+
+    def between(self, start: int, stop: int) -> Step:
+        """The Steps of buckets ``start`` to ``stop - 1`` (``0 <= start <= stop <= k``):
+        arrays of shape (stop - start, R). Raises ValueError outside that range."""
+        if not 0 <= start <= stop <= self.k:
+            raise ValueError(f"buckets {start}..{stop} outside 0..{self.k}")
+        a, b = min(start, self.m), min(stop, self.m)
+        fields = {}
+        for name in ("score", "anomaly", "expected", "low", "high"):
+            head, tail = getattr(self.head, name), getattr(self.tail, name)
+            rest = np.broadcast_to(tail, (stop - start - (b - a), len(tail)))
+            fields[name] = np.concatenate([head[a:b], rest])
+        return Step(**fields)
+
+
 def _nanmedian(a: FloatArray) -> FloatArray:
     """Median over the last axis ignoring NaN; NaN where a row holds no number. Avoids
     ``np.nanmedian``'s all-NaN warnings and is as fast for small rows."""
@@ -196,12 +230,33 @@ def _nanmedian(a: FloatArray) -> FloatArray:
     return np.where(n > 0, med, np.nan)
 
 
+def _scale_of(window: FloatArray, p: Params) -> FloatArray:
+    """The MAD scale of each row of ``window`` (D, scale_window) of smoothed residuals:
+    ``1.4826 * MAD``, NaN where fewer than half a day of them exist. Shape (D,)."""
+    enough = np.sum(~np.isnan(window), axis=1) >= p.period // 2
+    centre = _nanmedian(window)
+    mad = MAD_TO_SD * _nanmedian(np.abs(window - centre[:, None]))
+    return np.asarray(np.where(enough, mad, np.nan))
+
+
+def _fit(blocks: FloatArray, p: Params) -> FloatArray:
+    """The likelihood's Gaussian fit (mean, sample sd) of each row of ``blocks`` (D,
+    likelihood_blocks, 3: count, sum, sum of squares per block), NaN until a day of
+    scores. Shape (D, 2)."""
+    n, total, squares = blocks.sum(axis=1).T
+    mean = total / n
+    sd = np.sqrt(np.maximum(squares / n - mean**2, 0.0) * n / np.maximum(n - 1, 1))
+    fit = np.stack([mean, sd], axis=1)
+    return np.asarray(np.where((n >= p.period)[:, None], fit, np.nan))
+
+
 class Detector:
     """Streaming seasonal median/MAD detector over N series (see the module docstring).
 
     Feed one bucket at a time with ``update(values)``, ``values`` of shape (N,) in event
     time order, NaN for a series with no value in that bucket (its state is left as is
-    and nothing is flagged). Raises ValueError on a wrongly shaped input.
+    and nothing is flagged), or ``k`` buckets of one value per series with
+    ``hold(rows, values, k)``. Raises ValueError on a wrongly shaped input.
     """
 
     STATE_KEYS = (
@@ -293,11 +348,7 @@ class Detector:
         self.lik_count[rows] += 1
         due = rows[self.lik_count[rows] % p.likelihood_every == 0]
         if len(due):
-            n, total, squares = self.lik_blocks[due].sum(axis=1).T
-            mean = total / n
-            sd = np.sqrt(np.maximum(squares / n - mean**2, 0.0) * n / np.maximum(n - 1, 1))
-            fit = np.stack([mean, sd], axis=1)
-            self.lik_fit[due] = np.where((n >= p.period)[:, None], fit, np.nan)
+            self.lik_fit[due] = _fit(self.lik_blocks[due], p)
         return usual
 
     def update(self, values: npt.ArrayLike) -> Step:
@@ -332,11 +383,7 @@ class Detector:
 
         due = live & ((self.count % p.scale_every == 0) | np.isnan(self.scale))
         if due.any():
-            window = self.smoothed[due]
-            enough = np.sum(~np.isnan(window), axis=1) >= p.period // 2
-            centre = _nanmedian(window)
-            mad = MAD_TO_SD * _nanmedian(np.abs(window - centre[:, None]))
-            self.scale[due] = np.where(enough, mad, np.nan)
+            self.scale[due] = _scale_of(self.smoothed[due], p)
         scale = np.maximum(self.scale, p.noise_sd / np.sqrt(p.smooth))
 
         score = np.where(live, smoothed / scale, np.nan)
@@ -357,6 +404,434 @@ class Detector:
             low=self._inverse(expected_y - band),
             high=self._inverse(expected_y + band),
         )
+
+    # ---- many buckets of one value at once ------------------------------------------------
+
+    CHUNK_CELLS = 24_000
+    """Buckets times series computed at once by ``hold`` (bounds its memory: ~15 MB)."""
+
+    def hold(self, rows: npt.ArrayLike, values: npt.ArrayLike, k: int) -> Held:
+        """Step ``k`` buckets in which each series of ``rows`` (shape (R,), distinct row
+        indices) holds the value of ``values`` (shape (R,), NaN = missing, else finite),
+        other series missing; return what ``k`` calls of ``update`` would have returned for
+        those rows, and leave the state exactly as they would have (the same float64 bits).
+        Cost: O(min(k, transient)) vectorised, not O(k) calls. Raises ValueError on bad
+        shapes, repeated or out-of-range rows, an infinite value or ``k < 0``.
+
+        Why it is exact. ``update`` is a fixed recurrence; with a constant input every
+        quantity of a bucket is known in closed form from the state before the run:
+
+        - a missing value changes no state and gives the same Step every bucket;
+        - a live value ``v`` (``y = forward(v)``) writes ``y`` at ring position
+          ``count % history``, so the lagged values of bucket ``t`` of the run are ``y``
+          where the lag is at most ``t`` and the old ring's entry otherwise; the residual
+          ring, the smoothed ring and the scale (re-estimated every ``scale_every``
+          buckets, or every bucket while undefined) are likewise the old rings with the
+          run's positions overwritten. These are computed for a chunk of buckets at once
+          with the very numpy operations ``update`` uses, on arrays whose rows are the
+          rings ``update`` would hold (row-wise reductions do not depend on the other
+          rows: sums over the same row in the same order, medians by the same sort).
+          The likelihood's block sums are the same sequential additions (``cumsum``),
+          its fit the same function (``_fit``) at the same block ends; the refractory
+          period is replayed over the few buckets that pass every other test;
+        - a MAD scale whose window holds more zeros than half its numbers is exactly
+          ``+0.0`` (both middle order statistics of the window, and of its absolute
+          deviations, are zeros), so such windows are not sorted;
+        - once the value ring holds only ``y``, the residual and smoothed rings only the
+          values a ring of ``y`` gives, and the scale the value those give (checked bit
+          for bit, ``_steady``), a bucket leaves rings and scale as they are and gives the
+          same Step; if that Step's score is below the threshold, no bucket of the rest
+          is flagged, so the rest only advances the counters and records the same score
+          ``k`` more times in the likelihood's blocks (whose ring is rewritten whole after
+          ``likelihood_blocks`` blocks, so at most that many are replayed: ``_lik_record``).
+
+        A zero count after a burst reaches that steady state within ``history + smooth +
+        scale_window`` buckets (about 14 days); a long empty run costs that, not its
+        length. Checked bucket for bucket against ``update`` in tests/test_anomaly.py.
+        """
+        r = np.asarray(rows, dtype=np.int64)
+        x = np.asarray(values, dtype=np.float64)
+        if r.ndim != 1 or x.shape != r.shape:
+            raise ValueError(f"rows {r.shape} and values {x.shape} must be alike and 1-D")
+        if len(np.unique(r)) != len(r) or ((r < 0) | (r >= self.n)).any():
+            raise ValueError("rows must be distinct row indices of this detector")
+        if np.isinf(x).any() or k < 0:
+            raise ValueError("values must be finite or NaN, and k >= 0")
+        n_rows = len(r)
+        tail = Step(
+            score=np.full(n_rows, np.nan),
+            anomaly=np.zeros(n_rows, dtype=bool),
+            expected=np.full(n_rows, np.nan),
+            low=np.full(n_rows, np.nan),
+            high=np.full(n_rows, np.nan),
+        )
+        lengths = np.zeros(n_rows, dtype=np.int64)
+        missing = np.flatnonzero(np.isnan(x))
+        if len(missing):
+            _put(tail, missing, self._missing(r[missing]))
+        y = self._forward(x)
+        cols = np.flatnonzero(~np.isnan(x))
+        pieces: list[tuple[int, npt.NDArray[np.int64], Step]] = []
+        done = 0
+        while len(cols) and done < k:
+            steady = self._steady(r[cols], y[cols])
+            if steady.any():
+                still = cols[steady]
+                repeat = self._chunk(r[still], y[still], 1, commit=False)
+                _put(tail, still, Step(**{f: getattr(repeat, f)[0] for f in _FIELDS}))
+                self._skip(r[still], repeat.score[0], k - done)
+                lengths[still] = done
+                cols = cols[~steady]
+                if not len(cols):
+                    break
+            c = min(k - done, self.params.scale_window, max(1, self.CHUNK_CELLS // len(cols)))
+            pieces.append((done, cols, self._chunk(r[cols], y[cols], c)))
+            done += c
+        lengths[cols] = done
+        m = int(lengths.max()) if n_rows else 0
+        head = {f: np.repeat(getattr(tail, f)[None, :], m, axis=0) for f in _FIELDS}
+        for start, at, step in pieces:
+            for f in _FIELDS:
+                head[f][start : start + len(step.score), at] = getattr(step, f)
+        return Held(k=k, head=Step(**head), tail=tail)
+
+    def _missing(self, rows: npt.NDArray[np.int64]) -> Step:
+        """The Step ``update`` gives ``rows`` for a missing value (no state changes)."""
+        p = self.params
+        count = self.count[rows]
+        lag_pos = (count[:, None] - p.lags[None, :]) % p.history
+        past = np.take_along_axis(self.values[rows], lag_pos, axis=1)
+        past[count[:, None] < p.lags[None, :]] = np.nan
+        expected_y = _nanmedian(past)
+        band = p.threshold * np.maximum(self.scale[rows], p.noise_sd / np.sqrt(p.smooth))
+        return Step(
+            score=np.full(len(rows), np.nan),
+            anomaly=np.zeros(len(rows), dtype=bool),
+            expected=self._inverse(expected_y),
+            low=self._inverse(expected_y - band),
+            high=self._inverse(expected_y + band),
+        )
+
+    def _steady(self, rows: npt.NDArray[np.int64], y: FloatArray) -> BoolArray:
+        """Which ``rows`` are in the steady state of a constant transformed value ``y``
+        (shape (R,)): value ring all ``y``, residual and smoothed rings all what a ring of
+        ``y`` gives, the scale what a window of those gives (bit for bit), warmed up,
+        and a finite score below the threshold (so the Step repeats and flags nothing)."""
+        p = self.params
+        n_rows = len(rows)
+        resid, smoothed, scale, score = (
+            np.array([_steady_rings(p, bits) for bits in y.view(np.int64).tolist()])
+            .reshape(n_rows, 4)
+            .T
+        )
+
+        def same(a: FloatArray, b: FloatArray) -> BoolArray:
+            return np.asarray(a.view(np.int64) == b.reshape(n_rows, -1).view(np.int64))
+
+        with np.errstate(invalid="ignore"):
+            return np.asarray(
+                same(self.values[rows], y).all(axis=1)
+                & same(self.residuals[rows], resid).all(axis=1)
+                & same(self.smoothed[rows], smoothed).all(axis=1)
+                & same(self.scale[rows][:, None], scale)[:, 0]
+                & ~np.isnan(smoothed)
+                & (self.count[rows] > p.warmup)
+                & np.isfinite(score)
+                & (score < p.threshold)
+            )
+
+    def _skip(self, rows: npt.NDArray[np.int64], score: FloatArray, k: int) -> None:
+        """Advance steady ``rows`` (``_steady``) by ``k`` buckets whose score is ``score``
+        (shape (R,)): counters, and ``k`` records of the score in the likelihood."""
+        p = self.params
+        self.count[rows] += k
+        self.since_alert[rows] += k
+        recorded = np.maximum(score, 0.0)
+        for i, row in enumerate(rows):
+            s = recorded[i]
+            count, blocks, fit, _ = _lik_record(
+                p,
+                int(self.lik_count[row]),
+                self.lik_blocks[row].copy(),
+                self.lik_fit[row].copy(),
+                float(s),
+                k,
+                want_fits=False,
+            )
+            self.lik_count[row], self.lik_blocks[row], self.lik_fit[row] = count, blocks, fit
+
+    def _chunk(
+        self, rows: npt.NDArray[np.int64], y: FloatArray, c: int, *, commit: bool = True
+    ) -> Step:
+        """``c`` buckets (at most ``scale_window``) of the live transformed value ``y``
+        (shape (R,)) for ``rows``, computed at once: the Steps (arrays of shape (c, R))
+        ``update`` would give, and (``commit``) the state it would leave."""
+        p = self.params
+        n_rows = len(rows)
+        at = np.arange(n_rows)
+        t = np.arange(c)
+        count0 = self.count[rows]
+        count = count0[None, :] + t[:, None]  # (c, R): ``count`` before each bucket
+
+        expected_y = self._expected(rows, y, c)
+        resid = y[None, :] - expected_y
+
+        # The residual ring after each bucket: position j holds the run's latest residual
+        # written there (buckets t' = j - count0 mod smooth), else the old entry.
+        j = np.arange(p.smooth)
+        back = (t[:, None, None] - (j[None, None, :] - count0[None, :, None])) % p.smooth
+        last = t[:, None, None] - back
+        ring = np.where(
+            last >= 0,
+            resid[np.maximum(last, 0), at[None, :, None]],
+            self.residuals[rows][None, :, :],
+        )
+        with np.errstate(invalid="ignore"):
+            n_res = np.sum(~np.isnan(ring), axis=-1)
+            smoothed = np.where(n_res > 0, np.nansum(ring, axis=-1) / np.maximum(n_res, 1), np.nan)
+
+        # The smoothed ring (c <= scale_window: no position is written twice) and scale.
+        written = ~np.isnan(smoothed)
+        wpos = count % p.scale_window
+        windows = self.smoothed[rows]
+        scale_t = np.empty((c, n_rows))
+        for i in range(n_rows):
+            scale_t[:, i] = self._scales(
+                windows[i],
+                self.scale[rows[i]],
+                smoothed[:, i],
+                written[:, i],
+                wpos[:, i],
+                count[:, i],
+            )
+            windows[i, wpos[written[:, i], i]] = smoothed[written[:, i], i]
+        scale = np.maximum(scale_t, p.noise_sd / np.sqrt(p.smooth))
+        score = smoothed / scale
+        warm = count + 1 > p.warmup
+
+        # The likelihood: the fit in force at each bucket, and the blocks after the run.
+        recorded = warm & ~np.isnan(score)
+        s = np.maximum(score, 0.0)
+        fit_t = np.empty((c, n_rows, 2))
+        lik = []
+        for i, row in enumerate(rows):
+            scored = np.flatnonzero(recorded[:, i])
+            count_i, blocks, fit, fits = _lik_record(
+                p,
+                int(self.lik_count[row]),
+                self.lik_blocks[row].copy(),
+                self.lik_fit[row].copy(),
+                s[scored, i],
+                len(scored),
+                want_fits=True,
+            )
+            assert fits is not None
+            before = np.concatenate([fits, fit[None, :]])
+            fit_t[:, i] = before[np.searchsorted(scored, t)]
+            lik.append((count_i, blocks, fit))
+        with np.errstate(invalid="ignore"):
+            usual = s < fit_t[..., 0] + p.likelihood_z * fit_t[..., 1]
+            candidate = warm & (score >= p.threshold) & ~usual
+
+        # The refractory period, over the few candidates.
+        anomaly = np.zeros((c, n_rows), dtype=bool)
+        since = self.since_alert[rows].copy()
+        for i in range(n_rows):
+            alerted: int | None = None
+            for b in np.flatnonzero(candidate[:, i]):
+                gap = int(since[i]) + int(b) + 1 if alerted is None else int(b) - alerted
+                if gap > p.refractory:
+                    anomaly[b, i] = True
+                    alerted = int(b)
+            since[i] = int(since[i]) + c if alerted is None else c - 1 - alerted
+
+        if commit:
+            self.values[rows[None, :], count % p.history] = y[None, :]
+            self.residuals[rows] = ring[-1]
+            self.smoothed[rows] = windows
+            self.scale[rows] = scale_t[-1]
+            self.count[rows] += c
+            self.since_alert[rows] = since
+            for row, (count_i, blocks, fit) in zip(rows, lik, strict=True):
+                self.lik_count[row], self.lik_blocks[row], self.lik_fit[row] = count_i, blocks, fit
+        band = p.threshold * scale
+        return Step(
+            score=np.where(warm, score, np.nan),
+            anomaly=anomaly,
+            expected=self._inverse(expected_y),
+            low=self._inverse(expected_y - band),
+            high=self._inverse(expected_y + band),
+        )
+
+    def _expected(self, rows: npt.NDArray[np.int64], y: FloatArray, c: int) -> FloatArray:
+        """The transformed expected value of each of ``c`` buckets of the live value ``y``
+        (shape (R,)) for ``rows``: shape (c, R). As ``update``: the median of the lagged
+        values, which are ``y`` where the lag falls in the run, else the ring's.
+
+        A bucket all of whose lagged values are ``y`` (bit for bit) has the median of a
+        row of ``y``; only the buckets that read a ring position not holding ``y`` (at
+        most one bucket per position and lag: lag ``l`` reads position ``b`` at bucket
+        ``(b + l - count) % history``, if that is below ``l``) or a lag not yet seen
+        (``count + t < history``) are gathered and sorted."""
+        p = self.params
+        lags = p.lags
+        out = np.empty((c, len(rows)))
+        out[:] = _nanmedian(np.repeat(y[:, None], len(lags), axis=1))[None, :]
+        for i, row in enumerate(rows):
+            count = int(self.count[row])
+            ring = self.values[row]
+            odd = np.flatnonzero(ring.view(np.int64) != y[i : i + 1].view(np.int64))
+            reads = (odd[:, None] + lags[None, :] - count) % p.history
+            seen = reads[reads < np.minimum(lags, c)[None, :]]
+            at = np.union1d(seen, np.arange(min(c, max(0, p.history - count))))
+            if not len(at):
+                continue
+            now = count + at
+            past = ring[(now[:, None] - lags[None, :]) % p.history]
+            past = np.where(lags[None, :] <= at[:, None], y[i], past)
+            past[now[:, None] < lags[None, :]] = np.nan
+            out[at, i] = _nanmedian(past)
+        return out
+
+    def _scales(
+        self,
+        window: FloatArray,
+        scale0: float,
+        smoothed: FloatArray,
+        written: BoolArray,
+        wpos: npt.NDArray[np.int64],
+        count: npt.NDArray[np.int64],
+    ) -> FloatArray:
+        """One series' scale after each bucket of a chunk (shape (c,)): re-estimated
+        where ``update`` would (every ``scale_every`` buckets, every bucket while it is
+        NaN) from the smoothed ring as it stands then: ``window`` (before the chunk)
+        with ``smoothed`` written at ``wpos`` where ``written``."""
+        p = self.params
+        c = len(smoothed)
+        t = np.arange(c)
+        old = window[wpos]
+        numbers = np.count_nonzero(~np.isnan(window)) + np.cumsum(written & np.isnan(old))
+        zeros = np.count_nonzero(window == 0) + np.cumsum(
+            written.astype(np.int64) * ((smoothed == 0).astype(np.int64) - (old == 0))
+        )
+        enough = numbers >= p.period // 2
+        periodic = count % p.scale_every == 0
+
+        def estimate(at: npt.NDArray[np.int64]) -> FloatArray:
+            out = np.full(len(at), np.nan)
+            flat = enough[at] & (zeros[at] > numbers[at] // 2)
+            out[flat] = 0.0  # more zeros than half the numbers: median and MAD are +0.0
+            sort = enough[at] & ~flat
+            if sort.any():
+                upto = at[sort]
+                wins = np.repeat(window[None, :], len(upto), axis=0)
+                newer = written[None, :] & (t[None, :] <= upto[:, None])
+                wins[:, wpos] = np.where(newer, smoothed[None, :], window[wpos][None, :])
+                out[sort] = _scale_of(wins, p)
+            return out
+
+        due_at: list[npt.NDArray[np.int64]] = []
+        due_val: list[FloatArray] = []
+        current, start = float(scale0), 0
+        while start < c:
+            if np.isnan(current):  # due every bucket; NaN until enough numbers
+                ready = np.flatnonzero(enough[start:])
+                at = ready[:1] + start
+            else:
+                at = np.flatnonzero(periodic[start:]) + start
+            if not len(at):
+                break
+            val = estimate(at)
+            undefined = np.flatnonzero(np.isnan(val))
+            if len(undefined) and not np.isnan(current):
+                at, val = at[: undefined[0] + 1], val[: undefined[0] + 1]
+            due_at.append(at)
+            due_val.append(val)
+            current, start = float(val[-1]), int(at[-1]) + 1
+        if not due_at:
+            return np.full(c, scale0)
+        at, val = np.concatenate(due_at), np.concatenate(due_val)
+        latest = np.searchsorted(at, t, side="right") - 1
+        return np.where(latest >= 0, val[np.maximum(latest, 0)], scale0)
+
+
+_FIELDS = ("score", "anomaly", "expected", "low", "high")
+
+
+def _put(step: Step, cols: npt.NDArray[np.int64], values: Step) -> None:
+    """Write ``values`` (arrays of shape (len(cols),)) into ``step``'s arrays at ``cols``."""
+    for f in _FIELDS:
+        getattr(step, f)[cols] = getattr(values, f)
+
+
+@functools.lru_cache(maxsize=64)
+def _steady_rings(p: Params, y_bits: int) -> tuple[float, float, float, float]:
+    """The steady state of a live value whose transform has the float64 bits ``y_bits``
+    (``Detector._steady``): the residual, smoothed residual and scale rings full of one
+    value, and the score, computed as ``update`` computes them (on rows of one value)."""
+    y = np.array([y_bits], dtype=np.int64).view(np.float64)
+    expected_y = _nanmedian(np.repeat(y[:, None], len(p.lags), axis=1))
+    resid = y - expected_y
+    ring = np.repeat(resid[:, None], p.smooth, axis=1)
+    with np.errstate(invalid="ignore"):
+        n_res = np.sum(~np.isnan(ring), axis=1)
+        smoothed = np.where(n_res > 0, np.nansum(ring, axis=1) / np.maximum(n_res, 1), np.nan)
+    scale = _scale_of(np.repeat(smoothed[:, None], p.scale_window, axis=1), p)
+    score = smoothed / np.maximum(scale, p.noise_sd / np.sqrt(p.smooth))
+    return float(resid[0]), float(smoothed[0]), float(scale[0]), float(score[0])
+
+
+def _lik_record(
+    p: Params,
+    count: int,
+    blocks: FloatArray,
+    fit: FloatArray,
+    scores: FloatArray | float,
+    n: int,
+    *,
+    want_fits: bool,
+) -> tuple[int, FloatArray, FloatArray, FloatArray | None]:
+    """Record ``n`` scores (``scores``: shape (n,), or one score ``n`` times) into one
+    series' likelihood window as ``Detector._usual`` does one at a time: ``count``
+    scores recorded so far, ``blocks`` (likelihood_blocks, 3), ``fit`` (2,). Returns
+    the new count, blocks and fit, and (``want_fits``) the fit in force before each
+    record, shape (n, 2).
+
+    The records fall in segments, one per block: the current block's rest, then whole
+    blocks. A block's sums are the same sequential float additions (``cumsum`` along
+    the segment, from the block's sums or from 0.0 at a block's first score: the reset),
+    the fit the same ``_fit`` at each block end. Without ``want_fits``, whole blocks that
+    ``likelihood_blocks`` later whole blocks overwrite (every block is reset at its first
+    score) are skipped: the final blocks and fit do not depend on them."""
+    every, nblocks = p.likelihood_every, p.likelihood_blocks
+    first = min(-count % every, n)
+    skip = 0 if want_fits else max(0, (n - first) // every - nblocks) * every
+    starts = np.array(([0] if first else []) + list(range(first + skip, n, every)), np.int64)
+    if not len(starts):
+        return count + n, blocks, fit, np.empty((0, 2)) if want_fits else None
+    ends = np.append(starts[1:], n)
+    ends[0] = first if first else ends[0]
+    lengths = ends - starts
+    index = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+    x = scores[index] if isinstance(scores, np.ndarray) else np.full(len(index), scores)
+    segment = np.repeat(np.arange(len(starts)), lengths)
+    place = index - np.repeat(starts, lengths) + 1
+    acc = np.zeros((len(starts), every + 1, 3))
+    at = (count + starts) // every % nblocks
+    resumed = (count + starts) % every != 0
+    acc[resumed, 0] = blocks[at[resumed]]
+    acc[segment, place, 0], acc[segment, place, 1], acc[segment, place, 2] = 1.0, x, x * x
+    sums = np.cumsum(acc, axis=1)[np.arange(len(starts)), lengths]
+    closed = (count + ends) % every == 0
+    states = []
+    for s, b in enumerate(at):
+        blocks[b] = sums[s]
+        if closed[s]:
+            states.append(blocks.copy())
+    fits_after = _fit(np.stack(states), p) if states else np.empty((0, 2))
+    before = np.concatenate([fit[None, :], fits_after])  # segments but the last close
+    fits = np.repeat(before[: len(starts)], lengths, axis=0) if want_fits else None
+    return count + n, blocks, before[-1].copy(), fits
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,57 @@ points past ``ANOMALY_RETENTION_S``; in the run's transaction.
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from django.db.backends.utils import CursorWrapper
 from psycopg2.extras import execute_values
 
 from mlengine.anomalies.series import BUCKET_S, Group, Open, Plan, Slot, dump_state
 from mlengine.models import Anomaly
+
+POINT_COLUMNS = "series_id, bucket_start, value, expected, low, high, score, anomaly"
+COPY_FROM = 2000
+"""Points a run writes with one ``INSERT``; more (a run that jumps past two weeks writes
+two weeks of points per series) go through ``COPY`` (``copy_points``)."""
+
+
+def copy_points(cursor: CursorWrapper, points: list[tuple[Any, ...]]) -> None:
+    """Insert ``points`` (rows of ``POINT_COLUMNS``) through a temporary table filled by
+    ``COPY`` (about twice as fast as ``execute_values``, whose per-row quoting dominates),
+    skipping those that exist (``ON CONFLICT DO NOTHING``, as the ``INSERT``). Floats are
+    written as ``repr`` writes them, which reads back to the same float64 (as
+    psycopg2's own quoting). Three statements; the table is dropped at commit."""
+    text = io.StringIO()
+    for row in points:
+        text.write("\t".join(_copy_field(v) for v in row))
+        text.write("\n")
+    text.seek(0)
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS anomaly_points (series_id bigint, "
+        "bucket_start timestamptz, value float8, expected float8, low float8, high float8, "
+        "score float8, anomaly boolean) ON COMMIT DROP"
+    )
+    cursor.cursor.copy_expert(f"COPY anomaly_points ({POINT_COLUMNS}) FROM STDIN", text)
+    cursor.execute(
+        f"WITH moved AS (DELETE FROM anomaly_points RETURNING {POINT_COLUMNS}) "
+        f"INSERT INTO mlengine_seriespoint ({POINT_COLUMNS}) SELECT {POINT_COLUMNS} FROM moved "
+        "ON CONFLICT (series_id, bucket_start) DO NOTHING"
+    )
+
+
+def _copy_field(value: Any) -> str:
+    """A value in ``COPY``'s text format (the points' fields: ids, times, floats, flags)."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
 
 
 class RunWrites:
@@ -62,16 +104,15 @@ class RunWrites:
                     updates,
                     template="(%s::bigint, %s::boolean, %s::timestamptz, %s::bytea)",
                 )
-            if self.points:
+            if len(self.points) > COPY_FROM:
+                copy_points(cursor, self.points)
+            elif self.points:
                 execute_values(
                     cursor.cursor,
-                    """
-                    INSERT INTO mlengine_seriespoint
-                        (series_id, bucket_start, value, expected, low, high, score, anomaly)
-                    VALUES %s ON CONFLICT (series_id, bucket_start) DO NOTHING
-                    """,
+                    f"INSERT INTO mlengine_seriespoint ({POINT_COLUMNS}) VALUES %s "
+                    "ON CONFLICT (series_id, bucket_start) DO NOTHING",
                     self.points,
-                    page_size=2000,
+                    page_size=COPY_FROM,
                 )
         new_ids = self._save_anomalies()
         retention = timedelta(seconds=settings.ANOMALY_RETENTION_S)

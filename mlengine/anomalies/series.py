@@ -96,13 +96,18 @@ class Slot:
 
 @dataclass
 class Plan:
-    """One source's work in this run: ``n`` buckets from ``start``."""
+    """One source's work in this run: ``n`` buckets from ``start``. ``kept``: the first
+    of them (an index from ``start``) whose points outlive the run's pruning;
+    ``changes``: the indices at which the watched terms may change (a trend enters or
+    leaves the last 24 h), set when the run jumps over empty buckets."""
 
     source_id: int
     first_bucket: datetime
     start: datetime
     n: int
     more: bool
+    kept: int = 0
+    changes: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     totals: dict[int, ingest_selectors.BucketTotals] = field(default_factory=dict)
     trends: list[tuple[str, datetime, datetime]] = field(default_factory=list)
     term_counts: dict[tuple[int, str], int] = field(default_factory=dict)
