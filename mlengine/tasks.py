@@ -8,9 +8,10 @@ is safe.
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import structlog
-from celery import current_app, shared_task
+from celery import Task, current_app, shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 
@@ -21,7 +22,7 @@ from mlengine.inference import scoring, training, virality_model
 from mlengine.inference.heads import TASKS
 from mlengine.trends import stage as trend_stage
 from twiscope import pipeline
-from twiscope.queues import DETECT
+from twiscope.queues import ANOMALIES, DETECT
 
 log = structlog.get_logger(__name__)
 
@@ -80,14 +81,18 @@ def advance_stream(*, source_id: int) -> int:
     return len(trend_stage.advance_stream(source_id=source_id))
 
 
-@shared_task(name="anomalies.advance", soft_time_limit=90, time_limit=120)
-def advance_anomalies() -> int:
+@shared_task(bind=True, name="anomalies.advance", soft_time_limit=90, time_limit=120)
+def advance_anomalies(self: Task) -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
-    detector (``mlengine.anomalies.stage``); queues itself again while buckets remain.
-    Returns how many new anomalies."""
+    detector (``mlengine.anomalies.stage``); queues itself again while buckets remain,
+    one follow-up at a time (``pipeline.claim_pending``). Returns how many new anomalies."""
+    pipeline.release_pending(ANOMALIES, "advance", str(self.request.id))
     result = anomaly_stage.advance_anomalies()
-    if result.more:
-        advance_anomalies.apply_async(expires=120)
+    # One waiting follow-up at most: every beat tick that finds work left would
+    # otherwise start a chain of its own, and the chains would pile up in the queue.
+    follow_up = str(uuid.uuid4())
+    if result.more and pipeline.claim_pending(ANOMALIES, "advance", follow_up, expiry_s=120):
+        advance_anomalies.apply_async(expires=120, task_id=follow_up)
     return len(result.anomaly_ids)
 
 

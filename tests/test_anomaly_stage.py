@@ -5,8 +5,9 @@ idempotent runs; real PostgreSQL and Redis."""
 from __future__ import annotations
 
 import io
+import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import numpy as np
@@ -30,6 +31,7 @@ from mlengine.anomalies import stage as anomaly_stage
 from mlengine.anomalies import watches as anomaly_watches
 from mlengine.anomalies.detector import Detector
 from mlengine.models import Anomaly, Series, SeriesPoint
+from mlengine.tasks import advance_anomalies as advance_anomalies_task
 from tests.factories import (
     ORIGIN,
     Personas,
@@ -40,6 +42,7 @@ from tests.factories import (
     make_source,
     run_through,
 )
+from twiscope.redis import get_redis
 from twiscope.schedules import BEAT_SCHEDULE
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("clean_redis")]
@@ -564,3 +567,32 @@ def test_a_run_writes_at_most_its_share_of_points_however_far_it_jumps(settings:
     assert len(runs) > len(uncapped) >= 1
     # Each run's own points: the jumped buckets' within the cap, and the stepped ones'.
     assert all(n <= 4_000 + 2 * r.steps for n, r in zip(written, runs, strict=True))
+
+
+def _queued_anomaly_task_ids() -> list[str]:
+    raw = cast("list[bytes]", get_redis().lrange("anomalies", 0, -1))
+    return [json.loads(message)["headers"]["id"] for message in raw]
+
+
+@pytest.mark.usefixtures("clean_redis")
+def test_beat_ticks_with_work_left_never_multiply_the_follow_ups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While buckets remain, the task queues one follow-up; a beat tick meanwhile queues
+    none of its own (the queue would otherwise fill with chains, one per tick). Real
+    broker: the ``anomalies`` queue is a Redis list."""
+    monkeypatch.setattr(
+        anomaly_stage,
+        "advance_anomalies",
+        lambda: anomaly_stage.AdvanceResult(buckets=288, anomaly_ids=[], more=True),
+    )
+
+    advance_anomalies_task.apply()  # a beat tick: work left, one follow-up
+    advance_anomalies_task.apply()  # the next tick, the follow-up still waiting
+    (follow_up,) = _queued_anomaly_task_ids()
+
+    get_redis().delete("anomalies")  # a worker takes the follow-up and runs it
+    advance_anomalies_task.apply(task_id=follow_up)
+
+    (next_one,) = _queued_anomaly_task_ids()
+    assert next_one != follow_up

@@ -340,6 +340,34 @@ def reconcile_progress(
     )
 
 
+def claim_pending(stage: str, coalesce: str, holder: str, expiry_s: float) -> bool:
+    """Claim the key ``coalesce`` of ``stage`` for the task message ``holder`` (its task
+    id) about to be sent, unless another message holds it (sent within ``expiry_s``
+    seconds and not yet started, see ``release_pending``); True: the caller sends it.
+    For a task that queues itself again (not through ``send``), so that chains of such
+    tasks never multiply."""
+    return bool(
+        get_redis().set(
+            PENDING_KEY.format(stage=stage, key=coalesce),
+            holder,
+            nx=True,
+            px=max(1, int(expiry_s * 1000)),
+        )
+    )
+
+
+_RELEASE_IF_HOLDER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def release_pending(stage: str, coalesce: str, holder: str) -> None:
+    """The message ``holder`` started: free the key it claimed (``claim_pending``), and
+    only if it holds it, so a task sent otherwise (the beat) leaves another's claim."""
+    get_redis().eval(_RELEASE_IF_HOLDER, 1, PENDING_KEY.format(stage=stage, key=coalesce), holder)
+
+
 def started(stage: str, coalesce: str) -> None:
     """A coalesced task of ``stage`` has started: later hand-offs send a new one (the
     work they announce may come after what this task reads)."""
