@@ -41,11 +41,14 @@ log = structlog.get_logger(__name__)
 
 
 def rule_matches(rule: AlertRule, trend: facade.TrendView) -> bool:
-    """Whether ``trend`` passes ``rule``'s filters (source, terms, thresholds)."""
+    """Whether ``trend`` passes ``rule``'s filters (source, terms, thresholds). A trend of
+    an always-on term that joined no story (``TrendView.always_on``: a busy hour of a
+    stream's everyday term) matches only a rule that names its term."""
     return (
         rule.enabled
         and (rule.source_id is None or rule.source_id == trend.source_id)
         and (not rule.terms or trend.term in rule.terms)
+        and (not trend.always_on or trend.story_id is not None or trend.term in rule.terms)
         and trend.score >= rule.min_score
         and trend.events >= rule.min_events
         and trend.authors_count >= rule.min_authors

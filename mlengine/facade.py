@@ -96,7 +96,11 @@ class TrendView:
 
     ``score`` in Poisson σ above the baseline; ``velocity`` in events per minute;
     ``bucket_s`` in seconds; ``evidence_created_at`` is the event time of detection and
-    ``evidence_received_at`` the processing time of that event.
+    ``evidence_received_at`` the processing time of that event. A prediction's
+    ``projected`` is its bucket's count projected to the bucket's end at detection (the
+    figure its ``score`` and ``expected`` are for); ``withdrawn_at`` the event time its
+    bucket closed without confirming it. ``always_on``: the term is an everyday term of
+    its stream (``mlengine.trends.detector``), which starts no story by itself.
     """
 
     id: int
@@ -120,11 +124,20 @@ class TrendView:
     story_terms: tuple[str, ...] = ()
     story_label: tuple[str, ...] = ()
     forecast: dict[str, Any] | None = None
+    projected: float | None = None
+    withdrawn_at: datetime | None = None
+    always_on: bool = False
 
     @property
     def is_prediction(self) -> bool:
         """An emerging trend not (yet) confirmed: its alert is shown as a prediction."""
-        return self.predicted and self.confirmed_at is None
+        return self.predicted and self.confirmed_at is None and self.withdrawn_at is None
+
+    @property
+    def is_withdrawn(self) -> bool:
+        """A prediction whose bucket closed without the count passing: it did not
+        materialise."""
+        return self.predicted and self.confirmed_at is None and self.withdrawn_at is not None
 
     @property
     def joins_story(self) -> bool:
@@ -191,6 +204,9 @@ def trends(trend_ids: Sequence[int]) -> list[TrendView]:
                 story_terms=terms,
                 story_label=label,
                 forecast=t.forecast or None,
+                projected=t.projected,
+                withdrawn_at=t.withdrawn_at,
+                always_on=t.always_on,
             )
         )
     return views

@@ -128,6 +128,21 @@ class Trend(models.Model):
         blank=True,
         help_text="The story's volume forecast at this trend (mlengine.forecast.Forecast).",
     )
+    projected = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="A prediction's bucket count projected to the bucket's end, at detection.",
+    )
+    withdrawn_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Event time at which a prediction's bucket closed without confirming it.",
+    )
+    always_on = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="The term was in at least TRENDS_ALWAYS_ON_SHARE of its baseline's posts.",
+    )
 
     class Meta:
         constraints = [

@@ -62,7 +62,7 @@ def reference_assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     params = story_assignment.story_params()
     bucket_s = new[0].bucket_s
     ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
-    live_stories, last_bucket = story_assignment.live_stories(
+    live_stories, last_bucket, always_on = story_assignment.live_stories(
         source_id, since=new[0].bucket_start - ttl
     )
     stories: dict[int, set[str]] = defaultdict(set, live_stories)
@@ -74,9 +74,14 @@ def reference_assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         }
         joined = next((sid for sid, terms in live.items() if trend.term in terms), None)
         if joined is None:
-            joined = _reference_closest_story(source_id, trend, live, params)
+            linking = {sid: terms - always_on.get(sid, set()) for sid, terms in live.items()}
+            joined = _reference_closest_story(source_id, trend, linking, params)
+        if joined is None and trend.always_on:
+            continue
         story_id = joined if joined is not None else trend.id
         stories[story_id].add(trend.term)
+        if trend.always_on:
+            always_on.setdefault(story_id, set()).add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )

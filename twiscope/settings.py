@@ -299,6 +299,9 @@ TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=
 TRENDS_MIN_SCORE: float = env.float("TRENDS_MIN_SCORE", default=4.0)
 TRENDS_MIN_EVENTS: int = env.int("TRENDS_MIN_EVENTS", default=5)
 TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)
+# A term in at least this share of its baseline's posts is always on in its stream (a
+# brand handle in a brand-complaints stream): it neither starts nor links a story by itself.
+TRENDS_ALWAYS_ON_SHARE: float = env.float("TRENDS_ALWAYS_ON_SHARE", default=0.01)
 # A new trend joins the live story holding at least this share of its recent posts
 # (mlengine.stories.choose_story); else it starts a story of its own.
 TRENDS_STORY_MIN_OVERLAP: float = env.float("TRENDS_STORY_MIN_OVERLAP", default=0.5)

@@ -39,13 +39,20 @@ Key = tuple[datetime, str]
 class _Baseline:
     """Sums over the baseline buckets before one bucket: ``terms`` maps a term to
     ``(events in the baseline, in the previous bucket, in the one before)``; ``total`` events,
-    ``buckets`` with any event, their mean total, and the most authors of any."""
+    ``buckets`` with any event, their mean total, and the most authors of any. ``long``,
+    ``long_total``, ``long_buckets`` and ``present``: a term's events, all events, the
+    buckets with any event and those with the term, over the ``TrendParams.long_buckets``
+    before (what the always-on test reads)."""
 
     terms: dict[str, tuple[int, int, int]]
     total: int
     buckets: int
     mean_total: float
     max_authors: int
+    long: dict[str, int]
+    long_total: int
+    long_buckets: int
+    present: dict[str, int]
 
 
 @dataclass
@@ -97,13 +104,25 @@ class History:
     def baseline(self, start: datetime, params: TrendParams) -> _Baseline:
         """The baseline of the bucket at ``start`` (``baseline_range``)."""
         since, until = baseline_range(start, params)
+        long_since = start - timedelta(seconds=params.bucket_s * params.long_buckets)
         prev = start - timedelta(seconds=params.bucket_s)
         before = prev - timedelta(seconds=params.bucket_s)
         terms: dict[str, list[int]] = {}
         total = buckets = 0
         max_authors = 0
+        long: dict[str, int] = {}
+        present: dict[str, int] = {}
+        long_total = long_buckets = 0
         for (moment, term), events in self.events.items():
-            if not since <= moment < until:
+            if not long_since <= moment < until:
+                continue
+            if term == TOTAL_TERM:
+                long_total += events
+                long_buckets += 1
+            elif events:
+                long[term] = long.get(term, 0) + events
+                present[term] = present.get(term, 0) + 1
+            if moment < since:
                 continue
             if term == TOTAL_TERM:
                 total += events
@@ -122,6 +141,10 @@ class History:
             buckets=buckets,
             mean_total=total / max(buckets, 1),
             max_authors=max_authors,
+            long=long,
+            long_total=long_total,
+            long_buckets=long_buckets,
+            present=present,
         )
 
 
@@ -234,7 +257,7 @@ _INSERT_TRENDS_SQL = """
 INSERT INTO mlengine_trend (
     source_id, term, bucket_start, bucket_s, events, expected, score, authors_count,
     velocity, detected_at, updated_at, evidence_received_at, evidence_created_at,
-    sample_event_ids, predicted, confirmed_at
+    sample_event_ids, predicted, confirmed_at, projected, always_on
 ) VALUES %s
 ON CONFLICT (source_id, term, bucket_start) DO NOTHING
 RETURNING id
@@ -284,6 +307,8 @@ def save_trends(
                     trend["sample_event_ids"],
                     bool(trend.get("predicted")),
                     trend.get("confirmed_at"),
+                    trend.get("projected"),
+                    bool(trend.get("always_on")),
                 )
             )
         elif trend.get("grown"):
@@ -310,7 +335,7 @@ def save_trends(
                 _INSERT_TRENDS_SQL,
                 new_rows,
                 template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bigint[],"
-                " %s, %s::timestamptz)",
+                " %s, %s::timestamptz, %s::double precision, %s)",
                 fetch=True,
             )
             new_ids = [row[0] for row in returned]

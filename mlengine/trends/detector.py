@@ -22,6 +22,13 @@ streams by hashed significance thresholds", KDD 2014), on exact counts:
 - ``score = (weighted events − expected) / sqrt(expected + 1)``: the deviation in
   Poisson standard deviations, with a unit floor on the variance so that a handful of
   events of a new term does not score in the hundreds.
+- A term whose share of the posts of the last ``always_on_buckets`` buckets is at least
+  ``always_on_share``, and which is present in at least ``always_on_presence`` of those
+  buckets, is *always on* in its stream (``TrendScores.always_on``), once the
+  stream has a baseline window of history: a brand handle in a brand-complaints
+  stream, the stream's own everyday words. Its trends are scored like any other, but
+  the story layer never lets it start or link a story by itself
+  (``mlengine.trends.stories``): a busy hour of complaints is no story.
 - A term trends when ``score ≥ min_score``, ``events ≥ min_events``, the source has at
   least ``min_history_buckets`` of history, and at least ``min(min_authors,
   source_authors)`` distinct authors used it, where ``source_authors`` is the most
@@ -65,6 +72,21 @@ class TrendParams:
     emerging_sigmas: float = 1.0
     """The emerging test projects a bucket from its count less this many Poisson σ
     (``mlengine.trends.forecast.project_bucket_count``)."""
+    always_on_share: float = 0.01
+    """A term in at least this share of the posts of the last ``always_on_buckets``
+    buckets is always on in its stream (0–1)."""
+    always_on_presence: float = 0.1
+    """… and present in at least this share of those buckets that hold any post (0–1):
+    one earlier burst of a term does not make it an everyday term."""
+    always_on_buckets: int = 96
+    """Buckets of history behind the always-on share (at least the baseline's): a day of
+    15-minute buckets, so that a term a stream uses all day is not taken for a burst at
+    dawn, when the baseline's night holds little of it."""
+
+    @property
+    def long_buckets(self) -> int:
+        """Buckets of history a stream keeps: the baseline's or the always-on window's."""
+        return max(self.baseline_buckets, self.always_on_buckets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +138,15 @@ BoolArray = npt.NDArray[np.bool_]
 @dataclass(frozen=True, slots=True)
 class TrendScores:
     """``score_terms``'s verdicts, one entry per scored window (arrays of shape ``(n,)``):
-    ``expected`` events, ``score`` in Poisson σ, ``velocity`` in events per minute of
-    change from the previous bucket, ``is_trend``. Unrounded."""
+    ``expected`` events, ``score`` in σ, ``velocity`` in events per minute of change
+    from the previous bucket, ``is_trend``, ``always_on`` (the term's baseline share is
+    at least ``always_on_share``). Unrounded."""
 
     expected: FloatArray
     score: FloatArray
     velocity: FloatArray
     is_trend: BoolArray
+    always_on: BoolArray
 
 
 def score_terms(
@@ -139,6 +163,10 @@ def score_terms(
     prev_events: npt.ArrayLike,
     weigh_authors: npt.ArrayLike | None = None,
     bucket_s: npt.ArrayLike | None = None,
+    long_events: npt.ArrayLike | None = None,
+    long_total: npt.ArrayLike | None = None,
+    long_history: npt.ArrayLike | None = None,
+    long_present: npt.ArrayLike | None = None,
 ) -> TrendScores:
     """Score many term windows at once: the vectorised form of ``score_term`` and the one
     place the detector's formula lives (see the module docstring).
@@ -146,6 +174,12 @@ def score_terms(
     ``weigh_authors`` (default: ``authors``) is the author count that weighs the posts;
     a projection of a bucket still filling passes its authors projected with its posts,
     while ``min_authors`` is still judged on the authors seen.
+
+    ``long_events``, ``long_total``, ``long_history`` and ``long_present`` (default:
+    ``hist_events``, ``hist_total``, ``hist_buckets`` and ``hist_buckets``) are the
+    term's events, all events, the buckets holding any event and those holding the term,
+    over the ``long_buckets`` before the bucket: what the always-on test reads, once the
+    stream has ``baseline_buckets`` buckets of history.
 
     ``bucket_s`` (default: ``params.bucket_s``) is each window's bucket length in
     seconds; it only scales ``velocity``, so windows of streams whose parameters differ
@@ -182,12 +216,24 @@ def score_terms(
         & (n_events >= params.min_events)
         & (np.asarray(authors) >= required_authors)
         & (score >= params.min_score)
+        & (weighted > expected)
+    )
+    long = np.asarray(hist_events if long_events is None else long_events, dtype=np.float64)
+    long_all = np.asarray(hist_total if long_total is None else long_total, dtype=np.float64)
+    learned = np.asarray(hist_buckets if long_history is None else long_history)
+    present = np.asarray(learned if long_present is None else long_present)
+    always_on = (
+        (learned >= params.baseline_buckets)
+        & (long > 0)
+        & (long >= params.always_on_share * long_all)
+        & (present >= params.always_on_presence * learned)
     )
     return TrendScores(
         expected=np.broadcast_to(expected, is_trend.shape),
         score=np.broadcast_to(score, is_trend.shape),
         velocity=np.broadcast_to(velocity, is_trend.shape),
         is_trend=is_trend,
+        always_on=np.broadcast_to(always_on, is_trend.shape),
     )
 
 
@@ -257,8 +303,10 @@ class TermTrend:
     bucket-so-far counts at that post; ``score`` (σ), ``expected`` (events) and
     ``velocity`` (events/min) are ``score_terms``'s, rounded to 4 decimals.
     ``predicted``: an "emerging" detection (``TermStream(emerging=True)``): the bucket's
-    projected count passes, the count so far not yet; ``score`` and ``expected`` are then
-    the projection's."""
+    projected count (``projected`` events, None for a confirmed detection) passes, the
+    count so far not yet; ``score`` and ``expected`` are then the projection's.
+    ``always_on``: the term was in at least ``always_on_share`` of the baseline's posts
+    (``TrendScores.always_on``)."""
 
     term: str
     bucket_start: datetime
@@ -271,6 +319,8 @@ class TermTrend:
     evidence_created_at: datetime
     seq: int
     predicted: bool = False
+    projected: float | None = None
+    always_on: bool = False
 
 
 @dataclass(slots=True)
@@ -279,6 +329,18 @@ class _PastBucket:
     total: int
     authors: int
     terms: dict[str, int]
+
+
+def _forget(sums: dict[str, int], past: _PastBucket, *, presence: bool = False) -> int:
+    """Take ``past``'s term counts (``presence``: one per term) out of ``sums``, dropping
+    terms that reach 0; returns its total, for the caller to take out of its own."""
+    for term, count in past.terms.items():
+        left = sums[term] - (1 if presence else count)
+        if left:
+            sums[term] = left
+        else:
+            del sums[term]
+    return past.total
 
 
 class TermStream:
@@ -296,7 +358,7 @@ class TermStream:
     State (plain Python, picklable, persistable per stream): the watermark (event time of
     the last post counted), the current bucket's counts with up to ``AUTHORS_CAP``
     authors a term, and the completed buckets of the baseline window (term counts only).
-    Memory: the distinct terms of ``baseline_buckets + 1`` buckets.
+    Memory: the distinct terms of ``long_buckets + 1`` buckets.
     """
 
     def __init__(self, params: TrendParams, *, emerging: bool = False) -> None:
@@ -307,8 +369,12 @@ class TermStream:
         self.seq = 0
         self.late_events = 0
         self.history: deque[_PastBucket] = deque()
+        self._base_first = 0  # history[_base_first:] is the baseline window
         self._hist_terms: dict[str, int] = defaultdict(int)
         self._hist_total = 0
+        self._long_terms: dict[str, int] = defaultdict(int)
+        self._long_present: dict[str, int] = defaultdict(int)
+        self._long_total = 0
         self.cur_start: int | None = None
         self.cur_total = 0
         self.cur_authors: set[str] = set()
@@ -362,18 +428,21 @@ class TermStream:
             )
             self.history.append(past)
             self._hist_total += past.total
+            self._long_total += past.total
             for term, count in past.terms.items():
                 self._hist_terms[term] += count
+                self._long_terms[term] += count
+                self._long_present[term] += 1
         since = start - self.params.bucket_s * self.params.baseline_buckets
+        while self._base_first < len(self.history) and self.history[self._base_first].start < since:
+            self._hist_total -= _forget(self._hist_terms, self.history[self._base_first])
+            self._base_first += 1
+        since = start - self.params.bucket_s * self.params.long_buckets
         while self.history and self.history[0].start < since:
             old = self.history.popleft()
-            self._hist_total -= old.total
-            for term, count in old.terms.items():
-                left = self._hist_terms[term] - count
-                if left:
-                    self._hist_terms[term] = left
-                else:
-                    del self._hist_terms[term]
+            self._long_total -= _forget(self._long_terms, old)
+            _forget(self._long_present, old, presence=True)
+            self._base_first -= 1
         self.cur_start = start
         self.cur_total = 0
         self.cur_authors = set()
@@ -399,7 +468,8 @@ class TermStream:
         prev_start = self.cur_start - params.bucket_s
         prev = self._past_terms(prev_start)
         before = self._past_terms(prev_start - params.bucket_s)
-        max_hist_authors = max((b.authors for b in self.history), default=0)
+        baseline_window = list(self.history)[self._base_first :]
+        max_hist_authors = max((b.authors for b in baseline_window), default=0)
         terms: list[str] = []
         posts_at: list[StreamPost] = []
         seqs: list[int] = []
@@ -409,6 +479,8 @@ class TermStream:
             "bucket_total": [],
             "source_authors": [],
             "hist_events": [],
+            "long_events": [],
+            "long_present": [],
             "prev_events": [],
             "before_events": [],
         }
@@ -433,14 +505,20 @@ class TermStream:
                 cols["bucket_total"].append(self.cur_total)
                 cols["source_authors"].append(source_authors)
                 cols["hist_events"].append(self._hist_terms.get(term, 0))
+                cols["long_events"].append(self._long_terms.get(term, 0))
+                cols["long_present"].append(self._long_present.get(term, 0))
                 cols["prev_events"].append(prev.get(term, 0))
                 cols["before_events"].append(before.get(term, 0))
             self.seq += 1
         if not terms:
             return []
-        hist_buckets = len(self.history)
+        hist_buckets = len(baseline_window)
         baseline: dict[str, npt.ArrayLike] = {
             "hist_total": self._hist_total,
+            "long_events": np.asarray(cols["long_events"]),
+            "long_total": self._long_total,
+            "long_history": len(self.history),
+            "long_present": np.asarray(cols["long_present"]),
             "hist_buckets": hist_buckets,
             "mean_bucket_total": self._hist_total / max(hist_buckets, 1),
             "authors": np.asarray(cols["authors"]),
@@ -452,6 +530,7 @@ class TermStream:
         scores = score_terms(params, events=np.asarray(cols["events"]), **baseline)
         firing = scores.is_trend
         projected: TrendScores | None = None
+        counts: FloatArray = np.zeros(0)
         if self.emerging:
             elapsed = [(p.created_at.timestamp() - self.cur_start) for p in posts_at]
             counts = project_bucket_count(
@@ -497,6 +576,8 @@ class TermStream:
                     evidence_created_at=posts_at[i].created_at,
                     seq=seqs[i],
                     predicted=predicted,
+                    projected=round(float(counts[i]), 4) if predicted else None,
+                    always_on=bool(scores.always_on[i]),
                 )
             )
         return trends

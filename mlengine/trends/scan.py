@@ -152,7 +152,7 @@ class _Scan:
         }
         self.history = History.load(
             source_id,
-            since=self.starts[0] - bucket * params.baseline_buckets,
+            since=self.starts[0] - bucket * params.long_buckets,
             until=self.starts[-1],
             terms=sorted({term for _, term in self.candidates}),
         )
@@ -167,7 +167,7 @@ class _Scan:
         events = self.by_bucket[start]
         baseline = self.history.baseline(start, params)
         total = self.cells[(start, TOTAL_TERM)]
-        rows: list[tuple[str, int, int, int, int, int, int, int, int, float]] = []
+        rows: list[tuple[str, int, int, int, int, int, int, int, int, float, int, int]] = []
         seen_at: dict[str, list[int]] = defaultdict(list)
         for index, event in enumerate(events):
             total.events += 1
@@ -193,7 +193,17 @@ class _Scan:
                 window = (cell.events, len(cell.authors), total.events, source_authors)
                 elapsed = (event.created_at - start).total_seconds()
                 rows.append(
-                    (term, index, *window, hist_events, prev_events, before_events, elapsed)
+                    (
+                        term,
+                        index,
+                        *window,
+                        hist_events,
+                        prev_events,
+                        before_events,
+                        elapsed,
+                        baseline.long.get(term, 0),
+                        baseline.present.get(term, 0),
+                    )
                 )
         if not rows:
             return None
@@ -211,6 +221,10 @@ class _Scan:
             "mean_bucket_total": np.full(n, baseline.mean_total),
             "prev_events": np.asarray(columns[7]),
             "bucket_s": np.full(n, params.bucket_s),
+            "long_events": np.asarray(columns[10]),
+            "long_total": np.full(n, baseline.long_total),
+            "long_history": np.full(n, baseline.long_buckets),
+            "long_present": np.asarray(columns[11]),
         }
         projected = None
         if settings.TRENDS_EMERGING:
@@ -251,9 +265,16 @@ class _Scan:
                     cell.trend["grown"] = True
                 continue
             verdict = scores if scores.is_trend[i] else projected
+            predicted = not bool(scores.is_trend[i])
             cell.trend = {
                 "new": True,
-                "predicted": not bool(scores.is_trend[i]),
+                "predicted": predicted,
+                "projected": (
+                    round(float(windows.projected[i]), 4)
+                    if predicted and windows.projected is not None
+                    else None
+                ),
+                "always_on": bool(scores.always_on[i]),
                 "confirmed_at": None,
                 "expected": round(float(verdict.expected[i]), 4),
                 "score": round(float(verdict.score[i]), 4),
@@ -328,6 +349,7 @@ def _part(scores: TrendScores, part: slice) -> TrendScores:
         score=scores.score[part],
         velocity=scores.velocity[part],
         is_trend=scores.is_trend[part],
+        always_on=scores.always_on[part],
     )
 
 

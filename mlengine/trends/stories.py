@@ -15,6 +15,12 @@ time, no database.
   posts are mostly the story's belongs to it, however many other posts the story has
   (Jaccard or cosine would shrink as the story grows). Only posts up to the detection
   count, so a verdict depends on the posts alone, not on how they are cut into steps.
+- Always-on terms (``TermTrend.always_on``: a term in a large share of the stream's
+  baseline, a brand handle in a brand-complaints stream) neither start nor link stories
+  by themselves: such a term joins a live story when the story's other members hold
+  enough of its posts, and is otherwise no story (no event, no alert); a story's posts,
+  against which a trending term is compared, are those of its members that are not
+  always on, so a handle present in every post cannot merge two stories.
 - One alert per story. A story's first member fires it ("new", or "emerging" when the
   member is only predicted); every later member, or the confirmation of an emerging
   story, is an "updated" event of the same story: its alert is updated, not duplicated.
@@ -69,6 +75,11 @@ class StoryMember:
     first_trend: TermTrend
     confirmed: bool
     events: int
+
+    @property
+    def links(self) -> bool:
+        """Whether the member's posts count as the story's (not an always-on term)."""
+        return not self.first_trend.always_on
 
 
 @dataclass(slots=True)
@@ -165,7 +176,8 @@ class StoryDetector:
         return buckets * self.params.bucket_s
 
     def step(self, posts: Sequence[StreamPost]) -> list[StoryEvent]:
-        """Count ``posts`` and return the story events they cause (see the class).
+        """Count ``posts`` and return the story events they cause (see the class); an
+        always-on term's trend that joins no story causes none.
 
         Side effects: advances this detector's state.
         """
@@ -212,7 +224,8 @@ class StoryDetector:
                 if len(postings) < cap:
                     postings.append(seq)
             seq += 1
-        return [self._on_trend(trend) for trend in self.terms.step(posts)]
+        found = (self._on_trend(trend) for trend in self.terms.step(posts))
+        return [event for event in found if event is not None]
 
     def _term_posts(self, term: str, upto: int | None, *, prev: bool = True) -> set[int]:
         cur = self._postings.cur.get(term, [])
@@ -221,13 +234,18 @@ class StoryDetector:
             found.update(self._postings.prev.get(term, ()))
         return found
 
-    def _story_posts(self, story: Story, upto: int | None, *, prev: bool = True) -> set[int]:
+    def _story_posts(
+        self, story: Story, upto: int | None, *, prev: bool = True, linking: bool = False
+    ) -> set[int]:
+        """The story's posts: of all its members, or (``linking``) of those that may link
+        a term to it (not always on)."""
         found: set[int] = set()
-        for term in story.members:
-            found |= self._term_posts(term, upto, prev=prev)
+        for term, member in story.members.items():
+            if not linking or member.links:
+                found |= self._term_posts(term, upto, prev=prev)
         return found
 
-    def _on_trend(self, trend: TermTrend) -> StoryEvent:
+    def _on_trend(self, trend: TermTrend) -> StoryEvent | None:
         predicted = trend.predicted
         for story in self.stories:
             member = story.members.get(trend.term)
@@ -235,10 +253,13 @@ class StoryDetector:
                 return self._grow_member(story, member, trend)
         posts = self._term_posts(trend.term, trend.seq)
         candidates = {
-            i: self._story_posts(story, trend.seq) for i, story in enumerate(self.stories)
+            i: self._story_posts(story, trend.seq, linking=True)
+            for i, story in enumerate(self.stories)
         }
         chosen = choose_story(posts, candidates, self.story_params.min_overlap)
         best = self.stories[chosen] if chosen is not None else None
+        if best is None and trend.always_on:
+            return None
         bucket = int(trend.bucket_start.timestamp())
         if best is not None:
             best.members[trend.term] = StoryMember(trend.term, trend, not predicted, trend.events)

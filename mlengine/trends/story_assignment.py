@@ -35,8 +35,11 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     bucket before (at most ``max_postings`` a bucket), against each live story's. A live
     story is one with a member in the ``ttl`` before (the baseline window); it holds all
     its members, however old (``live_stories``). A term already in a live story stays
-    in it. The trends are taken by evidence event time (ties: bucket, then term) and
-    the stories in the order they were founded, so the stories and forecasts are a
+    in it. An always-on trend (``Trend.always_on``) joins a story only through the posts
+    of its members that are not always on, and joins no story otherwise (``story`` stays
+    null; the alerts stage then fires only rules naming its term), as
+    ``StoryDetector`` does. The trends are taken by evidence event time (ties: bucket,
+    then term) and the stories in the order they were founded, so the stories and forecasts are a
     function of the events alone: the same whichever calls the trends arrive in
     (full speed or paced, any batch boundaries) and whatever order the rows lie in.
     Each trend also stores its story's forecast (``mlengine.trends.forecast.forecast``)
@@ -60,8 +63,9 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
     params = story_params()
     bucket_s = new[0].bucket_s
     ttl = timedelta(seconds=settings.TRENDS_BASELINE_BUCKETS * bucket_s)
-    stories, last_bucket = live_stories(source_id, since=new[0].bucket_start - ttl)
+    stories, last_bucket, always_on = live_stories(source_id, since=new[0].bucket_start - ttl)
     events = _StoryEvents.read(source_id, new, stories.values(), params)
+    placed = []
     for trend in new:
         live = {
             sid: terms
@@ -70,16 +74,24 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         }
         joined = next((sid for sid, terms in live.items() if trend.term in terms), None)
         if joined is None:
-            joined = _closest_story(events, trend, live, params)
+            linking = {sid: terms - always_on.get(sid, set()) for sid, terms in live.items()}
+            joined = _closest_story(events, trend, linking, params)
+        if joined is None and trend.always_on:
+            continue  # an always-on term starts no story: it stays without one
         story_id = joined if joined is not None else trend.id
         stories.setdefault(story_id, set()).add(trend.term)
+        if trend.always_on:
+            always_on.setdefault(story_id, set()).add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )
         trend.story_id = story_id
         trend.forecast = _story_forecast(events, trend, sorted(stories[story_id]), params)
+        placed.append(trend)
+    if not placed:
+        return
     document = json.dumps(
-        [{"id": t.id, "story_id": t.story_id, "forecast": t.forecast} for t in new]
+        [{"id": t.id, "story_id": t.story_id, "forecast": t.forecast} for t in placed]
     )
     with connection.cursor() as cursor:
         cursor.execute(_UPDATE_STORIES_SQL, [document])
@@ -87,11 +99,12 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
 
 def live_stories(
     source_id: int, *, since: datetime
-) -> tuple[dict[int, set[str]], dict[int, datetime]]:
+) -> tuple[dict[int, set[str]], dict[int, datetime], dict[int, set[str]]]:
     """The stories of ``source_id`` with a member in a bucket starting at ``since`` or
     later, each with **all** its member terms (however old: a story keeps its members
-    while it lives, as ``StoryDetector`` does) and the start of its latest member's
-    bucket: ``({story id: terms}, {story id: last bucket start})``. One query.
+    while it lives, as ``StoryDetector`` does), the start of its latest member's
+    bucket, and its always-on members (which link no term to it): ``({story id: terms},
+    {story id: last bucket start}, {story id: always-on terms})``. One query.
 
     The stories come in the order they were founded: by their first trend's evidence
     event time, then its bucket and term (the story id last). That is a function of the
@@ -112,14 +125,18 @@ def live_stories(
             "bucket_start",
             "term",
         )
-        .values_list("story_id", "term", "bucket_start")
+        .values_list("story_id", "term", "bucket_start", "always_on")
     )
     stories: dict[int, set[str]] = defaultdict(set)
     last_bucket: dict[int, datetime] = {}
-    for story_id, term, start in members:
+    always_on: dict[int, set[str]] = defaultdict(set)
+    for story_id, term, start, everyday in members:
+        # A member is always on as it first joined (its earliest row), as in StoryDetector.
+        if everyday and term not in stories[story_id]:
+            always_on[story_id].add(term)
         stories[story_id].add(term)
         last_bucket[story_id] = max(start, last_bucket.get(story_id, start))
-    return dict(stories), last_bucket
+    return dict(stories), last_bucket, dict(always_on)
 
 
 _UPDATE_STORIES_SQL = """
