@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from alerts import claims, push
@@ -239,7 +240,10 @@ def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
             trend = by_story.get(story_id) if story_id is not None else None
             if trend is None:
                 continue
-            alert.evidence = {**alert.evidence, "story": {**story, "predicted": False}}
+            alert.evidence = {
+                **alert.evidence,
+                "story": {**story, "predicted": False, "prediction": "confirmed"},
+            }
             alert.title = _title(trend, events=max(trend.events, alert.evidence.get("events", 0)))
             alert.updated_at = now
             alert.save(update_fields=["evidence", "title", "updated_at"])
@@ -249,14 +253,83 @@ def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
     return updated
 
 
+@claims.retry_lock_conflicts
+def withdraw_predictions(*, trend_ids: Sequence[int]) -> list[int]:
+    """Predictions whose bucket closed without coming true (``TrendView.is_withdrawn``):
+    each alert of their stories that still shows a prediction, in a story left with no
+    member confirmed and none still open (``facade.story_outcomes``), is updated to "did
+    not materialise" (title, ``evidence.story.predicted`` false and ``prediction``
+    "withdrawn", ``updated_at``) and pushed as ``alert.updated`` after commit; returns
+    the ids of the alerts updated. A redelivered call finds nothing left to update."""
+    withdrawn = [t for t in facade.trends(trend_ids) if t.is_withdrawn]
+    if not withdrawn:
+        return []
+    by_story = {t.story_id if t.story_id is not None else t.id: t for t in withdrawn}
+    outcomes = facade.story_outcomes(sorted(by_story))
+    gone = [key for key in by_story if outcomes.get(key) == "withdrawn"]
+    if not gone:
+        return []
+    updated = []
+    now = timezone.now()
+    with transaction.atomic():
+        alerts = (
+            Alert.objects.select_for_update()
+            .filter(Q(story_id__in=gone) | Q(story_id__isnull=True, trend_id__in=gone))
+            .order_by("id")
+        )
+        for alert in alerts:
+            story = alert.evidence.get("story") or {}
+            if not story.get("predicted"):
+                continue
+            key = alert.story_id if alert.story_id is not None else alert.trend_id
+            trend = by_story.get(key) if key is not None else None
+            if trend is None:
+                continue
+            alert.evidence = {
+                **alert.evidence,
+                "story": {
+                    **story,
+                    "predicted": False,
+                    "prediction": "withdrawn",
+                    "withdrawn_at": trend.withdrawn_at.isoformat() if trend.withdrawn_at else None,
+                },
+            }
+            alert.title = _withdrawn_title(alert.title)
+            alert.updated_at = now
+            alert.save(update_fields=["evidence", "title", "updated_at"])
+            updated.append(alert.id)
+        if updated:
+            transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+    log.info("alerts.predictions_withdrawn", alerts=len(updated), trends=len(withdrawn))
+    return updated
+
+
+PREDICTED_HEAD = "Emerging (predicted)"
+WITHDRAWN_HEAD = "Did not materialise"
+
+
+def _withdrawn_title(title: str) -> str:
+    """A prediction's title with its head changed to ``WITHDRAWN_HEAD``."""
+    head, sep, rest = title.partition(": ")
+    return f"{WITHDRAWN_HEAD}: {rest}" if sep and head == PREDICTED_HEAD else title
+
+
 def _title(trend: facade.TrendView, *, events: int | None = None) -> str:
-    """``Trending: <the story's label> in <source>: <posts>, <score>σ above baseline``;
-    ``Emerging (predicted): …`` while the trend is a prediction not yet confirmed."""
+    """``Trending: <the story's label> in <source>: <posts> posts (expected <e>),
+    <score>σ above baseline``; while the trend is a prediction not yet confirmed,
+    ``Emerging (predicted): <label> in <source>: <posts> posts so far, projected <p> by
+    the bucket's end (expected <e>), <score>σ``: the figures its score was computed on."""
     label = ", ".join(trend.story_label or (trend.term,))
-    head = "Emerging (predicted)" if trend.is_prediction else "Trending"
+    if trend.is_prediction and trend.projected is not None:
+        return (
+            f"{PREDICTED_HEAD}: {label} in {trend.source_name}: {events or trend.events} "
+            f"posts so far, projected {trend.projected:.0f} by the bucket's end "
+            f"(expected {trend.expected:.1f}), {trend.score:.1f}σ"
+        )[:300]
+    head = PREDICTED_HEAD if trend.is_prediction else "Trending"
     return (
-        f"{head}: {label} in {trend.source_name}: {events or trend.events} posts, "
-        f"{trend.score:.1f}σ above baseline"
+        f"{head}: {label} in {trend.source_name}: {events or trend.events} posts "
+        f"(expected {trend.expected:.1f}), {trend.score:.1f}σ above baseline"
     )[:300]
 
 
@@ -269,7 +342,18 @@ def _story(trend: facade.TrendView) -> dict[str, Any]:
         "forecast": trend.forecast,
         "updated_by": trend.term,
         "predicted": trend.is_prediction,
+        "prediction": _prediction(trend),
     }
+
+
+def _prediction(trend: facade.TrendView) -> str | None:
+    """Where a story's prediction stands: "open", "confirmed", "withdrawn", or None for a
+    story that was never a prediction."""
+    if not trend.predicted:
+        return None
+    if trend.confirmed_at is not None:
+        return "confirmed"
+    return "withdrawn" if trend.withdrawn_at is not None else "open"
 
 
 def _create_alerts(firing: list[Pair]) -> claims.Inserted:
@@ -298,6 +382,7 @@ def _evidence(trend: facade.TrendView) -> str:
         {
             "term": trend.term,
             "events": trend.events,
+            "projected": trend.projected,
             "expected": trend.expected,
             "score": trend.score,
             "authors_count": trend.authors_count,

@@ -170,7 +170,8 @@ def _sweep_unpushed(cutoff: datetime) -> int:
 
 def _sweep_stale_alerts(now: datetime, cutoff: datetime) -> int:
     """Bring up to date the alerts created within a day and before ``cutoff`` that a lost
-    update left behind: a prediction whose trend was confirmed (``confirm_trends``) and
+    update left behind: a prediction whose trend was confirmed (``confirm_trends``) or
+    withdrawn (``withdraw_predictions``) and
     an anomaly that grew or closed since (``update_anomaly_alerts``), page by page;
     returns how many alerts it updated."""
     recent = Alert.objects.filter(created_at__gte=now - timedelta(days=1), created_at__lt=cutoff)
@@ -180,9 +181,9 @@ def _sweep_stale_alerts(now: datetime, cutoff: datetime) -> int:
         predicted.annotate(story=Coalesce("story_id", "trend_id", output_field=BigIntegerField())),
         "story",
     ):
-        updated += len(
-            evaluation.confirm_trends(trend_ids=facade.confirmed_trend_ids(sorted(set(stories))))
-        )
+        keys = sorted(set(stories))
+        updated += len(evaluation.confirm_trends(trend_ids=facade.confirmed_trend_ids(keys)))
+        updated += len(evaluation.withdraw_predictions(trend_ids=facade.withdrawn_trend_ids(keys)))
     for anomalies in _pages(
         recent.filter(anomaly__isnull=False, evidence__closed=False), "anomaly_id"
     ):

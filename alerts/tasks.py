@@ -133,6 +133,23 @@ def confirm_trends(*, trend_ids: list[int]) -> int:
     )
 
 
+@shared_task(name="alerts.withdraw_predictions", soft_time_limit=30, time_limit=60)
+def withdraw_predictions(*, trend_ids: list[int]) -> int:
+    """Mark the alerts of predictions that did not materialise as withdrawn; returns how
+    many alerts were updated."""
+    return len(
+        _guarded(
+            "withdrawals",
+            "withdrawals",
+            "trend_ids",
+            trend_ids,
+            lambda ids: evaluation.withdraw_predictions(trend_ids=ids),
+            _trend_sources,
+            None,
+        )
+    )
+
+
 @shared_task(name="alerts.update_anomaly_alerts", soft_time_limit=30, time_limit=60)
 def update_anomaly_alerts(*, anomaly_ids: list[int]) -> int:
     """Bring the alerts of anomalies that grew or closed up to date; returns how many

@@ -260,6 +260,41 @@ def confirmed_trend_ids(story_ids: Sequence[int]) -> list[int]:
     )
 
 
+def story_outcomes(story_ids: Sequence[int]) -> dict[int, str]:
+    """Where each story's prediction stands, by story id (a story's id is its first
+    trend's; a trend without a story is its own): "confirmed" when a member passed the
+    test as it was (detected so, or a prediction confirmed), else "open" while a member's
+    prediction waits for its bucket to close, else "withdrawn" (every member a prediction
+    whose bucket closed without passing). Ids of no trend are left out. One query."""
+    ids = list(story_ids)
+    rows = Trend.objects.filter(
+        Q(story_id__in=ids) | Q(id__in=ids, story__isnull=True)
+    ).values_list("id", "story_id", "predicted", "confirmed_at", "withdrawn_at")
+    rank = {"withdrawn": 0, "open": 1, "confirmed": 2}
+    found: dict[int, str] = {}
+    for trend_id, story_id, predicted, confirmed_at, withdrawn_at in rows:
+        key = story_id if story_id is not None else trend_id
+        if not predicted or confirmed_at is not None:
+            state = "confirmed"
+        else:
+            state = "withdrawn" if withdrawn_at is not None else "open"
+        if rank[state] > rank[found.get(key, "withdrawn")] or key not in found:
+            found[key] = state
+    return found
+
+
+def withdrawn_trend_ids(story_ids: Sequence[int]) -> list[int]:
+    """Ids of the withdrawn predictions (``TrendView.is_withdrawn``) of the stories
+    ``story_ids`` (or trends without a story, by their own id), ordered (one query)."""
+    ids = list(story_ids)
+    return list(
+        Trend.objects.filter(Q(story_id__in=ids) | Q(id__in=ids, story__isnull=True))
+        .filter(predicted=True, confirmed_at__isnull=True, withdrawn_at__isnull=False)
+        .order_by("id")
+        .values_list("id", flat=True)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AnomalyView:
     """An anomaly of a series (``mlengine.anomalies.stage``), as other stages see it.

@@ -150,6 +150,13 @@ class Trend(models.Model):
         ]
         indexes = [
             models.Index(fields=["source", "-bucket_start"], name="trend_source_bucket"),
+            models.Index(
+                fields=["source", "bucket_start"],
+                name="trend_open_prediction",
+                condition=models.Q(
+                    predicted=True, confirmed_at__isnull=True, withdrawn_at__isnull=True
+                ),
+            ),
             models.Index(fields=["-detected_at"], name="trend_detected"),
         ]
 

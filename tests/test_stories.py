@@ -273,7 +273,28 @@ def test_the_forecast_of_steady_growth_is_exponential_and_robust_to_one_outlier(
     counts[2] = 1000
 
     assert theil_sen_slope(np.log(counts)) == pytest.approx(np.log(2), rel=0.05)
-    assert forecast([10, 20], horizon=2).next_counts[0] > 20
+    assert forecast([10, 20, 40], horizon=2).next_counts[0] > 40
+
+
+def test_a_forecast_from_too_few_buckets_says_so_instead_of_extrapolating() -> None:
+    # The case: a story of 6 posts forecast 49, 99, 199, 399.
+    for counts in ([6], [0, 0, 0, 6], [0, 3, 6]):
+        found = forecast(counts, horizon=4)
+        assert (found.method, found.next_counts) == ("too_few_buckets", ())
+        assert found.peak_volume == 6
+
+
+def test_a_forecast_grows_no_faster_and_looks_no_further_than_its_data() -> None:
+    # Three buckets that double: no step may more than double, and three buckets look
+    # three ahead at most.
+    found = forecast([5, 10, 20], horizon=8)
+
+    assert len(found.next_counts) == 3
+    ratios = np.diff(np.log1p([20, *found.next_counts]))
+    assert np.all(ratios <= np.log1p(20) - np.log1p(10) + 1e-9)
+    # A steady stream's story stays steady: no peak of thousands from a flat series.
+    steady = forecast([3000, 3100, 2950, 3050], horizon=4)
+    assert steady.peak_volume < 3200
 
 
 def test_a_bucket_still_filling_is_projected_at_its_rate_so_far() -> None:

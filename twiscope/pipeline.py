@@ -77,6 +77,7 @@ SIDE_TASKS = {
     ALERTS: {
         "anomalies": "alerts.evaluate_anomalies",
         "confirmations": "alerts.confirm_trends",
+        "withdrawals": "alerts.withdraw_predictions",
         "anomaly_updates": "alerts.update_anomaly_alerts",
         "viral": "alerts.evaluate_viral",
     }
@@ -84,6 +85,7 @@ SIDE_TASKS = {
 """Other inputs of a stage than its entry task's, by stage and key (``send(task=key)``):
 ``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``);
 ``alerts``/``confirmations`` takes ``trend_ids`` of predicted trends that came true;
+``alerts``/``withdrawals`` those whose bucket closed without coming true;
 ``alerts``/``anomaly_updates`` takes ``anomaly_ids`` of anomalies whose window grew or
 closed; ``alerts``/``viral`` takes ``event_ids`` of posts the virality model scored
 high (dispatch records ``viral:<id>``, written before the scores commit: ``record``)."""

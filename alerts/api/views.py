@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import django_filters
+from django.db.models import QuerySet
 from rest_framework import permissions, viewsets
 
 from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
@@ -20,15 +21,24 @@ from teams.api.base import (
 )
 from teams.models import Team
 
+PREDICTION_CHOICES = [("open", "open"), ("confirmed", "confirmed"), ("withdrawn", "withdrawn")]
+"""Where a trend alert's prediction stands (``evidence.story.prediction``)."""
+
 scoped_rules = in_callers_teams(AlertRule.objects.all(), "team")
 scoped_teams = in_callers_teams(Team.objects.all(), "id")
 
 
 class AlertFilter(StrictFilterSet):
     """``severity``, ``rule`` and ``team`` (ids, in scope), ``since``/``until``
-    (created_at), ``after_seq`` (alerts after a sequence number: a whole number ≥ 0)."""
+    (created_at), ``after_seq`` (alerts after a sequence number: a whole number ≥ 0),
+    ``prediction`` (a trend alert's prediction: ``open``, ``confirmed`` or ``withdrawn``)
+    and ``hide_withdrawn`` (``true``: leave out predictions that did not materialise)."""
 
     rule = django_filters.ModelChoiceFilter(queryset=scoped_rules)
+    prediction = django_filters.ChoiceFilter(
+        field_name="evidence__story__prediction", choices=PREDICTION_CHOICES
+    )
+    hide_withdrawn = django_filters.BooleanFilter(method="filter_hide_withdrawn")
     team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
     since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
@@ -36,7 +46,24 @@ class AlertFilter(StrictFilterSet):
 
     class Meta:
         model = Alert
-        fields = ["severity", "rule", "team", "since", "until", "after_seq"]
+        fields = [
+            "severity",
+            "rule",
+            "team",
+            "since",
+            "until",
+            "after_seq",
+            "prediction",
+            "hide_withdrawn",
+        ]
+
+    def filter_hide_withdrawn(
+        self, queryset: QuerySet[Alert], name: str, value: bool
+    ) -> QuerySet[Alert]:
+        """Leave out the alerts whose prediction was withdrawn (``value`` true)."""
+        if not value:
+            return queryset
+        return queryset.exclude(evidence__story__prediction="withdrawn")
 
 
 class AlertViewSet(TeamScopedReadOnlyViewSet):

@@ -53,12 +53,39 @@ class TrendSerializer(serializers.ModelSerializer[Trend]):
 
 
 class StreamSerializer(serializers.ModelSerializer[StreamClock]):
+    """A stream's clock, and how its predictions turned out: ``predictions`` is ``{"made",
+    "confirmed", "withdrawn", "open", "confirmed_share"}`` (share of the resolved ones,
+    confirmed / (confirmed + withdrawn); null before any resolved), from the queryset's
+    annotations (``StreamViewSet``)."""
+
     source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
+    predictions = serializers.SerializerMethodField()
 
     class Meta:
         model = StreamClock
-        fields = ["source", "watermark", "bucket_s", "counted_events", "late_events", "advanced_at"]
+        fields = [
+            "source",
+            "watermark",
+            "bucket_s",
+            "counted_events",
+            "late_events",
+            "advanced_at",
+            "predictions",
+        ]
         read_only_fields = fields
+
+    def get_predictions(self, clock: StreamClock) -> dict[str, int | float | None]:
+        made = getattr(clock, "predictions_made", 0) or 0
+        confirmed = getattr(clock, "predictions_confirmed", 0) or 0
+        withdrawn = getattr(clock, "predictions_withdrawn", 0) or 0
+        resolved = confirmed + withdrawn
+        return {
+            "made": made,
+            "confirmed": confirmed,
+            "withdrawn": withdrawn,
+            "open": made - resolved,
+            "confirmed_share": round(confirmed / resolved, 4) if resolved else None,
+        }
 
 
 class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, viewsets
@@ -100,6 +100,31 @@ class StreamViewSet(TeamScopedReadOnlyViewSet):
     team_field = "source__team"
     queryset = StreamClock.objects.select_related("source").order_by("source_id")
     serializer_class = StreamSerializer
+
+    def get_queryset(self) -> QuerySet[StreamClock]:
+        """The clocks in scope, each annotated with its stream's predictions: made,
+        confirmed and withdrawn (three correlated counts on the trend table's
+        ``trend_source_bucket`` index; no join)."""
+        predictions = Trend.objects.filter(source_id=OuterRef("source_id"), predicted=True)
+
+        def count(rows: QuerySet[Trend]) -> Subquery:
+            return Subquery(
+                rows.order_by().values("source_id").annotate(n=Count("id")).values("n")[:1],
+                output_field=IntegerField(),
+            )
+
+        return (
+            super()
+            .get_queryset()
+            .annotate(
+                predictions_made=count(predictions),
+                predictions_confirmed=count(predictions.filter(confirmed_at__isnull=False)),
+                predictions_withdrawn=count(
+                    predictions.filter(confirmed_at__isnull=True, withdrawn_at__isnull=False)
+                ),
+            )
+        )
+
     filterset_class = StreamFilter
     pagination_class = NumberedPagination
 

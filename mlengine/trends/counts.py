@@ -352,3 +352,22 @@ def save_trends(
             )
             confirmed = [row[0] for row in returned if row[1]]
     return new_ids, confirmed
+
+
+_WITHDRAW_SQL = """
+UPDATE mlengine_trend SET withdrawn_at = bucket_start + make_interval(secs => bucket_s)
+WHERE source_id = %s AND predicted AND confirmed_at IS NULL AND withdrawn_at IS NULL
+  AND bucket_start + make_interval(secs => bucket_s) <= %s
+RETURNING id
+"""
+
+
+def withdraw_predictions(source_id: int, watermark: datetime) -> list[int]:
+    """Withdraw the predictions of ``source_id`` whose bucket the watermark has closed
+    (``bucket_start + bucket_s <= watermark``) without their count passing: their
+    ``withdrawn_at`` becomes the bucket's end (event time). Returns their ids, ordered.
+    One statement (the partial index ``trend_open_prediction`` finds them); a second call
+    finds none left."""
+    with connection.cursor() as cursor:
+        cursor.execute(_WITHDRAW_SQL, [source_id, watermark])
+        return sorted(row[0] for row in cursor.fetchall())

@@ -35,17 +35,21 @@ import numpy.typing as npt
 
 FIT_BUCKETS = 6
 """At most this many of the latest buckets are fitted."""
+MIN_BUCKETS = 3
+"""A forecast needs at least this many buckets since the first with any post; before,
+it says so (``method`` "too_few_buckets") instead of extrapolating."""
 MIN_FRACTION = 0.25
 """A bucket is projected from at least this share of its length (earlier: this share)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
-    """Expected counts of the next ``len(next_counts)`` buckets (posts per bucket),
+    """Expected counts of the next ``len(next_counts)`` buckets (posts per bucket; none
+    for "too_few_buckets"),
     ``peak_volume`` (posts in the peak bucket, the last observed one if the peak has
     passed), ``buckets_to_peak`` (0: the peak is now or past), ``growth`` (per-bucket
     change of ``log(1 + count)`` at the last bucket), ``acceleration`` (per bucket²)
-    and ``method`` ("log-quadratic", "exponential" or "flat")."""
+    and ``method`` ("log-quadratic", "exponential", "flat" or "too_few_buckets")."""
 
     next_counts: tuple[float, ...]
     peak_volume: float
@@ -71,26 +75,40 @@ def forecast(counts: Sequence[float], *, horizon: int = 4) -> Forecast:
     the last one whole or projected with ``project_bucket_count``); see the module
     docstring for the method.
 
+    Bounded by what the data supports: the buckets before the first with any post are
+    not the series' (a story's volume before it began), and with fewer than
+    ``MIN_BUCKETS`` left the forecast is ``too_few``; it looks ahead at most as many
+    buckets as it has (``len(next_counts)`` may be less than ``horizon``), and no step
+    grows faster than the fastest bucket-to-bucket growth seen.
+
     Raises:
         ValueError: ``counts`` is empty or ``horizon`` < 1.
     """
     if not counts or horizon < 1:
         raise ValueError("forecast needs at least one bucket and a horizon of one or more")
-    y = np.log1p(np.maximum(np.asarray(counts[-FIT_BUCKETS:], dtype=np.float64), 0.0))
+    values = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
+    began = np.flatnonzero(values > 0)
+    values = values[began[0] :] if began.size else values[-1:]
+    if values.size < MIN_BUCKETS:
+        return too_few(float(values[-1]))
+    y = np.log1p(values[-FIT_BUCKETS:])
     n = y.size
+    horizon = min(horizon, n)
     last = float(np.expm1(y[-1]))
     steps = np.arange(1, horizon + 1, dtype=np.float64)
+    fastest = max(float(np.max(np.diff(y))), 0.0)
+    ceiling = y[-1] + fastest * steps  # log counts no path may pass
     if n >= 3:
         x = np.arange(n, dtype=np.float64) - (n - 1)
         c, b, a = np.polyfit(x, y, 2)
         if c < 0:
             vertex = -b / (2 * c)
-            path = np.expm1(a + b * steps + c * steps**2)
+            path = np.expm1(np.minimum(a + b * steps + c * steps**2, ceiling))
             if vertex <= 0:
                 peak, to_peak = last, 0
             else:
                 to_peak = min(round(vertex), horizon)
-                peak = float(np.expm1(a + b * to_peak + c * to_peak**2))
+                peak = float(path[to_peak - 1]) if to_peak > 0 else last
             return Forecast(
                 next_counts=tuple(float(v) for v in np.maximum(path, 0.0)),
                 peak_volume=max(peak, 0.0),
@@ -109,7 +127,7 @@ def forecast(counts: Sequence[float], *, horizon: int = 4) -> Forecast:
             acceleration=0.0,
             method="flat",
         )
-    path = np.expm1(y[-1] + slope * steps)
+    path = np.expm1(np.minimum(y[-1] + slope * steps, ceiling))
     return Forecast(
         next_counts=tuple(float(v) for v in path),
         peak_volume=float(path[-1]),
@@ -117,6 +135,19 @@ def forecast(counts: Sequence[float], *, horizon: int = 4) -> Forecast:
         growth=slope,
         acceleration=0.0,
         method="exponential",
+    )
+
+
+def too_few(last: float) -> Forecast:
+    """The forecast of a series too short to extrapolate: no counts ahead, its last
+    bucket as the peak so far, method "too_few_buckets"."""
+    return Forecast(
+        next_counts=(),
+        peak_volume=last,
+        buckets_to_peak=0,
+        growth=0.0,
+        acceleration=0.0,
+        method="too_few_buckets",
     )
 
 

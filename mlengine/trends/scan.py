@@ -39,7 +39,7 @@ class Stream:
     """One stream's share of an advance: its clock's ``bucket_s`` (seconds), the
     ``target`` watermark, the ``events`` to count (event-time order) and whether ``more``
     wait beyond them; filled by ``count_streams``: the ids of its ``new_trends`` and of
-    its predicted trends ``confirmed``."""
+    its predicted trends ``confirmed``, and of those ``withdrawn`` (``_close``)."""
 
     source_id: int
     bucket_s: int
@@ -48,6 +48,7 @@ class Stream:
     more: bool
     new_trends: list[int] = field(default_factory=list)
     confirmed: list[int] = field(default_factory=list)
+    withdrawn: list[int] = field(default_factory=list)
 
 
 def count_streams(streams: Sequence[Stream]) -> None:

@@ -49,6 +49,7 @@ from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
 from ingest.models import Source
 from mlengine.models import StreamClock
+from mlengine.trends.counts import withdraw_predictions
 from mlengine.trends.params import bucket_s_for
 from mlengine.trends.scan import Stream, count_streams
 from mlengine.trends.story_assignment import assign_stories
@@ -97,7 +98,7 @@ def advance_stream(*, source_id: int) -> list[int]:
     Counts at most ``MAX_EVENTS_PER_ADVANCE`` events of each stream (never splitting
     one event time) and queues that stream's advance again for the rest. One
     transaction for all the streams taken. Side effects after commit, per stream: its
-    progress count, its new trends and confirmations to the alerts stage.
+    progress count, its new trends, confirmations and withdrawals to the alerts stage.
 
     Should the batch fail, it is rolled back whole and ``source_id`` is advanced alone
     (``twiscope.guard.run_guarded``), so that one stream that cannot be counted does not
@@ -242,11 +243,13 @@ def _pending(clock: StreamClock) -> Stream | None:
 
 def _close(stream: Stream) -> None:
     """Finish ``stream``'s advance (inside the transaction): its new trends into stories,
+    its predictions whose bucket the target closed withdrawn (``withdraw_predictions``),
     its clock to the target; after commit, its progress and its hand-offs to the alerts
     stage, and its next advance when ``more`` events wait."""
     source_id, counted = stream.source_id, len(stream.events)
     if stream.new_trends:
         assign_stories(source_id, stream.new_trends)
+    stream.withdrawn = withdraw_predictions(source_id, stream.target)
     StreamClock.objects.filter(source_id=source_id).update(
         watermark=stream.target,
         counted_events=F("counted_events") + counted,
@@ -257,6 +260,8 @@ def _close(stream: Stream) -> None:
         pipeline.hand_off(DETECT, items=stream.new_trends, trend_ids=stream.new_trends)
     if stream.confirmed:
         pipeline.hand_off(DETECT, task="confirmations", trend_ids=stream.confirmed)
+    if stream.withdrawn:
+        pipeline.hand_off(DETECT, task="withdrawals", trend_ids=stream.withdrawn)
     if stream.more:
         pipeline.send(DETECT, source_id=source_id)
 

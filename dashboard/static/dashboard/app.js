@@ -1157,14 +1157,19 @@
   function storyLine(story, updatedAt) {
     if (!story || !Array.isArray(story.terms)) return null;
     const f = story.forecast;
-    const peak = f && isNum(f.peak_volume)
-      ? ` · forecast: peak ≈ ${fmtInt(Math.round(f.peak_volume))} posts per bucket`
+    let peak = '';
+    if (f && f.method === 'too_few_buckets') {
+      peak = ' · forecast: too few buckets yet';
+    } else if (f && isNum(f.peak_volume)) {
+      peak = ` · forecast: peak ≈ ${fmtInt(Math.round(f.peak_volume))} posts per bucket`
         + (isNum(f.time_to_peak_s) && f.time_to_peak_s > 0
-          ? ` in ${fmt1(f.time_to_peak_s / 3600)} h` : ', now')
-      : '';
+          ? ` in ${fmt1(f.time_to_peak_s / 3600)} h` : ', now');
+    }
+    const withdrawn = story.prediction === 'withdrawn';
     return h('div', { class: 'alert-story' },
       story.predicted ? h('span', { class: 'badge badge-prediction' }, 'prediction') : null,
-      story.predicted ? ' ' : null,
+      withdrawn ? h('span', { class: 'badge badge-withdrawn' }, 'did not materialise') : null,
+      story.predicted || withdrawn ? ' ' : null,
       story.terms.length > 1 ? `story of ${story.terms.length} terms: ` : 'story: ',
       h('strong', { title: story.terms.join(', ') }, story.terms.slice(0, STORY_TERMS_SHOWN).join(', ')),
       story.terms.length > STORY_TERMS_SHOWN
