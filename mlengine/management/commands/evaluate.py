@@ -112,13 +112,16 @@ class Command(BaseCommand):
         for row in result["events"]:
             self.stdout.write(
                 f"  {row['name']}: {row['alerts']} alerts, first keyword alert "
-                f"{row['first_alert_delay_h']} h after onset, keyword precision "
+                f"{row['first_alert_delay_h']} h after onset, "
+                f"{row['delay_from_burst_h']} h after the burst, keyword precision "
                 f"{row['keyword_precision']}, peak lead {row['peak_lead_h']} h"
             )
         self.stdout.write(
             f"trends ({result['detector']}) on {len(result['events'])} CrisisLexT26 events: "
-            f"median alerts {result['median_alerts']}, median first-alert delay "
-            f"{result['median_first_alert_delay_h']} h"
+            f"median alerts {result['median_alerts']} (mean {result['alerts_per_event']}), "
+            f"median first-alert delay {result['median_first_alert_delay_h']} h after onset, "
+            f"{result['median_delay_from_burst_h']} h after the burst, median keyword "
+            f"precision {result['median_keyword_precision']}"
         )
         self._write_json(options, result)
 
