@@ -111,7 +111,7 @@ class Alert:
     def named_at(self, words: frozenset[str]) -> datetime | None:
         """Event time from which the alert names one of ``words``, or None."""
         times = self.added or (self.at,) * len(self.terms)
-        found = [t for term, t in zip(self.terms, times, strict=True) if _is_word(term, words)]
+        found = [t for term, t in zip(self.terms, times, strict=True) if names_word(term, words)]
         return min(found, default=None)
 
 
@@ -328,7 +328,9 @@ def detectable_burst(
     return None
 
 
-def _is_word(term: str, words: frozenset[str]) -> bool:
+def names_word(term: str, words: frozenset[str]) -> bool:
+    """Whether the term (a hashtag, mention, cashtag or keyword) is one of ``words``
+    (lower-case keyword words), without its ``#``/``@``/``$``, case-insensitive."""
     return term.lstrip("#@$").lower() in words
 
 
