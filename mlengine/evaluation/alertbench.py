@@ -41,9 +41,8 @@ background trend on an everyday word that happens to be a keyword word ("airport
   comes first; None when not detected).
 - ``alerts``: the alerts *of* the event: those with a term whose trend the event drove;
   ``keyword_precision``: the share of them that name the event (None without any).
-- ``false_alerts_per_day``: alerts that named no injected event when they fired (an alert
-  that a later update makes name one is still a false alarm when it fired, and the
-  update may still detect the event), over ``background_days``;
+- ``false_alerts_per_day``: alerts that name no injected event (by their last update),
+  over ``background_days``;
   each is listed (``false_alerts``) with its time, terms and ``origin``: ``background``,
   or the names of the events that drove one of its terms, comma-separated (an event's
   alert on a word that is not a keyword, such as a prayer hashtag, is false by this
@@ -339,7 +338,7 @@ def evaluate(
             or BACKGROUND,
         }
         for s in scored
-        if all(at > s.alert.at for at in s.named.values())
+        if not s.named
     ]
     delays = [r["delay_from_burst_h"] for r in rows]
     return {
