@@ -288,10 +288,26 @@ def test_the_same_seed_writes_the_same_archive(tmp_path: Path) -> None:
     assert (tmp_path / "a").read_bytes() != (tmp_path / "c").read_bytes()
 
 
-def test_the_background_command_refuses_a_folder_without_texts(tmp_path: Path) -> None:
-    with pytest.raises(CommandError, match=r"no \*_text\.txt"):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), r"no \*_text\.txt"),
+        (("--per-day", "0"), "--per-day must be positive"),
+        (("--start", "yesterday"), "not an ISO 8601"),
+    ],
+)
+def test_the_background_command_refuses_bad_input(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    root = tmp_path / "tweeteval"
+    root.mkdir()
+    if args:
+        write_tweeteval(tmp_path / "texts")
+        root = tmp_path / "texts"
+
+    with pytest.raises(CommandError, match=message):
         call_command(
-            "evaluate", "background", "--tweeteval", str(tmp_path), "--out", str(tmp_path / "x")
+            "evaluate", "background", "--tweeteval", str(root), "--out", str(tmp_path / "x"), *args
         )
 
 
@@ -329,3 +345,28 @@ def test_the_command_on_the_airline_archive_with_real_events(
     assert result["false_alerts_per_day"] == round(len(result["false_alerts"]) / days, 2)
     # NY's burst, the clearest of the three, is found.
     assert result["events"][2]["detected"] is True
+
+
+def test_tweeteval_made_a_background_with_real_events(shared_data: Path, tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    events.mkdir()
+    (events / REAL_EVENTS[2]).symlink_to(shared_data / "crisislex_t26" / REAL_EVENTS[2])
+    archive = tmp_path / "tweeteval.jsonl"
+    call_command(
+        "evaluate",
+        "background",
+        "--tweeteval",
+        str(shared_data / "tweeteval"),
+        "--out",
+        str(archive),
+    )
+
+    result = run(tmp_path, "--background", str(archive), "--events", str(events))
+
+    # 40,256 texts at 1,800 a day: 22.65 days, 15-minute buckets.
+    assert result["background"]["posts"] == 40256
+    assert (result["background_days"], result["bucket_s"]) == (22.65, 900)
+    (event,) = result["events"]
+    assert event["name"] == REAL_EVENTS[2]
+    assert event["detected"] is True
+    assert result["false_alerts_per_day"] is not None and result["false_alerts_per_day"] < 2

@@ -221,8 +221,10 @@ class Command(BaseCommand):
             written = background.write_tweeteval(
                 options["tweeteval"],
                 options["out"],
-                per_day=options["per_day"] or background.DEFAULT_PER_DAY,
-                seed=options["seed"] or 0,
+                per_day=(
+                    background.DEFAULT_PER_DAY if options["per_day"] is None else options["per_day"]
+                ),
+                seed=0 if options["seed"] is None else options["seed"],
                 start=start,
             )
         except background.BackgroundError as exc:
