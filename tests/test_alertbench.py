@@ -212,17 +212,22 @@ def test_a_trend_is_driven_by_the_event_holding_most_of_its_posts() -> None:
     ("args", "message"),
     [
         ((), "needs --background PATH"),
-        (("--background", "missing.csv", "--events", "."), "missing.csv"),
-        (("--events", "nowhere"), "not a folder"),
+        (("--background", "BG"), "and --events DIR"),
+        (("--background", "missing.csv", "--events", "EVENTS"), "missing.csv"),
+        (("--background", "BG", "--events", "nowhere"), "not a folder"),
+        (("--background", "BG", "--events", "BG_DIR"), "no <event>/<event>-tweets_labeled"),
+        (("--background", "BG", "--events", "EVENTS", "--share", "0"), "must be positive"),
     ],
 )
 def test_bad_input_is_a_command_error(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    bg = write_background(tmp_path / "background.csv")
-    if args and args[0] == "--events":
-        args = ("--background", str(bg), *args)
+    paths = {
+        "BG": str(write_background(tmp_path / "background.csv")),
+        "BG_DIR": str(tmp_path),
+        "EVENTS": str(write_event(tmp_path / "events").parent),
+    }
 
     with pytest.raises(CommandError, match=message):
-        call_command("evaluate", "alerts", *args)
+        call_command("evaluate", "alerts", *(paths.get(a, a) for a in args))
 
 
 def test_a_background_that_is_no_archive_is_a_command_error(tmp_path: Path) -> None:

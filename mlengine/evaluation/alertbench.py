@@ -370,9 +370,10 @@ def run(background: Path, events: Path, *, share: float = DEFAULT_SHARE) -> dict
         AlertBenchError: the background cannot be used, or as ``inject``.
         crisislex.CrisisLexError: ``events`` is not CrisisLexT26's layout.
     """
+    folders = crisislex.event_dirs(events)  # first: it costs nothing, the background seconds
     cache: dict[str, Enrichment] = {}
     posts = load_background(background, enrich=cache)
-    loaded = [crisislex.load_event(folder, enrich=cache) for folder in crisislex.event_dirs(events)]
+    loaded = [crisislex.load_event(folder, enrich=cache) for folder in folders]
     result = evaluate(posts, loaded, share=share)
     result["background"]["path"] = str(background)
     result["events_dir"] = str(events)
