@@ -5,6 +5,9 @@
 #                      embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
 #   make test [PYTEST_ARGS="tests/test_x.py -k y"] [SERVICES_ARGS=--embedded]
 #   make bench         bench/replay_throughput.py against the local services
+#   make bench-alerts [BENCH_ARGS="--share 0.25"]
+#                      CrisisLexT26 events injected into the airline and TweetEval
+#                      backgrounds (evaluate alerts): bench/results/alert_detection.json
 #   make chaos [CHAOS_ARGS="--short"]
 #                      faults (worker, Redis, PostgreSQL kills; WebSocket drops) during a
 #                      replay on embedded servers of .run/chaos: bench/results/chaos.json
@@ -40,10 +43,10 @@ LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARG
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
 # their environment; devtools.run reads them from there and treats empty as unset.
 
-.PHONY: help venv lock run test bench chaos lint
+.PHONY: help venv lock run test bench bench-alerts chaos lint
 
 help:
-	@sed -n '3,15p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,18p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -78,6 +81,11 @@ test: venv
 # `make run` is up and leaves that platform's .run/env alone.
 bench: venv
 	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/replay_throughput.py $(BENCH_ARGS)
+
+# The detectors and the default rule replayed in one process (no database reads; the
+# settings still want the services' URLs, so the same run dir as bench provides them).
+bench-alerts: venv
+	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/alert_detection.py $(BENCH_ARGS)
 
 # Its own run dir and, always, its own embedded PostgreSQL and Redis (the variables that
 # would name other servers are unset): it kills them. The run dir's servers start empty,

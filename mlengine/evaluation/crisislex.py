@@ -17,16 +17,19 @@ it, with production's code and parameters:
 - two detectors: ``terms`` (the detector before the story layer: every term trend is a
   candidate alert, and the default "New trend" rule fires once per term per 24 h of
   event time) and ``stories`` (``mlengine.trends.stories.StoryDetector`` with production's
-  ``story_params()``: one alert per story, as
-  ``mlengine.trends.story_assignment.assign_stories`` and the alerts stage give one).
+  ``story_params()``, through the default rule as ``alerts.evaluation.evaluate_trends``
+  applies it to stories: ``rule_alerts``).
 
 Per event: ``alerts`` fired; ``first_alert_delay_h``, hours from the onset (the event
 time of the earliest tweet that holds every word of one of the event's keywords, words
 being ``\\w+`` runs, case-insensitive) to the first moment an alert names a keyword word
 (one of its terms, without ``#``/``@``, is one; a story names it from the update that
-added that member), or None; ``keyword_precision``, the share of alerts with
-such a term; ``peak_lead_h``, hours from the first alert to the start of the UTC hour
-with the most tweets. Medians over events (None values left out).
+added that member), or None; ``delay_from_burst_h``, hours from the event's detectable
+burst (``detectable_burst``: the event time at which the labelled sample first holds
+``BURST_POSTS`` posts within ``BURST_WINDOW``) to that same first keyword alert, or None;
+``keyword_precision``, the share of alerts with such a term; ``peak_lead_h``, hours from
+the first alert to the start of the UTC hour with the most tweets. Medians over events
+(None values left out), and the mean alerts per event.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +55,16 @@ from mlengine.enrichment.text import Enrichment, enrich_text
 from mlengine.trends.detector import TermStream, TrendParams, suggest_bucket_s
 from mlengine.trends.params import params_for
 from mlengine.trends.params import story_params as production_story_params
-from mlengine.trends.stories import StoryDetector, StoryParams
+from mlengine.trends.stories import StoryDetector, StoryEvent, StoryParams
 
 Detector = Literal["terms", "stories"]
 DETECTORS: tuple[Detector, ...] = ("terms", "stories")
 DEFAULT_RULE_COOLDOWN_S = 24 * 3600
 """The default "New trend" rule's cooldown (``alerts.services.ensure_default_rule``)."""
+BURST_POSTS = 5
+BURST_WINDOW = timedelta(hours=1)
+"""An event's detectable burst: the first moment its sample holds ``BURST_POSTS`` posts
+within ``BURST_WINDOW`` (``detectable_burst``)."""
 _WORD_RE = re.compile(r"\w+")
 
 
@@ -92,16 +99,19 @@ class CrisisEvent:
 class Alert:
     """An alert of the replay: the event time it fired at and the terms it names, each
     with the event time it was added (a term alert: its term, at ``at``; a story: its
-    members, each when its update added it)."""
+    members, each from the alert or the later update that named it). ``trended``: per
+    term, the ``(bucket start, evidence event time)`` of the trend that made it a member
+    (empty when not recorded), so a caller can tell which posts drove it."""
 
     at: datetime
     terms: tuple[str, ...]
     added: tuple[datetime, ...] = ()
+    trended: tuple[tuple[datetime, datetime], ...] = field(default=())
 
     def named_at(self, words: frozenset[str]) -> datetime | None:
         """Event time from which the alert names one of ``words``, or None."""
         times = self.added or (self.at,) * len(self.terms)
-        found = [t for term, t in zip(self.terms, times, strict=True) if _is_word(term, words)]
+        found = [t for term, t in zip(self.terms, times, strict=True) if names_word(term, words)]
         return min(found, default=None)
 
 
@@ -156,25 +166,8 @@ def load_event(folder: Path, *, enrich: dict[str, Enrichment] | None = None) -> 
                 created_at = snowflake_time(int(external_id))
             except ValueError:
                 continue
-            text = row[1]
-            found = cache.get(text)
-            if found is None:
-                found = cache[text] = enrich_text(text)
-            terms = tuple(
-                dict.fromkeys(
-                    t[:TERM_MAX_CHARS]
-                    for t in (*found.hashtags, *found.mentions, *found.cashtags, *found.keywords)
-                )
-            )
             posts.append(
-                Post(
-                    id=int(external_id),
-                    external_id=external_id,
-                    created_at=created_at,
-                    author=Author().key(external_id)[:128],
-                    terms=terms,
-                    text=text,
-                )
+                to_post(int(external_id), external_id, created_at, Author(), row[1], cache)
             )
     if not posts:
         raise CrisisLexError(f"{labelled[0]}: no tweet with a snowflake id")
@@ -184,6 +177,38 @@ def load_event(folder: Path, *, enrich: dict[str, Enrichment] | None = None) -> 
         posts=tuple(posts),
         keywords=keywords,
         keyword_words=frozenset(w for k in keywords for w in _words(k)),
+    )
+
+
+def to_post(
+    id: int,
+    external_id: str,
+    created_at: datetime,
+    author: Author,
+    text: str,
+    cache: dict[str, Enrichment],
+) -> Post:
+    """A post as the trend stage reads it: terms from ``enrich_text`` as the enrich stage
+    stores them and ``ingest.selectors.distinct_terms`` reads them back (hashtags,
+    mentions, cashtags, keywords, each cut to ``TERM_MAX_CHARS``), the distinct-author key
+    ``author.key(external_id)`` as ``ingest.selectors`` makes it. ``cache`` holds the
+    enrichments by text (side effect: new texts are added)."""
+    found = cache.get(text)
+    if found is None:
+        found = cache[text] = enrich_text(text)
+    terms = tuple(
+        dict.fromkeys(
+            t[:TERM_MAX_CHARS]
+            for t in (*found.hashtags, *found.mentions, *found.cashtags, *found.keywords)
+        )
+    )
+    return Post(
+        id=id,
+        external_id=external_id,
+        created_at=created_at,
+        author=author.key(external_id)[:128],
+        terms=terms,
+        text=text,
     )
 
 
@@ -213,18 +238,69 @@ def term_alerts(posts: Sequence[Post], params: TrendParams) -> list[Alert]:
 def story_alerts(
     posts: Sequence[Post], params: TrendParams, story_params: StoryParams | None = None
 ) -> list[Alert]:
-    """Alerts of the story layer: one per story, at its first event ("new" or
-    "emerging"), naming the story's members as of its last update."""
+    """Alerts of the story layer through the default rule: ``rule_alerts`` of
+    ``StoryDetector(params, story_params or story_params())``'s events on ``posts``."""
     detector = StoryDetector(params, story_params or production_story_params())
-    first: dict[int, datetime] = {}
-    members: dict[int, dict[str, datetime]] = {}
-    for event in detector.step(posts):
-        at = event.trend.evidence_created_at
-        first.setdefault(event.story_id, at)
-        members.setdefault(event.story_id, {}).setdefault(event.term, at)
+    return rule_alerts(detector.step(posts))
+
+
+@dataclass(slots=True)
+class _Firing:
+    at: datetime
+    named: dict[str, datetime]
+    trended: dict[str, tuple[datetime, datetime]]
+
+
+def rule_alerts(
+    events: Iterable[StoryEvent], cooldown_s: int = DEFAULT_RULE_COOLDOWN_S
+) -> list[Alert]:
+    """The alerts a "new trend" rule with no filters and ``cooldown_s`` fires on story
+    ``events`` (event-time order, as ``StoryDetector.step`` returns them), in order of
+    firing: the in-memory form of ``alerts.evaluation.evaluate_trends`` (``_decide``,
+    ``alerts.claims.Cooldowns.claim``), which this app cannot import.
+
+    - A trend is a term in a bucket: the first event of a ``(term, bucket start)`` (a
+      later one is the confirmation of a predicted trend, the same stored trend, which
+      production only updates: ``confirm_trends``).
+    - A trend of a story that has an alert joins it: the alert names its term from the
+      trend's evidence time.
+    - Otherwise the trend claims the cooldown of its term at its bucket start: it wins when
+      the term never won, or won at an earlier bucket at least ``cooldown_s`` before.
+      A win fires the story's alert, at the trend's evidence time, naming every member
+      of the story so far; a loss leaves the story without an alert, and a later member
+      may still fire it.
+    """
+    seen: set[tuple[str, datetime]] = set()
+    last_win: dict[str, datetime] = {}
+    members: dict[int, dict[str, tuple[datetime, datetime]]] = {}
+    fired: dict[int, _Firing] = {}
+    cooldown = timedelta(seconds=cooldown_s)
+    for event in events:
+        trend = event.trend
+        story = members.setdefault(event.story_id, {})
+        story.setdefault(event.term, (trend.bucket_start, trend.evidence_created_at))
+        if (event.term, trend.bucket_start) in seen:
+            continue
+        seen.add((event.term, trend.bucket_start))
+        firing = fired.get(event.story_id)
+        if firing is not None:
+            firing.named.setdefault(event.term, trend.evidence_created_at)
+            firing.trended.setdefault(event.term, story[event.term])
+            continue
+        won = last_win.get(event.term)
+        if won is not None and (won >= trend.bucket_start or won > trend.bucket_start - cooldown):
+            continue
+        last_win[event.term] = trend.bucket_start
+        at = trend.evidence_created_at
+        fired[event.story_id] = _Firing(at, dict.fromkeys(story, at), dict(story))
     return [
-        Alert(at=first[i], terms=tuple(members[i]), added=tuple(members[i].values()))
-        for i in sorted(first, key=first.__getitem__)
+        Alert(
+            at=f.at,
+            terms=tuple(f.named),
+            added=tuple(f.named.values()),
+            trended=tuple(f.trended[t] for t in f.named),
+        )
+        for f in sorted(fired.values(), key=lambda f: f.at)
     ]
 
 
@@ -238,7 +314,23 @@ def onset(event: CrisisEvent) -> datetime | None:
     return None
 
 
-def _is_word(term: str, words: frozenset[str]) -> bool:
+def detectable_burst(
+    times: Iterable[datetime], *, posts: int = BURST_POSTS, window: timedelta = BURST_WINDOW
+) -> datetime | None:
+    """The first moment ``times`` (event times, any order) hold ``posts`` posts within
+    ``window``: the time of the earliest post whose ``posts - 1`` predecessors all lie at
+    most ``window`` before it (a sliding window over the sorted times); None when no
+    stretch is that dense."""
+    ordered = sorted(times)
+    for i in range(posts - 1, len(ordered)):
+        if ordered[i] - ordered[i - posts + 1] <= window:
+            return ordered[i]
+    return None
+
+
+def names_word(term: str, words: frozenset[str]) -> bool:
+    """Whether the term (a hashtag, mention, cashtag or keyword) is one of ``words``
+    (lower-case keyword words), without its ``#``/``@``/``$``, case-insensitive."""
     return term.lstrip("#@$").lower() in words
 
 
@@ -249,6 +341,7 @@ def _hours(delta: timedelta) -> float:
 def metrics(event: CrisisEvent, alerts: Sequence[Alert]) -> dict[str, Any]:
     """The event's figures (module docstring) for ``alerts`` (event-time order)."""
     start = onset(event)
+    burst = detectable_burst(p.created_at for p in event.posts)
     named = [a for a in alerts if a.named_at(event.keyword_words) is not None]
     named_at = [t for a in named if (t := a.named_at(event.keyword_words)) is not None]
     hours = Counter(p.created_at.replace(minute=0, second=0, microsecond=0) for p in event.posts)
@@ -257,22 +350,31 @@ def metrics(event: CrisisEvent, alerts: Sequence[Alert]) -> dict[str, Any]:
         "name": event.name,
         "alerts": len(alerts),
         "first_alert_delay_h": _hours(min(named_at) - start) if named_at and start else None,
+        "delay_from_burst_h": _hours(min(named_at) - burst) if named_at and burst else None,
         "keyword_precision": round(len(named) / len(alerts), 3) if alerts else None,
         "peak_lead_h": _hours(peak - alerts[0].at) if alerts else None,
     }
 
 
-def _median(values: Iterable[float | int | None]) -> float | None:
+def median(values: Iterable[float | int | None]) -> float | None:
+    """The median of the values that are not None, rounded to 2 decimals; None if none."""
     present = [v for v in values if v is not None]
     return round(float(statistics.median(present)), 2) if present else None
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"events": rows, "median_first_alert_delay_h", "median_alerts"}``."""
+    """``{"events": rows, "median_first_alert_delay_h", "median_delay_from_burst_h",
+    "median_keyword_precision", "median_alerts", "alerts_per_event"}`` (the last the mean,
+    None without rows)."""
     return {
         "events": rows,
-        "median_first_alert_delay_h": _median(r["first_alert_delay_h"] for r in rows),
-        "median_alerts": _median(r["alerts"] for r in rows),
+        "median_first_alert_delay_h": median(r["first_alert_delay_h"] for r in rows),
+        "median_delay_from_burst_h": median(r["delay_from_burst_h"] for r in rows),
+        "median_keyword_precision": median(r["keyword_precision"] for r in rows),
+        "median_alerts": median(r["alerts"] for r in rows),
+        "alerts_per_event": (
+            round(sum(r["alerts"] for r in rows) / len(rows), 2) if rows else None
+        ),
     }
 
 
@@ -285,7 +387,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Replay every event folder of ``root`` (or the pre-loaded ``events``) through
     ``detector``; return ``summarise``'s result, with ``detector`` and each event's
-    ``bucket_s`` and ``onset`` added.
+    ``bucket_s``, ``onset`` and ``burst`` (ISO 8601, or None) added.
 
     Raises:
         CrisisLexError: ``root`` or an event folder is not CrisisLexT26's layout.
@@ -305,8 +407,10 @@ def evaluate(
             alerts = story_alerts(event.posts, params, story_params)
         row = metrics(event, alerts)
         start = onset(event)
+        burst = detectable_burst(p.created_at for p in event.posts)
         row["bucket_s"] = params.bucket_s
         row["onset"] = start.isoformat() if start else None
+        row["burst"] = burst.isoformat() if burst else None
         rows.append(row)
     result = summarise(rows)
     result["detector"] = detector

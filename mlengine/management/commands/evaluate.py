@@ -8,7 +8,16 @@ detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
 
 ``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
 active virality model on a trump_tweets-layout CSV's posts from DATE on
-(``mlengine.inference.virality_training``)."""
+(``mlengine.inference.virality_training``).
+
+``manage.py evaluate alerts --background PATH --events DIR [--share S] [--json OUT]``:
+CrisisLexT26-layout events injected into a replayable archive and replayed as one stream
+through the trend detector and the default rule (``mlengine.evaluation.alertbench``).
+
+``manage.py evaluate background --tweeteval DIR --out FILE [--per-day N] [--seed S]
+[--start ISO]``: writes a replayable archive (X API v2 JSON lines) of TweetEval's texts
+at event times drawn at a daily rate with a day/night cycle
+(``mlengine.evaluation.background``), a background for ``evaluate alerts``."""
 
 from __future__ import annotations
 
@@ -27,7 +36,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "task",
-            help=f"one of: {', '.join(sorted(heads.TASKS))}, trends, anomaly, virality",
+            help=(
+                f"one of: {', '.join(sorted(heads.TASKS))}, trends, anomaly, virality, alerts, "
+                "background"
+            ),
         )
         parser.add_argument("--data", type=Path, default=None)
         parser.add_argument("--split", default=None)
@@ -49,6 +61,33 @@ class Command(BaseCommand):
             default=None,
             help="virality: score only posts at or after DATE (earlier rows are history)",
         )
+        parser.add_argument(
+            "--background",
+            type=Path,
+            default=None,
+            help="alerts: the background archive (any format manage.py replay reads)",
+        )
+        parser.add_argument(
+            "--events", type=Path, default=None, help="alerts: CrisisLexT26-layout event folders"
+        )
+        parser.add_argument(
+            "--share",
+            type=float,
+            default=None,
+            help="alerts: an event's busiest hour at most this share of the background's "
+            "mean posts per hour (default 0.5)",
+        )
+        parser.add_argument(
+            "--tweeteval", type=Path, default=None, help="background: TweetEval's folder"
+        )
+        parser.add_argument("--out", type=Path, default=None, help="background: write it here")
+        parser.add_argument(
+            "--per-day", type=float, default=None, help="background: mean posts a day (1800)"
+        )
+        parser.add_argument("--seed", type=int, default=None, help="background: seed (0)")
+        parser.add_argument(
+            "--start", default=None, help="background: first day, ISO 8601 (2015-02-17)"
+        )
         parser.add_argument("--json", type=Path, default=None, help="write the result here")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -60,6 +99,12 @@ class Command(BaseCommand):
             return
         if options["task"] == "virality":
             self._virality(options)
+            return
+        if options["task"] == "alerts":
+            self._alerts(options)
+            return
+        if options["task"] == "background":
+            self._background(options)
             return
         if options["data"] is None or options["split"] is None:
             raise CommandError("--data and --split are required for this task")
@@ -112,15 +157,82 @@ class Command(BaseCommand):
         for row in result["events"]:
             self.stdout.write(
                 f"  {row['name']}: {row['alerts']} alerts, first keyword alert "
-                f"{row['first_alert_delay_h']} h after onset, keyword precision "
+                f"{row['first_alert_delay_h']} h after onset, "
+                f"{row['delay_from_burst_h']} h after the burst, keyword precision "
                 f"{row['keyword_precision']}, peak lead {row['peak_lead_h']} h"
             )
         self.stdout.write(
             f"trends ({result['detector']}) on {len(result['events'])} CrisisLexT26 events: "
-            f"median alerts {result['median_alerts']}, median first-alert delay "
-            f"{result['median_first_alert_delay_h']} h"
+            f"median alerts {result['median_alerts']} (mean {result['alerts_per_event']}), "
+            f"median first-alert delay {result['median_first_alert_delay_h']} h after onset, "
+            f"{result['median_delay_from_burst_h']} h after the burst, median keyword "
+            f"precision {result['median_keyword_precision']}"
         )
         self._write_json(options, result)
+
+    def _alerts(self, options: dict[str, Any]) -> None:
+        """``evaluate alerts --background PATH --events DIR [--share S] [--json OUT]``:
+        events injected into a background, replayed as one stream through the trend
+        detector and the default rule (``mlengine.evaluation.alertbench``)."""
+        from mlengine.evaluation import alertbench, crisislex
+
+        if options["background"] is None or options["events"] is None:
+            raise CommandError(
+                "evaluate alerts needs --background PATH (an archive manage.py replay reads) "
+                "and --events DIR (CrisisLexT26-layout event folders)"
+            )
+        share = alertbench.DEFAULT_SHARE if options["share"] is None else options["share"]
+        try:
+            result = alertbench.run(options["background"], options["events"], share=share)
+        except (alertbench.AlertBenchError, crisislex.CrisisLexError) as exc:
+            raise CommandError(str(exc)) from exc
+        for row in result["events"]:
+            self.stdout.write(
+                f"  {row['name']}: {'detected' if row['detected'] else 'missed'}, "
+                f"{row['delay_from_burst_h']} h after the burst, {row['alerts']} alerts, "
+                f"keyword precision {row['keyword_precision']} "
+                f"({row['posts_injected']} posts injected, {row['kept']} of the sample kept)"
+            )
+        for alert in result["false_alerts"]:
+            self.stdout.write(
+                f"  false alert {alert['at']}: {', '.join(alert['terms'][:6])} ({alert['origin']})"
+            )
+        self.stdout.write(
+            f"alerts on {result['background']['posts']} background posts "
+            f"({result['background_days']} days, {result['bucket_s']} s buckets) with "
+            f"{len(result['events'])} events: {result['detected']} detected, "
+            f"{result['detected_within_1h']} within 1 h of the burst, median delay "
+            f"{result['median_delay_from_burst_h']} h, median keyword precision "
+            f"{result['median_keyword_precision']}, {result['false_alerts_per_day']} false "
+            "alerts a day"
+        )
+        self._write_json(options, result)
+
+    def _background(self, options: dict[str, Any]) -> None:
+        """``evaluate background --tweeteval DIR --out FILE [--per-day N] [--seed S]
+        [--start ISO]``: a timed archive of TweetEval's texts
+        (``mlengine.evaluation.background``)."""
+        from mlengine.evaluation import background
+
+        if options["tweeteval"] is None or options["out"] is None:
+            raise CommandError("evaluate background needs --tweeteval DIR and --out FILE")
+        try:
+            start = background.parse_start(options["start"] or background.DEFAULT_START)
+            written = background.write_tweeteval(
+                options["tweeteval"],
+                options["out"],
+                per_day=(
+                    background.DEFAULT_PER_DAY if options["per_day"] is None else options["per_day"]
+                ),
+                seed=0 if options["seed"] is None else options["seed"],
+                start=start,
+            )
+        except background.BackgroundError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"wrote {options['out']}: {written['posts']} posts from {written['first']} to "
+            f"{written['last']} ({written['per_day']} a day)"
+        )
 
     def _virality(self, options: dict[str, Any]) -> None:
         """``evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
