@@ -329,6 +329,20 @@ def test_the_rules_api_takes_the_anomaly_kind_and_refuses_unknown_kinds() -> Non
     assert refused.status_code == 400 and "kind" in refused.json()
 
 
+def test_the_rules_api_takes_min_peak_from_1_and_defaults_it_to_5() -> None:
+    personas = make_personas()
+    owner = client_for(personas.owner)
+    body = {"team": personas.team.id, "name": "spikes", "kind": "anomaly", "min_score": 6}
+
+    default = owner.post("/api/rules/", body, format="json")
+    small = owner.post("/api/rules/", {**body, "name": "small", "min_peak": 1}, format="json")
+    refused = owner.post("/api/rules/", {**body, "name": "none", "min_peak": 0}, format="json")
+
+    assert default.status_code == 201 and default.json()["min_peak"] == 5
+    assert small.status_code == 201 and small.json()["min_peak"] == 1
+    assert refused.status_code == 400 and "min_peak" in refused.json()
+
+
 def test_the_openapi_schema_documents_the_anomaly_endpoints() -> None:
     response = APIClient().get("/api/schema/")
 
