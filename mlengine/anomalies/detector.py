@@ -83,8 +83,8 @@ profile, each detector's own 0/1 decisions, refractory 1 day unless said):
   back, the parameters chosen on the public five scored 67.3: the evaluation harness now
   chooses its operating point on NAB's whole public corpus of 53 series
   (``mlengine.evaluation.nab_harness``; docs/detectors.md), where these defaults score
-  33.6 and the chosen point (threshold 2.0, smoothing 12, epsilon 1e-3, half a day,
-  rises and falls) 55.7, with 80.7 on the public realTweets.
+  33.6 and the chosen point (threshold 1.5, smoothing 12, epsilon 1e-4, 6 hours,
+  rises and falls) 53.9, with 83.6 on the public realTweets.
 
 The state is a small dict of numpy arrays (``Detector.state()``), one row per series, so a
 caller can persist it per series and resume with ``Detector.from_state``. A run of buckets

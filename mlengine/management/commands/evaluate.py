@@ -143,7 +143,11 @@ class Command(BaseCommand):
             result = nab_harness.search(options["nab"], progress=self.stderr.write)
         except nab.NabDataError as exc:
             raise CommandError(str(exc)) from exc
-        self.stdout.write(f"chosen: {result['chosen']}")
+        self.stdout.write(
+            f"chosen: {result['chosen']} (mean standard of its grid neighbourhood "
+            f"{result['chosen_standard_at_neighbours']:.2f}; the best single setting "
+            f"{result['top'][0]['standard']:.2f}: {result['top'][0]['knobs']})"
+        )
         self.stdout.write(
             "whole corpus: "
             + ", ".join(f"{p} {result['corpus'][p]:.2f}" for p in nab_harness.PROFILES)
