@@ -26,7 +26,7 @@ class AlertRuleForm(forms.ModelForm):
         team, source = data.get("team"), data.get("source")
         if team is not None and source is not None and source.team_id != team.id:
             self.add_error("source", f'source "{source.name}" belongs to another team')
-        for name in ("min_events", "min_authors"):
+        for name in ("min_events", "min_authors", "min_peak"):
             if data.get(name) is not None and data[name] < 1:
                 self.add_error(name, "must be at least 1")
         for name in ("min_score", "cooldown_s"):

@@ -23,6 +23,7 @@ trend alert keeps its story's id as a plain value (``Alert.story_id``, from
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from alerts import claims, push
-from alerts.models import Alert, AlertRule
+from alerts.models import Alert, AlertRule, AnomalyCheck
 from ingest import virality_reads as ingest_virality_reads
 from mlengine import facade
 from twiscope import pipeline
@@ -402,14 +403,16 @@ def anomaly_rule_matches(rule: AlertRule, anomaly: facade.AnomalyView) -> bool:
     """Whether ``anomaly`` passes ``rule``'s filters: an enabled "anomaly" rule, of the
     anomaly's source (or every source), whose ``terms`` (when set) hold the anomaly's
     term series' term or one of its watch series' terms (compared case-insensitively:
-    watch terms are normalised), and whose ``min_score`` the anomaly's peak score
-    reaches."""
+    watch terms are normalised), whose ``min_score`` the anomaly's peak score reaches,
+    and, for a count series (every kind but the negative share), whose ``min_peak`` the
+    value at the peak reaches (posts in the peak bucket)."""
     return (
         rule.enabled
         and rule.kind == AlertRule.Kind.ANOMALY
         and (rule.source_id is None or rule.source_id == anomaly.source_id)
         and (not rule.terms or _anomaly_terms_match(rule.terms, anomaly))
         and anomaly.score >= rule.min_score
+        and (anomaly.kind == "negative_share" or anomaly.value >= rule.min_peak)
     )
 
 
@@ -463,16 +466,25 @@ def _fmt(anomaly: facade.AnomalyView, value: float | None) -> str:
     if value is None:
         return "?"
     if anomaly.kind == "negative_share":
-        return f"{value:.0%}"
+        return f"{value:.1%}"
     return f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def _fmt_band(anomaly: facade.AnomalyView) -> str:
+    """The band as the title shows it: for a count series the whole counts inside it
+    (``ceil(low)`` to ``floor(high)``), so that a value above the band never reads as
+    inside it ("2 (expected 0–1)", not "0–2" for a band up to 1.97)."""
+    low, high = anomaly.low, anomaly.high
+    if anomaly.kind == "negative_share" or low is None or high is None:
+        return f"{_fmt(anomaly, low)}–{_fmt(anomaly, high)}"
+    return f"{math.ceil(low)}–{math.floor(high)}"
 
 
 def _anomaly_title(anomaly: facade.AnomalyView) -> str:
     """ "Anomaly: <series> in <source>: <value> (expected <low>–<high>), <score>σ"."""
     return (
         f"Anomaly: {_series_label(anomaly)} in {anomaly.source_name}: "
-        f"{_fmt(anomaly, anomaly.value)} (expected {_fmt(anomaly, anomaly.low)}–"
-        f"{_fmt(anomaly, anomaly.high)}), {anomaly.score:.1f}σ"
+        f"{_fmt(anomaly, anomaly.value)} (expected {_fmt_band(anomaly)}), {anomaly.score:.1f}σ"
     )[:300]
 
 
@@ -511,10 +523,15 @@ def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
     whose evidence no longer says what the anomaly says is updated (title, evidence,
     ``updated_at``) and pushed as ``alert.updated`` after commit; returns the ids of
     the alerts updated. The alerts are locked in id order; a redelivered call finds
-    nothing left to update."""
+    nothing left to update.
+
+    A peak that rose may now pass a rule that the anomaly did not pass when it opened (a
+    burst whose first bucket held 3 posts and its second 40, against ``min_peak`` 5):
+    those rules fire now, once per ``(rule, anomaly)`` as ever (``_fire_late``)."""
     found = {a.id: a for a in facade.anomalies(anomaly_ids)}
     if not found:
         return []
+    _fire_late(list(found.values()))
     updated = []
     now = timezone.now()
     with transaction.atomic():
@@ -533,6 +550,49 @@ def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
     return updated
+
+
+@claims.retry_lock_conflicts
+def _fire_late(anomalies: list[facade.AnomalyView]) -> list[int]:
+    """Fire the matching "anomaly" rules of ``anomalies`` (grown ones, already evaluated
+    when new) that have no alert of them yet; return the new alert ids. A pair already
+    alerted is skipped by the insert (``alert_unique_anomaly``). Side effect after
+    commit: the new alerts are pushed (``alert.created``)."""
+    with transaction.atomic():
+        # Only anomalies evaluated when new, and pairs not alerted yet: an insert that
+        # skips a pair would leave a gap in the team's sequence.
+        checked = set(
+            AnomalyCheck.objects.filter(anomaly_id__in=[a.id for a in anomalies]).values_list(
+                "anomaly_id", flat=True
+            )
+        )
+        anomalies = [a for a in anomalies if a.id in checked]
+        alerted = set(
+            Alert.objects.filter(anomaly_id__in=list(checked)).values_list("rule_id", "anomaly_id")
+        )
+        rules = list(
+            AlertRule.objects.filter(
+                team_id__in={a.team_id for a in anomalies},
+                enabled=True,
+                kind=AlertRule.Kind.ANOMALY,
+            ).order_by("id")
+        )
+        firing = [
+            (rule, a)
+            for a in sorted(anomalies, key=lambda a: (a.evidence_created_at, a.id))
+            for rule in rules
+            if rule.team_id == a.team_id
+            and (rule.id, a.id) not in alerted
+            and anomaly_rule_matches(rule, a)
+        ]
+        if not firing:
+            return []
+        created = _create_anomaly_alerts(firing)
+        if created:
+            transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+    if created:
+        log.info("alerts.anomalies_fired_late", alerts=len(created))
+    return created
 
 
 def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -> list[int]:

@@ -11,6 +11,12 @@ from django.db import models
 from ingest.models import Source
 from teams.models import Team
 
+ANOMALY_MIN_PEAK = 5
+"""The default least value at an anomaly's peak for an "anomaly" rule to fire on a count
+series: posts in the peak 5-minute bucket. A quiet series (expected 0 to 1 a bucket) sees
+2 posts in a bucket about 26 times a day at 0.5 a bucket (Poisson), 5 about once in 20
+days; 5 is also the trend detector's least events per term (``TRENDS_MIN_EVENTS``)."""
+
 
 class Severity(models.TextChoices):
     INFO = "info"
@@ -21,8 +27,11 @@ class Severity(models.TextChoices):
 class AlertRule(models.Model):
     """When a team wants to be told: a new trend passing these thresholds (``new_trend``),
     or an anomaly of a series passing ``min_score`` (``anomaly``: ``source`` and
-    ``terms`` filter its series; ``min_events``, ``min_authors`` and ``cooldown_s`` do
-    not apply, the detector's refractory day per series stands for a cooldown), or a
+    ``terms`` filter its series; ``min_peak`` is the least value at the anomaly's peak
+    for a count series, posts in its peak 5-minute bucket (post volume, term, watch; not
+    the negative share), 5 by default so that a spike of a post or two is no alert unless
+    the rule lowers it; ``min_events``, ``min_authors`` and ``cooldown_s`` do not apply,
+    the detector's refractory day per series stands for a cooldown), or a
     post likely to go viral (``viral_post``: ``min_score`` is the least P(viral), 0.5 to
     1, of the virality model's score at posting time; ``source`` and ``terms`` filter the
     post (its hashtags, mentions, cashtags, keywords); ``cooldown_s`` is per author;
@@ -50,6 +59,7 @@ class AlertRule(models.Model):
         "min_events",
         "min_authors",
         "cooldown_s",
+        "min_peak",
     ]
     """What a team's owner sets (the API and the admin)."""
 
@@ -66,6 +76,7 @@ class AlertRule(models.Model):
     min_events = models.IntegerField(default=1)
     min_authors = models.IntegerField(default=1)
     cooldown_s = models.IntegerField(default=6 * 3600)
+    min_peak = models.IntegerField(default=ANOMALY_MIN_PEAK)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -164,6 +164,7 @@ def test_a_rule_is_saved_through_the_rules_service(team: Team, operator: Client)
             "min_events": "5",
             "min_authors": "3",
             "cooldown_s": "3600",
+            "min_peak": "5",
         },
     )
 
@@ -189,6 +190,7 @@ def test_a_rule_cannot_watch_another_teams_source(team: Team, operator: Client) 
             "min_events": "5",
             "min_authors": "3",
             "cooldown_s": "3600",
+            "min_peak": "5",
         },
     )
 

@@ -329,6 +329,20 @@ def test_the_rules_api_takes_the_anomaly_kind_and_refuses_unknown_kinds() -> Non
     assert refused.status_code == 400 and "kind" in refused.json()
 
 
+def test_the_rules_api_takes_min_peak_from_1_and_defaults_it_to_5() -> None:
+    personas = make_personas()
+    owner = client_for(personas.owner)
+    body = {"team": personas.team.id, "name": "spikes", "kind": "anomaly", "min_score": 6}
+
+    default = owner.post("/api/rules/", body, format="json")
+    small = owner.post("/api/rules/", {**body, "name": "small", "min_peak": 1}, format="json")
+    refused = owner.post("/api/rules/", {**body, "name": "none", "min_peak": 0}, format="json")
+
+    assert default.status_code == 201 and default.json()["min_peak"] == 5
+    assert small.status_code == 201 and small.json()["min_peak"] == 1
+    assert refused.status_code == 400 and "min_peak" in refused.json()
+
+
 def test_the_openapi_schema_documents_the_anomaly_endpoints() -> None:
     response = APIClient().get("/api/schema/")
 
@@ -494,11 +508,13 @@ def test_jumping_over_weeks_without_events_writes_what_stepping_every_bucket_wri
     assert sum(r.steps for r in runs) < sum(r.buckets for r in runs) / 4
 
 
-def test_an_anomaly_opened_and_closed_inside_a_jump_is_the_one_stepping_opens() -> None:
-    # With no refractory period the empty buckets just after a burst are flagged too:
-    # they open (and close) anomalies inside runs of empty buckets.
+def test_buckets_flagged_inside_a_jump_are_the_ones_stepping_flags() -> None:
+    # A flagged bucket's value lies outside its band, so an empty bucket is never flagged
+    # as a rise; flagging falls too, with no refractory period and a lower threshold, the
+    # empty buckets after the steady day and half are flagged, inside runs of empty
+    # buckets (they open no anomaly: the stage opens one only above the band).
     shares = anomaly_series.params_for(anomaly_series.SHARES)
-    no_refractory = anomaly_series.Params(refractory=0)
+    no_refractory = anomaly_series.Params(refractory=0, direction="both", threshold=3.0)
     params = {anomaly_series.COUNTS: no_refractory, anomaly_series.SHARES: shares}
     counts = mock.patch.object(anomaly_stage, "params_for", params.__getitem__)
     source = make_source(make_personas().team)
@@ -508,8 +524,9 @@ def test_an_anomaly_opened_and_closed_inside_a_jump_is_the_one_stepping_opens() 
         stepped, jumped, runs = jumped_and_stepped(source)
 
     assert jumped == stepped
-    opened_empty = [at for at in stepped["anomalies"] if stepped["points"][at][0] == 0]
-    assert opened_empty and sum(r.jumps for r in runs) >= 2
+    flagged_empty = [at for at, point in stepped["points"].items() if point[0] == 0 and point[-1]]
+    assert flagged_empty and sum(r.jumps for r in runs) >= 2
+    assert all(stepped["points"][at][0] > 0 for at in stepped["anomalies"])
 
 
 def test_a_source_over_five_years_catches_up_in_runs_bounded_by_its_events(
@@ -596,3 +613,154 @@ def test_beat_ticks_with_work_left_never_multiply_the_follow_ups(
 
     (next_one,) = _queued_anomaly_task_ids()
     assert next_one != follow_up
+
+
+# ---- alerts that are right: history, minimum counts, figures inside their band ----------
+
+
+def quiet(buckets: int, *, every: int = 12, skip: range = range(0)) -> list[Envelope]:
+    """One post every ``every`` buckets (an hour by default), none in ``skip``: a
+    sparse stream."""
+    return [
+        envelope(f"a quiet note number {b}", minutes=b * BUCKET_MIN + 1)
+        for b in range(0, buckets, every)
+        if b not in skip
+    ]
+
+
+def quiet_with_burst(burst: list[Envelope], first: int, buckets: int) -> list[Envelope]:
+    """A quiet stream of ``HISTORY_BUCKETS + 24`` buckets with ``burst`` (in ``buckets``
+    buckets from ``first``) instead of its own posts there, in event-time order."""
+    calm = quiet(HISTORY_BUCKETS + 24, skip=range(first - 9, first + buckets))
+    return sorted(calm + burst, key=lambda e: e.created_at)
+
+
+def alert_on(rule: AlertRule, new_ids: list[int]) -> list[Alert]:
+    """Evaluate the new anomalies (the alerts stage's call); the rule's alerts."""
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        evaluation.evaluate_anomalies(anomaly_ids=new_ids)
+    return list(Alert.objects.filter(rule=rule))
+
+
+def test_a_brand_new_source_cannot_alert_before_its_stated_history() -> None:
+    personas = make_personas()
+    rule = make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY, min_score=0)
+    source = make_source(personas.team)
+    young = Detector(1).params.warmup - 12  # an hour short of 36 h of history
+    assert young * BUCKET_MIN / 60 == 35
+    envelopes = steady(young + 12, per_bucket=1) + spike(young, 3, 25)
+    run_through(source, sorted(envelopes, key=lambda e: e.created_at), batch_size=500)
+
+    new_ids = advance_all()
+
+    assert new_ids == []
+    assert not Anomaly.objects.exists()
+    assert alert_on(rule, new_ids) == []
+    scored = SeriesPoint.objects.filter(series__kind=Series.Kind.VOLUME, score__isnull=False)
+    assert not scored.filter(bucket_start__lt=bucket(Detector(1).params.warmup)).exists()
+
+
+@pytest.mark.parametrize("posts", [1, 2, 3])
+def test_a_spike_of_a_few_posts_is_no_alert_unless_the_rule_asks_for_it(posts: int) -> None:
+    personas = make_personas()
+    default = make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY, min_score=5)
+    small = make_rule(
+        personas.team, name="small spikes", kind=AlertRule.Kind.ANOMALY, min_score=5, min_peak=1
+    )
+    assert default.min_peak == 5
+    source = make_source(personas.team)
+    # A quiet stream (a post an hour), then an hour with ``posts`` posts in each bucket:
+    # the detector sees it (a post or more a bucket where none is expected, sustained),
+    # a rule alerts only when it asks for spikes that small. One post a bucket stays
+    # inside the band (its sustained level is a robust z of 3.4).
+    burst = spike(SPIKE_BUCKET, 12, posts)
+    run_through(source, quiet_with_burst(burst, SPIKE_BUCKET, 12))
+
+    new_ids = advance_all()
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        evaluation.evaluate_anomalies(anomaly_ids=new_ids)
+
+    volume = list(Anomaly.objects.filter(series__kind=Series.Kind.VOLUME))
+    assert [a.value for a in volume] == ([] if posts == 1 else [posts])
+    assert all(a.high is not None and a.value > a.high for a in volume)
+    assert not Alert.objects.filter(rule=default).exists()
+    assert {a.anomaly_id for a in Alert.objects.filter(rule=small)} >= {a.id for a in volume}
+
+
+def test_a_rule_fires_when_the_peak_of_an_open_anomaly_rises_past_its_min_peak() -> None:
+    personas = make_personas()
+    rule = make_rule(personas.team, name="spikes", kind=AlertRule.Kind.ANOMALY, min_score=5)
+    source = make_source(personas.team)
+    # Three posts a bucket open the anomaly (below min_peak 5); forty posts later raise it.
+    calm = quiet(SPIKE_BUCKET, skip=range(SPIKE_BUCKET - 9, SPIKE_BUCKET))
+    first = sorted(calm + spike(SPIKE_BUCKET, 9, 3), key=lambda e: e.created_at)
+    run_through(source, first, close=False)
+    new_ids = advance_all()
+    assert alert_on(rule, new_ids) == []
+    opened = Anomaly.objects.get(series__kind=Series.Kind.VOLUME)
+    assert opened.value < 5
+
+    later = [
+        envelope(f"now everyone is talking {i}", minutes=(SPIKE_BUCKET + 9) * BUCKET_MIN + i * 0.1)
+        for i in range(40)
+    ]
+    run_through(source, later + quiet(SPIKE_BUCKET + 24)[-1:], batch_size=500)
+    advance_all()
+    grown = Anomaly.objects.get(id=opened.id)
+    assert grown.value == 40
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        evaluation.update_anomaly_alerts(anomaly_ids=[opened.id])
+        again = evaluation.update_anomaly_alerts(anomaly_ids=[opened.id])
+
+    alert = Alert.objects.get(rule=rule)
+    assert alert.anomaly_id == opened.id
+    assert alert.evidence["value"] == 40
+    assert again == []
+    assert Alert.objects.count() == 1
+
+
+def test_every_anomaly_and_alert_of_a_sparse_bursty_run_shows_a_value_outside_its_band() -> None:
+    personas = make_personas()
+    rule = make_rule(personas.team, name="Volume spikes", kind=AlertRule.Kind.ANOMALY, min_score=6)
+    source = make_source(personas.team)
+    rng = np.random.default_rng(18)
+    days = 4
+    buckets = days * 288
+    envelopes: list[Envelope] = []
+    for b in range(buckets):
+        daytime = 0.6 if (b % 288) // 12 in range(8, 22) else 0.1
+        for i in range(int(rng.poisson(daytime))):
+            envelopes.append(envelope(f"ordinary chatter {b} {i}", minutes=b * BUCKET_MIN + i))
+    # Bursts of every size: 1 to 60 posts a bucket for 1 to 6 buckets, some about a term.
+    for start in rng.choice(np.arange(300, buckets - 20), size=24, replace=False):
+        size, length = int(rng.choice([1, 2, 3, 5, 10, 25, 60])), int(rng.integers(1, 7))
+        for b in range(int(start), int(start) + length):
+            for i in range(size):
+                envelopes.append(
+                    envelope(
+                        f"#ntsb investigators on site {b} {i}",
+                        minutes=b * BUCKET_MIN + 0.5 + i * 0.004,
+                    )
+                )
+    run_through(source, sorted(envelopes, key=lambda e: e.created_at), batch_size=500)
+
+    new_ids = advance_all()
+    alerts = alert_on(rule, new_ids)
+
+    anomalies = list(Anomaly.objects.exclude(series__kind=Series.Kind.NEGATIVE_SHARE))
+    assert anomalies, "the run should hold some anomalies"
+    assert all(
+        a.low is not None
+        and a.expected is not None
+        and a.high is not None
+        and a.low <= a.expected <= a.high < a.value
+        for a in anomalies
+    )
+    assert alerts, "the run should fire some alerts"
+    for alert in alerts:
+        evidence = alert.evidence
+        assert evidence["value"] > evidence["high"]
+        assert evidence["value"] >= rule.min_peak
+        assert evidence["score"] >= rule.min_score
+        shown, band = alert.title.rsplit(": ", 1)[1].split(" (expected ")
+        assert float(shown) > float(band.split("–")[1].split(")")[0])

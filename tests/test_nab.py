@@ -9,6 +9,7 @@ is worth sigma(y) / sigma(-1) with y = -(49 - i + 1) / 10, and sigma(-1) = tanh(
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlengine.evaluation import nab
+from mlengine.anomalies import detector
+from mlengine.evaluation import nab, nab_harness
 
 T0 = datetime(2015, 3, 1)
 STANDARD = nab.Profile("standard", tp_weight=1.0, fp_weight=0.11, fn_weight=1.0)
@@ -179,3 +181,131 @@ def test_it_names_a_malformed_series_file(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("time,count\n1,2\n")
     with pytest.raises(nab.NabDataError, match="header"):
         nab.load_series(tmp_path / "x.csv")
+
+
+# ---- per-category figures (mlengine.evaluation.nab_harness) ----------------------------
+
+
+def corpus_of(files: dict[str, np.ndarray], windows: dict[str, list[nab.Window]]) -> dict:
+    """The three profiles' corpus scores of ``files`` (``key -> flags``)."""
+    profiles = {
+        "standard": STANDARD,
+        "reward_low_FP_rate": nab.Profile("reward_low_FP_rate", 1.0, 0.22, 1.0),
+        "reward_low_FN_rate": LOW_FN,
+    }
+    return {
+        name: nab.score_corpus({k: (times(), f) for k, f in files.items()}, windows, profile)
+        for name, profile in profiles.items()
+    }
+
+
+def test_each_category_is_normalised_on_its_own_summed_raw_scores() -> None:
+    windows = {
+        "catA/a.csv": WINDOWS,
+        "catA/b.csv": [window(20, 29), window(60, 69)],
+        "catB/c.csv": WINDOWS,
+    }
+    # catA: a.csv hit at the window's start (+1), b.csv missed twice (-2): S = -1, null
+    # -3, perfect 3, 100 * 2 / 6. catB: c.csv hit at row 45 (+0.859793) and a false
+    # positive before any window (-0.11): 100 * (0.749793 + 1) / 2.
+    scores = corpus_of(
+        {"catA/a.csv": flags(40), "catA/b.csv": flags(), "catB/c.csv": flags(20, 45)}, windows
+    )
+
+    rows = nab_harness.per_category(scores)
+
+    assert set(rows) == {"catA", "catB"}
+    assert rows["catA"]["standard"] == pytest.approx(100 * 2 / 6, abs=0.01)
+    assert rows["catB"]["standard"] == pytest.approx(100 * 1.749793 / 2, abs=0.01)
+    # low FN: catA S = 1 - 4 = -3, null -6, perfect 3; low FP: catB 0.859793 - 0.22
+    assert rows["catA"]["reward_low_FN_rate"] == pytest.approx(100 * 3 / 9, abs=0.01)
+    assert rows["catB"]["reward_low_FP_rate"] == pytest.approx(100 * 1.639793 / 2, abs=0.01)
+    assert (rows["catA"]["files"], rows["catA"]["windows"], rows["catA"]["detected"]) == (2, 3, 1)
+    assert rows["catB"]["false_positives"] == 1
+    assert scores["standard"].normalized == pytest.approx(100 * 3.749793 / 8, abs=1e-4)
+
+
+def test_a_category_without_windows_reports_the_raw_cost_of_its_false_positives() -> None:
+    windows: dict[str, list[nab.Window]] = {"calm/x.csv": [], "catA/a.csv": WINDOWS}
+    scores = corpus_of({"calm/x.csv": flags(20, 60), "catA/a.csv": flags(40)}, windows)
+
+    rows = nab_harness.per_category(scores)
+
+    assert rows["calm"]["standard"] is None
+    assert rows["calm"]["raw"]["standard"] == pytest.approx(-0.22)
+    assert rows["calm"]["raw"]["reward_low_FP_rate"] == pytest.approx(-0.44)
+    # its false positives still count in the corpus: (1 - 0.22 + 1) / 2
+    assert scores["standard"].normalized == pytest.approx(100 * 1.78 / 2)
+
+
+def test_the_harness_reads_every_category_folder(tmp_path: Path) -> None:
+    for folder, name in (("realTweets", "t.csv"), ("realTraffic", "s.csv")):
+        (tmp_path / folder).mkdir()
+        rows = [f"{t:%Y-%m-%d %H:%M:%S},{i % 7}" for i, t in enumerate(times(400))]
+        (tmp_path / folder / name).write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "labels" / "combined_windows.json").write_text(
+        json.dumps(
+            {
+                "realTweets/t.csv": [["2015-03-01 10:00:00", "2015-03-01 12:00:00"]],
+                "realTraffic/s.csv": [],
+            }
+        )
+    )
+    profile = {"CostMatrix": {"tpWeight": 1, "fnWeight": 1, "fpWeight": 0.11, "tnWeight": 1}}
+    (tmp_path / "config" / "profiles.json").write_text(
+        json.dumps(dict.fromkeys(nab_harness.PROFILES, profile))
+    )
+
+    result = nab_harness.run(tmp_path)
+
+    assert set(result["per_file"]) == {"realTweets/t.csv", "realTraffic/s.csv"}
+    assert set(result["per_category"]) == {"realTweets", "realTraffic"}
+    assert result["per_category"]["realTraffic"]["windows"] == 0
+    assert result["per_file"]["realTweets/t.csv"]["period"] == 288
+    assert result["scoreboard"]["ARTime"]["standard"] == 74.9
+
+
+def test_the_series_parameters_follow_the_spacing_and_the_values() -> None:
+    hourly = [T0 + timedelta(hours=i) for i in range(500)]
+    counts = nab_harness.series_params(hourly, np.arange(500.0) % 9)
+    levels = nab_harness.series_params(hourly, np.sin(np.arange(500.0)) + 5.0)
+
+    assert (counts.period, counts.transform, counts.noise_sd) == (24, "anscombe", 1.0)
+    assert (levels.period, levels.transform) == (24, "identity")
+    assert counts.refractory == round(nab_harness.CHOSEN.refractory_days * 24)
+    five_minutes = nab_harness.series_params(times(400), np.arange(400.0) % 5)
+    assert five_minutes.period == 288 and five_minutes.likelihood_every == 96
+
+
+@pytest.mark.parametrize("direction", ["up", "both"])
+def test_decisions_from_a_recorded_run_are_the_detectors_own(direction: str) -> None:
+    rng = np.random.default_rng(7)
+    n = 24 * 40
+    values = rng.poisson(20 + 10 * np.sin(np.arange(n) * 2 * np.pi / 24)).astype(float)
+    values[500:506] += 60
+    values[700:704] = 0
+    params = detector.Params(
+        period=24,
+        slot_spread=0,
+        smooth=3,
+        scale_every=1,
+        refractory=12,
+        warmup=36,
+        likelihood_every=8,
+        threshold=4.0,
+        direction=direction,  # type: ignore[arg-type]
+    )
+    recorded = nab_harness.trace(values, params)
+
+    for threshold, epsilon, refractory in ((4.0, 1e-5, 12), (3.0, 1e-2, 6), (6.0, 1e-3, 24)):
+        own = detector.detect_series(
+            values,
+            dataclasses.replace(
+                params, threshold=threshold, likelihood_epsilon=epsilon, refractory=refractory
+            ),
+        )
+        decided = nab_harness.decide(recorded, threshold, epsilon, refractory)
+        assert decided.tolist() == own.anomaly.tolist()
+    assert nab_harness.decide(recorded, 4.0, 1e-5, 12)[500:510].any()

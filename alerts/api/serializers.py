@@ -61,7 +61,7 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
 class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
     """A rule; ``team`` and ``source`` must belong to a team the caller owns.
 
-    ``min_events`` and ``min_authors`` are whole numbers ≥ 1, ``min_score`` a finite
+    ``min_events``, ``min_authors`` and ``min_peak`` are whole numbers ≥ 1, ``min_score`` a finite
     number ≥ 0 (for a "viral_post" rule, the least P(viral): from 0.5 to 1, and required
     when it is created), ``cooldown_s`` whole seconds ≥ 0, ``terms`` a list (empty:
     every term) of non-blank strings, ``kind`` and ``severity`` one of the model's
@@ -77,6 +77,7 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
     min_score = serializers.FloatField(min_value=0, required=False)
     min_events = serializers.IntegerField(min_value=1, required=False)
     min_authors = serializers.IntegerField(min_value=1, required=False)
+    min_peak = serializers.IntegerField(min_value=1, required=False)
     cooldown_s = serializers.IntegerField(min_value=0, required=False)
 
     class Meta:

@@ -908,7 +908,10 @@ class _Run(RunWrites):
         """The point of ``slot`` at ``start`` (unless ``point`` is False), and its
         anomaly opened, grown or closed. ``value``, ``score``, ``flagged`` and ``band``
         (expected, low, high) are the detector's for that bucket; ``totals`` the
-        bucket's (None when empty)."""
+        bucket's (None when empty). An anomaly opens at a flagged bucket whose value
+        lies above its band, grows while the score stays at or above the threshold, and
+        its peak (score, value, band) moves only to a bucket of higher score whose value
+        lies above that bucket's band: the figures an alert shows always agree."""
         expected, low, high = (_num(x) for x in band)
         slot.last_bucket = start
         if point:
@@ -918,6 +921,10 @@ class _Run(RunWrites):
         end = start + self.bucket
         opened = slot.open
         threshold = self.groups[slot.group].params.threshold
+        # The detector flags a bucket only when its value lies above the band; the check
+        # here keeps every anomaly's figures saying so (value > high) to the last bit.
+        above = high is not None and math.isfinite(value) and value > high
+        flagged = flagged and above
         if flagged:
             if opened is not None and not opened.closed:
                 opened.closed = opened.changed = True
@@ -940,7 +947,7 @@ class _Run(RunWrites):
             opened.changed = True
             if np.isfinite(score) and score >= threshold:
                 opened.window_end = end
-                if score > opened.score:
+                if score > opened.score and above:
                     opened.peak_at, opened.score, opened.value = start, score, float(value)
                     opened.expected, opened.low, opened.high = expected, low, high
             else:

@@ -140,8 +140,20 @@ def score_file(
     n = len(timestamps)
     if flags.shape != (n,):
         raise NabDataError(f"{flags.shape[0] if flags.ndim else 0} detections for {n} rows")
+    return score_rows(flags, window_bounds(timestamps, windows), profile, probation_percent)
+
+
+def score_rows(
+    flags: npt.NDArray[np.bool_],
+    bounds: Sequence[tuple[int, int]],
+    profile: Profile,
+    probation_percent: float = PROBATION_PERCENT,
+) -> FileScore:
+    """``score_file`` on row indices: ``flags`` of shape ``(n,)`` and the windows' row
+    bounds ``(first, last)`` in time order (``window_bounds``). For scoring many
+    detections of one file without converting its timestamps each time."""
+    n = len(flags)
     probation = probationary_length(n, probation_percent)
-    bounds = window_bounds(timestamps, windows)
     max_tp = scaled_sigmoid(-1.0)
 
     score = 0.0

@@ -3,8 +3,11 @@ official metric for its active head on a TweetEval-layout split, with per-class 
 (macro-averaged recall for sentiment; macro-F1 for emotion and offensive).
 
 ``manage.py evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: the anomaly
-detector on NAB's ``DIR/realTweets/*.csv``, scored with NAB's three profiles
-(``mlengine.evaluation.nab_harness``).
+detector on every category folder of NAB's ``DIR`` (``DIR/<category>/*.csv``), scored with
+NAB's three profiles per file, per category and over the corpus, printed beside NAB's
+published whole-corpus scoreboard (``mlengine.evaluation.nab_harness``).
+``manage.py evaluate anomaly --nab DIR --search [--json OUT]``: choose the harness's knobs
+on that corpus (a small grid), with the leave-one-out check on its realTweets files.
 
 ``manage.py evaluate virality --data CSV [--since DATE] [--json OUT]``: ROC-AUC of the
 active virality model on a trump_tweets-layout CSV's posts from DATE on
@@ -88,6 +91,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--start", default=None, help="background: first day, ISO 8601 (2015-02-17)"
         )
+        parser.add_argument(
+            "--search",
+            action="store_true",
+            help="anomaly: choose the detector's knobs on the NAB corpus (grid, leave-one-out)",
+        )
         parser.add_argument("--json", type=Path, default=None, help="write the result here")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -122,25 +130,85 @@ class Command(BaseCommand):
         self._write_json(options, result)
 
     def _anomaly(self, options: dict[str, Any]) -> None:
-        """``evaluate anomaly --nab DIR [--detections OUTDIR] [--json OUT]``: NAB scores of
-        the anomaly detector's own decisions on ``DIR/realTweets/*.csv``."""
+        """``evaluate anomaly --nab DIR [--detections OUTDIR] [--search] [--json OUT]``:
+        NAB scores of the anomaly detector's own decisions on every category of ``DIR``,
+        or (``--search``) the choice of its knobs on them."""
         from mlengine.evaluation import nab, nab_harness
 
         if options["nab"] is None:
             raise CommandError("evaluate anomaly needs --nab DIR (a NAB folder)")
+        if options["search"]:
+            self._anomaly_search(options)
+            return
         try:
             result = nab_harness.run(options["nab"], options["detections"])
         except nab.NabDataError as exc:
             raise CommandError(str(exc)) from exc
+        profiles = nab_harness.PROFILES
+
+        def figures(row: dict[str, Any]) -> str:
+            return " / ".join("—" if row[p] is None else f"{row[p]:.1f}" for p in profiles)
+
         self.stdout.write(
             f"anomaly ({result['detector']}) on {result['files']} NAB files: "
-            + ", ".join(f"{p} {result[p]:.2f}" for p in nab_harness.PROFILES)
+            + ", ".join(f"{p} {result[p]:.2f}" for p in profiles)
         )
         for name, row in result["per_file"].items():
             self.stdout.write(
                 f"  {name}: standard {row['standard']:.2f}, "
                 f"{row['detected']}/{row['windows']} windows, {row['false_positives']} FP"
             )
+        self.stdout.write("per category (standard / reward_low_FP_rate / reward_low_FN_rate):")
+        for name, row in result["per_category"].items():
+            self.stdout.write(
+                f"  {name}: {figures(row)} ({row['files']} files, {row['detected']}/"
+                f"{row['windows']} windows, {row['false_positives']} FP, raw standard "
+                f"{row['raw']['standard']:.2f})"
+            )
+        self.stdout.write(f"  all {result['files']} files: {figures(result)}")
+        if result["production_realTweets"] is not None:
+            self.stdout.write(
+                "  realTweets at production's operating point (Params(): threshold 5.5, "
+                f"rises only): {figures(result['production_realTweets'])}"
+            )
+        self.stdout.write(
+            "NAB's published scoreboard, whole corpus of 58 files (NAB README; "
+            "published per-category figures are not in the data folder):"
+        )
+        for name, scores in result["scoreboard"].items():
+            self.stdout.write(f"  {name}: {figures(scores)}")
+        self._write_json(options, result)
+
+    def _anomaly_search(self, options: dict[str, Any]) -> None:
+        """``evaluate anomaly --nab DIR --search [--json OUT]``: the knobs chosen on the
+        corpus, its scores, and the leave-one-out realTweets scores."""
+        from mlengine.evaluation import nab, nab_harness
+
+        try:
+            result = nab_harness.search(options["nab"], progress=self.stderr.write)
+        except nab.NabDataError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"chosen: {result['chosen']} (mean standard of its grid neighbourhood "
+            f"{result['chosen_standard_at_neighbours']:.2f}; the best single setting "
+            f"{result['top'][0]['standard']:.2f}: {result['top'][0]['knobs']})"
+        )
+        self.stdout.write(
+            "whole corpus: "
+            + ", ".join(f"{p} {result['corpus'][p]:.2f}" for p in nab_harness.PROFILES)
+        )
+        for name, row in result["per_category"].items():
+            self.stdout.write(f"  {name}: standard {row['standard']}")
+        self.stdout.write(f"realTweets in sample: {result['realTweets_in_sample']:.2f}")
+        for name, fold in result["leave_one_out"].items():
+            self.stdout.write(
+                f"  {name} held out: {fold['held_out']:.2f} (in sample {fold['in_sample']:.2f}, "
+                f"the rest {fold['others']:.2f}) with {fold['knobs']}"
+            )
+        self.stdout.write(
+            f"leave-one-out realTweets: mean {result['leave_one_out_mean']:.2f}, pooled "
+            f"{result['leave_one_out_pooled']:.2f}"
+        )
         self._write_json(options, result)
 
     def _trends(self, options: dict[str, Any]) -> None:
