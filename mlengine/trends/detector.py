@@ -548,7 +548,10 @@ class TermStream:
             prev_events = np.asarray(cols["prev_events"], dtype=np.float64)
             growth = counts - prev_events
             accelerating = (growth > 0) & (growth > prev_events - np.asarray(cols["before_events"]))
-            firing = firing | (projected.is_trend & accelerating)
+            # A prediction needs a baseline: a projection of a stream's first seconds
+            # against the prior (every term in half the posts) would fire on whatever
+            # word fills a new live source; its first bucket is judged as it is.
+            firing = firing | (projected.is_trend & accelerating & (hist_buckets > 0))
         trends = []
         bucket = datetime.fromtimestamp(self.cur_start, tz=UTC)
         for i in np.flatnonzero(firing):

@@ -324,7 +324,10 @@ def _score_round(windows: Sequence[_Windows | None]) -> list[_Verdicts | None]:
         before = np.concatenate([w.before_events for w in present]).astype(np.float64)
         growth = projection - prev
         accelerating = (growth > 0) & (growth > prev - before)
-        emerging = projected.is_trend & accelerating & ~scores.is_trend
+        # A prediction needs a baseline: a stream's first bucket is judged as it is.
+        emerging = (
+            projected.is_trend & accelerating & ~scores.is_trend & (common["hist_buckets"] > 0)
+        )
     verdicts: list[_Verdicts | None] = []
     offset = 0
     for w in windows:
