@@ -419,7 +419,9 @@ def test_terms_that_surge_together_are_one_story_with_one_alert_updated_as_it_gr
     assert {"#blizzard", "#snowstorm", "#flood"} <= set(trends)
     assert trends["#snowstorm"].story_id == trends["#blizzard"].story_id == trends["#blizzard"].id
     assert trends["#flood"].story_id == trends["#flood"].id
-    assert trends["#blizzard"].forecast["next_counts"]
+    # A story one bucket old has too few buckets to extrapolate, and its forecast says so.
+    assert trends["#blizzard"].forecast["method"] == "too_few_buckets"
+    assert trends["#blizzard"].forecast["next_counts"] == []
     alerts = Alert.objects.filter(id__in=alert_ids).order_by("seq")
     assert [a.trend.term for a in alerts] == ["#blizzard", "#flood"]  # one per story
     assert [a.story_id for a in alerts] == [trends["#blizzard"].id, trends["#flood"].id]

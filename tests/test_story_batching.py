@@ -79,9 +79,9 @@ def reference_assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         if joined is None and trend.always_on:
             continue
         story_id = joined if joined is not None else trend.id
-        stories[story_id].add(trend.term)
-        if trend.always_on:
+        if trend.always_on and trend.term not in stories[story_id]:
             always_on.setdefault(story_id, set()).add(trend.term)
+        stories[story_id].add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )

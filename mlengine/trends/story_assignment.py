@@ -79,9 +79,11 @@ def assign_stories(source_id: int, trend_ids: Sequence[int]) -> None:
         if joined is None and trend.always_on:
             continue  # an always-on term starts no story: it stays without one
         story_id = joined if joined is not None else trend.id
-        stories.setdefault(story_id, set()).add(trend.term)
-        if trend.always_on:
+        members = stories.setdefault(story_id, set())
+        if trend.always_on and trend.term not in members:
+            # A member is always on as it first joined (live_stories reads it so).
             always_on.setdefault(story_id, set()).add(trend.term)
+        members.add(trend.term)
         last_bucket[story_id] = max(
             trend.bucket_start, last_bucket.get(story_id, trend.bucket_start)
         )
