@@ -139,8 +139,8 @@ BoolArray = npt.NDArray[np.bool_]
 class TrendScores:
     """``score_terms``'s verdicts, one entry per scored window (arrays of shape ``(n,)``):
     ``expected`` events, ``score`` in σ, ``velocity`` in events per minute of change
-    from the previous bucket, ``is_trend``, ``always_on`` (the term's baseline share is
-    at least ``always_on_share``). Unrounded."""
+    from the previous bucket, ``is_trend``, ``always_on`` (the term is an everyday term
+    of its stream: the always-on test of the module docstring). Unrounded."""
 
     expected: FloatArray
     score: FloatArray
@@ -305,7 +305,7 @@ class TermTrend:
     ``predicted``: an "emerging" detection (``TermStream(emerging=True)``): the bucket's
     projected count (``projected`` events, None for a confirmed detection) passes, the
     count so far not yet; ``score`` and ``expected`` are then the projection's.
-    ``always_on``: the term was in at least ``always_on_share`` of the baseline's posts
+    ``always_on``: the term was an everyday term of its stream at detection
     (``TrendScores.always_on``)."""
 
     term: str
