@@ -168,7 +168,9 @@ def test_stories_fire_fewer_alerts_than_terms_on_real_crises(
     # keywords, where one alert per term fires 50 and 43.
     assert [r["alerts"] for r in terms["events"]] == [50, 43]
     assert [r["alerts"] for r in stories["events"]] == [1, 1]
-    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.92, 0.2]
+    # NY's story is confirmed in its first bucket, 0.79 h after its onset: a prediction
+    # needs a baseline, so the first bucket is judged on its count as it is.
+    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.92, 0.79]
     assert [r["keyword_precision"] for r in stories["events"]] == [1.0, 1.0]
     assert stories["median_alerts"] == 1
     assert [r["bucket_s"] for r in stories["events"]] == [21600, 21600]
