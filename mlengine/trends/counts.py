@@ -61,7 +61,8 @@ class History:
     extended with each bucket the scan completes. Every bucket in it is complete: the
     scan has passed it, so the watermark has."""
 
-    events: dict[Key, int]
+    buckets: dict[datetime, dict[str, int]]
+    """Per bucket start, its events (``TOTAL_TERM``) and those of ``terms`` it holds."""
     total_authors: dict[datetime, int]
     terms: list[str]
 
@@ -81,12 +82,14 @@ class History:
                 [terms, source_id, since, until],
             )
             rows = cursor.fetchall()
-        history = cls(events={}, total_authors={}, terms=terms)
+        history = cls(buckets={}, total_authors={}, terms=terms)
         for start, events, authors, term_events in rows:
-            history.events[(start, TOTAL_TERM)] = events
+            counts = {
+                term: int(n) for term, n in (json.loads(term_events) if term_events else {}).items()
+            }
+            counts[TOTAL_TERM] = events
+            history.buckets[start] = counts
             history.total_authors[start] = authors or 0
-            for term, count in (json.loads(term_events) if term_events else {}).items():
-                history.events[(start, term)] = int(count)
         return history
 
     def add_bucket(self, start: datetime, cells: Cells) -> None:
@@ -94,12 +97,15 @@ class History:
         total = cells.get((start, TOTAL_TERM))
         if total is None or not total.events:
             return
-        self.events[(start, TOTAL_TERM)] = total.events
+        # A scanned bucket may also be a loaded one: what the scan did not touch keeps
+        # its stored count.
+        counts = self.buckets.setdefault(start, {})
+        counts[TOTAL_TERM] = total.events
         self.total_authors[start] = len(total.authors)
         for term in self.terms:
             cell = cells.get((start, term))
             if cell is not None and cell.events:
-                self.events[(start, term)] = cell.events
+                counts[term] = cell.events
 
     def baseline(self, start: datetime, params: TrendParams) -> _Baseline:
         """The baseline of the bucket at ``start`` (``baseline_range``)."""
@@ -113,28 +119,31 @@ class History:
         long: dict[str, int] = {}
         present: dict[str, int] = {}
         long_total = long_buckets = 0
-        for (moment, term), events in self.events.items():
+        for moment, counts in self.buckets.items():
             if not long_since <= moment < until:
                 continue
-            if term == TOTAL_TERM:
-                long_total += events
-                long_buckets += 1
-            elif events:
+            recent = moment >= since
+            for term, events in counts.items():
+                if term == TOTAL_TERM:
+                    long_total += events
+                    long_buckets += 1
+                    if recent:
+                        total += events
+                        buckets += 1
+                        max_authors = max(max_authors, self.total_authors.get(moment, 0))
+                    continue
+                if not events:
+                    continue
                 long[term] = long.get(term, 0) + events
                 present[term] = present.get(term, 0) + 1
-            if moment < since:
-                continue
-            if term == TOTAL_TERM:
-                total += events
-                buckets += 1
-                max_authors = max(max_authors, self.total_authors.get(moment, 0))
-                continue
-            sums = terms.setdefault(term, [0, 0, 0])
-            sums[0] += events
-            if moment == prev:
-                sums[1] += events
-            if moment == before:
-                sums[2] += events
+                if not recent:
+                    continue
+                sums = terms.setdefault(term, [0, 0, 0])
+                sums[0] += events
+                if moment == prev:
+                    sums[1] += events
+                if moment == before:
+                    sums[2] += events
         return _Baseline(
             terms={term: (v[0], v[1], v[2]) for term, v in terms.items()},
             total=total,
