@@ -343,18 +343,8 @@ def _story(trend: facade.TrendView) -> dict[str, Any]:
         "forecast": trend.forecast,
         "updated_by": trend.term,
         "predicted": trend.is_prediction,
-        "prediction": _prediction(trend),
+        "prediction": trend.prediction,
     }
-
-
-def _prediction(trend: facade.TrendView) -> str | None:
-    """Where a story's prediction stands: "open", "confirmed", "withdrawn", or None for a
-    story that was never a prediction."""
-    if not trend.predicted:
-        return None
-    if trend.confirmed_at is not None:
-        return "confirmed"
-    return "withdrawn" if trend.withdrawn_at is not None else "open"
 
 
 def _create_alerts(firing: list[Pair]) -> claims.Inserted:

@@ -134,6 +134,12 @@ class TrendView:
         return self.predicted and self.confirmed_at is None and self.withdrawn_at is None
 
     @property
+    def prediction(self) -> str | None:
+        """Where this trend's prediction stands: "open", "confirmed", "withdrawn", or
+        None for a trend that was never a prediction."""
+        return _prediction_state(self.predicted, self.confirmed_at, self.withdrawn_at)
+
+    @property
     def is_withdrawn(self) -> bool:
         """A prediction whose bucket closed without the count passing: it did not
         materialise."""
@@ -260,25 +266,40 @@ def confirmed_trend_ids(story_ids: Sequence[int]) -> list[int]:
     )
 
 
+def _prediction_state(
+    predicted: bool, confirmed_at: datetime | None, withdrawn_at: datetime | None
+) -> str | None:
+    """ "open", "confirmed" or "withdrawn" for a prediction; None for a trend that was
+    never one."""
+    if not predicted:
+        return None
+    if confirmed_at is not None:
+        return "confirmed"
+    return "withdrawn" if withdrawn_at is not None else "open"
+
+
+def _of_stories(ids: Sequence[int]) -> Q:
+    """The trends of the stories ``ids`` (a story's id is its first trend's), and the
+    trends without a story among ``ids``."""
+    return Q(story_id__in=ids) | Q(id__in=ids, story__isnull=True)
+
+
 def story_outcomes(story_ids: Sequence[int]) -> dict[int, str]:
     """Where each story's prediction stands, by story id (a story's id is its first
     trend's; a trend without a story is its own): "confirmed" when a member passed the
     test as it was (detected so, or a prediction confirmed), else "open" while a member's
     prediction waits for its bucket to close, else "withdrawn" (every member a prediction
     whose bucket closed without passing). Ids of no trend are left out. One query."""
-    ids = list(story_ids)
-    rows = Trend.objects.filter(
-        Q(story_id__in=ids) | Q(id__in=ids, story__isnull=True)
-    ).values_list("id", "story_id", "predicted", "confirmed_at", "withdrawn_at")
+    rows = Trend.objects.filter(_of_stories(list(story_ids))).values_list(
+        "id", "story_id", "predicted", "confirmed_at", "withdrawn_at"
+    )
     rank = {"withdrawn": 0, "open": 1, "confirmed": 2}
     found: dict[int, str] = {}
     for trend_id, story_id, predicted, confirmed_at, withdrawn_at in rows:
         key = story_id if story_id is not None else trend_id
-        if not predicted or confirmed_at is not None:
-            state = "confirmed"
-        else:
-            state = "withdrawn" if withdrawn_at is not None else "open"
-        if rank[state] > rank[found.get(key, "withdrawn")] or key not in found:
+        # A trend detected as it was counts as a confirmed one.
+        state = _prediction_state(predicted, confirmed_at, withdrawn_at) or "confirmed"
+        if key not in found or rank[state] > rank[found[key]]:
             found[key] = state
     return found
 
@@ -286,9 +307,8 @@ def story_outcomes(story_ids: Sequence[int]) -> dict[int, str]:
 def withdrawn_trend_ids(story_ids: Sequence[int]) -> list[int]:
     """Ids of the withdrawn predictions (``TrendView.is_withdrawn``) of the stories
     ``story_ids`` (or trends without a story, by their own id), ordered (one query)."""
-    ids = list(story_ids)
     return list(
-        Trend.objects.filter(Q(story_id__in=ids) | Q(id__in=ids, story__isnull=True))
+        Trend.objects.filter(_of_stories(list(story_ids)))
         .filter(predicted=True, confirmed_at__isnull=True, withdrawn_at__isnull=False)
         .order_by("id")
         .values_list("id", flat=True)

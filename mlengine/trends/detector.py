@@ -46,6 +46,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
@@ -468,7 +469,7 @@ class TermStream:
         prev_start = self.cur_start - params.bucket_s
         prev = self._past_terms(prev_start)
         before = self._past_terms(prev_start - params.bucket_s)
-        baseline_window = list(self.history)[self._base_first :]
+        baseline_window = islice(self.history, self._base_first, None)
         max_hist_authors = max((b.authors for b in baseline_window), default=0)
         terms: list[str] = []
         posts_at: list[StreamPost] = []
@@ -512,7 +513,7 @@ class TermStream:
             self.seq += 1
         if not terms:
             return []
-        hist_buckets = len(baseline_window)
+        hist_buckets = len(self.history) - self._base_first
         baseline: dict[str, npt.ArrayLike] = {
             "hist_total": self._hist_total,
             "long_events": np.asarray(cols["long_events"]),
