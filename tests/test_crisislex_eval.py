@@ -91,6 +91,27 @@ def test_the_detectable_burst_is_the_first_post_closing_five_within_an_hour() ->
     assert crisislex.detectable_burst([]) is None
 
 
+def test_the_detectable_burst_is_the_events_surge_not_its_earlier_chatter() -> None:
+    # Three days of chatter, 2 posts an hour, with one hour of 6 posts; then the event:
+    # 120 posts in 2 hours. Five posts within an hour first close at the chatter's busy
+    # hour; against the sample's own rate only the event is a burst.
+    chatter = [ORIGIN + timedelta(minutes=30 * n) for n in range(144)]
+    busy_hour = [ORIGIN + timedelta(hours=30, minutes=10 * n + 5) for n in range(4)]
+    surge_at = ORIGIN + timedelta(hours=72)
+    surge = [surge_at + timedelta(minutes=n) for n in range(120)]
+    times = chatter + busy_hour + surge
+
+    assert crisislex.first_dense_moment(times) < surge_at
+    bursts = crisislex.kleinberg_bursts(times)
+    assert len(bursts) == 1
+    assert surge_at - timedelta(minutes=30) <= bursts[0][0] <= surge_at
+    assert crisislex.detectable_burst(times) == surge_at + timedelta(minutes=4)
+    # A steady sample has no burst against its own rate: it is taken whole.
+    steady = [ORIGIN + timedelta(minutes=n) for n in range(30)]
+    assert crisislex.kleinberg_bursts(steady) == []
+    assert crisislex.detectable_burst(steady) == ORIGIN + timedelta(minutes=4)
+
+
 def story_event(story: int, term: str, hours: float, *, predicted: bool = False) -> StoryEvent:
     at = ORIGIN + timedelta(hours=hours)
     bucket = at.replace(minute=0, second=0, microsecond=0)
@@ -164,15 +185,22 @@ def test_stories_fire_fewer_alerts_than_terms_on_real_crises(
     terms = crisislex.evaluate(Path("."), detector="terms", events=crisis_slice)
     stories = crisislex.evaluate(Path("."), detector="stories", events=crisis_slice)
 
-    # LA and NY burst in their first bucket: one story each, naming the event's own
-    # keywords, where one alert per term fires 50 and 43.
-    assert [r["alerts"] for r in terms["events"]] == [50, 43]
-    assert [r["alerts"] for r in stories["events"]] == [1, 1]
+    # LA and NY burst in their first buckets: two stories and one, every one naming the
+    # event's own keywords, where one alert per term fires dozens.
+    assert [r["alerts"] for r in stories["events"]] == [2, 1]
+    assert all(
+        t > 10 * s
+        for t, s in zip(
+            *([r["alerts"] for r in d["events"]] for d in (terms, stories)), strict=True
+        )
+    )
     # NY's story is confirmed in its first bucket, 0.79 h after its onset: a prediction
-    # needs a baseline, so the first bucket is judged on its count as it is.
-    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.92, 0.79]
+    # needs a baseline, so the first bucket is judged on its count as it is. LA's comes
+    # 0.24 h after its burst.
+    assert [r["first_alert_delay_h"] for r in stories["events"]] == [7.49, 0.79]
+    assert [r["delay_from_burst_h"] for r in stories["events"]] == [0.24, 0.58]
     assert [r["keyword_precision"] for r in stories["events"]] == [1.0, 1.0]
-    assert stories["median_alerts"] == 1
+    assert stories["median_alerts"] == 1.5
     assert [r["bucket_s"] for r in stories["events"]] == [21600, 21600]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -140,9 +141,39 @@ def test_posts_are_weighed_by_distinct_authors_except_in_a_few_author_stream() -
     # 1,000 posts by 10 accounts count as 10 * (1 + ln 100) ≈ 56; by 199 (under the cap)
     # as 199 * (1 + ln 5.03) ≈ 520; a one-account stream's 1,000 posts count 1,000.
     assert few < crowd < channel
-    expected = 100.5 / 100_001 * 5000
+    expected = 100.5 / (100_000 + params.prior_posts) * 5000
     weighted = 10 * (1 + math.log(100))
     assert few == pytest.approx((weighted - expected) / math.sqrt(expected + 1), rel=1e-9)
+
+
+def test_a_sparse_baseline_does_not_expect_an_unseen_term_in_every_other_post() -> None:
+    # A keyword-collected stream opens with its event: 2 posts of history, then 22 posts
+    # of which 8 carry a new hashtag. Jeffreys' prior (prior_posts 1) expects the unseen
+    # hashtag in 0.5 / 3 of the posts, 3.7 of 22: 8 is 2.0 sigma. The Beta(0.5, 4.5) prior
+    # expects 0.5 / 7 of them, 1.6: 8 is 4.0 sigma, a trend. Against a baseline of 2,000 posts
+    # the two priors agree to 0.2%.
+    window = {
+        "events": [8],
+        "authors": [8],
+        "bucket_total": [22],
+        "source_authors": [22],
+        "hist_events": [0],
+        "hist_buckets": [1],
+        "mean_bucket_total": [2.0],
+        "prev_events": [0],
+    }
+    production = TrendParams(min_history_buckets=0)  # TRENDS_MIN_HISTORY_BUCKETS
+    jeffreys = score_terms(replace(production, prior_posts=1.0), hist_total=2, **window)
+    smoothed = score_terms(production, hist_total=2, **window)
+
+    assert smoothed.expected[0] == pytest.approx(0.5 / 7 * 22)
+    assert (bool(jeffreys.is_trend[0]), bool(smoothed.is_trend[0])) == (False, True)
+    assert smoothed.score[0] == pytest.approx((8 - 22 / 14) / math.sqrt(22 / 14 + 1))
+    busy = {**window, "bucket_total": [100], "mean_bucket_total": [80.0]}
+    assert score_terms(TrendParams(), hist_total=2000, **busy).expected[0] == pytest.approx(
+        score_terms(TrendParams(prior_posts=1.0), hist_total=2000, **busy).expected[0],
+        rel=0.002,
+    )
 
 
 def test_with_no_history_required_only_a_term_dominating_a_new_streams_bucket_trends() -> None:

@@ -293,9 +293,13 @@ ENRICH_LANGUAGES: list[str] = env.list(
 TRENDS_BUCKET_S: int = env.int("TRENDS_BUCKET_S", default=900)
 TRENDS_BASELINE_BUCKETS: int = env.int("TRENDS_BASELINE_BUCKETS", default=24)
 # Buckets of history a stream needs before a term may trend. 0: none; a stream's first
-# buckets judge a term against the half-event prior (every term expected in half the
+# bucket judges a term against Jeffreys' prior (every term expected in half the
 # posts), so only a term that dominates a new stream trends (docs/detectors.md).
 TRENDS_MIN_HISTORY_BUCKETS: int = env.int("TRENDS_MIN_HISTORY_BUCKETS", default=0)
+# The baseline's prior weight in posts: an unseen term is taken to hold one post in
+# twice this many until the stream shows otherwise (mlengine/trends/detector.py). It matters
+# only while a baseline is a handful of posts, as when a stream opens with its burst.
+TRENDS_PRIOR_POSTS: float = env.float("TRENDS_PRIOR_POSTS", default=5.0)
 TRENDS_MIN_SCORE: float = env.float("TRENDS_MIN_SCORE", default=4.0)
 TRENDS_MIN_EVENTS: int = env.int("TRENDS_MIN_EVENTS", default=5)
 TRENDS_MIN_AUTHORS: int = env.int("TRENDS_MIN_AUTHORS", default=3)

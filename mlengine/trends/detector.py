@@ -6,8 +6,15 @@ streams by hashed significance thresholds", KDD 2014), on exact counts:
 
 - A source's stream is cut into tumbling event-time buckets of ``bucket_s`` seconds.
 - The baseline of a term is its share of all events over the previous
-  ``baseline_buckets`` buckets, with a half-event prior so unseen terms get a small,
-  non-zero rate: ``rate = (hist_events + 0.5) / (hist_total + 1)``.
+  ``baseline_buckets`` buckets, smoothed by a Beta(0.5, ``prior_posts`` − 0.5) prior
+  so unseen terms get a small, non-zero rate: ``rate = (hist_events + 0.5) /
+  (hist_total + prior_posts)``. The prior says an unseen term holds about one post in
+  ``2 × prior_posts`` until the stream shows otherwise; it weighs only while the
+  baseline is a handful of posts (a stream that opens with its burst), and vanishes
+  against a baseline of hundreds. (With Jeffreys' Beta(0.5, 0.5), ``prior_posts = 1``,
+  an unseen term was taken to hold half the posts of a stream that had seen two.) A
+  bucket with no baseline at all keeps Jeffreys' prior: in a stream's first bucket a
+  term trends only when it dominates it.
 - Its expected count in the current bucket is ``rate × max(bucket_total,
   mean_bucket_total)``: the share times the bucket's volume, so a busy hour does not
   make every common word a trend, and a bucket still filling is judged against a
@@ -70,6 +77,8 @@ class TrendParams:
     min_score: float = 4.0
     min_events: int = 5
     min_authors: int = 3
+    prior_posts: float = 5.0
+    """The baseline's prior weight in posts (see the module docstring; ≥ 0.5)."""
     emerging_sigmas: float = 1.0
     """The emerging test projects a bucket from its count less this many Poisson σ
     (``mlengine.trends.forecast.project_bucket_count``)."""
@@ -198,8 +207,9 @@ def score_terms(
     weigh = many_authors & (n_authors > 0) & (n_authors < AUTHORS_CAP) & (n_events > n_authors)
     ratio = np.where(weigh, n_events / np.maximum(n_authors, 1.0), 1.0)
     weighted = np.where(weigh, n_authors * (1.0 + np.log(ratio)), n_events)
+    n_hist = np.asarray(hist_total, dtype=np.float64)
     rate = (np.asarray(hist_events, dtype=np.float64) + 0.5) / (
-        np.asarray(hist_total, dtype=np.float64) + 1.0
+        n_hist + np.where(n_hist > 0, params.prior_posts, 1.0)
     )
     volume = np.maximum(
         np.asarray(bucket_total, dtype=np.float64),

@@ -25,6 +25,7 @@ def params_for(bucket_s: int) -> TrendParams:
         min_events=settings.TRENDS_MIN_EVENTS,
         min_authors=settings.TRENDS_MIN_AUTHORS,
         emerging_sigmas=settings.TRENDS_EMERGING_SIGMAS,
+        prior_posts=settings.TRENDS_PRIOR_POSTS,
         always_on_share=settings.TRENDS_ALWAYS_ON_SHARE,
     )
 
