@@ -198,3 +198,13 @@ def make_alerts(team: Team, count: int) -> list[int]:
             for i in range(count)
         )
     return [alert.id for alert in created]
+
+
+def child_database_url() -> str:
+    """The ``DATABASE_URL`` of the test database, for a child process (a command run as
+    ``manage.py`` would run it) that must see the rows a transactional test committed."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{host}:{port}/{db['NAME']}"

@@ -10,6 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ingest.counters import events_last_hour
+from ingest.exporting import EVENT_FIELDS
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import source_state
 from ingest.sources.base import SourceError
@@ -277,40 +278,8 @@ class EventSerializer(serializers.ModelSerializer[Event]):
 
     class Meta:
         model = Event
-        fields = [
-            "id",
-            "source",
-            "external_id",
-            "created_at",
-            "received_at",
-            "author",
-            "text",
-            "lang",
-            "url",
-            "reply_to",
-            "repost_of",
-            "quote_of",
-            "metrics",
-            "hashtags",
-            "mentions",
-            "cashtags",
-            "urls",
-            "keywords",
-            "sentiment",
-            "sentiment_label",
-            "sentiment_scores",
-            "sentiment_model",
-            "emotion",
-            "emotion_scores",
-            "emotion_model",
-            "offensive",
-            "offensive_scores",
-            "offensive_model",
-            "virality_score",
-            "virality_model",
-            "enriched_at",
-            "scored_at",
-        ]
+        # The same fields as an export's (``GET /api/events/export/``).
+        fields = list(EVENT_FIELDS)
         read_only_fields = fields
 
 

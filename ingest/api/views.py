@@ -4,18 +4,27 @@ and the signed webhook intake."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.db import IntegrityError
+from django.http import StreamingHttpResponse
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ingest import credentials, webhooks
+from ingest import credentials, exporting, webhooks
 from ingest.api.filters import DeadLetterFilter, EventFilter
 from ingest.api.serializers import (
     DeadLetterSerializer,
@@ -193,14 +202,106 @@ class WebhookView(APIView):
         return Response(body_out, status=202 if ok else 400)
 
 
+class ExportQuerySerializer(serializers.Serializer[Any]):
+    """The export's own query parameter (its filters are the events list's)."""
+
+    format = serializers.ChoiceField(
+        choices=exporting.FORMATS,
+        help_text="`csv` (a header row, then one row per event) or `jsonl` (JSON Lines: "
+        "one event object per line).",
+    )
+
+
+class JSONErrorsNegotiation(DefaultContentNegotiation):
+    """Renders with the view's first renderer whatever ``format`` says: the export reads
+    ``format`` itself, and answers its errors in JSON."""
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
+
+
+async def _async_body(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` pulled one at a time on the request's sync thread (where its database
+    connection and cursor live). Django's ASGI handler would read a sync iterator whole
+    into a list before sending a byte."""
+
+    def pull() -> bytes | None:
+        return next(chunks, None)
+
+    def close() -> None:
+        getattr(chunks, "close", lambda: None)()
+
+    try:
+        while (chunk := await sync_to_async(pull, thread_sensitive=True)()) is not None:
+            yield chunk
+    finally:
+        await sync_to_async(close, thread_sensitive=True)()
+
+
+def _streamed(request: Request, chunks: Iterator[bytes]) -> Iterable[bytes] | AsyncIterator[bytes]:
+    """``chunks`` as a ``StreamingHttpResponse`` body that the server streams one chunk
+    at a time: async under ASGI (daphne), as is under WSGI and the test client."""
+    if isinstance(request._request, ASGIRequest):
+        return _async_body(chunks)
+    return chunks
+
+
 class EventViewSet(TeamScopedReadOnlyViewSet):
-    """Stored events, newest event time first (cursor pagination)."""
+    """Stored events, newest event time first (cursor pagination), and their export."""
 
     team_field = "source__team"
     queryset = Event.objects.all()
     serializer_class = EventSerializer
     filterset_class = EventFilter
     pagination_class = EventCursorPagination
+
+    @extend_schema(
+        operation_id="events_export",
+        parameters=[ExportQuerySerializer],
+        filters=True,
+        responses={
+            (200, "text/csv"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="A header row, then one row per event; `author` flattened "
+                "into `author_id`, `author_handle`, `author_name`, `author_followers`; "
+                "lists and objects as JSON text; null as an empty cell.",
+            ),
+            (200, "application/jsonl"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="One event object per line, with the fields of the events "
+                "list's items.",
+            ),
+        },
+        description="Every event the filters select (the events list's filters), newest "
+        "event time first, streamed in constant memory from a server-side cursor, as a "
+        "download (`Content-Disposition: attachment`). Scoped to your teams' sources: "
+        "another team's `source` is a 400, as on the list. An unknown or missing "
+        "`format` is a 400 on `format`.",
+    )
+    @action(
+        detail=False,
+        methods=["get"],
+        url_path="export",
+        pagination_class=None,
+        renderer_classes=[JSONRenderer],
+        content_negotiation_class=JSONErrorsNegotiation,
+    )
+    def export(self, request: Request) -> StreamingHttpResponse:
+        """``GET /api/events/export/?format=csv|jsonl&<events filters>``: the download."""
+        params = ExportQuerySerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        fmt: str = params.validated_data["format"]
+        queryset = self.filter_queryset(self.get_queryset())
+        chunks = (data for data, _rows in exporting.export_chunks(queryset, fmt))
+        response = StreamingHttpResponse(
+            _streamed(request, chunks), content_type=exporting.CONTENT_TYPES[fmt]
+        )
+        filename = exporting.export_filename(fmt, timezone.now())
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
 
 
 class DeadLetterViewSet(TeamScopedReadOnlyViewSet):
