@@ -301,8 +301,9 @@ def schema(db) -> dict:
         ("/api/trends/{id}/events/", "get", {"200", "400", "401", "404"}),
         ("/api/streams/", "get", {"200", "400", "401", "404"}),
         ("/api/alerts/", "get", {"200", "400", "401"}),
-        ("/api/rules/", "post", {"201", "400", "401", "403"}),
-        ("/api/rules/{id}/", "patch", {"200", "400", "401", "403", "404"}),
+        # 409 and 422: an Idempotency-Key in flight, or reused (teams/api/idempotency.py).
+        ("/api/rules/", "post", {"201", "400", "401", "403", "409", "422"}),
+        ("/api/rules/{id}/", "patch", {"200", "400", "401", "403", "404", "409", "422"}),
         ("/api/rules/{id}/", "delete", {"204", "400", "401", "403", "404"}),
         ("/api/stats/", "get", {"200", "401"}),
     ],

@@ -78,6 +78,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After authentication: replays keyed API writes (teams/api/idempotency.py).
+    "teams.api.idempotency.IdempotencyMiddleware",
 ]
 
 ROOT_URLCONF = "twiscope.urls"
@@ -254,6 +256,10 @@ if TWISCOPE_ENV == "production" and not CREDENTIAL_KEYS:
 SOURCES_ALLOW_PRIVATE_URLS: bool = env.bool("SOURCES_ALLOW_PRIVATE_URLS", default=False)
 # Signed webhooks: the largest body (bytes), the most events a request, and how far
 # X-Twiscope-Timestamp may be from now (seconds).
+# Idempotency-Key on API writes (teams/api/idempotency.py): how long a write's response
+# is kept for its retries, and how long a write in flight holds its key (seconds).
+IDEMPOTENCY_TTL_S: int = env.int("IDEMPOTENCY_TTL_S", default=24 * 3600)
+IDEMPOTENCY_LOCK_S: int = env.int("IDEMPOTENCY_LOCK_S", default=60)
 WEBHOOK_MAX_BYTES: int = env.int("WEBHOOK_MAX_BYTES", default=1024 * 1024)
 WEBHOOK_MAX_EVENTS: int = env.int("WEBHOOK_MAX_EVENTS", default=1000)
 WEBHOOK_TOLERANCE_S: int = env.int("WEBHOOK_TOLERANCE_S", default=300)

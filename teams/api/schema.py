@@ -7,7 +7,10 @@ plus the error responses every operation can answer, in DRF's shapes.
 - 401 ``Error`` (``{"detail": "<message>"}``): unless the view allows anonymous callers;
 - 403 ``Error``: on writes (a member writing an owner's object, a session without CSRF);
 - 404 ``Error``: on a path with an id (outside the caller's teams, or gone) and on
-  page-numbered lists (a page past the last).
+  page-numbered lists (a page past the last);
+- on every POST and PATCH that honours ``Idempotency-Key`` (``teams.api.idempotency``):
+  the header as an optional parameter, 409 ``Error`` (the key's first request is still
+  running) and 422 ``ValidationError`` (the key was used with another request).
 
 An operation that declares a code itself (``extend_schema(responses=…)``) keeps its own.
 """
@@ -18,9 +21,12 @@ from typing import Any
 
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.plumbing import ResolvedComponent
+from drf_spectacular.utils import OpenApiParameter
 from rest_framework import permissions
 from rest_framework.generics import GenericAPIView
 from rest_framework.pagination import PageNumberPagination
+
+from teams.api import idempotency
 
 _ERROR = {
     "type": "object",
@@ -42,6 +48,8 @@ _DESCRIPTIONS = {
     "401": "No credentials, or bad ones.",
     "403": "Authenticated, but not allowed to do this.",
     "404": "Not found in the caller's teams (or a page past the last).",
+    "409": "A request with this Idempotency-Key is still running; retry later.",
+    "422": "This Idempotency-Key was used with a different request.",
 }
 
 
@@ -61,6 +69,25 @@ class AutoSchema(SpectacularAutoSchema):
                 }
         return responses
 
+    def _honours_idempotency_key(self) -> bool:
+        return self.method in idempotency.METHODS and idempotency.honours(type(self.view))
+
+    def get_override_parameters(self) -> list[Any]:
+        parameters: list[Any] = list(super().get_override_parameters())
+        if self._honours_idempotency_key():
+            parameters.append(
+                OpenApiParameter(
+                    idempotency.HEADER,
+                    str,
+                    OpenApiParameter.HEADER,
+                    required=False,
+                    description="1 to 255 visible ASCII characters. A retry with the same "
+                    "key and request within 24 h gets the first response again "
+                    "(`Idempotent-Replayed: true`) and writes nothing; kept per token.",
+                )
+            )
+        return parameters
+
     def _error_codes(self) -> list[str]:
         codes = []
         view = self.view
@@ -78,11 +105,13 @@ class AutoSchema(SpectacularAutoSchema):
         numbered = isinstance(self._get_paginator(), PageNumberPagination)
         if "{" in self.path or (numbered and self._is_list_view()):
             codes.append("404")
+        if self._honours_idempotency_key():
+            codes += ["409", "422"]
         return codes
 
     def _error_component(self, code: str) -> ResolvedComponent:
         name, schema = (
-            ("ValidationError", _VALIDATION_ERROR) if code == "400" else ("Error", _ERROR)
+            ("ValidationError", _VALIDATION_ERROR) if code in ("400", "422") else ("Error", _ERROR)
         )
         component = ResolvedComponent(
             name=name, type=ResolvedComponent.SCHEMA, object=name, schema=schema
