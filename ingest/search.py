@@ -110,7 +110,7 @@ longer text must not fail its enrichment batch. Posts are far shorter."""
 HIGHLIGHT_OPTIONS = "StartSel=<mark>, StopSel=</mark>, HighlightAll=true"
 
 RANK_KEY_FIELD = DecimalField(max_digits=60, decimal_places=0)
-"""The type of ``rank_key`` (``PostgresSearch.order_by_rank``): whole numbers of up to
+"""The type of ``rank_key`` (``SearchBackend.search`` by rank): whole numbers of up to
 60 digits, read as ``Decimal`` (a float would lose the low digits, and with them the
 cursor's exactness)."""
 
@@ -248,69 +248,102 @@ _VECTOR = '"ingest_event"."search_vector"'
 _TEXT = '"ingest_event"."text"'
 
 
-def _word_tsquery(word: str) -> SqlParts:
-    configs = (SIMPLE, *STEMMING_CONFIGS)
-    sql = " || ".join(f"plainto_tsquery('{cfg}', %s)" for cfg in configs)
-    return f"({sql})", [word] * len(configs)
+def normalise(terms: Sequence[Term]) -> dict[Term, str]:
+    """Each term's tsquery, as PostgreSQL's own text of it, in one round trip: a word's
+    ``plainto_tsquery`` under ``simple`` and under every stemming configuration,
+    duplicates dropped and the rest ORed (``'flight' | 'fligh'``); a prefix's or a
+    phrase's ``to_tsquery('simple', quoted_prefix(text))``. A term with no lexeme (never
+    for the letters and digits ``parse`` keeps) is left out.
 
-
-def _term_tsquery(term: Term) -> SqlParts:
-    """The tsquery that finds the term's candidates in the index."""
-    if term.kind == "word":
-        return _word_tsquery(term.text)
-    return f"to_tsquery('{SIMPLE}', %s)", [quoted_prefix(term.text)]
-
-
-def _term_predicate(term: Term) -> SqlParts:
-    """The exact condition of a (not negated) term on a row."""
-    sql, params = _term_tsquery(term)
-    if term.kind == "phrase":
-        return f"({_VECTOR} @@ {sql} AND {_TEXT} ILIKE %s)", [*params, like_pattern(term.text)]
-    return f"({_VECTOR} @@ {sql})", params
-
-
-def _negated_predicate(term: Term) -> SqlParts:
-    if term.kind == "phrase":
-        # The text decides alone: a row the phrase's tsquery matches may not hold it.
-        return f"({_TEXT} NOT ILIKE %s)", [like_pattern(term.text)]
-    sql, params = _term_tsquery(term)
-    return f"({_VECTOR} IS NULL OR NOT {_VECTOR} @@ {sql})", params
-
-
-def index_tsquery(query: SearchQuery) -> SqlParts:
-    """The tsquery the GIN index answers: the AND of the groups without an excluded
-    term, each the OR of its terms' tsqueries (words: every form; prefixes and phrases:
-    ``simple`` prefixes). Every row the query matches matches it."""
-    parts: list[str] = []
+    The duplicates matter: the planner estimates ``@@`` from the query's lexemes, and 29
+    copies of one rare word read as a common one, so it would walk the time index
+    through every row of the window instead of asking the GIN index.
+    """
+    selects: list[str] = []
     params: list[Any] = []
-    for group in query.groups:
-        if any(term.negated for term in group):
-            continue
-        sqls = []
-        for term in group:
-            sql, p = _term_tsquery(term)
-            sqls.append(sql)
-            params.extend(p)
-        parts.append("(" + " || ".join(sqls) + ")")
-    return "(" + " && ".join(parts) + ")", params
+    spans: list[tuple[Term, int, int]] = []
+    for term in dict.fromkeys(terms):
+        start = len(selects)
+        if term.kind == "word":
+            for cfg in (SIMPLE, *STEMMING_CONFIGS):
+                selects.append(f"plainto_tsquery('{cfg}', %s)::text")
+                params.append(term.text)
+        else:
+            selects.append(f"to_tsquery('{SIMPLE}', %s)::text")
+            params.append(quoted_prefix(term.text))
+        spans.append((term, start, len(selects)))
+    if not selects:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT " + ", ".join(selects), params)
+        row = cursor.fetchone()
+    out: dict[Term, str] = {}
+    for term, start, end in spans:
+        forms = list(dict.fromkeys(form for form in row[start:end] if form))
+        if forms:
+            out[term] = forms[0] if len(forms) == 1 else " | ".join(f"( {f} )" for f in forms)
+    return out
 
 
-def match_sql(query: SearchQuery) -> SqlParts:
-    """A boolean SQL condition on ``ingest_event`` true exactly for the rows ``query``
-    finds: the index condition, then each group's exact condition where it adds one
-    (a phrase's text check, an excluded term)."""
-    sql, params = index_tsquery(query)
-    conditions = [f"{_VECTOR} @@ {sql}"]
-    for group in query.groups:
-        if all(not t.negated and t.kind != "phrase" for t in group):
-            continue  # the index condition is already exact for it
-        ors = []
-        for term in group:
-            s, p = _negated_predicate(term) if term.negated else _term_predicate(term)
-            ors.append(s)
-            params.extend(p)
-        conditions.append("(" + " OR ".join(ors) + ")")
-    return " AND ".join(conditions), params
+class _Compiled:
+    """A query's SQL over ``ingest_event``, its terms normalised (``normalise``)."""
+
+    def __init__(self, query: SearchQuery) -> None:
+        self.query = query
+        self.forms = normalise([term for group in query.groups for term in group])
+
+    def index_tsquery(self) -> str | None:
+        """The tsquery text the GIN index answers: the AND of the groups without an
+        excluded term, each the OR of its terms (words: every form; prefixes and
+        phrases: ``simple`` prefixes). Every row the query matches matches it. None when
+        a required group has no lexeme at all (nothing can match)."""
+        parts = []
+        for group in self.query.groups:
+            if any(term.negated for term in group):
+                continue
+            forms = [self.forms[term] for term in group if term in self.forms]
+            if not forms:
+                return None
+            parts.append("( " + " | ".join(f"( {f} )" for f in forms) + " )")
+        return " & ".join(parts)
+
+    def match_sql(self) -> SqlParts | None:
+        """A boolean SQL condition true exactly for the rows the query finds: the index
+        condition, then each group's exact condition where it adds one (a phrase's text
+        check, an excluded term); None when nothing can match."""
+        index = self.index_tsquery()
+        if index is None:
+            return None
+        conditions = [f"{_VECTOR} @@ %s::tsquery"]
+        params: list[Any] = [index]
+        for group in self.query.groups:
+            if all(not t.negated and t.kind != "phrase" for t in group):
+                continue  # the index condition is already exact for it
+            ors = []
+            for term in group:
+                sql, p = self._predicate(term)
+                if sql:
+                    ors.append(sql)
+                    params.extend(p)
+            if ors:
+                conditions.append("(" + " OR ".join(ors) + ")")
+        return " AND ".join(conditions), params
+
+    def _predicate(self, term: Term) -> SqlParts:
+        form = self.forms.get(term)
+        if term.negated and term.kind == "phrase":
+            # The text decides alone: a row the phrase's tsquery matches may not hold it.
+            return f"({_TEXT} NOT ILIKE %s)", [like_pattern(term.text)]
+        if form is None:
+            return "", []  # no lexeme: finds nothing, excludes nothing
+        if term.negated:
+            return f"({_VECTOR} IS NULL OR NOT {_VECTOR} @@ %s::tsquery)", [form]
+        if term.kind == "phrase":
+            return f"({_VECTOR} @@ %s::tsquery AND {_TEXT} ILIKE %s)", [
+                form,
+                like_pattern(term.text),
+            ]
+        return f"({_VECTOR} @@ %s::tsquery)", [form]
 
 
 def _highlight_tsquery(query: SearchQuery, config: str) -> SqlParts:
@@ -332,18 +365,18 @@ def _highlight_tsquery(query: SearchQuery, config: str) -> SqlParts:
 
 
 class SearchBackend(Protocol):
-    """What answers a search. The API filters with ``filter``, orders with
-    ``order_by_rank`` when asked, and highlights the rows of the page it returns with
-    ``highlights``. A backend keeps the events queryset as the source of truth for scope
-    and every other filter: it only narrows (and orders) it."""
+    """What answers a search. The API narrows its events queryset (already scoped to the
+    caller's teams and filtered by every other parameter) with ``search``, and marks the
+    rows of the page it returns with ``highlights``. The queryset stays the source of
+    truth for scope and filters: a backend only narrows and orders it."""
 
-    def filter(self, queryset: QuerySet[Event], query: SearchQuery) -> QuerySet[Event]:
-        """The events of ``queryset`` that ``query`` finds."""
-        ...
-
-    def order_by_rank(self, queryset: QuerySet[Event], query: SearchQuery) -> QuerySet[Event]:
-        """``queryset`` annotated with ``rank`` (float, higher first) and ``rank_key`` (a
-        unique, descending sort key for cursor pagination), ordered by ``-rank_key``."""
+    def search(
+        self, queryset: QuerySet[Event], query: SearchQuery, *, by_rank: bool = False
+    ) -> QuerySet[Event]:
+        """The events of ``queryset`` that ``query`` finds. With ``by_rank``, annotated
+        with ``rank`` (float, higher is better) and ``rank_key`` (a unique sort key,
+        ``RANK_KEY_FIELD``) and ordered by ``-rank_key``; else in ``queryset``'s order.
+        """
         ...
 
     def highlights(self, event_ids: Sequence[int], query: SearchQuery) -> dict[int, str]:
@@ -355,24 +388,32 @@ class SearchBackend(Protocol):
 class PostgresSearch:
     """PostgreSQL full-text search over ``Event.search_vector`` (the module docstring)."""
 
-    def filter(self, queryset: QuerySet[Event], query: SearchQuery) -> QuerySet[Event]:
-        sql, params = match_sql(query)
-        return queryset.filter(RawSQL(sql, params, output_field=BooleanField()))
-
-    def order_by_rank(self, queryset: QuerySet[Event], query: SearchQuery) -> QuerySet[Event]:
-        """Ranked by ``ts_rank_cd`` (cover density; normalisation 32: rank/(rank+1), so
-        0 to 1), rounded to 6 digits, then newest event time, then id: one numeric key,
-        unique, so a cursor resumes exactly."""
-        tsquery, params = index_tsquery(query)
-        rank = f"ts_rank_cd({_VECTOR}, {tsquery}, 32)"
+    def search(
+        self, queryset: QuerySet[Event], query: SearchQuery, *, by_rank: bool = False
+    ) -> QuerySet[Event]:
+        """One query to normalise the terms (``normalise``), none else until the
+        queryset is read. Ranked by ``ts_rank_cd`` (cover density; normalisation 32:
+        rank/(rank+1), so 0 to 1) rounded to 6 digits, then newest event time, then id:
+        one numeric key, unique, so a cursor resumes exactly. Ranking reads every match
+        in the window (bounded by it), where the time order stops at the page."""
+        compiled = _Compiled(query)
+        match = compiled.match_sql()
+        if match is None:
+            return queryset.none()
+        sql, params = match
+        queryset = queryset.filter(RawSQL(sql, params, output_field=BooleanField()))
+        if not by_rank:
+            return queryset
+        rank = f"ts_rank_cd({_VECTOR}, %s::tsquery, 32)"
         key = (
             f"(round(({rank})::numeric, 6) * 1e42"
             ' + floor(extract(epoch FROM "ingest_event"."created_at") * 1e6)::numeric * 1e20'
             ' + "ingest_event"."id")::numeric(60, 0)'
         )
+        index = [compiled.index_tsquery()]
         return queryset.annotate(
-            rank=RawSQL(rank, params, output_field=FloatField()),
-            rank_key=RawSQL(key, params, output_field=RANK_KEY_FIELD),
+            rank=RawSQL(rank, index, output_field=FloatField()),
+            rank_key=RawSQL(key, index, output_field=RANK_KEY_FIELD),
         ).order_by("-rank_key")
 
     def highlights(self, event_ids: Sequence[int], query: SearchQuery) -> dict[int, str]:

@@ -150,11 +150,7 @@ class EventFilter(StrictFilterSet):
             return queryset
         if not any(data.get(name) for name in ("since", "until", "source")):
             queryset = queryset.filter(created_at__gte=self.default_since())
-        backend = search.backend()
-        queryset = backend.filter(queryset, query)
-        if ordering == "rank":
-            queryset = backend.order_by_rank(queryset, query)
-        return queryset
+        return search.backend().search(queryset, query, by_rank=ordering == "rank")
 
     def default_since(self) -> Any:
         """The start of the default search window: ``SEARCH_DEFAULT_WINDOW_DAYS`` before

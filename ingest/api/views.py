@@ -41,7 +41,7 @@ RANK_KEY = "rank_key"
 class EventCursorPagination(StrictCursorPagination):
     """Newest event time first, 50 a page (``page_size`` 1 to 500); stable under
     concurrent inserts. A search ordered by rank (the queryset carries ``rank_key``,
-    ``ingest.search.SearchBackend.order_by_rank``) pages on that unique key instead."""
+    ``ingest.search.SearchBackend.search`` by rank) pages on that unique key instead."""
 
     ordering: Any = ("-created_at", "-id")
 
