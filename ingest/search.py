@@ -30,7 +30,7 @@ Search", https://www.postgresql.org/docs/current/textsearch.html):
 - A prefix matches ``simple`` lexemes only (``to_tsquery``'s ``:*``): the letters the
   user typed, not a stem.
 - A phrase is exact: the index narrows the candidates to rows holding its words in
-  order as ``simple`` prefixes (``'power':* <-> 'outage':*``), and each candidate is
+  order under ``simple``, the last as a prefix (``'power' <-> 'outage':*``), and each candidate is
   kept only when its text holds the phrase, ignoring case (``ILIKE``, the phrase's
   ``%``, ``_`` and ``\\`` escaped). So ``"flights delayed"`` returns exactly the posts
   whose text contains "flights delayed" (also "Flights delayed!!" and "flights delayedd"),
@@ -251,8 +251,11 @@ _TEXT = '"ingest_event"."text"'
 def normalise(terms: Sequence[Term]) -> dict[Term, str]:
     """Each term's tsquery, as PostgreSQL's own text of it, in one round trip: a word's
     ``plainto_tsquery`` under ``simple`` and under every stemming configuration,
-    duplicates dropped and the rest ORed (``'flight' | 'fligh'``); a prefix's or a
-    phrase's ``to_tsquery('simple', quoted_prefix(text))``. A term with no lexeme (never
+    duplicates dropped and the rest ORed (``'flight' | 'fligh'``); a prefix's
+    ``to_tsquery('simple', quoted_prefix(text))``; a phrase's words in order under
+    ``simple``, its last one as a prefix (``'power' <-> 'outage':*``: the phrase may end
+    inside a word, "power outages", and only there, where a prefix everywhere would make
+    the index read every lexeme starting "the"). A term with no lexeme (never
     for the letters and digits ``parse`` keeps) is left out.
 
     The duplicates matter: the planner estimates ``@@`` from the query's lexemes, and 29
@@ -268,6 +271,13 @@ def normalise(terms: Sequence[Term]) -> dict[Term, str]:
             for cfg in (SIMPLE, *STEMMING_CONFIGS):
                 selects.append(f"plainto_tsquery('{cfg}', %s)::text")
                 params.append(term.text)
+        elif term.kind == "phrase" and " " in term.text:
+            head, last = term.text.rsplit(" ", 1)
+            selects.append(
+                f"tsquery_phrase(phraseto_tsquery('{SIMPLE}', %s),"
+                f" to_tsquery('{SIMPLE}', %s))::text"
+            )
+            params += [head, quoted_prefix(last)]
         else:
             selects.append(f"to_tsquery('{SIMPLE}', %s)::text")
             params.append(quoted_prefix(term.text))
