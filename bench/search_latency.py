@@ -4,8 +4,9 @@ Usage (``DATABASE_URL``, ``REDIS_URL`` and ``SECRET_KEY`` set; a database of its
 
     python bench/search_latency.py build [--data ../shared/data] [--events 200000]
     python bench/search_latency.py measure --label after [--queries 300]
-    # before this change: the same measure with the code of another tree (its q, ILIKE)
-    python bench/search_latency.py measure --label before --code <that tree>
+    # before this change: the same measure with the code of another tree (its q, ILIKE),
+    # run from inside that tree (its directory must come first on the import path)
+    cd <that tree> && python <this repo>/bench/search_latency.py measure --label before --code .
 
 ``build`` stores ``airline_tweets/Tweets.csv`` (14,640 tweets, 8 days of February 2015)
 as one replay source's events, then copies it with fresh external ids, each copy moved
