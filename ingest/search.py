@@ -18,7 +18,7 @@ How PostgreSQL finds events (the source: PostgreSQL's documentation, chapter "Fu
 Search", https://www.postgresql.org/docs/current/textsearch.html):
 
 - The enrich stage writes each event's ``search_vector`` (``ingest.services
-  .save_enrichments``, ``VECTOR_SQL``): the text under the ``simple`` configuration
+  .save_enrichments``, ``vector_sql``): the text under the ``simple`` configuration
   (every word, lower-cased, unstemmed, at its real position), then under the
   configuration of its detected language (``config_for``: stemmed, stop words out).
   A GIN index covers it.
