@@ -11,6 +11,8 @@ from __future__ import annotations
 import uuid
 
 from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 from django.db.models import Func, Value
 from django.db.models.functions import Coalesce, Lower, NullIf
@@ -95,7 +97,8 @@ class Event(models.Model):
     unless it waited longer than their lag: the VADER label stays, recorded as such.
     No label column is indexed, so relabelling can be a heap-only (HOT) update, but
     only where the row's page has room: on a bench database, 11,487 of 518,879 event
-    updates were (docs/models.md).
+    updates were (docs/models.md). ``search_vector`` is written by the same enrich
+    UPDATE and never by the relabelling, which so stays free to be HOT.
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="events")
@@ -159,6 +162,13 @@ class Event(models.Model):
         db_default="",
         help_text='"name vN" of the virality model that scored it ("" when not scored).',
     )
+    search_vector = SearchVectorField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="Full-text search: the text under the `simple` configuration, then under "
+        "its language's (ingest.search); set by the enrich stage, null until then.",
+    )
     parked_at = models.DateTimeField(
         null=True,
         blank=True,
@@ -194,6 +204,8 @@ class Event(models.Model):
                 name="event_author_reposts_time",
                 condition=models.Q(metrics__has_key="reposts"),
             ),
+            # Full-text search (ingest.search): built CONCURRENTLY by its migration.
+            GinIndex(fields=["search_vector"], name="event_search"),
         ]
 
     def __str__(self) -> str:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from django.db import connection
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Max, Min, OuterRef, Q, QuerySet, Subquery
 
 from ingest.models import DeadLetter, Event, Source, StagedBatch
 
@@ -527,3 +527,23 @@ def parked_sources(stage: str, *, scope: str = "stream") -> set[int]:
         .distinct()
         if source_id is not None
     }
+
+
+def newest_event_time(team_ids: QuerySet[Any, Any], *, not_after: datetime) -> datetime | None:
+    """The latest event time (``created_at``) of the sources of ``team_ids`` (a subquery
+    of team ids) that is not after ``not_after``; None when they have no such event.
+
+    One probe of the (source, event time) index per source, not a scan of the events: a
+    row dated in the future (a clock gone wrong) is skipped, so it cannot hide the rest.
+    """
+    newest = Subquery(
+        Event.objects.filter(source_id=OuterRef("pk"), created_at__lte=not_after)
+        .order_by("-created_at")
+        .values("created_at")[:1]
+    )
+    found: datetime | None = (
+        Source.objects.filter(team_id__in=team_ids)
+        .annotate(newest=newest)
+        .aggregate(latest=Max("newest"))["latest"]
+    )
+    return found

@@ -25,6 +25,7 @@ from django.utils import timezone
 from psycopg2.extras import Json, execute_values
 
 from ingest import credentials as credentials_box
+from ingest import search
 from ingest.envelope import Envelope
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import TERM_MAX_CHARS
@@ -412,7 +413,8 @@ def save_enrichments(rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, datetim
     ``rows`` are ``(event_id, lang, hashtags, mentions, cashtags, urls, keywords,
     sentiment, sentiment_label)``: lists of strings (terms cut to ``TERM_MAX_CHARS``,
     their columns' length), a float in [-1, 1] (VADER's compound) and the label it gives
-    (``sentiment_model`` becomes "vader"). Only events
+    (``sentiment_model`` becomes "vader"), and ``search_vector`` from the text and
+    ``lang`` (``ingest.search.vector_sql``). Only events
     not enriched yet are written (the claim is in the UPDATE), so a redelivered task
     changes nothing. One statement; the rows travel as one JSON document. Must run
     inside the caller's transaction.
@@ -443,11 +445,12 @@ _ENRICH_FIELDS = (
     "sentiment_label",
 )
 _TERM_FIELDS = ("hashtags", "mentions", "cashtags", "keywords")
-_ENRICH_SQL = """
+_ENRICH_SQL = f"""
 UPDATE ingest_event AS e SET
     lang = v.lang, hashtags = v.hashtags, mentions = v.mentions, cashtags = v.cashtags,
     urls = v.urls, keywords = v.keywords, sentiment = v.sentiment,
     sentiment_label = v.sentiment_label, sentiment_model = 'vader',
+    search_vector = {search.vector_sql("e.text", "v.lang")},
     enriched_at = statement_timestamp()
 FROM jsonb_to_recordset(%s::jsonb) AS v(
     id bigint, lang varchar, hashtags varchar[], mentions varchar[], cashtags varchar[],
@@ -532,3 +535,21 @@ def analyze_growing_tables(*, min_rows: int = 1000, fraction: float = 0.02) -> l
     if tables:
         log.info("ingest.tables_analyzed", tables=tables)
     return tables
+
+
+def backfill_search_vectors(*, first_id: int, end_id: int, rebuild: bool = False) -> int:
+    """Write ``search_vector`` for the enriched events with ``first_id <= id < end_id``
+    (``ingest.search.vector_sql``, from their text and ``lang``); return how many.
+
+    Only rows without a vector, unless ``rebuild`` (after ``LANGUAGE_CONFIGS`` changed).
+    One statement: the caller keeps each range small (``manage.py backfill_search``), so
+    each commit is short and the locks brief. Idempotent.
+    """
+    missing = "" if rebuild else "AND search_vector IS NULL"
+    sql = (
+        f"UPDATE ingest_event SET search_vector = {search.vector_sql('text', 'lang')} "
+        f"WHERE id >= %s AND id < %s AND enriched_at IS NOT NULL {missing}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [first_id, end_id])
+        return cursor.rowcount

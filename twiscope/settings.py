@@ -264,6 +264,15 @@ WEBHOOK_MAX_BYTES: int = env.int("WEBHOOK_MAX_BYTES", default=1024 * 1024)
 WEBHOOK_MAX_EVENTS: int = env.int("WEBHOOK_MAX_EVENTS", default=1000)
 WEBHOOK_TOLERANCE_S: int = env.int("WEBHOOK_TOLERANCE_S", default=300)
 
+# --- Search -----------------------------------------------------------------------------
+# The class answering `q` on /api/events/ (ingest.search.SearchBackend): a dotted path.
+SEARCH_BACKEND: str = env.str("SEARCH_BACKEND", default="ingest.search.PostgresSearch")
+# A search given neither since/until nor source covers this many days of event time, up
+# to the newest event of the caller's sources (not after now), so its cost is bounded.
+SEARCH_DEFAULT_WINDOW_DAYS: int = env.int("SEARCH_DEFAULT_WINDOW_DAYS", default=30)
+if SEARCH_DEFAULT_WINDOW_DAYS < 1:
+    raise ImproperlyConfigured("SEARCH_DEFAULT_WINDOW_DAYS must be at least 1")
+
 # --- Enrichment ------------------------------------------------------------------------
 # ISO 639-1 codes the language detector chooses among (more cost time and memory).
 ENRICH_LANGUAGES: list[str] = env.list(

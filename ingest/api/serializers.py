@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import URLValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from ingest import search
 from ingest.counters import events_last_hour
 from ingest.exporting import EVENT_FIELDS
 from ingest.models import DeadLetter, Event, Source
@@ -273,14 +274,46 @@ class AuthorSerializer(serializers.Serializer[Event]):
     followers = serializers.IntegerField(source="author_followers", allow_null=True)
 
 
+class EventListSerializer(serializers.ListSerializer[Event]):
+    """A page of events; for a search (``q`` in the request), the page's highlights are
+    computed here, for its rows only, in one query (``SearchBackend.highlights``)."""
+
+    def to_representation(self, data: Any) -> list[dict[str, Any]]:
+        rows = list(data.all() if hasattr(data, "all") else data)
+        request = self.context.get("request")
+        raw = request.query_params.get("q", "") if request is not None else ""
+        if raw.strip() and rows:
+            try:
+                query = search.parse(raw)
+            except search.SearchSyntaxError:
+                query = None  # refused by the filter already; nothing to mark
+            if query is not None:
+                ids = [row.id for row in rows]
+                # The child reads the root's context: its dict, shared by every row.
+                context = cast(dict[str, Any], self.context)
+                context["highlights"] = search.backend().highlights(ids, query)
+        return [self.child.to_representation(row) for row in rows]  # type: ignore[union-attr]
+
+
 class EventSerializer(serializers.ModelSerializer[Event]):
+    """An event. ``highlight``: in a search's results, the text HTML-escaped with the
+    matches in ``<mark>…</mark>``; null otherwise."""
+
     author = AuthorSerializer(source="*", read_only=True)
+    highlight = serializers.SerializerMethodField()
+
+    @extend_schema_field({"type": "string", "nullable": True})
+    def get_highlight(self, event: Event) -> str | None:
+        highlights: dict[int, str] = self.context.get("highlights", {})
+        return highlights.get(event.id)
 
     class Meta:
         model = Event
-        # The same fields as an export's (``GET /api/events/export/``).
-        fields = list(EVENT_FIELDS)
+        # The same fields as an export's (``GET /api/events/export/``), and a search's
+        # highlight.
+        fields = [*EVENT_FIELDS, "highlight"]
         read_only_fields = fields
+        list_serializer_class = EventListSerializer
 
 
 class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):

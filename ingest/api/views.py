@@ -9,6 +9,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.db import IntegrityError
 from django.http import StreamingHttpResponse
@@ -24,7 +25,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ingest import credentials, exporting, webhooks
+from ingest import credentials, exporting, search, webhooks
 from ingest.api.filters import DeadLetterFilter, EventFilter
 from ingest.api.serializers import (
     DeadLetterSerializer,
@@ -43,12 +44,33 @@ from teams.api.base import (
     TeamScopedReadOnlyViewSet,
 )
 
+RANK_KEY = "rank_key"
+
 
 class EventCursorPagination(StrictCursorPagination):
     """Newest event time first, 50 a page (``page_size`` 1 to 500); stable under
-    concurrent inserts."""
+    concurrent inserts. A search ordered by rank (the queryset carries ``rank_key``,
+    ``ingest.search.SearchBackend.search`` by rank) pages on that unique key instead."""
 
-    ordering = ("-created_at", "-id")
+    ordering: Any = ("-created_at", "-id")
+
+    def get_ordering(self, request: Request, queryset: Any, view: Any) -> Any:
+        if RANK_KEY in getattr(getattr(queryset, "query", None), "annotations", {}):
+            return (f"-{RANK_KEY}",)
+        return type(self).ordering
+
+    def decode_cursor(self, request: Request) -> Any:
+        cursor = super().decode_cursor(request)
+        if (
+            cursor is not None
+            and cursor.position is not None
+            and self.ordering[0].endswith(RANK_KEY)
+        ):
+            try:
+                search.RANK_KEY_FIELD.to_python(cursor.position)
+            except DjangoValidationError:
+                raise self._invalid() from None
+        return cursor
 
 
 class SourceViewSet(TeamScopedMixin, viewsets.ModelViewSet[Source]):
@@ -250,10 +272,12 @@ def _streamed(request: Request, chunks: Iterator[bytes]) -> Iterable[bytes] | As
 
 
 class EventViewSet(TeamScopedReadOnlyViewSet):
-    """Stored events, newest event time first (cursor pagination), and their export."""
+    """Stored events, newest event time first (cursor pagination), and their export;
+    ``q`` searches them (``EventFilter``), and each result of a search's page carries its
+    ``highlight``."""
 
     team_field = "source__team"
-    queryset = Event.objects.all()
+    queryset = Event.objects.defer("search_vector")
     serializer_class = EventSerializer
     filterset_class = EventFilter
     pagination_class = EventCursorPagination
