@@ -321,6 +321,22 @@ def test_every_make_run_worker_consumes_the_queue_it_is_named_after(
     assert queues == {name: [name.removeprefix("worker-")] for name in WORKER_SERVICES}
 
 
+def test_only_the_anomaly_pool_runs_at_a_lower_cpu_priority(
+    make_run: dict[str, str], services: dict[str, dict[str, Any]]
+) -> None:
+    # A catch-up of years of anomaly buckets takes only the CPU the pipeline leaves.
+    compose = {name: _argv(services[name]["command"]) for name in _worker_names(services)}
+    local = {name: _argv(make_run[name]) for name in _worker_names(make_run)}
+
+    for argv_by_name in (compose, local):
+        assert {name for name, argv in argv_by_name.items() if argv[0] == "nice"} == {
+            "worker-anomalies"
+        }
+    # compose's ${ANOMALY_NICE:-10}, interpolated as compose would without the variable.
+    assert compose["worker-anomalies"][:4] == local["worker-anomalies"][:4]
+    assert local["worker-anomalies"][:4] == ["nice", "-n", "10", "celery"]
+
+
 def test_make_run_and_compose_run_the_same_worker_pools(
     make_run: dict[str, str], services: dict[str, dict[str, Any]]
 ) -> None:
