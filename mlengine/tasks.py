@@ -8,7 +8,9 @@ is safe.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
+from typing import cast
 
 import structlog
 from celery import Task, current_app, shared_task
@@ -23,6 +25,7 @@ from mlengine.inference.heads import TASKS
 from mlengine.trends import stage as trend_stage
 from twiscope import pipeline
 from twiscope.queues import ANOMALIES, DETECT
+from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
 
@@ -81,18 +84,59 @@ def advance_stream(*, source_id: int) -> int:
     return len(trend_stage.advance_stream(source_id=source_id))
 
 
+YIELDING_KEY = "anomalies:yielding-since"
+"""Redis key: the time (epoch s) since when anomaly runs have yielded to the pipeline."""
+
+
+def _yields_to_pipeline() -> bool:
+    """Whether this anomaly run should wait for the pipeline (``ANOMALY_YIELD``): events
+    are stored faster than ``SCORING_PAUSE_ABOVE_EPS`` (``scoring.in_burst``) or the
+    pipeline has a batch in hand (``pipeline.is_busy``), and runs have not yielded for
+    ``ANOMALY_YIELD_MAX_S`` in a row already. Side effect: records since when runs yield
+    (``YIELDING_KEY``), and forgets it when the pipeline is free or the wait is over."""
+    redis = get_redis()
+    busy = settings.ANOMALY_YIELD and (
+        scoring.in_burst() or pipeline.is_busy(events=settings.INGEST_BATCH_SIZE)
+    )
+    if not busy:
+        redis.delete(YIELDING_KEY)
+        return False
+    now = time.time()
+    redis.set(YIELDING_KEY, now, nx=True, ex=max(1, int(settings.ANOMALY_YIELD_MAX_S * 4)))
+    since = float(cast("bytes", redis.get(YIELDING_KEY) or now))
+    if now - since >= settings.ANOMALY_YIELD_MAX_S:
+        redis.delete(YIELDING_KEY)
+        return False
+    return True
+
+
 @shared_task(bind=True, name="anomalies.advance", soft_time_limit=90, time_limit=120)
 def advance_anomalies(self: Task) -> int:
     """Periodic: step every source's complete 5-minute buckets through the anomaly
     detector (``mlengine.anomalies.stage``); queues itself again while buckets remain,
-    one follow-up at a time (``pipeline.claim_pending``). Returns how many new anomalies."""
+    one follow-up at a time (``pipeline.claim_pending``). Returns how many new anomalies.
+
+    Anomaly work yields to the pipeline (``_yields_to_pipeline``): during a burst of
+    ingest the run steps nothing and queues a follow-up ``ANOMALY_YIELD_POLL_S`` later,
+    so a catch-up of months of buckets neither takes the CPU nor the database from the
+    stages an alert waits on; after ``ANOMALY_YIELD_MAX_S`` of yielding it runs anyway."""
     pipeline.release_pending(ANOMALIES, "advance", str(self.request.id))
-    result = anomaly_stage.advance_anomalies()
+    yielding = _yields_to_pipeline()
+    result = None if yielding else anomaly_stage.advance_anomalies()
     # One waiting follow-up at most: every beat tick that finds work left would
     # otherwise start a chain of its own, and the chains would pile up in the queue.
     follow_up = str(uuid.uuid4())
-    if result.more and pipeline.claim_pending(ANOMALIES, "advance", follow_up, expiry_s=120):
-        advance_anomalies.apply_async(expires=120, task_id=follow_up)
+    if (yielding or (result is not None and result.more)) and pipeline.claim_pending(
+        ANOMALIES, "advance", follow_up, expiry_s=120
+    ):
+        advance_anomalies.apply_async(
+            expires=120,
+            task_id=follow_up,
+            countdown=settings.ANOMALY_YIELD_POLL_S if yielding else None,
+        )
+    if result is None:
+        log.info("detect.anomalies_yielded")
+        return 0
     return len(result.anomaly_ids)
 
 

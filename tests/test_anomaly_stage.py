@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from datetime import datetime, timedelta
 from typing import Any, cast
 from unittest import mock
@@ -613,6 +614,47 @@ def test_beat_ticks_with_work_left_never_multiply_the_follow_ups(
 
     (next_one,) = _queued_anomaly_task_ids()
     assert next_one != follow_up
+
+
+def _mark_pipeline_busy() -> None:
+    """Two staged batches not yet persisted, as the ingest stage records them."""
+    from twiscope import pipeline
+
+    pipeline.record("ingest", ["batch:a", "batch:b"])
+
+
+def test_anomaly_work_yields_to_a_busy_pipeline_then_runs(settings: Any) -> None:
+    """While the pipeline has batches in hand the run steps nothing and queues one
+    follow-up; once the pipeline is free, or after ANOMALY_YIELD_MAX_S of yielding, it
+    steps the buckets as it would have."""
+    source = make_source(make_personas().team)
+    stream(source)
+    settings.ANOMALY_YIELD_MAX_S = 60
+    _mark_pipeline_busy()
+
+    assert advance_anomalies_task() == 0  # called in-process: the test's connection stays
+    assert not Series.objects.filter(source=source).exists()
+    (follow_up,) = _queued_anomaly_task_ids()
+    advance_anomalies_task()  # a beat tick meanwhile: no second follow-up
+    assert _queued_anomaly_task_ids() == [follow_up]
+
+    # Yielding since more than ANOMALY_YIELD_MAX_S ago: it runs, busy or not.
+    get_redis().set("anomalies:yielding-since", time.time() - 61)
+    advance_anomalies_task()
+    assert Series.objects.filter(source=source, kind=Series.Kind.VOLUME).exists()
+
+
+def test_anomaly_work_runs_at_once_when_the_pipeline_is_free_or_yielding_is_off(
+    settings: Any,
+) -> None:
+    source = make_source(make_personas().team)
+    stream(source)
+    settings.ANOMALY_YIELD = False
+    _mark_pipeline_busy()
+
+    advance_anomalies_task()
+
+    assert Series.objects.filter(source=source, kind=Series.Kind.VOLUME).exists()
 
 
 # ---- alerts that are right: history, minimum counts, figures inside their band ----------

@@ -358,6 +358,14 @@ ANOMALY_JUMP_COST: int = env.int("ANOMALY_JUMP_COST", default=4)
 # run): a run that jumps past two weeks keeps two weeks of points of every series. About
 # a second of COPY on 2 cores; sources of up to 12 series never reach it.
 ANOMALY_MAX_POINTS: int = env.int("ANOMALY_MAX_POINTS", default=50_000)
+# The stage yields to the pipeline: while events are stored faster than
+# SCORING_PAUSE_ABOVE_EPS or the pipeline has a batch in hand (the transformer heads'
+# tests), a run waits ANOMALY_YIELD_POLL_S and looks again, for at most
+# ANOMALY_YIELD_MAX_S in a row; then it runs one bounded step whatever the load, so a
+# loaded platform's anomaly alerts come late by at most that, never not at all.
+ANOMALY_YIELD: bool = env.bool("ANOMALY_YIELD", default=True)
+ANOMALY_YIELD_POLL_S: float = env.float("ANOMALY_YIELD_POLL_S", default=2.0)
+ANOMALY_YIELD_MAX_S: float = env.float("ANOMALY_YIELD_MAX_S", default=60.0)
 # Series points are kept this long behind their source's latest bucket (event time).
 ANOMALY_RETENTION_S: int = env.int("ANOMALY_RETENTION_S", default=14 * 86400)
 # Noise floor of the negative-share detector, in share units (the volume detector's is
