@@ -213,6 +213,8 @@ class SeriesQuery(serializers.Serializer[dict[str, Any]]):
 class SeriesView(APIView):
     """One series of a source with its expected band and anomaly windows."""
 
+    error_codes = ["404"]  # a series that is not (yet) there, or not the caller's
+
     @extend_schema(parameters=[SeriesQuery], responses=SeriesSerializer)
     def get(self, request: Request) -> Response:
         """The series' points in the window (at most ``MAX_SERIES_POINTS``: 400 past

@@ -8,6 +8,7 @@ plus the error responses every operation can answer, in DRF's shapes.
 - 403 ``Error``: on writes (a member writing an owner's object, a session without CSRF);
 - 404 ``Error``: on a path with an id (outside the caller's teams, or gone) and on
   page-numbered lists (a page past the last);
+- the codes a view names in ``error_codes`` (``["404"]``: a lookup by query parameters);
 - on every POST and PATCH that honours ``Idempotency-Key`` (``teams.api.idempotency``):
   the header as an optional parameter, 409 ``Error`` (the key's first request is still
   running) and 422 ``ValidationError`` (the key was used with another request).
@@ -120,6 +121,8 @@ class AutoSchema(SpectacularAutoSchema):
             codes.append("404")
         if self._honours_idempotency_key():
             codes += ["409", "422"]
+        # A view may name more (``error_codes = ["404"]``: a lookup by query parameters).
+        codes += [code for code in getattr(view, "error_codes", ()) if code not in codes]
         return codes
 
     def _error_component(self, code: str) -> ResolvedComponent:
