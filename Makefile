@@ -11,7 +11,10 @@
 #   make chaos [CHAOS_ARGS="--short"]
 #                      faults (worker, Redis, PostgreSQL kills; WebSocket drops) during a
 #                      replay on embedded servers of .run/chaos: bench/results/chaos.json
-#   make lint          ruff, mypy and the import contracts (lint-imports)
+#   make schema        docs/openapi.json regenerated (the reviewed API contract that
+#                      tests/test_schema_snapshot.py compares the generated schema with)
+#   make lint          ruff, mypy, the import contracts (lint-imports) and pip-audit
+#                      over the locks (devtools/audit_deps.py)
 #   make venv          .venv from the lock requirements/dev.txt (re-installed when it changes)
 #   make lock [LOCK_ARGS="--upgrade-package NAME"]
 #                      requirements/*.txt from requirements/*.in, with hashes (pip-tools)
@@ -43,10 +46,10 @@ LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARG
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
 # their environment; devtools.run reads them from there and treats empty as unset.
 
-.PHONY: help venv lock run test bench bench-alerts chaos lint
+.PHONY: help venv lock run test bench bench-alerts chaos lint schema
 
 help:
-	@sed -n '3,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,21p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -77,6 +80,11 @@ test: venv
 	@devtools/ensure-chromium
 	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(PY) -m pytest $(PYTEST_ARGS)
 
+# The reviewed OpenAPI contract, regenerated after an intended API change (commit it).
+schema: venv
+	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- env UPDATE_SCHEMA_SNAPSHOT=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_schema_snapshot.py
+
 # Its own run dir (and env file: .run/bench/env), so it works on its own data while
 # `make run` is up and leaves that platform's .run/env alone.
 bench: venv
@@ -95,9 +103,12 @@ chaos: venv
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m devtools.localservices run --run-dir .run/chaos -- \
 	  $(PY) bench/chaos.py $(CHAOS_ARGS)
 
-# ruff, mypy and lint-imports come with the development lock (requirements/dev.in).
+# ruff, mypy, lint-imports and pip-audit come with the development lock (requirements/dev.in).
+# The audit fails on a known vulnerability; a package it cannot look up (no network to its
+# vulnerability service) is reported as not checked, not as a failure.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m devtools.localservices test $(SERVICES_ARGS) -- $(VENV)/bin/mypy .
+	$(PY) -m devtools.audit_deps

@@ -79,6 +79,20 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 SERIES_BUCKETS = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400)
 """The bucket sizes (seconds) a sentiment series picks from."""
 MAX_SERIES_BUCKETS = 96
+"""The most buckets a default ``bucket_s`` cuts a window into."""
+MAX_BUCKETS = 2000
+"""The most buckets one sentiment series may have, whichever ends and bucket are given
+(``TooManyBuckets`` past it)."""
+
+
+class TooManyBuckets(ValueError):
+    """A sentiment window that would hold more than ``MAX_BUCKETS`` buckets."""
+
+    def __init__(self, since: datetime, until: datetime, bucket_s: int) -> None:
+        super().__init__(
+            f"At most {MAX_BUCKETS} buckets: {since.isoformat()} to {until.isoformat()} "
+            f"in buckets of {bucket_s} s is more; choose a shorter window or a larger bucket_s."
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +151,10 @@ def sentiment_series(
     ``bucket_s`` to ``series_bucket_s(until - since)``. Buckets are aligned to the
     epoch (``date_bin``). Returns None when the sources have no events. One aggregate
     over the event-time index.
+
+    Raises:
+        TooManyBuckets: the window, once its missing ends are filled in, holds more
+            than ``MAX_BUCKETS`` buckets (checked before any bucket is built).
     """
     if until is None:
         latest = latest_event_time(source_ids)
@@ -145,6 +163,8 @@ def sentiment_series(
         until = latest + timedelta(microseconds=1)
     since = since or until - timedelta(hours=24)
     bucket_s = bucket_s or series_bucket_s(until - since)
+    if (until - since).total_seconds() / bucket_s > MAX_BUCKETS:
+        raise TooManyBuckets(since, until, bucket_s)
     with connection.cursor() as cursor:
         cursor.execute(
             """

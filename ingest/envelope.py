@@ -4,17 +4,54 @@ An ``Envelope`` is what crosses from an adapter into the pipeline: adapters buil
 per post, ``to_json`` turns it into the JSON-safe dict stored in a raw batch, and the
 persist stage rebuilds it with ``Envelope.from_json``, which validates every field and
 raises ``EnvelopeError`` (the caller dead-letters that one item and goes on).
+
+Event times are bounded where every envelope is validated: from ``EVENT_TIME_MIN`` to
+``EVENT_MAX_FUTURE_S`` (a setting, default one day) after now. A post dated further
+ahead is refused, not clamped: the webhook answers a field error on ``created_at``, a
+replay counts the row as skipped, and the persist stage parks it as a dead letter with
+the reason (a clock error at the source is the source's to fix, and a clamped time
+would put the post in a bucket it was not posted in).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from django.conf import settings
 
 MAX_TEXT_CHARS = 20_000
 MAX_ID_CHARS = 128
 METRIC_NAMES = ("reposts", "likes", "replies", "quotes", "views")
+MAX_FOLLOWERS = 2**31 - 1
+"""``author.followers`` is stored in a PostgreSQL ``integer``."""
+MAX_METRIC = 2**63 - 1
+EVENT_TIME_MIN = datetime(1900, 1, 1, tzinfo=UTC)
+"""The earliest event time an envelope may carry."""
+
+
+def check_event_time(created_at: datetime, now: datetime | None = None) -> datetime:
+    """``created_at`` (timezone-aware) in UTC, if it is from ``EVENT_TIME_MIN`` to
+    ``settings.EVENT_MAX_FUTURE_S`` seconds after ``now`` (default: the clock).
+
+    Raises:
+        EnvelopeError: ``created_at: …`` naming the bound it is past.
+    """
+    now = now or datetime.now(UTC)
+    try:
+        utc = created_at.astimezone(UTC)
+    except OverflowError:
+        raise EnvelopeError("created_at: out of range") from None
+    if utc < EVENT_TIME_MIN:
+        raise EnvelopeError(f"created_at: before {EVENT_TIME_MIN.isoformat()}")
+    limit = now + timedelta(seconds=settings.EVENT_MAX_FUTURE_S)
+    if utc > limit:
+        raise EnvelopeError(
+            f"created_at: more than {settings.EVENT_MAX_FUTURE_S} s in the future "
+            f"(after {limit.replace(microsecond=0).isoformat()}; EVENT_MAX_FUTURE_S)"
+        )
+    return utc
 
 
 class EnvelopeError(ValueError):
@@ -106,6 +143,7 @@ class Envelope:
             raise EnvelopeError(f"created_at: not ISO 8601: {created_raw!r}") from exc
         if created_at.tzinfo is None:
             raise EnvelopeError("created_at: must carry a UTC offset")
+        created_at = check_event_time(created_at)
         text = data.get("text", "")
         if not isinstance(text, str):
             raise EnvelopeError("text: must be a string")
@@ -114,23 +152,31 @@ class Envelope:
             raise EnvelopeError("author: must be an object")
         followers = author_raw.get("followers")
         if followers is not None and (
-            isinstance(followers, bool) or not isinstance(followers, int) or followers < 0
+            isinstance(followers, bool)
+            or not isinstance(followers, int)
+            or not 0 <= followers <= MAX_FOLLOWERS
         ):
-            raise EnvelopeError("author.followers: must be a non-negative integer")
+            raise EnvelopeError(
+                f"author.followers: must be a whole number from 0 to {MAX_FOLLOWERS}"
+            )
         metrics_raw = _or_empty(data.get("metrics"))
         if not isinstance(metrics_raw, dict):
             raise EnvelopeError("metrics: must be an object")
         metrics: dict[str, int] = {}
         for name, value in metrics_raw.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise EnvelopeError(f"metrics.{name}: must be a non-negative integer")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= MAX_METRIC
+            ):
+                raise EnvelopeError(f"metrics.{name}: must be a whole number from 0 to 2**63 - 1")
             metrics[str(name)] = value
         raw = _or_empty(data.get("raw"))
         if not isinstance(raw, dict):
             raise EnvelopeError("raw: must be an object")
         return cls(
             external_id=external_id,
-            created_at=created_at.astimezone(UTC),
+            created_at=created_at,
             text=clean_text(text)[:MAX_TEXT_CHARS],
             author=Author(
                 id=_id(author_raw.get("id"), "author.id"),

@@ -241,6 +241,8 @@ def test_the_openapi_schema_documents_watches() -> None:
         "400",
         "401",
         "403",
+        "409",  # Idempotency-Key (teams/api/idempotency.py)
+        "422",
     }
     assert {"404", "403"} <= set(schema["paths"]["/api/watches/{id}/"]["delete"]["responses"])
     series_params = {p["name"] for p in schema["paths"]["/api/series/"]["get"]["parameters"]}

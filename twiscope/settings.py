@@ -70,6 +70,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First: it must see what every other middleware raises (twiscope/outage.py).
     "twiscope.outage.DependencyUnavailableMiddleware",
+    # Errors under /api/ in JSON, 404s of unknown URLs included (teams/api/errors.py).
+    "teams.api.errors.ApiJsonErrorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -269,6 +271,11 @@ WEBHOOK_TOLERANCE_S: int = env.int("WEBHOOK_TOLERANCE_S", default=300)
 SEARCH_BACKEND: str = env.str("SEARCH_BACKEND", default="ingest.search.PostgresSearch")
 # A search given neither since/until nor source covers this many days of event time, up
 # to the newest event of the caller's sources (not after now), so its cost is bounded.
+# An event dated more than this many seconds ahead of now is refused at every way in
+# (ingest/envelope.py): the webhook answers 400 on created_at, the pipeline parks it.
+EVENT_MAX_FUTURE_S: int = env.int("EVENT_MAX_FUTURE_S", default=86400)
+if EVENT_MAX_FUTURE_S < 0:
+    raise ImproperlyConfigured("EVENT_MAX_FUTURE_S must be at least 0")
 SEARCH_DEFAULT_WINDOW_DAYS: int = env.int("SEARCH_DEFAULT_WINDOW_DAYS", default=30)
 if SEARCH_DEFAULT_WINDOW_DAYS < 1:
     raise ImproperlyConfigured("SEARCH_DEFAULT_WINDOW_DAYS must be at least 1")

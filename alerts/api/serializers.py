@@ -12,7 +12,13 @@ from alerts.models import Alert, AlertRule
 from alerts.payload import alert_payload, latency_ms
 from ingest.models import Source
 from mlengine import facade
-from teams.api.base import check_team_and_source, limit_to_owned_teams
+from teams.api.base import (
+    INT_MAX,
+    StrictCharField,
+    StrictModelSerializer,
+    check_team_and_source,
+    limit_to_owned_teams,
+)
 from teams.models import Team
 
 
@@ -58,12 +64,13 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
         return alert_payload(instance)
 
 
-class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
+class AlertRuleSerializer(StrictModelSerializer):
     """A rule; ``team`` and ``source`` must belong to a team the caller owns.
 
-    ``min_events``, ``min_authors`` and ``min_peak`` are whole numbers ≥ 1, ``min_score`` a finite
-    number ≥ 0 (for a "viral_post" rule, the least P(viral): from 0.5 to 1, and required
-    when it is created), ``cooldown_s`` whole seconds ≥ 0, ``terms`` a list (empty:
+    ``min_events``, ``min_authors`` and ``min_peak`` are whole numbers from 1 to
+    2³¹ − 1, ``min_score`` a finite number ≥ 0 (for a "viral_post" rule, the least
+    P(viral): from 0.5 to 1, and required when it is created), ``cooldown_s`` whole
+    seconds from 0 to 2³¹ − 1 (a PostgreSQL ``integer``), ``terms`` a list (empty:
     every term) of non-blank strings, ``kind`` and ``severity`` one of the model's
     choices. A refused value is a 400 with DRF's field errors."""
 
@@ -72,13 +79,13 @@ class AlertRuleSerializer(serializers.ModelSerializer[AlertRule]):
         queryset=Source.objects.none(), allow_null=True, required=False
     )
     terms = serializers.ListField(
-        child=serializers.CharField(max_length=200, allow_blank=False), required=False
+        child=StrictCharField(max_length=200, allow_blank=False), required=False
     )
     min_score = serializers.FloatField(min_value=0, required=False)
-    min_events = serializers.IntegerField(min_value=1, required=False)
-    min_authors = serializers.IntegerField(min_value=1, required=False)
-    min_peak = serializers.IntegerField(min_value=1, required=False)
-    cooldown_s = serializers.IntegerField(min_value=0, required=False)
+    min_events = serializers.IntegerField(min_value=1, max_value=INT_MAX, required=False)
+    min_authors = serializers.IntegerField(min_value=1, max_value=INT_MAX, required=False)
+    min_peak = serializers.IntegerField(min_value=1, max_value=INT_MAX, required=False)
+    cooldown_s = serializers.IntegerField(min_value=0, max_value=INT_MAX, required=False)
 
     class Meta:
         model = AlertRule

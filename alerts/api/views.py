@@ -9,6 +9,7 @@ from rest_framework import permissions, viewsets
 from alerts.api.serializers import AlertRuleSerializer, AlertSerializer
 from alerts.models import Alert, AlertRule
 from teams.api.base import (
+    DateTimeFilter,
     IntegerFilter,
     IsTeamOwnerOrReadOnly,
     NewestFirstCursorPagination,
@@ -40,8 +41,8 @@ class AlertFilter(StrictFilterSet):
     )
     hide_withdrawn = django_filters.BooleanFilter(method="filter_hide_withdrawn")
     team = django_filters.ModelChoiceFilter(queryset=scoped_teams)
-    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    since = DateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = DateTimeFilter(field_name="created_at", lookup_expr="lt")
     after_seq = IntegerFilter(field_name="seq", lookup_expr="gt", min_value=0)
 
     class Meta:

@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from dashboard import selectors
 from ingest.models import Source
-from teams.api.base import refuse_unknown_query_params
+from teams.api.base import BoundedDateTimeField, refuse_unknown_query_params
 from teams.selectors import team_ids_for
 
 _Latency = inline_serializer(
@@ -75,18 +75,17 @@ class StatsView(APIView):
         )
     )
     def get(self, request: Request) -> Response:
+        """The numbers; any query parameter is a 400 (it takes none but ``format``)."""
+        refuse_unknown_query_params(request, ())
         return Response(selectors.stats_for(request.user))
-
-
-MAX_BUCKETS = 2000
 
 
 class SentimentQuery(serializers.Serializer[dict[str, Any]]):
     """The query of ``GET /api/sentiment/``; a source outside the caller's teams is an
     invalid choice (400), never another team's data."""
 
-    since = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
-    until = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
+    since = BoundedDateTimeField(required=False, help_text="Event time, ISO 8601.")
+    until = BoundedDateTimeField(required=False, help_text="Event time, ISO 8601.")
     bucket_s = serializers.ChoiceField(
         choices=selectors.SERIES_BUCKETS, required=False, help_text="Bucket, in seconds."
     )
@@ -110,12 +109,6 @@ class SentimentQuery(serializers.Serializer[dict[str, Any]]):
         since, until = attrs.get("since"), attrs.get("until")
         if since and until and since >= until:
             raise serializers.ValidationError({"until": ["Must be after since."]})
-        if since and until:
-            bucket_s = attrs.get("bucket_s") or selectors.series_bucket_s(until - since)
-            if (until - since).total_seconds() / bucket_s > MAX_BUCKETS:
-                raise serializers.ValidationError(
-                    {"bucket_s": [f"At most {MAX_BUCKETS} buckets: choose a larger bucket."]}
-                )
         return attrs
 
 
@@ -151,7 +144,9 @@ class SentimentView(APIView):
     )
     def get(self, request: Request) -> Response:
         """``until`` defaults to the latest event's time, ``since`` to 24 h before it, the
-        bucket to at most 96 per window (``dashboard.selectors.sentiment_series``)."""
+        bucket to at most 96 per window (``dashboard.selectors.sentiment_series``). A
+        window of more than ``selectors.MAX_BUCKETS`` buckets, once its missing ends are
+        filled in, is a 400 (on ``bucket_s`` when given, else on ``since``)."""
         query = SentimentQuery(data=request.query_params, context={"request": request})
         refuse_unknown_query_params(request, query.fields)
         query.is_valid(raise_exception=True)
@@ -165,12 +160,16 @@ class SentimentView(APIView):
                     "id", flat=True
                 )
             )
-        series = selectors.sentiment_series(
-            source_ids,
-            since=params.get("since"),
-            until=params.get("until"),
-            bucket_s=params.get("bucket_s"),
-        )
+        try:
+            series = selectors.sentiment_series(
+                source_ids,
+                since=params.get("since"),
+                until=params.get("until"),
+                bucket_s=params.get("bucket_s"),
+            )
+        except selectors.TooManyBuckets as exc:
+            field = "bucket_s" if params.get("bucket_s") else "since"
+            raise serializers.ValidationError({field: [str(exc)]}) from None
         if series is None:
             return Response({"since": None, "until": None, "bucket_s": None, "buckets": []})
         return Response(

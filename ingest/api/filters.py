@@ -16,7 +16,13 @@ from rest_framework.exceptions import ValidationError
 from ingest import search
 from ingest.models import DeadLetter, Event, Source
 from ingest.selectors import newest_event_time
-from teams.api.base import BooleanFilter, StrictFilterSet, in_callers_teams
+from teams.api.base import (
+    BooleanFilter,
+    DateTimeFilter,
+    NumberFilter,
+    StrictFilterSet,
+    in_callers_teams,
+)
 from teams.selectors import team_ids_for
 
 
@@ -82,8 +88,8 @@ class EventFilter(StrictFilterSet):
     The posts behind a trend: ``GET /api/trends/<id>/events/``."""
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
-    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    since = DateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = DateTimeFilter(field_name="created_at", lookup_expr="lt")
     q = SearchQueryFilter(
         method="filter_nothing",
         label=SEARCH_HELP.format(
@@ -103,7 +109,7 @@ class EventFilter(StrictFilterSet):
     sentiment = django_filters.ChoiceFilter(field_name="sentiment_label", choices=SENTIMENT_LABELS)
     emotion = django_filters.ChoiceFilter(choices=EMOTION_LABELS)
     offensive = django_filters.ChoiceFilter(choices=OFFENSIVE_LABELS)
-    min_virality = django_filters.NumberFilter(
+    min_virality = NumberFilter(
         field_name="virality_score",
         lookup_expr="gte",
         min_value=0,

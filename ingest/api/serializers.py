@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
 from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -23,7 +25,7 @@ from ingest.sources.rss.adapter import (
 )
 from ingest.sources.telegram import adapter as tg_adapter
 from ingest.sources.x import adapter as x_adapter
-from teams.api.base import limit_to_owned_teams
+from teams.api.base import StrictModelSerializer, limit_to_owned_teams
 from teams.models import Team
 
 API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X, Source.Kind.TELEGRAM)
@@ -31,7 +33,7 @@ API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X, Source.Kind.TE
 Replay sources are made by ``manage.py replay``."""
 
 
-class SourceSerializer(serializers.ModelSerializer[Source]):
+class SourceSerializer(StrictModelSerializer):
     """A source. Owners of its team create and edit it; ``team`` (default: the caller's
     team, when they own exactly one) and ``kind`` are fixed once it exists.
     ``credentials`` is write-only (encrypted at rest, never returned). ``state``:
@@ -92,6 +94,20 @@ class SourceSerializer(serializers.ModelSerializer[Source]):
 
     def get_events_last_hour(self, source: Source) -> int:
         return events_last_hour(source.id)
+
+    def to_representation(self, instance: Source) -> dict[str, Any]:
+        """The source; a replay source's archive shows as its file name alone, in
+        ``config.path`` and in its errors (the server's directories are nobody's
+        business but its operator's, who sees them with ``manage.py``)."""
+        data: dict[str, Any] = super().to_representation(instance)
+        config = data.get("config")
+        if isinstance(config, dict) and isinstance(config.get("path"), str):
+            path = config["path"]
+            data["config"] = {**config, "path": PurePath(path).name}
+            for name in ("last_error", "disabled_reason"):
+                if isinstance(data.get(name), str):
+                    data[name] = data[name].replace(path, PurePath(path).name)
+        return data
 
     def _only_owned_team(self) -> Team:
         """The team a create without ``team`` is for: the caller's only owned team."""
@@ -316,7 +332,39 @@ class EventSerializer(serializers.ModelSerializer[Event]):
         list_serializer_class = EventListSerializer
 
 
+_FRAME_FILE = re.compile(r'File "([^"]+)"')
+
+
+def _frame_file(match: re.Match[str]) -> str:
+    path = match.group(1)
+    _, sep, inside = path.rpartition("site-packages/")
+    if sep:
+        return f'File "{inside}"'
+    parts = PurePath(path).parts
+    # The project's own modules by their package path (ingest/persistence.py), others
+    # by their file name.
+    for index, part in enumerate(parts):
+        if part in PROJECT_PACKAGES:
+            return f'File "{PurePath(*parts[index:])}"'
+    return f'File "{PurePath(path).name}"'
+
+
+PROJECT_PACKAGES = ("twiscope", "teams", "ingest", "mlengine", "alerts", "dashboard")
+
+
 class DeadLetterSerializer(serializers.ModelSerializer[DeadLetter]):
+    """A dead letter. No server path is shown: ``error``'s frames name files by their
+    package path, and a replay row's ``payload.path`` is the archive's file name."""
+
+    def to_representation(self, instance: DeadLetter) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_representation(instance)
+        if isinstance(data.get("error"), str):
+            data["error"] = _FRAME_FILE.sub(_frame_file, data["error"])
+        payload = data.get("payload")
+        if isinstance(payload, dict) and isinstance(payload.get("path"), str):
+            data["payload"] = {**payload, "path": PurePath(payload["path"]).name}
+        return data
+
     class Meta:
         model = DeadLetter
         fields = [
@@ -338,7 +386,9 @@ class WebhookAuthorSerializer(serializers.Serializer[Any]):
     id = serializers.CharField(required=False)
     handle = serializers.CharField(required=False, max_length=128)
     name = serializers.CharField(required=False, max_length=256)
-    followers = serializers.IntegerField(required=False, min_value=0, allow_null=True)
+    followers = serializers.IntegerField(
+        required=False, min_value=0, max_value=2**31 - 1, allow_null=True
+    )
 
 
 class WebhookEnvelopeSerializer(serializers.Serializer[Any]):
@@ -346,7 +396,10 @@ class WebhookEnvelopeSerializer(serializers.Serializer[Any]):
     the webhook validates items with ``Envelope.from_json``."""
 
     external_id = serializers.CharField(max_length=128, help_text="Unique within the source.")
-    created_at = serializers.DateTimeField(help_text="Event time, ISO 8601 with a UTC offset.")
+    created_at = serializers.DateTimeField(
+        help_text="Event time, ISO 8601 with a UTC offset; from 1900 to EVENT_MAX_FUTURE_S "
+        "(default 86400) seconds after now, else a field error on created_at."
+    )
     text = serializers.CharField(required=False, allow_blank=True)
     author = WebhookAuthorSerializer(required=False)
     lang = serializers.CharField(required=False, max_length=16)
@@ -354,7 +407,9 @@ class WebhookEnvelopeSerializer(serializers.Serializer[Any]):
     reply_to = serializers.CharField(required=False)
     repost_of = serializers.CharField(required=False)
     quote_of = serializers.CharField(required=False)
-    metrics = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False)
+    metrics = serializers.DictField(
+        child=serializers.IntegerField(min_value=0, max_value=2**63 - 1), required=False
+    )
     raw = serializers.DictField(required=False)
 
 

@@ -10,7 +10,13 @@ from django.db.models import Max, Q, QuerySet
 from ingest.api.filters import scoped_sources
 from mlengine.inference.heads import TASKS
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
-from teams.api.base import BooleanFilter, StrictFilterSet, in_callers_teams
+from teams.api.base import (
+    BooleanFilter,
+    DateTimeFilter,
+    NumberFilter,
+    StrictFilterSet,
+    in_callers_teams,
+)
 from teams.models import Team
 
 scoped_watches = in_callers_teams(Watch.objects.all(), "team")
@@ -24,9 +30,9 @@ class TrendFilter(StrictFilterSet):
 
     source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
     term = django_filters.CharFilter()
-    since = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="bucket_start", lookup_expr="lt")
-    min_score = django_filters.NumberFilter(field_name="score", lookup_expr="gte")
+    since = DateTimeFilter(field_name="bucket_start", lookup_expr="gte")
+    until = DateTimeFilter(field_name="bucket_start", lookup_expr="lt")
+    min_score = NumberFilter(field_name="score", lookup_expr="gte")
     current = BooleanFilter(method="filter_current")
 
     class Meta:
@@ -81,9 +87,9 @@ class AnomalyFilter(StrictFilterSet):
     kind = django_filters.ChoiceFilter(field_name="series__kind", choices=Series.Kind.choices)
     term = django_filters.CharFilter(field_name="series__term")
     watch = django_filters.ModelChoiceFilter(field_name="series__watch", queryset=scoped_watches)
-    since = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="window_start", lookup_expr="lt")
-    min_score = django_filters.NumberFilter(field_name="score", lookup_expr="gte")
+    since = DateTimeFilter(field_name="window_start", lookup_expr="gte")
+    until = DateTimeFilter(field_name="window_start", lookup_expr="lt")
+    min_score = NumberFilter(field_name="score", lookup_expr="gte")
     closed = BooleanFilter(field_name="closed")
 
     class Meta:

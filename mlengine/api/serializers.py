@@ -11,7 +11,12 @@ from rest_framework import serializers
 from ingest.models import Source
 from mlengine.anomalies.watches import normalise_terms, save_watch
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
-from teams.api.base import check_team_and_source, limit_to_owned_teams
+from teams.api.base import (
+    StrictCharField,
+    StrictModelSerializer,
+    check_team_and_source,
+    limit_to_owned_teams,
+)
 from teams.models import Team
 
 WATCH_MAX_TERMS = 50
@@ -209,7 +214,7 @@ class SeriesSerializer(serializers.Serializer[dict[str, object]]):
     watches = SeriesWatchSerializer(many=True)
 
 
-class WatchSerializer(serializers.ModelSerializer[Watch]):
+class WatchSerializer(StrictModelSerializer):
     """A watch; ``team`` must be a team the caller owns and ``source`` (null: every
     source of the team) one of that team's. ``terms``: 1 to ``WATCH_MAX_TERMS``
     non-blank strings of at most 200 characters (hashtags "#x", mentions "@x",
@@ -222,7 +227,7 @@ class WatchSerializer(serializers.ModelSerializer[Watch]):
         queryset=Source.objects.none(), allow_null=True, required=False
     )
     terms = serializers.ListField(
-        child=serializers.CharField(max_length=200, allow_blank=False),
+        child=StrictCharField(max_length=200, allow_blank=False),
         min_length=1,
         max_length=WATCH_MAX_TERMS,
     )

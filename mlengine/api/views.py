@@ -47,8 +47,11 @@ from mlengine.models import (
     Watch,
 )
 from teams.api.base import (
+    BIGINT_MAX,
+    BoundedDateTimeField,
     IsTeamOwnerOrReadOnly,
     NumberedPagination,
+    StrictCharField,
     StrictFilterBackend,
     StrictOrderingFilter,
     TeamScopedMixin,
@@ -179,15 +182,18 @@ class SeriesQuery(serializers.Serializer[dict[str, Any]]):
     last bucket, ``since`` to 24 h before ``until`` (event time, ISO 8601)."""
 
     source = serializers.IntegerField(  # type: ignore[assignment]
-        min_value=1, help_text="Source id (one of your teams')."
+        min_value=1, max_value=BIGINT_MAX, help_text="Source id (one of your teams')."
     )
     kind = serializers.ChoiceField(choices=Series.Kind.choices)
-    term = serializers.CharField(required=False, allow_blank=False, max_length=200)
+    term = StrictCharField(required=False, allow_blank=False, max_length=200)
     watch = serializers.IntegerField(
-        required=False, min_value=1, help_text="Watch id (one of your teams'), kind=watch."
+        required=False,
+        min_value=1,
+        max_value=BIGINT_MAX,
+        help_text="Watch id (one of your teams'), kind=watch.",
     )
-    since = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
-    until = serializers.DateTimeField(required=False, help_text="Event time, ISO 8601.")
+    since = BoundedDateTimeField(required=False, help_text="Event time, ISO 8601.")
+    until = BoundedDateTimeField(required=False, help_text="Event time, ISO 8601.")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs["kind"] == Series.Kind.TERM and not attrs.get("term"):
@@ -206,6 +212,8 @@ class SeriesQuery(serializers.Serializer[dict[str, Any]]):
 
 class SeriesView(APIView):
     """One series of a source with its expected band and anomaly windows."""
+
+    error_codes = ["404"]  # a series that is not (yet) there, or not the caller's
 
     @extend_schema(parameters=[SeriesQuery], responses=SeriesSerializer)
     def get(self, request: Request) -> Response:

@@ -16,8 +16,12 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from teams.api.filters import (
+    BIGINT_MAX,
+    INT_MAX,
     BooleanFilter,
+    DateTimeFilter,
     IntegerFilter,
+    NumberFilter,
     StrictFilterBackend,
     StrictFilterSet,
     StrictOrderingFilter,
@@ -29,18 +33,31 @@ from teams.api.pagination import (
     NumberedPagination,
     StrictCursorPagination,
 )
-from teams.api.serializers import check_team_and_source, limit_to_owned_teams
+from teams.api.serializers import (
+    BoundedDateTimeField,
+    StrictCharField,
+    StrictModelSerializer,
+    check_team_and_source,
+    limit_to_owned_teams,
+)
 from teams.selectors import owned_team_ids_for, team_ids_for
 
 __all__ = [
+    "BIGINT_MAX",
+    "INT_MAX",
     "BooleanFilter",
+    "BoundedDateTimeField",
+    "DateTimeFilter",
     "IntegerFilter",
     "IsTeamOwnerOrReadOnly",
     "NewestFirstCursorPagination",
+    "NumberFilter",
     "NumberedPagination",
+    "StrictCharField",
     "StrictCursorPagination",
     "StrictFilterBackend",
     "StrictFilterSet",
+    "StrictModelSerializer",
     "StrictOrderingFilter",
     "TeamScopedMixin",
     "TeamScopedReadOnlyViewSet",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import django_filters
@@ -42,7 +43,35 @@ if TYPE_CHECKING:
 ModelT = TypeVar("ModelT", bound=Model)
 
 BIGINT_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
+"""The largest value of an ``IntegerField`` column (PostgreSQL ``integer``)."""
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+DATETIME_MIN = datetime(1900, 1, 1, tzinfo=UTC)
+"""The earliest date-time the API takes, in a filter or a body (inclusive)."""
+DATETIME_MAX = datetime(3000, 1, 1, tzinfo=UTC)
+"""The date-time the API's date-times must be before: every window arithmetic (a day,
+a week, a bucket either side) stays far inside Python's and PostgreSQL's ranges."""
+DATETIME_RANGE_MESSAGE = (
+    f"Must be from {DATETIME_MIN.isoformat()} to before {DATETIME_MAX.isoformat()}."
+)
+NUMBER_MAX_DIGITS = 30
+NUMBER_DECIMAL_PLACES = 15
+NUMBER_ABS_MAX = 10**15
+"""A decimal query parameter (``min_score``…): at most this in magnitude, 15 decimal
+places and 30 digits, so that PostgreSQL never sees a number it cannot compare with a
+``double precision`` column."""
+
+
+def check_datetime_range(value: datetime) -> None:
+    """Raise Django's ``ValidationError`` (code ``out_of_range``) unless ``value``
+    (timezone-aware) is in ``[DATETIME_MIN, DATETIME_MAX)``."""
+    try:
+        inside = DATETIME_MIN <= value < DATETIME_MAX
+    except OverflowError:  # an offset that takes year 1 or 9999 past Python's range
+        inside = False
+    if not inside:
+        raise DjangoValidationError(DATETIME_RANGE_MESSAGE, code="out_of_range")
 
 
 def in_callers_teams(
@@ -96,6 +125,54 @@ class IntegerQueryField(forms.IntegerField):
         return int(value)
 
 
+class BoundedIsoDateTimeField(django_filters.fields.IsoDateTimeField):
+    """An ISO 8601 query date-time in ``[DATETIME_MIN, DATETIME_MAX)``; outside it, or
+    out of Python's range once its offset is applied, a field error (400)."""
+
+    default_error_messages = {"invalid": "Enter a valid date/time."}
+
+    def strptime(self, value: str, format: str) -> datetime:
+        try:
+            return super().strptime(value, format)
+        except OverflowError:
+            raise ValueError(value) from None
+
+    def clean(self, value: Any) -> datetime | None:
+        try:
+            cleaned: datetime | None = super().clean(value)
+        except OverflowError:
+            raise DjangoValidationError(DATETIME_RANGE_MESSAGE, code="out_of_range") from None
+        if cleaned is not None:
+            check_datetime_range(cleaned)
+        return cleaned
+
+
+class BoundedDecimalField(forms.DecimalField):
+    """A decimal query parameter with at most ``NUMBER_MAX_DIGITS`` digits,
+    ``NUMBER_DECIMAL_PLACES`` decimal places and a magnitude of ``NUMBER_ABS_MAX``
+    (``1e999999`` would reach the database as a literal it cannot compare)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_digits", NUMBER_MAX_DIGITS)
+        kwargs.setdefault("decimal_places", NUMBER_DECIMAL_PLACES)
+        super().__init__(**kwargs)
+        self.validators.extend(
+            [MinValueValidator(-NUMBER_ABS_MAX), MaxValueValidator(NUMBER_ABS_MAX)]
+        )
+
+
+class DateTimeFilter(django_filters.IsoDateTimeFilter):
+    """An ISO 8601 date-time filter bounded to ``[DATETIME_MIN, DATETIME_MAX)``."""
+
+    field_class = BoundedIsoDateTimeField
+
+
+class NumberFilter(django_filters.NumberFilter):
+    """A decimal filter bounded in digits and magnitude (``BoundedDecimalField``)."""
+
+    field_class = BoundedDecimalField
+
+
 class BooleanFilter(django_filters.BooleanFilter):
     """A boolean filter taking exactly ``true`` or ``false``; anything else is a 400."""
 
@@ -118,6 +195,9 @@ _STRICT_DEFAULTS: dict[type[models.Field[Any, Any]], dict[str, Any]] = {
     models.PositiveBigIntegerField: {"filter_class": IntegerFilter},
     models.AutoField: {"filter_class": IntegerFilter},
     models.BigAutoField: {"filter_class": IntegerFilter},
+    models.DateTimeField: {"filter_class": DateTimeFilter},
+    models.FloatField: {"filter_class": NumberFilter},
+    models.DecimalField: {"filter_class": NumberFilter},
 }
 
 

@@ -53,6 +53,9 @@ class _StrictPageSize:
     def get_schema_operation_parameters(self, view: APIView) -> list[dict[str, Any]]:
         parameters: list[dict[str, Any]] = super().get_schema_operation_parameters(view)  # type: ignore[misc]
         for parameter in parameters:
+            if parameter["name"] == getattr(self, "page_query_param", None):
+                # ``last`` is taken too; the schema states the numbers.
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": 999_999_999}
             if parameter["name"] == self.page_size_query_param:
                 parameter["schema"] = {
                     "type": "integer",

@@ -2,12 +2,13 @@
 plus the error responses every operation can answer, in DRF's shapes.
 
 - 400 ``ValidationError`` (field errors, ``{"<field or param>": ["<message>"]}``): on
-  every operation of a generic view (bad or unknown query parameters, see
-  ``teams.api.base``; bad body fields on writes);
+  every operation (every endpoint refuses unknown query parameters, see
+  ``teams.api.base``; bad values; bad body fields on writes);
 - 401 ``Error`` (``{"detail": "<message>"}``): unless the view allows anonymous callers;
 - 403 ``Error``: on writes (a member writing an owner's object, a session without CSRF);
 - 404 ``Error``: on a path with an id (outside the caller's teams, or gone) and on
   page-numbered lists (a page past the last);
+- the codes a view names in ``error_codes`` (``["404"]``: a lookup by query parameters);
 - on every POST and PATCH that honours ``Idempotency-Key`` (``teams.api.idempotency``):
   the header as an optional parameter, 409 ``Error`` (the key's first request is still
   running) and 422 ``ValidationError`` (the key was used with another request).
@@ -23,10 +24,10 @@ from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.plumbing import ResolvedComponent
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import permissions
-from rest_framework.generics import GenericAPIView
 from rest_framework.pagination import PageNumberPagination
 
 from teams.api import idempotency
+from teams.api.filters import BIGINT_MAX
 
 _ERROR = {
     "type": "object",
@@ -38,9 +39,17 @@ _VALIDATION_ERROR = {
     "type": "object",
     "description": (
         "DRF's field errors: each refused field, body or query parameter, with its "
-        'messages; errors of no one field under "non_field_errors".'
+        "messages (a list; a nested field's, an object of its own by key or index); "
+        'errors of no one field under "non_field_errors"; a body that could not be read '
+        'at all, "detail" (a string).'
     ),
-    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+    "additionalProperties": {
+        "anyOf": [
+            {"type": "array", "items": {"type": "string"}},
+            {"type": "object"},
+            {"type": "string"},
+        ]
+    },
     "example": {"since": ["Enter a valid date/time."]},
 }
 _DESCRIPTIONS = {
@@ -69,6 +78,15 @@ class AutoSchema(SpectacularAutoSchema):
                 }
         return responses
 
+    def _resolve_path_parameters(self, variables: Any) -> list[dict[str, Any]]:
+        # Ids in paths are positive 64-bit integers: anything else answers 404.
+        parameters: list[dict[str, Any]] = super()._resolve_path_parameters(variables)
+        for parameter in parameters:
+            schema = parameter.get("schema", {})
+            if schema.get("type") == "integer":
+                schema.update(minimum=1, maximum=BIGINT_MAX)
+        return parameters
+
     def _honours_idempotency_key(self) -> bool:
         return self.method in idempotency.METHODS and idempotency.honours(type(self.view))
 
@@ -89,12 +107,8 @@ class AutoSchema(SpectacularAutoSchema):
         return parameters
 
     def _error_codes(self) -> list[str]:
-        codes = []
+        codes = ["400"]
         view = self.view
-        if isinstance(view, GenericAPIView) and (
-            view.filter_backends or self.method in ("POST", "PUT", "PATCH")
-        ):
-            codes.append("400")
         if not all(
             issubclass(permission, permissions.AllowAny)
             for permission in getattr(view, "permission_classes", [])
@@ -107,6 +121,8 @@ class AutoSchema(SpectacularAutoSchema):
             codes.append("404")
         if self._honours_idempotency_key():
             codes += ["409", "422"]
+        # A view may name more (``error_codes = ["404"]``: a lookup by query parameters).
+        codes += [code for code in getattr(view, "error_codes", ()) if code not in codes]
         return codes
 
     def _error_component(self, code: str) -> ResolvedComponent:

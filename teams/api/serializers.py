@@ -7,13 +7,57 @@ querysets to limit from the caller, so ``teams`` imports no project app.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
 from django.db.models import QuerySet
 from rest_framework import serializers
 
+from teams.api.filters import check_datetime_range
 from teams.models import Team
 from teams.selectors import owned_team_ids_for
+
+
+class StrictCharField(serializers.CharField):
+    """A string field taking JSON strings only: DRF's ``CharField`` turns ``123`` and
+    ``1.5`` into ``"123"`` and ``"1.5"``; this refuses them (``"Not a valid string."``).
+    NUL characters are refused as in DRF's."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class BoundedDateTimeField(serializers.DateTimeField):
+    """DRF's ``DateTimeField`` in ``[DATETIME_MIN, DATETIME_MAX)``
+    (``teams.api.filters``); outside it, a field error."""
+
+    def to_internal_value(self, value: Any) -> datetime:
+        try:
+            parsed = super().to_internal_value(value)
+        except OverflowError:
+            raise serializers.ValidationError("Datetime value out of range.") from None
+        try:
+            check_datetime_range(parsed)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+        return parsed
+
+
+class StrictModelSerializer(serializers.ModelSerializer[Any]):
+    """A ``ModelSerializer`` whose generated text fields take strings only
+    (``StrictCharField``) and whose date-times are bounded (``BoundedDateTimeField``)."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.TextField: StrictCharField,
+        models.SlugField: StrictCharField,
+        models.DateTimeField: BoundedDateTimeField,
+    }
 
 
 def limit_to_owned_teams(
