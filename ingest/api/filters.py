@@ -9,7 +9,7 @@ import django_filters
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 from rest_framework.exceptions import ValidationError
 
@@ -155,17 +155,23 @@ class EventFilter(StrictFilterSet):
                 raise ValidationError({"ordering": ["rank orders a search: give q as well."]})
             return queryset
         if not any(data.get(name) for name in ("since", "until", "source")):
-            queryset = queryset.filter(created_at__gte=self.default_since())
+            queryset = queryset.filter(created_at__gte=self.default_since(queryset))
         return search.backend().search(queryset, query, by_rank=ordering == "rank")
 
-    def default_since(self) -> Any:
+    def default_since(self, queryset: QuerySet[Event]) -> Any:
         """The start of the default search window: ``SEARCH_DEFAULT_WINDOW_DAYS`` before
         the newest event time of the caller's sources that is not in the future (now, if
         they have none). A live platform's window is the last 30 days; a replayed
-        archive's, its last 30 days."""
+        archive's, its last 30 days. Without a caller (``manage.py export`` from a
+        shell, scoped by its own options), the newest such event of ``queryset``."""
         now = timezone.now()
         user = getattr(self.request, "user", None)
-        newest = newest_event_time(team_ids_for(user), not_after=now) if user else None
+        if user is not None:
+            newest = newest_event_time(team_ids_for(user), not_after=now)
+        else:
+            newest = queryset.filter(created_at__lte=now).aggregate(newest=Max("created_at"))[
+                "newest"
+            ]
         return (newest or now) - timedelta(days=settings.SEARCH_DEFAULT_WINDOW_DAYS)
 
     def filter_term(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
