@@ -10,13 +10,19 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest import persistence, search
 from ingest.envelope import Envelope
 from ingest.models import Event, Source
-from tests.factories import ORIGIN, commits_without_broker, envelope, make_personas, make_source
+from tests.factories import (
+    ORIGIN,
+    api_key,
+    commits_without_broker,
+    envelope,
+    make_personas,
+    make_source,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -33,7 +39,7 @@ POSTS = {
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 
