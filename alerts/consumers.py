@@ -11,12 +11,15 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from alerts.push import PROTOCOL_VERSION, alerts_group
 from alerts.selectors import team_sequences
 from teams.models import Team
+from teams.services import token_group
 from teams.ws_auth import (
     CLOSE_ORIGIN_REFUSED,
     CLOSE_UNAUTHENTICATED,
     CLOSE_UNAVAILABLE,
+    SUBPROTOCOL,
     UNAVAILABLE_ERRORS,
     close_unavailable,
+    offered_subprotocols,
     release_connections,
 )
 
@@ -49,7 +52,9 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
     Close codes (the socket is always accepted first: closing before the accept would
     reach the client as a bare HTTP 403, its code lost):
 
-    - 4401 (``CLOSE_UNAUTHENTICATED``): no valid credentials;
+    - 4401 (``CLOSE_UNAUTHENTICATED``): no valid credentials, or the token the socket
+      was opened with has been revoked (it joins that token's group, and
+      ``token.revoked`` closes it);
     - 4403 (``CLOSE_ORIGIN_REFUSED``): a session cookie from an origin that is not
       allowed (see ``teams.ws_auth``);
     - 4503 (``CLOSE_UNAVAILABLE``): the database or Redis is down (an error of
@@ -83,6 +88,10 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
             await close_unavailable(send, accepted=self._accepted)
 
     async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        """Accept, selecting ``twiscope.v1`` when the client offered it (a browser that
+        offered subprotocols fails a handshake answered without one)."""
+        if subprotocol is None and SUBPROTOCOL in offered_subprotocols(self.scope):
+            subprotocol = SUBPROTOCOL
         await super().accept(subprotocol, headers)
         self._accepted = True
 
@@ -95,6 +104,9 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
             return
         team_ids = await _team_ids(user.id)
         self.groups = [alerts_group(team_id) for team_id in team_ids]
+        token_id = self.scope.get("token_id")
+        if token_id is not None:
+            self.groups.append(token_group(token_id))
         # Join first, read second: see the class docstring.
         for group in self.groups:
             await self.channel_layer.group_add(group, self.channel_name)
@@ -148,6 +160,10 @@ class AlertsConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """Clients only listen; anything they send is ignored."""
+
+    async def token_revoked(self, event: dict[str, Any]) -> None:
+        """The token this socket was opened with was revoked: close with 4401."""
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def alert_created(self, event: dict[str, Any]) -> None:
         """Forward an ``alert.created`` group message to the socket."""

@@ -25,7 +25,8 @@ reported as ``recovered: false``, never a crash of this script):
    (``bench/trend_stage.py``'s) and its alerts are the reference.
 4. The run with faults: the archive replayed into a new source at a steady rate that
    spreads it over ``--duration`` seconds (``manage.py replay --rate``), while
-   ``--clients`` WebSocket clients (``/ws/alerts/?token=``, the demo user's API token)
+   ``--clients`` WebSocket clients (``/ws/alerts/``, the demo user's API token in the
+   handshake's ``Authorization`` header)
    disconnect and reconnect in a loop, each catching up after every (re)connect with
    ``GET /api/alerts/?after_seq=`` page after page and de-duplicating by ``seq``; and,
    one after another, each fault waiting for the previous one's recovery:
@@ -562,9 +563,14 @@ class Clients:
             await asyncio.sleep(self._rng.uniform(0.3, 1.5))
 
     async def _session(self, record: ClientRecord, hold_s: float) -> None:
-        url = f"ws://127.0.0.1:{self.port}/ws/alerts/?token={self.token}"
+        url = f"ws://127.0.0.1:{self.port}/ws/alerts/"
         try:
-            async with websockets.connect(url, open_timeout=5, max_size=2**22) as ws:
+            async with websockets.connect(
+                url,
+                open_timeout=5,
+                max_size=2**22,
+                additional_headers={"Authorization": f"Token {self.token}"},
+            ) as ws:
                 record.connects += 1
                 await self._catch_up(record)
                 until = time.monotonic() + hold_s

@@ -135,10 +135,12 @@ def latency_summary(values_ms: list[float]) -> dict[str, Any]:
 
 
 class WsListener:
-    """A WebSocket client on ``/ws/alerts/`` in a thread, recording each message."""
+    """A WebSocket client on ``/ws/alerts/`` in a thread, recording each message; it
+    sends its API token in the handshake's ``Authorization`` header (never the URL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str) -> None:
         self.url = url
+        self.token = token
         self.messages: list[tuple[float, dict[str, Any]]] = []
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -154,7 +156,9 @@ class WsListener:
         self._thread.join(10)
 
     async def _run(self) -> None:
-        async with websockets.connect(self.url, max_size=2**22) as ws:
+        async with websockets.connect(
+            self.url, max_size=2**22, additional_headers={"Authorization": f"Token {self.token}"}
+        ) as ws:
             self.connected.set()
             while not self._stop.is_set():
                 try:
@@ -294,7 +298,7 @@ def replay_once(
 ) -> dict[str, Any]:
     """One replay into a new source (``pace``: the replay's pacing options); returns the
     run's measurements."""
-    listener = WsListener(f"ws://127.0.0.1:{platform.port}/ws/alerts/?token={token}")
+    listener = WsListener(f"ws://127.0.0.1:{platform.port}/ws/alerts/", token)
     listener.start()
     procs = platform.processes() + service_processes()
     cpu_before = cpu_seconds(procs)

@@ -70,14 +70,12 @@ def build(data: Path, events: int) -> None:
     from django.contrib.auth import get_user_model
     from django.db import connection, transaction
     from django.utils import timezone
-    from rest_framework.authtoken.models import Token
 
     from ingest.models import Event, Source
     from teams.models import Membership, Team
 
     team, _ = Team.objects.get_or_create(slug="bench-search", defaults={"name": "Bench search"})
     user, _ = get_user_model().objects.get_or_create(username="bench-search")
-    Token.objects.get_or_create(user=user)
     Membership.objects.get_or_create(user=user, team=team, defaults={"role": "member"})
     source, created = Source.objects.get_or_create(
         team=team, kind=Source.Kind.REPLAY, name="airline-looped"
@@ -155,8 +153,8 @@ def summary(times: list[float], counts: list[int]) -> dict[str, float]:
 
 def measure(data: Path, label: str, queries: int) -> dict[str, Any]:
     from django.conf import settings
+    from django.contrib.auth import get_user_model
     from django.db import connection
-    from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
     from ingest.models import Event
@@ -173,8 +171,9 @@ def measure(data: Path, label: str, queries: int) -> dict[str, Any]:
             phrases.append(f'"{pair[i]} {pair[i + 1]}"')
     client = APIClient()
     settings.ALLOWED_HOSTS = ["*"]
-    key = Token.objects.get(user__username="bench-search").key
-    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    client.force_authenticate(get_user_model().objects.get(username="bench-search"))
+    # Measures search, not the rate limit: its counter's round trip is still in each request.
+    settings.API_RATE_SEARCH = settings.API_RATE_READ = "1000000/min"
     new_code = any(f.name == "search_vector" for f in Event._meta.concrete_fields)
 
     def run(params: list[dict[str, str]]) -> dict[str, float]:

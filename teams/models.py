@@ -1,4 +1,4 @@
-"""Who may see what: teams and their members.
+"""Who may see what: teams, their members, and the API tokens users hold.
 
 Every source, rule and alert belongs to one team; API querysets and WebSocket groups
 are scoped to the teams the caller is a member of. This app imports no other project
@@ -7,8 +7,12 @@ app: every other app builds on it.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
+from knox.models import AbstractAuthToken
+from knox.settings import CONSTANTS
 
 DEMO_TEAM_SLUG = "demo"
 """The team ``make run`` creates (``manage.py bootstrap_demo``). A command that takes a
@@ -44,3 +48,33 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.team} ({self.role})"
+
+
+class ApiToken(AbstractAuthToken):
+    """A user's named API token, hashed at rest (django-rest-knox's model, swapped in by
+    ``KNOX_TOKEN_MODEL``).
+
+    Stored: ``digest``, the SHA-512 hex of the whole token (the secret is never
+    stored, and shown once, when created); ``token_key``, its first 15 characters, the
+    index a presented token is looked up by (and the prefix the owner sees to tell
+    tokens apart); ``expiry`` (None: never); ``last_used_at``, written at most once per
+    ``API_TOKEN_LAST_USED_EVERY_S`` (``teams.services.authenticate_token``). Revoking
+    a token deletes its row. The id replaces knox's digest as the primary key, so
+    URLs and the admin name a token by a number, not by its hash.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    digest = models.CharField(max_length=CONSTANTS.DIGEST_LENGTH, unique=True)
+    name = models.CharField(max_length=100)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.token_key}…)"
+
+    def is_expired(self, now: datetime) -> bool:
+        """Whether the token has an expiry at or before ``now``."""
+        return self.expiry is not None and self.expiry <= now

@@ -1,24 +1,35 @@
-"""Writes of the teams app: teams, memberships, and onboarding a user into a team.
+"""Writes of the teams app: teams, memberships, API tokens, and onboarding a user.
 
 Onboarding (``onboard_user``) is what ``manage.py create_user`` does: one transaction
-that creates or reuses the user, the team (when asked), the membership and the user's
-API token (Django REST framework's ``Token``, one per user).
+that creates or reuses the user, the team (when asked), the membership and, when asked
+or when the user has none, a named API token (``ApiToken``: hashed at rest, so its
+secret is returned once, here, and never again).
+
+API tokens: ``create_token``, ``revoke_token`` and ``authenticate_token`` (what the
+API's authentication class and the WebSocket handshake both call).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime, timedelta
+from typing import Final, Literal
 
 import structlog
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email, validate_slug
 from django.db import transaction
-from rest_framework.authtoken.models import Token
+from django.db.models import Q
+from django.utils import timezone
 
-from teams.models import Membership, Team
+from teams.models import ApiToken, Membership, Team
+from teams.selectors import token_for_key
+from twiscope.outage import DEPENDENCY_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +46,9 @@ class Onboarded:
     """What ``onboard_user`` did.
 
     ``membership``: ``"created"``, ``"updated"`` (its role changed from
-    ``previous_role``) or ``"unchanged"``. ``token`` is the user's API token key.
+    ``previous_role``) or ``"unchanged"``. ``token``: the secret of the API token
+    created by this call (its only showing), or None when none was created;
+    ``token_name`` its name; ``tokens``: how many tokens the user now holds.
     ``has_password``: whether the user can log in with a password (a new user cannot
     until one is set).
     """
@@ -43,10 +56,11 @@ class Onboarded:
     user: AbstractBaseUser
     team: Team
     role: str
-    token: str
+    token: str | None
+    token_name: str | None
+    tokens: int
     user_created: bool
     team_created: bool
-    token_created: bool
     membership: Literal["created", "updated", "unchanged"]
     previous_role: str | None
     email_changed: bool
@@ -84,8 +98,9 @@ def onboard_user(
     role: str | None = None,
     email: str | None = None,
     create_team_name: str | None = None,
+    token_name: str | None = None,
 ) -> Onboarded:
-    """Put user ``username`` in team ``team_slug`` with an API token, in one transaction.
+    """Put user ``username`` in team ``team_slug``, with an API token, in one transaction.
 
     - The user is created when missing, with an unusable password (set one with
       ``manage.py changepassword``); an existing user keeps their password.
@@ -95,10 +110,13 @@ def onboard_user(
     - ``role``: ``"owner"`` or ``"member"``. None means member for a new membership
       and the current role for an existing one; an explicit role different from the
       current one updates it (``Onboarded.membership == "updated"``).
-    - The user's token is created when missing, else reused.
+    - ``token_name``: create an API token of this name (its secret is in the result,
+      once). Without it, a user with no token gets one named ``DEFAULT_TOKEN_NAME``,
+      and a user holding tokens gets none (a secret cannot be shown again).
 
     Raises:
-        OnboardingError: unknown team, unknown role, invalid username, email or slug.
+        OnboardingError: unknown team, unknown role, invalid username, email, slug or
+            token name, or the user holds ``API_TOKENS_PER_USER`` tokens already.
     """
     if role is not None and role not in ROLES:
         raise OnboardingError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
@@ -158,7 +176,13 @@ def onboard_user(
         else:
             state = "unchanged"
 
-        token, token_created = Token.objects.get_or_create(user=user)
+        secret: str | None = None
+        if token_name is not None or not ApiToken.objects.filter(user_id=user.pk).exists():
+            try:
+                _token, secret = create_token(user=user, name=token_name or DEFAULT_TOKEN_NAME)
+            except TokenError as exc:
+                raise OnboardingError(str(exc)) from None
+        held = ApiToken.objects.filter(user_id=user.pk).count()
 
     log.info(
         "teams.user_onboarded",
@@ -168,18 +192,133 @@ def onboard_user(
         user_created=user_created,
         team_created=team_created,
         membership=state,
-        token_created=token_created,
+        token_created=secret is not None,
     )
     return Onboarded(
         user=user,
         team=team,
         role=str(membership.role),
-        token=token.key,
+        token=secret,
+        token_name=(token_name or DEFAULT_TOKEN_NAME) if secret is not None else None,
+        tokens=held,
         user_created=user_created,
         team_created=team_created,
-        token_created=token_created,
         membership=state,
         previous_role=previous_role,
         email_changed=email_changed,
         has_password=user.has_usable_password(),
     )
+
+
+# --- API tokens -------------------------------------------------------------------------
+
+DEFAULT_TOKEN_NAME: Final = "default"
+"""The name of the token a user gets when onboarded without ``--token-name``."""
+MAX_TOKEN_LIFETIME: Final = timedelta(days=3650)
+"""The furthest expiry a token may be given."""
+
+
+class TokenError(ValueError):
+    """A token cannot be created as asked (blank or long name, expiry in the past or
+    too far, too many tokens); the message says what to change. Nothing was written.
+
+    ``field``: the input at fault, ``"name"`` or ``"expires"``, or
+    ``"non_field_errors"`` (too many tokens), as DRF names a form's fields.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def token_group(token_id: int) -> str:
+    """The channel-layer group of the WebSockets opened with token ``token_id``: its
+    revocation closes them (``revoke_token``). ASCII, as every group name."""
+    return f"ws.token.{token_id}"
+
+
+def create_token(
+    *, user: AbstractBaseUser, name: str, expires_at: datetime | None = None
+) -> tuple[ApiToken, str]:
+    """Create an API token named ``name`` for ``user``; returns ``(token, secret)``.
+
+    The secret (``"tws_"`` + 64 hex digits, 256 random bits: django-rest-knox's
+    ``AuthTokenManager.create``) is returned here only: the row holds its SHA-512
+    digest and its first 15 characters. ``expires_at`` None: it never expires.
+
+    Raises:
+        TokenError: ``name`` blank or over 100 characters; ``expires_at`` not in the
+            future or more than ``MAX_TOKEN_LIFETIME`` ahead; ``user`` already holds
+            ``API_TOKENS_PER_USER`` tokens.
+    """
+    name = name.strip()
+    max_name = ApiToken._meta.get_field("name").max_length or 100
+    if not name or len(name) > max_name:
+        raise TokenError(f"a token name must be 1 to {max_name} characters", field="name")
+    now = timezone.now()
+    lifetime: timedelta | None = None
+    if expires_at is not None:
+        lifetime = expires_at - now
+        if lifetime <= timedelta(0) or lifetime > MAX_TOKEN_LIFETIME:
+            raise TokenError(
+                f"the expiry must be in the future and at most {MAX_TOKEN_LIFETIME.days} "
+                "days ahead",
+                field="expires",
+            )
+    if ApiToken.objects.filter(user_id=user.pk).count() >= settings.API_TOKENS_PER_USER:
+        raise TokenError(
+            f"a user may hold at most {settings.API_TOKENS_PER_USER} tokens: revoke one first",
+            field="non_field_errors",
+        )
+    token, secret = ApiToken.objects.create(
+        user=user, expiry=lifetime, prefix=settings.REST_KNOX["TOKEN_PREFIX"], name=name
+    )
+    log.info("teams.token_created", user_id=user.pk, token_id=token.id, expires=token.expiry)
+    return token, secret
+
+
+def revoke_token(token: ApiToken) -> None:
+    """Revoke ``token``: its row is deleted, so the next request presenting it is
+    refused (every request looks its token up), and after commit each WebSocket
+    opened with it is closed (a ``token.revoked`` message to ``token_group``).
+
+    Side effects: one DELETE; after commit, one channel-layer ``group_send``. Redis
+    down then: logged (``teams.token_revoke_push_failed``); the token is revoked all
+    the same, and its open sockets end at their next reconnect.
+    """
+    token_id, user_id = token.id, token.user_id
+    token.delete()
+    log.info("teams.token_revoked", user_id=user_id, token_id=token_id)
+    transaction.on_commit(lambda: _close_token_sockets(token_id))
+
+
+def _close_token_sockets(token_id: int) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(token_group(token_id), {"type": "token.revoked"})
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("teams.token_revoke_push_failed", token_id=token_id, error=type(exc).__name__)
+
+
+def authenticate_token(key: str, *, now: datetime | None = None) -> ApiToken | None:
+    """The live token ``key`` opens, with its user loaded, or None (unknown, revoked,
+    expired, or its user inactive).
+
+    Side effect: records the use in ``last_used_at`` when the stored value is older
+    than ``API_TOKEN_LAST_USED_EVERY_S`` (or empty): a conditional UPDATE, so a token
+    is written at most once a minute however many requests and processes present it
+    (the losers of a race match no row). Queries: one SELECT, plus that UPDATE.
+    """
+    token = token_for_key(key)
+    now = timezone.now() if now is None else now
+    if token is None or token.is_expired(now) or not token.user.is_active:
+        return None
+    every = timedelta(seconds=settings.API_TOKEN_LAST_USED_EVERY_S)
+    if token.last_used_at is None or token.last_used_at <= now - every:
+        ApiToken.objects.filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - every), pk=token.pk
+        ).update(last_used_at=now)
+        token.last_used_at = now
+    return token

@@ -1,19 +1,36 @@
-"""WebSocket authentication: an API token in the query string, or the session cookie.
+"""WebSocket authentication: an API token in a header, or the session cookie.
 
-- ``?token=<key>``: a DRF token; allowed from any origin (a token is not ambient
-  authority, so cross-site WebSocket hijacking does not apply).
-- Otherwise the Django session cookie, but only when the handshake's ``Origin`` is the
-  socket's own origin (scheme, host and port of its ``Host`` header, the host one of
-  ``ALLOWED_HOSTS``) or one of ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF
-  origin check. Browsers send cookies cross-site, so a session socket from any other
-  page must be refused.
+Never in the URL: a query string lands in proxy and server logs. A token is given in
+the handshake as either
 
-The middleware sets ``scope["user"]`` and ``scope["auth"]``: ``"token"``, ``"session"``,
-``"none"`` (anonymous) or ``"origin-refused"`` (a session cookie from a foreign or
-missing ``Origin``; the user is anonymous). The consumer accepts the handshake and
-then closes the socket with ``CLOSE_ORIGIN_REFUSED`` (4403) or
-``CLOSE_UNAUTHENTICATED`` (4401): a close before the accept reaches the client as a
-bare HTTP 403, whatever the code.
+- ``Sec-WebSocket-Protocol: twiscope.v1, token.<key>`` (what a browser's
+  ``new WebSocket(url, ["twiscope.v1", "token." + key])`` sends): the server answers
+  with ``twiscope.v1`` (``SUBPROTOCOL``), never echoing the token; or
+- ``Authorization: Token <key>`` (clients that can set headers: scripts, the
+  benchmarks), as on the REST API.
+
+Either is allowed from any origin (a token is not ambient authority, so cross-site
+WebSocket hijacking does not apply) and is checked as the API checks it
+(``teams.services.authenticate_token``: revoked, expired or unknown is refused). The
+socket joins ``teams.services.token_group`` of its token, so revoking the token closes
+it at once.
+
+``?token=<key>``, accepted before tokens were hashed, is refused: the socket is closed
+with ``CLOSE_UNAUTHENTICATED`` (4401) and ``ws.auth.query_token_refused`` is logged
+(the key is not), whatever else the handshake carries.
+
+Otherwise the Django session cookie, but only when the handshake's ``Origin`` is the
+socket's own origin (scheme, host and port of its ``Host`` header, the host one of
+``ALLOWED_HOSTS``) or one of ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF
+origin check. Browsers send cookies cross-site, so a session socket from any other
+page must be refused.
+
+The middleware sets ``scope["user"]`` and ``scope["auth"]``: ``"token"`` (then also
+``scope["token_id"]``), ``"session"``, ``"none"`` (anonymous) or ``"origin-refused"``
+(a session cookie from a foreign or missing ``Origin``; the user is anonymous). The
+consumer accepts the handshake and then closes the socket with
+``CLOSE_ORIGIN_REFUSED`` (4403) or ``CLOSE_UNAUTHENTICATED`` (4401): a close before the
+accept reaches the client as a bare HTTP 403, whatever the code.
 
 While the database or Redis is down (an error of ``UNAVAILABLE_ERRORS``: the token or
 session lookup here, the channel layer or the sequence read in the consumer), the
@@ -35,9 +52,14 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import close_old_connections
 from django.http.request import split_domain_port, validate_host
 from django.utils.http import is_same_domain
-from rest_framework.authtoken.models import Token
 
+from teams.services import authenticate_token
 from twiscope.outage import DEPENDENCY_ERRORS
+
+SUBPROTOCOL = "twiscope.v1"
+"""The subprotocol a browser offers beside its token; the server selects it."""
+TOKEN_SUBPROTOCOL_PREFIX = "token."
+"""An offered subprotocol ``token.<key>`` carries the API token ``<key>``."""
 
 CLOSE_UNAUTHENTICATED = 4401
 """Close code of a socket with no valid credentials (no token, a bad token, no session)."""
@@ -81,11 +103,34 @@ async def close_unavailable(send: Any, *, accepted: bool) -> None:
 
 
 @database_sync_to_async
-def _user_for_token(key: str) -> Any:
-    token = Token.objects.select_related("user").filter(key=key).first()
-    if token is None or not token.user.is_active:
-        return AnonymousUser()
-    return token.user
+def _user_for_token(key: str) -> tuple[Any, int | None]:
+    token = authenticate_token(key)
+    if token is None:
+        return AnonymousUser(), None
+    return token.user, token.id
+
+
+def offered_subprotocols(scope: dict[str, Any]) -> list[str]:
+    """The subprotocols the client offered (``scope["subprotocols"]``, as channels
+    parses ``Sec-WebSocket-Protocol``)."""
+    return [str(p).strip() for p in scope.get("subprotocols") or []]
+
+
+def presented_token(scope: dict[str, Any]) -> str | None:
+    """The API token the handshake carries: an offered ``token.<key>`` subprotocol,
+    else an ``Authorization: Token <key>`` header; None when neither."""
+    for protocol in offered_subprotocols(scope):
+        if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+    header = (_header(scope, b"authorization") or "").split()
+    if len(header) == 2 and header[0].lower() == "token":
+        return header[1]
+    return None
+
+
+def _query_has_token(scope: dict[str, Any]) -> bool:
+    query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+    return "token" in query
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -152,14 +197,18 @@ class TokenOrSessionAuthMiddleware:
         (4503) instead of the inner app running; an error raised by the inner app itself
         propagates (the consumer handles its own).
         """
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        token = (query.get("token") or [""])[0]
+        if _query_has_token(scope):
+            log.warning("ws.auth.query_token_refused", path=scope.get("path"))
+            return await self.inner(dict(scope, user=AnonymousUser(), auth="none"), receive, send)
+        token = presented_token(scope)
         if token:
             try:
-                user = await _user_for_token(token)
+                user, token_id = await _user_for_token(token)
             except UNAVAILABLE_ERRORS as exc:
                 return await self._unavailable(scope, receive, send, exc)
-            return await self.inner(dict(scope, user=user, auth="token"), receive, send)
+            return await self.inner(
+                dict(scope, user=user, auth="token", token_id=token_id), receive, send
+            )
         if origin_allowed(scope):
             reached = False
 

@@ -10,19 +10,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from unittest import mock
 
+from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from alerts.models import Alert, AlertRule, AlertSequence
 from ingest import persistence
 from ingest.envelope import Author, Envelope
 from ingest.models import Source
+from teams import services as team_services
 from teams.models import Membership, Team
 
 ORIGIN = datetime(2015, 2, 20, 12, 0, tzinfo=UTC)
@@ -40,10 +42,20 @@ class Personas:
     other_team: Team
 
 
+_API_KEYS: dict[int, str] = {}
+
+
 def make_user(username: str) -> AbstractBaseUser:
+    """A user with a password (``pw-<username>``) and an API token (``api_key``)."""
     user = get_user_model().objects.create_user(username=username, password="pw-" + username)
-    Token.objects.create(user=user)
+    _token, _API_KEYS[user.pk] = team_services.create_token(user=user, name="tests")
     return user
+
+
+def api_key(user: AbstractBaseUser) -> str:
+    """The secret of the API token ``make_user`` gave ``user`` (the database holds only
+    its digest)."""
+    return _API_KEYS[user.pk]
 
 
 def make_team(slug: str) -> Team:
@@ -208,3 +220,27 @@ def child_database_url() -> str:
     db = connection.settings_dict
     host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
     return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{host}:{port}/{db['NAME']}"
+
+
+def token_socket(key: str, path: str = "/ws/alerts/", **kwargs: Any) -> WebsocketCommunicator:
+    """A test client of the ASGI app offering API token ``key`` as a browser does:
+    subprotocols ``twiscope.v1`` and ``token.<key>`` (teams/ws_auth.py)."""
+    from twiscope.asgi import application
+
+    return WebsocketCommunicator(
+        application, path, subprotocols=["twiscope.v1", f"token.{key}"], **kwargs
+    )
+
+
+def token_client(key: str) -> Any:
+    """A DRF test client sending ``Authorization: Token <key>``."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    return client
+
+
+def as_user(user: AbstractBaseUser) -> Any:
+    """A DRF test client with the API token ``make_user`` gave ``user``."""
+    return token_client(api_key(user))

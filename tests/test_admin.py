@@ -28,7 +28,7 @@ REGISTERED = [
     "alerts.alert",
     "mlengine.streamclock",
     "mlengine.trend",
-    "authtoken.tokenproxy",
+    "teams.apitoken",
     "auth.user",
 ]
 READ_ONLY = [

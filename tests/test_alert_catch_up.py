@@ -23,18 +23,15 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.test import Client
 from playwright.async_api import Locator, Page, expect
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from alerts import push
 from teams.models import Team
-from tests.factories import Personas, make_alerts, make_personas
-from twiscope.asgi import application
+from tests.factories import Personas, api_key, make_alerts, make_personas, token_socket
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -124,10 +121,9 @@ def test_a_catch_up_never_shows_another_teams_alerts(personas: Personas) -> None
 async def test_120_alerts_missed_while_disconnected_all_arrive_after_the_reconnect(
     personas: Personas,
 ) -> None:
-    token = await database_sync_to_async(lambda: Token.objects.get(user=personas.member).key)()
-    path = f"/ws/alerts/?token={token}"
+    token = api_key(personas.member)
     team = str(personas.team.id)
-    first = WebsocketCommunicator(application, path)
+    first = token_socket(token)
     assert (await first.connect())[0]
     held = (await first.receive_json_from())["teams"][team]
     before = await database_sync_to_async(_fire)(personas.team, 2)
@@ -138,7 +134,7 @@ async def test_120_alerts_missed_while_disconnected_all_arrive_after_the_reconne
     missed = []
     for _ in range(4):  # four batches of 30, as four alert tasks would commit them
         missed += await database_sync_to_async(_fire)(personas.team, 30)
-    again = WebsocketCommunicator(application, path)
+    again = token_socket(token)
     assert (await again.connect())[0]
     hello = await again.receive_json_from()
     caught_up = await database_sync_to_async(catch_up)(

@@ -20,7 +20,6 @@ from django.test import TestCase
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from alerts import evaluation, push, sweeps
@@ -36,6 +35,7 @@ from mlengine.tasks import advance_anomalies as advance_anomalies_task
 from tests.factories import (
     ORIGIN,
     Personas,
+    api_key,
     commits_without_broker,
     envelope,
     make_personas,
@@ -99,7 +99,7 @@ def bucket(n: int) -> datetime:
 
 def client_for(user: Any) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 

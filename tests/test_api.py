@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from alerts import evaluation
@@ -14,6 +13,7 @@ from ingest import services as ingest_services
 from mlengine.models import Trend
 from tests.factories import (
     ORIGIN,
+    api_key,
     burst,
     envelope,
     make_personas,
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 

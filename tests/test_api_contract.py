@@ -21,10 +21,9 @@ from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from hypothesis import HealthCheck, given, settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tests.factories import make_personas, make_rule, make_source
+from tests.factories import api_key, make_personas, make_rule, make_source
 from twiscope.redis import get_redis
 
 if os.environ.get("CI") != "true":
@@ -71,7 +70,7 @@ def token() -> Iterator[str]:
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        yield Token.objects.get(user=personas.owner).key
+        yield api_key(personas.owner)
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)

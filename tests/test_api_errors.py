@@ -18,7 +18,6 @@ from urllib.parse import urlencode
 
 import pytest
 from channels.testing import HttpCommunicator
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -28,7 +27,7 @@ from alerts.models import AlertRule
 from ingest import services as ingest_services
 from ingest.models import Source
 from mlengine.models import Trend
-from tests.factories import fire_blizzard_alerts, make_personas, make_rule, make_source
+from tests.factories import api_key, fire_blizzard_alerts, make_personas, make_rule, make_source
 from twiscope.asgi import application
 from twiscope.redis import get_redis
 from twiscope.server import MAX_REQUEST_TARGET_BYTES
@@ -56,7 +55,7 @@ NUMBERED_ENDPOINTS = ["/api/trends/", "/api/rules/", "/api/sources/", "/api/stre
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 
@@ -295,18 +294,19 @@ def schema(db) -> dict:
 @pytest.mark.parametrize(
     ("path", "method", "codes"),
     [
-        ("/api/events/", "get", {"200", "400", "401"}),
-        ("/api/events/{id}/", "get", {"200", "400", "401", "404"}),
-        ("/api/trends/", "get", {"200", "400", "401", "404"}),
-        ("/api/trends/{id}/events/", "get", {"200", "400", "401", "404"}),
-        ("/api/streams/", "get", {"200", "400", "401", "404"}),
-        ("/api/alerts/", "get", {"200", "400", "401"}),
-        # 409 and 422: an Idempotency-Key in flight, or reused (teams/api/idempotency.py).
-        ("/api/rules/", "post", {"201", "400", "401", "403", "409", "422"}),
-        ("/api/rules/{id}/", "patch", {"200", "400", "401", "403", "404", "409", "422"}),
-        ("/api/rules/{id}/", "delete", {"204", "400", "401", "403", "404"}),
+        ("/api/events/", "get", {"200", "400", "401", "429"}),
+        ("/api/events/{id}/", "get", {"200", "400", "401", "404", "429"}),
+        ("/api/trends/", "get", {"200", "400", "401", "404", "429"}),
+        ("/api/trends/{id}/events/", "get", {"200", "400", "401", "404", "429"}),
+        ("/api/streams/", "get", {"200", "400", "401", "404", "429"}),
+        ("/api/alerts/", "get", {"200", "400", "401", "429"}),
+        # 409 and 422: an Idempotency-Key in flight, or reused (teams/api/idempotency.py);
+        # 429: past the caller's rate limit (teams/api/throttling.py), on every operation.
+        ("/api/rules/", "post", {"201", "400", "401", "403", "409", "422", "429"}),
+        ("/api/rules/{id}/", "patch", {"200", "400", "401", "403", "404", "409", "422", "429"}),
+        ("/api/rules/{id}/", "delete", {"204", "400", "401", "403", "404", "429"}),
         # Unknown query parameters are a 400 here too.
-        ("/api/stats/", "get", {"200", "400", "401"}),
+        ("/api/stats/", "get", {"200", "400", "401", "429"}),
     ],
 )
 def test_the_schema_documents_every_error_an_operation_can_answer(

@@ -92,3 +92,24 @@ def test_a_demo_user_without_a_usable_password_gets_the_kept_one(tmp_path: Path)
 
     assert result["password"] == (tmp_path / "demo-password").read_text().strip()
     assert get_user_model().objects.get(username="demo").check_password(result["password"])
+
+
+def test_a_revoked_demo_token_is_replaced_and_the_file_holds_a_working_one(
+    tmp_path: Path,
+) -> None:
+    from rest_framework.test import APIClient
+
+    from teams.models import ApiToken
+
+    first = bootstrap(tmp_path)
+    ApiToken.objects.filter(user__username="demo").delete()
+
+    second = bootstrap(tmp_path)
+
+    assert second["token"] != first["token"]
+    assert (tmp_path / "api-token").read_text().strip() == second["token"]
+    assert stat.S_IMODE((tmp_path / "api-token").stat().st_mode) == 0o600
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {second['token']}")
+    assert client.get("/api/alerts/").status_code == 200
+    assert ApiToken.objects.filter(user__username="demo").count() == 1

@@ -17,7 +17,6 @@ import pytest
 from django.core.management import call_command
 from django.db import OperationalError
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from alerts import tasks as alert_tasks
@@ -33,6 +32,7 @@ from mlengine.trends import scan
 from mlengine.trends import stage as trend_stage
 from tests.factories import (
     ORIGIN,
+    api_key,
     burst,
     commits_without_broker,
     envelope,
@@ -381,7 +381,7 @@ def test_an_item_parked_again_after_a_requeue_reopens_its_dead_letter(
 
 def client_for(user: Any) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
-from rest_framework.authtoken.models import Token
 
 from alerts.models import Alert
 from ingest import persistence
 from ingest.models import DeadLetter, Event, Source
 from mlengine.models import StreamClock, Trend
-from tests.factories import burst, make_personas, make_rule, make_source, quiet_history
-from twiscope.asgi import application
+from tests.factories import (
+    api_key,
+    burst,
+    make_personas,
+    make_rule,
+    make_source,
+    quiet_history,
+    token_socket,
+)
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
@@ -33,7 +38,7 @@ def _setup():
     personas = make_personas()
     source = make_source(personas.team)
     make_rule(personas.team, name="new trends")
-    return personas, source, Token.objects.get(user=personas.member).key
+    return personas, source, api_key(personas.member)
 
 
 def _enqueue(source, envelopes) -> None:
@@ -60,7 +65,7 @@ def _wait_until_counted(source, count: int, timeout_s: float = 30) -> None:
 
 async def test_a_replayed_burst_reaches_a_connected_dashboard(celery_worker) -> None:
     personas, source, token = await database_sync_to_async(_setup)()
-    client = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    client = token_socket(token)
     connected, _ = await client.connect()
     assert connected
     assert (await client.receive_json_from())["type"] == "hello"

@@ -18,13 +18,19 @@ from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.http import StreamingHttpResponse
 from django.test import AsyncClient
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest import exporting
 from ingest.api.serializers import EventSerializer
 from ingest.models import Event
-from tests.factories import child_database_url, envelope, make_personas, make_source, run_through
+from tests.factories import (
+    api_key,
+    child_database_url,
+    envelope,
+    make_personas,
+    make_source,
+    run_through,
+)
 from twiscope.redis import get_redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +39,7 @@ TRICKY = 'He said "hi", then\nleft; 1,2 — naïve @ops =SUM(A1)'
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 
@@ -184,7 +190,7 @@ async def test_under_asgi_the_body_is_an_async_stream(world) -> None:
     from channels.db import database_sync_to_async
 
     personas, *_ = world
-    key = await database_sync_to_async(lambda: Token.objects.get(user=personas.member).key)()
+    key = await database_sync_to_async(lambda: api_key(personas.member))()
 
     response = await AsyncClient().get(
         "/api/events/export/?format=jsonl", headers={"Authorization": f"Token {key}"}

@@ -8,13 +8,12 @@ import pytest
 from django.core.cache import cache
 from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient, APIRequestFactory
 
 from alerts.models import AlertRule
 from mlengine.models import Watch
 from teams.api import idempotency
-from tests.factories import make_personas, make_rule, make_source
+from tests.factories import api_key, make_personas, make_rule, make_source
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 
@@ -177,7 +176,7 @@ def test_after_it_expires_the_key_writes_again(world) -> None:
 
 def test_a_duplicate_while_the_first_runs_is_a_409(world) -> None:
     personas, _ = world
-    token = Token.objects.get(user=personas.owner).key
+    token = api_key(personas.owner)
     body = rule_body(personas)
     # The state the first request leaves while its view runs: the key claimed, pending.
     first = APIRequestFactory().post("/api/rules/", body, format="json")

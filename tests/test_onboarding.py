@@ -12,11 +12,10 @@ import logging
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from teams.models import Membership, Team
-from tests.factories import make_team, make_user
+from teams.models import ApiToken, Membership, Team
+from tests.factories import api_key, make_team, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +38,9 @@ def test_it_creates_the_user_the_membership_and_a_token_and_prints_the_token_las
     lines = create_user("ana", "--team", "newsroom", "--email", "ana@example.com")
     user = get_user_model().objects.get(username="ana")
 
-    assert lines[-1] == Token.objects.get(user=user).key
+    token = ApiToken.objects.get(user=user)
+    assert lines[-1].startswith("tws_") and lines[-1][:15] == token.token_key
+    assert token.name == "default"
     assert Membership.objects.get(user=user, team=team).role == "member"
     assert user.email == "ana@example.com"
     assert "created user ana" in lines
@@ -83,29 +84,61 @@ def test_the_printed_token_opens_the_api_for_the_team(team: Team) -> None:
     assert response.status_code == 200
 
 
-def test_running_it_again_changes_nothing_and_prints_the_same_token(team: Team) -> None:
+def test_running_it_again_changes_nothing_and_prints_no_token(team: Team) -> None:
     first = create_user("ana", "--team", "newsroom", "--role", "owner")
 
     second = create_user("ana", "--team", "newsroom")
 
-    assert second[-1] == first[-1]
+    assert first[-1].startswith("tws_") and first[-1] not in "\n".join(second)
     assert 'ana is already owner in team "Newsroom" (newsroom)' in second
     assert "found user ana" in second
     assert get_user_model().objects.filter(username="ana").count() == 1
     assert Membership.objects.get().role == "owner"
-    assert Token.objects.count() == 1
+    assert ApiToken.objects.count() == 1
 
 
 def test_an_existing_user_keeps_their_password_and_token(team: Team) -> None:
     user = make_user("olga")
-    key = Token.objects.get(user=user).key
 
     lines = create_user("olga", "--team", "newsroom")
     user.refresh_from_db()
 
-    assert lines[-1] == key
+    assert lines[-1].startswith("olga holds 1 API token(s)")
     assert user.check_password("pw-olga")
     assert not any("changepassword" in line for line in lines)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
+    assert client.get("/api/alerts/").status_code == 200
+
+
+def test_token_name_creates_a_named_token_each_time_and_prints_it_last(team: Team) -> None:
+    make_user("olga")
+
+    first = create_user("olga", "--team", "newsroom", "--token-name", "ci")
+    second = create_user("olga", "--team", "newsroom", "--token-name", "grafana")
+
+    assert first[-1] != second[-1]
+    names = set(ApiToken.objects.filter(user__username="olga").values_list("name", flat=True))
+    assert names == {"tests", "ci", "grafana"}
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {second[-1]}")
+    assert client.get("/api/tokens/").status_code == 200
+
+
+def test_tokens_list_shows_no_secret_and_tokens_revoke_ends_a_token(team: Team) -> None:
+    key = create_user("ana", "--team", "newsroom", "--token-name", "ci")[-1]
+    token = ApiToken.objects.get(user__username="ana")
+    out = io.StringIO()
+
+    call_command("tokens", "list", "ana", stdout=out)
+    call_command("tokens", "revoke", str(token.id), stdout=out)
+
+    listing = out.getvalue()
+    assert f"{token.id}\tana\tci\t{token.token_key}…" in listing and key not in listing
+    assert f"revoked token {token.id} (ci)" in listing
+    assert not ApiToken.objects.exists()
+    with pytest.raises(CommandError, match="no token with id 999999"):
+        call_command("tokens", "revoke", "999999", stdout=out)
 
 
 def test_a_different_role_updates_the_membership_and_says_so(team: Team) -> None:

@@ -18,11 +18,10 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, Client, override_settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from devtools.base import free_port
-from tests.factories import make_personas
+from tests.factories import api_key, make_personas
 from twiscope import outage
 from twiscope.outage import DependencyUnavailableMiddleware, dependency_down, wait_out
 from twiscope.redis import get_redis
@@ -90,7 +89,7 @@ def client() -> APIClient:
     personas = make_personas()
     client = APIClient()
     owner = cast("User", personas.owner)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=owner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(owner)}")
     return client
 
 

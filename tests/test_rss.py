@@ -18,14 +18,13 @@ from unittest import mock
 import pytest
 from django.core.management import call_command
 from django.test import override_settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest.models import Event, Source
 from ingest.polling import backoff_s
 from ingest.sources import http
 from ingest.sources.rss.adapter import html_to_text
-from tests.factories import make_personas
+from tests.factories import api_key, make_personas
 from twiscope.redis import get_redis
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -119,7 +118,7 @@ def feeds() -> Iterator[FeedServer]:
 
 def owner_client(personas) -> APIClient:
     client = APIClient()
-    token = Token.objects.get(user=personas.owner).key
+    token = api_key(personas.owner)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     return client
 

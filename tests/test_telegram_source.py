@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 from django.core.management import call_command
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from telethon import errors
 from telethon.tl.types import Message, PeerChannel
@@ -21,7 +20,7 @@ from telethon.tl.types import Message, PeerChannel
 from ingest import streaming
 from ingest.models import Event, Source
 from ingest.sources.telegram.adapter import TelegramAdapter
-from tests.factories import make_personas
+from tests.factories import api_key, make_personas
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -116,7 +115,7 @@ def fake_telegram(monkeypatch):
 
 def owner(personas) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=personas.owner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(personas.owner)}")
     return client
 
 

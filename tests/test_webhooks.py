@@ -11,19 +11,18 @@ from cryptography.fernet import Fernet
 from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest import credentials, webhooks
 from ingest.models import Event, Source
-from tests.factories import make_personas, make_source
+from tests.factories import api_key, make_personas, make_source
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def client_for(user) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
     return client
 
 

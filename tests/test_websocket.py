@@ -17,10 +17,15 @@ from django.conf import settings
 from django.db import OperationalError
 from django.db.backends.utils import CursorWrapper
 from django.test import override_settings
-from rest_framework.authtoken.models import Token
 
 from alerts import consumers, push
-from tests.factories import fire_blizzard_alerts, make_alerts, make_personas
+from tests.factories import (
+    api_key,
+    fire_blizzard_alerts,
+    make_alerts,
+    make_personas,
+    token_socket,
+)
 from twiscope.asgi import application
 from twiscope.redis import get_redis
 
@@ -28,7 +33,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _token(user) -> str:
-    return Token.objects.get(user=user).key
+    return api_key(user)
 
 
 @pytest.fixture
@@ -54,7 +59,7 @@ async def test_it_closes_a_socket_without_credentials_with_4401(personas) -> Non
 
 
 async def test_it_closes_a_socket_with_a_bad_token_with_4401(personas) -> None:
-    communicator = WebsocketCommunicator(application, "/ws/alerts/?token=nope")
+    communicator = token_socket("nope")
 
     assert await _close_code(communicator) == 4401
 
@@ -127,12 +132,77 @@ async def test_a_session_socket_from_a_trusted_origin_is_accepted(personas) -> N
     assert connected is True and hello["type"] == "hello"
 
 
-async def test_a_token_socket_is_accepted_from_any_origin(personas) -> None:
-    token = await database_sync_to_async(_token)(personas.member)
+async def test_a_token_in_the_query_string_is_refused_with_4401(personas) -> None:
+    # Query strings land in proxy logs: ?token= is no longer read, even a valid one.
+    communicator = WebsocketCommunicator(
+        application, f"/ws/alerts/?token={api_key(personas.member)}"
+    )
+
+    assert await _close_code(communicator) == 4401
+
+
+async def test_a_token_subprotocol_socket_selects_twiscope_v1_and_never_echoes_the_token(
+    personas,
+) -> None:
+    communicator = token_socket(api_key(personas.member))
+
+    connected, subprotocol = await communicator.connect()
+    hello = await communicator.receive_json_from()
+    await communicator.disconnect()
+
+    assert connected is True and subprotocol == "twiscope.v1" and hello["type"] == "hello"
+
+
+async def test_a_token_in_the_authorization_header_opens_a_socket(personas) -> None:
     communicator = WebsocketCommunicator(
         application,
-        f"/ws/alerts/?token={token}",
-        headers=[(b"origin", b"https://evil.example"), (b"host", b"127.0.0.1:8000")],
+        "/ws/alerts/",
+        headers=[(b"authorization", f"Token {api_key(personas.member)}".encode())],
+    )
+
+    connected, _ = await communicator.connect()
+    hello = await communicator.receive_json_from()
+    await communicator.disconnect()
+
+    assert connected is True and hello["type"] == "hello"
+
+
+async def test_revoking_a_token_closes_its_open_socket_at_once_with_4401(personas) -> None:
+    from teams import services as team_services
+    from teams.models import ApiToken
+
+    key = api_key(personas.member)
+    communicator = token_socket(key)
+    assert (await communicator.connect())[0]
+    await communicator.receive_json_from()
+
+    @database_sync_to_async
+    def revoke() -> None:
+        team_services.revoke_token(ApiToken.objects.get(user=personas.member))
+
+    await revoke()
+    message = await communicator.receive_output(timeout=2)
+
+    assert message == {"type": "websocket.close", "code": 4401}
+    assert await _close_code(token_socket(key)) == 4401
+
+
+async def test_an_expired_token_opens_no_socket(personas) -> None:
+    from django.utils import timezone
+
+    from teams.models import ApiToken
+
+    await database_sync_to_async(
+        lambda: ApiToken.objects.filter(user=personas.member).update(expiry=timezone.now())
+    )()
+
+    assert await _close_code(token_socket(api_key(personas.member))) == 4401
+
+
+async def test_a_token_socket_is_accepted_from_any_origin(personas) -> None:
+    token = await database_sync_to_async(_token)(personas.member)
+    communicator = token_socket(
+        token, headers=[(b"origin", b"https://evil.example"), (b"host", b"127.0.0.1:8000")]
     )
 
     connected, _ = await communicator.connect()
@@ -153,8 +223,8 @@ def _logged_in_cookie(user) -> str:
 async def test_members_receive_their_teams_alerts_and_outsiders_do_not(personas) -> None:
     token = await database_sync_to_async(_token)(personas.member)
     outsider_token = await database_sync_to_async(_token)(personas.outsider)
-    member = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
-    outsider = WebsocketCommunicator(application, f"/ws/alerts/?token={outsider_token}")
+    member = token_socket(token)
+    outsider = token_socket(outsider_token)
     assert (await member.connect())[0] and (await outsider.connect())[0]
     await member.receive_json_from()
     await outsider.receive_json_from()
@@ -173,7 +243,7 @@ async def test_members_receive_their_teams_alerts_and_outsiders_do_not(personas)
 async def test_a_socket_quiet_for_longer_than_a_redis_timeout_still_receives(personas) -> None:
     # Regression: a client library's 5 s read timeout once killed idle consumers.
     token = await database_sync_to_async(_token)(personas.member)
-    member = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    member = token_socket(token)
     assert (await member.connect())[0]
     await member.receive_json_from()
 
@@ -215,6 +285,8 @@ async def test_an_alert_committed_while_the_socket_joins_its_groups_is_not_lost(
     fired: list[int] = []
 
     async def group_add(layer: RedisChannelLayer, group: str, channel: str) -> None:
+        if group.startswith("ws.token."):  # the socket's token's group: no alerts there
+            return await join(layer, group, channel)
         if moment == "after":
             await join(layer, group, channel)
         fired.extend(await database_sync_to_async(_fire)(personas.team))
@@ -222,7 +294,7 @@ async def test_an_alert_committed_while_the_socket_joins_its_groups_is_not_lost(
             await join(layer, group, channel)
 
     monkeypatch.setattr(RedisChannelLayer, "group_add", group_add)
-    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    communicator = token_socket(token)
 
     connected, _ = await communicator.connect()
     messages = await _messages_until_quiet(communicator)
@@ -244,10 +316,11 @@ async def test_an_alert_pushed_before_the_hello_is_within_the_hellos_seq(
 
     async def group_add(layer: RedisChannelLayer, group: str, channel: str) -> None:
         await join(layer, group, channel)
-        await database_sync_to_async(_fire)(personas.team, 3)
+        if not group.startswith("ws.token."):  # the socket's token's group: no alerts
+            await database_sync_to_async(_fire)(personas.team, 3)
 
     monkeypatch.setattr(RedisChannelLayer, "group_add", group_add)
-    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    communicator = token_socket(token)
 
     assert (await communicator.connect())[0]
     messages = await _messages_until_quiet(communicator)
@@ -273,7 +346,7 @@ async def test_a_frame_from_the_client_is_ignored_and_the_socket_keeps_deliverin
     personas, frame
 ) -> None:
     token = await database_sync_to_async(_token)(personas.member)
-    communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+    communicator = token_socket(token)
     assert (await communicator.connect())[0]
     await communicator.receive_json_from()
 
@@ -302,9 +375,7 @@ async def test_a_token_socket_is_closed_with_4503_while_the_database_is_down(
     token = await database_sync_to_async(_token)(personas.member)
     _database_down(monkeypatch)
 
-    assert (
-        await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}")) == 4503
-    )
+    assert await _close_code(token_socket(token)) == 4503
 
 
 async def test_a_session_socket_is_closed_with_4503_while_the_database_is_down(
@@ -328,9 +399,7 @@ async def test_the_socket_is_closed_with_4503_when_the_sequence_read_fails(
 
     monkeypatch.setattr(consumers, "team_sequences", down)
 
-    assert (
-        await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}")) == 4503
-    )
+    assert await _close_code(token_socket(token)) == 4503
 
 
 async def test_the_socket_is_closed_with_4503_while_redis_is_down(personas) -> None:
@@ -346,7 +415,7 @@ async def test_the_socket_is_closed_with_4503_while_redis_is_down(personas) -> N
     }
 
     with override_settings(CHANNEL_LAYERS=nowhere):
-        code = await _close_code(WebsocketCommunicator(application, f"/ws/alerts/?token={token}"))
+        code = await _close_code(token_socket(token))
 
     assert code == 4503
 
@@ -393,7 +462,7 @@ async def test_an_open_socket_is_closed_with_4503_when_redis_dies(personas, priv
     }
 
     with override_settings(CHANNEL_LAYERS=layers):
-        communicator = WebsocketCommunicator(application, f"/ws/alerts/?token={token}")
+        communicator = token_socket(token)
         assert (await communicator.connect())[0]
         hello = await communicator.receive_json_from()
         server.kill()

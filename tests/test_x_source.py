@@ -14,11 +14,10 @@ import pytest
 import requests
 from django.core.management import call_command
 from requests.structures import CaseInsensitiveDict
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest.models import Event, Source
-from tests.factories import make_personas
+from tests.factories import api_key, make_personas
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,7 +98,7 @@ class FakeX:
 
 def owner(personas) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=personas.owner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(personas.owner)}")
     return client
 
 

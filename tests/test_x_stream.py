@@ -18,13 +18,12 @@ import pytest
 import requests
 import tweepy
 from requests.structures import CaseInsensitiveDict
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from ingest import streaming
 from ingest.models import DeadLetter, Event, Source
 from ingest.sources.x.stream import parse_line, rules_diff
-from tests.factories import make_personas
+from tests.factories import api_key, make_personas
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,7 +158,7 @@ def add_x(client: APIClient, **config) -> dict:
 def owner() -> APIClient:
     client = APIClient()
     personas = make_personas()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=personas.owner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key(personas.owner)}")
     return client
 
 

@@ -16,6 +16,7 @@ from mlengine.api.views import (
     TrendViewSet,
     WatchViewSet,
 )
+from teams.api.views import ApiTokenViewSet
 
 router = DefaultRouter()
 router.register("sources", SourceViewSet, basename="source")
@@ -28,6 +29,7 @@ router.register("models", ModelVersionViewSet, basename="modelversion")
 router.register("watches", WatchViewSet, basename="watch")
 router.register("rules", AlertRuleViewSet, basename="alertrule")
 router.register("alerts", AlertViewSet, basename="alert")
+router.register("tokens", ApiTokenViewSet, basename="apitoken")
 
 urlpatterns = [
     path("stats/", StatsView.as_view(), name="stats"),

@@ -22,6 +22,8 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from twiscope.ratelimit import parse_rate
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.FileAwareEnv()
@@ -55,7 +57,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
-    "rest_framework.authtoken",
+    # Hashed API tokens (teams.ApiToken, KNOX_TOKEN_MODEL): the library's model and
+    # digest; DRF's plaintext rest_framework.authtoken is gone (teams migration 0002).
+    "knox",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -82,6 +86,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # After authentication: replays keyed API writes (teams/api/idempotency.py).
     "teams.api.idempotency.IdempotencyMiddleware",
+    # RateLimit-* headers of the throttled API requests (teams/api/throttling.py).
+    "teams.api.throttling.RateLimitHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "twiscope.urls"
@@ -146,16 +152,91 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
+# --- Transport security (``manage.py check --deploy`` passes in production) ------------
+# Each defaults to on in production (TWISCOPE_ENV=production) and off elsewhere; each
+# may be set on its own (docker-compose.yml, served over plain HTTP on loopback, turns
+# the redirect and HSTS off).
+_PRODUCTION = TWISCOPE_ENV == "production"
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_SECURE = TWISCOPE_ENV == "production"
-CSRF_COOKIE_SECURE = TWISCOPE_ENV == "production"
+SESSION_COOKIE_SECURE: bool = env.bool("SESSION_COOKIE_SECURE", default=_PRODUCTION)
+CSRF_COOKIE_SECURE: bool = env.bool("CSRF_COOKIE_SECURE", default=_PRODUCTION)
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=_PRODUCTION)
+# The health probe is answered over plain HTTP too (orchestrators probe the container).
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]
+# Strict-Transport-Security: a year in production. Browsers honour it only on HTTPS.
+SECURE_HSTS_SECONDS: int = env.int("SECURE_HSTS_SECONDS", default=365 * 86400 if _PRODUCTION else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS: bool = env.bool(
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS", default=_PRODUCTION
+)
+# Preloading is a promise to browsers' lists that is slow to undo: asked for, not assumed.
+SECURE_HSTS_PRELOAD: bool = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# Reverse proxies in front of the web process that append X-Forwarded-For and set
+# X-Forwarded-Proto. 0 (the default): none, and both headers are ignored (a client could
+# forge them). Above 0: the proxy's X-Forwarded-Proto says whether the request came over
+# HTTPS (SECURE_PROXY_SSL_HEADER), and the client's address for the rate limits is the
+# one that many hops from the right of X-Forwarded-For (DRF's NUM_PROXIES).
+TRUSTED_PROXY_HOPS: int = env.int("TRUSTED_PROXY_HOPS", default=0)
+if TRUSTED_PROXY_HOPS < 0:
+    raise ImproperlyConfigured("TRUSTED_PROXY_HOPS must be 0 or more")
+if TRUSTED_PROXY_HOPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
+
+# --- Rate limits (teams/api/throttling.py, teams/login.py; twiscope/ratelimit.py) ------
+# Per caller (a user and the credential used: each API token has its own budget, a
+# user's sessions share one; anonymous callers by address) and scope, DRF rate strings
+# (1000/min, 10/s, 5000/hour; also 10/15m), counted in fixed windows in Redis.
+
+
+def _rate(key: str, default: str) -> str:
+    value: str = env.str(key, default=default)
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{key}: {exc}") from None
+    return value
+
+
+API_RATE_READ = _rate("API_RATE_READ", "1200/min")
+API_RATE_WRITE = _rate("API_RATE_WRITE", "300/min")
+API_RATE_SEARCH = _rate("API_RATE_SEARCH", "300/min")
+API_RATE_EXPORT = _rate("API_RATE_EXPORT", "30/min")
+# Failed logins (the dashboard's, the admin's: any password check), per username and
+# per client address; past either, logins are refused until the window ends.
+LOGIN_RATE_USERNAME = _rate("LOGIN_RATE_USERNAME", "10/15min")
+LOGIN_RATE_IP = _rate("LOGIN_RATE_IP", "50/15min")
+AUTHENTICATION_BACKENDS = ["teams.login.ThrottledModelBackend"]
+
+# --- API tokens (teams.ApiToken: django-rest-knox's model, named, hashed at rest) -----
+KNOX_TOKEN_MODEL = "teams.ApiToken"
+# Knox's migrations create its own table even when its model is swapped out; without
+# them nothing of knox's is created (a swapped model is never synced).
+MIGRATION_MODULES = {"knox": None}
+REST_KNOX: dict[str, Any] = {
+    # Stored: the SHA-512 of the token and its first 15 characters (the lookup prefix).
+    # The 0002 migration hashed DRF's old keys the same way: do not change either.
+    "SECURE_HASH_ALGORITHM": "hashlib.sha512",
+    "AUTH_TOKEN_CHARACTER_LENGTH": 64,
+    # A token is written "tws_" + 64 hex digits (256 random bits): the prefix lets
+    # secret scanners and people tell it apart.
+    "TOKEN_PREFIX": "tws_",
+    "TOKEN_TTL": None,
+    "AUTH_HEADER_PREFIX": "Token",
+}
+# The most tokens one user may hold (expired ones included, until revoked).
+API_TOKENS_PER_USER: int = env.int("API_TOKENS_PER_USER", default=50)
+# A token's "last used" is written at most this often (seconds), never once a request.
+API_TOKEN_LAST_USED_EVERY_S: int = 60
 
 REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "teams.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
+    # One throttle for every view, its scope chosen from the request (read, write,
+    # search, export): teams/api/throttling.py.
+    "DEFAULT_THROTTLE_CLASSES": ["teams.api.throttling.ApiRateThrottle"],
+    "NUM_PROXIES": TRUSTED_PROXY_HOPS,
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # Unknown or bad query parameters answer 400 (teams/api/filters.py, pagination.py).
     "DEFAULT_FILTER_BACKENDS": ["teams.api.filters.StrictFilterBackend"],

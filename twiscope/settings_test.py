@@ -14,6 +14,12 @@ os.environ.setdefault("TWISCOPE_ENV", "test")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/twiscope")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+# Tests make many requests as few users: the API's rate limits stay out of their way
+# unless a test sets them (tests/test_rate_limits.py overrides the settings).
+os.environ.setdefault("API_RATE_READ", "1000000/min")
+os.environ.setdefault("API_RATE_WRITE", "1000000/min")
+os.environ.setdefault("API_RATE_SEARCH", "1000000/min")
+os.environ.setdefault("API_RATE_EXPORT", "1000000/min")
 
 from twiscope.settings import *  # noqa: F403
 from twiscope.settings import CHANNEL_LAYERS, REDIS_URL

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
-from drf_spectacular.plumbing import ResolvedComponent
+from drf_spectacular.plumbing import ResolvedComponent, build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import permissions
 from rest_framework.pagination import PageNumberPagination
@@ -59,6 +60,8 @@ _DESCRIPTIONS = {
     "404": "Not found in the caller's teams (or a page past the last).",
     "409": "A request with this Idempotency-Key is still running; retry later.",
     "422": "This Idempotency-Key was used with a different request.",
+    "429": "Past this caller's rate limit for the request's scope (read, write, search, "
+    "export); `Retry-After` says how many seconds until it resets.",
 }
 
 
@@ -123,6 +126,8 @@ class AutoSchema(SpectacularAutoSchema):
             codes += ["409", "422"]
         # A view may name more (``error_codes = ["404"]``: a lookup by query parameters).
         codes += [code for code in getattr(view, "error_codes", ()) if code not in codes]
+        if getattr(view, "throttle_classes", None):
+            codes.append("429")  # teams/api/throttling.py
         return codes
 
     def _error_component(self, code: str) -> ResolvedComponent:
@@ -134,3 +139,19 @@ class AutoSchema(SpectacularAutoSchema):
         )
         self.registry.register_on_missing(component)
         return component
+
+
+class ApiTokenScheme(OpenApiAuthenticationExtension):
+    """Documents ``teams.api.authentication.ApiTokenAuthentication`` as DRF's token
+    scheme was (``tokenAuth``: ``Authorization: Token <token>``), so the schema's
+    security is unchanged by hashing tokens. Registered by being defined (this module
+    loads with ``DEFAULT_SCHEMA_CLASS``)."""
+
+    target_class = "teams.api.authentication.ApiTokenAuthentication"
+    name = "tokenAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        definition: dict[str, Any] = build_bearer_security_scheme_object(
+            header_name="Authorization", token_prefix="Token"
+        )
+        return definition

@@ -1,5 +1,6 @@
 """Tenancy helpers of the API's serializers: a write names only the caller's teams, and
-the objects it links belong to the same team (no IDOR).
+the objects it links belong to the same team (no IDOR). Also the serializers of the
+caller's own API tokens (``/api/tokens/``).
 
 Generic over the apps: they read a team id (``team_id``) off the objects and take the
 querysets to limit from the caller, so ``teams`` imports no project app.
@@ -16,7 +17,7 @@ from django.db.models import QuerySet
 from rest_framework import serializers
 
 from teams.api.filters import check_datetime_range
-from teams.models import Team
+from teams.models import ApiToken, Team
 from teams.selectors import owned_team_ids_for
 
 
@@ -92,3 +93,43 @@ def check_team_and_source(attrs: dict[str, Any], instance: Any, noun: str) -> Te
     if source is not None and team is not None and source.team_id != team.id:
         raise serializers.ValidationError({"source": f"must belong to the {noun}'s team"})
     return team
+
+
+class ApiTokenSerializer(serializers.ModelSerializer[ApiToken]):
+    """A token as its owner sees it: never its secret nor its digest.
+
+    ``prefix``: the token's first 15 characters (to tell tokens apart); ``expires``:
+    None when it never expires; ``last_used``: to the minute (written at most once a
+    minute), None when never used.
+    """
+
+    prefix = serializers.CharField(source="token_key", read_only=True)
+    expires = serializers.DateTimeField(source="expiry", read_only=True, allow_null=True)
+    last_used = serializers.DateTimeField(source="last_used_at", read_only=True, allow_null=True)
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "created", "expires", "last_used"]
+        read_only_fields = ["id", "created"]
+
+
+class ApiTokenCreateSerializer(serializers.Serializer[Any]):
+    """``POST /api/tokens/``: a name and, optionally, when it expires."""
+
+    name = serializers.CharField(max_length=100)
+    expires = serializers.DateTimeField(
+        required=False,
+        allow_null=True,
+        help_text="When the token stops working (at most 3650 days ahead); omitted or null: never.",
+    )
+
+
+class ApiTokenCreatedSerializer(ApiTokenSerializer):
+    """The answer to a create: the token, with its secret, shown this once."""
+
+    token = serializers.CharField(
+        read_only=True, help_text="The secret: send it as `Authorization: Token <token>`."
+    )
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = [*ApiTokenSerializer.Meta.fields, "token"]

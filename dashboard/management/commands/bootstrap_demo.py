@@ -3,8 +3,11 @@
 Idempotent. The password is generated once and kept in ``.run/demo-password`` (mode
 0600), and set only when the user is created (or has no usable password): a restart
 never re-hashes it, so the analyst's open dashboards stay logged in and a password
-changed with ``manage.py changepassword`` stays changed. The token is written to
-``.run/api-token``. The last line of stdout is JSON: ``{"username", "password",
+changed with ``manage.py changepassword`` stays changed. The API token (named
+``DEMO_TOKEN_NAME``) is written to ``.run/api-token`` (mode 0600): tokens are hashed at
+rest, so the file is its only copy; it is kept while the token it holds still opens
+the API, else a new token replaces it (and the user's earlier tokens of that name are
+revoked). The last line of stdout is JSON: ``{"username", "password",
 "token", "team"}``; ``password`` is null when the kept one no longer opens the account.
 """
 
@@ -20,10 +23,13 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import check_password
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
-from rest_framework.authtoken.models import Token
 
 from alerts.services import ensure_default_rule
-from teams.models import DEMO_TEAM_SLUG, Membership, Team
+from teams import services as team_services
+from teams.models import DEMO_TEAM_SLUG, ApiToken, Membership, Team
+
+DEMO_TOKEN_NAME = "demo (make run)"
+"""The name of the demo user's API token, the one in ``.run/api-token``."""
 
 
 def _secret_file(path: Path) -> str:
@@ -58,10 +64,15 @@ class Command(BaseCommand):
             Membership.objects.update_or_create(
                 user=user, team=team, defaults={"role": Membership.Role.OWNER}
             )
-            token, _ = Token.objects.get_or_create(user=user)
             ensure_default_rule(team)
-        token_file = run_dir / "api-token"
-        token_file.write_text(token.key + "\n")
+            token_file = run_dir / "api-token"
+            key = token_file.read_text().strip() if token_file.exists() else ""
+            held = team_services.authenticate_token(key) if key else None
+            if held is None or held.user_id != user.pk:
+                for stale in ApiToken.objects.filter(user=user, name=DEMO_TOKEN_NAME):
+                    team_services.revoke_token(stale)
+                _token, key = team_services.create_token(user=user, name=DEMO_TOKEN_NAME)
+        token_file.write_text(key + "\n")
         token_file.chmod(0o600)
         self.stdout.write(
             json.dumps(
@@ -69,7 +80,7 @@ class Command(BaseCommand):
                     "username": user.username,
                     # The hashers' check_password, not the user's: it never re-hashes.
                     "password": password if check_password(password, user.password) else None,
-                    "token": token.key,
+                    "token": key,
                     "team": team.slug,
                 }
             )

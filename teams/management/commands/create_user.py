@@ -1,11 +1,13 @@
 """``manage.py create_user USERNAME --team SLUG``: onboard a user without a shell.
 
-Creates (or reuses) the user, puts them in the team with a role, makes sure they have
-an API token, and prints it. What it did goes to stdout first, one line each; the
-**last line of stdout is the token alone**, so a script can take it with
-``| tail -n 1``. Idempotent: running it again changes nothing and prints the same
-token. A new user has no password (the API works with the token); set one for the
-dashboard with ``manage.py changepassword USERNAME``.
+Creates (or reuses) the user, puts them in the team with a role and, with
+``--token-name NAME`` or when the user has no API token yet (then named ``default``),
+creates an API token and prints its secret: the **last line of stdout is then the token
+alone**, so a script can take it with ``| tail -n 1``. Tokens are hashed at rest, so a
+secret is printed once, when made: running the command again without ``--token-name``
+changes nothing and prints no token. List and revoke a user's tokens with
+``manage.py tokens``. A new user has no password (the API works with the token); set
+one for the dashboard with ``manage.py changepassword USERNAME``.
 
 Its output is those lines only: the log records of the work it does (``teams.
 user_created`` and the like, INFO) are silenced while it runs; warnings and errors still
@@ -26,8 +28,8 @@ from teams import services
 
 class Command(BaseCommand):
     help = (
-        "Create (or reuse) a user, put them in a team and print their API token "
-        "(the last line of output)."
+        "Create (or reuse) a user and put them in a team; create an API token (with "
+        "--token-name, or the user's first) and print it (the last line of output)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -47,6 +49,13 @@ class Command(BaseCommand):
             default=None,
             help="create the team SLUG with this display name if it does not exist",
         )
+        parser.add_argument(
+            "--token-name",
+            metavar="NAME",
+            default=None,
+            help="create a new API token with this name and print it (last line); "
+            "without it, a token named 'default' is made only for a user with none",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         quiet = _info_logs_off() if options["verbosity"] < 2 else contextlib.nullcontext()
@@ -58,6 +67,7 @@ class Command(BaseCommand):
                     role=options["role"],
                     email=options["email"],
                     create_team_name=options["create_team"],
+                    token_name=options["token_name"],
                 )
         except services.OnboardingError as exc:
             raise CommandError(str(exc)) from exc
@@ -84,9 +94,15 @@ class Command(BaseCommand):
                 f"{name} has no password: set one to log in to the dashboard with "
                 f"`python manage.py changepassword {name}`"
             )
+        if done.token is None:
+            self.stdout.write(
+                f"{name} holds {done.tokens} API token(s) (`python manage.py tokens list "
+                f"{name}`); pass --token-name NAME to create another"
+            )
+            return
         self.stdout.write(
-            f"{'created' if done.token_created else 'existing'} API token "
-            "(send it as 'Authorization: Token <key>'):"
+            f'created API token "{done.token_name}", shown this once '
+            "(send it as 'Authorization: Token <token>'):"
         )
         self.stdout.write(done.token)
 
