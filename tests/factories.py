@@ -18,6 +18,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
 from alerts.models import Alert, AlertRule, AlertSequence
 from ingest import persistence
@@ -208,3 +209,12 @@ def child_database_url() -> str:
     db = connection.settings_dict
     host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
     return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{host}:{port}/{db['NAME']}"
+
+
+def token_client(user: AbstractBaseUser) -> APIClient:
+    """An API client authenticated with ``user``'s token."""
+    from rest_framework.authtoken.models import Token
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user_id=user.pk).key}")
+    return client
