@@ -100,19 +100,17 @@ def build(data: Path, events: int, base: int) -> None:
     for name, rows in archives.items():
         source = Source.objects.create(team=team, kind=Source.Kind.REPLAY, name=name)
         sources[name] = source
+        fields = ("external_id", "created_at", "author_id", "text")
         Event.objects.bulk_create(
-            [
+            (
                 Event(
                     source=source,
-                    external_id=tweet_id,
-                    created_at=created_at,
                     received_at=now,
-                    author_id=author,
-                    author_handle=author,
-                    text=text,
+                    author_handle=row[2],
+                    **dict(zip(fields, row, strict=True)),
                 )
-                for tweet_id, created_at, author, text in rows
-            ],
+                for row in rows
+            ),
             batch_size=2000,
         )
         ids = list(Event.objects.filter(source=source).order_by("id").values_list("id", flat=True))
