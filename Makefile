@@ -8,6 +8,10 @@
 #   make bench-alerts [BENCH_ARGS="--share 0.25"]
 #                      CrisisLexT26 events injected into the airline and TweetEval
 #                      backgrounds (evaluate alerts): bench/results/alert_detection.json
+#   make bench-api [BENCH_ARGS="--label after --duration 60"]
+#                      50 locust clients over events, search, trends, alerts and stats,
+#                      daphne on loopback, against the database of bench/api_data.py build
+#                      (DATABASE_URL, REDIS_URL set): bench/results/api_load.json and .png
 #   make chaos [CHAOS_ARGS="--short"]
 #                      faults (worker, Redis, PostgreSQL kills; WebSocket drops) during a
 #                      replay on embedded servers of .run/chaos: bench/results/chaos.json
@@ -46,10 +50,10 @@ LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOL) $(LOCK_FLAGS) $(LOCK_ARG
 # make passes command-line variables (REPLAY=..., SPEED=..., PORT=...) to recipes in
 # their environment; devtools.run reads them from there and treats empty as unset.
 
-.PHONY: help venv lock run test bench bench-alerts chaos lint schema
+.PHONY: help venv lock run test bench bench-alerts bench-api chaos lint schema
 
 help:
-	@sed -n '3,21p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,25p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -94,6 +98,12 @@ bench: venv
 # settings still want the services' URLs, so the same run dir as bench provides them).
 bench-alerts: venv
 	$(PY) -m devtools.localservices run --run-dir .run/bench -- $(PY) bench/alert_detection.py $(BENCH_ARGS)
+
+# The database must be built first, once: bench/api_data.py build (see its docstring);
+# a run appends to bench/results/api_load_runs.jsonl, the report takes the medians.
+bench-api: venv
+	$(PY) bench/api_load.py run $(BENCH_ARGS)
+	$(PY) bench/api_load.py report
 
 # Its own run dir and, always, its own embedded PostgreSQL and Redis (the variables that
 # would name other servers are unset): it kills them. The run dir's servers start empty,

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from alerts.models import Alert
 from alerts.payload import alert_payload
+from twiscope import hotcache
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,8 @@ def push_alerts(*, alert_ids: Sequence[int]) -> int:
     )
     if not alerts:
         return 0
+    teams = {alert.team_id for alert in alerts}
+    hotcache.bump("alerts", teams)  # committed: the list shows them even if a send fails
     pushed_at = timezone.now()
     for alert in alerts:
         alert.pushed_at = pushed_at
@@ -66,6 +69,7 @@ def push_alerts(*, alert_ids: Sequence[int]) -> int:
     Alert.objects.filter(id__in=[a.id for a in alerts], pushed_at__isnull=True).update(
         pushed_at=pushed_at
     )
+    hotcache.bump("alerts", teams)  # pushed_at: the list's field and the stats' latency
     log.info("alerts.pushed", count=len(alerts))
     return len(alerts)
 
@@ -85,6 +89,7 @@ def push_updates(*, alert_ids: Sequence[int]) -> int:
         .order_by("team_id", "seq")
     )
     if alerts:
+        hotcache.bump("alerts", {alert.team_id for alert in alerts})
         _send_by_team(alerts, "alert.updated")
         log.info("alerts.updates_pushed", count=len(alerts))
     return len(alerts)

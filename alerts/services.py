@@ -11,6 +11,7 @@ import structlog
 
 from alerts.models import AlertRule
 from teams.models import Team
+from twiscope import hotcache
 
 log = structlog.get_logger(__name__)
 
@@ -36,5 +37,6 @@ def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:
     for name, value in data.items():
         setattr(rule, name, value)
     rule.save(update_fields=list(data))
+    hotcache.bump_on_commit("alerts", [rule.team_id])  # the alerts list shows its name
     log.info("alerts.rule_updated", rule_id=rule.id, fields=sorted(data))
     return rule

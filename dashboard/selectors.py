@@ -17,6 +17,7 @@ from ingest.counters import events_rate_name
 from ingest.models import DeadLetter, Source
 from mlengine import facade as ml
 from teams.selectors import team_ids_for
+from twiscope import hotcache
 from twiscope.pipeline import queue_depths
 from twiscope.queues import NAMES, QUEUES
 from twiscope.redis import rate_total
@@ -38,12 +39,43 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
     heads' worker (``mlengine.facade.ScoringStats``: the share of the last minute's
     events they labelled, their backlog and its lag in seconds, the fallback lag, the
     active heads).
+
+    The database numbers come from the hot cache (``twiscope.hotcache``, kinds
+    ``events`` and ``alerts``: refreshed after the pipeline changes them); the live ones
+    (``events_per_s``, the queues, ``scoring``) are Redis reads every time. One query
+    (the caller's teams) on a cache hit.
     """
-    teams = team_ids_for(user)
+    team_list = list(team_ids_for(user).values_list("team_id", flat=True))
+    stored = hotcache.cached(
+        "stats",
+        team_ids=team_list,
+        kinds=("events", "alerts"),
+        query=(),
+        compute=lambda: stored_stats(team_list),
+    )
+    last_minute = rate_total([events_rate_name(team_id) for team_id in team_list], seconds=60)
+    waiting = queue_depths(NAMES)
+    return {
+        "events_total": stored["events_total"],
+        "events_per_s": round(last_minute / 60, 2),
+        "queue_lag": waiting,
+        "queues": [
+            {"name": queue.name, "work": queue.work, "waiting": waiting[queue.name]}
+            for queue in QUEUES
+        ],
+        "alert_latency_ms": stored["alert_latency_ms"],
+        "dead_letters_total": stored["dead_letters_total"],
+        "sources_total": stored["sources_total"],
+        "scoring": dataclasses.asdict(ml.scoring_stats(team_list)),
+    }
+
+
+def stored_stats(team_ids: Sequence[int]) -> dict[str, Any]:
+    """The database numbers of ``stats_for`` for ``team_ids``: ``events_total``,
+    ``alert_latency_ms``, ``dead_letters_total``, ``sources_total``. Four queries."""
+    teams = list(team_ids)
     sources = Source.objects.filter(team_id__in=teams)
     events_total = sources.aggregate(total=Sum("events_total"))["total"] or 0
-    team_list = list(teams.values_list("team_id", flat=True))
-    last_minute = rate_total([events_rate_name(team_id) for team_id in team_list], seconds=60)
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -55,23 +87,15 @@ def stats_for(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
                 ORDER BY id DESC LIMIT %s
             ) recent
             """,
-            [team_list, LATENCY_WINDOW],
+            [teams, LATENCY_WINDOW],
         )
         percentiles, n = cursor.fetchone()
     p50, p95, p99 = (round(float(p), 1) for p in percentiles) if percentiles else (None,) * 3
-    waiting = queue_depths(NAMES)
     return {
         "events_total": int(events_total),
-        "events_per_s": round(last_minute / 60, 2),
-        "queue_lag": waiting,
-        "queues": [
-            {"name": queue.name, "work": queue.work, "waiting": waiting[queue.name]}
-            for queue in QUEUES
-        ],
         "alert_latency_ms": {"p50": p50, "p95": p95, "p99": p99, "n": int(n)},
         "dead_letters_total": DeadLetter.objects.filter(source__team_id__in=teams).count(),
         "sources_total": sources.count(),
-        "scoring": dataclasses.asdict(ml.scoring_stats(team_list)),
     }
 
 

@@ -37,7 +37,7 @@ from ingest.counters import (
 from ingest.envelope import Envelope, EnvelopeError
 from ingest.models import DeadLetter, Source, StagedBatch
 from ingest.services import live_lateness_s, record_dead_letters
-from twiscope import pipeline
+from twiscope import hotcache, pipeline
 from twiscope.redis import add_to_rate
 
 log = structlog.get_logger(__name__)
@@ -276,6 +276,8 @@ def _after_persist(batch_key: str, source_id: int, event_ids: list[int], team_id
         add_to_rate(EVENTS_RATE_ALL, len(event_ids))
         pipeline.add_progress("ingest", source_id, len(event_ids))
     pipeline.mark_done("ingest", [batch_key])
+    if event_ids:
+        hotcache.bump("events", [team_id])
 
 
 def wait_for_capacity(

@@ -32,7 +32,7 @@ from ingest.selectors import TERM_MAX_CHARS
 from ingest.sources.base import PollingAdapter
 from ingest.sources.registry import adapter_for
 from teams.models import Team
-from twiscope import guard, pipeline
+from twiscope import guard, hotcache, pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +79,7 @@ def create_source(
             enabled=enabled,
             credentials=credentials_box.seal(values),
         )
+        hotcache.bump_on_commit("events", [team.id])
     return source, secret
 
 
@@ -96,6 +97,9 @@ def update_source(source: Source, changes: dict[str, Any]) -> Source:
     source.last_error, source.error_permanent, source.last_error_at = "", False, None
     with transaction.atomic():
         source.save()
+        # Trends and alerts show their source's name; stats count sources.
+        for kind in hotcache.KINDS:
+            hotcache.bump_on_commit(kind, [source.team_id])
     return source
 
 
@@ -234,6 +238,8 @@ def record_dead_letters(
         )
     if created:
         log.warning("ingest.dead_lettered", stage=stage, count=len(created))
+        if source is not None:
+            hotcache.bump_on_commit("events", [source.team_id])
     return len(created)
 
 
@@ -334,6 +340,11 @@ def park_items(*, stage: str, items: Sequence[ParkedItem]) -> int:
             fetch=True,
         )
     log.warning("ingest.items_parked", stage=stage, count=len(written), keys=[i.key for i in items])
+    if written:
+        source_ids = {row[1] for row in rows if row[1] is not None}
+        hotcache.bump_on_commit(
+            "events", Source.objects.filter(id__in=source_ids).values_list("team_id", flat=True)
+        )
     return len(written)
 
 

@@ -123,6 +123,9 @@ CACHES = {
         "KEY_PREFIX": "twiscope",
     }
 }
+HOT_CACHE_TTL_S: int = env.int("HOT_CACHE_TTL_S", default=300)
+"""How long a hot read (``twiscope.hotcache``: stats, first pages of trends and alerts)
+is kept at most, in seconds; the pipeline's generation bumps replace it sooner. 0: off."""
 
 CHANNEL_LAYERS: dict[str, Any] = {
     "default": {

@@ -21,6 +21,7 @@ from teams.api.base import (
     in_callers_teams,
 )
 from teams.models import Team
+from twiscope.hotcache import HotListMixin
 
 PREDICTION_CHOICES = [("open", "open"), ("confirmed", "confirmed"), ("withdrawn", "withdrawn")]
 """Where a trend alert's prediction stands (``evidence.story.prediction``)."""
@@ -67,7 +68,7 @@ class AlertFilter(StrictFilterSet):
         return queryset.exclude(evidence__story__prediction="withdrawn")
 
 
-class AlertViewSet(TeamScopedReadOnlyViewSet):
+class AlertViewSet(HotListMixin, TeamScopedReadOnlyViewSet):
     """Alerts of the caller's teams, newest first (cursor pagination).
 
     ``ordering=seq`` lists them oldest first by sequence number instead: the catch-up
@@ -76,8 +77,12 @@ class AlertViewSet(TeamScopedReadOnlyViewSet):
     500). Within a team ``seq`` is unique and an alert is visible only once every
     smaller ``seq`` of its team is (the sequence row is locked until commit), so the
     pages hold every alert after ``after_seq`` in order, each once. ``ordering`` also
-    takes ``id`` and ``-seq``; the default is ``-id``.
+    takes ``id`` and ``-seq``; the default is ``-id``. First pages come from the hot
+    cache (``twiscope.hotcache``: ``alerts``).
     """
+
+    hot_view = "alerts"
+    hot_kinds = ("alerts",)
 
     queryset = Alert.objects.select_related("rule")
     serializer_class = AlertSerializer

@@ -59,10 +59,15 @@ from teams.api.base import (
     refuse_unknown_query_params,
 )
 from teams.selectors import team_ids_for
+from twiscope.hotcache import HotListMixin
 
 
-class TrendViewSet(TeamScopedReadOnlyViewSet):
-    """Detected trends, newest detection first; ``ordering`` by score, events, time."""
+class TrendViewSet(HotListMixin, TeamScopedReadOnlyViewSet):
+    """Detected trends, newest detection first; ``ordering`` by score, events, time.
+    First pages come from the hot cache (``twiscope.hotcache``: ``trends``)."""
+
+    hot_view = "trends"
+    hot_kinds = ("trends",)
 
     team_field = "source__team"
     queryset = Trend.objects.select_related("source")

@@ -49,6 +49,7 @@ from typing import Any, cast
 import numpy as np
 import structlog
 from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 
 from ingest import selectors as ingest_selectors
@@ -374,8 +375,22 @@ class ScoringStats:
     active_heads: dict[str, str]
 
 
+ACTIVE_HEADS_KEY = "hot:active_heads"
+ACTIVE_HEADS_TTL_S = 10
+"""The active heads of ``scoring_stats`` are cached this long (seconds): a head
+activated shows on the dashboard within it, and a stats poll reads no table."""
+
+
+def _active_heads() -> dict[str, str]:
+    return {
+        v.task: f"{v.name} v{v.version}"
+        for v in ModelVersion.objects.filter(active=True).order_by("task")
+    }
+
+
 def scoring_stats(team_ids: Sequence[int]) -> ScoringStats:
-    """The scoring pool's numbers (see ``ScoringStats``): Redis reads and one query."""
+    """The scoring pool's numbers (see ``ScoringStats``): Redis reads, and one query at
+    most every ``ACTIVE_HEADS_TTL_S`` seconds (the active heads, cached)."""
     stored = rate_total([events_rate_name(t) for t in team_ids], seconds=60)
     scored = rate_total([scored_rate_name(t) for t in team_ids], seconds=60)
     redis = get_redis()
@@ -383,10 +398,9 @@ def scoring_stats(team_ids: Sequence[int]) -> ScoringStats:
     pipe.zcard(BACKLOG_KEY)
     pipe.zrange(BACKLOG_KEY, 0, 0, withscores=True)
     backlog, oldest = cast("tuple[int, list[tuple[bytes, float]]]", pipe.execute())
-    active = {
-        v.task: f"{v.name} v{v.version}"
-        for v in ModelVersion.objects.filter(active=True).order_by("task")
-    }
+    active = cast(
+        "dict[str, str]", cache.get_or_set(ACTIVE_HEADS_KEY, _active_heads, ACTIVE_HEADS_TTL_S)
+    )
     return ScoringStats(
         transformer_share=round(min(1.0, scored / stored), 4) if stored else None,
         backlog=int(backlog),

@@ -53,7 +53,7 @@ from mlengine.trends.counts import withdraw_predictions
 from mlengine.trends.params import bucket_s_for
 from mlengine.trends.scan import Stream, count_streams
 from mlengine.trends.story_assignment import assign_stories
-from twiscope import guard, pipeline
+from twiscope import guard, hotcache, pipeline
 from twiscope.queues import DETECT
 
 log = structlog.get_logger(__name__)
@@ -198,6 +198,13 @@ def _advance(source: Source, *, others: int, parked: set[int]) -> list[Stream]:
         count_streams([stream for stream in streams if stream.events])
         for stream in streams:
             _close(stream)
+        if streams:  # their trends may have changed: counted, new, confirmed, withdrawn
+            hotcache.bump_on_commit(
+                "trends",
+                Source.objects.filter(id__in=[s.source_id for s in streams]).values_list(
+                    "team_id", flat=True
+                ),
+            )
     return streams
 
 
