@@ -33,7 +33,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from alerts import claims, push
+from alerts import claims, lifecycle, push
 from alerts.models import Alert, AlertRule, AnomalyCheck
 from ingest import virality_reads as ingest_virality_reads
 from mlengine import facade
@@ -184,7 +184,9 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
     latest member's (in order of detection); the rest of the story (label, forecast,
     ``updated_by``, ``predicted``) and the title are the latest member's when it is no
     older (event time) than the alert's evidence, so a member that joins late, out of
-    order, never takes the story back; ``updated_at`` is now.
+    order, never takes the story back; ``updated_at`` is now. An alert at rest
+    (resolved, or snoozed) whose story grew past its forecast or doubled re-opens
+    (``alerts.lifecycle.escalate``: state, severity, an ``escalated`` activity entry).
     """
     if not joining:
         return []
@@ -199,6 +201,7 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
     )
     now = timezone.now()
     updated = []
+    latest_events: dict[int, int] = {}
     for alert in alerts:
         story_id = alert.story_id
         member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
@@ -215,6 +218,8 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
         alert.updated_at = now
         alert.save(update_fields=["evidence", "title", "updated_at"])
         updated.append(alert.id)
+        latest_events[alert.id] = member.events
+    lifecycle.escalate([a for a in alerts if a.id in latest_events], latest_events, now)
     return updated
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
@@ -116,7 +117,20 @@ class Alert(models.Model):
     Latency fields: ``event_received_at`` (processing time of the event that completed
     the evidence), ``created_at`` (row written), ``pushed_at`` (sent to the channel
     layer). ``seq`` is the team's alert sequence number.
+
+    Lifecycle (``alerts.lifecycle``): ``state`` (``open``, ``acknowledged``, ``resolved``,
+    ``noise`` with ``noise_reason``), ``assignee`` (a member of the team, or None),
+    ``snoozed_until`` (None, or the time until which it is snoozed); ``acknowledged_at``
+    is the first acknowledgement (per-rule figures); ``rest_story_events`` and
+    ``rest_forecast_peak`` are the story's posts and forecast peak (posts per bucket)
+    when it was last resolved or snoozed, against which the pipeline re-opens it.
     """
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        ACKNOWLEDGED = "acknowledged"
+        RESOLVED = "resolved"
+        NOISE = "noise"
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="alerts")
     rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
@@ -155,6 +169,29 @@ class Alert(models.Model):
     updated_at = models.DateTimeField(
         null=True, blank=True, help_text="Last time a new member of its story updated it."
     )
+    state = models.CharField(
+        max_length=16, choices=State.choices, default=State.OPEN, db_default=State.OPEN
+    )
+    noise_reason = models.CharField(max_length=500, blank=True, default="", db_default="")
+    assignee = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    snoozed_until = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it was first acknowledged."
+    )
+    rest_story_events = models.IntegerField(
+        null=True, blank=True, help_text="Its story's posts when last resolved or snoozed."
+    )
+    rest_forecast_peak = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Its story's forecast peak (posts per bucket) when last resolved or snoozed.",
+    )
 
     class Meta:
         constraints = [
@@ -169,10 +206,39 @@ class Alert(models.Model):
                 name="alert_unique_story",
             ),
         ]
-        indexes = [models.Index(fields=["team", "-id"], name="alert_team_recent")]
+        indexes = [
+            models.Index(fields=["team", "-id"], name="alert_team_recent"),
+            models.Index(fields=["team", "state"], name="alert_team_state"),
+        ]
 
     def __str__(self) -> str:
         return self.title
+
+
+class AlertActivity(models.Model):
+    """One change of an alert's lifecycle, in order (``at``, then ``id``): who (``user``;
+    None for the pipeline), what (``action``: a transition's name, or ``escalated`` when
+    its story re-opened it) and ``detail`` (the reason, the comment, the assignee or the
+    snooze's end, in words)."""
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="activity")
+    at = models.DateTimeField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    action = models.CharField(max_length=32)
+    detail = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["alert", "at", "id"], name="alertactivity_order")]
+
+    def __str__(self) -> str:
+        return f"{self.action} on alert {self.alert_id}"
 
 
 class AlertSequence(models.Model):

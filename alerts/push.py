@@ -7,7 +7,9 @@ Contract, version 1 (``"v": 1``), on the group ``ws.<team id>.alerts``:
 
 - ``{"type": "alert.updated", "v": 1, "team": int, "seq": int, "alert": {...}}``: an
   alert sent before, changed (a new member joined its story: ``evidence["story"]``,
-  ``title``, ``updated_at``); ``seq`` is the alert's own, not a new one.
+  ``title``, ``updated_at``; a lifecycle change: ``state``, ``assignee``,
+  ``snoozed_until``, a new ``activity`` entry); ``seq`` is the alert's own, not a new
+  one: the team's sequence counts alerts, so a gap always means a missed alert.
 
 ``seq`` is the team's alert sequence number, increasing per team over ``alert.created``
 (consecutive, but a reserved number may go unused). The channel layer is at most once:
@@ -28,7 +30,7 @@ from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from alerts.models import Alert
-from alerts.payload import alert_payload
+from alerts.payload import alert_payload, with_payload_relations
 from twiscope import hotcache
 
 log = structlog.get_logger(__name__)
@@ -54,9 +56,9 @@ def push_alerts(*, alert_ids: Sequence[int]) -> int:
         RuntimeError: ``CHANNEL_LAYERS`` is not configured.
     """
     alerts = list(
-        Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=True)
-        .select_related("rule")
-        .order_by("team_id", "seq")
+        with_payload_relations(
+            Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=True)
+        ).order_by("team_id", "seq")
     )
     if not alerts:
         return 0
@@ -84,9 +86,9 @@ def push_updates(*, alert_ids: Sequence[int]) -> int:
         RuntimeError: ``CHANNEL_LAYERS`` is not configured.
     """
     alerts = list(
-        Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=False)
-        .select_related("rule")
-        .order_by("team_id", "seq")
+        with_payload_relations(
+            Alert.objects.filter(id__in=list(alert_ids), pushed_at__isnull=False)
+        ).order_by("team_id", "seq")
     )
     if alerts:
         hotcache.bump("alerts", {alert.team_id for alert in alerts})

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from django.db.models import Q, QuerySet
+from django.db.models import Q, QuerySet, Sum
 
 from mlengine.inference import encoder, heads, scoring, training, virality_model
 from mlengine.models import Anomaly, Trend
@@ -33,6 +33,7 @@ __all__ = [
     "confirmed_trend_ids",
     "embed",
     "scoring_stats",
+    "story_volumes",
     "trend_ids_detected_before",
     "trends",
 ]
@@ -302,6 +303,19 @@ def story_outcomes(story_ids: Sequence[int]) -> dict[int, str]:
         if key not in found or rank[state] > rank[found[key]]:
             found[key] = state
     return found
+
+
+def story_volumes(story_ids: Sequence[int]) -> dict[int, int]:
+    """Each story's posts, by story id (a story's id is its first trend's): the sum of
+    its members' bucket counts (``Trend.events``; a post holding two member terms counts
+    twice, so this is an upper bound, used only to see a story grow). Ids of no story
+    are left out. One grouped query."""
+    return dict(
+        Trend.objects.filter(story_id__in=list(story_ids))
+        .values("story_id")
+        .annotate(total=Sum("events"))
+        .values_list("story_id", "total")
+    )
 
 
 def withdrawn_trend_ids(story_ids: Sequence[int]) -> list[int]:

@@ -12,6 +12,7 @@ from mlengine.api.views import (
     AnomalyViewSet,
     ModelVersionViewSet,
     SeriesView,
+    StoryViewSet,
     StreamViewSet,
     TrendViewSet,
     WatchViewSet,
@@ -23,6 +24,7 @@ router.register("sources", SourceViewSet, basename="source")
 router.register("events", EventViewSet, basename="event")
 router.register("dead-letters", DeadLetterViewSet, basename="deadletter")
 router.register("trends", TrendViewSet, basename="trend")
+router.register("stories", StoryViewSet, basename="story")
 router.register("streams", StreamViewSet, basename="stream")
 router.register("anomalies", AnomalyViewSet, basename="anomaly")
 router.register("models", ModelVersionViewSet, basename="modelversion")

@@ -267,6 +267,9 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "SourceKindEnum": "ingest.models.Source.Kind",
         "AlertRuleKindEnum": "alerts.models.AlertRule.Kind",
+        # A source's health keeps the name it had before alerts had a state too.
+        "StateEnum": ["disabled", "failing", "backing_off", "running"],
+        "AlertStateEnum": "alerts.models.Alert.State",
     },
 }
 

@@ -14,6 +14,7 @@ from ingest.models import Source
 from mlengine import facade
 from teams.api.base import (
     INT_MAX,
+    BoundedDateTimeField,
     StrictCharField,
     StrictModelSerializer,
     check_team_and_source,
@@ -29,9 +30,30 @@ class RuleRefSerializer(serializers.ModelSerializer[AlertRule]):
         read_only_fields = fields
 
 
+class UserRefSerializer(serializers.Serializer[Any]):
+    """A user as an alert shows them."""
+
+    id = serializers.IntegerField(read_only=True)
+    username = serializers.CharField(read_only=True)
+
+
+class ActivitySerializer(serializers.Serializer[Any]):
+    """One lifecycle change (``alerts.payload.activity_payload``): ``user`` is null
+    for the pipeline (``escalated``); ``action`` is ``acknowledge``, ``resolve``,
+    ``reopen``, ``mark_noise``, ``assign``, ``snooze``, ``comment`` or ``escalated``;
+    ``detail`` is the reason, comment, assignee id or snooze end, in words."""
+
+    at = serializers.DateTimeField(read_only=True)
+    user = UserRefSerializer(read_only=True, allow_null=True)
+    action = serializers.CharField(read_only=True)
+    detail = serializers.CharField(read_only=True)
+
+
 class AlertSerializer(serializers.ModelSerializer[Alert]):
     rule = RuleRefSerializer(read_only=True)
     latency_ms = serializers.SerializerMethodField()
+    assignee = UserRefSerializer(read_only=True, allow_null=True)
+    activity = ActivitySerializer(many=True, read_only=True)
 
     class Meta:
         model = Alert
@@ -52,6 +74,11 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
             "pushed_at",
             "updated_at",
             "latency_ms",
+            "state",
+            "noise_reason",
+            "assignee",
+            "snoozed_until",
+            "activity",
         ]
         read_only_fields = fields
 
@@ -62,6 +89,56 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
     def to_representation(self, instance: Alert) -> dict[str, Any]:
         """The shared alert shape (``alerts.payload``): the WebSocket sends the same."""
         return alert_payload(instance)
+
+
+class MarkNoiseSerializer(serializers.Serializer[Any]):
+    """Body of ``mark-noise/``: an optional ``reason``."""
+
+    reason = StrictCharField(max_length=500, allow_blank=True, required=False, default="")
+
+
+class AssignSerializer(serializers.Serializer[Any]):
+    """Body of ``assign/``: ``user``, a member's id, or null to unassign."""
+
+    user = serializers.IntegerField(allow_null=True, min_value=1, max_value=INT_MAX)
+
+
+class SnoozeSerializer(serializers.Serializer[Any]):
+    """Body of ``snooze/``: ``until``, ISO 8601, in the future."""
+
+    until = BoundedDateTimeField()
+
+
+class CommentSerializer(serializers.Serializer[Any]):
+    """Body of ``comment/``: ``text``, not blank."""
+
+    text = StrictCharField(max_length=5000, allow_blank=False)
+
+
+class AlertSummarySerializer(serializers.Serializer[Any]):
+    """Counts of the caller's alerts (after the list's filters): ``total``, by
+    ``state`` (every state, 0 when none), by ``severity`` (every severity), and
+    ``snoozed`` (snoozed until a time still to come)."""
+
+    total = serializers.IntegerField()
+    state = serializers.DictField(child=serializers.IntegerField())
+    severity = serializers.DictField(child=serializers.IntegerField())
+    snoozed = serializers.IntegerField()
+
+
+class RuleStatsSerializer(serializers.Serializer[Any]):
+    """A rule's figures over all its alerts: ``fired``, ``acknowledged`` (ever),
+    ``resolved`` and ``noise`` (now in that state), ``noise_share`` (noise / fired, 0
+    for none fired) and ``median_ack_s`` (median seconds from an alert's creation to
+    its first acknowledgement; null when none was acknowledged)."""
+
+    rule = serializers.IntegerField()
+    fired = serializers.IntegerField()
+    acknowledged = serializers.IntegerField()
+    resolved = serializers.IntegerField()
+    noise = serializers.IntegerField()
+    noise_share = serializers.FloatField()
+    median_ack_s = serializers.FloatField(allow_null=True)
 
 
 class AlertRuleSerializer(StrictModelSerializer):

@@ -57,6 +57,19 @@ class TrendFilter(StrictFilterSet):
         return queryset.filter(current)
 
 
+class StoryFilter(StrictFilterSet):
+    """``source`` (id, in scope) and ``since``/``until`` (event time of the story's
+    first detection)."""
+
+    source = django_filters.ModelChoiceFilter(queryset=scoped_sources)
+    since = DateTimeFilter(field_name="evidence_created_at", lookup_expr="gte")
+    until = DateTimeFilter(field_name="evidence_created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Trend
+        fields = ["source", "since", "until"]
+
+
 class StreamFilter(StrictFilterSet):
     """``source`` (id, in scope)."""
 

@@ -6,10 +6,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ingest.models import Source
 from mlengine.anomalies.watches import normalise_terms, save_watch
+from mlengine.facade import STORY_LABEL_TERMS
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
 from teams.api.base import (
     StrictCharField,
@@ -32,8 +34,15 @@ class SourceRefSerializer(serializers.ModelSerializer[Source]):
 
 
 class TrendSerializer(serializers.ModelSerializer[Trend]):
+    """A trend; ``story`` is its story's id (the story's first trend; null for a trend
+    in no story), ``predicted`` whether it was first detected as emerging (a
+    prediction) and ``confirmed`` whether its own count passed the test (detected so,
+    or a prediction that came true)."""
+
     # A field named "source" shadows Field.source in the stubs only; DRF takes it.
     source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
+    story = serializers.IntegerField(source="story_id", read_only=True, allow_null=True)
+    confirmed = serializers.SerializerMethodField()
 
     class Meta:
         model = Trend
@@ -53,8 +62,96 @@ class TrendSerializer(serializers.ModelSerializer[Trend]):
             "evidence_received_at",
             "evidence_created_at",
             "sample_event_ids",
+            "story",
+            "predicted",
+            "confirmed",
         ]
         read_only_fields = fields
+
+    def get_confirmed(self, trend: Trend) -> bool:
+        """Whether its own count passed: not a prediction, or one that came true."""
+        return not trend.predicted or trend.confirmed_at is not None
+
+
+class StoryMemberSerializer(serializers.ModelSerializer[Trend]):
+    """A member trend of a story: its term, bucket and count."""
+
+    class Meta:
+        model = Trend
+        fields = ["id", "term", "bucket_start", "events", "score", "evidence_created_at"]
+        read_only_fields = fields
+
+
+class StorySerializer(serializers.ModelSerializer[Trend]):
+    """A story (``mlengine.trends.stories``), read from its first trend with its members
+    prefetched (``members``, in order of detection): ``id`` (its first trend's),
+    ``source``, ``terms`` (the members' terms in order of detection), ``label`` (the
+    ``STORY_LABEL_TERMS`` terms with the most posts), ``events`` (the members' posts
+    summed: a post holding two member terms counts twice), ``forecast`` (the latest
+    member's volume forecast, ``{}`` when none), ``started_at``/``updated_at`` (event
+    time of the first and latest detection), ``predicted`` (a member was first detected
+    as emerging) and ``confirmed`` (a member's own count passed the test)."""
+
+    source = SourceRefSerializer(read_only=True)  # type: ignore[assignment]
+    members = serializers.SerializerMethodField()
+    terms = serializers.SerializerMethodField()
+    label = serializers.SerializerMethodField()  # type: ignore[assignment]
+    events = serializers.SerializerMethodField()
+    forecast = serializers.SerializerMethodField()
+    started_at = serializers.DateTimeField(source="evidence_created_at", read_only=True)
+    updated_at = serializers.SerializerMethodField()
+    predicted = serializers.SerializerMethodField()
+    confirmed = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Trend
+        fields = [
+            "id",
+            "source",
+            "terms",
+            "label",
+            "events",
+            "forecast",
+            "started_at",
+            "updated_at",
+            "predicted",
+            "confirmed",
+            "members",
+        ]
+        read_only_fields = fields
+
+    @staticmethod
+    def _members(story: Trend) -> list[Trend]:
+        return sorted(story.members.all(), key=lambda m: (m.evidence_created_at, m.id))
+
+    @extend_schema_field(StoryMemberSerializer(many=True))
+    def get_members(self, story: Trend) -> list[dict[str, Any]]:
+        return list(StoryMemberSerializer(self._members(story), many=True).data)
+
+    def get_terms(self, story: Trend) -> list[str]:
+        return list(dict.fromkeys(m.term for m in self._members(story)))
+
+    def get_label(self, story: Trend) -> list[str]:
+        ranked = sorted(self._members(story), key=lambda m: -m.events)
+        return list(dict.fromkeys(m.term for m in ranked))[:STORY_LABEL_TERMS]
+
+    def get_events(self, story: Trend) -> int:
+        return sum(m.events for m in self._members(story))
+
+    @extend_schema_field({"type": "object", "additionalProperties": True})
+    def get_forecast(self, story: Trend) -> dict[str, Any]:
+        members = self._members(story)
+        return dict(members[-1].forecast or {}) if members else {}
+
+    def get_updated_at(self, story: Trend) -> str | None:
+        members = self._members(story)
+        return members[-1].evidence_created_at.isoformat() if members else None
+
+    def get_predicted(self, story: Trend) -> bool:
+        return any(m.predicted for m in self._members(story))
+
+    def get_confirmed(self, story: Trend) -> bool:
+        return any(not m.predicted or m.confirmed_at is not None for m in self._members(story))
 
 
 class StreamSerializer(serializers.ModelSerializer[StreamClock]):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
+from django.db.models import Count, F, IntegerField, OuterRef, QuerySet, Subquery
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, viewsets
@@ -23,6 +23,7 @@ from mlengine.anomalies.watches import delete_watch
 from mlengine.api.filters import (
     AnomalyFilter,
     ModelVersionFilter,
+    StoryFilter,
     StreamFilter,
     TrendFilter,
     WatchFilter,
@@ -32,6 +33,7 @@ from mlengine.api.serializers import (
     ModelVersionSerializer,
     SeriesSerializer,
     SourceRefSerializer,
+    StorySerializer,
     StreamSerializer,
     TrendSerializer,
     WatchRefSerializer,
@@ -99,6 +101,22 @@ class TrendViewSet(HotListMixin, TeamScopedReadOnlyViewSet):
         )
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+class StoryViewSet(TeamScopedReadOnlyViewSet):
+    """Stories (trends that surged together), newest first by first detection (event
+    time); each read from its first trend with its members (one prefetch per page)."""
+
+    team_field = "source__team"
+    queryset = (
+        Trend.objects.filter(story_id=F("id")).select_related("source").prefetch_related("members")
+    )
+    serializer_class = StorySerializer
+    filterset_class = StoryFilter
+    filter_backends = [StrictFilterBackend, StrictOrderingFilter]
+    ordering_fields = ["evidence_created_at", "id"]
+    ordering = ["-evidence_created_at", "-id"]
+    pagination_class = NumberedPagination
 
 
 class StreamViewSet(TeamScopedReadOnlyViewSet):
