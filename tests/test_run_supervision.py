@@ -63,6 +63,7 @@ PLATFORM_PROGRAMS = {
     "worker-anomalies",
     "worker-inference",
     "worker-alerts",
+    "worker-notify",
     "sources",
     "beat",
 }
@@ -237,6 +238,9 @@ def test_each_process_runs_the_command_the_procfile_had(run_dir: Path) -> None:
         "worker-anomalies": f"{worker.format('anomalies')} --prefetch-multiplier=1 --loglevel=INFO",
         "worker-inference": f"{worker.format('inference')} --prefetch-multiplier=1 --loglevel=INFO",
         "worker-alerts": f"{worker.format('alerts')} --loglevel=INFO",
+        # Delivery waits on remote hosts: two processes, so one slow receiver is not all.
+        "worker-notify": worker.format("notify").replace("concurrency=1", "concurrency=2")
+        + " --loglevel=INFO",
         "sources": "python manage.py run_sources",
         "beat": "celery -A twiscope beat --loglevel=INFO "
         f'--schedule "{run_dir}/celerybeat-schedule"',

@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import validate_email
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.relations import PKOnlyObject
 
 from alerts import delivery, services
 from alerts.models import Alert, AlertRule, Channel, Delivery, DeliveryAttempt
@@ -71,6 +72,17 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
         return alert_payload(instance)
 
 
+class ChannelIdsField(serializers.ManyRelatedField):
+    """A rule's channel ids: read from the ``channel_ids`` annotation when the queryset
+    has it (one query for a whole page of rules), else from the relation."""
+
+    def get_attribute(self, instance: Any) -> Any:
+        ids = getattr(instance, "channel_ids", None)
+        if ids is None:
+            return super().get_attribute(instance)
+        return [PKOnlyObject(pk=channel_id) for channel_id in ids]
+
+
 class AlertRuleSerializer(StrictModelSerializer):
     """A rule; ``team`` and ``source`` must belong to a team the caller owns.
 
@@ -93,9 +105,8 @@ class AlertRuleSerializer(StrictModelSerializer):
     min_authors = serializers.IntegerField(min_value=1, max_value=INT_MAX, required=False)
     min_peak = serializers.IntegerField(min_value=1, max_value=INT_MAX, required=False)
     cooldown_s = serializers.IntegerField(min_value=0, max_value=INT_MAX, required=False)
-    channels = serializers.PrimaryKeyRelatedField(
-        many=True,
-        queryset=Channel.objects.none(),
+    channels = ChannelIdsField(
+        child_relation=serializers.PrimaryKeyRelatedField(queryset=Channel.objects.none()),
         required=False,
         help_text="Ids of the channels the rule's alerts are delivered to (channels of "
         "the rule's team).",

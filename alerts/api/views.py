@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django.contrib.postgres.aggregates import ArrayAgg
 from django.db import IntegrityError
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet, Value
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -118,7 +119,14 @@ class AlertRuleFilter(StrictFilterSet):
 class AlertRuleViewSet(TeamScopedMixin, viewsets.ModelViewSet[AlertRule]):
     """Alert rules of the caller's teams: members read, owners create and change."""
 
-    queryset = AlertRule.objects.prefetch_related("channels").order_by("id")
+    queryset = AlertRule.objects.annotate(
+        channel_ids=ArrayAgg(
+            "channels__id",
+            filter=Q(channels__isnull=False),
+            default=Value([]),
+            order_by="channels__id",
+        )
+    ).order_by("id")
     serializer_class = AlertRuleSerializer
     permission_classes = [permissions.IsAuthenticated, IsTeamOwnerOrReadOnly]
     filterset_class = AlertRuleFilter
