@@ -13,7 +13,8 @@ whatever the batch's size (the claims: ``alerts.claims``):
    rule alerts on a term of a source once per bucket, and again only ``cooldown_s``
    after the bucket it last alerted on;
 4. take each team's next sequence numbers (``AlertSequence``: one UPDATE);
-5. insert the alerts (one conflict-ignore insert) and push them after commit.
+5. insert the alerts (one conflict-ignore insert), record their deliveries to the
+   rules' channels (``alerts.delivery.schedule``), and push them after commit.
 
 Trends, stories and anomalies come from ``mlengine.facade`` as frozen dataclasses; a
 trend alert keeps its story's id as a plain value (``Alert.story_id``, from
@@ -33,7 +34,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from alerts import claims, lifecycle, push
+from alerts import claims, delivery, lifecycle, push
 from alerts.models import Alert, AlertRule, AnomalyCheck
 from ingest import virality_reads as ingest_virality_reads
 from mlengine import facade
@@ -116,8 +117,10 @@ def evaluate_trends(*, trend_ids: Sequence[int]) -> list[int]:
         updated = _update_story_alerts(joining)
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+            delivery.schedule(alert_ids=created, event="alert.created")
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+            delivery.schedule(alert_ids=updated, event="alert.updated")
     if created or updated:
         log.info("alerts.fired", alerts=len(created), updated=len(updated))
     return created
@@ -256,6 +259,7 @@ def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
             updated.append(alert.id)
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+            delivery.schedule(alert_ids=updated, event="alert.updated")
     return updated
 
 
@@ -306,6 +310,7 @@ def withdraw_predictions(*, trend_ids: Sequence[int]) -> list[int]:
             updated.append(alert.id)
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+            delivery.schedule(alert_ids=updated, event="alert.updated")
     log.info("alerts.predictions_withdrawn", alerts=len(updated), trends=len(withdrawn))
     return updated
 
@@ -444,6 +449,7 @@ def evaluate_anomalies(*, anomaly_ids: Sequence[int]) -> list[int]:
         created = _create_anomaly_alerts(firing)
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+            delivery.schedule(alert_ids=created, event="alert.created")
     if created:
         log.info("alerts.anomalies_fired", alerts=len(created))
     return created
@@ -544,6 +550,7 @@ def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
             updated.append(alert.id)
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
+            delivery.schedule(alert_ids=updated, event="alert.updated")
     return updated
 
 
@@ -585,6 +592,7 @@ def _fire_late(anomalies: list[facade.AnomalyView]) -> list[int]:
         created = _create_anomaly_alerts(firing)
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+            delivery.schedule(alert_ids=created, event="alert.created")
     if created:
         log.info("alerts.anomalies_fired_late", alerts=len(created))
     return created
@@ -672,6 +680,7 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
         ).ids
         if created:
             transaction.on_commit(lambda: push.push_alerts(alert_ids=created))
+            delivery.schedule(alert_ids=created, event="alert.created")
     if created:
         log.info("alerts.viral_fired", alerts=len(created))
     return created

@@ -1,9 +1,10 @@
 """Alert rules, the alerts they fire, the per-term cooldown claims, each team's alert
-sequence, and the record of which trends, anomalies and scored posts were evaluated."""
+sequence, the record of which trends, anomalies and scored posts were evaluated, and
+delivery beyond the page: channels, deliveries and their attempts."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
@@ -78,6 +79,12 @@ class AlertRule(models.Model):
     min_authors = models.IntegerField(default=1)
     cooldown_s = models.IntegerField(default=6 * 3600)
     min_peak = models.IntegerField(default=ANOMALY_MIN_PEAK)
+    channels: models.ManyToManyField[Channel, Any] = models.ManyToManyField(
+        "Channel",
+        blank=True,
+        related_name="rules",
+        help_text="Where the rule's alerts are delivered (channels of the rule's team).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -279,3 +286,114 @@ class ViralCheck(models.Model):
         "ingest.Event", on_delete=models.CASCADE, primary_key=True, related_name="+"
     )
     checked_at = models.DateTimeField()
+
+
+class Channel(models.Model):
+    """Where a team's alerts go beyond the page: a signed ``webhook``, a ``slack``
+    incoming webhook or ``email``.
+
+    ``config`` holds what may be shown: a webhook's ``url``, an email's ``to`` (a list
+    of addresses), and ``events``, the alert events the channel wants
+    (``alert.created``, ``alert.updated``; ``["alert.created"]`` by default).
+    ``credentials`` is a Fernet token (``ingest.credentials``) sealing the secrets: a
+    webhook's signing ``secret`` (``whsec_`` + base64), a Slack ``webhook_url``; never
+    shown or returned. ``enabled`` false stops delivery (a 410 Gone from the receiver
+    sets it, with ``disabled_reason``). ``consecutive_failures`` counts failed tries
+    since the last success; with ``last_error``/``last_error_at`` it gives the
+    channel's health (``alerts.delivery.channel_health``).
+    """
+
+    class Kind(models.TextChoices):
+        WEBHOOK = "webhook"
+        SLACK = "slack"
+        EMAIL = "email"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="channels")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(max_length=100)
+    config = models.JSONField(default=dict, blank=True)
+    credentials = models.TextField(blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    disabled_reason = models.TextField(blank=True, default="")
+    consecutive_failures = models.IntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="channel_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Delivery(models.Model):
+    """One alert event (``alert.created`` or ``alert.updated``) to one channel, tried
+    until delivered, given up (``failed``) or dropped (``skipped``: the channel was
+    disabled before it went out).
+
+    ``webhook_id`` is the Standard Webhooks message id, the same on every try.
+    ``next_attempt_at`` is when the next try is due; a worker claims a try by moving it
+    forward by a lease in one conditional UPDATE (``alerts.delivery.deliver``), so a
+    redelivered task does nothing and the sweeper re-sends only tries due and not
+    claimed. An ``alert.created`` delivery is unique per (alert, channel).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"
+        SKIPPED = "skipped"
+
+    class Event(models.TextChoices):
+        CREATED = "alert.created"
+        UPDATED = "alert.updated"
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.ForeignKey(Channel, on_delete=models.CASCADE, related_name="deliveries")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    event = models.CharField(max_length=20, choices=Event.choices)
+    webhook_id = models.CharField(max_length=64, unique=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.IntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["alert", "channel"],
+                condition=models.Q(event="alert.created"),
+                name="delivery_unique_created",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["team", "-id"], name="delivery_team_recent"),
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status="pending"),
+                name="delivery_due",
+            ),
+        ]
+
+
+class DeliveryAttempt(models.Model):
+    """One try of a delivery: when (``at``), its ``outcome`` (``delivered``, ``retry``:
+    a temporary failure, tried again later; ``failed``: permanent or the last try),
+    the receiver's HTTP ``http_status`` (None for email or no answer), ``latency_ms``
+    (the call's wall time) and ``error`` ("" on success)."""
+
+    class Outcome(models.TextChoices):
+        DELIVERED = "delivered"
+        RETRY = "retry"
+        FAILED = "failed"
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="attempt_log")
+    at = models.DateTimeField()
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    http_status = models.IntegerField(null=True, blank=True)
+    latency_ms = models.FloatField()
+    error = models.TextField(blank=True, default="")

@@ -29,14 +29,23 @@ def ensure_default_rule(team: Team) -> AlertRule:
 
 
 def save_rule(*, rule: AlertRule | None, data: dict[str, object]) -> AlertRule:
-    """Create a rule (``rule`` None) or update ``rule`` with validated ``data``."""
+    """Create a rule (``rule`` None) or update ``rule`` with validated ``data``; its
+    ``channels`` (a list of channels of the rule's team), when given, replace the
+    rule's."""
+    data = dict(data)
+    channels = data.pop("channels", None)
     if rule is None:
         rule = AlertRule.objects.create(**data)
+        if channels is not None:
+            rule.channels.set(channels)  # type: ignore[arg-type]
         log.info("alerts.rule_created", rule_id=rule.id, team_id=rule.team_id)
         return rule
     for name, value in data.items():
         setattr(rule, name, value)
-    rule.save(update_fields=list(data))
+    if data:
+        rule.save(update_fields=list(data))
+    if channels is not None:
+        rule.channels.set(channels)  # type: ignore[arg-type]
     hotcache.bump_on_commit("alerts", [rule.team_id])  # the alerts list shows its name
     log.info("alerts.rule_updated", rule_id=rule.id, fields=sorted(data))
     return rule

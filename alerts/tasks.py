@@ -1,5 +1,5 @@
-"""Celery entry points of the ``alerts`` queue: thin shells around ``alerts.evaluation``
-and ``alerts.sweeps``.
+"""Celery entry points of the ``alerts`` queue (thin shells around ``alerts.evaluation``
+and ``alerts.sweeps``) and of the ``notify`` queue (around ``alerts.delivery``).
 
 Each evaluation runs under ``twiscope.guard.run_guarded`` (``_guarded``): a batch that
 fails is bisected so the good trends, anomalies and posts are evaluated, and an item
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from celery import shared_task
 from django.conf import settings
 
-from alerts import evaluation, sweeps
+from alerts import delivery, evaluation, sweeps
 from ingest import selectors as ingest_selectors
 from ingest import services as ingest_services
 from mlengine import facade
@@ -189,3 +189,24 @@ def sweep() -> dict[str, int]:
     """Periodic: re-send trends, anomalies and scored posts never evaluated; update alerts
     left stale; push alerts never pushed."""
     return sweeps.sweep(older_than_s=settings.PIPELINE_STUCK_AFTER_S)
+
+
+@shared_task(name="notify.deliver", soft_time_limit=40, time_limit=60)
+def deliver(*, delivery_id: int) -> str | None:
+    """Make the next try of a delivery when it is due (``alerts.delivery.deliver``);
+    returns its status after the try, or None when there was nothing to do."""
+    outcome = delivery.deliver(delivery_id=delivery_id)
+    return outcome.status if outcome is not None else None
+
+
+@shared_task(name="notify.slack_digest", soft_time_limit=40, time_limit=60)
+def slack_digest(*, channel_id: int) -> str | None:
+    """Send the alerts folded into a Slack channel's digest as one message."""
+    outcome = delivery.send_slack_digest(channel_id=channel_id)
+    return outcome.status if outcome is not None else None
+
+
+@shared_task(name="notify.sweep", soft_time_limit=25, time_limit=30)
+def sweep_deliveries() -> int:
+    """Periodic: re-send the deliveries due and not in flight; returns how many."""
+    return delivery.sweep(older_than_s=settings.PIPELINE_STUCK_AFTER_S)

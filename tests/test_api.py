@@ -263,6 +263,7 @@ def test_stats_report_volume_queues_and_alert_latency(world) -> None:
         "anomalies",
         "inference",
         "alerts",
+        "notify",
     }
     assert [queue["name"] for queue in stats["queues"]] == [
         "ingest",
@@ -271,6 +272,7 @@ def test_stats_report_volume_queues_and_alert_latency(world) -> None:
         "anomalies",
         "inference",
         "alerts",
+        "notify",
     ]
     assert all(queue["work"] and queue["waiting"] >= 0 for queue in stats["queues"])
     assert stats["alert_latency_ms"]["n"] == Alert.objects.filter(team=personas.team).count()

@@ -14,7 +14,7 @@ from django.db import connection
 from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
-from alerts.models import Alert, AlertActivity, AlertRule
+from alerts.models import Alert, AlertActivity, AlertRule, Channel, Delivery, DeliveryAttempt
 from ingest.models import DeadLetter, Event, Source
 from mlengine.models import Anomaly, ModelVersion, Series, StreamClock, Trend, Watch
 from tests.factories import make_personas, make_source
@@ -154,6 +154,36 @@ def build_alerts(team: Any) -> str:
     return "/api/alerts/?state=open&q=alert&assignee=me"
 
 
+def build_channels(team: Any) -> str:
+    Channel.objects.bulk_create(
+        Channel(team=team, kind="email", name=f"c{i}", config={"to": ["a@example.com"]})
+        for i in range(ROWS)
+    )
+    return "/api/channels/"
+
+
+def build_deliveries(team: Any) -> str:
+    channel = Channel.objects.create(team=team, kind="email", name="c", config={})
+    build_alerts(team)
+    deliveries = Delivery.objects.bulk_create(
+        Delivery(
+            alert=alert,
+            channel=channel,
+            team=team,
+            event="alert.created",
+            webhook_id=f"msg_{alert.id}",
+            created_at=at(0),
+        )
+        for alert in Alert.objects.filter(team=team)
+    )
+    DeliveryAttempt.objects.bulk_create(
+        DeliveryAttempt(delivery=d, at=at(0), outcome="retry", http_status=503, latency_ms=1.0)
+        for d in deliveries
+        for _ in range(2)
+    )
+    return "/api/deliveries/"
+
+
 ANOMALY_FIELDS = {"bucket_s": 300, "score": 4.0, "value": 10.0}
 ANOMALY_MOMENTS = ("evidence_created_at", "evidence_received_at", "detected_at", "updated_at")
 
@@ -210,6 +240,8 @@ BUILDERS: dict[str, Callable[[Any], str]] = {
     "rules": build_rules,
     "watches": build_watches,
     "alerts": build_alerts,
+    "channels": build_channels,
+    "deliveries": build_deliveries,
     "anomalies": build_anomalies,
     "models": build_models,
 }

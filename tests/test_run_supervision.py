@@ -63,6 +63,7 @@ PLATFORM_PROGRAMS = {
     "worker-anomalies",
     "worker-inference",
     "worker-alerts",
+    "worker-notify",
     "sources",
     "beat",
 }
@@ -234,9 +235,14 @@ def test_each_process_runs_the_command_the_procfile_had(run_dir: Path) -> None:
         "worker-ingest": f"{worker.format('ingest')} --loglevel=INFO",
         "worker-enrich": f"{worker.format('enrich')} --loglevel=INFO",
         "worker-detect": f"{worker.format('detect')} --loglevel=INFO",
-        "worker-anomalies": f"{worker.format('anomalies')} --prefetch-multiplier=1 --loglevel=INFO",
+        # Catch-ups of years of buckets take only the CPU the pipeline leaves.
+        "worker-anomalies": f"nice -n 10 {worker.format('anomalies')} --prefetch-multiplier=1 "
+        "--loglevel=INFO",
         "worker-inference": f"{worker.format('inference')} --prefetch-multiplier=1 --loglevel=INFO",
         "worker-alerts": f"{worker.format('alerts')} --loglevel=INFO",
+        # Delivery waits on remote hosts: two processes, so one slow receiver is not all.
+        "worker-notify": worker.format("notify").replace("concurrency=1", "concurrency=2")
+        + " --loglevel=INFO",
         "sources": "python manage.py run_sources",
         "beat": "celery -A twiscope beat --loglevel=INFO "
         f'--schedule "{run_dir}/celerybeat-schedule"',

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from alerts.api.views import AlertRuleViewSet, AlertViewSet
+from alerts.api.views import AlertRuleViewSet, AlertViewSet, ChannelViewSet, DeliveryViewSet
 from dashboard.api.views import SentimentView, StatsView
 from ingest.api.views import DeadLetterViewSet, EventViewSet, SourceViewSet, WebhookView
 from mlengine.api.views import (
@@ -31,6 +31,8 @@ router.register("models", ModelVersionViewSet, basename="modelversion")
 router.register("watches", WatchViewSet, basename="watch")
 router.register("rules", AlertRuleViewSet, basename="alertrule")
 router.register("alerts", AlertViewSet, basename="alert")
+router.register("channels", ChannelViewSet, basename="channel")
+router.register("deliveries", DeliveryViewSet, basename="delivery")
 router.register("tokens", ApiTokenViewSet, basename="apitoken")
 
 urlpatterns = [

@@ -55,7 +55,7 @@ from django.db import transaction
 
 from twiscope.celery import app
 from twiscope.outage import DEPENDENCY_ERRORS
-from twiscope.queues import ALERTS, DETECT, ENRICH, INFERENCE, INGEST, STAGES
+from twiscope.queues import ALERTS, DETECT, ENRICH, INFERENCE, INGEST, NOTIFY, STAGES
 from twiscope.redis import get_redis
 
 log = structlog.get_logger(__name__)
@@ -66,12 +66,14 @@ ENTRY_TASKS = {
     DETECT: "detect.advance_stream",
     ALERTS: "alerts.evaluate_trends",
     INFERENCE: "inference.score_backlog",
+    NOTIFY: "notify.deliver",
 }
 """The task that takes a stage's input, by stage. Task kwargs, by stage:
 ``ingest``: ``batch_key``, ``source_id``; ``enrich``: ``event_ids``, ``source_id``;
 ``detect``: ``source_id``; ``alerts``: ``trend_ids``. ``inference`` is a branch off the
 chain, not a stage of it (nothing waits for it): the transformer labels of enriched
-events, from ``mlengine.scoring``'s backlog; no kwargs."""
+events, from ``mlengine.scoring``'s backlog; no kwargs. ``notify`` is a branch off
+``alerts``: one delivery of an alert to a channel, ``delivery_id``."""
 
 SIDE_TASKS = {
     ALERTS: {
@@ -80,7 +82,8 @@ SIDE_TASKS = {
         "withdrawals": "alerts.withdraw_predictions",
         "anomaly_updates": "alerts.update_anomaly_alerts",
         "viral": "alerts.evaluate_viral",
-    }
+    },
+    NOTIFY: {"slack_digest": "notify.slack_digest"},
 }
 """Other inputs of a stage than its entry task's, by stage and key (``send(task=key)``):
 ``alerts``/``anomalies`` takes ``anomaly_ids`` (dispatch records ``anomaly:<id>``);
@@ -88,7 +91,9 @@ SIDE_TASKS = {
 ``alerts``/``withdrawals`` those whose bucket closed without coming true;
 ``alerts``/``anomaly_updates`` takes ``anomaly_ids`` of anomalies whose window grew or
 closed; ``alerts``/``viral`` takes ``event_ids`` of posts the virality model scored
-high (dispatch records ``viral:<id>``, written before the scores commit: ``record``)."""
+high (dispatch records ``viral:<id>``, written before the scores commit: ``record``);
+``notify``/``slack_digest`` takes ``channel_id``: the alerts folded into a Slack
+channel's digest, sent as one message."""
 
 NEXT_STAGE = dict(itertools.pairwise(STAGES))
 """The stage after each stage but the last (``STAGES`` is in flow order)."""

@@ -20,6 +20,7 @@ DETECT = "detect"
 ANOMALIES = "anomalies"
 INFERENCE = "inference"
 ALERTS = "alerts"
+NOTIFY = "notify"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +50,15 @@ QUEUES: tuple[QueueSpec, ...] = (
         stage=False,
     ),
     QueueSpec(ALERTS, "alert rules, claims, persistence and the live push", stage=True),
+    QueueSpec(
+        NOTIFY,
+        "delivery to Slack, email and signed webhooks: slow remote calls, retried for a day",
+        stage=False,
+    ),
 )
-"""Every queue, in the order of the flow (the dashboard shows them so). Outgoing
-delivery (``notify``: Slack, email, webhooks) gets its queue here with its tasks."""
+"""Every queue, in the order of the flow (the dashboard shows them so). ``notify`` is
+a branch off ``alerts``: one task per (alert, channel) delivery, so a slow or failing
+receiver never delays the WebSocket push or another channel."""
 
 NAMES: tuple[str, ...] = tuple(queue.name for queue in QUEUES)
 """The queue names, in flow order."""

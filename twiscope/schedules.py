@@ -31,4 +31,5 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "options": {"expires": 25},
     },
     "alerts.sweep": {"task": "alerts.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
+    "notify.sweep": {"task": "notify.sweep", "schedule": SWEEP_EVERY_S, "options": {"expires": 14}},
 }

@@ -353,6 +353,33 @@ WEBHOOK_MAX_BYTES: int = env.int("WEBHOOK_MAX_BYTES", default=1024 * 1024)
 WEBHOOK_MAX_EVENTS: int = env.int("WEBHOOK_MAX_EVENTS", default=1000)
 WEBHOOK_TOLERANCE_S: int = env.int("WEBHOOK_TOLERANCE_S", default=300)
 
+# --- Delivery (notify) -------------------------------------------------------------------
+# The dashboard's public base URL: Slack messages and emails link to an alert there.
+PUBLIC_BASE_URL: str = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
+# Seconds one outgoing webhook or Slack call may take (connect and read, each); the
+# channel test-send of the API uses DELIVERY_TEST_TIMEOUT_S so a request stays short.
+DELIVERY_TIMEOUT_S: float = env.float("DELIVERY_TIMEOUT_S", default=10.0)
+DELIVERY_TEST_TIMEOUT_S: float = env.float("DELIVERY_TEST_TIMEOUT_S", default=5.0)
+# Tries of one delivery before it is marked failed, and the backoff between them:
+# full jitter, uniform in [0, min(MAX, BASE x 2^n)] s before try n+1 (alerts/delivery.py);
+# with the defaults the tries spread over about a day (expected ~20 h, at most ~40 h).
+DELIVERY_MAX_ATTEMPTS: int = env.int("DELIVERY_MAX_ATTEMPTS", default=15)
+DELIVERY_BACKOFF_BASE_S: float = env.float("DELIVERY_BACKOFF_BASE_S", default=15.0)
+DELIVERY_BACKOFF_MAX_S: float = env.float("DELIVERY_BACKOFF_MAX_S", default=8 * 3600.0)
+# Consecutive failed tries after which a channel shows as failing (its `health`).
+DELIVERY_FAILING_AFTER: int = env.int("DELIVERY_FAILING_AFTER", default=3)
+# Email: Django's SMTP backend, configured from the environment. EMAIL_TIMEOUT bounds
+# every SMTP call (Django's default waits for ever).
+EMAIL_BACKEND: str = env.str("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST: str = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT: int = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER: str = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD: str = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS: bool = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_USE_SSL: bool = env.bool("EMAIL_USE_SSL", default=False)
+EMAIL_TIMEOUT: float = env.float("EMAIL_TIMEOUT", default=10.0)
+DEFAULT_FROM_EMAIL: str = env.str("DEFAULT_FROM_EMAIL", default="twiscope@localhost")
+
 # --- Search -----------------------------------------------------------------------------
 # The class answering `q` on /api/events/ (ingest.search.SearchBackend): a dotted path.
 SEARCH_BACKEND: str = env.str("SEARCH_BACKEND", default="ingest.search.PostgresSearch")

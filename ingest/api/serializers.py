@@ -25,7 +25,7 @@ from ingest.sources.rss.adapter import (
 )
 from ingest.sources.telegram import adapter as tg_adapter
 from ingest.sources.x import adapter as x_adapter
-from teams.api.base import StrictModelSerializer, limit_to_owned_teams
+from teams.api.base import StrictModelSerializer, limit_to_owned_teams, refuse_changes
 from teams.models import Team
 
 API_KINDS = (Source.Kind.RSS, Source.Kind.WEBHOOK, Source.Kind.X, Source.Kind.TELEGRAM)
@@ -119,9 +119,7 @@ class SourceSerializer(StrictModelSerializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if self.instance is not None:
-            for name in ("team", "kind"):
-                if name in attrs and attrs[name] != getattr(self.instance, name):
-                    raise serializers.ValidationError({name: "cannot change once created"})
+            refuse_changes(attrs, self.instance, "team", "kind")
             kind = self.instance.kind
         else:
             if "team" not in attrs:

@@ -39,6 +39,7 @@ from teams.api.serializers import (
     StrictModelSerializer,
     check_team_and_source,
     limit_to_owned_teams,
+    refuse_changes,
 )
 from teams.selectors import owned_team_ids_for, team_ids_for
 
@@ -64,6 +65,7 @@ __all__ = [
     "check_team_and_source",
     "in_callers_teams",
     "limit_to_owned_teams",
+    "refuse_changes",
     "refuse_unknown_query_params",
 ]
 

@@ -80,6 +80,18 @@ def limit_to_owned_teams(
             serializer.fields[name].queryset = queryset.filter(team_id__in=owned)  # type: ignore[attr-defined]
 
 
+def refuse_changes(attrs: dict[str, Any], instance: Any, *names: str) -> None:
+    """Refuse, as field errors, a change of any of ``names`` (fields fixed once an
+    object is created, e.g. ``team`` and ``kind``) on an update of ``instance``.
+
+    Raises:
+        serializers.ValidationError: ``{name: "cannot change once created"}``.
+    """
+    for name in names:
+        if name in attrs and attrs[name] != getattr(instance, name):
+            raise serializers.ValidationError({name: "cannot change once created"})
+
+
 def check_team_and_source(attrs: dict[str, Any], instance: Any, noun: str) -> Team | None:
     """The team of a validated object that belongs to a team and may name a source of it
     (an alert rule, a watch): refuses moving ``instance`` to another team and a source
