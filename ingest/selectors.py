@@ -626,7 +626,7 @@ WITH w AS MATERIALIZED (
     FROM jsonb_array_elements(%(windows)s::jsonb) AS j(v)
 ), hits AS MATERIALIZED (
     SELECT w.key, w.bucket_s, e.created_at >= w.start AS in_window, e.id, e.created_at,
-           e.text, e.author_id, e.author_handle, e.author_name, e.sentiment_label,
+           e.author_id, e.author_handle, e.author_name, e.sentiment_label,
            e.virality_score, e.hashtags, e.mentions, e.cashtags, e.keywords,
            COALESCE(CASE WHEN jsonb_typeof(e.metrics->'reposts') = 'number'
                          THEN (e.metrics->>'reposts')::float8 END, 0)
@@ -676,9 +676,10 @@ SELECT 'n', key, NULL, count(*), NULL, NULL, NULL, NULL FROM hits WHERE in_windo
 _EXPLAIN_EVIDENCE_SQL = (
     _EXPLAIN_WINDOWS_CTE
     + """
-SELECT key, why, id, text,
-       COALESCE('@' || NULLIF(author_handle, ''), NULLIF(author_name, ''), author_id),
-       created_at
+SELECT picked.key, picked.why, picked.id, e.text,
+       COALESCE('@' || NULLIF(picked.author_handle, ''), NULLIF(picked.author_name, ''),
+                picked.author_id),
+       picked.created_at
 FROM (
     SELECT h.*, 'first' AS why, 1 AS pos,
            row_number() OVER (PARTITION BY key ORDER BY created_at, id) AS rank
@@ -692,8 +693,9 @@ FROM (
            row_number() OVER (PARTITION BY key ORDER BY created_at DESC, id DESC)
     FROM hits h WHERE in_window
 ) AS picked
-WHERE rank = 1
-ORDER BY key, pos
+JOIN ingest_event e ON e.id = picked.id AND e.created_at = picked.created_at  -- their text
+WHERE picked.rank = 1
+ORDER BY picked.key, picked.pos
 """
 )
 

@@ -28,6 +28,7 @@ from tests import factories
 from tests.factories import ORIGIN, Personas
 from tests.test_anomaly_stage import BUCKET_MIN, SPIKE_BUCKET, advance_all, souring, stream
 from tests.test_api import client_for
+from tests.test_pipeline import accelerating_flood
 from tests.test_predictions_resolve import predicted_flood_alert
 from tests.test_story_alerts_once import make_trend
 from tests.test_viral_alerts import post, score
@@ -123,6 +124,30 @@ def test_a_predicted_trend_says_its_measure_is_projected_and_gives_the_count_so_
     # #flood is everyday vocabulary: 3 posts in each of the six buckets before.
     assert [p["value"] for p in why["series"][-7:-1]] == [3.0] * 6
     assert why["top_terms"][0] == {"term": "#flood", "count": trend.events}
+    assert_shape(why, personas)  # type: ignore[arg-type]
+
+
+def test_a_confirmed_prediction_is_explained_by_its_count_not_its_projection() -> None:
+    personas, alert = predicted_flood_alert()
+    source = alert.trend.source if alert.trend else None
+    assert source is not None
+    _, later = accelerating_flood()
+    factories.run_through(source, later)
+    confirmed = list(
+        Trend.objects.filter(term="#flood", confirmed_at__isnull=False).values_list("id", flat=True)
+    )
+    with TestCase.captureOnCommitCallbacks(execute=False):
+        assert evaluation.confirm_trends(trend_ids=confirmed) == [alert.id]
+    alert.refresh_from_db()
+    trend = Trend.objects.get(id__in=confirmed)
+    why = alert.explanation
+    assert why is not None
+
+    assert why["measure"] == "posts per 15 min holding '#flood' in archive"
+    assert "so_far" not in why and "projected" not in why
+    # Six early posts and fourteen later ones, all in the bucket.
+    assert why["value"] == trend.events == 20
+    assert why["top_terms"][0] == {"term": "#flood", "count": 20}
     assert_shape(why, personas)  # type: ignore[arg-type]
 
 
