@@ -250,8 +250,9 @@ def _story_alerts(keys: set[tuple[int, int]]) -> dict[tuple[int, int], int]:
     return {(rule_id, story_id): alert_id for rule_id, story_id, alert_id in returned}
 
 
-AlertRow = tuple[AlertRule, int, str, str, datetime, datetime, int | None]
-"""``(rule, target id, title, evidence JSON, event received, event created, story id)``."""
+AlertRow = tuple[AlertRule, int, str, str, str, datetime, datetime, int | None]
+"""``(rule, target id, title, evidence JSON, explanation JSON, event received, event
+created, story id)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +292,7 @@ def insert_alerts(
     if stories:
         _lock_seqs({rule.team_id for rule, *_ in firing})
         taken = _story_alerts(stories)
-        firing = [row for row in firing if (row[0].id, row[6]) not in taken]
+        firing = [row for row in firing if (row[0].id, row[7]) not in taken]
     counts: dict[int, int] = defaultdict(int)
     for rule, *_ in firing:
         counts[rule.team_id] += 1
@@ -300,7 +301,7 @@ def insert_alerts(
     next_seq = _next_seqs(counts)
     now = timezone.now()
     rows = []
-    for rule, target_id, title, evidence, received_at, created_at, story_id in firing:
+    for rule, target_id, title, evidence, explanation, received_at, created_at, story_id in firing:
         seq = next_seq[rule.team_id]
         next_seq[rule.team_id] += 1
         rows.append(
@@ -313,6 +314,7 @@ def insert_alerts(
                 title,
                 rule.severity,
                 evidence,
+                explanation,
                 received_at,
                 created_at,
                 now,
@@ -324,13 +326,13 @@ def insert_alerts(
             f"""
             INSERT INTO alerts_alert (
                 team_id, rule_id, {target}, story_id, seq, title, severity, evidence,
-                event_received_at, event_created_at, created_at
+                explanation, event_received_at, event_created_at, created_at
             ) VALUES %s
             ON CONFLICT DO NOTHING
             RETURNING id
             """,
             rows,
-            template="(%s, %s, %s, %s::bigint, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+            template="(%s, %s, %s, %s::bigint, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s)",
             fetch=True,
             page_size=max(len(rows), 1),
         )

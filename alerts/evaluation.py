@@ -13,8 +13,9 @@ whatever the batch's size (the claims: ``alerts.claims``):
    rule alerts on a term of a source once per bucket, and again only ``cooldown_s``
    after the bucket it last alerted on;
 4. take each team's next sequence numbers (``AlertSequence``: one UPDATE);
-5. insert the alerts (one conflict-ignore insert), record their deliveries to the
-   rules' channels (``alerts.delivery.schedule``), and push them after commit.
+5. explain the alerts (``alerts.explain``: one read for the batch), insert them (one
+   conflict-ignore insert), record their deliveries to the rules' channels
+   (``alerts.delivery.schedule``), and push them after commit.
 
 Trends, stories and anomalies come from ``mlengine.facade`` as frozen dataclasses; a
 trend alert keeps its story's id as a plain value (``Alert.story_id``, from
@@ -34,7 +35,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from alerts import claims, delivery, lifecycle, push
+from alerts import claims, delivery, explain, lifecycle, push
 from alerts.models import Alert, AlertRule, AnomalyCheck
 from ingest import virality_reads as ingest_virality_reads
 from mlengine import facade
@@ -187,7 +188,9 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
     latest member's (in order of detection); the rest of the story (label, forecast,
     ``updated_by``, ``predicted``) and the title are the latest member's when it is no
     older (event time) than the alert's evidence, so a member that joins late, out of
-    order, never takes the story back; ``updated_at`` is now. An alert at rest
+    order, never takes the story back, and so is the ``explanation``, recomputed for
+    that member (``alerts.explain.for_trends``, one read for the batch); ``updated_at``
+    is now. An alert at rest
     (resolved, or snoozed) whose story grew past its forecast or doubled re-opens
     (``alerts.lifecycle.escalate``: state, severity, an ``escalated`` activity entry).
     """
@@ -205,6 +208,17 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
     now = timezone.now()
     updated = []
     latest_events: dict[int, int] = {}
+    rules = {rule.id: rule for rule, _ in joining}
+    explanations = explain.for_trends(
+        [
+            (rules[alert.rule_id], latest[(alert.rule_id, alert.story_id)])
+            for alert in alerts
+            if alert.story_id is not None
+            and (alert.rule_id, alert.story_id) in latest
+            and latest[(alert.rule_id, alert.story_id)].evidence_created_at
+            >= alert.event_created_at
+        ]
+    )
     for alert in alerts:
         story_id = alert.story_id
         member = latest.get((alert.rule_id, story_id)) if story_id is not None else None
@@ -216,10 +230,11 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
         if member.evidence_created_at >= alert.event_created_at:
             alert.evidence = {**alert.evidence, "story": {**story, "terms": terms}}
             alert.title = _title(member, events=max(member.events, alert.evidence.get("events", 0)))
+            alert.explanation = explanations.get((alert.rule_id, member.id), alert.explanation)
         else:
             alert.evidence = {**alert.evidence, "story": {**shown, "terms": terms}}
         alert.updated_at = now
-        alert.save(update_fields=["evidence", "title", "updated_at"])
+        alert.save(update_fields=["evidence", "title", "explanation", "updated_at"])
         updated.append(alert.id)
         latest_events[alert.id] = member.events
     lifecycle.escalate([a for a in alerts if a.id in latest_events], latest_events, now)
@@ -228,7 +243,8 @@ def _update_story_alerts(joining: list[Pair]) -> list[int]:
 
 def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
     """Predicted trends came true: each alert of their stories that still shows a
-    prediction is updated (title, ``evidence.story.predicted`` false, ``updated_at``) and
+    prediction is updated (title, ``evidence.story.predicted`` false, its
+    ``explanation`` recomputed without the projection, ``updated_at``) and
     pushed as ``alert.updated`` after commit; returns the ids of the alerts updated. A
     redelivered call finds nothing left to update."""
     confirmed = [t for t in facade.trends(trend_ids) if not t.is_prediction]
@@ -238,24 +254,31 @@ def confirm_trends(*, trend_ids: Sequence[int]) -> list[int]:
     updated = []
     now = timezone.now()
     with transaction.atomic():
-        alerts = (
-            Alert.objects.select_for_update().filter(story_id__in=list(by_story)).order_by("id")
+        alerts = [
+            alert
+            for alert in Alert.objects.select_for_update(of=("self",))
+            .select_related("rule")
+            .filter(story_id__in=list(by_story))
+            .order_by("id")
+            if (alert.evidence.get("story") or {}).get("predicted")
+            and alert.story_id is not None
+            and alert.story_id in by_story
+        ]
+        explanations = explain.for_trends(
+            [(alert.rule, by_story[alert.story_id]) for alert in alerts if alert.story_id]
         )
         for alert in alerts:
             story = alert.evidence.get("story") or {}
-            if not story.get("predicted"):
-                continue
-            story_id = alert.story_id
-            trend = by_story.get(story_id) if story_id is not None else None
-            if trend is None:
-                continue
+            assert alert.story_id is not None
+            trend = by_story[alert.story_id]
             alert.evidence = {
                 **alert.evidence,
                 "story": {**story, "predicted": False, "prediction": "confirmed"},
             }
             alert.title = _title(trend, events=max(trend.events, alert.evidence.get("events", 0)))
+            alert.explanation = explanations.get((alert.rule_id, trend.id), alert.explanation)
             alert.updated_at = now
-            alert.save(update_fields=["evidence", "title", "updated_at"])
+            alert.save(update_fields=["evidence", "title", "explanation", "updated_at"])
             updated.append(alert.id)
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
@@ -361,6 +384,7 @@ def _create_alerts(firing: list[Pair]) -> claims.Inserted:
     """Insert one alert per ``(rule, trend)`` with consecutive per-team ``seq``, each with
     its story's id (``alerts.claims.insert_alerts``: a pair whose story the rule alerted
     on meanwhile is not inserted but reported in ``taken``)."""
+    explanations = explain.for_trends(firing)
     return claims.insert_alerts(
         "trend_id",
         [
@@ -369,6 +393,7 @@ def _create_alerts(firing: list[Pair]) -> claims.Inserted:
                 t.id,
                 _title(t),
                 _evidence(t),
+                _json(explanations[(rule.id, t.id)]),
                 t.evidence_received_at,
                 t.evidence_created_at,
                 t.story_id,
@@ -376,6 +401,10 @@ def _create_alerts(firing: list[Pair]) -> claims.Inserted:
             for rule, t in firing
         ],
     )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _evidence(trend: facade.TrendView) -> str:
@@ -482,10 +511,15 @@ def _fmt_band(anomaly: facade.AnomalyView) -> str:
 
 
 def _anomaly_title(anomaly: facade.AnomalyView) -> str:
-    """ "Anomaly: <series> in <source>: <value> (expected <low>–<high>), <score>σ"."""
+    """The anomaly and its band in words: "Anomaly: <series> in <source>: <value> posts
+    in <bucket>, expected <low>–<high> (score <score>)", or for the negative share
+    "<value> of posts negative in <bucket>, expected <low>–<high> (score <score>)"."""
+    per = explain.bucket_words(anomaly.bucket_s)
+    what = "of posts negative" if anomaly.kind == "negative_share" else "posts"
     return (
         f"Anomaly: {_series_label(anomaly)} in {anomaly.source_name}: "
-        f"{_fmt(anomaly, anomaly.value)} (expected {_fmt_band(anomaly)}), {anomaly.score:.1f}σ"
+        f"{_fmt(anomaly, anomaly.value)} {what} in {per}, expected {_fmt_band(anomaly)} "
+        f"(score {anomaly.score:.1f})"
     )[:300]
 
 
@@ -521,10 +555,10 @@ def _anomaly_evidence(anomaly: facade.AnomalyView) -> str:
 
 def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
     """Anomalies whose window grew, whose peak rose, or that closed: each of their alerts
-    whose evidence no longer says what the anomaly says is updated (title, evidence,
-    ``updated_at``) and pushed as ``alert.updated`` after commit; returns the ids of
-    the alerts updated. The alerts are locked in id order; a redelivered call finds
-    nothing left to update.
+    whose evidence or explanation no longer says what the anomaly says is updated
+    (title, evidence, ``explanation``, ``updated_at``) and pushed as ``alert.updated``
+    after commit; returns the ids of the alerts updated. The alerts are locked in id
+    order; a redelivered call finds nothing left to update.
 
     A peak that rose may now pass a rule that the anomaly did not pass when it opened (a
     burst whose first bucket held 3 posts and its second 40, against ``min_peak`` 5):
@@ -536,17 +570,30 @@ def update_anomaly_alerts(*, anomaly_ids: Sequence[int]) -> list[int]:
     updated = []
     now = timezone.now()
     with transaction.atomic():
-        for alert in (
-            Alert.objects.select_for_update().filter(anomaly_id__in=list(found)).order_by("id")
-        ):
+        alerts = list(
+            Alert.objects.select_for_update(of=("self",))
+            .select_related("rule")
+            .filter(anomaly_id__in=list(found))
+            .order_by("id")
+        )
+        explanations = explain.for_anomalies(
+            [(alert.rule, found[alert.anomaly_id]) for alert in alerts if alert.anomaly_id]
+        )
+        for alert in alerts:
             assert alert.anomaly_id is not None
             anomaly = found[alert.anomaly_id]
             evidence = json.loads(_anomaly_evidence(anomaly))
             title = _anomaly_title(anomaly)
-            if alert.evidence == evidence and alert.title == title:
+            explanation = explanations[(alert.rule_id, anomaly.id)]
+            if (
+                alert.evidence == evidence
+                and alert.title == title
+                and alert.explanation == explanation
+            ):
                 continue
             alert.evidence, alert.title, alert.updated_at = evidence, title, now
-            alert.save(update_fields=["evidence", "title", "updated_at"])
+            alert.explanation = explanation
+            alert.save(update_fields=["evidence", "title", "explanation", "updated_at"])
             updated.append(alert.id)
         if updated:
             transaction.on_commit(lambda: push.push_updates(alert_ids=updated))
@@ -601,6 +648,7 @@ def _fire_late(anomalies: list[facade.AnomalyView]) -> list[int]:
 def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -> list[int]:
     """Insert one alert per ``(rule, anomaly)`` with consecutive per-team ``seq``; return
     their ids (one statement; a pair already alerted is skipped)."""
+    explanations = explain.for_anomalies(firing)
     return claims.insert_alerts(
         "anomaly_id",
         [
@@ -609,6 +657,7 @@ def _create_anomaly_alerts(firing: list[tuple[AlertRule, facade.AnomalyView]]) -
                 a.id,
                 _anomaly_title(a),
                 _anomaly_evidence(a),
+                _json(explanations[(rule.id, a.id)]),
                 a.evidence_received_at,
                 a.evidence_created_at,
                 None,
@@ -662,6 +711,8 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
                 for rule, p in pairs
             ]
         )
+        winners = [(rule, p) for rule, p in pairs if (rule.id, p.id) in won]
+        explanations = explain.for_posts(winners)
         created = claims.insert_alerts(
             "event_id",
             [
@@ -670,12 +721,12 @@ def evaluate_viral(*, event_ids: Sequence[int]) -> list[int]:
                     p.id,
                     _viral_title(p),
                     _viral_evidence(p),
+                    _json(explanations[(rule.id, p.id)]),
                     p.received_at,
                     p.created_at,
                     None,
                 )
-                for rule, p in pairs
-                if (rule.id, p.id) in won
+                for rule, p in winners
             ],
         ).ids
         if created:

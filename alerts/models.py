@@ -169,6 +169,15 @@ class Alert(models.Model):
     title = models.CharField(max_length=300)
     severity = models.CharField(max_length=10, choices=Severity.choices)
     evidence = models.JSONField(default=dict)
+    explanation = models.JSONField(
+        null=True,
+        blank=True,
+        help_text=(
+            "Why it fired (alerts.explain): measure, value, baseline, threshold, score, "
+            "window, series, top terms and authors, evidence posts. Null on alerts "
+            "fired before explanations existed."
+        ),
+    )
     event_received_at = models.DateTimeField()
     event_created_at = models.DateTimeField()
     created_at = models.DateTimeField()

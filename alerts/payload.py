@@ -46,7 +46,8 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
 
     Keys: ``id``, ``team``, ``seq``, ``rule`` (``{"id", "name"}``), ``title``,
     ``severity``, ``trend`` (id or None), ``anomaly`` (id or None), ``event`` (the post
-    of a "viral_post" alert: id or None), ``evidence``, ``event_received_at``,
+    of a "viral_post" alert: id or None), ``evidence``, ``explanation`` (why it fired,
+    ``alerts.explain``; None on alerts older than explanations), ``event_received_at``,
     ``event_created_at``, ``created_at``, ``pushed_at``, ``updated_at`` (ISO 8601, UTC,
     or None), ``latency_ms``, and its lifecycle: ``state``, ``noise_reason``,
     ``assignee`` (``{"id", "username"}`` or None), ``snoozed_until`` and ``activity``
@@ -65,6 +66,7 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
         "anomaly": alert.anomaly_id,
         "event": alert.event_id,
         "evidence": alert.evidence,
+        "explanation": alert.explanation,
         "event_received_at": iso(alert.event_received_at),
         "event_created_at": iso(alert.event_created_at),
         "created_at": iso(alert.created_at),

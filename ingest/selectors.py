@@ -547,3 +547,209 @@ def newest_event_time(team_ids: QuerySet[Any, Any], *, not_after: datetime) -> d
         .aggregate(latest=Max("newest"))["latest"]
     )
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainWindow:
+    """What to read for one alert's explanation (``explain_windows``).
+
+    The posts of ``source_id`` holding any of ``terms`` (as a hashtag, mention, cashtag
+    or keyword; ``None``: every post of the source), parked ones left out. ``series_since``
+    to ``until`` (event time) is counted per ``bucket_s`` bucket; ``start`` to ``until``
+    is the alert's window, whose top terms, authors and evidence posts are read.
+    ``until`` is inclusive: the event time of the detection. ``key`` names the window in
+    the answer.
+    """
+
+    key: str
+    source_id: int
+    terms: tuple[str, ...] | None
+    series_since: datetime
+    start: datetime
+    until: datetime
+    bucket_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainBucket:
+    """One bucket of an ``ExplainWindow``'s series: ``events``, how many carry a
+    sentiment label (``labelled``), how many are labelled negative, and the highest
+    P(viral) among its scored posts (``max_virality``; None: none scored)."""
+
+    events: int
+    negative: int
+    labelled: int
+    max_virality: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainPost:
+    """An evidence post: ``id`` (the event's id), ``text``, ``author`` ("@handle", else
+    the name, else the author id, else ""), ``created_at`` (event time) and ``why``:
+    "first", "most_engaged" (most reposts + likes + replies at ingest) or "latest" of
+    the window."""
+
+    id: int
+    text: str
+    author: str
+    created_at: datetime
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainReads:
+    """What ``explain_windows`` read for one window: ``buckets`` ``{bucket start (epoch
+    s): ExplainBucket}`` (empty buckets absent), ``posts`` in the window, its
+    ``top_terms`` (up to 10 ``(term, posts)``, most first), ``top_authors`` (up to 5
+    ``(author, posts)``, most first) and ``evidence`` (up to 3 posts: first, most
+    engaged, latest; a post that is more than one of them is listed once, as the first
+    that names it)."""
+
+    buckets: dict[int, ExplainBucket]
+    posts: int
+    top_terms: list[tuple[str, int]]
+    top_authors: list[tuple[str, int]]
+    evidence: list[ExplainPost]
+
+
+_EXPLAIN_WINDOWS_CTE = """
+WITH w AS MATERIALIZED (
+    SELECT v->>'key' AS key, (v->>'source')::bigint AS source,
+           jsonb_typeof(v->'terms') = 'null' AS every_post,
+           ARRAY(SELECT jsonb_array_elements_text(
+                 CASE WHEN jsonb_typeof(v->'terms') = 'array' THEN v->'terms' ELSE '[]' END
+           ))::varchar[] AS terms,
+           (v->>'series_since')::timestamptz AS series_since,
+           (v->>'start')::timestamptz AS start,
+           (v->>'until')::timestamptz AS until,
+           (v->>'bucket_s')::bigint AS bucket_s
+    FROM jsonb_array_elements(%(windows)s::jsonb) AS j(v)
+), hits AS MATERIALIZED (
+    SELECT w.key, w.bucket_s, e.created_at >= w.start AS in_window, e.id, e.created_at,
+           e.author_id, e.author_handle, e.author_name, e.sentiment_label,
+           e.virality_score, e.hashtags, e.mentions, e.cashtags, e.keywords,
+           COALESCE(CASE WHEN jsonb_typeof(e.metrics->'reposts') = 'number'
+                         THEN (e.metrics->>'reposts')::float8 END, 0)
+           + COALESCE(CASE WHEN jsonb_typeof(e.metrics->'likes') = 'number'
+                           THEN (e.metrics->>'likes')::float8 END, 0)
+           + COALESCE(CASE WHEN jsonb_typeof(e.metrics->'replies') = 'number'
+                           THEN (e.metrics->>'replies')::float8 END, 0) AS engagement
+    FROM w JOIN ingest_event e
+      ON e.source_id = w.source AND e.created_at >= w.series_since
+         AND e.created_at <= w.until AND e.parked_at IS NULL
+         AND (w.every_post OR e.hashtags && w.terms OR e.mentions && w.terms
+              OR e.cashtags && w.terms OR e.keywords && w.terms)
+)
+"""
+
+_EXPLAIN_BUCKETS_SQL = (
+    _EXPLAIN_WINDOWS_CTE
+    + """
+SELECT 'b', key, floor(extract(epoch FROM created_at) / bucket_s)::bigint * bucket_s,
+       count(*), count(*) FILTER (WHERE sentiment_label = 'negative'),
+       count(*) FILTER (WHERE sentiment_label <> ''), max(virality_score), NULL
+FROM hits GROUP BY 2, 3
+UNION ALL
+SELECT 't', key, NULL, n, NULL, NULL, NULL, term FROM (
+    SELECT key, term, count(*) AS n,
+           row_number() OVER (PARTITION BY key ORDER BY count(*) DESC, term) AS rank
+    FROM (SELECT DISTINCT h.key, h.id, t.term
+          FROM hits h, unnest(h.hashtags || h.mentions || h.cashtags || h.keywords) AS t(term)
+          WHERE h.in_window) AS terms
+    GROUP BY key, term
+) AS ranked WHERE rank <= 10
+UNION ALL
+SELECT 'a', key, NULL, n, NULL, NULL, NULL, author FROM (
+    SELECT key, author, count(*) AS n,
+           row_number() OVER (PARTITION BY key ORDER BY count(*) DESC, author) AS rank
+    FROM (SELECT key, COALESCE('@' || NULLIF(author_handle, ''), NULLIF(author_name, ''),
+                               NULLIF(author_id, '')) AS author
+          FROM hits WHERE in_window) AS authors
+    WHERE author IS NOT NULL
+    GROUP BY key, author
+) AS ranked WHERE rank <= 5
+UNION ALL
+SELECT 'n', key, NULL, count(*), NULL, NULL, NULL, NULL FROM hits WHERE in_window GROUP BY key
+"""
+)
+
+_EXPLAIN_EVIDENCE_SQL = (
+    _EXPLAIN_WINDOWS_CTE
+    + """
+SELECT picked.key, picked.why, picked.id, e.text,
+       COALESCE('@' || NULLIF(picked.author_handle, ''), NULLIF(picked.author_name, ''),
+                picked.author_id),
+       picked.created_at
+FROM (
+    SELECT h.*, 'first' AS why, 1 AS pos,
+           row_number() OVER (PARTITION BY key ORDER BY created_at, id) AS rank
+    FROM hits h WHERE in_window
+    UNION ALL
+    SELECT h.*, 'most_engaged', 2,
+           row_number() OVER (PARTITION BY key ORDER BY engagement DESC, created_at, id)
+    FROM hits h WHERE in_window AND engagement > 0
+    UNION ALL
+    SELECT h.*, 'latest', 3,
+           row_number() OVER (PARTITION BY key ORDER BY created_at DESC, id DESC)
+    FROM hits h WHERE in_window
+) AS picked
+JOIN ingest_event e ON e.id = picked.id AND e.created_at = picked.created_at  -- their text
+WHERE picked.rank = 1
+ORDER BY picked.key, picked.pos
+"""
+)
+
+
+def explain_windows(windows: Sequence[ExplainWindow]) -> dict[str, ExplainReads]:
+    """For each of ``windows``, its series counts, top terms and authors and evidence
+    posts: ``{window key: ExplainReads}`` (every key present, empty when no post). Two
+    queries, whatever the number of windows (the windows travel as one JSON parameter).
+    Read only."""
+    if not windows:
+        return {}
+    params = {
+        "windows": json.dumps(
+            [
+                {
+                    "key": w.key,
+                    "source": w.source_id,
+                    "terms": None if w.terms is None else list(w.terms),
+                    "series_since": w.series_since.isoformat(),
+                    "start": w.start.isoformat(),
+                    "until": w.until.isoformat(),
+                    "bucket_s": w.bucket_s,
+                }
+                for w in windows
+            ]
+        )
+    }
+    buckets: dict[str, dict[int, ExplainBucket]] = {w.key: {} for w in windows}
+    terms: dict[str, list[tuple[str, int]]] = {w.key: [] for w in windows}
+    authors: dict[str, list[tuple[str, int]]] = {w.key: [] for w in windows}
+    posts: dict[str, int] = dict.fromkeys(buckets, 0)
+    evidence: dict[str, list[ExplainPost]] = {w.key: [] for w in windows}
+    with connection.cursor() as cursor:
+        cursor.execute(_EXPLAIN_BUCKETS_SQL, params)
+        for part, key, start, n, negative, labelled, top, label in cursor.fetchall():
+            if part == "b":
+                buckets[key][int(start)] = ExplainBucket(int(n), int(negative), int(labelled), top)
+            elif part == "t":
+                terms[key].append((str(label), int(n)))
+            elif part == "a":
+                authors[key].append((str(label), int(n)))
+            else:
+                posts[key] = int(n)
+        cursor.execute(_EXPLAIN_EVIDENCE_SQL, params)
+        for key, why, id_, text, author, created_at in cursor.fetchall():
+            if all(p.id != id_ for p in evidence[key]):
+                evidence[key].append(ExplainPost(id_, text, author or "", created_at, why))
+    return {
+        key: ExplainReads(
+            buckets=buckets[key],
+            posts=posts[key],
+            top_terms=sorted(terms[key], key=lambda t: (-t[1], t[0])),
+            top_authors=sorted(authors[key], key=lambda a: (-a[1], a[0])),
+            evidence=evidence[key],
+        )
+        for key in buckets
+    }

@@ -16,8 +16,11 @@ from django.db.models import Q, QuerySet, Sum
 
 from mlengine.inference import encoder, heads, scoring, training, virality_model
 from mlengine.models import Anomaly, Trend
+from mlengine.trends.detector import TrendParams
 
 __all__ = [
+    "TREND_MIN_EVENTS",
+    "TREND_MIN_SCORE",
     "VIRAL_ALERT_MIN_SCORE",
     "AnomalyView",
     "Cursor",
@@ -45,6 +48,11 @@ scoring_stats = scoring.scoring_stats
 VIRAL_ALERT_MIN_SCORE = virality_model.ALERT_MIN_SCORE
 """The least P(viral) a "viral_post" alert rule may ask for: posts scored lower never
 reach the alerts stage."""
+TREND_MIN_SCORE = TrendParams().min_score
+"""The least score (Poisson σ above the baseline) at which the trend detector reports a
+term: with ``TREND_MIN_EVENTS``, the threshold an alert's explanation shows."""
+TREND_MIN_EVENTS = TrendParams().min_events
+"""The least posts in a bucket at which the trend detector reports a term."""
 
 
 @dataclass(frozen=True, slots=True)

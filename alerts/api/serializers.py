@@ -57,8 +57,82 @@ class ActivitySerializer(serializers.Serializer[Any]):
     detail = serializers.CharField(read_only=True)
 
 
+class ExplanationWindowSerializer(serializers.Serializer[Any]):
+    """An explanation's window in event time: ``start`` and ``end`` (ISO 8601, UTC)."""
+
+    start = serializers.DateTimeField(read_only=True)
+    end = serializers.DateTimeField(read_only=True)
+
+
+class ExplanationPointSerializer(serializers.Serializer[Any]):
+    """One bucket of an explanation's series: its start ``t`` (ISO 8601, UTC), the
+    measure's ``value`` and ``baseline`` (null where the bucket has nothing to measure,
+    e.g. a share with no labelled post, or no baseline yet)."""
+
+    t = serializers.DateTimeField(read_only=True)
+    value = serializers.FloatField(read_only=True, allow_null=True)
+    baseline = serializers.FloatField(read_only=True, allow_null=True)
+
+
+class ExplanationTermSerializer(serializers.Serializer[Any]):
+    """A term of the window's posts and how many of them hold it."""
+
+    term = serializers.CharField(read_only=True)
+    count = serializers.IntegerField(read_only=True)
+
+
+class ExplanationAuthorSerializer(serializers.Serializer[Any]):
+    """An author of the window's posts: ``handle`` ("@handle", else the name or id),
+    ``posts`` and ``share`` of the window's posts (0–1)."""
+
+    handle = serializers.CharField(read_only=True)
+    posts = serializers.IntegerField(read_only=True)
+    share = serializers.FloatField(read_only=True)
+
+
+class ExplanationPostSerializer(serializers.Serializer[Any]):
+    """An evidence post: ``event`` (its id in ``/api/events/``), ``text``, ``author``,
+    ``created_at`` (event time) and ``why`` it was picked."""
+
+    event = serializers.IntegerField(read_only=True)
+    text = serializers.CharField(read_only=True)
+    author = serializers.CharField(read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    why = serializers.ChoiceField(choices=["first", "most_engaged", "latest"], read_only=True)
+
+
+class ExplanationBandSerializer(serializers.Serializer[Any]):
+    """An anomaly's band at its peak: ``low`` and ``high`` (null before a baseline)."""
+
+    low = serializers.FloatField(read_only=True, allow_null=True)
+    high = serializers.FloatField(read_only=True, allow_null=True)
+
+
+class ExplanationSerializer(serializers.Serializer[Any]):
+    """Why an alert fired (``alerts.explain``), computed in the pipeline when it fired
+    and when its story or anomaly changed. ``value``, ``baseline`` and ``threshold``
+    share the unit of ``measure`` (posts per bucket, a share 0–1, or P(viral));
+    ``so_far`` and ``projected`` only on a prediction, ``band`` only on an anomaly."""
+
+    measure = serializers.CharField(read_only=True)
+    value = serializers.FloatField(read_only=True)
+    baseline = serializers.FloatField(read_only=True, allow_null=True)
+    threshold = serializers.FloatField(read_only=True, allow_null=True)
+    so_far = serializers.IntegerField(read_only=True, required=False)
+    projected = serializers.FloatField(read_only=True, required=False)
+    band = ExplanationBandSerializer(read_only=True, required=False)
+    score = serializers.FloatField(read_only=True)
+    score_kind = serializers.ChoiceField(choices=["σ", "robust z", "P(viral)"], read_only=True)
+    window = ExplanationWindowSerializer(read_only=True)
+    series = ExplanationPointSerializer(many=True, read_only=True)
+    top_terms = ExplanationTermSerializer(many=True, read_only=True)
+    top_authors = ExplanationAuthorSerializer(many=True, read_only=True)
+    evidence = ExplanationPostSerializer(many=True, read_only=True)
+
+
 class AlertSerializer(serializers.ModelSerializer[Alert]):
     rule = RuleRefSerializer(read_only=True)
+    explanation = ExplanationSerializer(read_only=True, allow_null=True)
     latency_ms = serializers.SerializerMethodField()
     assignee = UserRefSerializer(read_only=True, allow_null=True)
     activity = ActivitySerializer(many=True, read_only=True)
@@ -76,6 +150,7 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
             "anomaly",
             "event",
             "evidence",
+            "explanation",
             "event_received_at",
             "event_created_at",
             "created_at",
