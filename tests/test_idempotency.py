@@ -10,10 +10,11 @@ from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from rest_framework.test import APIClient, APIRequestFactory
 
+from alerts import delivery
 from alerts.models import AlertRule
 from mlengine.models import Watch
 from teams.api import idempotency
-from tests.factories import api_key, make_personas, make_rule, make_source
+from tests.factories import api_key, make_alerts, make_personas, make_rule, make_source
 from twiscope.redis import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -248,13 +249,23 @@ def test_every_post_and_patch_of_the_api_honours_a_key(world) -> None:
     owner = client_for(personas.owner)
     owned = {"source": source.id, "alertrule": AlertRule.objects.get(name="everything").id}
     owned["watch"] = Watch.objects.get(name="storms").id
+    (owned["alert"],) = make_alerts(personas.team, 1)  # its lifecycle transitions
+    owned["channel"] = delivery.save_channel(
+        channel=None,
+        data={
+            "team": personas.team,
+            "kind": "email",
+            "name": "desk",
+            "config": {"to": ["desk@example.org"]},
+        },
+    )[0].id
     endpoints = _write_endpoints()
     honoured = set()
 
     for method, pattern in endpoints:
         if not idempotency.honours(getattr(pattern.callback, "cls", None)):
             continue
-        basename = pattern.name.rsplit("-", 1)[0]
+        basename = pattern.name.split("-", 1)[0]
         kwargs = {"pk": owned[basename]} if "pk" in pattern.pattern.regex.groupindex else {}
         path = reverse(pattern.name, kwargs=kwargs)
         key = f"{method}-{path}"
@@ -271,6 +282,7 @@ def test_every_post_and_patch_of_the_api_honours_a_key(world) -> None:
     assert {(m, p.name) for m, p in endpoints} - honoured == {("POST", "webhook")}
     assert {("POST", "alertrule-list"), ("PATCH", "source-detail")} <= honoured
     assert {("POST", "watch-list"), ("PATCH", "watch-detail")} <= honoured
+    assert {("POST", "alert-acknowledge"), ("POST", "channel-test")} <= honoured
 
 
 def test_the_schema_documents_the_header_on_every_keyed_write() -> None:
