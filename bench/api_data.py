@@ -35,6 +35,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from search_latency import archive as airline  # the one reader of the airline archive
+
 ROOT = Path(__file__).resolve().parent.parent
 TEAM = "bench-api"
 USER = "bench-api"
@@ -47,18 +49,6 @@ def _setup() -> None:
     import django
 
     django.setup()
-
-
-def airline(data: Path) -> list[tuple[str, datetime, str, str]]:
-    """``(tweet_id, created_at UTC, author, text)`` of the airline archive (first row of
-    each tweet id)."""
-    rows: dict[str, tuple[str, datetime, str, str]] = {}
-    with (data / "airline_tweets" / "Tweets.csv").open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            created = datetime.strptime(row["tweet_created"], "%Y-%m-%d %H:%M:%S %z")
-            entry = (row["tweet_id"], created.astimezone(UTC), row["name"], row["text"])
-            rows.setdefault(row["tweet_id"], entry)
-    return list(rows.values())
 
 
 def trump(data: Path) -> list[tuple[str, datetime, str, str]]:
